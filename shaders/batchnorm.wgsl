@@ -1,0 +1,112 @@
+// batchnorm.wgsl: BatchNorm2d over NCHW activations (N = T*B: spiking time folded into batch).
+//
+// Inference (running statistics):   y = x * alpha[c] + beta[c],
+//   alpha = weight / sqrt(running_var + eps), beta = bias - running_mean * alpha
+// (the same affine form PyTorch uses, so results agree to rounding).
+//
+// Training (batch statistics over N*H*W per channel), two kernels:
+//   bn_stats:  mean = sum(x) / m, var = sum((x - mean)^2) / m (two passes, m = N*H*W),
+//              invstd = 1 / sqrt(var + eps), saved for backward;
+//              running_mean = (1 - momentum) * running_mean + momentum * mean,
+//              running_var  = (1 - momentum) * running_var  + momentum * var * m / (m - 1).
+//   bn_train_apply: y = x * alpha + beta with alpha = weight * invstd, beta = bias - mean * alpha.
+//
+// Reductions are deterministic: one workgroup per channel, each invocation sums a fixed strided
+// subset in order, then a fixed-shape tree in workgroup memory. No atomics.
+
+struct Params {
+    n: u32, c: u32, hw: u32, _pad: u32,
+    eps: f32, momentum: f32, _pad1: u32, _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+// ---- inference ----------------------------------------------------------------------------
+
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> weight: array<f32>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read> stat_mean: array<f32>;
+@group(0) @binding(5) var<storage, read> stat_var_or_invstd: array<f32>;
+@group(0) @binding(6) var<storage, read_write> y: array<f32>;
+
+fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.y * nwg.x + wid.x) * 256u + lid;
+}
+
+@compute @workgroup_size(256)
+fn bn_eval(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n * p.c * p.hw) {
+        return;
+    }
+    let ch = (i / p.hw) % p.c;
+    let alpha = weight[ch] / sqrt(stat_var_or_invstd[ch] + p.eps);
+    let beta = bias[ch] - stat_mean[ch] * alpha;
+    y[i] = x[i] * alpha + beta;
+}
+
+@compute @workgroup_size(256)
+fn bn_train_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n * p.c * p.hw) {
+        return;
+    }
+    let ch = (i / p.hw) % p.c;
+    let alpha = weight[ch] * stat_var_or_invstd[ch];
+    let beta = bias[ch] - stat_mean[ch] * alpha;
+    y[i] = x[i] * alpha + beta;
+}
+
+// ---- training statistics -------------------------------------------------------------------
+
+@group(0) @binding(2) var<storage, read_write> out_mean: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out_invstd: array<f32>;
+@group(0) @binding(4) var<storage, read_write> running_mean: array<f32>;
+@group(0) @binding(5) var<storage, read_write> running_var: array<f32>;
+
+const WG: u32 = 256u;
+var<workgroup> partial: array<f32, WG>;
+
+// Sum over the workgroup of each invocation's `v`, in a fixed tree order; every invocation gets it.
+fn workgroup_sum(lid: u32, v: f32) -> f32 {
+    partial[lid] = v;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s / 2u) {
+        if (lid < s) {
+            partial[lid] = partial[lid] + partial[lid + s];
+        }
+        workgroupBarrier();
+    }
+    let total = partial[0];
+    workgroupBarrier();
+    return total;
+}
+
+@compute @workgroup_size(256)
+fn bn_stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let ch = wid.x;
+    let m = p.n * p.hw;
+    // Element e of this channel is x[(e / hw * c + ch) * hw + e % hw].
+    var s = 0.0;
+    for (var e = lid; e < m; e += WG) {
+        s += x[((e / p.hw) * p.c + ch) * p.hw + e % p.hw];
+    }
+    let mean = workgroup_sum(lid, s) / f32(m);
+    var q = 0.0;
+    for (var e = lid; e < m; e += WG) {
+        let d = x[((e / p.hw) * p.c + ch) * p.hw + e % p.hw] - mean;
+        q += d * d;
+    }
+    let var_sum = workgroup_sum(lid, q);
+    if (lid == 0u) {
+        let var_biased = var_sum / f32(m);
+        out_mean[ch] = mean;
+        out_invstd[ch] = 1.0 / sqrt(var_biased + p.eps);
+        let unbiased = var_sum / f32(max(m, 2u) - 1u);
+        running_mean[ch] = (1.0 - p.momentum) * running_mean[ch] + p.momentum * mean;
+        running_var[ch] = (1.0 - p.momentum) * running_var[ch] + p.momentum * unbiased;
+    }
+}

@@ -1,0 +1,94 @@
+// conv.wgsl: 2-D convolution, NCHW activations, PyTorch weight layout [Cout, Cin, K, K], optional bias.
+//
+//   y[n, co, oy, ox] = bias[co] + sum_{ci, ky, kx} w[co, ci, ky, kx] * x[n, ci, oy*s - p + ky, ox*s - p + kx]
+//
+// with zero padding p and stride s; K is 1 or 3 in the SDDPM U-Net but any K works. The sum runs
+// over ci, then ky, then kx, and the bias is added last (the CPU reference uses the same order).
+//
+// Register blocking: each invocation owns a 4x4 tile, 4 output channels x 4 consecutive output
+// columns of one output row, so every loaded input value feeds 4 FMAs and every loaded weight 4.
+// Neighbouring invocations take neighbouring column groups (coalesced input loads); all
+// invocations of a workgroup share the same 4 output channels (weight loads are broadcasts).
+// No shared memory: barriers are cheap on GPUs but ruinous on lavapipe, and L1 serves the reuse.
+// Grid: x = output rows * column groups (64 per workgroup), y = ceil(Cout / 4), z = N.
+
+struct Params {
+    n: u32, cin: u32, h: u32, w: u32,
+    cout: u32, ho: u32, wo: u32, k: u32,
+    stride: u32, pad: u32, has_bias: u32, wo_groups: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> wt: array<f32>;
+@group(0) @binding(3) var<storage, read> bias: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+
+@compute @workgroup_size(64)
+fn conv2d(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let tile = gid.x;
+    if (tile >= p.ho * p.wo_groups) {
+        return;
+    }
+    let oy = tile / p.wo_groups;
+    let ox0 = (tile % p.wo_groups) * 4u;
+    let co0 = gid.y * 4u;
+    let n = gid.z;
+
+    // Weight offsets of the 4 output channels; channels past Cout read channel Cout-1 and are
+    // never stored.
+    let wstride = p.cin * p.k * p.k;
+    var wo: vec4<u32>;
+    for (var j = 0u; j < 4u; j++) {
+        wo[j] = min(co0 + j, p.cout - 1u) * wstride;
+    }
+
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    let ix0 = i32(ox0 * p.stride) - i32(p.pad);
+    for (var ci = 0u; ci < p.cin; ci++) {
+        let xplane = (n * p.cin + ci) * p.h * p.w;
+        for (var ky = 0u; ky < p.k; ky++) {
+            let iy = i32(oy * p.stride + ky) - i32(p.pad);
+            if (iy < 0 || iy >= i32(p.h)) {
+                continue;
+            }
+            let xrow = xplane + u32(iy) * p.w;
+            let wk = (ci * p.k + ky) * p.k;
+            for (var kx = 0u; kx < p.k; kx++) {
+                var xv: vec4<f32>;
+                for (var q = 0u; q < 4u; q++) {
+                    let ix = ix0 + i32(q * p.stride + kx);
+                    let inside = ix >= 0 && ix < i32(p.w);
+                    let v = x[xrow + u32(clamp(ix, 0, i32(p.w) - 1))];
+                    xv[q] = select(0.0, v, inside);
+                }
+                let wi = wk + kx;
+                acc0 += wt[wo[0] + wi] * xv;
+                acc1 += wt[wo[1] + wi] * xv;
+                acc2 += wt[wo[2] + wi] * xv;
+                acc3 += wt[wo[3] + wi] * xv;
+            }
+        }
+    }
+
+    let accs = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+    for (var j = 0u; j < 4u; j++) {
+        let co = co0 + j;
+        if (co >= p.cout) {
+            break;
+        }
+        var b = 0.0;
+        if (p.has_bias != 0u) {
+            b = bias[co];
+        }
+        let yrow = ((n * p.cout + co) * p.ho + oy) * p.wo;
+        for (var q = 0u; q < 4u; q++) {
+            if (ox0 + q < p.wo) {
+                y[yrow + ox0 + q] = accs[j][q] + b;
+            }
+        }
+    }
+}

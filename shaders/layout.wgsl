@@ -1,0 +1,54 @@
+// layout.wgsl: data movement between U-Net stages, one invocation per output element.
+//
+//   upsample2x:       y[n, c, oy, ox] = x[n, c, oy / 2, ox / 2]      (nearest, scale 2)
+//   concat_channels:  y[n, c, s] = a[n, c, s] if c < Ca else b[n, c - Ca, s]   (torch.cat dim=1)
+// Pure copies: bytes moved = 2 * output size.
+
+struct Params {
+    numel: u32, c: u32, h: u32, w: u32,
+    ca: u32, cb: u32, s: u32, _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y_unary: array<f32>;
+
+fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.y * nwg.x + wid.x) * 256u + lid;
+}
+
+// p.h, p.w are the input height/width; output is 2h x 2w.
+@compute @workgroup_size(256)
+fn upsample2x(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.numel) {
+        return;
+    }
+    let wo = 2u * p.w;
+    let ho = 2u * p.h;
+    let ox = i % wo;
+    let oy = (i / wo) % ho;
+    let plane = i / (wo * ho);
+    y_unary[i] = a[(plane * p.h + oy / 2u) * p.w + ox / 2u];
+}
+
+@compute @workgroup_size(256)
+fn concat_channels(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.numel) {
+        return;
+    }
+    let ct = p.ca + p.cb;
+    let sp = i % p.s;
+    let ch = (i / p.s) % ct;
+    let n = i / (p.s * ct);
+    if (ch < p.ca) {
+        y[i] = a[(n * p.ca + ch) * p.s + sp];
+    } else {
+        y[i] = b[(n * p.cb + ch - p.ca) * p.s + sp];
+    }
+}

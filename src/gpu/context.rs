@@ -1,0 +1,439 @@
+//! The GPU context: adapter choice, device with the features and limits we use, and error capture.
+//!
+//! wgpu reports most errors asynchronously through an "uncaptured error" handler that panics by
+//! default. We install our own handler that records them, wrap every operation that can fail in
+//! error scopes, and turn everything into `anyhow` errors with context, so a bad shader, an
+//! out-of-memory or a lost device ends a command with a message instead of a panic or garbage.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+
+/// Features we use when the adapter has them; none is required.
+pub const WANTED_FEATURES: wgpu::Features = wgpu::Features::TIMESTAMP_QUERY
+    .union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS)
+    .union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES)
+    .union(wgpu::Features::SHADER_F16)
+    .union(wgpu::Features::SUBGROUP);
+
+/// What a user or test needs to know about one adapter.
+#[derive(Debug, Clone)]
+pub struct AdapterSummary {
+    pub name: String,
+    pub backend: wgpu::Backend,
+    pub device_type: wgpu::DeviceType,
+    pub driver: String,
+    pub driver_info: String,
+    pub features: wgpu::Features,
+    pub limits: wgpu::Limits,
+    pub subgroup_sizes: (u32, u32),
+}
+
+impl AdapterSummary {
+    fn of(adapter: &wgpu::Adapter) -> Self {
+        let info = adapter.get_info();
+        AdapterSummary {
+            name: info.name.clone(),
+            backend: info.backend,
+            device_type: info.device_type,
+            driver: info.driver.clone(),
+            driver_info: info.driver_info.clone(),
+            features: adapter.features(),
+            limits: adapter.limits(),
+            subgroup_sizes: (info.subgroup_min_size, info.subgroup_max_size),
+        }
+    }
+
+    /// Short names of the wanted features this adapter has.
+    pub fn feature_names(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        for (flag, name) in [
+            (wgpu::Features::TIMESTAMP_QUERY, "timestamps"),
+            (
+                wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES,
+                "timestamps-in-passes",
+            ),
+            (wgpu::Features::SHADER_F16, "f16"),
+            (wgpu::Features::SUBGROUP, "subgroups"),
+        ] {
+            if self.features.contains(flag) {
+                out.push(name);
+            }
+        }
+        out
+    }
+}
+
+/// Lower is better: discrete > integrated > virtual > CPU; native APIs before GL.
+fn adapter_rank(s: &AdapterSummary) -> (u8, u8) {
+    let kind = match s.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    };
+    let api = match s.backend {
+        wgpu::Backend::Vulkan | wgpu::Backend::Metal | wgpu::Backend::Dx12 => 0,
+        _ => 1,
+    };
+    (kind, api)
+}
+
+fn instance() -> wgpu::Instance {
+    // Honours WGPU_BACKEND (and the other WGPU_* variables wgpu documents).
+    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+}
+
+fn all_adapters(instance: &wgpu::Instance) -> Vec<wgpu::Adapter> {
+    let backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all());
+    pollster::block_on(instance.enumerate_adapters(backends))
+}
+
+/// Index of the adapter we would choose among `list`, given an optional name substring.
+pub fn choose_adapter(list: &[AdapterSummary], name: Option<&str>) -> Result<usize> {
+    if list.is_empty() {
+        bail!(
+            "no GPU adapter found: install a Vulkan, Metal or DX12 driver \
+             (on a headless Linux box: apt install mesa-vulkan-drivers)"
+        );
+    }
+    let candidates: Vec<usize> = match name {
+        Some(sub) => {
+            let sub = sub.to_lowercase();
+            let hits: Vec<usize> = (0..list.len())
+                .filter(|&i| list[i].name.to_lowercase().contains(&sub))
+                .collect();
+            if hits.is_empty() {
+                let names: Vec<String> = list
+                    .iter()
+                    .map(|a| format!("{} ({:?})", a.name, a.backend))
+                    .collect();
+                bail!(
+                    "no adapter name contains '{sub}' (from --adapter or SDDPM_ADAPTER); available: {}",
+                    names.join(", ")
+                );
+            }
+            hits
+        }
+        None => (0..list.len()).collect(),
+    };
+    Ok(*candidates
+        .iter()
+        .min_by_key(|&&i| adapter_rank(&list[i]))
+        .expect("candidates is not empty"))
+}
+
+/// Every adapter wgpu can see (respecting WGPU_BACKEND), and the index we would choose.
+pub fn list_adapters(name: Option<&str>) -> Result<(Vec<AdapterSummary>, usize)> {
+    let inst = instance();
+    let list: Vec<AdapterSummary> = all_adapters(&inst).iter().map(AdapterSummary::of).collect();
+    let chosen = choose_adapter(&list, name)?;
+    Ok((list, chosen))
+}
+
+/// Counts of GPU objects created, so tests can prove a replay creates none.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub buffers: AtomicUsize,
+    pub bind_groups: AtomicUsize,
+    pub pipelines: AtomicUsize,
+}
+
+/// Snapshot of [`Counters`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    pub buffers: usize,
+    pub bind_groups: usize,
+    pub pipelines: usize,
+}
+
+/// A device, its queue, and the bookkeeping every other module needs.
+pub struct Context {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub adapter: AdapterSummary,
+    /// Features actually enabled on the device.
+    pub features: wgpu::Features,
+    /// Limits actually granted (the adapter's own, not wgpu's conservative defaults).
+    pub limits: wgpu::Limits,
+    pub counters: Counters,
+    errors: Arc<Mutex<Vec<String>>>,
+    lost: Arc<Mutex<Option<String>>>,
+    pipelines:
+        Mutex<std::collections::HashMap<(&'static str, &'static str), Arc<wgpu::ComputePipeline>>>,
+}
+
+impl Context {
+    /// Open the best adapter, or the first whose name contains `adapter_name` (case-insensitive).
+    /// `None` falls back to the SDDPM_ADAPTER environment variable.
+    pub fn new(adapter_name: Option<&str>) -> Result<Context> {
+        let env_name = std::env::var("SDDPM_ADAPTER").ok();
+        let name = adapter_name
+            .or(env_name.as_deref())
+            .filter(|s| !s.is_empty());
+        let inst = instance();
+        let adapters = all_adapters(&inst);
+        let list: Vec<AdapterSummary> = adapters.iter().map(AdapterSummary::of).collect();
+        let idx = choose_adapter(&list, name)?;
+        let adapter = &adapters[idx];
+        let features = WANTED_FEATURES & adapter.features();
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("sddpm-gpu"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .with_context(|| format!("opening a device on adapter '{}'", list[idx].name))?;
+
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let sink = errors.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            sink.lock().unwrap().push(error_chain(&e));
+        }));
+        let lost = Arc::new(Mutex::new(None));
+        let lost_sink = lost.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            *lost_sink.lock().unwrap() = Some(format!("{reason:?}: {msg}"));
+        });
+
+        Ok(Context {
+            device,
+            queue,
+            adapter: list[idx].clone(),
+            features,
+            limits,
+            counters: Counters::default(),
+            errors,
+            lost,
+            pipelines: Mutex::new(Default::default()),
+        })
+    }
+
+    /// One line naming the adapter, for logs and error messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({:?}, {:?}, {})",
+            self.adapter.name, self.adapter.backend, self.adapter.device_type, self.adapter.driver
+        )
+    }
+
+    /// Fail if the device was lost or an error escaped the error scopes since the last check.
+    pub fn check(&self) -> Result<()> {
+        if let Some(msg) = self.lost.lock().unwrap().clone() {
+            bail!("GPU device lost ({msg}) on {}", self.describe());
+        }
+        let mut errs = self.errors.lock().unwrap();
+        if !errs.is_empty() {
+            let all = errs.join("; ");
+            errs.clear();
+            bail!("GPU error on {}: {all}", self.describe());
+        }
+        Ok(())
+    }
+
+    /// Run `f` inside validation and out-of-memory error scopes; any error it caused becomes `Err`.
+    pub fn scoped<T>(&self, what: &str, f: impl FnOnce() -> T) -> Result<T> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let out = f();
+        let v = pollster::block_on(validation.pop());
+        let o = pollster::block_on(oom.pop());
+        if let Some(e) = o {
+            bail!(
+                "out of GPU memory while {what} on {}: {}",
+                self.describe(),
+                error_chain(&e)
+            );
+        }
+        if let Some(e) = v {
+            bail!("GPU validation error while {what}: {}", error_chain(&e));
+        }
+        self.check()?;
+        Ok(out)
+    }
+
+    /// Block until all submitted work is done.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| anyhow!("waiting for the GPU failed on {}: {e}", self.describe()))?;
+        self.check()
+    }
+
+    /// Block until the given submission is done.
+    pub fn wait_for(&self, index: wgpu::SubmissionIndex) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(index),
+                timeout: None,
+            })
+            .map_err(|e| anyhow!("waiting for the GPU failed on {}: {e}", self.describe()))?;
+        self.check()
+    }
+
+    /// Largest byte size one storage binding may have on this device.
+    pub fn max_binding_bytes(&self) -> u64 {
+        (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
+    }
+
+    pub fn counter_snapshot(&self) -> CounterSnapshot {
+        CounterSnapshot {
+            buffers: self.counters.buffers.load(Ordering::Relaxed),
+            bind_groups: self.counters.bind_groups.load(Ordering::Relaxed),
+            pipelines: self.counters.pipelines.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Create a buffer (counted). `size` is rounded up to 4 bytes and at least 4.
+    pub fn create_buffer(
+        &self,
+        label: &str,
+        size: u64,
+        usage: wgpu::BufferUsages,
+    ) -> Result<wgpu::Buffer> {
+        if size > self.limits.max_buffer_size {
+            bail!(
+                "buffer '{label}' needs {size} bytes but {} allows at most {} per buffer; use a smaller batch or image size",
+                self.adapter.name,
+                self.limits.max_buffer_size
+            );
+        }
+        self.counters.buffers.fetch_add(1, Ordering::Relaxed);
+        let size = size.max(4).div_ceil(4) * 4;
+        self.scoped(&format!("creating buffer '{label}' ({size} bytes)"), || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage,
+                mapped_at_creation: false,
+            })
+        })
+    }
+
+    /// A compute pipeline for `entry` in `shader`, created once and cached by name.
+    pub fn pipeline(
+        &self,
+        shader: &Shader,
+        entry: &'static str,
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        let key = (shader.name, entry);
+        if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
+            return Ok(p.clone());
+        }
+        let pipeline = self.scoped(
+            &format!("compiling shaders/{}.wgsl entry '{entry}'", shader.name),
+            || {
+                let module = self
+                    .device
+                    .create_shader_module(wgpu::ShaderModuleDescriptor {
+                        label: Some(shader.name),
+                        source: wgpu::ShaderSource::Wgsl(shader.source.into()),
+                    });
+                self.device
+                    .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                        label: Some(&format!("{}::{entry}", shader.name)),
+                        layout: None,
+                        module: &module,
+                        entry_point: Some(entry),
+                        compilation_options: Default::default(),
+                        cache: None,
+                    })
+            },
+        )?;
+        self.counters.pipelines.fetch_add(1, Ordering::Relaxed);
+        let p = Arc::new(pipeline);
+        self.pipelines.lock().unwrap().insert(key, p.clone());
+        Ok(p)
+    }
+
+    /// Create a bind group (counted).
+    pub fn bind_group(&self, desc: &wgpu::BindGroupDescriptor) -> Result<wgpu::BindGroup> {
+        self.counters.bind_groups.fetch_add(1, Ordering::Relaxed);
+        self.scoped("creating a bind group", || {
+            self.device.create_bind_group(desc)
+        })
+    }
+
+    /// Copy `src` into a fresh mappable buffer and read it back as 32-bit words.
+    pub fn read_buffer(&self, src: &wgpu::Buffer, bytes: u64) -> Result<Vec<u32>> {
+        let staging = self.create_buffer(
+            "readback",
+            bytes,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        )?;
+        self.read_via(src, &staging, bytes)
+    }
+
+    /// Copy `bytes` of `src` into `staging` (MAP_READ | COPY_DST) and read them back.
+    pub fn read_via(
+        &self,
+        src: &wgpu::Buffer,
+        staging: &wgpu::Buffer,
+        bytes: u64,
+    ) -> Result<Vec<u32>> {
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(src, 0, staging, 0, bytes);
+        self.queue.submit([enc.finish()]);
+        let slice = staging.slice(0..bytes);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        rx.recv()
+            .map_err(|_| anyhow!("readback callback never ran"))?
+            .map_err(|e| anyhow!("mapping a readback buffer failed: {e}"))?;
+        let out = {
+            let view = slice
+                .get_mapped_range()
+                .map_err(|e| anyhow!("reading a mapped buffer failed: {e}"))?;
+            bytemuck::cast_slice::<u8, u32>(&view).to_vec()
+        };
+        staging.unmap();
+        Ok(out)
+    }
+}
+
+/// An error with all its sources, on one line (wgpu puts the useful part in the sources).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let msg = s.to_string();
+        if !out.contains(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        src = s.source();
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// A WGSL source file from shaders/, embedded in the binary.
+#[derive(Debug)]
+pub struct Shader {
+    /// File stem in shaders/, e.g. "conv".
+    pub name: &'static str,
+    pub source: &'static str,
+}
+
+/// Declare a `Shader` for shaders/NAME.wgsl.
+#[macro_export]
+macro_rules! shader {
+    ($name:literal) => {
+        $crate::gpu::Shader {
+            name: $name,
+            source: include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/shaders/",
+                $name,
+                ".wgsl"
+            )),
+        }
+    };
+}

@@ -1,0 +1,168 @@
+//! The static command graph: tensors with fixed shapes, nodes that are kernel dispatches.
+//!
+//! Ops (src/ops/) append nodes; [`Plan::compile`] assigns every tensor a GPU buffer (intermediates
+//! share buffers by liveness), creates pipelines and bind groups once, and [`Plan::run`] replays the
+//! dispatches as often as needed with new input data. Every element is 32 bits (f32, or u32 for
+//! indices); shaders decide how to read them.
+
+mod exec;
+mod planner;
+
+pub use exec::{Plan, RunStats};
+pub use planner::{plan_memory, MemoryPlan};
+
+use crate::gpu::Shader;
+
+/// Index of a tensor in its [`Graph`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorId(pub usize);
+
+/// How a tensor's storage lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Written by the host before each run.
+    Input,
+    /// Weights and other state that persist across runs (may be updated in place by kernels).
+    Param,
+    /// Produced and consumed inside one run; shares buffers with others by liveness.
+    Intermediate,
+}
+
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub role: Role,
+    /// Read back by the host after a run: kept alive to the end and given a staging buffer.
+    pub output: bool,
+}
+
+impl TensorInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn bytes(&self) -> u64 {
+        4 * self.numel() as u64
+    }
+}
+
+/// Work a node does, for benchmarks and the profiler.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cost {
+    pub flops: u64,
+    /// Bytes the kernel must move at least (each input read once, each output written once).
+    pub bytes: u64,
+}
+
+/// One kernel dispatch. Binding 0 is the uniform `params`; then `reads` (read-only storage) in
+/// order, then `writes` (read_write storage) in order.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub shader: &'static Shader,
+    pub entry: &'static str,
+    pub params: Vec<u32>,
+    pub reads: Vec<TensorId>,
+    pub writes: Vec<TensorId>,
+    pub workgroups: [u32; 3],
+    /// Which op (and later which model layer) this dispatch belongs to.
+    pub label: String,
+    pub cost: Cost,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Graph {
+    pub tensors: Vec<TensorInfo>,
+    pub nodes: Vec<Node>,
+}
+
+impl Graph {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn add(&mut self, name: String, shape: &[usize], role: Role) -> TensorId {
+        assert!(
+            shape.iter().all(|&d| d > 0),
+            "tensor '{name}' has an empty dimension: {shape:?}"
+        );
+        self.tensors.push(TensorInfo {
+            name,
+            shape: shape.to_vec(),
+            role,
+            output: false,
+        });
+        TensorId(self.tensors.len() - 1)
+    }
+
+    pub fn input(&mut self, name: &str, shape: &[usize]) -> TensorId {
+        self.add(name.to_string(), shape, Role::Input)
+    }
+
+    pub fn param(&mut self, name: &str, shape: &[usize]) -> TensorId {
+        self.add(name.to_string(), shape, Role::Param)
+    }
+
+    /// A fresh intermediate; `name` says which op made it (for error messages and reports).
+    pub fn intermediate(&mut self, name: &str, shape: &[usize]) -> TensorId {
+        self.add(name.to_string(), shape, Role::Intermediate)
+    }
+
+    /// Mark a tensor as read back by the host after each run.
+    pub fn mark_output(&mut self, t: TensorId) {
+        self.tensors[t.0].output = true;
+    }
+
+    pub fn info(&self, t: TensorId) -> &TensorInfo {
+        &self.tensors[t.0]
+    }
+
+    pub fn shape(&self, t: TensorId) -> &[usize] {
+        &self.tensors[t.0].shape
+    }
+
+    pub fn push(&mut self, node: Node) {
+        for &w in &node.writes {
+            assert!(
+                !node.reads.contains(&w),
+                "node '{}' reads and writes tensor '{}': declare it only in writes",
+                node.label,
+                self.tensors[w.0].name
+            );
+        }
+        self.nodes.push(node);
+    }
+}
+
+/// Workgroup counts for `n` invocations of a 1-D kernel with workgroup size `wg`, spread over x
+/// and y so no dimension exceeds the 65535 limit. Shaders recover the flat index as
+/// `(wid.y * num_workgroups.x + wid.x) * wg + lid.x` and must bounds-check it.
+pub fn grid_1d(n: usize, wg: usize) -> [u32; 3] {
+    let groups = n.div_ceil(wg).max(1);
+    let x = groups.min(32768);
+    [x as u32, groups.div_ceil(x) as u32, 1]
+}
+
+/// Helper to build the uniform words of a node: u32s and f32s (as bits), padded to 16 bytes.
+#[derive(Debug, Default, Clone)]
+pub struct Params(pub Vec<u32>);
+
+impl Params {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn u(mut self, v: usize) -> Self {
+        self.0
+            .push(u32::try_from(v).expect("kernel parameter exceeds u32"));
+        self
+    }
+    pub fn f(mut self, v: f32) -> Self {
+        self.0.push(v.to_bits());
+        self
+    }
+    pub fn build(mut self) -> Vec<u32> {
+        while self.0.is_empty() || self.0.len() % 4 != 0 {
+            self.0.push(0);
+        }
+        self.0
+    }
+}

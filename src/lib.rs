@@ -1,0 +1,9 @@
+//! sddpm-gpu: Spiking Denoising Diffusion Probabilistic Models on any GPU wgpu reaches.
+//!
+//! Data flows one way: CLI -> diffusion -> model -> graph -> gpu. `gpu` owns the wgpu device,
+//! `graph` plans and replays kernel dispatches, `ops` holds one kernel family per file (each with
+//! a CPU reference beside it).
+
+pub mod gpu;
+pub mod graph;
+pub mod ops;

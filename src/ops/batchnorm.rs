@@ -1,0 +1,163 @@
+//! BatchNorm2d over [N, C, H, W] with N = T*B (the reference folds spiking time into the batch):
+//! inference with running statistics, and training with batch statistics and the running update.
+
+use crate::gpu::Shader;
+use crate::graph::{grid_1d, Cost, Graph, Node, Params, TensorId};
+use crate::ops::pointwise_cost;
+use crate::shader;
+
+pub static SHADER: Shader = shader!("batchnorm");
+
+pub const EPS: f32 = 1e-5;
+pub const MOMENTUM: f32 = 0.1;
+
+/// The tensors of one BatchNorm2d layer (official names: weight, bias, running_mean, running_var).
+#[derive(Debug, Clone, Copy)]
+pub struct BnParams {
+    pub weight: TensorId,
+    pub bias: TensorId,
+    pub running_mean: TensorId,
+    pub running_var: TensorId,
+}
+
+/// What training-mode BN saves for backward.
+#[derive(Debug, Clone, Copy)]
+pub struct BnSaved {
+    pub mean: TensorId,
+    pub invstd: TensorId,
+}
+
+fn dims(g: &Graph, x: TensorId, name: &str) -> (usize, usize, usize) {
+    let s = g.shape(x);
+    assert!(
+        s.len() >= 2,
+        "{name}: BatchNorm input must be [N, C, ...], got {s:?}"
+    );
+    (s[0], s[1], s[2..].iter().product())
+}
+
+fn params(n: usize, c: usize, hw: usize, eps: f32, momentum: f32) -> Vec<u32> {
+    Params::new()
+        .u(n)
+        .u(c)
+        .u(hw)
+        .u(0)
+        .f(eps)
+        .f(momentum)
+        .build()
+}
+
+/// y = (x - running_mean) / sqrt(running_var + eps) * weight + bias.
+pub fn batchnorm_eval(g: &mut Graph, x: TensorId, bn: BnParams, name: &str) -> TensorId {
+    let (n, c, hw) = dims(g, x, name);
+    let y = g.intermediate(name, &g.shape(x).to_vec());
+    g.push(Node {
+        shader: &SHADER,
+        entry: "bn_eval",
+        params: params(n, c, hw, EPS, MOMENTUM),
+        reads: vec![x, bn.weight, bn.bias, bn.running_mean, bn.running_var],
+        writes: vec![y],
+        workgroups: grid_1d(n * c * hw, 256),
+        label: name.to_string(),
+        cost: pointwise_cost(n * c * hw, n * c * hw + 4 * c, 2),
+    });
+    y
+}
+
+/// Training-mode BN: batch statistics over N*H*W, running statistics updated in place
+/// (momentum 0.1, unbiased variance). Returns y and the statistics backward needs.
+pub fn batchnorm_train(
+    g: &mut Graph,
+    x: TensorId,
+    bn: BnParams,
+    name: &str,
+) -> (TensorId, BnSaved) {
+    let (n, c, hw) = dims(g, x, name);
+    let mean = g.intermediate(&format!("{name}.mean"), &[c]);
+    let invstd = g.intermediate(&format!("{name}.invstd"), &[c]);
+    g.push(Node {
+        shader: &SHADER,
+        entry: "bn_stats",
+        params: params(n, c, hw, EPS, MOMENTUM),
+        reads: vec![x],
+        writes: vec![mean, invstd, bn.running_mean, bn.running_var],
+        workgroups: [c as u32, 1, 1],
+        label: format!("{name}.stats"),
+        cost: Cost {
+            flops: 3 * (n * c * hw) as u64,
+            bytes: 4 * (2 * n * c * hw + 6 * c) as u64,
+        },
+    });
+    let y = g.intermediate(name, &g.shape(x).to_vec());
+    g.push(Node {
+        shader: &SHADER,
+        entry: "bn_train_apply",
+        params: params(n, c, hw, EPS, MOMENTUM),
+        reads: vec![x, bn.weight, bn.bias, mean, invstd],
+        writes: vec![y],
+        workgroups: grid_1d(n * c * hw, 256),
+        label: name.to_string(),
+        cost: pointwise_cost(n * c * hw, n * c * hw + 4 * c, 2),
+    });
+    (y, BnSaved { mean, invstd })
+}
+
+/// CPU reference of [`batchnorm_eval`] (PyTorch's affine form).
+pub fn batchnorm_eval_cpu(
+    x: &[f32],
+    c: usize,
+    hw: usize,
+    w: &[f32],
+    b: &[f32],
+    rm: &[f32],
+    rv: &[f32],
+) -> Vec<f32> {
+    x.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let ch = (i / hw) % c;
+            let alpha = w[ch] / (rv[ch] + EPS).sqrt();
+            let beta = b[ch] - rm[ch] * alpha;
+            v * alpha + beta
+        })
+        .collect()
+}
+
+/// CPU reference of [`batchnorm_train`]: statistics accumulated in f64 (as PyTorch's CPU kernel),
+/// running statistics updated in place. Returns (y, mean, invstd).
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm_train_cpu(
+    x: &[f32],
+    c: usize,
+    hw: usize,
+    w: &[f32],
+    b: &[f32],
+    rm: &mut [f32],
+    rv: &mut [f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let n = x.len() / (c * hw);
+    let m = (n * hw) as f64;
+    let mut mean = vec![0f32; c];
+    let mut invstd = vec![0f32; c];
+    for ch in 0..c {
+        let vals = (0..n).flat_map(|s| x[(s * c + ch) * hw..(s * c + ch + 1) * hw].iter());
+        let mu = vals.clone().map(|&v| v as f64).sum::<f64>() / m;
+        let var_sum: f64 = vals.map(|&v| (v as f64 - mu).powi(2)).sum();
+        mean[ch] = mu as f32;
+        invstd[ch] = (1.0 / (var_sum / m + EPS as f64).sqrt()) as f32;
+        let unbiased = var_sum / (m - 1.0).max(1.0);
+        rm[ch] = (1.0 - MOMENTUM) * rm[ch] + MOMENTUM * mu as f32;
+        rv[ch] = (1.0 - MOMENTUM) * rv[ch] + MOMENTUM * unbiased as f32;
+    }
+    let y = x
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let ch = (i / hw) % c;
+            let alpha = w[ch] * invstd[ch];
+            let beta = b[ch] - mean[ch] * alpha;
+            v * alpha + beta
+        })
+        .collect();
+    (y, mean, invstd)
+}

@@ -1,0 +1,197 @@
+//! 2-D convolution (3x3 stride 1/2, 1x1, any channel counts) and the output layer's (3,3,1) 3-D
+//! convolution, which has kernel depth 1 along time and is therefore a per-step 3x3 conv.
+
+use crate::gpu::Shader;
+use crate::graph::{Cost, Graph, Node, Params, TensorId};
+use crate::shader;
+
+pub static SHADER: Shader = shader!("conv");
+
+/// Output size of a convolution along one axis.
+pub fn conv_out(size: usize, k: usize, stride: usize, pad: usize) -> usize {
+    (size + 2 * pad - k) / stride + 1
+}
+
+/// y = conv2d(x, w) + b, x: [N, Cin, H, W], w: [Cout, Cin, K, K], b: [Cout].
+pub fn conv2d(
+    g: &mut Graph,
+    x: TensorId,
+    w: TensorId,
+    b: Option<TensorId>,
+    stride: usize,
+    pad: usize,
+    name: &str,
+) -> TensorId {
+    let ws = g.shape(w).to_vec();
+    assert!(
+        ws.len() == 4 && ws[2] == ws[3],
+        "{name}: conv2d weight must be [Cout, Cin, K, K], got {ws:?}"
+    );
+    conv_node(g, x, w, b, [ws[0], ws[1], ws[2]], stride, pad, name)
+}
+
+/// The reference's `T_output_layer`: Conv3d(C, C, kernel (3,3,1), padding (1,1,0)) applied to
+/// [B, C, H, W, T]. Our activations are [T*B, C, H, W]; since the kernel spans one time step,
+/// this is a 3x3 conv per (t, b) with weight w[:, :, :, :, 0], whose memory layout is identical.
+pub fn conv3d_331(
+    g: &mut Graph,
+    x: TensorId,
+    w: TensorId,
+    b: Option<TensorId>,
+    name: &str,
+) -> TensorId {
+    let ws = g.shape(w).to_vec();
+    assert!(
+        ws.len() == 5 && ws[2] == 3 && ws[3] == 3 && ws[4] == 1,
+        "{name}: conv3d weight must be [Cout, Cin, 3, 3, 1], got {ws:?}"
+    );
+    conv_node(g, x, w, b, [ws[0], ws[1], 3], 1, 1, name)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn conv_node(
+    g: &mut Graph,
+    x: TensorId,
+    w: TensorId,
+    b: Option<TensorId>,
+    [cout, cin, k]: [usize; 3],
+    stride: usize,
+    pad: usize,
+    name: &str,
+) -> TensorId {
+    let xs = g.shape(x).to_vec();
+    assert!(
+        xs.len() == 4 && xs[1] == cin,
+        "{name}: input {xs:?} does not match weight Cin {cin}"
+    );
+    if let Some(b) = b {
+        assert_eq!(g.shape(b), [cout], "{name}: bias must be [{cout}]");
+    }
+    let (n, h, wd) = (xs[0], xs[2], xs[3]);
+    let (ho, wo) = (conv_out(h, k, stride, pad), conv_out(wd, k, stride, pad));
+    let y = g.intermediate(name, &[n, cout, ho, wo]);
+    let wo_groups = wo.div_ceil(4);
+    let params = Params::new()
+        .u(n)
+        .u(cin)
+        .u(h)
+        .u(wd)
+        .u(cout)
+        .u(ho)
+        .u(wo)
+        .u(k)
+        .u(stride)
+        .u(pad)
+        .u(b.is_some() as usize)
+        .u(wo_groups)
+        .build();
+    let macs = (n * cout * ho * wo * cin * k * k) as u64;
+    g.push(Node {
+        shader: &SHADER,
+        entry: "conv2d",
+        params,
+        // Without a bias the weight is bound in its slot; the shader never reads it then.
+        reads: vec![x, w, b.unwrap_or(w)],
+        writes: vec![y],
+        workgroups: [
+            (ho * wo_groups).div_ceil(64) as u32,
+            cout.div_ceil(4) as u32,
+            n as u32,
+        ],
+        label: name.to_string(),
+        cost: Cost {
+            flops: 2 * macs,
+            bytes: 4 * (n * cin * h * wd + cout * cin * k * k + n * cout * ho * wo) as u64,
+        },
+    });
+    y
+}
+
+/// CPU reference of [`conv2d`]: same summation order (ci, ky, kx; bias last).
+pub fn conv2d_cpu(
+    x: &[f32],
+    [n, cin, h, w]: [usize; 4],
+    wt: &[f32],
+    [cout, wcin, k, _]: [usize; 4],
+    bias: Option<&[f32]>,
+    stride: usize,
+    pad: usize,
+) -> Vec<f32> {
+    assert_eq!(cin, wcin);
+    let (ho, wo) = (conv_out(h, k, stride, pad), conv_out(w, k, stride, pad));
+    let mut y = vec![0f32; n * cout * ho * wo];
+    for b in 0..n {
+        for co in 0..cout {
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    let mut acc = 0f32;
+                    for ci in 0..cin {
+                        for ky in 0..k {
+                            let iy = (oy * stride + ky) as isize - pad as isize;
+                            if iy < 0 || iy >= h as isize {
+                                continue;
+                            }
+                            for kx in 0..k {
+                                let ix = (ox * stride + kx) as isize - pad as isize;
+                                let v = if ix < 0 || ix >= w as isize {
+                                    0.0
+                                } else {
+                                    x[((b * cin + ci) * h + iy as usize) * w + ix as usize]
+                                };
+                                acc += wt[((co * cin + ci) * k + ky) * k + kx] * v;
+                            }
+                        }
+                    }
+                    y[((b * cout + co) * ho + oy) * wo + ox] = acc + bias.map_or(0.0, |bb| bb[co]);
+                }
+            }
+        }
+    }
+    y
+}
+
+/// CPU reference of the (3,3,1) Conv3d written literally on the reference's [B, C, H, W, T]
+/// layout (padding 1 in H and W, none in T), with weight [Cout, Cin, 3, 3, 1].
+pub fn conv3d_331_cpu(
+    x: &[f32],
+    [b, c, h, w, t]: [usize; 5],
+    wt: &[f32],
+    cout: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let mut y = vec![0f32; b * cout * h * w * t];
+    let at = |bb: usize, ci: usize, iy: usize, ix: usize, tt: usize| {
+        ((((bb * c + ci) * h + iy) * w + ix) * t) + tt
+    };
+    for bb in 0..b {
+        for co in 0..cout {
+            for oy in 0..h {
+                for ox in 0..w {
+                    for tt in 0..t {
+                        let mut acc = 0f32;
+                        for ci in 0..c {
+                            for ky in 0..3 {
+                                let iy = oy as isize + ky as isize - 1;
+                                if iy < 0 || iy >= h as isize {
+                                    continue;
+                                }
+                                for kx in 0..3 {
+                                    let ix = ox as isize + kx as isize - 1;
+                                    let v = if ix < 0 || ix >= w as isize {
+                                        0.0
+                                    } else {
+                                        x[at(bb, ci, iy as usize, ix as usize, tt)]
+                                    };
+                                    acc += wt[((co * c + ci) * 3 + ky) * 3 + kx] * v;
+                                }
+                            }
+                        }
+                        y[((((bb * cout + co) * h + oy) * w + ox) * t) + tt] =
+                            acc + bias.map_or(0.0, |v| v[co]);
+                    }
+                }
+            }
+        }
+    }
+    y
+}

@@ -1,0 +1,79 @@
+//! Pointwise ops: swish (SiLU), add, and the channel-broadcast add that injects the time
+//! embedding over spiking steps and pixels.
+
+use crate::gpu::Shader;
+use crate::graph::{grid_1d, Graph, Node, Params, TensorId};
+use crate::ops::pointwise_cost;
+use crate::shader;
+
+pub static SHADER: Shader = shader!("elementwise");
+
+fn pointwise(
+    g: &mut Graph,
+    entry: &'static str,
+    reads: Vec<TensorId>,
+    params: Vec<u32>,
+    flops: u64,
+    name: &str,
+) -> TensorId {
+    let shape = g.shape(reads[0]).to_vec();
+    let numel = g.info(reads[0]).numel();
+    let read_elems: usize = reads.iter().map(|&r| g.info(r).numel()).sum();
+    let y = g.intermediate(name, &shape);
+    g.push(Node {
+        shader: &SHADER,
+        entry,
+        params,
+        reads,
+        writes: vec![y],
+        workgroups: grid_1d(numel, 256),
+        label: name.to_string(),
+        cost: pointwise_cost(numel, read_elems, flops),
+    });
+    y
+}
+
+/// y = x * sigmoid(x).
+pub fn swish(g: &mut Graph, x: TensorId, name: &str) -> TensorId {
+    let n = g.info(x).numel();
+    pointwise(g, "swish", vec![x], Params::new().u(n).build(), 4, name)
+}
+
+/// y = a + b (same shape).
+pub fn add(g: &mut Graph, a: TensorId, b: TensorId, name: &str) -> TensorId {
+    assert_eq!(g.shape(a), g.shape(b), "{name}: add needs equal shapes");
+    let n = g.info(a).numel();
+    pointwise(g, "add", vec![a, b], Params::new().u(n).build(), 1, name)
+}
+
+/// y[n, c, ...] = x[n, c, ...] + e[n % B, c]; x: [N, C, ...] with N = T*B, e: [B, C].
+pub fn add_channel(g: &mut Graph, x: TensorId, e: TensorId, name: &str) -> TensorId {
+    let xs = g.shape(x).to_vec();
+    let es = g.shape(e).to_vec();
+    assert!(
+        es.len() == 2 && xs.len() >= 2 && es[1] == xs[1] && xs[0] % es[0] == 0,
+        "{name}: cannot broadcast {es:?} over {xs:?}"
+    );
+    let s: usize = xs[2..].iter().product();
+    let n = g.info(x).numel();
+    let params = Params::new().u(n).u(xs[1]).u(s).u(es[0]).build();
+    pointwise(g, "add_channel", vec![x, e], params, 1, name)
+}
+
+/// CPU reference of [`swish`].
+pub fn swish_cpu(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| v * (1.0 / (1.0 + (-v).exp()))).collect()
+}
+
+/// CPU reference of [`add`].
+pub fn add_cpu(a: &[f32], b: &[f32]) -> Vec<f32> {
+    a.iter().zip(b).map(|(x, y)| x + y).collect()
+}
+
+/// CPU reference of [`add_channel`]: x [N, C, S], e [B, C].
+pub fn add_channel_cpu(x: &[f32], e: &[f32], c: usize, s: usize, b: usize) -> Vec<f32> {
+    x.iter()
+        .enumerate()
+        .map(|(i, &v)| v + e[((i / (s * c)) % b) * c + (i / s) % c])
+        .collect()
+}

@@ -1,0 +1,101 @@
+//! Data movement between U-Net stages: nearest 2x upsampling and channel concatenation.
+
+use crate::gpu::Shader;
+use crate::graph::{grid_1d, Graph, Node, Params, TensorId};
+use crate::ops::pointwise_cost;
+use crate::shader;
+
+pub static SHADER: Shader = shader!("layout");
+
+/// Nearest-neighbour x2 upsampling of [N, C, H, W] -> [N, C, 2H, 2W].
+pub fn upsample2x(g: &mut Graph, x: TensorId, name: &str) -> TensorId {
+    let s = g.shape(x).to_vec();
+    assert_eq!(s.len(), 4, "{name}: upsample needs [N, C, H, W]");
+    let y = g.intermediate(name, &[s[0], s[1], 2 * s[2], 2 * s[3]]);
+    let numel = 4 * g.info(x).numel();
+    g.push(Node {
+        shader: &SHADER,
+        entry: "upsample2x",
+        // The shader's Params struct is 8 words (shared with concat_channels).
+        params: Params::new()
+            .u(numel)
+            .u(s[1])
+            .u(s[2])
+            .u(s[3])
+            .u(0)
+            .u(0)
+            .u(0)
+            .u(0)
+            .build(),
+        reads: vec![x],
+        writes: vec![y],
+        workgroups: grid_1d(numel, 256),
+        label: name.to_string(),
+        cost: pointwise_cost(numel, numel / 4, 0),
+    });
+    y
+}
+
+/// torch.cat([a, b], dim=1) of [N, Ca, ...] and [N, Cb, ...].
+pub fn concat_channels(g: &mut Graph, a: TensorId, b: TensorId, name: &str) -> TensorId {
+    let sa = g.shape(a).to_vec();
+    let sb = g.shape(b).to_vec();
+    assert!(
+        sa.len() >= 2 && sa.len() == sb.len() && sa[0] == sb[0] && sa[2..] == sb[2..],
+        "{name}: cannot concatenate {sa:?} and {sb:?} along channels"
+    );
+    let mut shape = sa.clone();
+    shape[1] = sa[1] + sb[1];
+    let s: usize = sa[2..].iter().product();
+    let y = g.intermediate(name, &shape);
+    let numel = g.info(y).numel();
+    g.push(Node {
+        shader: &SHADER,
+        entry: "concat_channels",
+        params: Params::new()
+            .u(numel)
+            .u(0)
+            .u(0)
+            .u(0)
+            .u(sa[1])
+            .u(sb[1])
+            .u(s)
+            .build(),
+        reads: vec![a, b],
+        writes: vec![y],
+        workgroups: grid_1d(numel, 256),
+        label: name.to_string(),
+        cost: pointwise_cost(numel, numel, 0),
+    });
+    y
+}
+
+/// CPU reference of [`upsample2x`].
+pub fn upsample2x_cpu(x: &[f32], [n, c, h, w]: [usize; 4]) -> Vec<f32> {
+    let mut y = vec![0f32; n * c * 4 * h * w];
+    for p in 0..n * c {
+        for oy in 0..2 * h {
+            for ox in 0..2 * w {
+                y[(p * 2 * h + oy) * 2 * w + ox] = x[(p * h + oy / 2) * w + ox / 2];
+            }
+        }
+    }
+    y
+}
+
+/// CPU reference of [`concat_channels`]: a [N, Ca, S], b [N, Cb, S].
+pub fn concat_channels_cpu(
+    a: &[f32],
+    b: &[f32],
+    n: usize,
+    ca: usize,
+    cb: usize,
+    s: usize,
+) -> Vec<f32> {
+    let mut y = Vec::with_capacity(a.len() + b.len());
+    for i in 0..n {
+        y.extend_from_slice(&a[i * ca * s..(i + 1) * ca * s]);
+        y.extend_from_slice(&b[i * cb * s..(i + 1) * cb * s]);
+    }
+    y
+}

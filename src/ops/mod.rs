@@ -1,0 +1,36 @@
+//! Op families. Each file owns one WGSL shader of the same name: it adds the op's dispatches to a
+//! [`Graph`](crate::graph::Graph) (shape rule, bindings, grid, cost) and holds a plain CPU
+//! reference of the same math, which the tests compare against. Ops know nothing of models.
+
+pub mod batchnorm;
+pub mod conv;
+pub mod elementwise;
+pub mod embedding;
+pub mod layout;
+pub mod matmul;
+pub mod neuron;
+pub mod readout;
+
+use crate::graph::Cost;
+
+/// Cost of a pointwise kernel: `flops_per` per output, each input and output touched once.
+pub(crate) fn pointwise_cost(outputs: usize, inputs: usize, flops_per: u64) -> Cost {
+    Cost {
+        flops: outputs as u64 * flops_per,
+        bytes: 4 * (outputs + inputs) as u64,
+    }
+}
+
+/// Every shader the crate embeds, for validation and listings.
+pub fn all_shaders() -> [&'static crate::gpu::Shader; 8] {
+    [
+        &batchnorm::SHADER,
+        &conv::SHADER,
+        &elementwise::SHADER,
+        &embedding::SHADER,
+        &layout::SHADER,
+        &matmul::SHADER,
+        &neuron::SHADER,
+        &readout::SHADER,
+    ]
+}

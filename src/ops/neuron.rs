@@ -1,0 +1,121 @@
+//! The multi-step spiking neuron fused over T: integrate-and-fire (the reference's IFNode) or
+//! leaky integrate-and-fire, hard reset, reset not detached.
+
+use crate::gpu::Shader;
+use crate::graph::{grid_1d, Cost, Graph, Node, Params, TensorId};
+use crate::shader;
+
+pub static SHADER: Shader = shader!("neuron");
+
+/// Neuron dynamics. The reference uses `Neuron::default()`: IF, threshold 1, reset to 0.
+/// Threshold-guided sampling changes `v_th` at inference only.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Neuron {
+    pub v_th: f32,
+    pub v_reset: f32,
+    /// `None`: IF (no leak). `Some(tau)`: LIF with decay_input, h = v + (x - (v - v_reset)) / tau.
+    pub tau: Option<f32>,
+}
+
+impl Default for Neuron {
+    fn default() -> Self {
+        Neuron {
+            v_th: 1.0,
+            v_reset: 0.0,
+            tau: None,
+        }
+    }
+}
+
+impl Neuron {
+    fn params(&self, n: usize, t: usize) -> Vec<u32> {
+        Params::new()
+            .u(n)
+            .u(t)
+            .u(self.tau.is_some() as usize)
+            .u(0)
+            .f(self.v_th)
+            .f(self.v_reset)
+            .f(1.0 / self.tau.unwrap_or(1.0))
+            .build()
+    }
+}
+
+fn neurons_per_step(g: &Graph, x: TensorId, t: usize, name: &str) -> usize {
+    let numel = g.info(x).numel();
+    assert!(
+        t > 0 && numel % t == 0,
+        "{name}: {numel} values do not split into T = {t} steps"
+    );
+    numel / t
+}
+
+/// Spikes of x ([T*B, ...], time-major) over `t` steps.
+pub fn neuron_forward(g: &mut Graph, x: TensorId, t: usize, cfg: Neuron, name: &str) -> TensorId {
+    let n = neurons_per_step(g, x, t, name);
+    let s = g.intermediate(name, &g.shape(x).to_vec());
+    g.push(Node {
+        shader: &SHADER,
+        entry: "neuron_forward",
+        params: cfg.params(n, t),
+        reads: vec![x],
+        writes: vec![s],
+        workgroups: grid_1d(n, 256),
+        label: name.to_string(),
+        cost: Cost {
+            flops: 4 * (n * t) as u64,
+            bytes: 8 * (n * t) as u64,
+        },
+    });
+    s
+}
+
+/// Training form: spikes and the membrane h[t] before firing (what backward needs).
+pub fn neuron_forward_train(
+    g: &mut Graph,
+    x: TensorId,
+    t: usize,
+    cfg: Neuron,
+    name: &str,
+) -> (TensorId, TensorId) {
+    let n = neurons_per_step(g, x, t, name);
+    let s = g.intermediate(name, &g.shape(x).to_vec());
+    let h = g.intermediate(&format!("{name}.h"), &g.shape(x).to_vec());
+    g.push(Node {
+        shader: &SHADER,
+        entry: "neuron_forward_train",
+        params: cfg.params(n, t),
+        reads: vec![x],
+        writes: vec![s, h],
+        workgroups: grid_1d(n, 256),
+        label: name.to_string(),
+        cost: Cost {
+            flops: 4 * (n * t) as u64,
+            bytes: 12 * (n * t) as u64,
+        },
+    });
+    (s, h)
+}
+
+/// CPU reference: (spikes, h), both [T, N] time-major.
+pub fn neuron_cpu(x: &[f32], t: usize, cfg: Neuron) -> (Vec<f32>, Vec<f32>) {
+    let n = x.len() / t;
+    let inv_tau = 1.0 / cfg.tau.unwrap_or(1.0);
+    let mut s = vec![0f32; x.len()];
+    let mut hs = vec![0f32; x.len()];
+    for i in 0..n {
+        let mut v = cfg.v_reset;
+        for step in 0..t {
+            let xt = x[step * n + i];
+            let h = match cfg.tau {
+                None => v + xt,
+                Some(_) => v + (xt - (v - cfg.v_reset)) * inv_tau,
+            };
+            let spike = if h - cfg.v_th >= 0.0 { 1.0 } else { 0.0 };
+            s[step * n + i] = spike;
+            hs[step * n + i] = h;
+            v = h * (1.0 - spike) + cfg.v_reset * spike;
+        }
+    }
+    (s, hs)
+}

@@ -1,0 +1,52 @@
+//! The membrane output layer: eps_hat = sum_t decay^(T-1-t) h[t] (decay 0.8 in the reference).
+
+use crate::gpu::Shader;
+use crate::graph::{grid_1d, Graph, Node, Params, TensorId};
+use crate::ops::pointwise_cost;
+use crate::shader;
+
+pub static SHADER: Shader = shader!("readout");
+
+/// The reference's decay (MembraneOutputLayer, from FSVAE).
+pub const DECAY: f32 = 0.8;
+
+/// h: [T*B, ...] time-major -> [B, ...].
+pub fn membrane_readout(g: &mut Graph, h: TensorId, t: usize, decay: f32, name: &str) -> TensorId {
+    let s = g.shape(h).to_vec();
+    assert!(
+        t > 0 && s[0] % t == 0,
+        "{name}: leading dim {} is not a multiple of T = {t}",
+        s[0]
+    );
+    let mut out_shape = s.clone();
+    out_shape[0] = s[0] / t;
+    let y = g.intermediate(name, &out_shape);
+    let m = g.info(y).numel();
+    g.push(Node {
+        shader: &SHADER,
+        entry: "membrane_readout",
+        params: Params::new().u(m).u(t).f(decay).build(),
+        reads: vec![h],
+        writes: vec![y],
+        workgroups: grid_1d(m, 256),
+        label: name.to_string(),
+        cost: pointwise_cost(m, m * t, 2 * t as u64),
+    });
+    y
+}
+
+/// The readout weights decay^(T-1-t), built by repeated multiplication from t = T-1 down.
+pub fn readout_weights(t: usize, decay: f32) -> Vec<f32> {
+    (0..t)
+        .map(|step| (step + 1..t).fold(1f32, |w, _| w * decay))
+        .collect()
+}
+
+/// CPU reference of [`membrane_readout`].
+pub fn membrane_readout_cpu(h: &[f32], t: usize, decay: f32) -> Vec<f32> {
+    let m = h.len() / t;
+    let w = readout_weights(t, decay);
+    (0..m)
+        .map(|i| (0..t).fold(0f32, |acc, step| acc + w[step] * h[step * m + i]))
+        .collect()
+}

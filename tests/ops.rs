@@ -1,0 +1,607 @@
+//! Every forward kernel against its CPU reference on random inputs of several shapes (odd sizes,
+//! channel counts that are not multiples of 4/8/16, batch = T*B).
+//!
+//! Tolerances: f32 kernels that sum in the same order as their reference are compared at 1e-5
+//! relative (+1e-5 absolute for sums that cancel); lavapipe is usually bit-exact, real GPUs may
+//! contract to FMA. Kernels built from exp/sqrt use 1e-5 relative. Spikes must match exactly.
+
+mod common;
+
+use common::*;
+use sddpm_gpu::graph::Graph;
+use sddpm_gpu::ops::{batchnorm, conv, elementwise, embedding, layout, matmul, neuron, readout};
+
+// ---- conv2d ---------------------------------------------------------------------------------
+
+fn check_conv2d(
+    seed: u64,
+    [n, cin, h, w]: [usize; 4],
+    cout: usize,
+    k: usize,
+    stride: usize,
+    with_bias: bool,
+) {
+    let pad = k / 2;
+    let mut r = rng(seed);
+    let xv = normalish(&mut r, n * cin * h * w, 1.0);
+    let wv = uniform(&mut r, cout * cin * k * k, -0.5, 0.5);
+    let bv = uniform(&mut r, cout, -0.5, 0.5);
+    let mut g = Graph::new();
+    let x = g.input("x", &[n, cin, h, w]);
+    let wt = g.param("w", &[cout, cin, k, k]);
+    let b = g.param("b", &[cout]);
+    let y = conv::conv2d(&mut g, x, wt, with_bias.then_some(b), stride, pad, "conv");
+    let mut inputs = vec![(x, bits(&xv)), (wt, bits(&wv))];
+    if with_bias {
+        inputs.push((b, bits(&bv)));
+    }
+    let got = run_graph(g, &inputs, &[y]).remove(0);
+    let want = conv::conv2d_cpu(
+        &xv,
+        [n, cin, h, w],
+        &wv,
+        [cout, cin, k, k],
+        with_bias.then_some(&bv[..]),
+        stride,
+        pad,
+    );
+    assert_close(
+        &format!("conv2d {n}x{cin}x{h}x{w} -> {cout} k{k} s{stride}"),
+        &got,
+        &want,
+        1e-5,
+        1e-5,
+    );
+}
+
+#[test]
+fn conv2d_3x3_stride1_odd_sizes() {
+    check_conv2d(1, [2, 3, 7, 9], 5, 3, 1, true);
+    check_conv2d(2, [3, 1, 5, 6], 13, 3, 1, true);
+}
+
+#[test]
+fn conv2d_3x3_stride1_time_folded_batch() {
+    // T = 4 spiking steps x B = 2 images.
+    check_conv2d(3, [8, 16, 16, 16], 16, 3, 1, true);
+    check_conv2d(4, [8, 6, 8, 8], 10, 3, 1, false);
+}
+
+#[test]
+fn conv2d_3x3_stride2() {
+    check_conv2d(5, [2, 5, 9, 11], 7, 3, 2, true);
+    check_conv2d(6, [8, 8, 16, 16], 8, 3, 2, true);
+    check_conv2d(7, [1, 3, 4, 4], 3, 3, 2, false);
+}
+
+#[test]
+fn conv2d_1x1_shortcut() {
+    check_conv2d(8, [2, 6, 5, 5], 10, 1, 1, true);
+    check_conv2d(9, [8, 24, 4, 4], 12, 1, 1, true);
+    check_conv2d(10, [3, 7, 3, 13], 9, 1, 1, false);
+}
+
+#[test]
+fn conv2d_wide_channels_few_pixels() {
+    check_conv2d(11, [4, 33, 2, 2], 35, 3, 1, true);
+}
+
+#[test]
+fn conv3d_331_matches_reference_layout() {
+    // The reference permutes [T, B, C, H, W] -> [B, C, H, W, T], applies Conv3d (3,3,1), and
+    // permutes back. Compare our per-step conv on [T*B, C, H, W] against that literal Conv3d.
+    for (seed, (t, b, c, h, w)) in [
+        (4usize, 2usize, 3usize, 8usize, 8usize),
+        (3, 1, 1, 5, 7),
+        (8, 2, 2, 4, 6),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut r = rng(20 + seed as u64);
+        let x_tb = normalish(&mut r, t * b * c * h * w, 1.0);
+        let wv = uniform(&mut r, c * c * 9, -0.5, 0.5);
+        let bv = uniform(&mut r, c, -0.2, 0.2);
+        // [T, B, C, H, W] -> [B, C, H, W, T]
+        let mut x_bt = vec![0f32; x_tb.len()];
+        for tt in 0..t {
+            for i in 0..b * c * h * w {
+                x_bt[i * t + tt] = x_tb[tt * b * c * h * w + i];
+            }
+        }
+        let want_bt = conv::conv3d_331_cpu(&x_bt, [b, c, h, w, t], &wv, c, Some(&bv));
+        let mut g = Graph::new();
+        let x = g.input("x", &[t * b, c, h, w]);
+        let wt = g.param("T_output_layer.weight", &[c, c, 3, 3, 1]);
+        let bias = g.param("T_output_layer.bias", &[c]);
+        let y = conv::conv3d_331(&mut g, x, wt, Some(bias), "T_output_layer");
+        let got_tb = run_graph(
+            g,
+            &[(x, bits(&x_tb)), (wt, bits(&wv)), (bias, bits(&bv))],
+            &[y],
+        )
+        .remove(0);
+        let mut got_bt = vec![0f32; got_tb.len()];
+        for tt in 0..t {
+            for i in 0..b * c * h * w {
+                got_bt[i * t + tt] = got_tb[tt * b * c * h * w + i];
+            }
+        }
+        assert_close("conv3d (3,3,1)", &got_bt, &want_bt, 1e-5, 1e-5);
+    }
+}
+
+// ---- linear / matmul ------------------------------------------------------------------------
+
+fn check_linear(seed: u64, rows: usize, inp: usize, out: usize) {
+    let mut r = rng(seed);
+    let xv = normalish(&mut r, rows * inp, 1.0);
+    let wv = uniform(&mut r, out * inp, -0.3, 0.3);
+    let bv = uniform(&mut r, out, -0.3, 0.3);
+    let mut g = Graph::new();
+    let x = g.input("x", &[rows, inp]);
+    let w = g.param("w", &[out, inp]);
+    let b = g.param("b", &[out]);
+    let y = matmul::linear(&mut g, x, w, Some(b), "linear");
+    let got = run_graph(g, &[(x, bits(&xv)), (w, bits(&wv)), (b, bits(&bv))], &[y]).remove(0);
+    let want = matmul::linear_cpu(&xv, &wv, Some(&bv), rows, inp, out);
+    assert_close(
+        &format!("linear {rows}x{inp} -> {out}"),
+        &got,
+        &want,
+        1e-5,
+        1e-5,
+    );
+}
+
+#[test]
+fn linear_time_embedding_shapes() {
+    check_linear(30, 2, 128, 512);
+    check_linear(31, 2, 512, 512);
+    check_linear(32, 2, 512, 48);
+}
+
+#[test]
+fn linear_odd_shapes() {
+    check_linear(33, 3, 7, 5);
+    check_linear(34, 33, 65, 31);
+    check_linear(35, 1, 1, 1);
+}
+
+#[test]
+fn matmul_strided_layouts() {
+    let (m, n, k) = (37, 45, 29);
+    let mut r = rng(36);
+    let a = normalish(&mut r, m * k, 1.0);
+    let b = normalish(&mut r, k * n, 1.0);
+    // NN, A transposed (stored [K, M]), B transposed (stored [N, K]).
+    let cases = [
+        ("nn", matmul::Strides::nn(k, n)),
+        (
+            "tn",
+            matmul::Strides {
+                a_m: 1,
+                a_k: m,
+                b_k: n,
+                b_n: 1,
+            },
+        ),
+        ("nt", matmul::Strides::nt(k)),
+    ];
+    for (name, s) in cases {
+        let mut g = Graph::new();
+        let ta = g.input("a", &[m * k]);
+        let tb = g.input("b", &[k * n]);
+        let c = matmul::matmul(&mut g, ta, tb, None, [m, n, k], s, name);
+        let got = run_graph(g, &[(ta, bits(&a)), (tb, bits(&b))], &[c]).remove(0);
+        let want = matmul::matmul_cpu(&a, &b, None, [m, n, k], s);
+        assert_close(&format!("matmul {name}"), &got, &want, 1e-5, 1e-5);
+    }
+}
+
+// ---- time embedding ---------------------------------------------------------------------------
+
+#[test]
+fn timestep_table_is_interleaved_sin_cos() {
+    let d = 128;
+    let table = embedding::timestep_table(1000, d);
+    assert_eq!(table.len(), 1000 * d);
+    // t = 0: sin 0 = 0, cos 0 = 1, interleaved.
+    for i in 0..d / 2 {
+        assert_eq!(table[2 * i], 0.0);
+        assert_eq!(table[2 * i + 1], 1.0);
+    }
+    for t in [1usize, 17, 500, 999] {
+        for i in [0usize, 1, 31, 63] {
+            let f = (-(2.0 * i as f64) / d as f64 * 10000f64.ln()).exp();
+            let (s, c) = ((t as f64 * f).sin(), (t as f64 * f).cos());
+            // f32 rounding of t*f grows with t (999 rad): allow 2e-4 absolute.
+            assert!(
+                (table[t * d + 2 * i] as f64 - s).abs() < 2e-4,
+                "sin t={t} i={i}"
+            );
+            assert!(
+                (table[t * d + 2 * i + 1] as f64 - c).abs() < 2e-4,
+                "cos t={t} i={i}"
+            );
+        }
+    }
+}
+
+#[test]
+fn timestep_table_matches_reference_checkpoint() {
+    // The fixture checkpoint stores the reference's own table (ch = 16).
+    let bytes = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/weights.safetensors"
+    ))
+    .unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("time_embedding.timembedding.0.weight").unwrap();
+    assert_eq!(t.shape(), [1000, 16]);
+    let want: Vec<f32> = bytemuck::pod_collect_to_vec(t.data());
+    let got = embedding::timestep_table(1000, 16);
+    assert_close("timestep table vs PyTorch", &got, &want, 1e-5, 2e-6);
+}
+
+#[test]
+fn gather_rows_time_embedding() {
+    let table = embedding::timestep_table(1000, 128);
+    for idx in [vec![0u32, 999], vec![5, 5, 17], vec![998]] {
+        let mut g = Graph::new();
+        let tt = g.param("table", &[1000, 128]);
+        let ti = g.input("t", &[idx.len()]);
+        let out = embedding::gather_rows(&mut g, tt, ti, "temb");
+        let got = run_graph(g, &[(tt, bits(&table)), (ti, idx.clone())], &[out]).remove(0);
+        assert_eq!(got, embedding::gather_rows_cpu(&table, 128, &idx));
+    }
+}
+
+// ---- batch norm -------------------------------------------------------------------------------
+
+struct BnData {
+    x: Vec<f32>,
+    w: Vec<f32>,
+    b: Vec<f32>,
+    rm: Vec<f32>,
+    rv: Vec<f32>,
+}
+
+fn bn_data(seed: u64, n: usize, c: usize, hw: usize) -> BnData {
+    let mut r = rng(seed);
+    let mut x = normalish(&mut r, n * c * hw, 1.5);
+    for (i, v) in x.iter_mut().enumerate() {
+        *v += ((i / hw) % c) as f32 * 0.3; // per-channel offsets
+    }
+    BnData {
+        x,
+        w: uniform(&mut r, c, 0.8, 1.2),
+        b: uniform(&mut r, c, -0.1, 0.1),
+        rm: uniform(&mut r, c, -0.2, 0.2),
+        rv: uniform(&mut r, c, 0.5, 1.5),
+    }
+}
+
+fn bn_graph(
+    g: &mut Graph,
+    n: usize,
+    c: usize,
+    hw: usize,
+) -> (sddpm_gpu::graph::TensorId, batchnorm::BnParams) {
+    let x = g.input("x", &[n, c, hw]);
+    let p = batchnorm::BnParams {
+        weight: g.param("bn.weight", &[c]),
+        bias: g.param("bn.bias", &[c]),
+        running_mean: g.param("bn.running_mean", &[c]),
+        running_var: g.param("bn.running_var", &[c]),
+    };
+    (x, p)
+}
+
+#[test]
+fn batchnorm_eval_running_stats() {
+    for (seed, (n, c, hw)) in [
+        (40u64, (8usize, 5usize, 63usize)),
+        (41, (2, 16, 16)),
+        (42, (4, 3, 1)),
+    ] {
+        let d = bn_data(seed, n, c, hw);
+        let mut g = Graph::new();
+        let (x, p) = bn_graph(&mut g, n, c, hw);
+        let y = batchnorm::batchnorm_eval(&mut g, x, p, "bn");
+        let inputs = [
+            (x, bits(&d.x)),
+            (p.weight, bits(&d.w)),
+            (p.bias, bits(&d.b)),
+            (p.running_mean, bits(&d.rm)),
+            (p.running_var, bits(&d.rv)),
+        ];
+        let got = run_graph(g, &inputs, &[y]).remove(0);
+        let want = batchnorm::batchnorm_eval_cpu(&d.x, c, hw, &d.w, &d.b, &d.rm, &d.rv);
+        assert_close("bn eval", &got, &want, 1e-5, 1e-5);
+    }
+}
+
+#[test]
+fn batchnorm_train_batch_stats_and_running_update() {
+    // hw = 1 and n*hw not a multiple of the 256-wide reduction exercise the edges.
+    for (seed, (n, c, hw)) in [
+        (43u64, (8usize, 5usize, 63usize)),
+        (44, (8, 3, 1024)),
+        (45, (2, 7, 1)),
+        (46, (4, 1, 300)),
+    ] {
+        let d = bn_data(seed, n, c, hw);
+        let mut g = Graph::new();
+        let (x, p) = bn_graph(&mut g, n, c, hw);
+        let (y, saved) = batchnorm::batchnorm_train(&mut g, x, p, "bn");
+        g.mark_output(p.running_mean);
+        g.mark_output(p.running_var);
+        let inputs = [
+            (x, bits(&d.x)),
+            (p.weight, bits(&d.w)),
+            (p.bias, bits(&d.b)),
+            (p.running_mean, bits(&d.rm)),
+            (p.running_var, bits(&d.rv)),
+        ];
+        let out = run_graph(
+            g,
+            &inputs,
+            &[y, saved.mean, saved.invstd, p.running_mean, p.running_var],
+        );
+        let (mut rm, mut rv) = (d.rm.clone(), d.rv.clone());
+        let (y_cpu, mean_cpu, invstd_cpu) =
+            batchnorm::batchnorm_train_cpu(&d.x, c, hw, &d.w, &d.b, &mut rm, &mut rv);
+        assert_close("bn train y", &out[0], &y_cpu, 1e-5, 2e-5);
+        assert_close("bn train mean", &out[1], &mean_cpu, 1e-5, 1e-6);
+        assert_close("bn train invstd", &out[2], &invstd_cpu, 1e-5, 0.0);
+        assert_close("bn running_mean", &out[3], &rm, 1e-5, 1e-6);
+        assert_close("bn running_var", &out[4], &rv, 1e-5, 0.0);
+    }
+}
+
+#[test]
+fn batchnorm_train_is_deterministic() {
+    let d = bn_data(47, 8, 4, 500);
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let mut g = Graph::new();
+        let (x, p) = bn_graph(&mut g, 8, 4, 500);
+        let (y, saved) = batchnorm::batchnorm_train(&mut g, x, p, "bn");
+        let inputs = [
+            (x, bits(&d.x)),
+            (p.weight, bits(&d.w)),
+            (p.bias, bits(&d.b)),
+            (p.running_mean, bits(&d.rm)),
+            (p.running_var, bits(&d.rv)),
+        ];
+        runs.push(run_graph(g, &inputs, &[y, saved.mean, saved.invstd]));
+    }
+    for r in &runs[1..] {
+        for (a, b) in r.iter().zip(&runs[0]) {
+            assert_eq!(
+                bits(a),
+                bits(b),
+                "BN statistics must be bitwise reproducible"
+            );
+        }
+    }
+}
+
+// ---- neuron -----------------------------------------------------------------------------------
+
+fn check_neuron(seed: u64, t: usize, n: usize, cfg: neuron::Neuron) {
+    let mut r = rng(seed);
+    let xv: Vec<f32> = normalish(&mut r, t * n, 1.2)
+        .iter()
+        .map(|v| v + 0.4)
+        .collect();
+    let mut g = Graph::new();
+    let x = g.input("x", &[t, n]);
+    let s_inf = neuron::neuron_forward(&mut g, x, t, cfg, "neuron");
+    let (s_tr, h_tr) = neuron::neuron_forward_train(&mut g, x, t, cfg, "neuron.train");
+    let out = run_graph(g, &[(x, bits(&xv))], &[s_inf, s_tr, h_tr]);
+    let (s_cpu, h_cpu) = neuron::neuron_cpu(&xv, t, cfg);
+    assert!(
+        s_cpu.iter().any(|&s| s == 1.0) && s_cpu.iter().any(|&s| s == 0.0),
+        "test input must both fire and not"
+    );
+    assert_eq!(out[0], s_cpu, "inference spikes T={t} N={n} {cfg:?}");
+    assert_eq!(out[1], s_cpu, "training spikes T={t} N={n} {cfg:?}");
+    assert_eq!(
+        bits(&out[2]),
+        bits(&h_cpu),
+        "membrane h T={t} N={n} {cfg:?}"
+    );
+}
+
+#[test]
+fn neuron_if_matches_cpu_exactly() {
+    check_neuron(50, 4, 1000, neuron::Neuron::default());
+    check_neuron(51, 8, 333, neuron::Neuron::default());
+    check_neuron(52, 1, 17, neuron::Neuron::default());
+}
+
+#[test]
+fn neuron_threshold_guided() {
+    check_neuron(
+        53,
+        4,
+        777,
+        neuron::Neuron {
+            v_th: 0.997,
+            ..Default::default()
+        },
+    );
+    check_neuron(
+        54,
+        4,
+        777,
+        neuron::Neuron {
+            v_th: 1.003,
+            ..Default::default()
+        },
+    );
+}
+
+#[test]
+fn neuron_lif_and_nonzero_reset() {
+    check_neuron(
+        55,
+        4,
+        513,
+        neuron::Neuron {
+            tau: Some(2.0),
+            ..Default::default()
+        },
+    );
+    check_neuron(
+        56,
+        6,
+        129,
+        neuron::Neuron {
+            v_th: 0.5,
+            v_reset: -0.25,
+            tau: Some(1.5),
+        },
+    );
+}
+
+#[test]
+fn neuron_cpu_reference_semantics() {
+    // Hand-worked IF: x = 0.6 each step -> h = 0.6, 1.2 (fire, reset), 0.6, 1.2 (fire).
+    let (s, h) = neuron::neuron_cpu(&[0.6, 0.6, 0.6, 0.6], 4, neuron::Neuron::default());
+    assert_eq!(s, [0.0, 1.0, 0.0, 1.0]);
+    assert_eq!(h, [0.6, 1.2, 0.6, 1.2]);
+    // Exactly at threshold fires (Heaviside of h - v_th >= 0).
+    assert_eq!(
+        neuron::neuron_cpu(&[1.0], 1, neuron::Neuron::default()).0,
+        [1.0]
+    );
+}
+
+// ---- elementwise ------------------------------------------------------------------------------
+
+#[test]
+fn swish_matches_cpu() {
+    for (seed, n) in [(60u64, 1000usize), (61, 4097), (62, 1)] {
+        let mut r = rng(seed);
+        let xv = uniform(&mut r, n, -12.0, 12.0);
+        let mut g = Graph::new();
+        let x = g.input("x", &[n]);
+        let y = elementwise::swish(&mut g, x, "swish");
+        let got = run_graph(g, &[(x, bits(&xv))], &[y]).remove(0);
+        assert_close("swish", &got, &elementwise::swish_cpu(&xv), 1e-5, 1e-6);
+    }
+}
+
+#[test]
+fn add_matches_cpu() {
+    let mut r = rng(63);
+    let (av, bv) = (normalish(&mut r, 1023, 1.0), normalish(&mut r, 1023, 1.0));
+    let mut g = Graph::new();
+    let a = g.input("a", &[3, 11, 31]);
+    let b = g.input("b", &[3, 11, 31]);
+    let y = elementwise::add(&mut g, a, b, "add");
+    let got = run_graph(g, &[(a, bits(&av)), (b, bits(&bv))], &[y]).remove(0);
+    assert_eq!(got, elementwise::add_cpu(&av, &bv));
+}
+
+#[test]
+fn add_channel_broadcasts_over_time_and_pixels() {
+    for (seed, (t, b, c, s)) in [
+        (64u64, (4usize, 2usize, 5usize, 21usize)),
+        (65, (8, 3, 16, 16)),
+        (66, (1, 1, 7, 1)),
+    ] {
+        let mut r = rng(seed);
+        let xv = normalish(&mut r, t * b * c * s, 1.0);
+        let ev = normalish(&mut r, b * c, 1.0);
+        let mut g = Graph::new();
+        let x = g.input("x", &[t * b, c, s]);
+        let e = g.input("e", &[b, c]);
+        let y = elementwise::add_channel(&mut g, x, e, "temb_add");
+        let got = run_graph(g, &[(x, bits(&xv)), (e, bits(&ev))], &[y]).remove(0);
+        assert_eq!(got, elementwise::add_channel_cpu(&xv, &ev, c, s, b));
+    }
+}
+
+#[test]
+fn elementwise_grid_beyond_65535_workgroups() {
+    // 2^24 + 5 elements need more than 65535 workgroups of 256: the grid spills into y.
+    let n = (1 << 24) + 5;
+    let av: Vec<f32> = (0..n).map(|i| (i % 1000) as f32).collect();
+    let bv: Vec<f32> = (0..n).map(|i| (i / 1000) as f32).collect();
+    let mut g = Graph::new();
+    let a = g.input("a", &[n]);
+    let b = g.input("b", &[n]);
+    let y = elementwise::add(&mut g, a, b, "add");
+    let got = run_graph(g, &[(a, bits(&av)), (b, bits(&bv))], &[y]).remove(0);
+    assert_eq!(got, elementwise::add_cpu(&av, &bv));
+}
+
+// ---- layout -----------------------------------------------------------------------------------
+
+#[test]
+fn upsample2x_nearest() {
+    for (seed, shape) in [
+        (70u64, [3usize, 5, 7, 9]),
+        (71, [8, 16, 4, 4]),
+        (72, [1, 1, 1, 1]),
+    ] {
+        let mut r = rng(seed);
+        let xv = normalish(&mut r, shape.iter().product(), 1.0);
+        let mut g = Graph::new();
+        let x = g.input("x", &shape);
+        let y = layout::upsample2x(&mut g, x, "up");
+        let got = run_graph(g, &[(x, bits(&xv))], &[y]).remove(0);
+        assert_eq!(got, layout::upsample2x_cpu(&xv, shape));
+    }
+}
+
+#[test]
+fn concat_channels_like_torch_cat() {
+    for (seed, (n, ca, cb, s)) in [
+        (73u64, (2usize, 3usize, 4usize, 35usize)),
+        (74, (8, 16, 8, 16)),
+        (75, (1, 1, 1, 1)),
+    ] {
+        let mut r = rng(seed);
+        let av = normalish(&mut r, n * ca * s, 1.0);
+        let bv = normalish(&mut r, n * cb * s, 1.0);
+        let mut g = Graph::new();
+        let a = g.input("a", &[n, ca, s]);
+        let b = g.input("b", &[n, cb, s]);
+        let y = layout::concat_channels(&mut g, a, b, "cat");
+        assert_eq!(g.shape(y), [n, ca + cb, s]);
+        let got = run_graph(g, &[(a, bits(&av)), (b, bits(&bv))], &[y]).remove(0);
+        assert_eq!(got, layout::concat_channels_cpu(&av, &bv, n, ca, cb, s));
+    }
+}
+
+// ---- readout ----------------------------------------------------------------------------------
+
+#[test]
+fn readout_weights_match_reference() {
+    let w = readout::readout_weights(4, readout::DECAY);
+    for (got, want) in w.iter().zip([0.512f32, 0.64, 0.8, 1.0]) {
+        assert!((got - want).abs() < 1e-7, "{w:?}");
+    }
+    assert_eq!(readout::readout_weights(1, readout::DECAY), [1.0]);
+}
+
+#[test]
+fn membrane_readout_matches_cpu() {
+    for (seed, (t, m)) in [(80u64, (4usize, 2 * 3 * 64)), (81, (8, 99)), (82, (1, 5))] {
+        let mut r = rng(seed);
+        let hv = normalish(&mut r, t * m, 1.0);
+        let mut g = Graph::new();
+        let h = g.input("h", &[t, m]);
+        let y = readout::membrane_readout(&mut g, h, t, readout::DECAY, "readout");
+        let got = run_graph(g, &[(h, bits(&hv))], &[y]).remove(0);
+        assert_eq!(
+            bits(&got),
+            bits(&readout::membrane_readout_cpu(&hv, t, readout::DECAY))
+        );
+    }
+}
