@@ -1,0 +1,244 @@
+//! The command graph: planning, compiling once, replaying, and failing cleanly.
+
+mod common;
+
+use common::*;
+use sddpm_gpu::graph::{plan_memory, Graph, Node, Params, Plan, TensorId};
+use sddpm_gpu::ops::{batchnorm, conv, elementwise, neuron, readout};
+
+/// A small spiking block: conv -> BN (eval) -> IF -> conv -> + skip -> readout, over T = 4, B = 2.
+struct Block {
+    g: Graph,
+    x: TensorId,
+    params: Vec<(TensorId, Vec<f32>)>,
+    out: TensorId,
+}
+
+const T: usize = 4;
+const B: usize = 2;
+const C: usize = 5;
+const HW: usize = 8;
+
+fn block(seed: u64) -> Block {
+    let mut r = rng(seed);
+    let mut g = Graph::new();
+    let x = g.input("x", &[T * B, C, HW, HW]);
+    let mut params = Vec::new();
+    let mut param = |g: &mut Graph, name: &str, shape: &[usize], lo: f32, hi: f32| {
+        let id = g.param(name, shape);
+        params.push((id, uniform(&mut r, shape.iter().product(), lo, hi)));
+        id
+    };
+    let w1 = param(&mut g, "conv1.weight", &[C, C, 3, 3], -0.4, 0.4);
+    let b1 = param(&mut g, "conv1.bias", &[C], -0.1, 0.1);
+    let bn = batchnorm::BnParams {
+        weight: param(&mut g, "bn1.weight", &[C], 0.8, 1.2),
+        bias: param(&mut g, "bn1.bias", &[C], 0.2, 0.5),
+        running_mean: param(&mut g, "bn1.running_mean", &[C], -0.1, 0.1),
+        running_var: param(&mut g, "bn1.running_var", &[C], 0.5, 1.5),
+    };
+    let w2 = param(&mut g, "conv2.weight", &[C, C, 3, 3], -0.4, 0.4);
+    let h = conv::conv2d(&mut g, x, w1, Some(b1), 1, 1, "conv1");
+    let h = batchnorm::batchnorm_eval(&mut g, h, bn, "bn1");
+    let s = neuron::neuron_forward(&mut g, h, T, neuron::Neuron::default(), "neuron1");
+    let h = conv::conv2d(&mut g, s, w2, None, 1, 1, "conv2");
+    let h = elementwise::add(&mut g, h, x, "residual");
+    let out = readout::membrane_readout(&mut g, h, T, readout::DECAY, "readout");
+    g.mark_output(out);
+    Block { g, x, params, out }
+}
+
+fn block_cpu(b: &Block, xv: &[f32]) -> Vec<f32> {
+    let p = |i: usize| &b.params[i].1[..];
+    let h = conv::conv2d_cpu(xv, [T * B, C, HW, HW], p(0), [C, C, 3, 3], Some(p(1)), 1, 1);
+    let h = batchnorm::batchnorm_eval_cpu(&h, C, HW * HW, p(2), p(3), p(4), p(5));
+    let (s, _) = neuron::neuron_cpu(&h, T, neuron::Neuron::default());
+    let h = conv::conv2d_cpu(&s, [T * B, C, HW, HW], p(6), [C, C, 3, 3], None, 1, 1);
+    let h = elementwise::add_cpu(&h, xv);
+    readout::membrane_readout_cpu(&h, T, readout::DECAY)
+}
+
+fn compiled(b: &Block) -> Plan {
+    let plan = Plan::compile(ctx(), &b.g).unwrap();
+    for (id, data) in &b.params {
+        plan.write(ctx(), *id, data).unwrap();
+    }
+    plan
+}
+
+#[test]
+fn chained_ops_equal_cpu_reference() {
+    let b = block(1);
+    let plan = compiled(&b);
+    let xv = normalish(&mut rng(2), T * B * C * HW * HW, 1.0);
+    plan.write(ctx(), b.x, &xv).unwrap();
+    plan.run(ctx()).unwrap();
+    let got = plan.read(ctx(), b.out).unwrap();
+    let want = block_cpu(&b, &xv);
+    assert!(want.iter().any(|v| v.abs() > 0.1), "the block must produce a non-trivial output");
+    assert_close("spiking block", &got, &want, 1e-5, 1e-5);
+}
+
+#[test]
+fn planner_reuses_intermediate_buffers() {
+    let b = block(3);
+    let m = plan_memory(&b.g);
+    // conv1, bn1, neuron1, conv2, residual are same-sized and at most 2 are live at once; the
+    // smaller readout output fits into conv2's freed buffer.
+    assert!(
+        m.planned_intermediate_bytes < m.naive_intermediate_bytes,
+        "planned {} vs naive {}",
+        m.planned_intermediate_bytes,
+        m.naive_intermediate_bytes
+    );
+    let act = (T * B * C * HW * HW * 4) as u64;
+    assert_eq!(m.naive_intermediate_bytes, 5 * act + act / T as u64);
+    assert_eq!(m.planned_intermediate_bytes, 2 * act);
+    // Shared slots really are distinct tensors: conv1's buffer is reused later.
+    let slots: Vec<usize> = b.g.nodes.iter().map(|n| m.slot_of(n.writes[0])).collect();
+    let distinct: std::collections::HashSet<_> = slots.iter().collect();
+    assert!(distinct.len() < slots.len(), "some slot must be reused: {slots:?}");
+}
+
+#[test]
+fn planner_never_aliases_a_nodes_reads_and_writes() {
+    let b = block(4);
+    let m = plan_memory(&b.g);
+    for n in &b.g.nodes {
+        for w in &n.writes {
+            for r in &n.reads {
+                assert_ne!(m.slot_of(*w), m.slot_of(*r), "node {} reads and writes one buffer", n.label);
+            }
+        }
+    }
+}
+
+#[test]
+fn replay_with_new_inputs_is_identical_per_input() {
+    let b = block(5);
+    let plan = compiled(&b);
+    let c = ctx();
+    let x1 = normalish(&mut rng(6), T * B * C * HW * HW, 1.0);
+    let x2 = normalish(&mut rng(7), T * B * C * HW * HW, 1.0);
+    plan.write(c, b.x, &x1).unwrap();
+    plan.run(c).unwrap();
+    let first = plan.read(c, b.out).unwrap();
+    // New data, then the first data again: same plan, no new GPU objects.
+    plan.write(c, b.x, &x2).unwrap();
+    plan.run(c).unwrap();
+    let other = plan.read(c, b.out).unwrap();
+    plan.write(c, b.x, &x1).unwrap();
+    plan.run(c).unwrap();
+    let again = plan.read(c, b.out).unwrap();
+    assert_eq!(bits(&first), bits(&again), "replay with the same input must be bitwise identical");
+    assert_ne!(bits(&first), bits(&other), "a new input must change the output");
+    assert_close("replayed block", &other, &block_cpu(&b, &x2), 1e-5, 1e-5);
+}
+
+#[test]
+fn replay_creates_no_gpu_objects() {
+    // Own context so concurrent tests cannot touch the counters.
+    let c = sddpm_gpu::gpu::Context::new(None).unwrap();
+    let b = block(8);
+    let plan = Plan::compile(&c, &b.g).unwrap();
+    for (id, data) in &b.params {
+        plan.write(&c, *id, data).unwrap();
+    }
+    plan.write(&c, b.x, &normalish(&mut rng(9), T * B * C * HW * HW, 1.0)).unwrap();
+    plan.run(&c).unwrap();
+    plan.read(&c, b.out).unwrap();
+    let before = c.counter_snapshot();
+    assert!(before.pipelines > 0 && before.bind_groups == b.g.nodes.len());
+    for _ in 0..3 {
+        plan.run(&c).unwrap();
+        plan.read(&c, b.out).unwrap();
+    }
+    assert_eq!(c.counter_snapshot(), before, "replay must not create buffers, bind groups or pipelines");
+}
+
+#[test]
+fn long_graphs_split_into_bounded_submits() {
+    // 600 chained adds: more dispatches than one submit carries.
+    let n = 1000;
+    let mut g = Graph::new();
+    let x = g.input("x", &[n]);
+    let one = g.input("one", &[n]);
+    let mut h = x;
+    for i in 0..600 {
+        h = elementwise::add(&mut g, h, one, &format!("add{i}"));
+    }
+    g.mark_output(h);
+    let m = plan_memory(&g);
+    assert_eq!(m.planned_intermediate_bytes, 2 * 4 * n as u64, "a chain needs two ping-pong buffers");
+    let c = ctx();
+    let plan = Plan::compile(c, &g).unwrap();
+    plan.write(c, x, &vec![0.5f32; n]).unwrap();
+    plan.write(c, one, &vec![1f32; n]).unwrap();
+    let stats = plan.run(c).unwrap();
+    assert_eq!(stats.dispatches, 600);
+    assert!(stats.submits >= 2, "{stats:?}");
+    assert_eq!(plan.read(c, h).unwrap(), vec![600.5f32; n]);
+}
+
+#[test]
+fn set_params_changes_a_replayed_node() {
+    let mut g = Graph::new();
+    let x = g.input("x", &[4, 3]);
+    let s = neuron::neuron_forward(&mut g, x, 4, neuron::Neuron::default(), "n");
+    g.mark_output(s);
+    let c = ctx();
+    let plan = Plan::compile(c, &g).unwrap();
+    plan.write(c, x, &[0.998f32; 12]).unwrap();
+    plan.run(c).unwrap();
+    assert_eq!(plan.read(c, s).unwrap(), [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]);
+    let guided = neuron::Neuron { v_th: 0.997, ..Default::default() };
+    let p = Params::new().u(3).u(4).u(0).u(0).f(guided.v_th).f(0.0).f(1.0).build();
+    plan.set_params(c, 0, &p);
+    plan.run(c).unwrap();
+    assert_eq!(plan.read(c, s).unwrap(), vec![1.0f32; 12]);
+}
+
+#[test]
+fn invalid_binding_is_an_error_not_a_panic() {
+    let mut g = Graph::new();
+    let x = g.input("x", &[16]);
+    let y = g.intermediate("y", &[16]);
+    // The swish entry point takes one input; bind two.
+    g.push(Node {
+        shader: &elementwise::SHADER,
+        entry: "swish",
+        params: Params::new().u(16).build(),
+        reads: vec![x, x],
+        writes: vec![y],
+        workgroups: [1, 1, 1],
+        label: "bad".into(),
+        cost: Default::default(),
+    });
+    let err = Plan::compile(ctx(), &g).err().expect("a mis-bound node must fail to compile");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("bad") && msg.contains("validation"), "{msg}");
+    ctx().check().expect("the error must have been captured, not left for later");
+}
+
+#[test]
+fn tensor_over_binding_limit_is_refused_clearly() {
+    let c = ctx();
+    let too_many = (c.max_binding_bytes() / 4 + 1) as usize;
+    let mut g = Graph::new();
+    let x = g.input("huge activation", &[too_many]);
+    let y = elementwise::swish(&mut g, x, "swish");
+    g.mark_output(y);
+    let msg = format!("{:#}", Plan::compile(c, &g).err().expect("must refuse"));
+    assert!(msg.contains("huge activation") && msg.contains("per storage binding"), "{msg}");
+}
+
+#[test]
+fn wrong_upload_size_and_unreadable_intermediates_are_errors() {
+    let b = block(10);
+    let plan = compiled(&b);
+    let msg = format!("{:#}", plan.write(ctx(), b.x, &[1f32; 3]).unwrap_err());
+    assert!(msg.contains("'x'") && msg.contains("got 3"), "{msg}");
+    let inner = b.g.nodes[0].writes[0];
+    let msg = format!("{:#}", plan.read(ctx(), inner).unwrap_err());
+    assert!(msg.contains("intermediate"), "{msg}");
+}
