@@ -24,7 +24,9 @@ fn time_case(ctx: &Context, case: &Case, runs: usize) -> (f64, u64, u64) {
     let plan = Plan::compile(ctx, &case.g).expect("compile");
     for &t in &case.inputs {
         let n = case.g.info(t).numel();
-        let data: Vec<f32> = (0..n).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
+        let data: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+            .collect();
         plan.write(ctx, t, &data).unwrap();
     }
     plan.run(ctx).unwrap();
@@ -62,7 +64,15 @@ fn matmul_case(m: usize, n: usize, k: usize) -> Case {
     let a = g.input("a", &[m, k]);
     let b = g.input("b", &[k, n]);
     for i in 0..REPS {
-        let c = matmul::matmul(&mut g, a, b, None, [m, n, k], matmul::Strides::nn(k, n), &format!("mm{i}"));
+        let c = matmul::matmul(
+            &mut g,
+            a,
+            b,
+            None,
+            [m, n, k],
+            matmul::Strides::nn(k, n),
+            &format!("mm{i}"),
+        );
         g.mark_output(c);
     }
     Case {
@@ -77,7 +87,8 @@ fn neuron_case(t: usize, n: usize, train: bool) -> Case {
     let x = g.input("x", &[t, n]);
     for i in 0..REPS {
         if train {
-            let (s, h) = neuron::neuron_forward_train(&mut g, x, t, Default::default(), &format!("n{i}"));
+            let (s, h) =
+                neuron::neuron_forward_train(&mut g, x, t, Default::default(), &format!("n{i}"));
             g.mark_output(s);
             g.mark_output(h);
         } else {
@@ -131,8 +142,21 @@ fn main() {
     for case in &cases {
         let (secs, flops, bytes) = time_case(&ctx, case, runs);
         let per_call = secs / REPS as f64;
-        let gflops = if flops > 0 { format!("{:.2}", flops as f64 / secs / 1e9) } else { "-".into() };
-        println!("| {} | {:.3} | {} | {:.2} |", case.name, per_call * 1e3, gflops, bytes as f64 / secs / 1e9);
+        let gflops = if flops > 0 {
+            format!("{:.2}", flops as f64 / secs / 1e9)
+        } else {
+            "-".into()
+        };
+        println!(
+            "| {} | {:.3} | {} | {:.2} |",
+            case.name,
+            per_call * 1e3,
+            gflops,
+            bytes as f64 / secs / 1e9
+        );
     }
-    println!("\ndevice copy_buffer_to_buffer (64 MiB, read + write): {:.2} GB/s", copy_bandwidth(&ctx, 64 << 20));
+    println!(
+        "\ndevice copy_buffer_to_buffer (64 MiB, read + write): {:.2} GB/s",
+        copy_bandwidth(&ctx, 64 << 20)
+    );
 }

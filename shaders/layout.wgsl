@@ -2,6 +2,8 @@
 //
 //   upsample2x:       y[n, c, oy, ox] = x[n, c, oy / 2, ox / 2]      (nearest, scale 2)
 //   concat_channels:  y[n, c, s] = a[n, c, s] if c < Ca else b[n, c - Ca, s]   (torch.cat dim=1)
+//   repeat_leading:   y[r * m + i] = x[i] for r < reps                 (x [B, ...] -> [T*B, ...],
+//                     the reference's x.unsqueeze(0).repeat(T, 1, 1, 1, 1); m = p.s)
 // Pure copies: bytes moved = 2 * output size.
 
 struct Params {
@@ -51,4 +53,14 @@ fn concat_channels(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     } else {
         y[i] = b[(n * p.cb + ch - p.ca) * p.s + sp];
     }
+}
+
+@compute @workgroup_size(256)
+fn repeat_leading(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.numel) {
+        return;
+    }
+    y_unary[i] = a[i % p.s];
 }

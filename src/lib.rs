@@ -4,6 +4,8 @@
 //! `graph` plans and replays kernel dispatches, `ops` holds one kernel family per file (each with
 //! a CPU reference beside it).
 
+pub mod checkpoint;
 pub mod gpu;
 pub mod graph;
+pub mod model;
 pub mod ops;

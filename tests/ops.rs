@@ -579,6 +579,24 @@ fn concat_channels_like_torch_cat() {
     }
 }
 
+#[test]
+fn repeat_leading_over_time() {
+    for (seed, (t, shape)) in [
+        (76u64, (4usize, [2usize, 3, 5, 7])),
+        (77, (1, [1, 1, 2, 2])),
+        (78, (8, [3, 1, 4, 4])),
+    ] {
+        let mut r = rng(seed);
+        let xv = normalish(&mut r, shape.iter().product(), 1.0);
+        let mut g = Graph::new();
+        let x = g.input("x", &shape);
+        let y = layout::repeat_leading(&mut g, x, t, "repeat");
+        assert_eq!(g.shape(y)[0], t * shape[0]);
+        let got = run_graph(g, &[(x, bits(&xv))], &[y]).remove(0);
+        assert_eq!(got, layout::repeat_leading_cpu(&xv, t));
+    }
+}
+
 // ---- readout ----------------------------------------------------------------------------------
 
 #[test]

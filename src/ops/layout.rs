@@ -70,6 +70,38 @@ pub fn concat_channels(g: &mut Graph, a: TensorId, b: TensorId, name: &str) -> T
     y
 }
 
+/// x [B, ...] -> [reps * B, ...]: the block repeated along the leading axis (time-major).
+pub fn repeat_leading(g: &mut Graph, x: TensorId, reps: usize, name: &str) -> TensorId {
+    let mut shape = g.shape(x).to_vec();
+    shape[0] *= reps;
+    let m = g.info(x).numel();
+    let y = g.intermediate(name, &shape);
+    g.push(Node {
+        shader: &SHADER,
+        entry: "repeat_leading",
+        params: Params::new()
+            .u(m * reps)
+            .u(0)
+            .u(0)
+            .u(0)
+            .u(0)
+            .u(0)
+            .u(m)
+            .build(),
+        reads: vec![x],
+        writes: vec![y],
+        workgroups: grid_1d(m * reps, 256),
+        label: name.to_string(),
+        cost: pointwise_cost(m * reps, m, 0),
+    });
+    y
+}
+
+/// CPU reference of [`repeat_leading`].
+pub fn repeat_leading_cpu(x: &[f32], reps: usize) -> Vec<f32> {
+    x.repeat(reps)
+}
+
 /// CPU reference of [`upsample2x`].
 pub fn upsample2x_cpu(x: &[f32], [n, c, h, w]: [usize; 4]) -> Vec<f32> {
     let mut y = vec![0f32; n * c * 4 * h * w];

@@ -1,0 +1,290 @@
+//! Checkpoints in safetensors: tensors under the official state_dict names, the model config as
+//! JSON in the metadata key `config` (the reference's field names), optimizer state under
+//! `optim.*`. Files converted from the official PyTorch code (no metadata) load when the config
+//! can be inferred from tensor shapes. Writes go to a temporary file that is renamed into place,
+//! so a crash never leaves half a checkpoint.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::model::{state_entries, EntryKind, ModelConfig};
+
+/// A tensor read from a file, converted to f32 (integer counters are kept apart).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub path: PathBuf,
+    /// Floating-point tensors by name, as f32.
+    pub tensors: BTreeMap<String, Tensor>,
+    /// Integer tensors (BatchNorm num_batches_tracked, step counters) by name, as i64 scalars.
+    pub counters: BTreeMap<String, i64>,
+    pub metadata: HashMap<String, String>,
+}
+
+fn to_f32(path: &Path, name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
+    Ok(match dtype {
+        Dtype::F32 => bytemuck::pod_collect_to_vec(bytes),
+        Dtype::F64 => bytemuck::pod_collect_to_vec::<u8, f64>(bytes).into_iter().map(|v| v as f32).collect(),
+        Dtype::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(bytes).into_iter().map(f32::from).collect(),
+        Dtype::BF16 => bytemuck::pod_collect_to_vec::<u8, half::bf16>(bytes).into_iter().map(f32::from).collect(),
+        other => bail!(
+            "{}: tensor '{name}' has dtype {other:?}; expected a float tensor (f32, f64, f16 or bf16)",
+            path.display()
+        ),
+    })
+}
+
+fn to_i64(bytes: &[u8], dtype: Dtype) -> Option<i64> {
+    match dtype {
+        Dtype::I64 if bytes.len() == 8 => Some(i64::from_le_bytes(bytes.try_into().ok()?)),
+        Dtype::I32 if bytes.len() == 4 => Some(i32::from_le_bytes(bytes.try_into().ok()?) as i64),
+        _ => None,
+    }
+}
+
+impl Checkpoint {
+    /// Read a safetensors file; any problem is one error line naming the file.
+    pub fn load(path: &Path) -> Result<Checkpoint> {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+            anyhow!(
+                "{}: not a valid safetensors file ({e}); is it truncated, or a PyTorch .pt file \
+                 (convert it with tools/convert_checkpoint.py)?",
+                path.display()
+            )
+        })?;
+        let (_, meta) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| anyhow!("{}: bad header: {e}", path.display()))?;
+        let metadata = meta.metadata().clone().unwrap_or_default();
+        let mut tensors = BTreeMap::new();
+        let mut counters = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            let dtype = view.dtype();
+            if matches!(dtype, Dtype::I64 | Dtype::I32) {
+                let v = to_i64(view.data(), dtype).ok_or_else(|| {
+                    anyhow!(
+                        "{}: integer tensor '{name}' must be a scalar",
+                        path.display()
+                    )
+                })?;
+                counters.insert(name, v);
+                continue;
+            }
+            let data = to_f32(path, &name, dtype, view.data())?;
+            tensors.insert(
+                name,
+                Tensor {
+                    shape: view.shape().to_vec(),
+                    data,
+                },
+            );
+        }
+        Ok(Checkpoint {
+            path: path.to_path_buf(),
+            tensors,
+            counters,
+            metadata,
+        })
+    }
+
+    fn shape(&self, name: &str) -> Result<&[usize]> {
+        self.tensors
+            .get(name)
+            .map(|t| &t.shape[..])
+            .ok_or_else(|| anyhow!("{}: missing tensor '{name}'", self.path.display()))
+    }
+
+    /// The model config: from the metadata if present, otherwise inferred from tensor shapes.
+    /// `snn_steps` (from --snn-steps) overrides the stored value; shapes cannot tell T.
+    pub fn config(&self, snn_steps: Option<usize>) -> Result<ModelConfig> {
+        let mut cfg = match self.metadata.get("config") {
+            Some(json) => serde_json::from_str::<ModelConfig>(json).map_err(|e| {
+                anyhow!(
+                    "{}: metadata field 'config' is not a model config ({e})",
+                    self.path.display()
+                )
+            })?,
+            None => self.infer_config()?,
+        };
+        if let Some(t) = snn_steps {
+            cfg.snn_steps = t;
+        }
+        cfg.validate(cfg.img_size)
+            .map_err(|e| anyhow!("{}: {e}", self.path.display()))?;
+        self.check_entries(&cfg)?;
+        Ok(cfg)
+    }
+
+    fn infer_config(&self) -> Result<ModelConfig> {
+        let stem = self.shape("conv.weight")?;
+        if stem.len() != 4 {
+            bail!(
+                "{}: 'conv.weight' must be [ch, img_ch, 3, 3], got {stem:?}",
+                self.path.display()
+            );
+        }
+        let (ch, img_ch) = (stem[0], stem[1]);
+        let table = self.shape("time_embedding.timembedding.0.weight")?;
+        let mut ch_mult = Vec::new();
+        let mut num_res_blocks = None;
+        let mut in_level = 0;
+        let mut last_cout = ch;
+        for i in 0.. {
+            if let Some(t) = self.tensors.get(&format!("downblocks.{i}.conv1.weight")) {
+                last_cout = t.shape[0];
+                in_level += 1;
+            } else if self
+                .tensors
+                .contains_key(&format!("downblocks.{i}.conv.weight"))
+            {
+                num_res_blocks.get_or_insert(in_level);
+                ch_mult.push(last_cout / ch);
+                in_level = 0;
+            } else {
+                break;
+            }
+        }
+        if in_level == 0 {
+            bail!(
+                "{}: no downblocks.*.conv1.weight found; not an SDDPM U-Net checkpoint",
+                self.path.display()
+            );
+        }
+        ch_mult.push(last_cout / ch);
+        Ok(ModelConfig {
+            diffusion_steps: table[0],
+            ch,
+            ch_mult,
+            num_res_blocks: num_res_blocks.unwrap_or(in_level),
+            snn_steps: 4,
+            img_ch,
+            img_size: 32,
+        })
+    }
+
+    /// Every tensor the model needs is present with the right shape, and nothing else is there
+    /// (except optimizer state and counters). Errors name the tensors.
+    pub fn check_entries(&self, cfg: &ModelConfig) -> Result<()> {
+        let expected = state_entries(cfg);
+        let mut missing = Vec::new();
+        let mut wrong = Vec::new();
+        for e in expected.iter().filter(|e| e.kind != EntryKind::Counter) {
+            match self.tensors.get(&e.name) {
+                None => missing.push(e.name.clone()),
+                Some(t) if t.shape != e.shape => wrong.push(format!(
+                    "{} is {:?}, expected {:?}",
+                    e.name, t.shape, e.shape
+                )),
+                Some(_) => {}
+            }
+        }
+        let known: std::collections::HashSet<&str> =
+            expected.iter().map(|e| e.name.as_str()).collect();
+        let extra: Vec<&String> = self
+            .tensors
+            .keys()
+            .filter(|k| !known.contains(k.as_str()) && !k.starts_with("optim."))
+            .collect();
+        let list = |v: &[String]| {
+            let shown: Vec<&str> = v.iter().take(6).map(|s| s.as_str()).collect();
+            format!(
+                "{}{}",
+                shown.join(", "),
+                if v.len() > 6 {
+                    format!(" (+{} more)", v.len() - 6)
+                } else {
+                    String::new()
+                }
+            )
+        };
+        let mut problems = Vec::new();
+        if !missing.is_empty() {
+            problems.push(format!("missing {}", list(&missing)));
+        }
+        if !wrong.is_empty() {
+            problems.push(format!("wrong shape: {}", list(&wrong)));
+        }
+        if !extra.is_empty() {
+            let extra: Vec<String> = extra.into_iter().cloned().collect();
+            problems.push(format!("unexpected {}", list(&extra)));
+        }
+        if !problems.is_empty() {
+            bail!(
+                "{}: does not match the model config {} ({})",
+                self.path.display(),
+                serde_json::to_string(cfg).unwrap_or_default(),
+                problems.join("; ")
+            );
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, name: &str) -> Result<&Tensor> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| anyhow!("{}: missing tensor '{name}'", self.path.display()))
+    }
+}
+
+/// A tensor to write: f32 data or an i64 scalar counter.
+pub enum Data<'a> {
+    F32(&'a [f32]),
+    I64(i64),
+}
+
+/// Write tensors and metadata as safetensors atomically (temporary file, then rename).
+pub fn save(
+    path: &Path,
+    tensors: Vec<(String, Vec<usize>, Data)>,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
+    for (name, shape, data) in tensors {
+        match data {
+            Data::F32(v) => owned.push((name, Dtype::F32, shape, bytemuck::cast_slice(v).to_vec())),
+            Data::I64(v) => owned.push((name, Dtype::I64, shape, v.to_le_bytes().to_vec())),
+        }
+    }
+    let views = owned
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| anyhow!("tensor '{name}': {e}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bytes = safetensors::tensor::serialize(views, Some(metadata))
+        .map_err(|e| anyhow!("serializing {}: {e}", path.display()))?;
+    write_atomic(path, &bytes)
+}
+
+/// Write `bytes` to `path` through a temporary file in the same directory and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create directory {}", dir.display()))?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}

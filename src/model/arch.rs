@@ -1,0 +1,227 @@
+//! The spiking U-Net's structure, derived from a config once and walked by everything that needs
+//! it (parameter names and shapes, graph building, MAC counts), so they cannot disagree.
+
+use super::ModelConfig;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Block {
+    /// Spk_ResBlock(cin, cout): IF, conv1, BN1, + temb proj, IF, conv2, BN2, + shortcut(x).
+    Res {
+        name: String,
+        cin: usize,
+        cout: usize,
+    },
+    /// Spk_DownSample(c): IF, conv 3x3 stride 2, BN.
+    Down { name: String, c: usize },
+    /// Spk_UpSample(c): IF, nearest x2, conv 3x3, BN.
+    Up { name: String, c: usize },
+}
+
+impl Block {
+    pub fn name(&self) -> &str {
+        match self {
+            Block::Res { name, .. } | Block::Down { name, .. } | Block::Up { name, .. } => name,
+        }
+    }
+    pub fn out_channels(&self) -> usize {
+        match self {
+            Block::Res { cout, .. } => *cout,
+            Block::Down { c, .. } | Block::Up { c, .. } => *c,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Arch {
+    pub down: Vec<Block>,
+    pub middle: Vec<Block>,
+    pub up: Vec<Block>,
+    /// Channels after the last up block (input of the tail).
+    pub tail_ch: usize,
+}
+
+pub fn arch(cfg: &ModelConfig) -> Arch {
+    let ch = cfg.ch;
+    let mut down = Vec::new();
+    let mut skip_ch = vec![ch];
+    let mut now = ch;
+    for (i, &mult) in cfg.ch_mult.iter().enumerate() {
+        for _ in 0..cfg.num_res_blocks {
+            down.push(Block::Res {
+                name: format!("downblocks.{}", down.len()),
+                cin: now,
+                cout: ch * mult,
+            });
+            now = ch * mult;
+            skip_ch.push(now);
+        }
+        if i + 1 != cfg.ch_mult.len() {
+            down.push(Block::Down {
+                name: format!("downblocks.{}", down.len()),
+                c: now,
+            });
+            skip_ch.push(now);
+        }
+    }
+    let middle = (0..2)
+        .map(|i| Block::Res {
+            name: format!("middleblocks.{i}"),
+            cin: now,
+            cout: now,
+        })
+        .collect();
+    let mut up = Vec::new();
+    for (i, &mult) in cfg.ch_mult.iter().enumerate().rev() {
+        for _ in 0..=cfg.num_res_blocks {
+            let skip = skip_ch.pop().expect("one skip per up ResBlock");
+            up.push(Block::Res {
+                name: format!("upblocks.{}", up.len()),
+                cin: now + skip,
+                cout: ch * mult,
+            });
+            now = ch * mult;
+        }
+        if i != 0 {
+            up.push(Block::Up {
+                name: format!("upblocks.{}", up.len()),
+                c: now,
+            });
+        }
+    }
+    Arch {
+        down,
+        middle,
+        up,
+        tail_ch: now,
+    }
+}
+
+/// What kind of state_dict entry a tensor is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    /// Trained by the optimizer.
+    Trainable,
+    /// In `.parameters()` but frozen (the sinusoidal table).
+    Frozen,
+    /// BatchNorm running_mean / running_var (buffers).
+    RunningStat,
+    /// BatchNorm num_batches_tracked (int64 buffer).
+    Counter,
+}
+
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub kind: EntryKind,
+}
+
+/// Every state_dict entry of the reference model, in the reference's order.
+pub fn state_entries(cfg: &ModelConfig) -> Vec<Entry> {
+    let mut out = Vec::new();
+    let mut push = |name: String, shape: Vec<usize>, kind| out.push(Entry { name, shape, kind });
+    let tdim = cfg.tdim();
+    push(
+        "time_embedding.timembedding.0.weight".into(),
+        vec![cfg.diffusion_steps, cfg.ch],
+        EntryKind::Frozen,
+    );
+    for (i, fan_in) in [(1, cfg.ch), (3, tdim)] {
+        push(
+            format!("time_embedding.timembedding.{i}.weight"),
+            vec![tdim, fan_in],
+            EntryKind::Trainable,
+        );
+        push(
+            format!("time_embedding.timembedding.{i}.bias"),
+            vec![tdim],
+            EntryKind::Trainable,
+        );
+    }
+    let conv = |push: &mut dyn FnMut(String, Vec<usize>, EntryKind),
+                name: &str,
+                cout: usize,
+                cin: usize,
+                k: usize| {
+        push(
+            format!("{name}.weight"),
+            vec![cout, cin, k, k],
+            EntryKind::Trainable,
+        );
+        push(format!("{name}.bias"), vec![cout], EntryKind::Trainable);
+    };
+    let bn = |push: &mut dyn FnMut(String, Vec<usize>, EntryKind), name: &str, c: usize| {
+        push(format!("{name}.weight"), vec![c], EntryKind::Trainable);
+        push(format!("{name}.bias"), vec![c], EntryKind::Trainable);
+        push(
+            format!("{name}.running_mean"),
+            vec![c],
+            EntryKind::RunningStat,
+        );
+        push(
+            format!("{name}.running_var"),
+            vec![c],
+            EntryKind::RunningStat,
+        );
+        push(
+            format!("{name}.num_batches_tracked"),
+            vec![],
+            EntryKind::Counter,
+        );
+    };
+    conv(&mut push, "conv", cfg.ch, cfg.img_ch, 3);
+    bn(&mut push, "bn", cfg.ch);
+    conv(&mut push, "conv_identity", cfg.ch, cfg.ch, 3);
+    bn(&mut push, "bn_identity", cfg.ch);
+    let a = arch(cfg);
+    for block in a.down.iter().chain(&a.middle).chain(&a.up) {
+        match block {
+            Block::Res { name, cin, cout } => {
+                push(
+                    format!("{name}.temb_proj.1.weight"),
+                    vec![*cout, tdim],
+                    EntryKind::Trainable,
+                );
+                push(
+                    format!("{name}.temb_proj.1.bias"),
+                    vec![*cout],
+                    EntryKind::Trainable,
+                );
+                conv(&mut push, &format!("{name}.conv1"), *cout, *cin, 3);
+                bn(&mut push, &format!("{name}.bn1"), *cout);
+                conv(&mut push, &format!("{name}.conv2"), *cout, *cout, 3);
+                bn(&mut push, &format!("{name}.bn2"), *cout);
+                if cin != cout {
+                    conv(&mut push, &format!("{name}.shortcut"), *cout, *cin, 1);
+                }
+            }
+            Block::Down { name, c } | Block::Up { name, c } => {
+                conv(&mut push, &format!("{name}.conv"), *c, *c, 3);
+                bn(&mut push, &format!("{name}.bn"), *c);
+            }
+        }
+    }
+    bn(&mut push, "tail_bn", a.tail_ch);
+    conv(&mut push, "tail_conv", cfg.img_ch, a.tail_ch, 3);
+    push(
+        "T_output_layer.weight".into(),
+        vec![cfg.img_ch, cfg.img_ch, 3, 3, 1],
+        EntryKind::Trainable,
+    );
+    push(
+        "T_output_layer.bias".into(),
+        vec![cfg.img_ch],
+        EntryKind::Trainable,
+    );
+    bn(&mut push, "last_bn", cfg.img_ch);
+    out
+}
+
+/// Number of values in `.parameters()` (trainable + the frozen table), as the paper counts.
+pub fn parameter_count(cfg: &ModelConfig) -> usize {
+    state_entries(cfg)
+        .iter()
+        .filter(|e| matches!(e.kind, EntryKind::Trainable | EntryKind::Frozen))
+        .map(|e| e.shape.iter().product::<usize>())
+        .sum()
+}

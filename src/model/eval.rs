@@ -1,0 +1,75 @@
+//! A compiled inference network: weights uploaded once, then `forward` as often as needed.
+
+use anyhow::{bail, Result};
+
+use super::{build_eval, ModelConfig};
+use crate::checkpoint::Checkpoint;
+use crate::gpu::Context;
+use crate::graph::{Graph, Plan, TensorId};
+use crate::ops::neuron::Neuron;
+
+pub struct EvalNet {
+    pub cfg: ModelConfig,
+    pub batch: usize,
+    pub size: usize,
+    pub graph: Graph,
+    pub plan: Plan,
+    pub x: TensorId,
+    pub t: TensorId,
+    pub eps: TensorId,
+}
+
+impl EvalNet {
+    /// Build and compile the U-Net for `batch` images of `size` x `size`, with every neuron's
+    /// threshold at `v_th`, and upload the checkpoint's weights.
+    pub fn new(
+        ctx: &Context,
+        cfg: &ModelConfig,
+        ckpt: &Checkpoint,
+        batch: usize,
+        size: usize,
+        v_th: f32,
+    ) -> Result<EvalNet> {
+        cfg.validate(size)?;
+        if batch == 0 {
+            bail!("batch size must be at least 1");
+        }
+        let mut g = Graph::new();
+        let x = g.input("x", &[batch, cfg.img_ch, size, size]);
+        let t = g.input("t", &[batch]);
+        let neuron = Neuron {
+            v_th,
+            ..Neuron::default()
+        };
+        let unet = build_eval(&mut g, cfg, x, t, neuron);
+        g.mark_output(unet.eps);
+        let plan = Plan::compile(ctx, &g)?;
+        for (name, &id) in &unet.params {
+            plan.write(ctx, id, &ckpt.get(name)?.data)?;
+        }
+        Ok(EvalNet {
+            cfg: cfg.clone(),
+            batch,
+            size,
+            graph: g,
+            plan,
+            x,
+            t,
+            eps: unet.eps,
+        })
+    }
+
+    /// eps_hat for x [B, C, H, W] and integer timesteps t [B].
+    pub fn forward(&self, ctx: &Context, x: &[f32], t: &[u32]) -> Result<Vec<f32>> {
+        if let Some(&bad) = t.iter().find(|&&v| v as usize >= self.cfg.diffusion_steps) {
+            bail!(
+                "timestep {bad} is out of range 0..{}",
+                self.cfg.diffusion_steps
+            );
+        }
+        self.plan.write(ctx, self.x, x)?;
+        self.plan.write(ctx, self.t, t)?;
+        self.plan.run(ctx)?;
+        self.plan.read(ctx, self.eps)
+    }
+}

@@ -1,0 +1,11 @@
+//! The SDDPM spiking U-Net: configuration and presets, structure, graph building.
+
+mod arch;
+mod config;
+mod eval;
+mod unet;
+
+pub use arch::{arch, parameter_count, state_entries, Arch, Block, Entry, EntryKind};
+pub use config::{ModelConfig, PRESETS};
+pub use eval::EvalNet;
+pub use unet::{build_eval, declare_params, UNet};

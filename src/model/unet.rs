@@ -1,0 +1,194 @@
+//! The spiking U-Net (the reference's Spk_UNet) built on the command graph.
+//!
+//! Activations are [T*B, C, H, W], time-major as the reference's flattened [T, B, ...]. Every
+//! node is labelled with its official module path (`downblocks.3.conv1`), so profiles and error
+//! messages speak the names of the state_dict.
+
+use std::collections::BTreeMap;
+
+use super::arch::{arch, state_entries, Block, EntryKind};
+use super::ModelConfig;
+use crate::graph::{Graph, TensorId};
+use crate::ops::batchnorm::{self, BnParams};
+use crate::ops::neuron::Neuron;
+use crate::ops::{conv, elementwise, embedding, layout, matmul, neuron, readout};
+
+/// The graph tensors of a built U-Net.
+pub struct UNet {
+    /// Every state_dict tensor the graph uses, by official name (num_batches_tracked excluded:
+    /// it is host-side bookkeeping).
+    pub params: BTreeMap<String, TensorId>,
+    /// eps_hat [B, C, H, W].
+    pub eps: TensorId,
+}
+
+struct Builder<'a> {
+    g: &'a mut Graph,
+    params: BTreeMap<String, TensorId>,
+    t: usize,
+    neuron: Neuron,
+}
+
+impl Builder<'_> {
+    fn p(&self, name: &str) -> TensorId {
+        *self
+            .params
+            .get(name)
+            .unwrap_or_else(|| panic!("U-Net parameter {name} was not declared"))
+    }
+
+    fn bn(&self, name: &str) -> BnParams {
+        BnParams {
+            weight: self.p(&format!("{name}.weight")),
+            bias: self.p(&format!("{name}.bias")),
+            running_mean: self.p(&format!("{name}.running_mean")),
+            running_var: self.p(&format!("{name}.running_var")),
+        }
+    }
+
+    /// conv (3x3 pad 1 or 1x1 pad 0) with bias, then BatchNorm with running statistics.
+    fn conv_bn(&mut self, x: TensorId, conv_name: &str, bn_name: &str, stride: usize) -> TensorId {
+        let w = self.p(&format!("{conv_name}.weight"));
+        let b = self.p(&format!("{conv_name}.bias"));
+        let k = self.g.shape(w)[2];
+        let h = conv::conv2d(self.g, x, w, Some(b), stride, k / 2, conv_name);
+        let bn = self.bn(bn_name);
+        batchnorm::batchnorm_eval(self.g, h, bn, bn_name)
+    }
+
+    fn spikes(&mut self, x: TensorId, name: &str) -> TensorId {
+        neuron::neuron_forward(self.g, x, self.t, self.neuron, name)
+    }
+
+    fn block(&mut self, block: &Block, x: TensorId, temb_act: TensorId) -> TensorId {
+        match block {
+            Block::Res { name, cin, cout } => {
+                let s = self.spikes(x, &format!("{name}.neuron1"));
+                let h = self.conv_bn(s, &format!("{name}.conv1"), &format!("{name}.bn1"), 1);
+                let proj = matmul::linear(
+                    self.g,
+                    temb_act,
+                    self.p(&format!("{name}.temb_proj.1.weight")),
+                    Some(self.p(&format!("{name}.temb_proj.1.bias"))),
+                    &format!("{name}.temb_proj"),
+                );
+                let h = elementwise::add_channel(self.g, h, proj, &format!("{name}.temb_add"));
+                let s = self.spikes(h, &format!("{name}.neuron2"));
+                let h = self.conv_bn(s, &format!("{name}.conv2"), &format!("{name}.bn2"), 1);
+                let shortcut = if cin != cout {
+                    let w = self.p(&format!("{name}.shortcut.weight"));
+                    let b = self.p(&format!("{name}.shortcut.bias"));
+                    conv::conv2d(self.g, x, w, Some(b), 1, 0, &format!("{name}.shortcut"))
+                } else {
+                    x
+                };
+                elementwise::add(self.g, h, shortcut, &format!("{name}.residual"))
+            }
+            Block::Down { name, .. } => {
+                let s = self.spikes(x, &format!("{name}.neuron"));
+                self.conv_bn(s, &format!("{name}.conv"), &format!("{name}.bn"), 2)
+            }
+            Block::Up { name, .. } => {
+                let s = self.spikes(x, &format!("{name}.neuron"));
+                let s = layout::upsample2x(self.g, s, &format!("{name}.upsample"));
+                self.conv_bn(s, &format!("{name}.conv"), &format!("{name}.bn"), 1)
+            }
+        }
+    }
+}
+
+/// Declare every parameter of `cfg` in `g` under its official name (as `Param` tensors).
+pub fn declare_params(g: &mut Graph, cfg: &ModelConfig) -> BTreeMap<String, TensorId> {
+    state_entries(cfg)
+        .into_iter()
+        .filter(|e| e.kind != EntryKind::Counter)
+        .map(|e| {
+            let id = g.param(&e.name, &e.shape);
+            (e.name, id)
+        })
+        .collect()
+}
+
+/// Append the inference-mode U-Net to `g`: x [B, C, H, W] (f32), t [B] (u32 timesteps) -> eps.
+/// BatchNorm uses running statistics; every neuron uses `neuron` (threshold guidance sets v_th).
+pub fn build_eval(
+    g: &mut Graph,
+    cfg: &ModelConfig,
+    x: TensorId,
+    t: TensorId,
+    neuron: Neuron,
+) -> UNet {
+    let params = declare_params(g, cfg);
+    let mut b = Builder {
+        g,
+        params,
+        t: cfg.snn_steps,
+        neuron,
+    };
+    // Time embedding, once per evaluation and shared by every block (it is the same for all T).
+    let e = embedding::gather_rows(
+        b.g,
+        b.p("time_embedding.timembedding.0.weight"),
+        t,
+        "time_embedding.table",
+    );
+    let e = matmul::linear(
+        b.g,
+        e,
+        b.p("time_embedding.timembedding.1.weight"),
+        Some(b.p("time_embedding.timembedding.1.bias")),
+        "time_embedding.timembedding.1",
+    );
+    let e = elementwise::swish(b.g, e, "time_embedding.timembedding.2");
+    let temb = matmul::linear(
+        b.g,
+        e,
+        b.p("time_embedding.timembedding.3.weight"),
+        Some(b.p("time_embedding.timembedding.3.bias")),
+        "time_embedding.timembedding.3",
+    );
+    // Every temb_proj starts with Swish(temb): compute it once.
+    let temb_act = elementwise::swish(b.g, temb, "temb_proj.0");
+
+    // Stem. The input is repeated over T, and conv + BN (eval) act per image, so they run once
+    // per image and are repeated after: identical numbers, T times less work.
+    let h = b.conv_bn(x, "conv", "bn", 1);
+    let h = layout::repeat_leading(b.g, h, b.t, "repeat_time");
+    let s = b.spikes(h, "neuron");
+    let mut h = b.conv_bn(s, "conv_identity", "bn_identity", 1);
+
+    let a = arch(cfg);
+    let mut skips = vec![h];
+    for block in &a.down {
+        h = b.block(block, h, temb_act);
+        skips.push(h);
+    }
+    for block in &a.middle {
+        h = b.block(block, h, temb_act);
+    }
+    for block in &a.up {
+        if let Block::Res { name, .. } = block {
+            let skip = skips.pop().expect("one skip per up ResBlock");
+            h = layout::concat_channels(b.g, h, skip, &format!("{name}.concat"));
+        }
+        h = b.block(block, h, temb_act);
+    }
+
+    // Tail: BN -> Swish -> conv (per step), then the (3,3,1) conv3d branch added residually.
+    let bn = b.bn("tail_bn");
+    let h = batchnorm::batchnorm_eval(b.g, h, bn, "tail_bn");
+    let h = elementwise::swish(b.g, h, "tail_swish");
+    let (w, bias) = (b.p("tail_conv.weight"), b.p("tail_conv.bias"));
+    let h = conv::conv2d(b.g, h, w, Some(bias), 1, 1, "tail_conv");
+    let (w, bias) = (b.p("T_output_layer.weight"), b.p("T_output_layer.bias"));
+    let o = conv::conv3d_331(b.g, h, w, Some(bias), "T_output_layer");
+    let bn = b.bn("last_bn");
+    let o = batchnorm::batchnorm_eval(b.g, o, bn, "last_bn");
+    let o = elementwise::swish(b.g, o, "last_swish");
+    let h = elementwise::add(b.g, o, h, "output_residual");
+    let eps = readout::membrane_readout(b.g, h, b.t, readout::DECAY, "membrane_output");
+    UNet {
+        params: b.params,
+        eps,
+    }
+}

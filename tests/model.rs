@@ -1,0 +1,84 @@
+//! The spiking U-Net against the PyTorch reference fixtures, and the model's bookkeeping.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use safetensors::SafeTensors;
+use sddpm_gpu::checkpoint::Checkpoint;
+use sddpm_gpu::model::{parameter_count, EvalNet, ModelConfig};
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn forward_fixture() -> (Vec<usize>, Vec<f32>, Vec<u32>, Vec<f32>, Vec<f32>, f32) {
+    let bytes = std::fs::read(fixture("forward.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let f = |n: &str| bytemuck::pod_collect_to_vec::<u8, f32>(st.tensor(n).unwrap().data());
+    let t: Vec<i64> = bytemuck::pod_collect_to_vec(st.tensor("t").unwrap().data());
+    let shape = st.tensor("x").unwrap().shape().to_vec();
+    (
+        shape,
+        f("x"),
+        t.iter().map(|&v| v as u32).collect(),
+        f("eps"),
+        f("eps_threshold"),
+        f("threshold")[0],
+    )
+}
+
+#[test]
+fn forward_matches_reference() {
+    let ckpt = Checkpoint::load(&fixture("weights.safetensors")).unwrap();
+    let cfg = ckpt.config(None).unwrap();
+    let (shape, x, t, eps, _, _) = forward_fixture();
+    let net = EvalNet::new(ctx(), &cfg, &ckpt, shape[0], shape[2], 1.0).unwrap();
+    let got = net.forward(ctx(), &x, &t).unwrap();
+    let err = rel_l2(&got, &eps);
+    println!("eps relative L2 error vs PyTorch: {err:e}");
+    assert!(err < 1e-4, "eps relative L2 error {err:e}");
+}
+
+#[test]
+fn threshold_guided_forward_matches_reference() {
+    let ckpt = Checkpoint::load(&fixture("weights.safetensors")).unwrap();
+    let cfg = ckpt.config(None).unwrap();
+    let (shape, x, t, eps, eps_thr, thr) = forward_fixture();
+    let net = EvalNet::new(ctx(), &cfg, &ckpt, shape[0], shape[2], thr).unwrap();
+    let got = net.forward(ctx(), &x, &t).unwrap();
+    let err = rel_l2(&got, &eps_thr);
+    assert!(err < 1e-4, "eps_threshold relative L2 error {err:e}");
+    assert!(
+        rel_l2(&eps_thr, &eps) > 1e-3,
+        "the guided threshold must change the output"
+    );
+}
+
+#[test]
+fn config_inferred_from_shapes_equals_metadata() {
+    let mut ckpt = Checkpoint::load(&fixture("weights.safetensors")).unwrap();
+    let from_meta = ckpt.config(None).unwrap();
+    ckpt.metadata.clear();
+    let inferred = ckpt.config(None).unwrap();
+    assert_eq!(inferred, from_meta);
+    assert_eq!(inferred.ch_mult, [1, 2]);
+    assert_eq!(ckpt.config(Some(8)).unwrap().snn_steps, 8);
+}
+
+#[test]
+fn cifar10_parameter_count_matches_paper() {
+    let cfg = ModelConfig::preset("cifar10").unwrap();
+    assert_eq!(parameter_count(&cfg), 66_696_413);
+    let mnist = ModelConfig::preset("mnist").unwrap();
+    assert_eq!(parameter_count(&mnist), 66_691_725);
+}
+
+#[test]
+fn unknown_preset_is_an_error() {
+    let err = ModelConfig::preset("imagenet").unwrap_err().to_string();
+    assert!(err.contains("imagenet") && err.contains("cifar10"), "{err}");
+}
