@@ -5,6 +5,7 @@
 //! a CPU reference beside it).
 
 pub mod checkpoint;
+pub mod diffusion;
 pub mod gpu;
 pub mod graph;
 pub mod model;

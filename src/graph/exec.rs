@@ -16,6 +16,9 @@ use super::{plan_memory, Graph, MemoryPlan, Role, TensorId, TensorInfo};
 use crate::gpu::Context;
 
 const DISPATCHES_PER_SUBMIT: usize = 256;
+/// Every node's uniform binding is this wide (its words, zero-padded), so a shader's Params struct
+/// may be longer than what a particular entry point's node fills in.
+const PARAMS_WINDOW: u64 = 4 * super::MAX_PARAM_WORDS as u64;
 const MAX_IN_FLIGHT: usize = 3;
 
 struct CompiledNode {
@@ -80,7 +83,7 @@ impl Plan {
         }
         let params = ctx.create_buffer(
             "node params",
-            (words.len() as u64 * 4).max(16),
+            offsets.last().map_or(0, |o| o + PARAMS_WINDOW).max(PARAMS_WINDOW),
             wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
         )?;
         if !words.is_empty() {
@@ -97,7 +100,7 @@ impl Plan {
                 resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                     buffer: &params,
                     offset: params_offset,
-                    size: std::num::NonZeroU64::new(4 * node.params.len() as u64),
+                    size: std::num::NonZeroU64::new(PARAMS_WINDOW),
                 }),
             }];
             for (k, t) in node.reads.iter().chain(&node.writes).enumerate() {
@@ -190,12 +193,36 @@ impl Plan {
 
     /// Record and submit every dispatch; returns without waiting for the last submission.
     pub fn run(&self, ctx: &Context) -> Result<RunStats> {
+        self.run_repeated(ctx, 1, &mut |_| {})
+    }
+
+    /// Replay the whole node list `reps` times back to back (the sampling loop: GPU-side state
+    /// such as a step counter advances between replays). Dispatches are packed into command
+    /// buffers of at most `DISPATCHES_PER_SUBMIT` (whole replays share one when they fit), one
+    /// compute pass per replay chunk; `progress(replays_submitted)` is called after each submit.
+    /// Returns without waiting for the last submission.
+    pub fn run_repeated(&self, ctx: &Context, reps: usize, progress: &mut dyn FnMut(usize)) -> Result<RunStats> {
         let mut stats = RunStats::default();
         let mut in_flight: VecDeque<wgpu::SubmissionIndex> = VecDeque::new();
         ctx.scoped("running a compiled graph", || -> Result<()> {
-            for chunk in self.nodes.chunks(DISPATCHES_PER_SUBMIT) {
-                let mut enc = ctx.device.create_command_encoder(&Default::default());
-                {
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            let mut pending = 0usize;
+            let mut submit = |enc: wgpu::CommandEncoder, stats: &mut RunStats| -> Result<()> {
+                in_flight.push_back(ctx.queue.submit([enc.finish()]));
+                stats.submits += 1;
+                if in_flight.len() > MAX_IN_FLIGHT {
+                    ctx.wait_for(in_flight.pop_front().unwrap())?;
+                }
+                Ok(())
+            };
+            for rep in 0..reps {
+                for chunk in self.nodes.chunks(DISPATCHES_PER_SUBMIT) {
+                    if pending > 0 && pending + chunk.len() > DISPATCHES_PER_SUBMIT {
+                        let full = std::mem::replace(&mut enc, ctx.device.create_command_encoder(&Default::default()));
+                        submit(full, &mut stats)?;
+                        progress(rep);
+                        pending = 0;
+                    }
                     let mut pass = enc.begin_compute_pass(&Default::default());
                     for n in chunk {
                         pass.set_pipeline(&n.pipeline);
@@ -203,14 +230,14 @@ impl Plan {
                         let [x, y, z] = n.workgroups;
                         pass.dispatch_workgroups(x, y, z);
                     }
-                }
-                in_flight.push_back(ctx.queue.submit([enc.finish()]));
-                stats.dispatches += chunk.len();
-                stats.submits += 1;
-                if in_flight.len() > MAX_IN_FLIGHT {
-                    ctx.wait_for(in_flight.pop_front().unwrap())?;
+                    pending += chunk.len();
+                    stats.dispatches += chunk.len();
                 }
             }
+            if pending > 0 {
+                submit(enc, &mut stats)?;
+            }
+            progress(reps);
             Ok(())
         })??;
         Ok(stats)

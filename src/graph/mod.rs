@@ -13,6 +13,9 @@ pub use planner::{plan_memory, MemoryPlan};
 
 use crate::gpu::Shader;
 
+/// Most 32-bit words a node's uniform parameters may have.
+pub const MAX_PARAM_WORDS: usize = 16;
+
 /// Index of a tensor in its [`Graph`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TensorId(pub usize);
@@ -121,6 +124,12 @@ impl Graph {
     }
 
     pub fn push(&mut self, node: Node) {
+        assert!(
+            node.params.len() <= MAX_PARAM_WORDS,
+            "node '{}' has {} parameter words; at most {MAX_PARAM_WORDS} fit the uniform window",
+            node.label,
+            node.params.len()
+        );
         for &w in &node.writes {
             assert!(
                 !node.reads.contains(&w),

@@ -10,6 +10,7 @@ pub mod layout;
 pub mod matmul;
 pub mod neuron;
 pub mod readout;
+pub mod sampler;
 
 use crate::graph::Cost;
 
@@ -22,7 +23,7 @@ pub(crate) fn pointwise_cost(outputs: usize, inputs: usize, flops_per: u64) -> C
 }
 
 /// Every shader the crate embeds, for validation and listings.
-pub fn all_shaders() -> [&'static crate::gpu::Shader; 8] {
+pub fn all_shaders() -> [&'static crate::gpu::Shader; 9] {
     [
         &batchnorm::SHADER,
         &conv::SHADER,
@@ -32,5 +33,6 @@ pub fn all_shaders() -> [&'static crate::gpu::Shader; 8] {
         &matmul::SHADER,
         &neuron::SHADER,
         &readout::SHADER,
+        &sampler::SHADER,
     ]
 }

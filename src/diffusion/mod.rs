@@ -1,0 +1,8 @@
+//! Diffusion: the schedule (f64) and the samplers (DDPM ancestral, strided DDPM, DDIM) running
+//! entirely on the GPU.
+
+mod sampler;
+mod schedule;
+
+pub use sampler::Sampler;
+pub use schedule::{plan_steps, timesteps, torch_linspace, SamplerKind, Schedule};
