@@ -12,20 +12,28 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::model::{state_entries, EntryKind, ModelConfig};
 
-/// A tensor read from a file, converted to f32 (integer counters are kept apart).
+/// An integer tensor read from a file, widened to i64.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IntTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<i64>,
+}
+
+/// A tensor read from a file, converted to f32 (integer tensors are kept apart).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tensor {
     pub shape: Vec<usize>,
     pub data: Vec<f32>,
 }
 
+/// A safetensors file in memory: a checkpoint, or the input/output of `forward`.
 #[derive(Debug, Clone)]
-pub struct Checkpoint {
+pub struct TensorFile {
     pub path: PathBuf,
     /// Floating-point tensors by name, as f32.
     pub tensors: BTreeMap<String, Tensor>,
-    /// Integer tensors (BatchNorm num_batches_tracked, step counters) by name, as i64 scalars.
-    pub counters: BTreeMap<String, i64>,
+    /// Integer tensors (BatchNorm num_batches_tracked, timesteps, counters) by name, as i64.
+    pub ints: BTreeMap<String, IntTensor>,
     pub metadata: HashMap<String, String>,
 }
 
@@ -42,17 +50,19 @@ fn to_f32(path: &Path, name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32
     })
 }
 
-fn to_i64(bytes: &[u8], dtype: Dtype) -> Option<i64> {
+fn to_i64(bytes: &[u8], dtype: Dtype) -> Vec<i64> {
     match dtype {
-        Dtype::I64 if bytes.len() == 8 => Some(i64::from_le_bytes(bytes.try_into().ok()?)),
-        Dtype::I32 if bytes.len() == 4 => Some(i32::from_le_bytes(bytes.try_into().ok()?) as i64),
-        _ => None,
+        Dtype::I64 => bytemuck::pod_collect_to_vec(bytes),
+        _ => bytemuck::pod_collect_to_vec::<u8, i32>(bytes)
+            .into_iter()
+            .map(i64::from)
+            .collect(),
     }
 }
 
-impl Checkpoint {
+impl TensorFile {
     /// Read a safetensors file; any problem is one error line naming the file.
-    pub fn load(path: &Path) -> Result<Checkpoint> {
+    pub fn load(path: &Path) -> Result<TensorFile> {
         let bytes = std::fs::read(path)
             .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
         let st = SafeTensors::deserialize(&bytes).map_err(|e| {
@@ -66,17 +76,13 @@ impl Checkpoint {
             .map_err(|e| anyhow!("{}: bad header: {e}", path.display()))?;
         let metadata = meta.metadata().clone().unwrap_or_default();
         let mut tensors = BTreeMap::new();
-        let mut counters = BTreeMap::new();
+        let mut ints = BTreeMap::new();
         for (name, view) in st.tensors() {
             let dtype = view.dtype();
             if matches!(dtype, Dtype::I64 | Dtype::I32) {
-                let v = to_i64(view.data(), dtype).ok_or_else(|| {
-                    anyhow!(
-                        "{}: integer tensor '{name}' must be a scalar",
-                        path.display()
-                    )
-                })?;
-                counters.insert(name, v);
+                let data = to_i64(view.data(), dtype);
+                let shape = view.shape().to_vec();
+                ints.insert(name, IntTensor { shape, data });
                 continue;
             }
             let data = to_f32(path, &name, dtype, view.data())?;
@@ -88,10 +94,10 @@ impl Checkpoint {
                 },
             );
         }
-        Ok(Checkpoint {
+        Ok(TensorFile {
             path: path.to_path_buf(),
             tensors,
-            counters,
+            ints,
             metadata,
         })
     }
@@ -228,6 +234,16 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// An integer tensor (e.g. timesteps), as i64.
+    pub fn get_ints(&self, name: &str) -> Result<&IntTensor> {
+        self.ints.get(name).ok_or_else(|| {
+            anyhow!(
+                "{}: missing integer tensor '{name}' (int64 or int32)",
+                self.path.display()
+            )
+        })
+    }
+
     pub fn get(&self, name: &str) -> Result<&Tensor> {
         self.tensors
             .get(name)
@@ -235,10 +251,13 @@ impl Checkpoint {
     }
 }
 
-/// A tensor to write: f32 data or an i64 scalar counter.
+/// Checkpoints are tensor files whose names are the model's.
+pub type Checkpoint = TensorFile;
+
+/// A tensor to write.
 pub enum Data<'a> {
     F32(&'a [f32]),
-    I64(i64),
+    I64(&'a [i64]),
 }
 
 /// Write tensors and metadata as safetensors atomically (temporary file, then rename).
@@ -251,7 +270,7 @@ pub fn save(
     for (name, shape, data) in tensors {
         match data {
             Data::F32(v) => owned.push((name, Dtype::F32, shape, bytemuck::cast_slice(v).to_vec())),
-            Data::I64(v) => owned.push((name, Dtype::I64, shape, v.to_le_bytes().to_vec())),
+            Data::I64(v) => owned.push((name, Dtype::I64, shape, bytemuck::cast_slice(v).to_vec())),
         }
     }
     let views = owned

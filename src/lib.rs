@@ -8,5 +8,6 @@ pub mod checkpoint;
 pub mod diffusion;
 pub mod gpu;
 pub mod graph;
+pub mod images;
 pub mod model;
 pub mod ops;

@@ -45,7 +45,10 @@ impl Sampler {
         let step = g.input("sampler.step", &[1]);
         let x = g.input("x", &[batch, cfg.img_ch, size, size]);
         let t = g.input("t", &[batch]);
-        let key = NoiseKey { seed: 0, image_base: 0 };
+        let key = NoiseKey {
+            seed: 0,
+            image_base: 0,
+        };
         let begin_node = sampler::begin_step(&mut g, coef, step, x, t, key);
         let neuron = Neuron {
             v_th,
@@ -76,7 +79,13 @@ impl Sampler {
 
     /// Sample one batch: images `image_base ..` of the run keyed by `seed`. Returns x0 in
     /// [-1, 1], [B, C, H, W]. `progress(steps_submitted)` is called after each submit.
-    pub fn sample_batch(&self, ctx: &Context, seed: u64, image_base: u32, progress: &mut dyn FnMut(usize)) -> Result<Vec<f32>> {
+    pub fn sample_batch(
+        &self,
+        ctx: &Context,
+        seed: u64,
+        image_base: u32,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Vec<f32>> {
         let params = sampler::batch_params(self.x_numel, self.batch, NoiseKey { seed, image_base });
         self.plan.set_params(ctx, self.begin_node, &params);
         self.plan.set_params(ctx, self.update_node, &params);

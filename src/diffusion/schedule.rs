@@ -47,13 +47,23 @@ impl Schedule {
             alphas_bar.push(acc);
         }
         let prev = |t: usize| if t == 0 { 1.0 } else { alphas_bar[t - 1] };
-        let post_c1 = (0..steps).map(|t| prev(t).sqrt() * betas[t] / (1.0 - alphas_bar[t])).collect();
+        let post_c1 = (0..steps)
+            .map(|t| prev(t).sqrt() * betas[t] / (1.0 - alphas_bar[t]))
+            .collect();
         let post_c2 = (0..steps)
             .map(|t| (1.0 - betas[t]).sqrt() * (1.0 - prev(t)) / (1.0 - alphas_bar[t]))
             .collect();
-        let post_var: Vec<f64> = (0..steps).map(|t| betas[t] * (1.0 - prev(t)) / (1.0 - alphas_bar[t])).collect();
+        let post_var: Vec<f64> = (0..steps)
+            .map(|t| betas[t] * (1.0 - prev(t)) / (1.0 - alphas_bar[t]))
+            .collect();
         let var_large = (0..steps)
-            .map(|t| if t == 0 { post_var.get(1).copied().unwrap_or(post_var[0]) } else { betas[t] })
+            .map(|t| {
+                if t == 0 {
+                    post_var.get(1).copied().unwrap_or(post_var[0])
+                } else {
+                    betas[t]
+                }
+            })
             .collect();
         Schedule {
             betas,

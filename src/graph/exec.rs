@@ -83,7 +83,10 @@ impl Plan {
         }
         let params = ctx.create_buffer(
             "node params",
-            offsets.last().map_or(0, |o| o + PARAMS_WINDOW).max(PARAMS_WINDOW),
+            offsets
+                .last()
+                .map_or(0, |o| o + PARAMS_WINDOW)
+                .max(PARAMS_WINDOW),
             wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
         )?;
         if !words.is_empty() {
@@ -201,7 +204,12 @@ impl Plan {
     /// buffers of at most `DISPATCHES_PER_SUBMIT` (whole replays share one when they fit), one
     /// compute pass per replay chunk; `progress(replays_submitted)` is called after each submit.
     /// Returns without waiting for the last submission.
-    pub fn run_repeated(&self, ctx: &Context, reps: usize, progress: &mut dyn FnMut(usize)) -> Result<RunStats> {
+    pub fn run_repeated(
+        &self,
+        ctx: &Context,
+        reps: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<RunStats> {
         let mut stats = RunStats::default();
         let mut in_flight: VecDeque<wgpu::SubmissionIndex> = VecDeque::new();
         ctx.scoped("running a compiled graph", || -> Result<()> {
@@ -218,7 +226,10 @@ impl Plan {
             for rep in 0..reps {
                 for chunk in self.nodes.chunks(DISPATCHES_PER_SUBMIT) {
                     if pending > 0 && pending + chunk.len() > DISPATCHES_PER_SUBMIT {
-                        let full = std::mem::replace(&mut enc, ctx.device.create_command_encoder(&Default::default()));
+                        let full = std::mem::replace(
+                            &mut enc,
+                            ctx.device.create_command_encoder(&Default::default()),
+                        );
                         submit(full, &mut stats)?;
                         progress(rep);
                         pending = 0;

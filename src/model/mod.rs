@@ -3,9 +3,11 @@
 mod arch;
 mod config;
 mod eval;
+mod init;
 mod unet;
 
 pub use arch::{arch, parameter_count, state_entries, Arch, Block, Entry, EntryKind};
 pub use config::{ModelConfig, PRESETS};
 pub use eval::EvalNet;
+pub use init::init_weights;
 pub use unet::{build_eval, declare_params, UNet};

@@ -1,8 +1,8 @@
 //! The on-GPU sampling loop's kernels (begin step, fused update, advance) and the counter-based
 //! Gaussian generator they use, with CPU references.
 
-use crate::graph::{grid_1d, Cost, Graph, Node, Params, TensorId};
 use crate::gpu::Shader;
+use crate::graph::{grid_1d, Cost, Graph, Node, Params, TensorId};
 use crate::shader;
 
 pub static SHADER: Shader = shader!("sampler");
@@ -53,7 +53,13 @@ pub struct NoiseKey {
     pub image_base: u32,
 }
 
-fn params(numel: usize, per_image: usize, batch: usize, key: NoiseKey, z_from_buffer: bool) -> Vec<u32> {
+fn params(
+    numel: usize,
+    per_image: usize,
+    batch: usize,
+    key: NoiseKey,
+    z_from_buffer: bool,
+) -> Vec<u32> {
     Params::new()
         .u(numel)
         .u(per_image)
@@ -71,7 +77,14 @@ pub fn batch_params(x_numel: usize, batch: usize, key: NoiseKey) -> Vec<u32> {
 }
 
 /// begin_step: x = noise at step 0; t[b] = coef[step].t. `x` [B, ...], `t` [B] (u32).
-pub fn begin_step(g: &mut Graph, coef: TensorId, step: TensorId, x: TensorId, t: TensorId, key: NoiseKey) -> usize {
+pub fn begin_step(
+    g: &mut Graph,
+    coef: TensorId,
+    step: TensorId,
+    x: TensorId,
+    t: TensorId,
+    key: NoiseKey,
+) -> usize {
     let batch = g.info(t).numel();
     let numel = g.info(x).numel();
     g.push(Node {
@@ -92,7 +105,15 @@ pub fn begin_step(g: &mut Graph, coef: TensorId, step: TensorId, x: TensorId, t:
 
 /// The fused update: x0 prediction, clamp, posterior mean (or DDIM step), fresh noise; in place
 /// on x. With `z` given, noise is read from it instead of generated (for tests).
-pub fn update(g: &mut Graph, coef: TensorId, step: TensorId, eps: TensorId, x: TensorId, z: Option<TensorId>, key: NoiseKey) -> usize {
+pub fn update(
+    g: &mut Graph,
+    coef: TensorId,
+    step: TensorId,
+    eps: TensorId,
+    x: TensorId,
+    z: Option<TensorId>,
+    key: NoiseKey,
+) -> usize {
     let numel = g.info(x).numel();
     let batch = g.shape(x)[0];
     g.push(Node {
@@ -157,7 +178,10 @@ pub fn philox4x32(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
             (p0 >> 32) as u32 ^ c[3] ^ k[1],
             p0 as u32,
         ];
-        k = [k[0].wrapping_add(0x9E37_79B9), k[1].wrapping_add(0xBB67_AE85)];
+        k = [
+            k[0].wrapping_add(0x9E37_79B9),
+            k[1].wrapping_add(0xBB67_AE85),
+        ];
     }
     c
 }
@@ -168,7 +192,10 @@ pub const STREAM_INIT: u32 = 1;
 
 /// The Gaussian the kernels draw for (element, image, step, stream) under `seed`.
 pub fn gaussian_cpu(seed: u64, element: u32, image: u32, step: u32, stream: u32) -> f32 {
-    let r = philox4x32([element, image, step, stream], [seed as u32, (seed >> 32) as u32]);
+    let r = philox4x32(
+        [element, image, step, stream],
+        [seed as u32, (seed >> 32) as u32],
+    );
     let u1 = ((r[0] >> 8) as f32 + 1.0) * (1.0 / 16_777_216.0);
     let u2 = (r[1] >> 8) as f32 * (1.0 / 16_777_216.0);
     (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()

@@ -1,0 +1,275 @@
+//! The command line end to end: parity through `forward`, `sample` files, and one-line errors.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::rel_l2;
+use sddpm_gpu::checkpoint::{self, Data, TensorFile};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sddpm-gpu"))
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sddpm-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// A failure must be one `error:` line, a non-zero exit, and no panic.
+fn assert_one_line_error(out: &Output, needle: &str) {
+    assert!(!out.status.success(), "expected failure");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let ours: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("error:"))
+        .filter(|l| !l.contains("XDG_RUNTIME_DIR"))
+        .collect();
+    assert_eq!(ours.len(), 1, "exactly one error line expected:\n{err}");
+    assert!(
+        ours[0].contains(needle),
+        "error should mention '{needle}': {}",
+        ours[0]
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn forward_command_matches_reference() {
+    let want = TensorFile::load(&fixture("forward.safetensors")).unwrap();
+    for (threshold, key) in [("1.0", "eps"), ("0.997", "eps_threshold")] {
+        let out_path = tmp(&format!("eps_{key}.safetensors"));
+        let out = run(&[
+            "forward",
+            "--checkpoint",
+            p(&fixture("weights.safetensors")),
+            "--input",
+            p(&fixture("forward.safetensors")),
+            "--output",
+            p(&out_path),
+            "--threshold",
+            threshold,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got = TensorFile::load(&out_path).unwrap();
+        let eps = got.get("eps").unwrap();
+        assert_eq!(eps.shape, want.get(key).unwrap().shape);
+        let err = rel_l2(&eps.data, &want.get(key).unwrap().data);
+        assert!(err < 1e-4, "{key}: relative L2 {err:e}");
+    }
+}
+
+#[test]
+fn forward_accepts_int32_timesteps() {
+    let src = TensorFile::load(&fixture("forward.safetensors")).unwrap();
+    let x = src.get("x").unwrap();
+    let t: Vec<i32> = src
+        .get_ints("t")
+        .unwrap()
+        .data
+        .iter()
+        .map(|&v| v as i32)
+        .collect();
+    let input = tmp("in_i32.safetensors");
+    // Write t as int32 by hand through safetensors.
+    let xb: &[u8] = bytemuck::cast_slice(&x.data);
+    let tb: &[u8] = bytemuck::cast_slice(&t);
+    let views = vec![
+        (
+            "x",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, x.shape.clone(), xb)
+                .unwrap(),
+        ),
+        (
+            "t",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![t.len()], tb)
+                .unwrap(),
+        ),
+    ];
+    std::fs::write(&input, safetensors::tensor::serialize(views, None).unwrap()).unwrap();
+    let output = tmp("out_i32.safetensors");
+    let out = run(&[
+        "forward",
+        "--checkpoint",
+        p(&fixture("weights.safetensors")),
+        "--input",
+        p(&input),
+        "--output",
+        p(&output),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = rel_l2(
+        &TensorFile::load(&output).unwrap().get("eps").unwrap().data,
+        &src.get("eps").unwrap().data,
+    );
+    assert!(err < 1e-4);
+}
+
+#[test]
+fn truncated_checkpoint_is_a_one_line_error() {
+    let bytes = std::fs::read(fixture("weights.safetensors")).unwrap();
+    let bad = tmp("truncated.safetensors");
+    std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
+    let out = run(&[
+        "forward",
+        "--checkpoint",
+        p(&bad),
+        "--input",
+        p(&fixture("forward.safetensors")),
+        "--output",
+        p(&tmp("x.safetensors")),
+    ]);
+    assert_one_line_error(&out, "truncated.safetensors");
+    let garbage = tmp("garbage.safetensors");
+    std::fs::write(&garbage, b"this is not a checkpoint").unwrap();
+    let out = run(&["sample", "--checkpoint", p(&garbage), "--n", "1"]);
+    assert_one_line_error(&out, "garbage.safetensors");
+    let out = run(&[
+        "sample",
+        "--checkpoint",
+        p(&tmp("does-not-exist.safetensors")),
+        "--n",
+        "1",
+    ]);
+    assert_one_line_error(&out, "does-not-exist");
+}
+
+#[test]
+fn mis_shaped_or_missing_tensor_is_named() {
+    let ckpt = TensorFile::load(&fixture("weights.safetensors")).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Data)> = Vec::new();
+    let wrong = vec![0f32; 7];
+    for (name, t) in &ckpt.tensors {
+        if name == "downblocks.0.conv1.bias" {
+            tensors.push((name.clone(), vec![7], Data::F32(&wrong)));
+        } else if name != "tail_conv.weight" {
+            tensors.push((name.clone(), t.shape.clone(), Data::F32(&t.data)));
+        }
+    }
+    let bad = tmp("misshaped.safetensors");
+    checkpoint::save(&bad, tensors, ckpt.metadata.clone()).unwrap();
+    let out = run(&[
+        "forward",
+        "--checkpoint",
+        p(&bad),
+        "--input",
+        p(&fixture("forward.safetensors")),
+        "--output",
+        p(&tmp("y.safetensors")),
+    ]);
+    assert_one_line_error(&out, "downblocks.0.conv1.bias");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing tail_conv.weight"), "{err}");
+}
+
+#[test]
+fn bad_forward_input_is_named() {
+    let src = TensorFile::load(&fixture("forward.safetensors")).unwrap();
+    let x = src.get("x").unwrap();
+    let input = tmp("bad_t.safetensors");
+    checkpoint::save(
+        &input,
+        vec![
+            ("x".into(), x.shape.clone(), Data::F32(&x.data)),
+            ("t".into(), vec![2], Data::I64(&[5, 1000])),
+        ],
+        HashMap::new(),
+    )
+    .unwrap();
+    let out = run(&[
+        "forward",
+        "--checkpoint",
+        p(&fixture("weights.safetensors")),
+        "--input",
+        p(&input),
+        "--output",
+        p(&tmp("z.safetensors")),
+    ]);
+    assert_one_line_error(&out, "timestep 1000");
+}
+
+#[test]
+fn unknown_preset_is_a_one_line_error() {
+    let out = run(&["sample", "--preset", "imagenet", "--n", "1"]);
+    assert_one_line_error(&out, "unknown preset 'imagenet'");
+}
+
+#[test]
+fn sample_writes_deterministic_pngs() {
+    let dir = tmp("samples");
+    let grid1 = tmp("grid1.png");
+    let grid2 = tmp("grid2.png");
+    let grid3 = tmp("grid3.png");
+    let ck = fixture("weights.safetensors");
+    let args = |grid: &Path, seed: &str| {
+        vec![
+            "sample".to_string(),
+            "--checkpoint".into(),
+            p(&ck).into(),
+            "--n".into(),
+            "3".into(),
+            "--batch".into(),
+            "2".into(),
+            "--sampler".into(),
+            "ddim".into(),
+            "--steps".into(),
+            "3".into(),
+            "--size".into(),
+            "16".into(),
+            "--seed".into(),
+            seed.into(),
+            "--out".into(),
+            p(grid).into(),
+        ]
+    };
+    let mut a = args(&grid1, "5");
+    a.extend(["--out-dir".into(), p(&dir).into()]);
+    let out = bin().args(&a).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(bin().args(args(&grid2, "5")).status().unwrap().success());
+    assert!(bin().args(args(&grid3, "6")).status().unwrap().success());
+    let (g1, g2, g3) = (
+        std::fs::read(&grid1).unwrap(),
+        std::fs::read(&grid2).unwrap(),
+        std::fs::read(&grid3).unwrap(),
+    );
+    assert_eq!(g1, g2, "same seed, same adapter: identical files");
+    assert_ne!(g1, g3, "another seed: other images");
+    let img = image::load_from_memory(&g1).unwrap();
+    // 3 images in a 2-column grid of 16 px with 2 px padding: 38 x 38.
+    assert_eq!((img.width(), img.height()), (38, 38));
+    for i in 0..3 {
+        let one = image::open(dir.join(format!("{i:06}.png"))).unwrap();
+        assert_eq!((one.width(), one.height()), (16, 16));
+    }
+    assert!(!dir.join("000003.png").exists());
+}
