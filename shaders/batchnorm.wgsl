@@ -11,6 +11,10 @@
 //              running_var  = (1 - momentum) * running_var  + momentum * var * m / (m - 1).
 //   bn_train_apply: y = x * alpha + beta with alpha = weight * invstd, beta = bias - mean * alpha.
 //
+// Backward of the training form (xhat = (x - mean) * invstd, m = N*H*W):
+//   bn_backward_reduce: dweight[c] = sum(dy * xhat), dbias[c] = sum(dy)   (one workgroup per channel)
+//   bn_backward_input:  dx = weight * invstd / m * (m * dy - dbias - xhat * dweight)
+//
 // Reductions are deterministic: one workgroup per channel, each invocation sums a fixed strided
 // subset in order, then a fixed-shape tree in workgroup memory. No atomics.
 
@@ -109,4 +113,54 @@ fn bn_stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_ind
         running_mean[ch] = (1.0 - p.momentum) * running_mean[ch] + p.momentum * mean;
         running_var[ch] = (1.0 - p.momentum) * running_var[ch] + p.momentum * unbiased;
     }
+}
+
+// ---- training backward -------------------------------------------------------------------
+
+@group(0) @binding(1) var<storage, read> dy_b: array<f32>;
+@group(0) @binding(2) var<storage, read> x_b: array<f32>;
+@group(0) @binding(3) var<storage, read> mean_b: array<f32>;
+@group(0) @binding(4) var<storage, read> invstd_b: array<f32>;
+@group(0) @binding(5) var<storage, read_write> dweight: array<f32>;
+@group(0) @binding(6) var<storage, read_write> dbias: array<f32>;
+
+@compute @workgroup_size(256)
+fn bn_backward_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let ch = wid.x;
+    let m = p.n * p.hw;
+    let mu = mean_b[ch];
+    let inv = invstd_b[ch];
+    var s_dy = 0.0;
+    var s_dyx = 0.0;
+    for (var e = lid; e < m; e += WG) {
+        let i = ((e / p.hw) * p.c + ch) * p.hw + e % p.hw;
+        let g = dy_b[i];
+        s_dy += g;
+        s_dyx += g * (x_b[i] - mu) * inv;
+    }
+    let total_dy = workgroup_sum(lid, s_dy);
+    let total_dyx = workgroup_sum(lid, s_dyx);
+    if (lid == 0u) {
+        dweight[ch] = total_dyx;
+        dbias[ch] = total_dy;
+    }
+}
+
+@group(0) @binding(5) var<storage, read> weight_b: array<f32>;
+@group(0) @binding(6) var<storage, read> dweight_in: array<f32>;
+@group(0) @binding(7) var<storage, read> dbias_in: array<f32>;
+@group(0) @binding(8) var<storage, read_write> dx_b: array<f32>;
+
+@compute @workgroup_size(256)
+fn bn_backward_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n * p.c * p.hw) {
+        return;
+    }
+    let ch = (i / p.hw) % p.c;
+    let m = f32(p.n * p.hw);
+    let inv = invstd_b[ch];
+    let xhat = (x_b[i] - mean_b[ch]) * inv;
+    dx_b[i] = weight_b[ch] * inv / m * (m * dy_b[i] - dbias_in[ch] - xhat * dweight_in[ch]);
 }

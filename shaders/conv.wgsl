@@ -11,6 +11,16 @@
 // invocations of a workgroup share the same 4 output channels (weight loads are broadcasts).
 // No shared memory: barriers are cheap on GPUs but ruinous on lavapipe, and L1 serves the reuse.
 // Grid: x = output rows * column groups (64 per workgroup), y = ceil(Cout / 4), z = N.
+//
+// Backward (same Params, same bindings order: inputs then the written gradient):
+//   conv2d_grad_input:  dx[n, ci, iy, ix] = sum_{co, ky, kx} w[co, ci, ky, kx] * dy[n, co, oy, ox]
+//                       over the (oy, ox) with oy*s - p + ky = iy (the transposed convolution);
+//                       4 input channels x 4 input columns per invocation.
+//                       Grid: x = H * ceil(W / 4) (64 per workgroup), y = ceil(Cin / 4), z = N.
+//   conv2d_grad_weight: dw[co, ci, ky, kx] = sum_{n, oy, ox} dy[n, co, oy, ox] * x[n, ci, oy*s-p+ky, ox*s-p+kx]
+//                       all K*K taps of one (co, ci) per invocation (K <= 3), summed over n, oy, ox
+//                       in order: deterministic, no atomics. Grid: x = ceil(Cin / 64), y = Cout.
+// The bias gradient is a channel sum (reduce.wgsl).
 
 struct Params {
     n: u32, cin: u32, h: u32, w: u32,
@@ -90,5 +100,110 @@ fn conv2d(@builtin(global_invocation_id) gid: vec3<u32>) {
                 y[yrow + ox0 + q] = accs[j][q] + b;
             }
         }
+    }
+}
+
+// ---- backward ---------------------------------------------------------------------------------
+
+@group(0) @binding(1) var<storage, read> dy: array<f32>;
+@group(0) @binding(2) var<storage, read> wt_b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dx: array<f32>;
+
+@compute @workgroup_size(64)
+fn conv2d_grad_input(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let w_groups = (p.w + 3u) / 4u;
+    let tile = gid.x;
+    if (tile >= p.h * w_groups) {
+        return;
+    }
+    let iy = tile / w_groups;
+    let ix0 = (tile % w_groups) * 4u;
+    let ci0 = gid.y * 4u;
+    let n = gid.z;
+    let kk = p.k * p.k;
+    var wo: vec4<u32>;
+    for (var j = 0u; j < 4u; j++) {
+        wo[j] = min(ci0 + j, p.cin - 1u) * kk;
+    }
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    for (var co = 0u; co < p.cout; co++) {
+        let dyplane = (n * p.cout + co) * p.ho * p.wo;
+        let wco = co * p.cin * kk;
+        for (var ky = 0u; ky < p.k; ky++) {
+            let ty = i32(iy + p.pad) - i32(ky);
+            if (ty < 0 || ty % i32(p.stride) != 0 || ty / i32(p.stride) >= i32(p.ho)) {
+                continue;
+            }
+            let dyrow = dyplane + u32(ty / i32(p.stride)) * p.wo;
+            for (var kx = 0u; kx < p.k; kx++) {
+                var dv: vec4<f32>;
+                for (var q = 0u; q < 4u; q++) {
+                    let tx = i32(ix0 + q + p.pad) - i32(kx);
+                    let ox = tx / i32(p.stride);
+                    let inside = tx >= 0 && tx % i32(p.stride) == 0 && ox < i32(p.wo);
+                    let v = dy[dyrow + u32(clamp(ox, 0, i32(p.wo) - 1))];
+                    dv[q] = select(0.0, v, inside);
+                }
+                let wi = wco + ky * p.k + kx;
+                acc0 += wt_b[wo[0] + wi] * dv;
+                acc1 += wt_b[wo[1] + wi] * dv;
+                acc2 += wt_b[wo[2] + wi] * dv;
+                acc3 += wt_b[wo[3] + wi] * dv;
+            }
+        }
+    }
+    let accs = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+    for (var j = 0u; j < 4u; j++) {
+        let ci = ci0 + j;
+        if (ci >= p.cin) {
+            break;
+        }
+        let row = ((n * p.cin + ci) * p.h + iy) * p.w;
+        for (var q = 0u; q < 4u; q++) {
+            if (ix0 + q < p.w) {
+                dx[row + ix0 + q] = accs[j][q];
+            }
+        }
+    }
+}
+
+@group(0) @binding(2) var<storage, read> x_saved: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dw: array<f32>;
+
+@compute @workgroup_size(64)
+fn conv2d_grad_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let ci = gid.x;
+    let co = gid.y;
+    if (ci >= p.cin) {
+        return;
+    }
+    var acc: array<f32, 9>;
+    for (var j = 0u; j < 9u; j++) {
+        acc[j] = 0.0;
+    }
+    for (var n = 0u; n < p.n; n++) {
+        let dyplane = (n * p.cout + co) * p.ho * p.wo;
+        let xplane = (n * p.cin + ci) * p.h * p.w;
+        for (var oy = 0u; oy < p.ho; oy++) {
+            for (var ox = 0u; ox < p.wo; ox++) {
+                let g = dy[dyplane + oy * p.wo + ox];
+                for (var ky = 0u; ky < p.k; ky++) {
+                    let iy = i32(oy * p.stride + ky) - i32(p.pad);
+                    for (var kx = 0u; kx < p.k; kx++) {
+                        let ix = i32(ox * p.stride + kx) - i32(p.pad);
+                        let inside = iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w);
+                        let xi = xplane + u32(clamp(iy, 0, i32(p.h) - 1)) * p.w + u32(clamp(ix, 0, i32(p.w) - 1));
+                        acc[ky * p.k + kx] += g * select(0.0, x_saved[xi], inside);
+                    }
+                }
+            }
+        }
+    }
+    let kk = p.k * p.k;
+    for (var j = 0u; j < kk; j++) {
+        dw[(co * p.cin + ci) * kk + j] = acc[j];
     }
 }

@@ -4,6 +4,7 @@
 //   add:            y = a + b                                         (same shapes)
 //   add_channel:    y[n, c, s] = x[n, c, s] + e[n % B, c]             x: [N, C, S], e: [B, C]
 //                   (the time-embedding projection broadcast over spiking steps T = N / B and H*W = S)
+//   swish_backward: dx = dy * (sg + x sg (1 - sg)), sg = sigmoid(x)    (a = x, b = dy)
 // Bandwidth-bound: 8-12 bytes per element.
 
 struct Params {
@@ -51,4 +52,16 @@ fn add_channel(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let ch = (i / p.s) % p.c;
     let n = i / (p.s * p.c);
     y[i] = a[i] + b[(n % p.b) * p.c + ch];
+}
+
+@compute @workgroup_size(256)
+fn swish_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.numel) {
+        return;
+    }
+    let v = a[i];
+    let sg = 1.0 / (1.0 + exp(-v));
+    y[i] = b[i] * (sg + v * sg * (1.0 - sg));
 }

@@ -4,6 +4,11 @@
 //   concat_channels:  y[n, c, s] = a[n, c, s] if c < Ca else b[n, c - Ca, s]   (torch.cat dim=1)
 //   repeat_leading:   y[r * m + i] = x[i] for r < reps                 (x [B, ...] -> [T*B, ...],
 //                     the reference's x.unsqueeze(0).repeat(T, 1, 1, 1, 1); m = p.s)
+// Backward:
+//   upsample2x_backward: dx[n, c, y, x] = sum of the 4 dy it was copied to       (p.h, p.w: input)
+//   slice_channels:      y[n, c, s] = x[n, c0 + c, s], c < Cy   (concat's backward; Ca = c0,
+//                        Cb = Cy, c = Cx the source's channel count)
+//   sum_leading:         y[i] = sum_r x[r * m + i]                 (repeat's backward; m = p.s)
 // Pure copies: bytes moved = 2 * output size.
 
 struct Params {
@@ -63,4 +68,47 @@ fn repeat_leading(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
         return;
     }
     y_unary[i] = a[i % p.s];
+}
+
+@compute @workgroup_size(256)
+fn upsample2x_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.numel) {
+        return;
+    }
+    let ix = i % p.w;
+    let iy = (i / p.w) % p.h;
+    let plane = i / (p.w * p.h);
+    let wo = 2u * p.w;
+    let base = (plane * 2u * p.h + 2u * iy) * wo + 2u * ix;
+    y_unary[i] = (a[base] + a[base + 1u]) + (a[base + wo] + a[base + wo + 1u]);
+}
+
+@compute @workgroup_size(256)
+fn slice_channels(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.numel) {
+        return;
+    }
+    let sp = i % p.s;
+    let ch = (i / p.s) % p.cb;
+    let n = i / (p.s * p.cb);
+    y_unary[i] = a[(n * p.c + p.ca + ch) * p.s + sp];
+}
+
+@compute @workgroup_size(256)
+fn sum_leading(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.s) {
+        return;
+    }
+    let reps = p.numel / p.s;
+    var acc = 0.0;
+    for (var r = 0u; r < reps; r++) {
+        acc += a[r * p.s + i];
+    }
+    y_unary[i] = acc;
 }

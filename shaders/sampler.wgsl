@@ -15,6 +15,10 @@
 // Noise z is Gaussian from Philox4x32-10 (counter = (element, image, step, stream), key = seed)
 // and Box-Muller, so an image's noise depends only on (seed, its global index, step, element),
 // never on the batch it was sampled in. `z_source` 1 reads z from a buffer instead (tests).
+//
+// Training (q_sample): x_t = sqrt(abar[t_b]) x0 + sqrt(1 - abar[t_b]) noise, with the two
+// coefficients per image precomputed on the host in f64 and rounded to f32 (the reference's
+// `extract`), noise from Philox (stream NOISE, step = the training step) or from a buffer.
 
 struct Params {
     numel: u32, per_image: u32, batch: u32, image_base: u32,
@@ -55,6 +59,7 @@ fn philox(counter: vec4<u32>, key: vec2<u32>) -> vec4<u32> {
 
 const STREAM_STEP: u32 = 0u;
 const STREAM_INIT: u32 = 1u;
+const STREAM_TRAIN: u32 = 2u;
 
 fn gaussian(element: u32, image: u32, step: u32, stream: u32) -> f32 {
     let r = philox(vec4<u32>(element, image, step, stream), vec2<u32>(p.seed_lo, p.seed_hi));
@@ -144,4 +149,30 @@ fn gaussian_fill(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
         return;
     }
     noise_out[i] = gaussian(i % p.per_image, p.image_base + i / p.per_image, p.batch, STREAM_STEP);
+}
+
+// q_sample: reads coefficients [B, 2] and x0 (and noise when z_source = 1); writes x_t and the
+// noise it used (the training target). p.batch holds the training step for the noise counter.
+@group(0) @binding(1) var<storage, read> qcoef: array<f32>;
+@group(0) @binding(2) var<storage, read> x0: array<f32>;
+@group(0) @binding(3) var<storage, read> noise_given: array<f32>;
+@group(0) @binding(4) var<storage, read_write> x_t: array<f32>;
+@group(0) @binding(5) var<storage, read_write> noise_used: array<f32>;
+
+@compute @workgroup_size(256)
+fn q_sample(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.numel) {
+        return;
+    }
+    let img = i / p.per_image;
+    var z: f32;
+    if (p.z_source == 1u) {
+        z = noise_given[i];
+    } else {
+        z = gaussian(i % p.per_image, p.image_base + img, p.batch, STREAM_TRAIN);
+    }
+    noise_used[i] = z;
+    x_t[i] = qcoef[2u * img] * x0[i] + qcoef[2u * img + 1u] * z;
 }

@@ -5,9 +5,11 @@
 //! dispatches as often as needed with new input data. Every element is 32 bits (f32, or u32 for
 //! indices); shaders decide how to read them.
 
+mod autodiff;
 mod exec;
 mod planner;
 
+pub use autodiff::{backward, BackwardFn, TapeEntry};
 pub use exec::{Plan, RunStats};
 pub use planner::{plan_memory, MemoryPlan};
 
@@ -76,6 +78,8 @@ pub struct Node {
 pub struct Graph {
     pub tensors: Vec<TensorInfo>,
     pub nodes: Vec<Node>,
+    /// Differentiable ops in forward order, for [`backward`].
+    pub tape: Vec<TapeEntry>,
 }
 
 impl Graph {
@@ -139,6 +143,24 @@ impl Graph {
             );
         }
         self.nodes.push(node);
+    }
+}
+
+impl Graph {
+    /// Record a differentiable op (see [`backward`]).
+    pub fn record(
+        &mut self,
+        label: &str,
+        inputs: Vec<TensorId>,
+        outputs: Vec<TensorId>,
+        backward: impl Fn(&mut Graph, &[Option<TensorId>], &[bool]) -> Vec<Option<TensorId>> + Send + Sync + 'static,
+    ) {
+        self.tape.push(TapeEntry {
+            label: label.to_string(),
+            inputs,
+            outputs,
+            backward: std::sync::Arc::new(backward),
+        });
     }
 }
 

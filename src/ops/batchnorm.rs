@@ -99,7 +99,67 @@ pub fn batchnorm_train(
         label: name.to_string(),
         cost: pointwise_cost(n * c * hw, n * c * hw + 4 * c, 2),
     });
+    let label = name.to_string();
+    let params = params(n, c, hw, EPS, MOMENTUM);
+    g.record(name, vec![x, bn.weight, bn.bias], vec![y], move |g, go, needs| {
+        let Some(dy) = go[0] else { return vec![None; 3] };
+        let dweight = g.intermediate(&format!("{label}.grad_weight"), &[c]);
+        let dbias = g.intermediate(&format!("{label}.grad_bias"), &[c]);
+        g.push(Node {
+            shader: &SHADER,
+            entry: "bn_backward_reduce",
+            params: params.clone(),
+            reads: vec![dy, x, mean, invstd],
+            writes: vec![dweight, dbias],
+            workgroups: [c as u32, 1, 1],
+            label: format!("{label}.grad_stats"),
+            cost: Cost {
+                flops: 4 * (n * c * hw) as u64,
+                bytes: 8 * (n * c * hw) as u64,
+            },
+        });
+        let dx = needs[0].then(|| {
+            let dx = g.intermediate(&format!("{label}.grad_input"), &g.shape(x).to_vec());
+            g.push(Node {
+                shader: &SHADER,
+                entry: "bn_backward_input",
+                params: params.clone(),
+                reads: vec![dy, x, mean, invstd, bn.weight, dweight, dbias],
+                writes: vec![dx],
+                workgroups: grid_1d(n * c * hw, 256),
+                label: format!("{label}.grad_input"),
+                cost: pointwise_cost(n * c * hw, 2 * n * c * hw, 8),
+            });
+            dx
+        });
+        vec![dx, needs[1].then_some(dweight), needs[2].then_some(dbias)]
+    });
     (y, BnSaved { mean, invstd })
+}
+
+/// CPU reference of the training-mode BN backward: (dx, dweight, dbias), f64 sums.
+pub fn batchnorm_train_backward_cpu(dy: &[f32], x: &[f32], c: usize, hw: usize, w: &[f32], mean: &[f32], invstd: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let n = x.len() / (c * hw);
+    let m = (n * hw) as f32;
+    let mut dw = vec![0f64; c];
+    let mut db = vec![0f64; c];
+    for (i, (&g, &xv)) in dy.iter().zip(x).enumerate() {
+        let ch = (i / hw) % c;
+        db[ch] += g as f64;
+        dw[ch] += (g * (xv - mean[ch]) * invstd[ch]) as f64;
+    }
+    let (dw, db): (Vec<f32>, Vec<f32>) = (dw.iter().map(|&v| v as f32).collect(), db.iter().map(|&v| v as f32).collect());
+    let dx = dy
+        .iter()
+        .zip(x)
+        .enumerate()
+        .map(|(i, (&g, &xv))| {
+            let ch = (i / hw) % c;
+            let xhat = (xv - mean[ch]) * invstd[ch];
+            w[ch] * invstd[ch] / m * (m * g - db[ch] - xhat * dw[ch])
+        })
+        .collect();
+    (dx, dw, db)
 }
 
 /// CPU reference of [`batchnorm_eval`] (PyTorch's affine form).

@@ -86,6 +86,7 @@ fn conv_node(
         .u(wo_groups)
         .build();
     let macs = (n * cout * ho * wo * cin * k * k) as u64;
+    let bwd_params = params.clone();
     g.push(Node {
         shader: &SHADER,
         entry: "conv2d",
@@ -103,6 +104,50 @@ fn conv_node(
             flops: 2 * macs,
             bytes: 4 * (n * cin * h * wd + cout * cin * k * k + n * cout * ho * wo) as u64,
         },
+    });
+    let label = name.to_string();
+    let mut inputs = vec![x, w];
+    inputs.extend(b);
+    g.record(name, inputs, vec![y], move |g, go, needs| {
+        let Some(dy) = go[0] else { return vec![None; needs.len()] };
+        let cost = Cost {
+            flops: 2 * macs,
+            bytes: 4 * (n * cin * h * wd + cout * cin * k * k + n * cout * ho * wo) as u64,
+        };
+        let dx = needs[0].then(|| {
+            let dx = g.intermediate(&format!("{label}.grad_input"), &[n, cin, h, wd]);
+            g.push(Node {
+                shader: &SHADER,
+                entry: "conv2d_grad_input",
+                params: bwd_params.clone(),
+                reads: vec![dy, w],
+                writes: vec![dx],
+                workgroups: [(h * wd.div_ceil(4)).div_ceil(64) as u32, cin.div_ceil(4) as u32, n as u32],
+                label: format!("{label}.grad_input"),
+                cost,
+            });
+            dx
+        });
+        let dw = needs[1].then(|| {
+            assert!(k <= 3, "{label}: weight gradients support kernels up to 3x3");
+            let dw = g.intermediate(&format!("{label}.grad_weight"), &g.shape(w).to_vec());
+            g.push(Node {
+                shader: &SHADER,
+                entry: "conv2d_grad_weight",
+                params: bwd_params.clone(),
+                reads: vec![dy, x],
+                writes: vec![dw],
+                workgroups: [cin.div_ceil(64) as u32, cout as u32, 1],
+                label: format!("{label}.grad_weight"),
+                cost,
+            });
+            dw
+        });
+        let mut grads = vec![dx, dw];
+        if needs.len() == 3 {
+            grads.push(needs[2].then(|| crate::ops::reduce::group_sum(g, dy, 1, &format!("{label}.grad_bias"))));
+        }
+        grads
     });
     y
 }
@@ -194,4 +239,67 @@ pub fn conv3d_331_cpu(
         }
     }
     y
+}
+
+/// CPU reference of the input gradient of [`conv2d`] (sum over co, ky, kx).
+pub fn conv2d_grad_input_cpu(dy: &[f32], wt: &[f32], [n, cin, h, w]: [usize; 4], [cout, k]: [usize; 2], stride: usize, pad: usize) -> Vec<f32> {
+    let (ho, wo) = (conv_out(h, k, stride, pad), conv_out(w, k, stride, pad));
+    let mut dx = vec![0f32; n * cin * h * w];
+    for b in 0..n {
+        for ci in 0..cin {
+            for iy in 0..h {
+                for ix in 0..w {
+                    let mut acc = 0f32;
+                    for co in 0..cout {
+                        for ky in 0..k {
+                            let ty = (iy + pad) as isize - ky as isize;
+                            if ty < 0 || ty % stride as isize != 0 || ty / stride as isize >= ho as isize {
+                                continue;
+                            }
+                            let oy = ty as usize / stride;
+                            for kx in 0..k {
+                                let tx = (ix + pad) as isize - kx as isize;
+                                if tx < 0 || tx % stride as isize != 0 || tx / stride as isize >= wo as isize {
+                                    continue;
+                                }
+                                let ox = tx as usize / stride;
+                                acc += wt[((co * cin + ci) * k + ky) * k + kx] * dy[((b * cout + co) * ho + oy) * wo + ox];
+                            }
+                        }
+                    }
+                    dx[((b * cin + ci) * h + iy) * w + ix] = acc;
+                }
+            }
+        }
+    }
+    dx
+}
+
+/// CPU reference of the weight gradient of [`conv2d`] (sum over n, oy, ox).
+pub fn conv2d_grad_weight_cpu(dy: &[f32], x: &[f32], [n, cin, h, w]: [usize; 4], [cout, k]: [usize; 2], stride: usize, pad: usize) -> Vec<f32> {
+    let (ho, wo) = (conv_out(h, k, stride, pad), conv_out(w, k, stride, pad));
+    let mut dw = vec![0f32; cout * cin * k * k];
+    for co in 0..cout {
+        for ci in 0..cin {
+            for ky in 0..k {
+                for kx in 0..k {
+                    let mut acc = 0f32;
+                    for b in 0..n {
+                        for oy in 0..ho {
+                            for ox in 0..wo {
+                                let iy = (oy * stride + ky) as isize - pad as isize;
+                                let ix = (ox * stride + kx) as isize - pad as isize;
+                                if iy < 0 || iy >= h as isize || ix < 0 || ix >= w as isize {
+                                    continue;
+                                }
+                                acc += dy[((b * cout + co) * ho + oy) * wo + ox] * x[((b * cin + ci) * h + iy as usize) * w + ix as usize];
+                            }
+                        }
+                    }
+                    dw[((co * cin + ci) * k + ky) * k + kx] = acc;
+                }
+            }
+        }
+    }
+    dw
 }

@@ -36,14 +36,23 @@ fn pointwise(
 /// y = x * sigmoid(x).
 pub fn swish(g: &mut Graph, x: TensorId, name: &str) -> TensorId {
     let n = g.info(x).numel();
-    pointwise(g, "swish", vec![x], Params::new().u(n).build(), 4, name)
+    let y = pointwise(g, "swish", vec![x], Params::new().u(n).build(), 4, name);
+    let label = name.to_string();
+    g.record(name, vec![x], vec![y], move |g, go, _| {
+        let Some(dy) = go[0] else { return vec![None] };
+        let params = Params::new().u(n).build();
+        vec![Some(pointwise(g, "swish_backward", vec![x, dy], params, 8, &format!("{label}.backward")))]
+    });
+    y
 }
 
 /// y = a + b (same shape).
 pub fn add(g: &mut Graph, a: TensorId, b: TensorId, name: &str) -> TensorId {
     assert_eq!(g.shape(a), g.shape(b), "{name}: add needs equal shapes");
     let n = g.info(a).numel();
-    pointwise(g, "add", vec![a, b], Params::new().u(n).build(), 1, name)
+    let y = pointwise(g, "add", vec![a, b], Params::new().u(n).build(), 1, name);
+    g.record(name, vec![a, b], vec![y], move |_, go, needs| vec![go[0].filter(|_| needs[0]), go[0].filter(|_| needs[1])]);
+    y
 }
 
 /// y[n, c, ...] = x[n, c, ...] + e[n % B, c]; x: [N, C, ...] with N = T*B, e: [B, C].
@@ -57,7 +66,25 @@ pub fn add_channel(g: &mut Graph, x: TensorId, e: TensorId, name: &str) -> Tenso
     let s: usize = xs[2..].iter().product();
     let n = g.info(x).numel();
     let params = Params::new().u(n).u(xs[1]).u(s).u(es[0]).build();
-    pointwise(g, "add_channel", vec![x, e], params, 1, name)
+    let y = pointwise(g, "add_channel", vec![x, e], params, 1, name);
+    let (label, groups) = (name.to_string(), es[0]);
+    g.record(name, vec![x, e], vec![y], move |g, go, needs| {
+        let Some(dy) = go[0] else { return vec![None, None] };
+        let de = needs[1].then(|| crate::ops::reduce::group_sum(g, dy, groups, &format!("{label}.grad_bias")));
+        vec![needs[0].then_some(dy), de]
+    });
+    y
+}
+
+/// CPU reference of the backward of [`swish`].
+pub fn swish_backward_cpu(x: &[f32], dy: &[f32]) -> Vec<f32> {
+    x.iter()
+        .zip(dy)
+        .map(|(&v, &g)| {
+            let sg = 1.0 / (1.0 + (-v).exp());
+            g * (sg + v * sg * (1.0 - sg))
+        })
+        .collect()
 }
 
 /// CPU reference of [`swish`].

@@ -33,6 +33,22 @@ pub fn upsample2x(g: &mut Graph, x: TensorId, name: &str) -> TensorId {
         label: name.to_string(),
         cost: pointwise_cost(numel, numel / 4, 0),
     });
+    let label = name.to_string();
+    g.record(name, vec![x], vec![y], move |g, go, _| {
+        let Some(dy) = go[0] else { return vec![None] };
+        let dx = g.intermediate(&format!("{label}.backward"), &s);
+        g.push(Node {
+            shader: &SHADER,
+            entry: "upsample2x_backward",
+            params: Params::new().u(numel / 4).u(s[1]).u(s[2]).u(s[3]).build(),
+            reads: vec![dy],
+            writes: vec![dx],
+            workgroups: grid_1d(numel / 4, 256),
+            label: format!("{label}.backward"),
+            cost: pointwise_cost(numel / 4, numel, 3),
+        });
+        vec![Some(dx)]
+    });
     y
 }
 
@@ -67,6 +83,29 @@ pub fn concat_channels(g: &mut Graph, a: TensorId, b: TensorId, name: &str) -> T
         label: name.to_string(),
         cost: pointwise_cost(numel, numel, 0),
     });
+    let label = name.to_string();
+    let ct = sa[1] + sb[1];
+    g.record(name, vec![a, b], vec![y], move |g, go, needs| {
+        let Some(dy) = go[0] else { return vec![None, None] };
+        let slice = |g: &mut Graph, shape: &[usize], c0: usize, part: &str| {
+            let out = g.intermediate(&format!("{label}.grad_{part}"), shape);
+            let m = g.info(out).numel();
+            g.push(Node {
+                shader: &SHADER,
+                entry: "slice_channels",
+                params: Params::new().u(m).u(ct).u(0).u(0).u(c0).u(shape[1]).u(s).build(),
+                reads: vec![dy],
+                writes: vec![out],
+                workgroups: grid_1d(m, 256),
+                label: format!("{label}.grad_{part}"),
+                cost: pointwise_cost(m, m, 0),
+            });
+            out
+        };
+        let da = needs[0].then(|| slice(g, &sa, 0, "a"));
+        let db = needs[1].then(|| slice(g, &sb, sa[1], "b"));
+        vec![da, db]
+    });
     y
 }
 
@@ -94,7 +133,38 @@ pub fn repeat_leading(g: &mut Graph, x: TensorId, reps: usize, name: &str) -> Te
         label: name.to_string(),
         cost: pointwise_cost(m * reps, m, 0),
     });
+    let label = name.to_string();
+    let in_shape = g.shape(x).to_vec();
+    g.record(name, vec![x], vec![y], move |g, go, _| {
+        let Some(dy) = go[0] else { return vec![None] };
+        let dx = g.intermediate(&format!("{label}.backward"), &in_shape);
+        g.push(Node {
+            shader: &SHADER,
+            entry: "sum_leading",
+            params: Params::new().u(m * reps).u(0).u(0).u(0).u(0).u(0).u(m).build(),
+            reads: vec![dy],
+            writes: vec![dx],
+            workgroups: grid_1d(m, 256),
+            label: format!("{label}.backward"),
+            cost: pointwise_cost(m, m * reps, reps as u64),
+        });
+        vec![Some(dx)]
+    });
     y
+}
+
+/// CPU reference of the backward of [`upsample2x`]: each input pixel sums its 4 copies.
+pub fn upsample2x_backward_cpu(dy: &[f32], [n, c, h, w]: [usize; 4]) -> Vec<f32> {
+    let mut dx = vec![0f32; n * c * h * w];
+    for p in 0..n * c {
+        for y in 0..h {
+            for x in 0..w {
+                let at = |oy: usize, ox: usize| dy[(p * 2 * h + oy) * 2 * w + ox];
+                dx[(p * h + y) * w + x] = (at(2 * y, 2 * x) + at(2 * y, 2 * x + 1)) + (at(2 * y + 1, 2 * x) + at(2 * y + 1, 2 * x + 1));
+            }
+        }
+    }
+    dx
 }
 
 /// CPU reference of [`repeat_leading`].

@@ -111,7 +111,34 @@ pub fn linear(
         "{name}: input {xs:?} does not end in {inp}"
     );
     let rows = g.info(x).numel() / inp;
-    matmul(g, x, w, b, [rows, out, inp], Strides::nt(inp), name)
+    let y = matmul(g, x, w, b, [rows, out, inp], Strides::nt(inp), name);
+    let label = name.to_string();
+    let mut inputs = vec![x, w];
+    inputs.extend(b);
+    g.record(name, inputs, vec![y], move |g, go, needs| {
+        let Some(dy) = go[0] else { return vec![None; needs.len()] };
+        // dx [rows, in] = dy [rows, out] . W [out, in]
+        let dx = needs[0].then(|| {
+            let dx = matmul(g, dy, w, None, [rows, inp, out], Strides::nn(out, inp), &format!("{label}.grad_input"));
+            g.tensors[dx.0].shape = xs.clone();
+            dx
+        });
+        // dW [out, in] = dy^T . x: A[m = o, k = r] = dy[r, o], B[k = r, n = i] = x[r, i]
+        let dw = needs[1].then(|| {
+            let s = Strides { a_m: 1, a_k: out, b_k: inp, b_n: 1 };
+            matmul(g, dy, x, None, [out, inp, rows], s, &format!("{label}.grad_weight"))
+        });
+        let mut grads = vec![dx, dw];
+        if needs.len() == 3 {
+            grads.push(needs[2].then(|| {
+                let db = crate::ops::reduce::group_sum(g, dy, 1, &format!("{label}.grad_bias"));
+                g.tensors[db.0].shape = vec![out];
+                db
+            }));
+        }
+        grads
+    });
+    y
 }
 
 /// CPU reference of [`matmul`]: k ascending, bias last.

@@ -9,7 +9,9 @@ pub mod embedding;
 pub mod layout;
 pub mod matmul;
 pub mod neuron;
+pub mod optim;
 pub mod readout;
+pub mod reduce;
 pub mod sampler;
 
 use crate::graph::Cost;
@@ -23,7 +25,7 @@ pub(crate) fn pointwise_cost(outputs: usize, inputs: usize, flops_per: u64) -> C
 }
 
 /// Every shader the crate embeds, for validation and listings.
-pub fn all_shaders() -> [&'static crate::gpu::Shader; 9] {
+pub fn all_shaders() -> [&'static crate::gpu::Shader; 11] {
     [
         &batchnorm::SHADER,
         &conv::SHADER,
@@ -32,7 +34,9 @@ pub fn all_shaders() -> [&'static crate::gpu::Shader; 9] {
         &layout::SHADER,
         &matmul::SHADER,
         &neuron::SHADER,
+        &optim::SHADER,
         &readout::SHADER,
+        &reduce::SHADER,
         &sampler::SHADER,
     ]
 }

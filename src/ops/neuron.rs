@@ -94,7 +94,52 @@ pub fn neuron_forward_train(
             bytes: 12 * (n * t) as u64,
         },
     });
+    let label = name.to_string();
+    let shape = g.shape(x).to_vec();
+    g.record(name, vec![x], vec![s], move |g, go, _needs| {
+        let Some(gs) = go[0] else { return vec![None] };
+        let dx = g.intermediate(&format!("{label}.grad_input"), &shape);
+        g.push(Node {
+            shader: &SHADER,
+            entry: "neuron_backward",
+            params: cfg.params(n, t),
+            reads: vec![gs, h],
+            writes: vec![dx],
+            workgroups: grid_1d(n, 256),
+            label: format!("{label}.backward"),
+            cost: Cost {
+                flops: 12 * (n * t) as u64,
+                bytes: 12 * (n * t) as u64,
+            },
+        });
+        vec![Some(dx)]
+    });
     (s, h)
+}
+
+/// CPU reference of the backward through time: grad_x from grad_spikes and the saved h.
+pub fn neuron_backward_cpu(grad_s: &[f32], h: &[f32], t: usize, cfg: Neuron) -> Vec<f32> {
+    let n = h.len() / t;
+    let (dh_dx, dh_dv) = match cfg.tau {
+        None => (1.0, 1.0),
+        Some(tau) => (1.0 / tau, 1.0 - 1.0 / tau),
+    };
+    let mut gx = vec![0f32; h.len()];
+    for i in 0..n {
+        let mut gv = 0f32;
+        for step in (0..t).rev() {
+            let hv = h[step * n + i];
+            let over = hv - cfg.v_th;
+            let s = if over >= 0.0 { 1.0 } else { 0.0 };
+            let pi_x = std::f32::consts::PI * over;
+            let sg = 1.0 / (1.0 + pi_x * pi_x);
+            let dv_dh = (1.0 - s) + (cfg.v_reset - hv) * sg;
+            let gh = grad_s[step * n + i] * sg + gv * dv_dh;
+            gx[step * n + i] = gh * dh_dx;
+            gv = gh * dh_dv;
+        }
+    }
+    gx
 }
 
 /// CPU reference: (spikes, h), both [T, N] time-major.

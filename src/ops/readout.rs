@@ -32,7 +32,29 @@ pub fn membrane_readout(g: &mut Graph, h: TensorId, t: usize, decay: f32, name: 
         label: name.to_string(),
         cost: pointwise_cost(m, m * t, 2 * t as u64),
     });
+    let label = name.to_string();
+    g.record(name, vec![h], vec![y], move |g, go, _| {
+        let Some(dy) = go[0] else { return vec![None] };
+        let dh = g.intermediate(&format!("{label}.backward"), &s);
+        g.push(Node {
+            shader: &SHADER,
+            entry: "readout_backward",
+            params: Params::new().u(m).u(t).f(decay).build(),
+            reads: vec![dy],
+            writes: vec![dh],
+            workgroups: grid_1d(m, 256),
+            label: format!("{label}.backward"),
+            cost: pointwise_cost(m * t, m, t as u64),
+        });
+        vec![Some(dh)]
+    });
     y
+}
+
+/// CPU reference of the backward of [`membrane_readout`].
+pub fn membrane_readout_backward_cpu(dy: &[f32], t: usize, decay: f32) -> Vec<f32> {
+    let w = readout_weights(t, decay);
+    w.iter().flat_map(|&ws| dy.iter().map(move |&g| ws * g)).collect()
 }
 
 /// The readout weights decay^(T-1-t), built by repeated multiplication from t = T-1 down.

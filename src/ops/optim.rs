@@ -1,0 +1,66 @@
+//! The optimizer step: global gradient-norm clip and Adam, fused per parameter tensor.
+
+use crate::graph::{grid_1d, Cost, Graph, Node, Params, TensorId};
+use crate::gpu::Shader;
+use crate::shader;
+
+pub static SHADER: Shader = shader!("optim");
+
+/// Adam's constants (PyTorch defaults as the reference uses them).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Adam {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+}
+
+impl Default for Adam {
+    fn default() -> Self {
+        Adam {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
+    }
+}
+
+/// The per-step `hyper` tensor: [lr, 1 - beta1^step, sqrt(1 - beta2^step), max_norm].
+pub fn hyper(adam: &Adam, lr: f32, step: u64, max_norm: f32) -> [f32; 4] {
+    let bc1 = 1.0 - (adam.beta1 as f64).powi(step as i32);
+    let bc2 = 1.0 - (adam.beta2 as f64).powi(step as i32);
+    [lr, bc1 as f32, bc2.sqrt() as f32, max_norm]
+}
+
+/// Clip by the global norm in `sumsq` and take one Adam step on `param` (in place, with its
+/// moments `m` and `v`).
+#[allow(clippy::too_many_arguments)]
+pub fn adam_step(g: &mut Graph, adam: &Adam, param: TensorId, grad: TensorId, m: TensorId, v: TensorId, sumsq: TensorId, hyper: TensorId, name: &str) {
+    let n = g.info(param).numel();
+    assert!(g.info(grad).numel() == n && g.info(m).numel() == n && g.info(v).numel() == n, "{name}: shapes differ");
+    g.push(Node {
+        shader: &SHADER,
+        entry: "adam",
+        params: Params::new().u(n).u(0).u(0).u(0).f(adam.beta1).f(adam.beta2).f(adam.eps).build(),
+        reads: vec![grad, sumsq, hyper],
+        writes: vec![param, m, v],
+        workgroups: grid_1d(n, 256),
+        label: name.to_string(),
+        cost: Cost {
+            flops: 14 * n as u64,
+            bytes: 28 * n as u64,
+        },
+    });
+}
+
+/// CPU reference of [`adam_step`] on one tensor.
+pub fn adam_cpu(adam: &Adam, param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], sumsq: f32, hyper: [f32; 4]) {
+    let [lr, bc1, bc2_sqrt, max_norm] = hyper;
+    let clip = (max_norm / (sumsq.sqrt() + 1e-6)).min(1.0);
+    for i in 0..param.len() {
+        let gr = grad[i] * clip;
+        m[i] = adam.beta1 * m[i] + (1.0 - adam.beta1) * gr;
+        v[i] = adam.beta2 * v[i] + (1.0 - adam.beta2) * gr * gr;
+        let denom = v[i].sqrt() / bc2_sqrt + adam.eps;
+        param[i] -= (lr / bc1) * m[i] / denom;
+    }
+}
