@@ -24,9 +24,7 @@ fn time_case(ctx: &Context, case: &Case, runs: usize) -> (f64, u64, u64) {
     let plan = Plan::compile(ctx, &case.g).expect("compile");
     for &t in &case.inputs {
         let n = case.g.info(t).numel();
-        let data: Vec<f32> = (0..n)
-            .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
-            .collect();
+        let data: Vec<f32> = (0..n).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
         plan.write(ctx, t, &data).unwrap();
     }
     plan.run(ctx).unwrap();
@@ -52,11 +50,7 @@ fn conv_case(n: usize, cin: usize, cout: usize, hw: usize, k: usize, stride: usi
         let y = conv::conv2d(&mut g, x, w, Some(b), stride, k / 2, &format!("conv{i}"));
         g.mark_output(y);
     }
-    Case {
-        name: format!("conv2d {k}x{k}/s{stride} [{n},{cin},{hw},{hw}] -> {cout}"),
-        g,
-        inputs: vec![x, w, b],
-    }
+    Case { name: format!("conv2d {k}x{k}/s{stride} [{n},{cin},{hw},{hw}] -> {cout}"), g, inputs: vec![x, w, b] }
 }
 
 fn matmul_case(m: usize, n: usize, k: usize) -> Case {
@@ -64,22 +58,10 @@ fn matmul_case(m: usize, n: usize, k: usize) -> Case {
     let a = g.input("a", &[m, k]);
     let b = g.input("b", &[k, n]);
     for i in 0..REPS {
-        let c = matmul::matmul(
-            &mut g,
-            a,
-            b,
-            None,
-            [m, n, k],
-            matmul::Strides::nn(k, n),
-            &format!("mm{i}"),
-        );
+        let c = matmul::matmul(&mut g, a, b, None, [m, n, k], matmul::Strides::nn(k, n), &format!("mm{i}"));
         g.mark_output(c);
     }
-    Case {
-        name: format!("matmul {m}x{n}x{k}"),
-        g,
-        inputs: vec![a, b],
-    }
+    Case { name: format!("matmul {m}x{n}x{k}"), g, inputs: vec![a, b] }
 }
 
 fn neuron_case(t: usize, n: usize, train: bool) -> Case {
@@ -87,8 +69,7 @@ fn neuron_case(t: usize, n: usize, train: bool) -> Case {
     let x = g.input("x", &[t, n]);
     for i in 0..REPS {
         if train {
-            let (s, h) =
-                neuron::neuron_forward_train(&mut g, x, t, Default::default(), &format!("n{i}"));
+            let (s, h) = neuron::neuron_forward_train(&mut g, x, t, Default::default(), &format!("n{i}"));
             g.mark_output(s);
             g.mark_output(h);
         } else {
@@ -96,11 +77,7 @@ fn neuron_case(t: usize, n: usize, train: bool) -> Case {
             g.mark_output(s);
         }
     }
-    Case {
-        name: format!("neuron{} T={t} N={n}", if train { " (train)" } else { "" }),
-        g,
-        inputs: vec![x],
-    }
+    Case { name: format!("neuron{} T={t} N={n}", if train { " (train)" } else { "" }), g, inputs: vec![x] }
 }
 
 /// Device-side copy bandwidth: the ceiling for bandwidth-bound kernels (read + write counted).
@@ -142,21 +119,8 @@ fn main() {
     for case in &cases {
         let (secs, flops, bytes) = time_case(&ctx, case, runs);
         let per_call = secs / REPS as f64;
-        let gflops = if flops > 0 {
-            format!("{:.2}", flops as f64 / secs / 1e9)
-        } else {
-            "-".into()
-        };
-        println!(
-            "| {} | {:.3} | {} | {:.2} |",
-            case.name,
-            per_call * 1e3,
-            gflops,
-            bytes as f64 / secs / 1e9
-        );
+        let gflops = if flops > 0 { format!("{:.2}", flops as f64 / secs / 1e9) } else { "-".into() };
+        println!("| {} | {:.3} | {} | {:.2} |", case.name, per_call * 1e3, gflops, bytes as f64 / secs / 1e9);
     }
-    println!(
-        "\ndevice copy_buffer_to_buffer (64 MiB, read + write): {:.2} GB/s",
-        copy_bandwidth(&ctx, 64 << 20)
-    );
+    println!("\ndevice copy_buffer_to_buffer (64 MiB, read + write): {:.2} GB/s", copy_bandwidth(&ctx, 64 << 20));
 }

@@ -7,16 +7,13 @@
 
 use std::time::Instant;
 
-use sddpm_gpu::diffusion::{plan_steps, SamplerKind, Sampler, Schedule};
+use sddpm_gpu::diffusion::{plan_steps, Sampler, SamplerKind, Schedule};
 use sddpm_gpu::gpu::Context;
 use sddpm_gpu::model::{init_weights, parameter_count, ModelConfig};
 
 fn arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned()).unwrap_or_else(|| default.to_string())
 }
 
 fn main() {

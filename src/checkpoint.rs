@@ -53,18 +53,14 @@ fn to_f32(path: &Path, name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32
 fn to_i64(bytes: &[u8], dtype: Dtype) -> Vec<i64> {
     match dtype {
         Dtype::I64 => bytemuck::pod_collect_to_vec(bytes),
-        _ => bytemuck::pod_collect_to_vec::<u8, i32>(bytes)
-            .into_iter()
-            .map(i64::from)
-            .collect(),
+        _ => bytemuck::pod_collect_to_vec::<u8, i32>(bytes).into_iter().map(i64::from).collect(),
     }
 }
 
 impl TensorFile {
     /// Read a safetensors file; any problem is one error line naming the file.
     pub fn load(path: &Path) -> Result<TensorFile> {
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
         let st = SafeTensors::deserialize(&bytes).map_err(|e| {
             anyhow!(
                 "{}: not a valid safetensors file ({e}); is it truncated, or a PyTorch .pt file \
@@ -72,8 +68,8 @@ impl TensorFile {
                 path.display()
             )
         })?;
-        let (_, meta) = SafeTensors::read_metadata(&bytes)
-            .map_err(|e| anyhow!("{}: bad header: {e}", path.display()))?;
+        let (_, meta) =
+            SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: bad header: {e}", path.display()))?;
         let metadata = meta.metadata().clone().unwrap_or_default();
         let mut tensors = BTreeMap::new();
         let mut ints = BTreeMap::new();
@@ -86,20 +82,9 @@ impl TensorFile {
                 continue;
             }
             let data = to_f32(path, &name, dtype, view.data())?;
-            tensors.insert(
-                name,
-                Tensor {
-                    shape: view.shape().to_vec(),
-                    data,
-                },
-            );
+            tensors.insert(name, Tensor { shape: view.shape().to_vec(), data });
         }
-        Ok(TensorFile {
-            path: path.to_path_buf(),
-            tensors,
-            ints,
-            metadata,
-        })
+        Ok(TensorFile { path: path.to_path_buf(), tensors, ints, metadata })
     }
 
     fn shape(&self, name: &str) -> Result<&[usize]> {
@@ -113,19 +98,14 @@ impl TensorFile {
     /// `snn_steps` (from --snn-steps) overrides the stored value; shapes cannot tell T.
     pub fn config(&self, snn_steps: Option<usize>) -> Result<ModelConfig> {
         let mut cfg = match self.metadata.get("config") {
-            Some(json) => serde_json::from_str::<ModelConfig>(json).map_err(|e| {
-                anyhow!(
-                    "{}: metadata field 'config' is not a model config ({e})",
-                    self.path.display()
-                )
-            })?,
+            Some(json) => serde_json::from_str::<ModelConfig>(json)
+                .map_err(|e| anyhow!("{}: metadata field 'config' is not a model config ({e})", self.path.display()))?,
             None => self.infer_config()?,
         };
         if let Some(t) = snn_steps {
             cfg.snn_steps = t;
         }
-        cfg.validate(cfg.img_size)
-            .map_err(|e| anyhow!("{}: {e}", self.path.display()))?;
+        cfg.validate(cfg.img_size).map_err(|e| anyhow!("{}: {e}", self.path.display()))?;
         self.check_entries(&cfg)?;
         Ok(cfg)
     }
@@ -133,10 +113,7 @@ impl TensorFile {
     fn infer_config(&self) -> Result<ModelConfig> {
         let stem = self.shape("conv.weight")?;
         if stem.len() != 4 {
-            bail!(
-                "{}: 'conv.weight' must be [ch, img_ch, 3, 3], got {stem:?}",
-                self.path.display()
-            );
+            bail!("{}: 'conv.weight' must be [ch, img_ch, 3, 3], got {stem:?}", self.path.display());
         }
         let (ch, img_ch) = (stem[0], stem[1]);
         let table = self.shape("time_embedding.timembedding.0.weight")?;
@@ -148,10 +125,7 @@ impl TensorFile {
             if let Some(t) = self.tensors.get(&format!("downblocks.{i}.conv1.weight")) {
                 last_cout = t.shape[0];
                 in_level += 1;
-            } else if self
-                .tensors
-                .contains_key(&format!("downblocks.{i}.conv.weight"))
-            {
+            } else if self.tensors.contains_key(&format!("downblocks.{i}.conv.weight")) {
                 num_res_blocks.get_or_insert(in_level);
                 ch_mult.push(last_cout / ch);
                 in_level = 0;
@@ -160,10 +134,7 @@ impl TensorFile {
             }
         }
         if in_level == 0 {
-            bail!(
-                "{}: no downblocks.*.conv1.weight found; not an SDDPM U-Net checkpoint",
-                self.path.display()
-            );
+            bail!("{}: no downblocks.*.conv1.weight found; not an SDDPM U-Net checkpoint", self.path.display());
         }
         ch_mult.push(last_cout / ch);
         Ok(ModelConfig {
@@ -186,30 +157,21 @@ impl TensorFile {
         for e in expected.iter().filter(|e| e.kind != EntryKind::Counter) {
             match self.tensors.get(&e.name) {
                 None => missing.push(e.name.clone()),
-                Some(t) if t.shape != e.shape => wrong.push(format!(
-                    "{} is {:?}, expected {:?}",
-                    e.name, t.shape, e.shape
-                )),
+                Some(t) if t.shape != e.shape => {
+                    wrong.push(format!("{} is {:?}, expected {:?}", e.name, t.shape, e.shape))
+                }
                 Some(_) => {}
             }
         }
-        let known: std::collections::HashSet<&str> =
-            expected.iter().map(|e| e.name.as_str()).collect();
-        let extra: Vec<&String> = self
-            .tensors
-            .keys()
-            .filter(|k| !known.contains(k.as_str()) && !k.starts_with("optim."))
-            .collect();
+        let known: std::collections::HashSet<&str> = expected.iter().map(|e| e.name.as_str()).collect();
+        let extra: Vec<&String> =
+            self.tensors.keys().filter(|k| !known.contains(k.as_str()) && !k.starts_with("optim.")).collect();
         let list = |v: &[String]| {
             let shown: Vec<&str> = v.iter().take(6).map(|s| s.as_str()).collect();
             format!(
                 "{}{}",
                 shown.join(", "),
-                if v.len() > 6 {
-                    format!(" (+{} more)", v.len() - 6)
-                } else {
-                    String::new()
-                }
+                if v.len() > 6 { format!(" (+{} more)", v.len() - 6) } else { String::new() }
             )
         };
         let mut problems = Vec::new();
@@ -236,18 +198,13 @@ impl TensorFile {
 
     /// An integer tensor (e.g. timesteps), as i64.
     pub fn get_ints(&self, name: &str) -> Result<&IntTensor> {
-        self.ints.get(name).ok_or_else(|| {
-            anyhow!(
-                "{}: missing integer tensor '{name}' (int64 or int32)",
-                self.path.display()
-            )
-        })
+        self.ints
+            .get(name)
+            .ok_or_else(|| anyhow!("{}: missing integer tensor '{name}' (int64 or int32)", self.path.display()))
     }
 
     pub fn get(&self, name: &str) -> Result<&Tensor> {
-        self.tensors
-            .get(name)
-            .ok_or_else(|| anyhow!("{}: missing tensor '{name}'", self.path.display()))
+        self.tensors.get(name).ok_or_else(|| anyhow!("{}: missing tensor '{name}'", self.path.display()))
     }
 }
 
@@ -261,11 +218,7 @@ pub enum Data<'a> {
 }
 
 /// Write tensors and metadata as safetensors atomically (temporary file, then rename).
-pub fn save(
-    path: &Path,
-    tensors: Vec<(String, Vec<usize>, Data)>,
-    metadata: HashMap<String, String>,
-) -> Result<()> {
+pub fn save(path: &Path, tensors: Vec<(String, Vec<usize>, Data)>, metadata: HashMap<String, String>) -> Result<()> {
     let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
     for (name, shape, data) in tensors {
         match data {
@@ -288,22 +241,11 @@ pub fn save(
 
 /// Write `bytes` to `path` through a temporary file in the same directory and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create directory {}", dir.display()))?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
+    let name = path.file_name().ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
+    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
     std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }

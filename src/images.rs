@@ -49,12 +49,7 @@ pub fn save_grid(path: &Path, images: &[f32], [n, c, h, w]: [usize; 4], cols: us
 }
 
 /// One PNG per image into `dir`, named by global index (000000.png, ...), for FID tools.
-pub fn save_each(
-    dir: &Path,
-    images: &[f32],
-    [n, c, h, w]: [usize; 4],
-    first_index: usize,
-) -> Result<()> {
+pub fn save_each(dir: &Path, images: &[f32], [n, c, h, w]: [usize; 4], first_index: usize) -> Result<()> {
     for i in 0..n {
         let mut pixels = vec![0u8; h * w * c];
         for ch in 0..c {

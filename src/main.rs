@@ -15,11 +15,7 @@ use sddpm_gpu::images;
 use sddpm_gpu::model::{init_weights, EvalNet, ModelConfig};
 
 #[derive(Parser)]
-#[command(
-    name = "sddpm-gpu",
-    version,
-    about = "Spiking DDPMs on any GPU wgpu reaches (Vulkan, Metal, DX12)"
-)]
+#[command(name = "sddpm-gpu", version, about = "Spiking DDPMs on any GPU wgpu reaches (Vulkan, Metal, DX12)")]
 struct Cli {
     /// Use the first adapter whose name contains this (case-insensitive); default: the best one
     /// (discrete > integrated > virtual > CPU). WGPU_BACKEND=vulkan|metal|dx12|gl limits the APIs.
@@ -109,20 +105,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Devices => devices(cli.adapter.as_deref()),
-        Command::Forward {
-            checkpoint,
-            input,
-            output,
-            threshold,
-            snn_steps,
-        } => forward(
-            cli.adapter.as_deref(),
-            &checkpoint,
-            &input,
-            &output,
-            threshold,
-            snn_steps,
-        ),
+        Command::Forward { checkpoint, input, output, threshold, snn_steps } => {
+            forward(cli.adapter.as_deref(), &checkpoint, &input, &output, threshold, snn_steps)
+        }
         Command::Sample(args) => sample(cli.adapter.as_deref(), &args),
     };
     match result {
@@ -139,18 +124,11 @@ fn devices(adapter: Option<&str>) -> Result<()> {
     for (i, a) in list.iter().enumerate() {
         let mark = if i == chosen { "*" } else { " " };
         println!("{mark} [{i}] {}", a.name);
-        println!(
-            "      backend {:?}, type {:?}, driver {} {}",
-            a.backend, a.device_type, a.driver, a.driver_info
-        );
+        println!("      backend {:?}, type {:?}, driver {} {}", a.backend, a.device_type, a.driver, a.driver_info);
         let feats = a.feature_names();
         println!(
             "      features: {}",
-            if feats.is_empty() {
-                "none of timestamps/f16/subgroups".to_string()
-            } else {
-                feats.join(", ")
-            }
+            if feats.is_empty() { "none of timestamps/f16/subgroups".to_string() } else { feats.join(", ") }
         );
         let l = &a.limits;
         println!(
@@ -164,9 +142,7 @@ fn devices(adapter: Option<&str>) -> Result<()> {
             a.subgroup_sizes.1,
         );
     }
-    println!(
-        "* = chosen (override with --adapter NAME or SDDPM_ADAPTER; WGPU_BACKEND limits the APIs)"
-    );
+    println!("* = chosen (override with --adapter NAME or SDDPM_ADAPTER; WGPU_BACKEND limits the APIs)");
     Ok(())
 }
 
@@ -185,31 +161,17 @@ fn forward(
     let t = inp.get_ints("t")?;
     let shape = x.shape.clone();
     if shape.len() != 4 || shape[1] != cfg.img_ch || shape[2] != shape[3] {
-        bail!(
-            "{}: 'x' must be [B, {}, S, S] for this checkpoint, got {:?}",
-            input.display(),
-            cfg.img_ch,
-            shape
-        );
+        bail!("{}: 'x' must be [B, {}, S, S] for this checkpoint, got {:?}", input.display(), cfg.img_ch, shape);
     }
     if t.shape != [shape[0]] {
-        bail!(
-            "{}: 't' must be [{}] (one timestep per image), got {:?}",
-            input.display(),
-            shape[0],
-            t.shape
-        );
+        bail!("{}: 't' must be [{}] (one timestep per image), got {:?}", input.display(), shape[0], t.shape);
     }
     let steps: Vec<u32> = t
         .data
         .iter()
         .map(|&v| {
             if v < 0 || v as usize >= cfg.diffusion_steps {
-                bail!(
-                    "{}: timestep {v} in 't' is outside 0..{}",
-                    input.display(),
-                    cfg.diffusion_steps
-                );
+                bail!("{}: timestep {v} in 't' is outside 0..{}", input.display(), cfg.diffusion_steps);
             }
             Ok(v as u32)
         })
@@ -217,61 +179,42 @@ fn forward(
     let ctx = Context::new(adapter)?;
     let net = EvalNet::new(&ctx, &cfg, &ckpt, shape[0], shape[2], threshold)?;
     let eps = net.forward(&ctx, &x.data, &steps)?;
-    checkpoint::save(
-        output,
-        vec![("eps".into(), shape, Data::F32(&eps))],
-        HashMap::new(),
-    )
+    checkpoint::save(output, vec![("eps".into(), shape, Data::F32(&eps))], HashMap::new())
 }
 
 fn sample(adapter: Option<&str>, a: &SampleArgs) -> Result<()> {
     if a.n == 0 {
         bail!("--n must be at least 1");
     }
-    let (ckpt, cfg) = load_model(
-        a.checkpoint.as_deref(),
-        a.preset.as_deref(),
-        a.snn_steps,
-        a.seed,
-    )?;
+    let (ckpt, cfg) = load_model(a.checkpoint.as_deref(), a.preset.as_deref(), a.snn_steps, a.seed)?;
     let size = a.size.unwrap_or(cfg.img_size);
     let batch = a.batch.unwrap_or(16).clamp(1, a.n);
     let (kind, default_steps) = match a.sampler {
         SamplerArg::Ddpm => (SamplerKind::Ddpm, cfg.diffusion_steps),
         SamplerArg::Ddim => (SamplerKind::Ddim, 100.min(cfg.diffusion_steps)),
     };
-    let rows = plan_steps(
-        &Schedule::reference(cfg.diffusion_steps),
-        kind,
-        a.steps.unwrap_or(default_steps),
-    )?;
+    let rows = plan_steps(&Schedule::reference(cfg.diffusion_steps), kind, a.steps.unwrap_or(default_steps))?;
     let ctx = Context::new(adapter)?;
     let sampler = Sampler::new(&ctx, &cfg, &ckpt, batch, size, a.threshold, &rows)?;
     let batches = a.n.div_ceil(batch);
     let bar = ProgressBar::new((batches * sampler.steps) as u64);
     bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} network evals, {per_sec}, eta {eta} {msg}",
-        )
-        .expect("valid template"),
+        ProgressStyle::with_template("{bar:40} {pos}/{len} network evals, {per_sec}, eta {eta} {msg}")
+            .expect("valid template"),
     );
     let per_image = cfg.img_ch * size * size;
     let mut all = Vec::with_capacity(a.n * per_image);
     for k in 0..batches {
         bar.set_message(format!("images {}/{}", k * batch, a.n));
         let base = (k * sampler.steps) as u64;
-        let x = sampler.sample_batch(&ctx, a.seed, (k * batch) as u32, &mut |done| {
-            bar.set_position(base + done as u64)
-        })?;
+        let x =
+            sampler.sample_batch(&ctx, a.seed, (k * batch) as u32, &mut |done| bar.set_position(base + done as u64))?;
         let keep = batch.min(a.n - k * batch);
         all.extend_from_slice(&x[..keep * per_image]);
     }
     bar.finish_with_message(format!("images {}/{}", a.n, a.n));
     let shape = [a.n, cfg.img_ch, size, size];
-    let grid = a
-        .out
-        .clone()
-        .or_else(|| a.out_dir.is_none().then(|| PathBuf::from("samples.png")));
+    let grid = a.out.clone().or_else(|| a.out_dir.is_none().then(|| PathBuf::from("samples.png")));
     if let Some(path) = &grid {
         images::save_grid(path, &all, shape, (a.n as f64).sqrt().ceil() as usize)?;
         println!("wrote {}", path.display());
@@ -299,9 +242,6 @@ fn load_model(
     if let Some(t) = snn_steps {
         cfg.snn_steps = t;
     }
-    eprintln!(
-        "note: untrained {} weights (no --checkpoint): the images will be noise",
-        preset.unwrap_or("tiny")
-    );
+    eprintln!("note: untrained {} weights (no --checkpoint): the images will be noise", preset.unwrap_or("tiny"));
     Ok((init_weights(&cfg, seed), cfg))
 }

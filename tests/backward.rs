@@ -13,7 +13,13 @@ use sddpm_gpu::graph::{backward, Graph, Plan, TensorId};
 use sddpm_gpu::ops::{batchnorm, conv, elementwise, layout, matmul, neuron, optim, readout, reduce};
 
 /// Run `g`, whose output `y` gets upstream gradient `dy`, and return the gradients of `wrt`.
-fn gpu_grads(mut g: Graph, y: TensorId, dy: &[f32], inputs: &[(TensorId, Vec<f32>)], wrt: &[TensorId]) -> Vec<Vec<f32>> {
+fn gpu_grads(
+    mut g: Graph,
+    y: TensorId,
+    dy: &[f32],
+    inputs: &[(TensorId, Vec<f32>)],
+    wrt: &[TensorId],
+) -> Vec<Vec<f32>> {
     let seed = g.input("dy", &g.shape(y).to_vec());
     let grads = backward(&mut g, y, seed, wrt);
     let outs: Vec<TensorId> = wrt.iter().map(|t| grads[t]).collect();
@@ -98,7 +104,13 @@ fn linear_backward() {
         let got = gpu_grads(g, y, &dy, &[(x, xv.clone()), (w, wv.clone()), (b, bv.clone())], &[x, w, b]);
         // dx = dy W, dW = dy^T x, db = column sums.
         let dx = matmul::matmul_cpu(&dy, &wv, None, [rows, inp, out], matmul::Strides::nn(out, inp));
-        let dw = matmul::matmul_cpu(&dy, &xv, None, [out, inp, rows], matmul::Strides { a_m: 1, a_k: out, b_k: inp, b_n: 1 });
+        let dw = matmul::matmul_cpu(
+            &dy,
+            &xv,
+            None,
+            [out, inp, rows],
+            matmul::Strides { a_m: 1, a_k: out, b_k: inp, b_n: 1 },
+        );
         let db = reduce::group_sum_cpu(&dy, rows, out, 1, 1);
         assert_close("linear dx", &got[0], &dx, 1e-5, 1e-5);
         assert_close("linear dw", &got[1], &dw, 1e-5, 1e-5);
@@ -182,7 +194,13 @@ fn neuron_backward_matches_reference_autograd() {
     let got = gpu_grads(g, s, &gout, &[(x, xv.clone())], &[x]).remove(0);
     assert_close("neuron grad_x vs PyTorch", &got, &want, 1e-5, 1e-6);
     let (_, h) = neuron::neuron_cpu(&xv, t, neuron::Neuron::default());
-    assert_close("CPU neuron grad_x vs PyTorch", &neuron::neuron_backward_cpu(&gout, &h, t, Default::default()), &want, 1e-5, 1e-6);
+    assert_close(
+        "CPU neuron grad_x vs PyTorch",
+        &neuron::neuron_backward_cpu(&gout, &h, t, Default::default()),
+        &want,
+        1e-5,
+        1e-6,
+    );
 }
 
 #[test]
@@ -370,7 +388,9 @@ fn backward_graph_replays_with_memory_reuse() {
     let c = ctx();
     let plan = Plan::compile(c, &g).unwrap();
     let mut r = rng(46);
-    for (t, lo, hi) in [(x, -1.0, 2.0), (w1, -0.5, 0.5), (w2, -0.5, 0.5), (p.weight, 0.5, 1.5), (p.bias, -0.1, 0.1), (seed, -1.0, 1.0)] {
+    for (t, lo, hi) in
+        [(x, -1.0, 2.0), (w1, -0.5, 0.5), (w2, -0.5, 0.5), (p.weight, 0.5, 1.5), (p.bias, -0.1, 0.1), (seed, -1.0, 1.0)]
+    {
         plan.write(c, t, &uniform(&mut r, g.info(t).numel(), lo, hi)).unwrap();
     }
     plan.write(c, p.running_mean, &[0f32; 4]).unwrap();

@@ -14,9 +14,7 @@ fn bin() -> Command {
 }
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
 fn tmp(name: &str) -> PathBuf {
@@ -37,17 +35,10 @@ fn p(path: &Path) -> &str {
 fn assert_one_line_error(out: &Output, needle: &str) {
     assert!(!out.status.success(), "expected failure");
     let err = String::from_utf8_lossy(&out.stderr);
-    let ours: Vec<&str> = err
-        .lines()
-        .filter(|l| l.starts_with("error:"))
-        .filter(|l| !l.contains("XDG_RUNTIME_DIR"))
-        .collect();
+    let ours: Vec<&str> =
+        err.lines().filter(|l| l.starts_with("error:")).filter(|l| !l.contains("XDG_RUNTIME_DIR")).collect();
     assert_eq!(ours.len(), 1, "exactly one error line expected:\n{err}");
-    assert!(
-        ours[0].contains(needle),
-        "error should mention '{needle}': {}",
-        ours[0]
-    );
+    assert!(ours[0].contains(needle), "error should mention '{needle}': {}", ours[0]);
     assert!(!err.contains("panicked"), "{err}");
 }
 
@@ -67,11 +58,7 @@ fn forward_command_matches_reference() {
             "--threshold",
             threshold,
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let got = TensorFile::load(&out_path).unwrap();
         let eps = got.get("eps").unwrap();
         assert_eq!(eps.shape, want.get(key).unwrap().shape);
@@ -84,28 +71,14 @@ fn forward_command_matches_reference() {
 fn forward_accepts_int32_timesteps() {
     let src = TensorFile::load(&fixture("forward.safetensors")).unwrap();
     let x = src.get("x").unwrap();
-    let t: Vec<i32> = src
-        .get_ints("t")
-        .unwrap()
-        .data
-        .iter()
-        .map(|&v| v as i32)
-        .collect();
+    let t: Vec<i32> = src.get_ints("t").unwrap().data.iter().map(|&v| v as i32).collect();
     let input = tmp("in_i32.safetensors");
     // Write t as int32 by hand through safetensors.
     let xb: &[u8] = bytemuck::cast_slice(&x.data);
     let tb: &[u8] = bytemuck::cast_slice(&t);
     let views = vec![
-        (
-            "x",
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, x.shape.clone(), xb)
-                .unwrap(),
-        ),
-        (
-            "t",
-            safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![t.len()], tb)
-                .unwrap(),
-        ),
+        ("x", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, x.shape.clone(), xb).unwrap()),
+        ("t", safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![t.len()], tb).unwrap()),
     ];
     std::fs::write(&input, safetensors::tensor::serialize(views, None).unwrap()).unwrap();
     let output = tmp("out_i32.safetensors");
@@ -118,15 +91,8 @@ fn forward_accepts_int32_timesteps() {
         "--output",
         p(&output),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let err = rel_l2(
-        &TensorFile::load(&output).unwrap().get("eps").unwrap().data,
-        &src.get("eps").unwrap().data,
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = rel_l2(&TensorFile::load(&output).unwrap().get("eps").unwrap().data, &src.get("eps").unwrap().data);
     assert!(err < 1e-4);
 }
 
@@ -149,13 +115,7 @@ fn truncated_checkpoint_is_a_one_line_error() {
     std::fs::write(&garbage, b"this is not a checkpoint").unwrap();
     let out = run(&["sample", "--checkpoint", p(&garbage), "--n", "1"]);
     assert_one_line_error(&out, "garbage.safetensors");
-    let out = run(&[
-        "sample",
-        "--checkpoint",
-        p(&tmp("does-not-exist.safetensors")),
-        "--n",
-        "1",
-    ]);
+    let out = run(&["sample", "--checkpoint", p(&tmp("does-not-exist.safetensors")), "--n", "1"]);
     assert_one_line_error(&out, "does-not-exist");
 }
 
@@ -194,10 +154,7 @@ fn bad_forward_input_is_named() {
     let input = tmp("bad_t.safetensors");
     checkpoint::save(
         &input,
-        vec![
-            ("x".into(), x.shape.clone(), Data::F32(&x.data)),
-            ("t".into(), vec![2], Data::I64(&[5, 1000])),
-        ],
+        vec![("x".into(), x.shape.clone(), Data::F32(&x.data)), ("t".into(), vec![2], Data::I64(&[5, 1000]))],
         HashMap::new(),
     )
     .unwrap();
@@ -250,18 +207,10 @@ fn sample_writes_deterministic_pngs() {
     let mut a = args(&grid1, "5");
     a.extend(["--out-dir".into(), p(&dir).into()]);
     let out = bin().args(&a).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(bin().args(args(&grid2, "5")).status().unwrap().success());
     assert!(bin().args(args(&grid3, "6")).status().unwrap().success());
-    let (g1, g2, g3) = (
-        std::fs::read(&grid1).unwrap(),
-        std::fs::read(&grid2).unwrap(),
-        std::fs::read(&grid3).unwrap(),
-    );
+    let (g1, g2, g3) = (std::fs::read(&grid1).unwrap(), std::fs::read(&grid2).unwrap(), std::fs::read(&grid3).unwrap());
     assert_eq!(g1, g2, "same seed, same adapter: identical files");
     assert_ne!(g1, g3, "another seed: other images");
     let img = image::load_from_memory(&g1).unwrap();

@@ -8,17 +8,11 @@ use sddpm_gpu::graph::Graph;
 use sddpm_gpu::ops::neuron;
 
 fn load(name: &str) -> Vec<u8> {
-    std::fs::read(format!(
-        "{}/tests/fixtures/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap()
+    std::fs::read(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
 }
 
 fn tensor(st: &SafeTensors, name: &str) -> (Vec<usize>, Vec<f32>) {
-    let t = st
-        .tensor(name)
-        .unwrap_or_else(|e| panic!("fixture tensor {name}: {e}"));
+    let t = st.tensor(name).unwrap_or_else(|e| panic!("fixture tensor {name}: {e}"));
     assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
     (t.shape().to_vec(), bytemuck::pod_collect_to_vec(t.data()))
 }
@@ -33,19 +27,11 @@ fn neuron_spikes_match_reference_exactly() {
     let mut g = Graph::new();
     let xt = g.input("x", &[t, n]);
     let s = neuron::neuron_forward(&mut g, xt, t, neuron::Neuron::default(), "neuron");
-    let (s_train, _) =
-        neuron::neuron_forward_train(&mut g, xt, t, neuron::Neuron::default(), "neuron.train");
+    let (s_train, _) = neuron::neuron_forward_train(&mut g, xt, t, neuron::Neuron::default(), "neuron.train");
     let out = run_graph(g, &[(xt, bits(&x))], &[s, s_train]);
     let fired = want.iter().filter(|&&v| v == 1.0).count();
     assert!(fired > 0 && fired < want.len());
     assert_eq!(out[0], want, "GPU spikes differ from the reference");
-    assert_eq!(
-        out[1], want,
-        "GPU training-form spikes differ from the reference"
-    );
-    assert_eq!(
-        neuron::neuron_cpu(&x, t, neuron::Neuron::default()).0,
-        want,
-        "CPU reference differs"
-    );
+    assert_eq!(out[1], want, "GPU training-form spikes differ from the reference");
+    assert_eq!(neuron::neuron_cpu(&x, t, neuron::Neuron::default()).0, want, "CPU reference differs");
 }

@@ -75,10 +75,7 @@ fn chained_ops_equal_cpu_reference() {
     plan.run(ctx()).unwrap();
     let got = plan.read(ctx(), b.out).unwrap();
     let want = block_cpu(&b, &xv);
-    assert!(
-        want.iter().any(|v| v.abs() > 0.1),
-        "the block must produce a non-trivial output"
-    );
+    assert!(want.iter().any(|v| v.abs() > 0.1), "the block must produce a non-trivial output");
     assert_close("spiking block", &got, &want, 1e-5, 1e-5);
 }
 
@@ -100,10 +97,7 @@ fn planner_reuses_intermediate_buffers() {
     // Shared slots really are distinct tensors: conv1's buffer is reused later.
     let slots: Vec<usize> = b.g.nodes.iter().map(|n| m.slot_of(n.writes[0])).collect();
     let distinct: std::collections::HashSet<_> = slots.iter().collect();
-    assert!(
-        distinct.len() < slots.len(),
-        "some slot must be reused: {slots:?}"
-    );
+    assert!(distinct.len() < slots.len(), "some slot must be reused: {slots:?}");
 }
 
 #[test]
@@ -113,12 +107,7 @@ fn planner_never_aliases_a_nodes_reads_and_writes() {
     for n in &b.g.nodes {
         for w in &n.writes {
             for r in &n.reads {
-                assert_ne!(
-                    m.slot_of(*w),
-                    m.slot_of(*r),
-                    "node {} reads and writes one buffer",
-                    n.label
-                );
+                assert_ne!(m.slot_of(*w), m.slot_of(*r), "node {} reads and writes one buffer", n.label);
             }
         }
     }
@@ -141,16 +130,8 @@ fn replay_with_new_inputs_is_identical_per_input() {
     plan.write(c, b.x, &x1).unwrap();
     plan.run(c).unwrap();
     let again = plan.read(c, b.out).unwrap();
-    assert_eq!(
-        bits(&first),
-        bits(&again),
-        "replay with the same input must be bitwise identical"
-    );
-    assert_ne!(
-        bits(&first),
-        bits(&other),
-        "a new input must change the output"
-    );
+    assert_eq!(bits(&first), bits(&again), "replay with the same input must be bitwise identical");
+    assert_ne!(bits(&first), bits(&other), "a new input must change the output");
     assert_close("replayed block", &other, &block_cpu(&b, &x2), 1e-5, 1e-5);
 }
 
@@ -163,8 +144,7 @@ fn replay_creates_no_gpu_objects() {
     for (id, data) in &b.params {
         plan.write(&c, *id, data).unwrap();
     }
-    plan.write(&c, b.x, &normalish(&mut rng(9), T * B * C * HW * HW, 1.0))
-        .unwrap();
+    plan.write(&c, b.x, &normalish(&mut rng(9), T * B * C * HW * HW, 1.0)).unwrap();
     plan.run(&c).unwrap();
     plan.read(&c, b.out).unwrap();
     let before = c.counter_snapshot();
@@ -173,11 +153,7 @@ fn replay_creates_no_gpu_objects() {
         plan.run(&c).unwrap();
         plan.read(&c, b.out).unwrap();
     }
-    assert_eq!(
-        c.counter_snapshot(),
-        before,
-        "replay must not create buffers, bind groups or pipelines"
-    );
+    assert_eq!(c.counter_snapshot(), before, "replay must not create buffers, bind groups or pipelines");
 }
 
 #[test]
@@ -193,11 +169,7 @@ fn long_graphs_split_into_bounded_submits() {
     }
     g.mark_output(h);
     let m = plan_memory(&g);
-    assert_eq!(
-        m.planned_intermediate_bytes,
-        2 * 4 * n as u64,
-        "a chain needs two ping-pong buffers"
-    );
+    assert_eq!(m.planned_intermediate_bytes, 2 * 4 * n as u64, "a chain needs two ping-pong buffers");
     let c = ctx();
     let plan = Plan::compile(c, &g).unwrap();
     plan.write(c, x, &vec![0.5f32; n]).unwrap();
@@ -218,23 +190,9 @@ fn set_params_changes_a_replayed_node() {
     let plan = Plan::compile(c, &g).unwrap();
     plan.write(c, x, &[0.998f32; 12]).unwrap();
     plan.run(c).unwrap();
-    assert_eq!(
-        plan.read(c, s).unwrap(),
-        [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
-    );
-    let guided = neuron::Neuron {
-        v_th: 0.997,
-        ..Default::default()
-    };
-    let p = Params::new()
-        .u(3)
-        .u(4)
-        .u(0)
-        .u(0)
-        .f(guided.v_th)
-        .f(0.0)
-        .f(1.0)
-        .build();
+    assert_eq!(plan.read(c, s).unwrap(), [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]);
+    let guided = neuron::Neuron { v_th: 0.997, ..Default::default() };
+    let p = Params::new().u(3).u(4).u(0).u(0).f(guided.v_th).f(0.0).f(1.0).build();
     plan.set_params(c, 0, &p);
     plan.run(c).unwrap();
     assert_eq!(plan.read(c, s).unwrap(), vec![1.0f32; 12]);
@@ -256,14 +214,10 @@ fn invalid_binding_is_an_error_not_a_panic() {
         label: "bad".into(),
         cost: Default::default(),
     });
-    let err = Plan::compile(ctx(), &g)
-        .err()
-        .expect("a mis-bound node must fail to compile");
+    let err = Plan::compile(ctx(), &g).err().expect("a mis-bound node must fail to compile");
     let msg = format!("{err:#}");
     assert!(msg.contains("bad") && msg.contains("validation"), "{msg}");
-    ctx()
-        .check()
-        .expect("the error must have been captured, not left for later");
+    ctx().check().expect("the error must have been captured, not left for later");
 }
 
 #[test]
@@ -275,10 +229,7 @@ fn tensor_over_binding_limit_is_refused_clearly() {
     let y = elementwise::swish(&mut g, x, "swish");
     g.mark_output(y);
     let msg = format!("{:#}", Plan::compile(c, &g).err().expect("must refuse"));
-    assert!(
-        msg.contains("huge activation") && msg.contains("per storage binding"),
-        "{msg}"
-    );
+    assert!(msg.contains("huge activation") && msg.contains("per storage binding"), "{msg}");
 }
 
 #[test]

@@ -10,9 +10,7 @@ use sddpm_gpu::checkpoint::Checkpoint;
 use sddpm_gpu::model::{parameter_count, EvalNet, ModelConfig};
 
 fn fixture(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
 fn forward_fixture() -> (Vec<usize>, Vec<f32>, Vec<u32>, Vec<f32>, Vec<f32>, f32) {
@@ -21,14 +19,7 @@ fn forward_fixture() -> (Vec<usize>, Vec<f32>, Vec<u32>, Vec<f32>, Vec<f32>, f32
     let f = |n: &str| bytemuck::pod_collect_to_vec::<u8, f32>(st.tensor(n).unwrap().data());
     let t: Vec<i64> = bytemuck::pod_collect_to_vec(st.tensor("t").unwrap().data());
     let shape = st.tensor("x").unwrap().shape().to_vec();
-    (
-        shape,
-        f("x"),
-        t.iter().map(|&v| v as u32).collect(),
-        f("eps"),
-        f("eps_threshold"),
-        f("threshold")[0],
-    )
+    (shape, f("x"), t.iter().map(|&v| v as u32).collect(), f("eps"), f("eps_threshold"), f("threshold")[0])
 }
 
 #[test]
@@ -52,10 +43,7 @@ fn threshold_guided_forward_matches_reference() {
     let got = net.forward(ctx(), &x, &t).unwrap();
     let err = rel_l2(&got, &eps_thr);
     assert!(err < 1e-4, "eps_threshold relative L2 error {err:e}");
-    assert!(
-        rel_l2(&eps_thr, &eps) > 1e-3,
-        "the guided threshold must change the output"
-    );
+    assert!(rel_l2(&eps_thr, &eps) > 1e-3, "the guided threshold must change the output");
 }
 
 #[test]

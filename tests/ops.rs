@@ -13,14 +13,7 @@ use sddpm_gpu::ops::{batchnorm, conv, elementwise, embedding, layout, matmul, ne
 
 // ---- conv2d ---------------------------------------------------------------------------------
 
-fn check_conv2d(
-    seed: u64,
-    [n, cin, h, w]: [usize; 4],
-    cout: usize,
-    k: usize,
-    stride: usize,
-    with_bias: bool,
-) {
+fn check_conv2d(seed: u64, [n, cin, h, w]: [usize; 4], cout: usize, k: usize, stride: usize, with_bias: bool) {
     let pad = k / 2;
     let mut r = rng(seed);
     let xv = normalish(&mut r, n * cin * h * w, 1.0);
@@ -36,22 +29,8 @@ fn check_conv2d(
         inputs.push((b, bits(&bv)));
     }
     let got = run_graph(g, &inputs, &[y]).remove(0);
-    let want = conv::conv2d_cpu(
-        &xv,
-        [n, cin, h, w],
-        &wv,
-        [cout, cin, k, k],
-        with_bias.then_some(&bv[..]),
-        stride,
-        pad,
-    );
-    assert_close(
-        &format!("conv2d {n}x{cin}x{h}x{w} -> {cout} k{k} s{stride}"),
-        &got,
-        &want,
-        1e-5,
-        1e-5,
-    );
+    let want = conv::conv2d_cpu(&xv, [n, cin, h, w], &wv, [cout, cin, k, k], with_bias.then_some(&bv[..]), stride, pad);
+    assert_close(&format!("conv2d {n}x{cin}x{h}x{w} -> {cout} k{k} s{stride}"), &got, &want, 1e-5, 1e-5);
 }
 
 #[test]
@@ -90,13 +69,8 @@ fn conv2d_wide_channels_few_pixels() {
 fn conv3d_331_matches_reference_layout() {
     // The reference permutes [T, B, C, H, W] -> [B, C, H, W, T], applies Conv3d (3,3,1), and
     // permutes back. Compare our per-step conv on [T*B, C, H, W] against that literal Conv3d.
-    for (seed, (t, b, c, h, w)) in [
-        (4usize, 2usize, 3usize, 8usize, 8usize),
-        (3, 1, 1, 5, 7),
-        (8, 2, 2, 4, 6),
-    ]
-    .into_iter()
-    .enumerate()
+    for (seed, (t, b, c, h, w)) in
+        [(4usize, 2usize, 3usize, 8usize, 8usize), (3, 1, 1, 5, 7), (8, 2, 2, 4, 6)].into_iter().enumerate()
     {
         let mut r = rng(20 + seed as u64);
         let x_tb = normalish(&mut r, t * b * c * h * w, 1.0);
@@ -115,12 +89,7 @@ fn conv3d_331_matches_reference_layout() {
         let wt = g.param("T_output_layer.weight", &[c, c, 3, 3, 1]);
         let bias = g.param("T_output_layer.bias", &[c]);
         let y = conv::conv3d_331(&mut g, x, wt, Some(bias), "T_output_layer");
-        let got_tb = run_graph(
-            g,
-            &[(x, bits(&x_tb)), (wt, bits(&wv)), (bias, bits(&bv))],
-            &[y],
-        )
-        .remove(0);
+        let got_tb = run_graph(g, &[(x, bits(&x_tb)), (wt, bits(&wv)), (bias, bits(&bv))], &[y]).remove(0);
         let mut got_bt = vec![0f32; got_tb.len()];
         for tt in 0..t {
             for i in 0..b * c * h * w {
@@ -145,13 +114,7 @@ fn check_linear(seed: u64, rows: usize, inp: usize, out: usize) {
     let y = matmul::linear(&mut g, x, w, Some(b), "linear");
     let got = run_graph(g, &[(x, bits(&xv)), (w, bits(&wv)), (b, bits(&bv))], &[y]).remove(0);
     let want = matmul::linear_cpu(&xv, &wv, Some(&bv), rows, inp, out);
-    assert_close(
-        &format!("linear {rows}x{inp} -> {out}"),
-        &got,
-        &want,
-        1e-5,
-        1e-5,
-    );
+    assert_close(&format!("linear {rows}x{inp} -> {out}"), &got, &want, 1e-5, 1e-5);
 }
 
 #[test]
@@ -177,15 +140,7 @@ fn matmul_strided_layouts() {
     // NN, A transposed (stored [K, M]), B transposed (stored [N, K]).
     let cases = [
         ("nn", matmul::Strides::nn(k, n)),
-        (
-            "tn",
-            matmul::Strides {
-                a_m: 1,
-                a_k: m,
-                b_k: n,
-                b_n: 1,
-            },
-        ),
+        ("tn", matmul::Strides { a_m: 1, a_k: m, b_k: n, b_n: 1 }),
         ("nt", matmul::Strides::nt(k)),
     ];
     for (name, s) in cases {
@@ -216,14 +171,8 @@ fn timestep_table_is_interleaved_sin_cos() {
             let f = (-(2.0 * i as f64) / d as f64 * 10000f64.ln()).exp();
             let (s, c) = ((t as f64 * f).sin(), (t as f64 * f).cos());
             // f32 rounding of t*f grows with t (999 rad): allow 2e-4 absolute.
-            assert!(
-                (table[t * d + 2 * i] as f64 - s).abs() < 2e-4,
-                "sin t={t} i={i}"
-            );
-            assert!(
-                (table[t * d + 2 * i + 1] as f64 - c).abs() < 2e-4,
-                "cos t={t} i={i}"
-            );
+            assert!((table[t * d + 2 * i] as f64 - s).abs() < 2e-4, "sin t={t} i={i}");
+            assert!((table[t * d + 2 * i + 1] as f64 - c).abs() < 2e-4, "cos t={t} i={i}");
         }
     }
 }
@@ -231,11 +180,7 @@ fn timestep_table_is_interleaved_sin_cos() {
 #[test]
 fn timestep_table_matches_reference_checkpoint() {
     // The fixture checkpoint stores the reference's own table (ch = 16).
-    let bytes = std::fs::read(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/weights.safetensors"
-    ))
-    .unwrap();
+    let bytes = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/weights.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let t = st.tensor("time_embedding.timembedding.0.weight").unwrap();
     assert_eq!(t.shape(), [1000, 16]);
@@ -282,12 +227,7 @@ fn bn_data(seed: u64, n: usize, c: usize, hw: usize) -> BnData {
     }
 }
 
-fn bn_graph(
-    g: &mut Graph,
-    n: usize,
-    c: usize,
-    hw: usize,
-) -> (sddpm_gpu::graph::TensorId, batchnorm::BnParams) {
+fn bn_graph(g: &mut Graph, n: usize, c: usize, hw: usize) -> (sddpm_gpu::graph::TensorId, batchnorm::BnParams) {
     let x = g.input("x", &[n, c, hw]);
     let p = batchnorm::BnParams {
         weight: g.param("bn.weight", &[c]),
@@ -300,11 +240,7 @@ fn bn_graph(
 
 #[test]
 fn batchnorm_eval_running_stats() {
-    for (seed, (n, c, hw)) in [
-        (40u64, (8usize, 5usize, 63usize)),
-        (41, (2, 16, 16)),
-        (42, (4, 3, 1)),
-    ] {
+    for (seed, (n, c, hw)) in [(40u64, (8usize, 5usize, 63usize)), (41, (2, 16, 16)), (42, (4, 3, 1))] {
         let d = bn_data(seed, n, c, hw);
         let mut g = Graph::new();
         let (x, p) = bn_graph(&mut g, n, c, hw);
@@ -325,12 +261,9 @@ fn batchnorm_eval_running_stats() {
 #[test]
 fn batchnorm_train_batch_stats_and_running_update() {
     // hw = 1 and n*hw not a multiple of the 256-wide reduction exercise the edges.
-    for (seed, (n, c, hw)) in [
-        (43u64, (8usize, 5usize, 63usize)),
-        (44, (8, 3, 1024)),
-        (45, (2, 7, 1)),
-        (46, (4, 1, 300)),
-    ] {
+    for (seed, (n, c, hw)) in
+        [(43u64, (8usize, 5usize, 63usize)), (44, (8, 3, 1024)), (45, (2, 7, 1)), (46, (4, 1, 300))]
+    {
         let d = bn_data(seed, n, c, hw);
         let mut g = Graph::new();
         let (x, p) = bn_graph(&mut g, n, c, hw);
@@ -344,14 +277,9 @@ fn batchnorm_train_batch_stats_and_running_update() {
             (p.running_mean, bits(&d.rm)),
             (p.running_var, bits(&d.rv)),
         ];
-        let out = run_graph(
-            g,
-            &inputs,
-            &[y, saved.mean, saved.invstd, p.running_mean, p.running_var],
-        );
+        let out = run_graph(g, &inputs, &[y, saved.mean, saved.invstd, p.running_mean, p.running_var]);
         let (mut rm, mut rv) = (d.rm.clone(), d.rv.clone());
-        let (y_cpu, mean_cpu, invstd_cpu) =
-            batchnorm::batchnorm_train_cpu(&d.x, c, hw, &d.w, &d.b, &mut rm, &mut rv);
+        let (y_cpu, mean_cpu, invstd_cpu) = batchnorm::batchnorm_train_cpu(&d.x, c, hw, &d.w, &d.b, &mut rm, &mut rv);
         assert_close("bn train y", &out[0], &y_cpu, 1e-5, 2e-5);
         assert_close("bn train mean", &out[1], &mean_cpu, 1e-5, 1e-6);
         assert_close("bn train invstd", &out[2], &invstd_cpu, 1e-5, 0.0);
@@ -379,11 +307,7 @@ fn batchnorm_train_is_deterministic() {
     }
     for r in &runs[1..] {
         for (a, b) in r.iter().zip(&runs[0]) {
-            assert_eq!(
-                bits(a),
-                bits(b),
-                "BN statistics must be bitwise reproducible"
-            );
+            assert_eq!(bits(a), bits(b), "BN statistics must be bitwise reproducible");
         }
     }
 }
@@ -392,27 +316,17 @@ fn batchnorm_train_is_deterministic() {
 
 fn check_neuron(seed: u64, t: usize, n: usize, cfg: neuron::Neuron) {
     let mut r = rng(seed);
-    let xv: Vec<f32> = normalish(&mut r, t * n, 1.2)
-        .iter()
-        .map(|v| v + 0.4)
-        .collect();
+    let xv: Vec<f32> = normalish(&mut r, t * n, 1.2).iter().map(|v| v + 0.4).collect();
     let mut g = Graph::new();
     let x = g.input("x", &[t, n]);
     let s_inf = neuron::neuron_forward(&mut g, x, t, cfg, "neuron");
     let (s_tr, h_tr) = neuron::neuron_forward_train(&mut g, x, t, cfg, "neuron.train");
     let out = run_graph(g, &[(x, bits(&xv))], &[s_inf, s_tr, h_tr]);
     let (s_cpu, h_cpu) = neuron::neuron_cpu(&xv, t, cfg);
-    assert!(
-        s_cpu.iter().any(|&s| s == 1.0) && s_cpu.iter().any(|&s| s == 0.0),
-        "test input must both fire and not"
-    );
+    assert!(s_cpu.iter().any(|&s| s == 1.0) && s_cpu.iter().any(|&s| s == 0.0), "test input must both fire and not");
     assert_eq!(out[0], s_cpu, "inference spikes T={t} N={n} {cfg:?}");
     assert_eq!(out[1], s_cpu, "training spikes T={t} N={n} {cfg:?}");
-    assert_eq!(
-        bits(&out[2]),
-        bits(&h_cpu),
-        "membrane h T={t} N={n} {cfg:?}"
-    );
+    assert_eq!(bits(&out[2]), bits(&h_cpu), "membrane h T={t} N={n} {cfg:?}");
 }
 
 #[test]
@@ -424,47 +338,14 @@ fn neuron_if_matches_cpu_exactly() {
 
 #[test]
 fn neuron_threshold_guided() {
-    check_neuron(
-        53,
-        4,
-        777,
-        neuron::Neuron {
-            v_th: 0.997,
-            ..Default::default()
-        },
-    );
-    check_neuron(
-        54,
-        4,
-        777,
-        neuron::Neuron {
-            v_th: 1.003,
-            ..Default::default()
-        },
-    );
+    check_neuron(53, 4, 777, neuron::Neuron { v_th: 0.997, ..Default::default() });
+    check_neuron(54, 4, 777, neuron::Neuron { v_th: 1.003, ..Default::default() });
 }
 
 #[test]
 fn neuron_lif_and_nonzero_reset() {
-    check_neuron(
-        55,
-        4,
-        513,
-        neuron::Neuron {
-            tau: Some(2.0),
-            ..Default::default()
-        },
-    );
-    check_neuron(
-        56,
-        6,
-        129,
-        neuron::Neuron {
-            v_th: 0.5,
-            v_reset: -0.25,
-            tau: Some(1.5),
-        },
-    );
+    check_neuron(55, 4, 513, neuron::Neuron { tau: Some(2.0), ..Default::default() });
+    check_neuron(56, 6, 129, neuron::Neuron { v_th: 0.5, v_reset: -0.25, tau: Some(1.5) });
 }
 
 #[test]
@@ -474,10 +355,7 @@ fn neuron_cpu_reference_semantics() {
     assert_eq!(s, [0.0, 1.0, 0.0, 1.0]);
     assert_eq!(h, [0.6, 1.2, 0.6, 1.2]);
     // Exactly at threshold fires (Heaviside of h - v_th >= 0).
-    assert_eq!(
-        neuron::neuron_cpu(&[1.0], 1, neuron::Neuron::default()).0,
-        [1.0]
-    );
+    assert_eq!(neuron::neuron_cpu(&[1.0], 1, neuron::Neuron::default()).0, [1.0]);
 }
 
 // ---- elementwise ------------------------------------------------------------------------------
@@ -509,11 +387,7 @@ fn add_matches_cpu() {
 
 #[test]
 fn add_channel_broadcasts_over_time_and_pixels() {
-    for (seed, (t, b, c, s)) in [
-        (64u64, (4usize, 2usize, 5usize, 21usize)),
-        (65, (8, 3, 16, 16)),
-        (66, (1, 1, 7, 1)),
-    ] {
+    for (seed, (t, b, c, s)) in [(64u64, (4usize, 2usize, 5usize, 21usize)), (65, (8, 3, 16, 16)), (66, (1, 1, 7, 1))] {
         let mut r = rng(seed);
         let xv = normalish(&mut r, t * b * c * s, 1.0);
         let ev = normalish(&mut r, b * c, 1.0);
@@ -544,11 +418,7 @@ fn elementwise_grid_beyond_65535_workgroups() {
 
 #[test]
 fn upsample2x_nearest() {
-    for (seed, shape) in [
-        (70u64, [3usize, 5, 7, 9]),
-        (71, [8, 16, 4, 4]),
-        (72, [1, 1, 1, 1]),
-    ] {
+    for (seed, shape) in [(70u64, [3usize, 5, 7, 9]), (71, [8, 16, 4, 4]), (72, [1, 1, 1, 1])] {
         let mut r = rng(seed);
         let xv = normalish(&mut r, shape.iter().product(), 1.0);
         let mut g = Graph::new();
@@ -561,11 +431,8 @@ fn upsample2x_nearest() {
 
 #[test]
 fn concat_channels_like_torch_cat() {
-    for (seed, (n, ca, cb, s)) in [
-        (73u64, (2usize, 3usize, 4usize, 35usize)),
-        (74, (8, 16, 8, 16)),
-        (75, (1, 1, 1, 1)),
-    ] {
+    for (seed, (n, ca, cb, s)) in [(73u64, (2usize, 3usize, 4usize, 35usize)), (74, (8, 16, 8, 16)), (75, (1, 1, 1, 1))]
+    {
         let mut r = rng(seed);
         let av = normalish(&mut r, n * ca * s, 1.0);
         let bv = normalish(&mut r, n * cb * s, 1.0);
@@ -581,11 +448,7 @@ fn concat_channels_like_torch_cat() {
 
 #[test]
 fn repeat_leading_over_time() {
-    for (seed, (t, shape)) in [
-        (76u64, (4usize, [2usize, 3, 5, 7])),
-        (77, (1, [1, 1, 2, 2])),
-        (78, (8, [3, 1, 4, 4])),
-    ] {
+    for (seed, (t, shape)) in [(76u64, (4usize, [2usize, 3, 5, 7])), (77, (1, [1, 1, 2, 2])), (78, (8, [3, 1, 4, 4]))] {
         let mut r = rng(seed);
         let xv = normalish(&mut r, shape.iter().product(), 1.0);
         let mut g = Graph::new();
@@ -617,9 +480,6 @@ fn membrane_readout_matches_cpu() {
         let h = g.input("h", &[t, m]);
         let y = readout::membrane_readout(&mut g, h, t, readout::DECAY, "readout");
         let got = run_graph(g, &[(h, bits(&hv))], &[y]).remove(0);
-        assert_eq!(
-            bits(&got),
-            bits(&readout::membrane_readout_cpu(&hv, t, readout::DECAY))
-        );
+        assert_eq!(bits(&got), bits(&readout::membrane_readout_cpu(&hv, t, readout::DECAY)));
     }
 }

@@ -25,29 +25,13 @@ fn best_adapter_is_discrete_then_integrated_then_virtual_then_cpu() {
         fake("NVIDIA H100", B::Vulkan, D::DiscreteGpu),
         fake("virgl", B::Vulkan, D::VirtualGpu),
     ];
-    assert_eq!(
-        choose_adapter(&list, None).unwrap(),
-        3,
-        "discrete on a native API wins"
-    );
+    assert_eq!(choose_adapter(&list, None).unwrap(), 3, "discrete on a native API wins");
     assert_eq!(choose_adapter(&list[..2], None).unwrap(), 1);
-    assert_eq!(
-        choose_adapter(&[list[0].clone(), list[4].clone()], None).unwrap(),
-        1
-    );
-    assert_eq!(
-        choose_adapter(&list, Some("LLVMPIPE")).unwrap(),
-        0,
-        "substring, case-insensitive"
-    );
-    let err = choose_adapter(&list, Some("radeon"))
-        .unwrap_err()
-        .to_string();
+    assert_eq!(choose_adapter(&[list[0].clone(), list[4].clone()], None).unwrap(), 1);
+    assert_eq!(choose_adapter(&list, Some("LLVMPIPE")).unwrap(), 0, "substring, case-insensitive");
+    let err = choose_adapter(&list, Some("radeon")).unwrap_err().to_string();
     assert!(err.contains("radeon") && err.contains("llvmpipe"), "{err}");
-    assert!(choose_adapter(&[], None)
-        .unwrap_err()
-        .to_string()
-        .contains("mesa-vulkan-drivers"));
+    assert!(choose_adapter(&[], None).unwrap_err().to_string().contains("mesa-vulkan-drivers"));
 }
 
 #[test]
@@ -63,10 +47,7 @@ fn under_ci_the_adapter_is_vulkan() {
         );
     }
     // The device gets the adapter's real limits, not wgpu's conservative defaults.
-    assert_eq!(
-        ctx.limits.max_storage_buffer_binding_size,
-        ctx.adapter.limits.max_storage_buffer_binding_size
-    );
+    assert_eq!(ctx.limits.max_storage_buffer_binding_size, ctx.adapter.limits.max_storage_buffer_binding_size);
 }
 
 #[test]
@@ -86,26 +67,13 @@ fn list_adapters_marks_the_chosen_one() {
 
 #[test]
 fn devices_command_lists_the_adapter() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sddpm-gpu"))
-        .arg("devices")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sddpm-gpu")).arg("devices").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     let ctx = Context::new(None).unwrap();
-    let chosen_line = text
-        .lines()
-        .find(|l| l.starts_with('*'))
-        .expect("a chosen adapter");
+    let chosen_line = text.lines().find(|l| l.starts_with('*')).expect("a chosen adapter");
     assert!(chosen_line.contains(&ctx.adapter.name), "{text}");
-    assert!(
-        text.contains("backend") && text.contains("storage binding"),
-        "{text}"
-    );
+    assert!(text.contains("backend") && text.contains("storage binding"), "{text}");
 }
 
 #[test]
@@ -116,10 +84,7 @@ fn devices_with_unknown_adapter_fails_with_one_line() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    let ours: Vec<&str> = err
-        .lines()
-        .filter(|l| l.starts_with("error: no adapter"))
-        .collect();
+    let ours: Vec<&str> = err.lines().filter(|l| l.starts_with("error: no adapter")).collect();
     assert_eq!(ours.len(), 1, "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }

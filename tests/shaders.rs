@@ -17,10 +17,7 @@ fn shader_files() -> Vec<std::path::PathBuf> {
 #[test]
 fn every_shader_validates_with_naga() {
     let files = shader_files();
-    assert!(
-        files.len() >= 8,
-        "expected the shaders/ directory, found {files:?}"
-    );
+    assert!(files.len() >= 8, "expected the shaders/ directory, found {files:?}");
     let mut failures = Vec::new();
     for path in &files {
         let src = std::fs::read_to_string(path).unwrap();
@@ -32,42 +29,29 @@ fn every_shader_validates_with_naga() {
                 continue;
             }
         };
-        let mut validator = naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::empty(),
-        );
+        let mut validator =
+            naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::empty());
         if let Err(e) = validator.validate(&module) {
             failures.push(e.emit_to_string_with_path(&src, &shown));
         }
-        assert!(
-            !module.entry_points.is_empty(),
-            "{shown} has no entry point"
-        );
+        assert!(!module.entry_points.is_empty(), "{shown} has no entry point");
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 #[test]
 fn every_shader_is_embedded_and_documented() {
-    let embedded: Vec<&str> = sddpm_gpu::ops::all_shaders()
-        .iter()
-        .map(|s| s.name)
-        .collect();
+    let embedded: Vec<&str> = sddpm_gpu::ops::all_shaders().iter().map(|s| s.name).collect();
     for path in shader_files() {
         let stem = path.file_stem().unwrap().to_str().unwrap().to_string();
-        assert!(
-            embedded.contains(&stem.as_str()),
-            "shaders/{stem}.wgsl is not owned by any op in src/ops/"
-        );
+        assert!(embedded.contains(&stem.as_str()), "shaders/{stem}.wgsl is not owned by any op in src/ops/");
         let src = std::fs::read_to_string(&path).unwrap();
         assert!(
             src.starts_with(&format!("// {stem}.wgsl: ")),
             "shaders/{stem}.wgsl must open with a header comment stating its math and layout"
         );
         assert!(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join(format!("src/ops/{stem}.rs"))
-                .exists(),
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("src/ops/{stem}.rs")).exists(),
             "shaders/{stem}.wgsl needs its owner src/ops/{stem}.rs"
         );
     }
@@ -80,12 +64,9 @@ fn a_broken_shader_is_caught() {
     let module = naga::front::wgsl::parse_str(src);
     let failed = match module {
         Err(_) => true,
-        Ok(m) => naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::empty(),
-        )
-        .validate(&m)
-        .is_err(),
+        Ok(m) => naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::empty())
+            .validate(&m)
+            .is_err(),
     };
     assert!(failed);
 }

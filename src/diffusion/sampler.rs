@@ -45,15 +45,9 @@ impl Sampler {
         let step = g.input("sampler.step", &[1]);
         let x = g.input("x", &[batch, cfg.img_ch, size, size]);
         let t = g.input("t", &[batch]);
-        let key = NoiseKey {
-            seed: 0,
-            image_base: 0,
-        };
+        let key = NoiseKey { seed: 0, image_base: 0 };
         let begin_node = sampler::begin_step(&mut g, coef, step, x, t, key);
-        let neuron = Neuron {
-            v_th,
-            ..Neuron::default()
-        };
+        let neuron = Neuron { v_th, ..Neuron::default() };
         let unet = build_eval(&mut g, cfg, x, t, neuron);
         let update_node = sampler::update(&mut g, coef, step, unet.eps, x, None, key);
         sampler::advance(&mut g, step);

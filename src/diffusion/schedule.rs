@@ -26,15 +26,7 @@ pub fn torch_linspace(start: f64, end: f64, steps: usize) -> Vec<f64> {
     }
     let step = (end - start) / (steps - 1) as f64;
     let half = steps / 2;
-    (0..steps)
-        .map(|i| {
-            if i < half {
-                start + step * i as f64
-            } else {
-                end - step * (steps - 1 - i) as f64
-            }
-        })
-        .collect()
+    (0..steps).map(|i| if i < half { start + step * i as f64 } else { end - step * (steps - 1 - i) as f64 }).collect()
 }
 
 impl Schedule {
@@ -47,31 +39,13 @@ impl Schedule {
             alphas_bar.push(acc);
         }
         let prev = |t: usize| if t == 0 { 1.0 } else { alphas_bar[t - 1] };
-        let post_c1 = (0..steps)
-            .map(|t| prev(t).sqrt() * betas[t] / (1.0 - alphas_bar[t]))
-            .collect();
-        let post_c2 = (0..steps)
-            .map(|t| (1.0 - betas[t]).sqrt() * (1.0 - prev(t)) / (1.0 - alphas_bar[t]))
-            .collect();
-        let post_var: Vec<f64> = (0..steps)
-            .map(|t| betas[t] * (1.0 - prev(t)) / (1.0 - alphas_bar[t]))
-            .collect();
+        let post_c1 = (0..steps).map(|t| prev(t).sqrt() * betas[t] / (1.0 - alphas_bar[t])).collect();
+        let post_c2 = (0..steps).map(|t| (1.0 - betas[t]).sqrt() * (1.0 - prev(t)) / (1.0 - alphas_bar[t])).collect();
+        let post_var: Vec<f64> = (0..steps).map(|t| betas[t] * (1.0 - prev(t)) / (1.0 - alphas_bar[t])).collect();
         let var_large = (0..steps)
-            .map(|t| {
-                if t == 0 {
-                    post_var.get(1).copied().unwrap_or(post_var[0])
-                } else {
-                    betas[t]
-                }
-            })
+            .map(|t| if t == 0 { post_var.get(1).copied().unwrap_or(post_var[0]) } else { betas[t] })
             .collect();
-        Schedule {
-            betas,
-            alphas_bar,
-            post_c1,
-            post_c2,
-            var_large,
-        }
+        Schedule { betas, alphas_bar, post_c1, post_c2, var_large }
     }
 
     /// The reference's schedule: 1000 steps, betas 1e-4 .. 0.02.
@@ -100,9 +74,7 @@ pub fn timesteps(total: usize, steps: usize) -> Result<Vec<usize>> {
         bail!("--steps must be between 1 and {total}, got {steps}");
     }
     let stride = total as f64 / steps as f64;
-    let mut ts: Vec<usize> = (0..steps)
-        .map(|k| ((total - 1) as f64 - stride * k as f64).max(0.0) as usize)
-        .collect();
+    let mut ts: Vec<usize> = (0..steps).map(|k| ((total - 1) as f64 - stride * k as f64).max(0.0) as usize).collect();
     if *ts.last().unwrap() != 0 {
         ts.push(0);
     }
@@ -115,16 +87,8 @@ pub fn plan_steps(sch: &Schedule, kind: SamplerKind, steps: usize) -> Result<Vec
     let ab = &sch.alphas_bar;
     let mut rows = Vec::new();
     for (i, &t) in ts.iter().enumerate() {
-        let base = StepCoef {
-            t: t as u32,
-            mode: Mode::Ancestral,
-            a: 0.0,
-            b: 0.0,
-            c1: 0.0,
-            c2: 0.0,
-            c3: 0.0,
-            sigma: 0.0,
-        };
+        let base =
+            StepCoef { t: t as u32, mode: Mode::Ancestral, a: 0.0, b: 0.0, c1: 0.0, c2: 0.0, c3: 0.0, sigma: 0.0 };
         match kind {
             SamplerKind::Ddpm if t == 0 => rows.push(StepCoef {
                 mode: Mode::Final,

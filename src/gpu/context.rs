@@ -50,10 +50,7 @@ impl AdapterSummary {
         let mut out = Vec::new();
         for (flag, name) in [
             (wgpu::Features::TIMESTAMP_QUERY, "timestamps"),
-            (
-                wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES,
-                "timestamps-in-passes",
-            ),
+            (wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES, "timestamps-in-passes"),
             (wgpu::Features::SHADER_F16, "f16"),
             (wgpu::Features::SUBGROUP, "subgroups"),
         ] {
@@ -102,14 +99,9 @@ pub fn choose_adapter(list: &[AdapterSummary], name: Option<&str>) -> Result<usi
     let candidates: Vec<usize> = match name {
         Some(sub) => {
             let sub = sub.to_lowercase();
-            let hits: Vec<usize> = (0..list.len())
-                .filter(|&i| list[i].name.to_lowercase().contains(&sub))
-                .collect();
+            let hits: Vec<usize> = (0..list.len()).filter(|&i| list[i].name.to_lowercase().contains(&sub)).collect();
             if hits.is_empty() {
-                let names: Vec<String> = list
-                    .iter()
-                    .map(|a| format!("{} ({:?})", a.name, a.backend))
-                    .collect();
+                let names: Vec<String> = list.iter().map(|a| format!("{} ({:?})", a.name, a.backend)).collect();
                 bail!(
                     "no adapter name contains '{sub}' (from --adapter or SDDPM_ADAPTER); available: {}",
                     names.join(", ")
@@ -119,10 +111,7 @@ pub fn choose_adapter(list: &[AdapterSummary], name: Option<&str>) -> Result<usi
         }
         None => (0..list.len()).collect(),
     };
-    Ok(*candidates
-        .iter()
-        .min_by_key(|&&i| adapter_rank(&list[i]))
-        .expect("candidates is not empty"))
+    Ok(*candidates.iter().min_by_key(|&&i| adapter_rank(&list[i])).expect("candidates is not empty"))
 }
 
 /// Every adapter wgpu can see (respecting WGPU_BACKEND), and the index we would choose.
@@ -161,8 +150,7 @@ pub struct Context {
     pub counters: Counters,
     errors: Arc<Mutex<Vec<String>>>,
     lost: Arc<Mutex<Option<String>>>,
-    pipelines:
-        Mutex<std::collections::HashMap<(&'static str, &'static str), Arc<wgpu::ComputePipeline>>>,
+    pipelines: Mutex<std::collections::HashMap<(&'static str, &'static str), Arc<wgpu::ComputePipeline>>>,
 }
 
 impl Context {
@@ -170,9 +158,7 @@ impl Context {
     /// `None` falls back to the SDDPM_ADAPTER environment variable.
     pub fn new(adapter_name: Option<&str>) -> Result<Context> {
         let env_name = std::env::var("SDDPM_ADAPTER").ok();
-        let name = adapter_name
-            .or(env_name.as_deref())
-            .filter(|s| !s.is_empty());
+        let name = adapter_name.or(env_name.as_deref()).filter(|s| !s.is_empty());
         let inst = instance();
         let adapters = all_adapters(&inst);
         let list: Vec<AdapterSummary> = adapters.iter().map(AdapterSummary::of).collect();
@@ -244,11 +230,7 @@ impl Context {
         let v = pollster::block_on(validation.pop());
         let o = pollster::block_on(oom.pop());
         if let Some(e) = o {
-            bail!(
-                "out of GPU memory while {what} on {}: {}",
-                self.describe(),
-                error_chain(&e)
-            );
+            bail!("out of GPU memory while {what} on {}: {}", self.describe(), error_chain(&e));
         }
         if let Some(e) = v {
             bail!("GPU validation error while {what}: {}", error_chain(&e));
@@ -268,10 +250,7 @@ impl Context {
     /// Block until the given submission is done.
     pub fn wait_for(&self, index: wgpu::SubmissionIndex) -> Result<()> {
         self.device
-            .poll(wgpu::PollType::Wait {
-                submission_index: Some(index),
-                timeout: None,
-            })
+            .poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: None })
             .map_err(|e| anyhow!("waiting for the GPU failed on {}: {e}", self.describe()))?;
         self.check()
     }
@@ -290,12 +269,7 @@ impl Context {
     }
 
     /// Create a buffer (counted). `size` is rounded up to 4 bytes and at least 4.
-    pub fn create_buffer(
-        &self,
-        label: &str,
-        size: u64,
-        usage: wgpu::BufferUsages,
-    ) -> Result<wgpu::Buffer> {
+    pub fn create_buffer(&self, label: &str, size: u64, usage: wgpu::BufferUsages) -> Result<wgpu::Buffer> {
         if size > self.limits.max_buffer_size {
             bail!(
                 "buffer '{label}' needs {size} bytes but {} allows at most {} per buffer; use a smaller batch or image size",
@@ -316,35 +290,25 @@ impl Context {
     }
 
     /// A compute pipeline for `entry` in `shader`, created once and cached by name.
-    pub fn pipeline(
-        &self,
-        shader: &Shader,
-        entry: &'static str,
-    ) -> Result<Arc<wgpu::ComputePipeline>> {
+    pub fn pipeline(&self, shader: &Shader, entry: &'static str) -> Result<Arc<wgpu::ComputePipeline>> {
         let key = (shader.name, entry);
         if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
             return Ok(p.clone());
         }
-        let pipeline = self.scoped(
-            &format!("compiling shaders/{}.wgsl entry '{entry}'", shader.name),
-            || {
-                let module = self
-                    .device
-                    .create_shader_module(wgpu::ShaderModuleDescriptor {
-                        label: Some(shader.name),
-                        source: wgpu::ShaderSource::Wgsl(shader.source.into()),
-                    });
-                self.device
-                    .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                        label: Some(&format!("{}::{entry}", shader.name)),
-                        layout: None,
-                        module: &module,
-                        entry_point: Some(entry),
-                        compilation_options: Default::default(),
-                        cache: None,
-                    })
-            },
-        )?;
+        let pipeline = self.scoped(&format!("compiling shaders/{}.wgsl entry '{entry}'", shader.name), || {
+            let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(shader.name),
+                source: wgpu::ShaderSource::Wgsl(shader.source.into()),
+            });
+            self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&format!("{}::{entry}", shader.name)),
+                layout: None,
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: Default::default(),
+                cache: None,
+            })
+        })?;
         self.counters.pipelines.fetch_add(1, Ordering::Relaxed);
         let p = Arc::new(pipeline);
         self.pipelines.lock().unwrap().insert(key, p.clone());
@@ -354,28 +318,18 @@ impl Context {
     /// Create a bind group (counted).
     pub fn bind_group(&self, desc: &wgpu::BindGroupDescriptor) -> Result<wgpu::BindGroup> {
         self.counters.bind_groups.fetch_add(1, Ordering::Relaxed);
-        self.scoped("creating a bind group", || {
-            self.device.create_bind_group(desc)
-        })
+        self.scoped("creating a bind group", || self.device.create_bind_group(desc))
     }
 
     /// Copy `src` into a fresh mappable buffer and read it back as 32-bit words.
     pub fn read_buffer(&self, src: &wgpu::Buffer, bytes: u64) -> Result<Vec<u32>> {
-        let staging = self.create_buffer(
-            "readback",
-            bytes,
-            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        )?;
+        let staging =
+            self.create_buffer("readback", bytes, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?;
         self.read_via(src, &staging, bytes)
     }
 
     /// Copy `bytes` of `src` into `staging` (MAP_READ | COPY_DST) and read them back.
-    pub fn read_via(
-        &self,
-        src: &wgpu::Buffer,
-        staging: &wgpu::Buffer,
-        bytes: u64,
-    ) -> Result<Vec<u32>> {
+    pub fn read_via(&self, src: &wgpu::Buffer, staging: &wgpu::Buffer, bytes: u64) -> Result<Vec<u32>> {
         let mut enc = self.device.create_command_encoder(&Default::default());
         enc.copy_buffer_to_buffer(src, 0, staging, 0, bytes);
         self.queue.submit([enc.finish()]);
@@ -389,9 +343,7 @@ impl Context {
             .map_err(|_| anyhow!("readback callback never ran"))?
             .map_err(|e| anyhow!("mapping a readback buffer failed: {e}"))?;
         let out = {
-            let view = slice
-                .get_mapped_range()
-                .map_err(|e| anyhow!("reading a mapped buffer failed: {e}"))?;
+            let view = slice.get_mapped_range().map_err(|e| anyhow!("reading a mapped buffer failed: {e}"))?;
             bytemuck::cast_slice::<u8, u32>(&view).to_vec()
         };
         staging.unmap();
@@ -428,12 +380,7 @@ macro_rules! shader {
     ($name:literal) => {
         $crate::gpu::Shader {
             name: $name,
-            source: include_str!(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/shaders/",
-                $name,
-                ".wgsl"
-            )),
+            source: include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $name, ".wgsl")),
         }
     };
 }

@@ -2,7 +2,4 @@
 
 mod context;
 
-pub use context::{
-    choose_adapter, list_adapters, AdapterSummary, Context, CounterSnapshot, Shader,
-    WANTED_FEATURES,
-};
+pub use context::{choose_adapter, list_adapters, AdapterSummary, Context, CounterSnapshot, Shader, WANTED_FEATURES};

@@ -62,9 +62,7 @@ impl Plan {
                 );
             }
         }
-        let usage = wgpu::BufferUsages::STORAGE
-            | wgpu::BufferUsages::COPY_SRC
-            | wgpu::BufferUsages::COPY_DST;
+        let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
         let buffers = memory
             .slot_bytes
             .iter()
@@ -83,15 +81,11 @@ impl Plan {
         }
         let params = ctx.create_buffer(
             "node params",
-            offsets
-                .last()
-                .map_or(0, |o| o + PARAMS_WINDOW)
-                .max(PARAMS_WINDOW),
+            offsets.last().map_or(0, |o| o + PARAMS_WINDOW).max(PARAMS_WINDOW),
             wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
         )?;
         if !words.is_empty() {
-            ctx.queue
-                .write_buffer(&params, 0, bytemuck::cast_slice(&words));
+            ctx.queue.write_buffer(&params, 0, bytemuck::cast_slice(&words));
         }
 
         let mut nodes = Vec::with_capacity(g.nodes.len());
@@ -117,23 +111,11 @@ impl Plan {
                 });
             }
             let bind_group = ctx
-                .bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some(&node.label),
-                    layout: &layout,
-                    entries: &entries,
-                })
+                .bind_group(&wgpu::BindGroupDescriptor { label: Some(&node.label), layout: &layout, entries: &entries })
                 .map_err(|e| {
-                    e.context(format!(
-                        "binding node '{}' ({}::{})",
-                        node.label, node.shader.name, node.entry
-                    ))
+                    e.context(format!("binding node '{}' ({}::{})", node.label, node.shader.name, node.entry))
                 })?;
-            nodes.push(CompiledNode {
-                pipeline,
-                bind_group,
-                workgroups: node.workgroups,
-                params_offset,
-            });
+            nodes.push(CompiledNode { pipeline, bind_group, workgroups: node.workgroups, params_offset });
         }
 
         let mut staging = HashMap::new();
@@ -147,14 +129,7 @@ impl Plan {
                 staging.insert(TensorId(i), buf);
             }
         }
-        Ok(Plan {
-            tensors: g.tensors.clone(),
-            memory,
-            buffers,
-            params,
-            nodes,
-            staging,
-        })
+        Ok(Plan { tensors: g.tensors.clone(), memory, buffers, params, nodes, staging })
     }
 
     pub fn memory(&self) -> &MemoryPlan {
@@ -165,33 +140,19 @@ impl Plan {
     pub fn write<T: bytemuck::Pod>(&self, ctx: &Context, t: TensorId, data: &[T]) -> Result<()> {
         let info = &self.tensors[t.0];
         if info.role == Role::Intermediate {
-            bail!(
-                "tensor '{}' is an intermediate; only inputs and params can be written",
-                info.name
-            );
+            bail!("tensor '{}' is an intermediate; only inputs and params can be written", info.name);
         }
         let bytes: &[u8] = bytemuck::cast_slice(data);
         if bytes.len() as u64 != info.bytes() {
-            bail!(
-                "tensor '{}' {:?} holds {} values, got {}",
-                info.name,
-                info.shape,
-                info.numel(),
-                bytes.len() / 4
-            );
+            bail!("tensor '{}' {:?} holds {} values, got {}", info.name, info.shape, info.numel(), bytes.len() / 4);
         }
-        ctx.queue
-            .write_buffer(&self.buffers[self.memory.slot_of(t)], 0, bytes);
+        ctx.queue.write_buffer(&self.buffers[self.memory.slot_of(t)], 0, bytes);
         Ok(())
     }
 
     /// Replace one node's uniform parameters (same length) before the next run.
     pub fn set_params(&self, ctx: &Context, node: usize, params: &[u32]) {
-        ctx.queue.write_buffer(
-            &self.params,
-            self.nodes[node].params_offset,
-            bytemuck::cast_slice(params),
-        );
+        ctx.queue.write_buffer(&self.params, self.nodes[node].params_offset, bytemuck::cast_slice(params));
     }
 
     /// Record and submit every dispatch; returns without waiting for the last submission.
@@ -204,12 +165,7 @@ impl Plan {
     /// buffers of at most `DISPATCHES_PER_SUBMIT` (whole replays share one when they fit), one
     /// compute pass per replay chunk; `progress(replays_submitted)` is called after each submit.
     /// Returns without waiting for the last submission.
-    pub fn run_repeated(
-        &self,
-        ctx: &Context,
-        reps: usize,
-        progress: &mut dyn FnMut(usize),
-    ) -> Result<RunStats> {
+    pub fn run_repeated(&self, ctx: &Context, reps: usize, progress: &mut dyn FnMut(usize)) -> Result<RunStats> {
         let mut stats = RunStats::default();
         let mut in_flight: VecDeque<wgpu::SubmissionIndex> = VecDeque::new();
         ctx.scoped("running a compiled graph", || -> Result<()> {
@@ -226,10 +182,7 @@ impl Plan {
             for rep in 0..reps {
                 for chunk in self.nodes.chunks(DISPATCHES_PER_SUBMIT) {
                     if pending > 0 && pending + chunk.len() > DISPATCHES_PER_SUBMIT {
-                        let full = std::mem::replace(
-                            &mut enc,
-                            ctx.device.create_command_encoder(&Default::default()),
-                        );
+                        let full = std::mem::replace(&mut enc, ctx.device.create_command_encoder(&Default::default()));
                         submit(full, &mut stats)?;
                         progress(rep);
                         pending = 0;
@@ -269,10 +222,6 @@ impl Plan {
 
     /// Read a tensor back as f32 (waits for the GPU).
     pub fn read(&self, ctx: &Context, t: TensorId) -> Result<Vec<f32>> {
-        Ok(self
-            .read_u32(ctx, t)?
-            .into_iter()
-            .map(f32::from_bits)
-            .collect())
+        Ok(self.read_u32(ctx, t)?.into_iter().map(f32::from_bits).collect())
     }
 }

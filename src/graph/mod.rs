@@ -88,16 +88,8 @@ impl Graph {
     }
 
     fn add(&mut self, name: String, shape: &[usize], role: Role) -> TensorId {
-        assert!(
-            shape.iter().all(|&d| d > 0),
-            "tensor '{name}' has an empty dimension: {shape:?}"
-        );
-        self.tensors.push(TensorInfo {
-            name,
-            shape: shape.to_vec(),
-            role,
-            output: false,
-        });
+        assert!(shape.iter().all(|&d| d > 0), "tensor '{name}' has an empty dimension: {shape:?}");
+        self.tensors.push(TensorInfo { name, shape: shape.to_vec(), role, output: false });
         TensorId(self.tensors.len() - 1)
     }
 
@@ -182,8 +174,7 @@ impl Params {
         Self::default()
     }
     pub fn u(mut self, v: usize) -> Self {
-        self.0
-            .push(u32::try_from(v).expect("kernel parameter exceeds u32"));
+        self.0.push(u32::try_from(v).expect("kernel parameter exceeds u32"));
         self
     }
     pub fn f(mut self, v: f32) -> Self {

@@ -62,10 +62,7 @@ pub fn plan_memory(g: &Graph) -> MemoryPlan {
     for (i, node) in g.nodes.iter().enumerate() {
         let mut starting: Vec<TensorId> = Vec::new();
         for &t in node.writes.iter().chain(&node.reads) {
-            if g.tensors[t.0].role == Role::Intermediate
-                && first[t.0] == i
-                && !starting.contains(&t)
-            {
+            if g.tensors[t.0].role == Role::Intermediate && first[t.0] == i && !starting.contains(&t) {
                 starting.push(t);
             }
         }
@@ -77,12 +74,7 @@ pub fn plan_memory(g: &Graph) -> MemoryPlan {
                 .filter(|(_, &s)| slot_bytes[s] >= need)
                 .min_by_key(|(_, &s)| slot_bytes[s])
                 .map(|(k, _)| k);
-            let pick = best_fit.or_else(|| {
-                free.iter()
-                    .enumerate()
-                    .max_by_key(|(_, &s)| slot_bytes[s])
-                    .map(|(k, _)| k)
-            });
+            let pick = best_fit.or_else(|| free.iter().enumerate().max_by_key(|(_, &s)| slot_bytes[s]).map(|(k, _)| k));
             let s = match pick {
                 Some(k) => free.swap_remove(k),
                 None => {
@@ -105,11 +97,5 @@ pub fn plan_memory(g: &Graph) -> MemoryPlan {
         free.extend(ending);
     }
     let planned = slot_bytes[fixed_slots..].iter().sum();
-    MemoryPlan {
-        slot,
-        slot_bytes,
-        naive_intermediate_bytes: naive,
-        planned_intermediate_bytes: planned,
-        fixed_bytes,
-    }
+    MemoryPlan { slot, slot_bytes, naive_intermediate_bytes: naive, planned_intermediate_bytes: planned, fixed_bytes }
 }

@@ -6,11 +6,7 @@ use super::ModelConfig;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Block {
     /// Spk_ResBlock(cin, cout): IF, conv1, BN1, + temb proj, IF, conv2, BN2, + shortcut(x).
-    Res {
-        name: String,
-        cin: usize,
-        cout: usize,
-    },
+    Res { name: String, cin: usize, cout: usize },
     /// Spk_DownSample(c): IF, conv 3x3 stride 2, BN.
     Down { name: String, c: usize },
     /// Spk_UpSample(c): IF, nearest x2, conv 3x3, BN.
@@ -47,53 +43,28 @@ pub fn arch(cfg: &ModelConfig) -> Arch {
     let mut now = ch;
     for (i, &mult) in cfg.ch_mult.iter().enumerate() {
         for _ in 0..cfg.num_res_blocks {
-            down.push(Block::Res {
-                name: format!("downblocks.{}", down.len()),
-                cin: now,
-                cout: ch * mult,
-            });
+            down.push(Block::Res { name: format!("downblocks.{}", down.len()), cin: now, cout: ch * mult });
             now = ch * mult;
             skip_ch.push(now);
         }
         if i + 1 != cfg.ch_mult.len() {
-            down.push(Block::Down {
-                name: format!("downblocks.{}", down.len()),
-                c: now,
-            });
+            down.push(Block::Down { name: format!("downblocks.{}", down.len()), c: now });
             skip_ch.push(now);
         }
     }
-    let middle = (0..2)
-        .map(|i| Block::Res {
-            name: format!("middleblocks.{i}"),
-            cin: now,
-            cout: now,
-        })
-        .collect();
+    let middle = (0..2).map(|i| Block::Res { name: format!("middleblocks.{i}"), cin: now, cout: now }).collect();
     let mut up = Vec::new();
     for (i, &mult) in cfg.ch_mult.iter().enumerate().rev() {
         for _ in 0..=cfg.num_res_blocks {
             let skip = skip_ch.pop().expect("one skip per up ResBlock");
-            up.push(Block::Res {
-                name: format!("upblocks.{}", up.len()),
-                cin: now + skip,
-                cout: ch * mult,
-            });
+            up.push(Block::Res { name: format!("upblocks.{}", up.len()), cin: now + skip, cout: ch * mult });
             now = ch * mult;
         }
         if i != 0 {
-            up.push(Block::Up {
-                name: format!("upblocks.{}", up.len()),
-                c: now,
-            });
+            up.push(Block::Up { name: format!("upblocks.{}", up.len()), c: now });
         }
     }
-    Arch {
-        down,
-        middle,
-        up,
-        tail_ch: now,
-    }
+    Arch { down, middle, up, tail_ch: now }
 }
 
 /// What kind of state_dict entry a tensor is.
@@ -121,53 +92,21 @@ pub fn state_entries(cfg: &ModelConfig) -> Vec<Entry> {
     let mut out = Vec::new();
     let mut push = |name: String, shape: Vec<usize>, kind| out.push(Entry { name, shape, kind });
     let tdim = cfg.tdim();
-    push(
-        "time_embedding.timembedding.0.weight".into(),
-        vec![cfg.diffusion_steps, cfg.ch],
-        EntryKind::Frozen,
-    );
+    push("time_embedding.timembedding.0.weight".into(), vec![cfg.diffusion_steps, cfg.ch], EntryKind::Frozen);
     for (i, fan_in) in [(1, cfg.ch), (3, tdim)] {
-        push(
-            format!("time_embedding.timembedding.{i}.weight"),
-            vec![tdim, fan_in],
-            EntryKind::Trainable,
-        );
-        push(
-            format!("time_embedding.timembedding.{i}.bias"),
-            vec![tdim],
-            EntryKind::Trainable,
-        );
+        push(format!("time_embedding.timembedding.{i}.weight"), vec![tdim, fan_in], EntryKind::Trainable);
+        push(format!("time_embedding.timembedding.{i}.bias"), vec![tdim], EntryKind::Trainable);
     }
-    let conv = |push: &mut dyn FnMut(String, Vec<usize>, EntryKind),
-                name: &str,
-                cout: usize,
-                cin: usize,
-                k: usize| {
-        push(
-            format!("{name}.weight"),
-            vec![cout, cin, k, k],
-            EntryKind::Trainable,
-        );
+    let conv = |push: &mut dyn FnMut(String, Vec<usize>, EntryKind), name: &str, cout: usize, cin: usize, k: usize| {
+        push(format!("{name}.weight"), vec![cout, cin, k, k], EntryKind::Trainable);
         push(format!("{name}.bias"), vec![cout], EntryKind::Trainable);
     };
     let bn = |push: &mut dyn FnMut(String, Vec<usize>, EntryKind), name: &str, c: usize| {
         push(format!("{name}.weight"), vec![c], EntryKind::Trainable);
         push(format!("{name}.bias"), vec![c], EntryKind::Trainable);
-        push(
-            format!("{name}.running_mean"),
-            vec![c],
-            EntryKind::RunningStat,
-        );
-        push(
-            format!("{name}.running_var"),
-            vec![c],
-            EntryKind::RunningStat,
-        );
-        push(
-            format!("{name}.num_batches_tracked"),
-            vec![],
-            EntryKind::Counter,
-        );
+        push(format!("{name}.running_mean"), vec![c], EntryKind::RunningStat);
+        push(format!("{name}.running_var"), vec![c], EntryKind::RunningStat);
+        push(format!("{name}.num_batches_tracked"), vec![], EntryKind::Counter);
     };
     conv(&mut push, "conv", cfg.ch, cfg.img_ch, 3);
     bn(&mut push, "bn", cfg.ch);
@@ -177,16 +116,8 @@ pub fn state_entries(cfg: &ModelConfig) -> Vec<Entry> {
     for block in a.down.iter().chain(&a.middle).chain(&a.up) {
         match block {
             Block::Res { name, cin, cout } => {
-                push(
-                    format!("{name}.temb_proj.1.weight"),
-                    vec![*cout, tdim],
-                    EntryKind::Trainable,
-                );
-                push(
-                    format!("{name}.temb_proj.1.bias"),
-                    vec![*cout],
-                    EntryKind::Trainable,
-                );
+                push(format!("{name}.temb_proj.1.weight"), vec![*cout, tdim], EntryKind::Trainable);
+                push(format!("{name}.temb_proj.1.bias"), vec![*cout], EntryKind::Trainable);
                 conv(&mut push, &format!("{name}.conv1"), *cout, *cin, 3);
                 bn(&mut push, &format!("{name}.bn1"), *cout);
                 conv(&mut push, &format!("{name}.conv2"), *cout, *cout, 3);
@@ -203,16 +134,8 @@ pub fn state_entries(cfg: &ModelConfig) -> Vec<Entry> {
     }
     bn(&mut push, "tail_bn", a.tail_ch);
     conv(&mut push, "tail_conv", cfg.img_ch, a.tail_ch, 3);
-    push(
-        "T_output_layer.weight".into(),
-        vec![cfg.img_ch, cfg.img_ch, 3, 3, 1],
-        EntryKind::Trainable,
-    );
-    push(
-        "T_output_layer.bias".into(),
-        vec![cfg.img_ch],
-        EntryKind::Trainable,
-    );
+    push("T_output_layer.weight".into(), vec![cfg.img_ch, cfg.img_ch, 3, 3, 1], EntryKind::Trainable);
+    push("T_output_layer.bias".into(), vec![cfg.img_ch], EntryKind::Trainable);
     bn(&mut push, "last_bn", cfg.img_ch);
     out
 }

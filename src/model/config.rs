@@ -56,22 +56,9 @@ impl ModelConfig {
             "cifar10" => paper(3, 32),
             "celeba64" => paper(3, 64),
             "mnist" | "fashion" => paper(1, 32),
-            "small" => ModelConfig {
-                ch: 32,
-                ch_mult: vec![1, 2, 2],
-                num_res_blocks: 1,
-                ..paper(1, 32)
-            },
-            "tiny" => ModelConfig {
-                ch: 16,
-                ch_mult: vec![1, 2],
-                num_res_blocks: 1,
-                ..paper(3, 32)
-            },
-            other => bail!(
-                "unknown preset '{other}'; choose one of: {}",
-                PRESETS.join(", ")
-            ),
+            "small" => ModelConfig { ch: 32, ch_mult: vec![1, 2, 2], num_res_blocks: 1, ..paper(1, 32) },
+            "tiny" => ModelConfig { ch: 16, ch_mult: vec![1, 2], num_res_blocks: 1, ..paper(3, 32) },
+            other => bail!("unknown preset '{other}'; choose one of: {}", PRESETS.join(", ")),
         })
     }
 
@@ -82,15 +69,11 @@ impl ModelConfig {
 
     /// Check the numbers make a buildable net; `size` is the image side to run at.
     pub fn validate(&self, size: usize) -> Result<()> {
-        if self.ch == 0 || self.ch_mult.is_empty() || self.ch_mult.contains(&0) || self.img_ch == 0
-        {
+        if self.ch == 0 || self.ch_mult.is_empty() || self.ch_mult.contains(&0) || self.img_ch == 0 {
             bail!("model config: ch, ch_mult and img_ch must be positive, got {self:?}");
         }
         if self.ch % 2 != 0 {
-            bail!(
-                "model config: ch must be even (sin/cos time embedding), got {}",
-                self.ch
-            );
+            bail!("model config: ch must be even (sin/cos time embedding), got {}", self.ch);
         }
         if self.snn_steps == 0 {
             bail!("model config: spiking steps (--snn-steps / timestep) must be at least 1");
@@ -101,9 +84,7 @@ impl ModelConfig {
         let levels = self.ch_mult.len() as u32;
         let factor = 1usize << (levels - 1);
         if size == 0 || size % factor != 0 {
-            bail!(
-                "image size {size} must be a positive multiple of {factor} for {levels} resolution levels"
-            );
+            bail!("image size {size} must be a positive multiple of {factor} for {levels} resolution levels");
         }
         Ok(())
     }

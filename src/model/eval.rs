@@ -37,35 +37,20 @@ impl EvalNet {
         let mut g = Graph::new();
         let x = g.input("x", &[batch, cfg.img_ch, size, size]);
         let t = g.input("t", &[batch]);
-        let neuron = Neuron {
-            v_th,
-            ..Neuron::default()
-        };
+        let neuron = Neuron { v_th, ..Neuron::default() };
         let unet = build_eval(&mut g, cfg, x, t, neuron);
         g.mark_output(unet.eps);
         let plan = Plan::compile(ctx, &g)?;
         for (name, &id) in &unet.params {
             plan.write(ctx, id, &ckpt.get(name)?.data)?;
         }
-        Ok(EvalNet {
-            cfg: cfg.clone(),
-            batch,
-            size,
-            graph: g,
-            plan,
-            x,
-            t,
-            eps: unet.eps,
-        })
+        Ok(EvalNet { cfg: cfg.clone(), batch, size, graph: g, plan, x, t, eps: unet.eps })
     }
 
     /// eps_hat for x [B, C, H, W] and integer timesteps t [B].
     pub fn forward(&self, ctx: &Context, x: &[f32], t: &[u32]) -> Result<Vec<f32>> {
         if let Some(&bad) = t.iter().find(|&&v| v as usize >= self.cfg.diffusion_steps) {
-            bail!(
-                "timestep {bad} is out of range 0..{}",
-                self.cfg.diffusion_steps
-            );
+            bail!("timestep {bad} is out of range 0..{}", self.cfg.diffusion_steps);
         }
         self.plan.write(ctx, self.x, x)?;
         self.plan.write(ctx, self.t, t)?;

@@ -31,29 +31,17 @@ fn fans(shape: &[usize]) -> (usize, usize) {
 pub fn init_weights(cfg: &ModelConfig, seed: u64) -> TensorFile {
     let mut rng = StdRng::seed_from_u64(seed);
     let entries = state_entries(cfg);
-    let shapes: BTreeMap<&str, &[usize]> = entries
-        .iter()
-        .map(|e| (e.name.as_str(), &e.shape[..]))
-        .collect();
+    let shapes: BTreeMap<&str, &[usize]> = entries.iter().map(|e| (e.name.as_str(), &e.shape[..])).collect();
     let is_bn = |module: &str| shapes.contains_key(format!("{module}.running_mean").as_str());
     let mut tensors = BTreeMap::new();
     let mut ints = BTreeMap::new();
     for e in &entries {
         let n: usize = e.shape.iter().product();
         let (module, leaf) = e.name.rsplit_once('.').unwrap_or(("", &e.name));
-        let weight_shape = shapes
-            .get(format!("{module}.weight").as_str())
-            .copied()
-            .unwrap_or(&[]);
+        let weight_shape = shapes.get(format!("{module}.weight").as_str()).copied().unwrap_or(&[]);
         let data = match (e.kind, leaf) {
             (EntryKind::Counter, _) => {
-                ints.insert(
-                    e.name.clone(),
-                    IntTensor {
-                        shape: vec![],
-                        data: vec![0],
-                    },
-                );
+                ints.insert(e.name.clone(), IntTensor { shape: vec![], data: vec![0] });
                 continue;
             }
             (EntryKind::Frozen, _) => timestep_table(cfg.diffusion_steps, cfg.ch),
@@ -71,23 +59,9 @@ pub fn init_weights(cfg: &ModelConfig, seed: u64) -> TensorFile {
             }
             _ => vec![0.0; n],
         };
-        tensors.insert(
-            e.name.clone(),
-            Tensor {
-                shape: e.shape.clone(),
-                data,
-            },
-        );
+        tensors.insert(e.name.clone(), Tensor { shape: e.shape.clone(), data });
     }
     let mut metadata = std::collections::HashMap::new();
-    metadata.insert(
-        "config".into(),
-        serde_json::to_string(cfg).expect("config serializes"),
-    );
-    TensorFile {
-        path: format!("<fresh model, seed {seed}>").into(),
-        tensors,
-        ints,
-        metadata,
-    }
+    metadata.insert("config".into(), serde_json::to_string(cfg).expect("config serializes"));
+    TensorFile { path: format!("<fresh model, seed {seed}>").into(), tensors, ints, metadata }
 }

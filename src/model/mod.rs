@@ -10,4 +10,4 @@ pub use arch::{arch, parameter_count, state_entries, Arch, Block, Entry, EntryKi
 pub use config::{ModelConfig, PRESETS};
 pub use eval::EvalNet;
 pub use init::init_weights;
-pub use unet::{build_eval, declare_params, UNet};
+pub use unet::{build_eval, build_train, declare_params, UNet};

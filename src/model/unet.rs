@@ -27,14 +27,13 @@ struct Builder<'a> {
     params: BTreeMap<String, TensorId>,
     t: usize,
     neuron: Neuron,
+    /// Training form: BatchNorm with batch statistics, neurons saving what backward needs.
+    train: bool,
 }
 
 impl Builder<'_> {
     fn p(&self, name: &str) -> TensorId {
-        *self
-            .params
-            .get(name)
-            .unwrap_or_else(|| panic!("U-Net parameter {name} was not declared"))
+        *self.params.get(name).unwrap_or_else(|| panic!("U-Net parameter {name} was not declared"))
     }
 
     fn bn(&self, name: &str) -> BnParams {
@@ -52,12 +51,24 @@ impl Builder<'_> {
         let b = self.p(&format!("{conv_name}.bias"));
         let k = self.g.shape(w)[2];
         let h = conv::conv2d(self.g, x, w, Some(b), stride, k / 2, conv_name);
-        let bn = self.bn(bn_name);
-        batchnorm::batchnorm_eval(self.g, h, bn, bn_name)
+        self.batchnorm(h, bn_name)
+    }
+
+    fn batchnorm(&mut self, x: TensorId, name: &str) -> TensorId {
+        let bn = self.bn(name);
+        if self.train {
+            batchnorm::batchnorm_train(self.g, x, bn, name).0
+        } else {
+            batchnorm::batchnorm_eval(self.g, x, bn, name)
+        }
     }
 
     fn spikes(&mut self, x: TensorId, name: &str) -> TensorId {
-        neuron::neuron_forward(self.g, x, self.t, self.neuron, name)
+        if self.train {
+            neuron::neuron_forward_train(self.g, x, self.t, self.neuron, name).0
+        } else {
+            neuron::neuron_forward(self.g, x, self.t, self.neuron, name)
+        }
     }
 
     fn block(&mut self, block: &Block, x: TensorId, temb_act: TensorId) -> TensorId {
@@ -111,27 +122,22 @@ pub fn declare_params(g: &mut Graph, cfg: &ModelConfig) -> BTreeMap<String, Tens
 
 /// Append the inference-mode U-Net to `g`: x [B, C, H, W] (f32), t [B] (u32 timesteps) -> eps.
 /// BatchNorm uses running statistics; every neuron uses `neuron` (threshold guidance sets v_th).
-pub fn build_eval(
-    g: &mut Graph,
-    cfg: &ModelConfig,
-    x: TensorId,
-    t: TensorId,
-    neuron: Neuron,
-) -> UNet {
+pub fn build_eval(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neuron) -> UNet {
+    build(g, cfg, x, t, neuron, false)
+}
+
+/// Append the training-mode U-Net: BatchNorm over the batch statistics of all T*B*H*W values
+/// (running statistics updated in place), neurons saving their membranes, every op recorded on
+/// the tape for [`crate::graph::backward`].
+pub fn build_train(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId) -> UNet {
+    build(g, cfg, x, t, Neuron::default(), true)
+}
+
+fn build(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neuron, train: bool) -> UNet {
     let params = declare_params(g, cfg);
-    let mut b = Builder {
-        g,
-        params,
-        t: cfg.snn_steps,
-        neuron,
-    };
+    let mut b = Builder { g, params, t: cfg.snn_steps, neuron, train };
     // Time embedding, once per evaluation and shared by every block (it is the same for all T).
-    let e = embedding::gather_rows(
-        b.g,
-        b.p("time_embedding.timembedding.0.weight"),
-        t,
-        "time_embedding.table",
-    );
+    let e = embedding::gather_rows(b.g, b.p("time_embedding.timembedding.0.weight"), t, "time_embedding.table");
     let e = matmul::linear(
         b.g,
         e,
@@ -150,10 +156,19 @@ pub fn build_eval(
     // Every temb_proj starts with Swish(temb): compute it once.
     let temb_act = elementwise::swish(b.g, temb, "temb_proj.0");
 
-    // Stem. The input is repeated over T, and conv + BN (eval) act per image, so they run once
-    // per image and are repeated after: identical numbers, T times less work.
-    let h = b.conv_bn(x, "conv", "bn", 1);
-    let h = layout::repeat_leading(b.g, h, b.t, "repeat_time");
+    // Stem. The input is repeated over T; the conv acts per image, so it runs once per image and
+    // its output is repeated: identical numbers, T times less work. At inference BN (running
+    // statistics) is per image too and runs before the repeat; in training it needs the batch
+    // statistics over all T*B copies (they enter the unbiased running variance) and runs after.
+    let h = if train {
+        let (w, bias) = (b.p("conv.weight"), b.p("conv.bias"));
+        let h = conv::conv2d(b.g, x, w, Some(bias), 1, 1, "conv");
+        let h = layout::repeat_leading(b.g, h, b.t, "repeat_time");
+        b.batchnorm(h, "bn")
+    } else {
+        let h = b.conv_bn(x, "conv", "bn", 1);
+        layout::repeat_leading(b.g, h, b.t, "repeat_time")
+    };
     let s = b.spikes(h, "neuron");
     let mut h = b.conv_bn(s, "conv_identity", "bn_identity", 1);
 
@@ -175,20 +190,15 @@ pub fn build_eval(
     }
 
     // Tail: BN -> Swish -> conv (per step), then the (3,3,1) conv3d branch added residually.
-    let bn = b.bn("tail_bn");
-    let h = batchnorm::batchnorm_eval(b.g, h, bn, "tail_bn");
+    let h = b.batchnorm(h, "tail_bn");
     let h = elementwise::swish(b.g, h, "tail_swish");
     let (w, bias) = (b.p("tail_conv.weight"), b.p("tail_conv.bias"));
     let h = conv::conv2d(b.g, h, w, Some(bias), 1, 1, "tail_conv");
     let (w, bias) = (b.p("T_output_layer.weight"), b.p("T_output_layer.bias"));
     let o = conv::conv3d_331(b.g, h, w, Some(bias), "T_output_layer");
-    let bn = b.bn("last_bn");
-    let o = batchnorm::batchnorm_eval(b.g, o, bn, "last_bn");
+    let o = b.batchnorm(o, "last_bn");
     let o = elementwise::swish(b.g, o, "last_swish");
     let h = elementwise::add(b.g, o, h, "output_residual");
     let eps = readout::membrane_readout(b.g, h, b.t, readout::DECAY, "membrane_output");
-    UNet {
-        params: b.params,
-        eps,
-    }
+    UNet { params: b.params, eps }
 }

@@ -29,22 +29,12 @@ pub struct BnSaved {
 
 fn dims(g: &Graph, x: TensorId, name: &str) -> (usize, usize, usize) {
     let s = g.shape(x);
-    assert!(
-        s.len() >= 2,
-        "{name}: BatchNorm input must be [N, C, ...], got {s:?}"
-    );
+    assert!(s.len() >= 2, "{name}: BatchNorm input must be [N, C, ...], got {s:?}");
     (s[0], s[1], s[2..].iter().product())
 }
 
 fn params(n: usize, c: usize, hw: usize, eps: f32, momentum: f32) -> Vec<u32> {
-    Params::new()
-        .u(n)
-        .u(c)
-        .u(hw)
-        .u(0)
-        .f(eps)
-        .f(momentum)
-        .build()
+    Params::new().u(n).u(c).u(hw).u(0).f(eps).f(momentum).build()
 }
 
 /// y = (x - running_mean) / sqrt(running_var + eps) * weight + bias.
@@ -66,12 +56,7 @@ pub fn batchnorm_eval(g: &mut Graph, x: TensorId, bn: BnParams, name: &str) -> T
 
 /// Training-mode BN: batch statistics over N*H*W, running statistics updated in place
 /// (momentum 0.1, unbiased variance). Returns y and the statistics backward needs.
-pub fn batchnorm_train(
-    g: &mut Graph,
-    x: TensorId,
-    bn: BnParams,
-    name: &str,
-) -> (TensorId, BnSaved) {
+pub fn batchnorm_train(g: &mut Graph, x: TensorId, bn: BnParams, name: &str) -> (TensorId, BnSaved) {
     let (n, c, hw) = dims(g, x, name);
     let mean = g.intermediate(&format!("{name}.mean"), &[c]);
     let invstd = g.intermediate(&format!("{name}.invstd"), &[c]);
@@ -83,10 +68,7 @@ pub fn batchnorm_train(
         writes: vec![mean, invstd, bn.running_mean, bn.running_var],
         workgroups: [c as u32, 1, 1],
         label: format!("{name}.stats"),
-        cost: Cost {
-            flops: 3 * (n * c * hw) as u64,
-            bytes: 4 * (2 * n * c * hw + 6 * c) as u64,
-        },
+        cost: Cost { flops: 3 * (n * c * hw) as u64, bytes: 4 * (2 * n * c * hw + 6 * c) as u64 },
     });
     let y = g.intermediate(name, &g.shape(x).to_vec());
     g.push(Node {
@@ -113,10 +95,7 @@ pub fn batchnorm_train(
             writes: vec![dweight, dbias],
             workgroups: [c as u32, 1, 1],
             label: format!("{label}.grad_stats"),
-            cost: Cost {
-                flops: 4 * (n * c * hw) as u64,
-                bytes: 8 * (n * c * hw) as u64,
-            },
+            cost: Cost { flops: 4 * (n * c * hw) as u64, bytes: 8 * (n * c * hw) as u64 },
         });
         let dx = needs[0].then(|| {
             let dx = g.intermediate(&format!("{label}.grad_input"), &g.shape(x).to_vec());
@@ -138,7 +117,15 @@ pub fn batchnorm_train(
 }
 
 /// CPU reference of the training-mode BN backward: (dx, dweight, dbias), f64 sums.
-pub fn batchnorm_train_backward_cpu(dy: &[f32], x: &[f32], c: usize, hw: usize, w: &[f32], mean: &[f32], invstd: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+pub fn batchnorm_train_backward_cpu(
+    dy: &[f32],
+    x: &[f32],
+    c: usize,
+    hw: usize,
+    w: &[f32],
+    mean: &[f32],
+    invstd: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let n = x.len() / (c * hw);
     let m = (n * hw) as f32;
     let mut dw = vec![0f64; c];
@@ -148,7 +135,8 @@ pub fn batchnorm_train_backward_cpu(dy: &[f32], x: &[f32], c: usize, hw: usize, 
         db[ch] += g as f64;
         dw[ch] += (g * (xv - mean[ch]) * invstd[ch]) as f64;
     }
-    let (dw, db): (Vec<f32>, Vec<f32>) = (dw.iter().map(|&v| v as f32).collect(), db.iter().map(|&v| v as f32).collect());
+    let (dw, db): (Vec<f32>, Vec<f32>) =
+        (dw.iter().map(|&v| v as f32).collect(), db.iter().map(|&v| v as f32).collect());
     let dx = dy
         .iter()
         .zip(x)
@@ -163,15 +151,7 @@ pub fn batchnorm_train_backward_cpu(dy: &[f32], x: &[f32], c: usize, hw: usize, 
 }
 
 /// CPU reference of [`batchnorm_eval`] (PyTorch's affine form).
-pub fn batchnorm_eval_cpu(
-    x: &[f32],
-    c: usize,
-    hw: usize,
-    w: &[f32],
-    b: &[f32],
-    rm: &[f32],
-    rv: &[f32],
-) -> Vec<f32> {
+pub fn batchnorm_eval_cpu(x: &[f32], c: usize, hw: usize, w: &[f32], b: &[f32], rm: &[f32], rv: &[f32]) -> Vec<f32> {
     x.iter()
         .enumerate()
         .map(|(i, &v)| {

@@ -23,23 +23,14 @@ pub fn conv2d(
     name: &str,
 ) -> TensorId {
     let ws = g.shape(w).to_vec();
-    assert!(
-        ws.len() == 4 && ws[2] == ws[3],
-        "{name}: conv2d weight must be [Cout, Cin, K, K], got {ws:?}"
-    );
+    assert!(ws.len() == 4 && ws[2] == ws[3], "{name}: conv2d weight must be [Cout, Cin, K, K], got {ws:?}");
     conv_node(g, x, w, b, [ws[0], ws[1], ws[2]], stride, pad, name)
 }
 
 /// The reference's `T_output_layer`: Conv3d(C, C, kernel (3,3,1), padding (1,1,0)) applied to
 /// [B, C, H, W, T]. Our activations are [T*B, C, H, W]; since the kernel spans one time step,
 /// this is a 3x3 conv per (t, b) with weight w[:, :, :, :, 0], whose memory layout is identical.
-pub fn conv3d_331(
-    g: &mut Graph,
-    x: TensorId,
-    w: TensorId,
-    b: Option<TensorId>,
-    name: &str,
-) -> TensorId {
+pub fn conv3d_331(g: &mut Graph, x: TensorId, w: TensorId, b: Option<TensorId>, name: &str) -> TensorId {
     let ws = g.shape(w).to_vec();
     assert!(
         ws.len() == 5 && ws[2] == 3 && ws[3] == 3 && ws[4] == 1,
@@ -60,10 +51,7 @@ fn conv_node(
     name: &str,
 ) -> TensorId {
     let xs = g.shape(x).to_vec();
-    assert!(
-        xs.len() == 4 && xs[1] == cin,
-        "{name}: input {xs:?} does not match weight Cin {cin}"
-    );
+    assert!(xs.len() == 4 && xs[1] == cin, "{name}: input {xs:?} does not match weight Cin {cin}");
     if let Some(b) = b {
         assert_eq!(g.shape(b), [cout], "{name}: bias must be [{cout}]");
     }
@@ -94,26 +82,17 @@ fn conv_node(
         // Without a bias the weight is bound in its slot; the shader never reads it then.
         reads: vec![x, w, b.unwrap_or(w)],
         writes: vec![y],
-        workgroups: [
-            (ho * wo_groups).div_ceil(64) as u32,
-            cout.div_ceil(4) as u32,
-            n as u32,
-        ],
+        workgroups: [(ho * wo_groups).div_ceil(64) as u32, cout.div_ceil(4) as u32, n as u32],
         label: name.to_string(),
-        cost: Cost {
-            flops: 2 * macs,
-            bytes: 4 * (n * cin * h * wd + cout * cin * k * k + n * cout * ho * wo) as u64,
-        },
+        cost: Cost { flops: 2 * macs, bytes: 4 * (n * cin * h * wd + cout * cin * k * k + n * cout * ho * wo) as u64 },
     });
     let label = name.to_string();
     let mut inputs = vec![x, w];
     inputs.extend(b);
     g.record(name, inputs, vec![y], move |g, go, needs| {
         let Some(dy) = go[0] else { return vec![None; needs.len()] };
-        let cost = Cost {
-            flops: 2 * macs,
-            bytes: 4 * (n * cin * h * wd + cout * cin * k * k + n * cout * ho * wo) as u64,
-        };
+        let cost =
+            Cost { flops: 2 * macs, bytes: 4 * (n * cin * h * wd + cout * cin * k * k + n * cout * ho * wo) as u64 };
         let dx = needs[0].then(|| {
             let dx = g.intermediate(&format!("{label}.grad_input"), &[n, cin, h, wd]);
             g.push(Node {
@@ -205,9 +184,7 @@ pub fn conv3d_331_cpu(
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
     let mut y = vec![0f32; b * cout * h * w * t];
-    let at = |bb: usize, ci: usize, iy: usize, ix: usize, tt: usize| {
-        ((((bb * c + ci) * h + iy) * w + ix) * t) + tt
-    };
+    let at = |bb: usize, ci: usize, iy: usize, ix: usize, tt: usize| ((((bb * c + ci) * h + iy) * w + ix) * t) + tt;
     for bb in 0..b {
         for co in 0..cout {
             for oy in 0..h {
@@ -231,8 +208,7 @@ pub fn conv3d_331_cpu(
                                 }
                             }
                         }
-                        y[((((bb * cout + co) * h + oy) * w + ox) * t) + tt] =
-                            acc + bias.map_or(0.0, |v| v[co]);
+                        y[((((bb * cout + co) * h + oy) * w + ox) * t) + tt] = acc + bias.map_or(0.0, |v| v[co]);
                     }
                 }
             }
@@ -242,7 +218,14 @@ pub fn conv3d_331_cpu(
 }
 
 /// CPU reference of the input gradient of [`conv2d`] (sum over co, ky, kx).
-pub fn conv2d_grad_input_cpu(dy: &[f32], wt: &[f32], [n, cin, h, w]: [usize; 4], [cout, k]: [usize; 2], stride: usize, pad: usize) -> Vec<f32> {
+pub fn conv2d_grad_input_cpu(
+    dy: &[f32],
+    wt: &[f32],
+    [n, cin, h, w]: [usize; 4],
+    [cout, k]: [usize; 2],
+    stride: usize,
+    pad: usize,
+) -> Vec<f32> {
     let (ho, wo) = (conv_out(h, k, stride, pad), conv_out(w, k, stride, pad));
     let mut dx = vec![0f32; n * cin * h * w];
     for b in 0..n {
@@ -263,7 +246,8 @@ pub fn conv2d_grad_input_cpu(dy: &[f32], wt: &[f32], [n, cin, h, w]: [usize; 4],
                                     continue;
                                 }
                                 let ox = tx as usize / stride;
-                                acc += wt[((co * cin + ci) * k + ky) * k + kx] * dy[((b * cout + co) * ho + oy) * wo + ox];
+                                acc +=
+                                    wt[((co * cin + ci) * k + ky) * k + kx] * dy[((b * cout + co) * ho + oy) * wo + ox];
                             }
                         }
                     }
@@ -276,7 +260,14 @@ pub fn conv2d_grad_input_cpu(dy: &[f32], wt: &[f32], [n, cin, h, w]: [usize; 4],
 }
 
 /// CPU reference of the weight gradient of [`conv2d`] (sum over n, oy, ox).
-pub fn conv2d_grad_weight_cpu(dy: &[f32], x: &[f32], [n, cin, h, w]: [usize; 4], [cout, k]: [usize; 2], stride: usize, pad: usize) -> Vec<f32> {
+pub fn conv2d_grad_weight_cpu(
+    dy: &[f32],
+    x: &[f32],
+    [n, cin, h, w]: [usize; 4],
+    [cout, k]: [usize; 2],
+    stride: usize,
+    pad: usize,
+) -> Vec<f32> {
     let (ho, wo) = (conv_out(h, k, stride, pad), conv_out(w, k, stride, pad));
     let mut dw = vec![0f32; cout * cin * k * k];
     for co in 0..cout {
@@ -292,7 +283,8 @@ pub fn conv2d_grad_weight_cpu(dy: &[f32], x: &[f32], [n, cin, h, w]: [usize; 4],
                                 if iy < 0 || iy >= h as isize || ix < 0 || ix >= w as isize {
                                     continue;
                                 }
-                                acc += dy[((b * cout + co) * ho + oy) * wo + ox] * x[((b * cin + ci) * h + iy as usize) * w + ix as usize];
+                                acc += dy[((b * cout + co) * ho + oy) * wo + ox]
+                                    * x[((b * cin + ci) * h + iy as usize) * w + ix as usize];
                             }
                         }
                     }

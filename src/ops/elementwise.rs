@@ -51,7 +51,9 @@ pub fn add(g: &mut Graph, a: TensorId, b: TensorId, name: &str) -> TensorId {
     assert_eq!(g.shape(a), g.shape(b), "{name}: add needs equal shapes");
     let n = g.info(a).numel();
     let y = pointwise(g, "add", vec![a, b], Params::new().u(n).build(), 1, name);
-    g.record(name, vec![a, b], vec![y], move |_, go, needs| vec![go[0].filter(|_| needs[0]), go[0].filter(|_| needs[1])]);
+    g.record(name, vec![a, b], vec![y], move |_, go, needs| {
+        vec![go[0].filter(|_| needs[0]), go[0].filter(|_| needs[1])]
+    });
     y
 }
 
@@ -99,8 +101,5 @@ pub fn add_cpu(a: &[f32], b: &[f32]) -> Vec<f32> {
 
 /// CPU reference of [`add_channel`]: x [N, C, S], e [B, C].
 pub fn add_channel_cpu(x: &[f32], e: &[f32], c: usize, s: usize, b: usize) -> Vec<f32> {
-    x.iter()
-        .enumerate()
-        .map(|(i, &v)| v + e[((i / (s * c)) % b) * c + (i / s) % c])
-        .collect()
+    x.iter().enumerate().map(|(i, &v)| v + e[((i / (s * c)) % b) * c + (i / s) % c]).collect()
 }

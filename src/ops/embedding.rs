@@ -14,9 +14,7 @@ pub static SHADER: Shader = shader!("embedding");
 pub fn timestep_table(steps: usize, d: usize) -> Vec<f32> {
     assert!(d % 2 == 0, "time-embedding width must be even, got {d}");
     let ln = 10000f64.ln() as f32;
-    let freq: Vec<f32> = (0..d / 2)
-        .map(|i| ((-((2 * i) as f32)) / d as f32 * ln).exp())
-        .collect();
+    let freq: Vec<f32> = (0..d / 2).map(|i| ((-((2 * i) as f32)) / d as f32 * ln).exp()).collect();
     let mut table = Vec::with_capacity(steps * d);
     for t in 0..steps {
         for &f in &freq {
@@ -49,7 +47,5 @@ pub fn gather_rows(g: &mut Graph, table: TensorId, idx: TensorId, name: &str) ->
 
 /// CPU reference of [`gather_rows`].
 pub fn gather_rows_cpu(table: &[f32], d: usize, idx: &[u32]) -> Vec<f32> {
-    idx.iter()
-        .flat_map(|&i| table[i as usize * d..(i as usize + 1) * d].iter().copied())
-        .collect()
+    idx.iter().flat_map(|&i| table[i as usize * d..(i as usize + 1) * d].iter().copied()).collect()
 }

@@ -17,16 +17,7 @@ pub fn upsample2x(g: &mut Graph, x: TensorId, name: &str) -> TensorId {
         shader: &SHADER,
         entry: "upsample2x",
         // The shader's Params struct is 8 words (shared with concat_channels).
-        params: Params::new()
-            .u(numel)
-            .u(s[1])
-            .u(s[2])
-            .u(s[3])
-            .u(0)
-            .u(0)
-            .u(0)
-            .u(0)
-            .build(),
+        params: Params::new().u(numel).u(s[1]).u(s[2]).u(s[3]).u(0).u(0).u(0).u(0).build(),
         reads: vec![x],
         writes: vec![y],
         workgroups: grid_1d(numel, 256),
@@ -68,15 +59,7 @@ pub fn concat_channels(g: &mut Graph, a: TensorId, b: TensorId, name: &str) -> T
     g.push(Node {
         shader: &SHADER,
         entry: "concat_channels",
-        params: Params::new()
-            .u(numel)
-            .u(0)
-            .u(0)
-            .u(0)
-            .u(sa[1])
-            .u(sb[1])
-            .u(s)
-            .build(),
+        params: Params::new().u(numel).u(0).u(0).u(0).u(sa[1]).u(sb[1]).u(s).build(),
         reads: vec![a, b],
         writes: vec![y],
         workgroups: grid_1d(numel, 256),
@@ -118,15 +101,7 @@ pub fn repeat_leading(g: &mut Graph, x: TensorId, reps: usize, name: &str) -> Te
     g.push(Node {
         shader: &SHADER,
         entry: "repeat_leading",
-        params: Params::new()
-            .u(m * reps)
-            .u(0)
-            .u(0)
-            .u(0)
-            .u(0)
-            .u(0)
-            .u(m)
-            .build(),
+        params: Params::new().u(m * reps).u(0).u(0).u(0).u(0).u(0).u(m).build(),
         reads: vec![x],
         writes: vec![y],
         workgroups: grid_1d(m * reps, 256),
@@ -160,7 +135,8 @@ pub fn upsample2x_backward_cpu(dy: &[f32], [n, c, h, w]: [usize; 4]) -> Vec<f32>
         for y in 0..h {
             for x in 0..w {
                 let at = |oy: usize, ox: usize| dy[(p * 2 * h + oy) * 2 * w + ox];
-                dx[(p * h + y) * w + x] = (at(2 * y, 2 * x) + at(2 * y, 2 * x + 1)) + (at(2 * y + 1, 2 * x) + at(2 * y + 1, 2 * x + 1));
+                dx[(p * h + y) * w + x] =
+                    (at(2 * y, 2 * x) + at(2 * y, 2 * x + 1)) + (at(2 * y + 1, 2 * x) + at(2 * y + 1, 2 * x + 1));
             }
         }
     }
@@ -186,14 +162,7 @@ pub fn upsample2x_cpu(x: &[f32], [n, c, h, w]: [usize; 4]) -> Vec<f32> {
 }
 
 /// CPU reference of [`concat_channels`]: a [N, Ca, S], b [N, Cb, S].
-pub fn concat_channels_cpu(
-    a: &[f32],
-    b: &[f32],
-    n: usize,
-    ca: usize,
-    cb: usize,
-    s: usize,
-) -> Vec<f32> {
+pub fn concat_channels_cpu(a: &[f32], b: &[f32], n: usize, ca: usize, cb: usize, s: usize) -> Vec<f32> {
     let mut y = Vec::with_capacity(a.len() + b.len());
     for i in 0..n {
         y.extend_from_slice(&a[i * ca * s..(i + 1) * ca * s]);

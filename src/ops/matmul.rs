@@ -18,21 +18,11 @@ pub struct Strides {
 impl Strides {
     /// Both row-major: A [M, K], B [K, N].
     pub fn nn(k: usize, n: usize) -> Self {
-        Strides {
-            a_m: k,
-            a_k: 1,
-            b_k: n,
-            b_n: 1,
-        }
+        Strides { a_m: k, a_k: 1, b_k: n, b_n: 1 }
     }
     /// A row-major [M, K], B given as [N, K] (used transposed), as in x W^T.
     pub fn nt(k: usize) -> Self {
-        Strides {
-            a_m: k,
-            a_k: 1,
-            b_k: 1,
-            b_n: k,
-        }
+        Strides { a_m: k, a_k: 1, b_k: 1, b_n: k }
     }
 }
 
@@ -47,24 +37,10 @@ pub fn matmul(
     strides: Strides,
     name: &str,
 ) -> TensorId {
-    assert_eq!(
-        g.info(a).numel(),
-        m * k,
-        "{name}: A must hold M*K = {} values",
-        m * k
-    );
-    assert_eq!(
-        g.info(b).numel(),
-        k * n,
-        "{name}: B must hold K*N = {} values",
-        k * n
-    );
+    assert_eq!(g.info(a).numel(), m * k, "{name}: A must hold M*K = {} values", m * k);
+    assert_eq!(g.info(b).numel(), k * n, "{name}: B must hold K*N = {} values", k * n);
     if let Some(bias) = bias {
-        assert_eq!(
-            g.info(bias).numel(),
-            n,
-            "{name}: bias must hold N = {n} values"
-        );
+        assert_eq!(g.info(bias).numel(), n, "{name}: bias must hold N = {n} values");
     }
     let c = g.intermediate(name, &[m, n]);
     let params = Params::new()
@@ -85,31 +61,18 @@ pub fn matmul(
         writes: vec![c],
         workgroups: [n.div_ceil(32) as u32, m.div_ceil(32) as u32, 1],
         label: name.to_string(),
-        cost: Cost {
-            flops: 2 * (m * n * k) as u64,
-            bytes: 4 * (m * k + k * n + m * n) as u64,
-        },
+        cost: Cost { flops: 2 * (m * n * k) as u64, bytes: 4 * (m * k + k * n + m * n) as u64 },
     });
     c
 }
 
 /// nn.Linear: x [rows, in] . W^T, W [out, in], + b [out] -> [rows, out].
-pub fn linear(
-    g: &mut Graph,
-    x: TensorId,
-    w: TensorId,
-    b: Option<TensorId>,
-    name: &str,
-) -> TensorId {
+pub fn linear(g: &mut Graph, x: TensorId, w: TensorId, b: Option<TensorId>, name: &str) -> TensorId {
     let ws = g.shape(w).to_vec();
     assert_eq!(ws.len(), 2, "{name}: linear weight must be [out, in]");
     let (out, inp) = (ws[0], ws[1]);
     let xs = g.shape(x).to_vec();
-    assert_eq!(
-        *xs.last().unwrap(),
-        inp,
-        "{name}: input {xs:?} does not end in {inp}"
-    );
+    assert_eq!(*xs.last().unwrap(), inp, "{name}: input {xs:?} does not end in {inp}");
     let rows = g.info(x).numel() / inp;
     let y = matmul(g, x, w, b, [rows, out, inp], Strides::nt(inp), name);
     let label = name.to_string();
@@ -142,13 +105,7 @@ pub fn linear(
 }
 
 /// CPU reference of [`matmul`]: k ascending, bias last.
-pub fn matmul_cpu(
-    a: &[f32],
-    b: &[f32],
-    bias: Option<&[f32]>,
-    [m, n, k]: [usize; 3],
-    s: Strides,
-) -> Vec<f32> {
+pub fn matmul_cpu(a: &[f32], b: &[f32], bias: Option<&[f32]>, [m, n, k]: [usize; 3], s: Strides) -> Vec<f32> {
     let mut c = vec![0f32; m * n];
     for i in 0..m {
         for j in 0..n {
@@ -163,13 +120,6 @@ pub fn matmul_cpu(
 }
 
 /// CPU reference of [`linear`].
-pub fn linear_cpu(
-    x: &[f32],
-    w: &[f32],
-    b: Option<&[f32]>,
-    rows: usize,
-    inp: usize,
-    out: usize,
-) -> Vec<f32> {
+pub fn linear_cpu(x: &[f32], w: &[f32], b: Option<&[f32]>, rows: usize, inp: usize, out: usize) -> Vec<f32> {
     matmul_cpu(x, w, b, [rows, out, inp], Strides::nt(inp))
 }

@@ -18,10 +18,7 @@ use crate::graph::Cost;
 
 /// Cost of a pointwise kernel: `flops_per` per output, each input and output touched once.
 pub(crate) fn pointwise_cost(outputs: usize, inputs: usize, flops_per: u64) -> Cost {
-    Cost {
-        flops: outputs as u64 * flops_per,
-        bytes: 4 * (outputs + inputs) as u64,
-    }
+    Cost { flops: outputs as u64 * flops_per, bytes: 4 * (outputs + inputs) as u64 }
 }
 
 /// Every shader the crate embeds, for validation and listings.

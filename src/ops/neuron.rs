@@ -19,11 +19,7 @@ pub struct Neuron {
 
 impl Default for Neuron {
     fn default() -> Self {
-        Neuron {
-            v_th: 1.0,
-            v_reset: 0.0,
-            tau: None,
-        }
+        Neuron { v_th: 1.0, v_reset: 0.0, tau: None }
     }
 }
 
@@ -43,10 +39,7 @@ impl Neuron {
 
 fn neurons_per_step(g: &Graph, x: TensorId, t: usize, name: &str) -> usize {
     let numel = g.info(x).numel();
-    assert!(
-        t > 0 && numel % t == 0,
-        "{name}: {numel} values do not split into T = {t} steps"
-    );
+    assert!(t > 0 && numel % t == 0, "{name}: {numel} values do not split into T = {t} steps");
     numel / t
 }
 
@@ -62,22 +55,13 @@ pub fn neuron_forward(g: &mut Graph, x: TensorId, t: usize, cfg: Neuron, name: &
         writes: vec![s],
         workgroups: grid_1d(n, 256),
         label: name.to_string(),
-        cost: Cost {
-            flops: 4 * (n * t) as u64,
-            bytes: 8 * (n * t) as u64,
-        },
+        cost: Cost { flops: 4 * (n * t) as u64, bytes: 8 * (n * t) as u64 },
     });
     s
 }
 
 /// Training form: spikes and the membrane h[t] before firing (what backward needs).
-pub fn neuron_forward_train(
-    g: &mut Graph,
-    x: TensorId,
-    t: usize,
-    cfg: Neuron,
-    name: &str,
-) -> (TensorId, TensorId) {
+pub fn neuron_forward_train(g: &mut Graph, x: TensorId, t: usize, cfg: Neuron, name: &str) -> (TensorId, TensorId) {
     let n = neurons_per_step(g, x, t, name);
     let s = g.intermediate(name, &g.shape(x).to_vec());
     let h = g.intermediate(&format!("{name}.h"), &g.shape(x).to_vec());
@@ -89,10 +73,7 @@ pub fn neuron_forward_train(
         writes: vec![s, h],
         workgroups: grid_1d(n, 256),
         label: name.to_string(),
-        cost: Cost {
-            flops: 4 * (n * t) as u64,
-            bytes: 12 * (n * t) as u64,
-        },
+        cost: Cost { flops: 4 * (n * t) as u64, bytes: 12 * (n * t) as u64 },
     });
     let label = name.to_string();
     let shape = g.shape(x).to_vec();
@@ -107,10 +88,7 @@ pub fn neuron_forward_train(
             writes: vec![dx],
             workgroups: grid_1d(n, 256),
             label: format!("{label}.backward"),
-            cost: Cost {
-                flops: 12 * (n * t) as u64,
-                bytes: 12 * (n * t) as u64,
-            },
+            cost: Cost { flops: 12 * (n * t) as u64, bytes: 12 * (n * t) as u64 },
         });
         vec![Some(dx)]
     });

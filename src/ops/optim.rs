@@ -1,7 +1,7 @@
 //! The optimizer step: global gradient-norm clip and Adam, fused per parameter tensor.
 
-use crate::graph::{grid_1d, Cost, Graph, Node, Params, TensorId};
 use crate::gpu::Shader;
+use crate::graph::{grid_1d, Cost, Graph, Node, Params, TensorId};
 use crate::shader;
 
 pub static SHADER: Shader = shader!("optim");
@@ -16,11 +16,7 @@ pub struct Adam {
 
 impl Default for Adam {
     fn default() -> Self {
-        Adam {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-        }
+        Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 }
     }
 }
 
@@ -34,7 +30,17 @@ pub fn hyper(adam: &Adam, lr: f32, step: u64, max_norm: f32) -> [f32; 4] {
 /// Clip by the global norm in `sumsq` and take one Adam step on `param` (in place, with its
 /// moments `m` and `v`).
 #[allow(clippy::too_many_arguments)]
-pub fn adam_step(g: &mut Graph, adam: &Adam, param: TensorId, grad: TensorId, m: TensorId, v: TensorId, sumsq: TensorId, hyper: TensorId, name: &str) {
+pub fn adam_step(
+    g: &mut Graph,
+    adam: &Adam,
+    param: TensorId,
+    grad: TensorId,
+    m: TensorId,
+    v: TensorId,
+    sumsq: TensorId,
+    hyper: TensorId,
+    name: &str,
+) {
     let n = g.info(param).numel();
     assert!(g.info(grad).numel() == n && g.info(m).numel() == n && g.info(v).numel() == n, "{name}: shapes differ");
     g.push(Node {
@@ -45,15 +51,20 @@ pub fn adam_step(g: &mut Graph, adam: &Adam, param: TensorId, grad: TensorId, m:
         writes: vec![param, m, v],
         workgroups: grid_1d(n, 256),
         label: name.to_string(),
-        cost: Cost {
-            flops: 14 * n as u64,
-            bytes: 28 * n as u64,
-        },
+        cost: Cost { flops: 14 * n as u64, bytes: 28 * n as u64 },
     });
 }
 
 /// CPU reference of [`adam_step`] on one tensor.
-pub fn adam_cpu(adam: &Adam, param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], sumsq: f32, hyper: [f32; 4]) {
+pub fn adam_cpu(
+    adam: &Adam,
+    param: &mut [f32],
+    grad: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    sumsq: f32,
+    hyper: [f32; 4],
+) {
     let [lr, bc1, bc2_sqrt, max_norm] = hyper;
     let clip = (max_norm / (sumsq.sqrt() + 1e-6)).min(1.0);
     for i in 0..param.len() {

@@ -13,11 +13,7 @@ pub const DECAY: f32 = 0.8;
 /// h: [T*B, ...] time-major -> [B, ...].
 pub fn membrane_readout(g: &mut Graph, h: TensorId, t: usize, decay: f32, name: &str) -> TensorId {
     let s = g.shape(h).to_vec();
-    assert!(
-        t > 0 && s[0] % t == 0,
-        "{name}: leading dim {} is not a multiple of T = {t}",
-        s[0]
-    );
+    assert!(t > 0 && s[0] % t == 0, "{name}: leading dim {} is not a multiple of T = {t}", s[0]);
     let mut out_shape = s.clone();
     out_shape[0] = s[0] / t;
     let y = g.intermediate(name, &out_shape);
@@ -59,16 +55,12 @@ pub fn membrane_readout_backward_cpu(dy: &[f32], t: usize, decay: f32) -> Vec<f3
 
 /// The readout weights decay^(T-1-t), built by repeated multiplication from t = T-1 down.
 pub fn readout_weights(t: usize, decay: f32) -> Vec<f32> {
-    (0..t)
-        .map(|step| (step + 1..t).fold(1f32, |w, _| w * decay))
-        .collect()
+    (0..t).map(|step| (step + 1..t).fold(1f32, |w, _| w * decay)).collect()
 }
 
 /// CPU reference of [`membrane_readout`].
 pub fn membrane_readout_cpu(h: &[f32], t: usize, decay: f32) -> Vec<f32> {
     let m = h.len() / t;
     let w = readout_weights(t, decay);
-    (0..m)
-        .map(|i| (0..t).fold(0f32, |acc, step| acc + w[step] * h[step * m + i]))
-        .collect()
+    (0..m).map(|i| (0..t).fold(0f32, |acc, step| acc + w[step] * h[step * m + i])).collect()
 }

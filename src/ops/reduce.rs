@@ -1,8 +1,8 @@
 //! Deterministic reductions: grouped channel sums (bias and time-embedding gradients), the
 //! running sum of squares behind the global gradient norm, and the eps-MSE loss.
 
-use crate::graph::{grid_1d, Cost, Graph, Node, Params, TensorId};
 use crate::gpu::Shader;
+use crate::graph::{grid_1d, Cost, Graph, Node, Params, TensorId};
 use crate::shader;
 
 pub static SHADER: Shader = shader!("reduce");
@@ -22,10 +22,7 @@ pub fn group_sum(g: &mut Graph, x: TensorId, groups: usize, name: &str) -> Tenso
         writes: vec![y],
         workgroups: [(groups * c) as u32, 1, 1],
         label: name.to_string(),
-        cost: Cost {
-            flops: (n * c * sp) as u64,
-            bytes: 4 * (n * c * sp + groups * c) as u64,
-        },
+        cost: Cost { flops: (n * c * sp) as u64, bytes: 4 * (n * c * sp + groups * c) as u64 },
     });
     y
 }
@@ -42,10 +39,7 @@ pub fn sumsq_acc(g: &mut Graph, x: TensorId, acc: TensorId, first: bool, name: &
         writes: vec![acc],
         workgroups: [1, 1, 1],
         label: name.to_string(),
-        cost: Cost {
-            flops: 2 * n as u64,
-            bytes: 4 * n as u64,
-        },
+        cost: Cost { flops: 2 * n as u64, bytes: 4 * n as u64 },
     });
 }
 
@@ -62,10 +56,7 @@ pub fn mse_loss(g: &mut Graph, a: TensorId, b: TensorId, name: &str) -> TensorId
         writes: vec![loss],
         workgroups: [1, 1, 1],
         label: name.to_string(),
-        cost: Cost {
-            flops: 3 * n as u64,
-            bytes: 8 * n as u64,
-        },
+        cost: Cost { flops: 3 * n as u64, bytes: 8 * n as u64 },
     });
     let label = name.to_string();
     g.record(name, vec![a, b], vec![loss], move |g, go, needs| {
@@ -79,10 +70,7 @@ pub fn mse_loss(g: &mut Graph, a: TensorId, b: TensorId, name: &str) -> TensorId
             writes: vec![d],
             workgroups: grid_1d(n, 256),
             label: format!("{label}.backward"),
-            cost: Cost {
-                flops: 4 * n as u64,
-                bytes: 12 * n as u64,
-            },
+            cost: Cost { flops: 4 * n as u64, bytes: 12 * n as u64 },
         });
         vec![needs[0].then_some(d), None]
     });

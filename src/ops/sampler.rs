@@ -53,13 +53,7 @@ pub struct NoiseKey {
     pub image_base: u32,
 }
 
-fn params(
-    numel: usize,
-    per_image: usize,
-    batch: usize,
-    key: NoiseKey,
-    z_from_buffer: bool,
-) -> Vec<u32> {
+fn params(numel: usize, per_image: usize, batch: usize, key: NoiseKey, z_from_buffer: bool) -> Vec<u32> {
     Params::new()
         .u(numel)
         .u(per_image)
@@ -77,14 +71,7 @@ pub fn batch_params(x_numel: usize, batch: usize, key: NoiseKey) -> Vec<u32> {
 }
 
 /// begin_step: x = noise at step 0; t[b] = coef[step].t. `x` [B, ...], `t` [B] (u32).
-pub fn begin_step(
-    g: &mut Graph,
-    coef: TensorId,
-    step: TensorId,
-    x: TensorId,
-    t: TensorId,
-    key: NoiseKey,
-) -> usize {
+pub fn begin_step(g: &mut Graph, coef: TensorId, step: TensorId, x: TensorId, t: TensorId, key: NoiseKey) -> usize {
     let batch = g.info(t).numel();
     let numel = g.info(x).numel();
     g.push(Node {
@@ -95,10 +82,7 @@ pub fn begin_step(
         writes: vec![x, t],
         workgroups: grid_1d(numel.max(batch), 256),
         label: "sampler.begin_step".into(),
-        cost: Cost {
-            flops: 0,
-            bytes: 4 * batch as u64,
-        },
+        cost: Cost { flops: 0, bytes: 4 * batch as u64 },
     });
     g.nodes.len() - 1
 }
@@ -124,10 +108,7 @@ pub fn update(
         writes: vec![x],
         workgroups: grid_1d(numel, 256),
         label: "sampler.update".into(),
-        cost: Cost {
-            flops: 12 * numel as u64,
-            bytes: 12 * numel as u64,
-        },
+        cost: Cost { flops: 12 * numel as u64, bytes: 12 * numel as u64 },
     });
     g.nodes.len() - 1
 }
@@ -157,10 +138,7 @@ pub fn gaussian_fill(g: &mut Graph, out: TensorId, per_image: usize, step: u32, 
         writes: vec![out],
         workgroups: grid_1d(numel, 256),
         label: "sampler.gaussian_fill".into(),
-        cost: Cost {
-            flops: 0,
-            bytes: 4 * numel as u64,
-        },
+        cost: Cost { flops: 0, bytes: 4 * numel as u64 },
     });
 }
 
@@ -172,16 +150,8 @@ pub fn philox4x32(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
     for _ in 0..10 {
         let p0 = 0xD251_1F53u64 * c[0] as u64;
         let p1 = 0xCD9E_8D57u64 * c[2] as u64;
-        c = [
-            (p1 >> 32) as u32 ^ c[1] ^ k[0],
-            p1 as u32,
-            (p0 >> 32) as u32 ^ c[3] ^ k[1],
-            p0 as u32,
-        ];
-        k = [
-            k[0].wrapping_add(0x9E37_79B9),
-            k[1].wrapping_add(0xBB67_AE85),
-        ];
+        c = [(p1 >> 32) as u32 ^ c[1] ^ k[0], p1 as u32, (p0 >> 32) as u32 ^ c[3] ^ k[1], p0 as u32];
+        k = [k[0].wrapping_add(0x9E37_79B9), k[1].wrapping_add(0xBB67_AE85)];
     }
     c
 }
@@ -192,10 +162,7 @@ pub const STREAM_INIT: u32 = 1;
 
 /// The Gaussian the kernels draw for (element, image, step, stream) under `seed`.
 pub fn gaussian_cpu(seed: u64, element: u32, image: u32, step: u32, stream: u32) -> f32 {
-    let r = philox4x32(
-        [element, image, step, stream],
-        [seed as u32, (seed >> 32) as u32],
-    );
+    let r = philox4x32([element, image, step, stream], [seed as u32, (seed >> 32) as u32]);
     let u1 = ((r[0] >> 8) as f32 + 1.0) * (1.0 / 16_777_216.0);
     let u2 = (r[1] >> 8) as f32 * (1.0 / 16_777_216.0);
     (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()

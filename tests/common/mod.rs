@@ -14,15 +14,9 @@ use sddpm_gpu::graph::{Graph, Plan, TensorId};
 pub fn ctx() -> &'static Context {
     static CTX: OnceLock<Context> = OnceLock::new();
     CTX.get_or_init(|| {
-        let c = Context::new(None)
-            .expect("a GPU adapter (on Linux without a GPU: apt install mesa-vulkan-drivers)");
+        let c = Context::new(None).expect("a GPU adapter (on Linux without a GPU: apt install mesa-vulkan-drivers)");
         if std::env::var("CI").is_ok_and(|v| v == "true") {
-            assert_eq!(
-                c.adapter.backend,
-                wgpu::Backend::Vulkan,
-                "CI expects Vulkan, got {}",
-                c.describe()
-            );
+            assert_eq!(c.adapter.backend, wgpu::Backend::Vulkan, "CI expects Vulkan, got {}", c.describe());
         }
         c
     })
@@ -38,9 +32,7 @@ pub fn uniform(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
 
 /// Approximately normal values (sum of uniforms), enough for test inputs.
 pub fn normalish(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| (0..4).map(|_| rng.random_range(-1.0f32..1.0)).sum::<f32>() * 0.866 * scale)
-        .collect()
+    (0..n).map(|_| (0..4).map(|_| rng.random_range(-1.0f32..1.0)).sum::<f32>() * 0.866 * scale).collect()
 }
 
 pub fn bits(x: &[f32]) -> Vec<u32> {
@@ -49,50 +41,28 @@ pub fn bits(x: &[f32]) -> Vec<u32> {
 
 /// Assert |got - want| <= atol + rtol * |want| elementwise; report the worst element.
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], rtol: f32, atol: f32) {
-    assert_eq!(
-        got.len(),
-        want.len(),
-        "{what}: length {} vs {}",
-        got.len(),
-        want.len()
-    );
+    assert_eq!(got.len(), want.len(), "{what}: length {} vs {}", got.len(), want.len());
     let mut worst = (0usize, 0f32);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            g.is_finite() == w.is_finite(),
-            "{what}[{i}]: got {g}, want {w}"
-        );
+        assert!(g.is_finite() == w.is_finite(), "{what}[{i}]: got {g}, want {w}");
         let excess = (g - w).abs() - (atol + rtol * w.abs());
         if excess > worst.1 {
             worst = (i, excess);
         }
     }
     let i = worst.0;
-    assert!(
-        worst.1 <= 0.0,
-        "{what}[{i}]: got {}, want {} (rtol {rtol}, atol {atol})",
-        got[i],
-        want[i]
-    );
+    assert!(worst.1 <= 0.0, "{what}[{i}]: got {}, want {} (rtol {rtol}, atol {atol})", got[i], want[i]);
 }
 
 /// Relative L2 error |got - want| / |want|.
 pub fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
-    let num: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(&g, &w)| ((g - w) as f64).powi(2))
-        .sum();
+    let num: f64 = got.iter().zip(want).map(|(&g, &w)| ((g - w) as f64).powi(2)).sum();
     let den: f64 = want.iter().map(|&w| (w as f64).powi(2)).sum();
     (num / den.max(1e-30)).sqrt()
 }
 
 /// Compile `g` (with `outputs` marked), upload `inputs` (raw 32-bit words), run once, read outputs.
-pub fn run_graph(
-    mut g: Graph,
-    inputs: &[(TensorId, Vec<u32>)],
-    outputs: &[TensorId],
-) -> Vec<Vec<f32>> {
+pub fn run_graph(mut g: Graph, inputs: &[(TensorId, Vec<u32>)], outputs: &[TensorId]) -> Vec<Vec<f32>> {
     let c = ctx();
     for &o in outputs {
         g.mark_output(o);
@@ -102,8 +72,5 @@ pub fn run_graph(
         plan.write(c, *t, data).expect("upload");
     }
     plan.run(c).expect("run");
-    outputs
-        .iter()
-        .map(|&o| plan.read(c, o).expect("read"))
-        .collect()
+    outputs.iter().map(|&o| plan.read(c, o).expect("read")).collect()
 }
