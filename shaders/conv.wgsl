@@ -18,8 +18,13 @@
 //                       4 input channels x 4 input columns per invocation.
 //                       Grid: x = H * ceil(W / 4) (64 per workgroup), y = ceil(Cin / 4), z = N.
 //   conv2d_grad_weight: dw[co, ci, ky, kx] = sum_{n, oy, ox} dy[n, co, oy, ox] * x[n, ci, oy*s-p+ky, ox*s-p+kx]
-//                       all K*K taps of one (co, ci) per invocation (K <= 3), summed over n, oy, ox
-//                       in order: deterministic, no atomics. Grid: x = ceil(Cin / 64), y = Cout.
+//                       in two deterministic passes (no atomics): each invocation sums all K*K taps
+//                       (K <= 3) of one (co, ci) over one chunk of GRAD_W_CHUNK consecutive
+//                       (n, oy, ox) into dw_partial[part]; conv2d_grad_weight_reduce adds the
+//                       parts in order. Chunking gives real GPUs Cout*Cin*parts invocations to
+//                       work with, and keeps every invocation under lavapipe's cap of 65535 loop
+//                       iterations (gallivm stops longer loops silently).
+//                       Grid: x = ceil(Cin / 64), y = Cout, z = parts.
 // The bias gradient is a channel sum (reduce.wgsl).
 
 struct Params {
@@ -33,6 +38,13 @@ struct Params {
 @group(0) @binding(2) var<storage, read> wt: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
+
+// x[xrow + ix], or 0 in the padding. (The 4 loads of a tile are written out, not looped: lavapipe
+// caps an invocation at 65535 loop iterations in total, and Cin * K * K already counts.)
+fn load_x(xrow: u32, ix: i32) -> f32 {
+    let v = x[xrow + u32(clamp(ix, 0, i32(p.w) - 1))];
+    return select(0.0, v, ix >= 0 && ix < i32(p.w));
+}
 
 @compute @workgroup_size(64)
 fn conv2d(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -68,13 +80,8 @@ fn conv2d(@builtin(global_invocation_id) gid: vec3<u32>) {
             let xrow = xplane + u32(iy) * p.w;
             let wk = (ci * p.k + ky) * p.k;
             for (var kx = 0u; kx < p.k; kx++) {
-                var xv: vec4<f32>;
-                for (var q = 0u; q < 4u; q++) {
-                    let ix = ix0 + i32(q * p.stride + kx);
-                    let inside = ix >= 0 && ix < i32(p.w);
-                    let v = x[xrow + u32(clamp(ix, 0, i32(p.w) - 1))];
-                    xv[q] = select(0.0, v, inside);
-                }
+                let xv = vec4<f32>(load_x(xrow, ix0 + i32(kx)), load_x(xrow, ix0 + i32(p.stride + kx)),
+                                   load_x(xrow, ix0 + i32(2u * p.stride + kx)), load_x(xrow, ix0 + i32(3u * p.stride + kx)));
                 let wi = wk + kx;
                 acc0 += wt[wo[0] + wi] * xv;
                 acc1 += wt[wo[1] + wi] * xv;
@@ -109,6 +116,13 @@ fn conv2d(@builtin(global_invocation_id) gid: vec3<u32>) {
 @group(0) @binding(2) var<storage, read> wt_b: array<f32>;
 @group(0) @binding(3) var<storage, read_write> dx: array<f32>;
 
+// dy[dyrow + tx / s] when tx lands on an output column, else 0.
+fn load_dy(dyrow: u32, tx: i32) -> f32 {
+    let ox = tx / i32(p.stride);
+    let v = dy[dyrow + u32(clamp(ox, 0, i32(p.wo) - 1))];
+    return select(0.0, v, tx >= 0 && tx % i32(p.stride) == 0 && ox < i32(p.wo));
+}
+
 @compute @workgroup_size(64)
 fn conv2d_grad_input(@builtin(global_invocation_id) gid: vec3<u32>) {
     let w_groups = (p.w + 3u) / 4u;
@@ -139,14 +153,8 @@ fn conv2d_grad_input(@builtin(global_invocation_id) gid: vec3<u32>) {
             }
             let dyrow = dyplane + u32(ty / i32(p.stride)) * p.wo;
             for (var kx = 0u; kx < p.k; kx++) {
-                var dv: vec4<f32>;
-                for (var q = 0u; q < 4u; q++) {
-                    let tx = i32(ix0 + q + p.pad) - i32(kx);
-                    let ox = tx / i32(p.stride);
-                    let inside = tx >= 0 && tx % i32(p.stride) == 0 && ox < i32(p.wo);
-                    let v = dy[dyrow + u32(clamp(ox, 0, i32(p.wo) - 1))];
-                    dv[q] = select(0.0, v, inside);
-                }
+                let tx = i32(ix0 + p.pad) - i32(kx);
+                let dv = vec4<f32>(load_dy(dyrow, tx), load_dy(dyrow, tx + 1), load_dy(dyrow, tx + 2), load_dy(dyrow, tx + 3));
                 let wi = wco + ky * p.k + kx;
                 acc0 += wt_b[wo[0] + wi] * dv;
                 acc1 += wt_b[wo[1] + wi] * dv;
@@ -171,12 +179,16 @@ fn conv2d_grad_input(@builtin(global_invocation_id) gid: vec3<u32>) {
 }
 
 @group(0) @binding(2) var<storage, read> x_saved: array<f32>;
-@group(0) @binding(3) var<storage, read_write> dw: array<f32>;
+@group(0) @binding(3) var<storage, read_write> dw_partial: array<f32>;
+
+// Elements of the flattened (n, oy, ox) space one invocation sums (see the header).
+const GRAD_W_CHUNK: u32 = 2048u;
 
 @compute @workgroup_size(64)
 fn conv2d_grad_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
     let ci = gid.x;
     let co = gid.y;
+    let part = gid.z;
     if (ci >= p.cin) {
         return;
     }
@@ -184,26 +196,47 @@ fn conv2d_grad_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
     for (var j = 0u; j < 9u; j++) {
         acc[j] = 0.0;
     }
-    for (var n = 0u; n < p.n; n++) {
-        let dyplane = (n * p.cout + co) * p.ho * p.wo;
+    let plane = p.ho * p.wo;
+    let total = p.n * plane;
+    let end = min(total, (part + 1u) * GRAD_W_CHUNK);
+    for (var e = part * GRAD_W_CHUNK; e < end; e++) {
+        let n = e / plane;
+        let oy = (e % plane) / p.wo;
+        let ox = e % p.wo;
+        let g = dy[(n * p.cout + co) * plane + oy * p.wo + ox];
         let xplane = (n * p.cin + ci) * p.h * p.w;
-        for (var oy = 0u; oy < p.ho; oy++) {
-            for (var ox = 0u; ox < p.wo; ox++) {
-                let g = dy[dyplane + oy * p.wo + ox];
-                for (var ky = 0u; ky < p.k; ky++) {
-                    let iy = i32(oy * p.stride + ky) - i32(p.pad);
-                    for (var kx = 0u; kx < p.k; kx++) {
-                        let ix = i32(ox * p.stride + kx) - i32(p.pad);
-                        let inside = iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w);
-                        let xi = xplane + u32(clamp(iy, 0, i32(p.h) - 1)) * p.w + u32(clamp(ix, 0, i32(p.w) - 1));
-                        acc[ky * p.k + kx] += g * select(0.0, x_saved[xi], inside);
-                    }
-                }
+        for (var ky = 0u; ky < p.k; ky++) {
+            let iy = i32(oy * p.stride + ky) - i32(p.pad);
+            for (var kx = 0u; kx < p.k; kx++) {
+                let ix = i32(ox * p.stride + kx) - i32(p.pad);
+                let inside = iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w);
+                let xi = xplane + u32(clamp(iy, 0, i32(p.h) - 1)) * p.w + u32(clamp(ix, 0, i32(p.w) - 1));
+                acc[ky * p.k + kx] += g * select(0.0, x_saved[xi], inside);
             }
         }
     }
     let kk = p.k * p.k;
+    let size = p.cout * p.cin * kk;
     for (var j = 0u; j < kk; j++) {
-        dw[(co * p.cin + ci) * kk + j] = acc[j];
+        dw_partial[part * size + (co * p.cin + ci) * kk + j] = acc[j];
     }
+}
+
+// dw[i] = sum over parts, in order, of dw_partial[part, i]; p.n holds the number of parts here.
+@group(0) @binding(1) var<storage, read> partials: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dw: array<f32>;
+
+@compute @workgroup_size(256)
+fn conv2d_grad_weight_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                             @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.y * nwg.x + wid.x) * 256u + lid;
+    let size = p.cout * p.cin * p.k * p.k;
+    if (i >= size) {
+        return;
+    }
+    var acc = 0.0;
+    for (var part = 0u; part < p.n; part++) {
+        acc += partials[part * size + i];
+    }
+    dw[i] = acc;
 }

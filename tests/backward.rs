@@ -82,6 +82,14 @@ fn conv2d_backward_3x3() {
 }
 
 #[test]
+fn conv2d_weight_gradient_over_many_positions() {
+    // 8 x 32 x 32 = 8192 output positions per weight: more than one chunk, and more loop
+    // iterations than lavapipe lets one invocation run (it silently stops loops at 65535).
+    check_conv_backward(6, [8, 2, 32, 32], 3, 3, 1);
+    check_conv_backward(7, [1, 1, 64, 64], 2, 1, 1);
+}
+
+#[test]
 fn conv2d_backward_stride2_and_1x1() {
     check_conv_backward(3, [2, 5, 9, 11], 7, 3, 2);
     check_conv_backward(4, [3, 6, 8, 8], 4, 3, 2);

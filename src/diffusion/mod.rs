@@ -3,6 +3,8 @@
 
 mod sampler;
 mod schedule;
+mod trainer;
 
 pub use sampler::Sampler;
 pub use schedule::{plan_steps, timesteps, torch_linspace, SamplerKind, Schedule};
+pub use trainer::{StepStats, TrainOptions, Trainer};

@@ -2,10 +2,13 @@
 //! convolution, which has kernel depth 1 along time and is therefore a per-step 3x3 conv.
 
 use crate::gpu::Shader;
-use crate::graph::{Cost, Graph, Node, Params, TensorId};
+use crate::graph::{grid_1d, Cost, Graph, Node, Params, TensorId};
 use crate::shader;
 
 pub static SHADER: Shader = shader!("conv");
+
+/// Output positions one weight-gradient invocation sums (GRAD_W_CHUNK in shaders/conv.wgsl).
+const GRAD_W_CHUNK: usize = 2048;
 
 /// Output size of a convolution along one axis.
 pub fn conv_out(size: usize, k: usize, stride: usize, pad: usize) -> usize {
@@ -109,16 +112,33 @@ fn conv_node(
         });
         let dw = needs[1].then(|| {
             assert!(k <= 3, "{label}: weight gradients support kernels up to 3x3");
-            let dw = g.intermediate(&format!("{label}.grad_weight"), &g.shape(w).to_vec());
+            let parts = (n * ho * wo).div_ceil(GRAD_W_CHUNK);
+            let partial = g.intermediate(&format!("{label}.grad_weight_parts"), &[parts, cout * cin * k * k]);
             g.push(Node {
                 shader: &SHADER,
                 entry: "conv2d_grad_weight",
                 params: bwd_params.clone(),
                 reads: vec![dy, x],
-                writes: vec![dw],
-                workgroups: [cin.div_ceil(64) as u32, cout as u32, 1],
+                writes: vec![partial],
+                workgroups: [cin.div_ceil(64) as u32, cout as u32, parts as u32],
                 label: format!("{label}.grad_weight"),
                 cost,
+            });
+            let dw = g.intermediate(&format!("{label}.grad_weight"), &g.shape(w).to_vec());
+            let mut reduce_params = bwd_params.clone();
+            reduce_params[0] = parts as u32; // the reduce kernel reads the part count from `n`
+            g.push(Node {
+                shader: &SHADER,
+                entry: "conv2d_grad_weight_reduce",
+                params: reduce_params,
+                reads: vec![partial],
+                writes: vec![dw],
+                workgroups: grid_1d(cout * cin * k * k, 256),
+                label: format!("{label}.grad_weight_reduce"),
+                cost: Cost {
+                    flops: (parts * cout * cin * k * k) as u64,
+                    bytes: 4 * ((parts + 1) * cout * cin * k * k) as u64,
+                },
             });
             dw
         });

@@ -1,0 +1,311 @@
+//! One compiled training step on the GPU: q_sample (noise from Philox or given), the training-mode
+//! U-Net, eps-MSE loss, reverse-mode backward, global gradient norm, clip + Adam on every
+//! parameter, BatchNorm running statistics; all in one graph, replayed each step.
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::{bail, Result};
+
+use super::Schedule;
+use crate::checkpoint::{self, Checkpoint, Data};
+use crate::gpu::Context;
+use crate::graph::{backward, Graph, Params, Plan, TensorId};
+use crate::model::{build_train, state_entries, EntryKind, ModelConfig};
+use crate::ops::optim::{self, Adam};
+use crate::ops::{reduce, sampler};
+
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub lr: f32,
+    pub adam: Adam,
+    /// Global gradient-norm clip (the reference's 1.0).
+    pub max_norm: f32,
+    /// Read the noise from the caller instead of generating it (train-step parity).
+    pub given_noise: bool,
+    /// Keep every parameter's gradient readable after a step (tests, train-step).
+    pub keep_grads: bool,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions { lr: 2e-4, adam: Adam::default(), max_norm: 1.0, given_noise: false, keep_grads: false }
+    }
+}
+
+/// What one step reports.
+#[derive(Debug, Clone, Copy)]
+pub struct StepStats {
+    pub loss: f32,
+    /// Global L2 norm of the gradients before clipping.
+    pub grad_norm: f32,
+}
+
+pub struct Trainer {
+    pub cfg: ModelConfig,
+    pub batch: usize,
+    pub size: usize,
+    pub opts: TrainOptions,
+    /// Optimizer steps taken so far (Adam's bias-correction count).
+    pub step: u64,
+    /// BatchNorm num_batches_tracked, by official name.
+    pub counters: BTreeMap<String, i64>,
+    plan: Plan,
+    schedule: Schedule,
+    x0: TensorId,
+    qcoef: TensorId,
+    t: TensorId,
+    noise: Option<TensorId>,
+    hyper: TensorId,
+    loss: TensorId,
+    sumsq: TensorId,
+    q_node: usize,
+    x_numel: usize,
+    /// Every state_dict tensor in the graph (parameters and running statistics), by name.
+    pub state: BTreeMap<String, TensorId>,
+    /// Adam moments (exp_avg, exp_avg_sq) of every trainable parameter, by parameter name.
+    pub moments: BTreeMap<String, (TensorId, TensorId)>,
+    /// Gradients by parameter name (readable when `keep_grads`).
+    pub grads: BTreeMap<String, TensorId>,
+}
+
+impl Trainer {
+    /// Compile a training step for batches of `batch` images of `size` px, starting from
+    /// `ckpt` (weights, and optimizer state if it has `optim.*`).
+    pub fn new(
+        ctx: &Context,
+        cfg: &ModelConfig,
+        ckpt: &Checkpoint,
+        batch: usize,
+        size: usize,
+        opts: TrainOptions,
+    ) -> Result<Trainer> {
+        cfg.validate(size)?;
+        if batch == 0 {
+            bail!("the batch size must be at least 1");
+        }
+        let mut g = Graph::new();
+        let x0 = g.input("x0", &[batch, cfg.img_ch, size, size]);
+        let qcoef = g.input("q_sample.coef", &[batch, 2]);
+        let t = g.input("t", &[batch]);
+        let noise = opts.given_noise.then(|| g.input("noise", &[batch, cfg.img_ch, size, size]));
+        let hyper = g.input("optim.hyper", &[4]);
+        let one = g.param("loss.seed", &[1]);
+        let x_numel = g.info(x0).numel();
+        let x_t = g.intermediate("x_t", &[batch, cfg.img_ch, size, size]);
+        let noise_used = g.intermediate("noise", &[batch, cfg.img_ch, size, size]);
+        let q_node = q_sample_node(&mut g, qcoef, x0, noise, x_t, noise_used, batch, 0, 0);
+        let unet = build_train(&mut g, cfg, x_t, t);
+        let loss = reduce::mse_loss(&mut g, unet.eps, noise_used, "loss");
+        let entries = state_entries(cfg);
+        let trainable: Vec<(&str, TensorId)> = entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::Trainable)
+            .map(|e| (e.name.as_str(), unet.params[&e.name]))
+            .collect();
+        let wrt: Vec<TensorId> = trainable.iter().map(|&(_, id)| id).collect();
+        let grad_of = backward(&mut g, loss, one, &wrt);
+        let sumsq = g.intermediate("grad_norm.sumsq", &[1]);
+        let mut grads = BTreeMap::new();
+        for (i, &(name, id)) in trainable.iter().enumerate() {
+            let grad = *grad_of.get(&id).unwrap_or_else(|| panic!("no gradient reaches {name}"));
+            reduce::sumsq_acc(&mut g, grad, sumsq, i == 0, &format!("grad_norm.{name}"));
+            grads.insert(name.to_string(), grad);
+        }
+        let mut moments = BTreeMap::new();
+        for &(name, id) in &trainable {
+            let shape = g.shape(id).to_vec();
+            let m = g.param(&format!("optim.{name}.exp_avg"), &shape);
+            let v = g.param(&format!("optim.{name}.exp_avg_sq"), &shape);
+            optim::adam_step(&mut g, &opts.adam, id, grads[name], m, v, sumsq, hyper, &format!("adam.{name}"));
+            moments.insert(name.to_string(), (m, v));
+        }
+        g.mark_output(loss);
+        g.mark_output(sumsq);
+        if opts.keep_grads {
+            for &grad in grads.values() {
+                g.mark_output(grad);
+            }
+        }
+        let plan = Plan::compile(ctx, &g)?;
+        plan.write(ctx, one, &[1f32])?;
+        for (name, &id) in &unet.params {
+            plan.write(ctx, id, &ckpt.get(name)?.data)?;
+        }
+        let mut step = 0;
+        if let Some(s) = ckpt.ints.get("optim.step") {
+            step = s.data[0] as u64;
+        }
+        for (name, &(m, v)) in &moments {
+            let (mk, vk) = (format!("optim.{name}.exp_avg"), format!("optim.{name}.exp_avg_sq"));
+            match (ckpt.tensors.get(&mk), ckpt.tensors.get(&vk)) {
+                (Some(mt), Some(vt)) if step > 0 => {
+                    plan.write(ctx, m, &mt.data)?;
+                    plan.write(ctx, v, &vt.data)?;
+                }
+                _ if step > 0 => bail!("{}: has optim.step but no {mk} / {vk}", ckpt.path.display()),
+                _ => {
+                    let zeros = vec![0f32; g.info(m).numel()];
+                    plan.write(ctx, m, &zeros)?;
+                    plan.write(ctx, v, &zeros)?;
+                }
+            }
+        }
+        let counters = entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::Counter)
+            .map(|e| (e.name.clone(), ckpt.ints.get(&e.name).map_or(0, |v| v.data[0])))
+            .collect();
+        Ok(Trainer {
+            cfg: cfg.clone(),
+            batch,
+            size,
+            opts,
+            step,
+            counters,
+            plan,
+            schedule: Schedule::reference(cfg.diffusion_steps),
+            x0,
+            qcoef,
+            t,
+            noise,
+            hyper,
+            loss,
+            sumsq,
+            q_node,
+            x_numel,
+            state: unet.params,
+            moments,
+            grads,
+        })
+    }
+
+    /// One optimizer step on x0 [B, C, H, W] at timesteps t; `noise` is required exactly when
+    /// the trainer was built with `given_noise`, otherwise noise comes from (seed, step).
+    pub fn step(
+        &mut self,
+        ctx: &Context,
+        x0: &[f32],
+        t: &[u32],
+        noise: Option<&[f32]>,
+        seed: u64,
+    ) -> Result<StepStats> {
+        if t.len() != self.batch {
+            bail!("expected {} timesteps, got {}", self.batch, t.len());
+        }
+        if let Some(&bad) = t.iter().find(|&&v| v as usize >= self.cfg.diffusion_steps) {
+            bail!("timestep {bad} is outside 0..{}", self.cfg.diffusion_steps);
+        }
+        // The reference's extract(): f64 sqrt(abar) and sqrt(1 - abar), cast to f32.
+        let ab = &self.schedule.alphas_bar;
+        let coef: Vec<f32> =
+            t.iter().flat_map(|&s| [ab[s as usize].sqrt() as f32, (1.0 - ab[s as usize]).sqrt() as f32]).collect();
+        self.plan.write(ctx, self.x0, x0)?;
+        self.plan.write(ctx, self.qcoef, &coef)?;
+        self.plan.write(ctx, self.t, t)?;
+        match (self.noise, noise) {
+            (Some(id), Some(data)) => self.plan.write(ctx, id, data)?,
+            (None, None) => {}
+            _ => bail!("noise must be given exactly when the trainer was built with given_noise"),
+        }
+        self.step += 1;
+        let hyper = optim::hyper(&self.opts.adam, self.opts.lr, self.step, self.opts.max_norm);
+        self.plan.write(ctx, self.hyper, &hyper)?;
+        let q = q_params(self.x_numel, self.batch, seed, self.step as u32, self.noise.is_some());
+        self.plan.set_params(ctx, self.q_node, &q);
+        self.plan.run(ctx)?;
+        for c in self.counters.values_mut() {
+            *c += 1;
+        }
+        let loss = self.plan.read(ctx, self.loss)?[0];
+        let sumsq = self.plan.read(ctx, self.sumsq)?[0];
+        Ok(StepStats { loss, grad_norm: sumsq.sqrt() })
+    }
+
+    /// Read a parameter's gradient from the last step (needs `keep_grads`).
+    pub fn grad(&self, ctx: &Context, name: &str) -> Result<Vec<f32>> {
+        self.plan.read(ctx, self.grads[name])
+    }
+
+    /// Read a state_dict tensor (parameter or running statistic) by name.
+    pub fn read_state(&self, ctx: &Context, name: &str) -> Result<Vec<f32>> {
+        self.plan.read(ctx, self.state[name])
+    }
+
+    /// Write the full training state (weights, running statistics, counters, Adam moments and
+    /// step) as a checkpoint, atomically. `meta` adds metadata entries.
+    pub fn save(&self, ctx: &Context, path: &std::path::Path, meta: HashMap<String, String>) -> Result<()> {
+        let mut floats: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+        for e in state_entries(&self.cfg) {
+            if e.kind != EntryKind::Counter {
+                floats.push((e.name.clone(), e.shape.clone(), self.plan.read(ctx, self.state[&e.name])?));
+            }
+        }
+        for (name, &(m, v)) in &self.moments {
+            let shape = e_shape(&self.cfg, name);
+            floats.push((format!("optim.{name}.exp_avg"), shape.clone(), self.plan.read_u32(ctx, m).map(from_bits)?));
+            floats.push((format!("optim.{name}.exp_avg_sq"), shape, self.plan.read_u32(ctx, v).map(from_bits)?));
+        }
+        let ints: Vec<(String, [i64; 1])> = self
+            .counters
+            .iter()
+            .map(|(k, &v)| (k.clone(), [v]))
+            .chain([("optim.step".into(), [self.step as i64])])
+            .collect();
+        let mut tensors: Vec<(String, Vec<usize>, Data)> =
+            floats.iter().map(|(n, s, d)| (n.clone(), s.clone(), Data::F32(d))).collect();
+        for (name, v) in &ints {
+            let shape = if name == "optim.step" { vec![1] } else { vec![] };
+            tensors.push((name.clone(), shape, Data::I64(v)));
+        }
+        let mut metadata = meta;
+        metadata.insert("config".into(), serde_json::to_string(&self.cfg)?);
+        checkpoint::save(path, tensors, metadata)
+    }
+}
+
+fn from_bits(v: Vec<u32>) -> Vec<f32> {
+    v.into_iter().map(f32::from_bits).collect()
+}
+
+fn e_shape(cfg: &ModelConfig, name: &str) -> Vec<usize> {
+    state_entries(cfg).into_iter().find(|e| e.name == name).map(|e| e.shape).unwrap_or_default()
+}
+
+/// Uniform words of the q_sample node: `step` keys the noise (the kernel's `batch` slot).
+fn q_params(numel: usize, batch: usize, seed: u64, step: u32, given: bool) -> Vec<u32> {
+    Params::new()
+        .u(numel)
+        .u(numel / batch)
+        .u(step as usize)
+        .u(0)
+        .u((seed & 0xffff_ffff) as usize)
+        .u((seed >> 32) as usize)
+        .u(given as usize)
+        .build()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn q_sample_node(
+    g: &mut Graph,
+    qcoef: TensorId,
+    x0: TensorId,
+    noise: Option<TensorId>,
+    x_t: TensorId,
+    noise_used: TensorId,
+    batch: usize,
+    seed: u64,
+    step: u32,
+) -> usize {
+    let numel = g.info(x0).numel();
+    g.push(crate::graph::Node {
+        shader: &sampler::SHADER,
+        entry: "q_sample",
+        params: q_params(numel, batch, seed, step, noise.is_some()),
+        reads: vec![qcoef, x0, noise.unwrap_or(x0)],
+        writes: vec![x_t, noise_used],
+        workgroups: crate::graph::grid_1d(numel, 256),
+        label: "q_sample".into(),
+        cost: crate::graph::Cost { flops: 3 * numel as u64, bytes: 16 * numel as u64 },
+    });
+    g.nodes.len() - 1
+}
