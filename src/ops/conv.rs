@@ -8,7 +8,7 @@ use crate::shader;
 pub static SHADER: Shader = shader!("conv");
 
 /// Output positions one weight-gradient invocation sums (GRAD_W_CHUNK in shaders/conv.wgsl).
-const GRAD_W_CHUNK: usize = 2048;
+pub const GRAD_W_CHUNK: usize = 2048;
 
 /// Output size of a convolution along one axis.
 pub fn conv_out(size: usize, k: usize, stride: usize, pad: usize) -> usize {
@@ -279,7 +279,8 @@ pub fn conv2d_grad_input_cpu(
     dx
 }
 
-/// CPU reference of the weight gradient of [`conv2d`] (sum over n, oy, ox).
+/// CPU reference of the weight gradient of [`conv2d`]: sums over (n, oy, ox) in chunks of
+/// [`GRAD_W_CHUNK`] positions, then the chunks in order (the kernels' order).
 pub fn conv2d_grad_weight_cpu(
     dy: &[f32],
     x: &[f32],
@@ -289,26 +290,28 @@ pub fn conv2d_grad_weight_cpu(
     pad: usize,
 ) -> Vec<f32> {
     let (ho, wo) = (conv_out(h, k, stride, pad), conv_out(w, k, stride, pad));
+    let total = n * ho * wo;
     let mut dw = vec![0f32; cout * cin * k * k];
     for co in 0..cout {
         for ci in 0..cin {
             for ky in 0..k {
                 for kx in 0..k {
-                    let mut acc = 0f32;
-                    for b in 0..n {
-                        for oy in 0..ho {
-                            for ox in 0..wo {
-                                let iy = (oy * stride + ky) as isize - pad as isize;
-                                let ix = (ox * stride + kx) as isize - pad as isize;
-                                if iy < 0 || iy >= h as isize || ix < 0 || ix >= w as isize {
-                                    continue;
-                                }
-                                acc += dy[((b * cout + co) * ho + oy) * wo + ox]
-                                    * x[((b * cin + ci) * h + iy as usize) * w + ix as usize];
+                    let mut sum = 0f32;
+                    for start in (0..total).step_by(GRAD_W_CHUNK) {
+                        let mut acc = 0f32;
+                        for e in start..(start + GRAD_W_CHUNK).min(total) {
+                            let (b, oy, ox) = (e / (ho * wo), (e % (ho * wo)) / wo, e % wo);
+                            let iy = (oy * stride + ky) as isize - pad as isize;
+                            let ix = (ox * stride + kx) as isize - pad as isize;
+                            if iy < 0 || iy >= h as isize || ix < 0 || ix >= w as isize {
+                                continue;
                             }
+                            acc += dy[((b * cout + co) * ho + oy) * wo + ox]
+                                * x[((b * cin + ci) * h + iy as usize) * w + ix as usize];
                         }
+                        sum += acc;
                     }
-                    dw[((co * cin + ci) * k + ky) * k + kx] = acc;
+                    dw[((co * cin + ci) * k + ky) * k + kx] = sum;
                 }
             }
         }
