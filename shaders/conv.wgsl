@@ -19,12 +19,12 @@
 //                       Grid: x = H * ceil(W / 4) (64 per workgroup), y = ceil(Cin / 4), z = N.
 //   conv2d_grad_weight: dw[co, ci, ky, kx] = sum_{n, oy, ox} dy[n, co, oy, ox] * x[n, ci, oy*s-p+ky, ox*s-p+kx]
 //                       in two deterministic passes (no atomics): each invocation sums all K*K taps
-//                       (K <= 3) of one (co, ci) over one chunk of GRAD_W_CHUNK consecutive
+//                       (K <= 3) of 4 output channels x one ci over one chunk of GRAD_W_CHUNK consecutive
 //                       (n, oy, ox) into dw_partial[part]; conv2d_grad_weight_reduce adds the
 //                       parts in order. Chunking gives real GPUs Cout*Cin*parts invocations to
 //                       work with, and keeps every invocation under lavapipe's cap of 65535 loop
 //                       iterations (gallivm stops longer loops silently).
-//                       Grid: x = ceil(Cin / 64), y = Cout, z = parts.
+//                       Grid: x = ceil(Cin / 64), y = ceil(Cout / 4), z = parts.
 // The bias gradient is a channel sum (reduce.wgsl).
 
 struct Params {
@@ -187,38 +187,55 @@ const GRAD_W_CHUNK: u32 = 2048u;
 @compute @workgroup_size(64)
 fn conv2d_grad_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
     let ci = gid.x;
-    let co = gid.y;
+    let co0 = gid.y * 4u;
     let part = gid.z;
     if (ci >= p.cin) {
         return;
     }
-    var acc: array<f32, 9>;
+    // acc[tap] holds the 4 output channels co0..co0+3 of one (ci, ky, kx): each loaded input
+    // value feeds 4 FMAs, each (workgroup-uniform, broadcast) dy load feeds up to 9.
+    var acc: array<vec4<f32>, 9>;
     for (var j = 0u; j < 9u; j++) {
-        acc[j] = 0.0;
+        acc[j] = vec4<f32>(0.0);
     }
     let plane = p.ho * p.wo;
     let total = p.n * plane;
     let end = min(total, (part + 1u) * GRAD_W_CHUNK);
+    var co: vec4<u32>;
+    for (var j = 0u; j < 4u; j++) {
+        co[j] = min(co0 + j, p.cout - 1u);
+    }
     for (var e = part * GRAD_W_CHUNK; e < end; e++) {
         let n = e / plane;
-        let oy = (e % plane) / p.wo;
-        let ox = e % p.wo;
-        let g = dy[(n * p.cout + co) * plane + oy * p.wo + ox];
+        let pix = e % plane;
+        let oy = pix / p.wo;
+        let ox = pix % p.wo;
+        let dbase = n * p.cout * plane + pix;
+        let g = vec4<f32>(dy[dbase + co[0] * plane], dy[dbase + co[1] * plane], dy[dbase + co[2] * plane],
+                          dy[dbase + co[3] * plane]);
         let xplane = (n * p.cin + ci) * p.h * p.w;
         for (var ky = 0u; ky < p.k; ky++) {
             let iy = i32(oy * p.stride + ky) - i32(p.pad);
+            if (iy < 0 || iy >= i32(p.h)) {
+                continue;
+            }
+            let xrow = xplane + u32(iy) * p.w;
             for (var kx = 0u; kx < p.k; kx++) {
                 let ix = i32(ox * p.stride + kx) - i32(p.pad);
-                let inside = iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w);
-                let xi = xplane + u32(clamp(iy, 0, i32(p.h) - 1)) * p.w + u32(clamp(ix, 0, i32(p.w) - 1));
-                acc[ky * p.k + kx] += g * select(0.0, x_saved[xi], inside);
+                let v = select(0.0, x_saved[xrow + u32(clamp(ix, 0, i32(p.w) - 1))], ix >= 0 && ix < i32(p.w));
+                acc[ky * p.k + kx] += v * g;
             }
         }
     }
     let kk = p.k * p.k;
     let size = p.cout * p.cin * kk;
-    for (var j = 0u; j < kk; j++) {
-        dw_partial[part * size + (co * p.cin + ci) * kk + j] = acc[j];
+    for (var j = 0u; j < 4u; j++) {
+        if (co0 + j >= p.cout) {
+            break;
+        }
+        for (var tap = 0u; tap < kk; tap++) {
+            dw_partial[part * size + ((co0 + j) * p.cin + ci) * kk + tap] = acc[tap][j];
+        }
     }
 }
 

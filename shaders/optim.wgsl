@@ -44,3 +44,18 @@ fn adam(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let denom = sqrt(vi) / bc2_sqrt + p.eps;
     param[i] = param[i] - (lr / bc1) * mi / denom;
 }
+
+// Exponential moving average of the weights (optional; the reference trains without it):
+//   ema = decay * ema + (1 - decay) * param        (p.beta1 holds the decay)
+@group(0) @binding(1) var<storage, read> param_in: array<f32>;
+@group(0) @binding(2) var<storage, read_write> ema: array<f32>;
+
+@compute @workgroup_size(256)
+fn ema_update(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.y * nwg.x + wid.x) * 256u + lid;
+    if (i >= p.n) {
+        return;
+    }
+    ema[i] = p.beta1 * ema[i] + (1.0 - p.beta1) * param_in[i];
+}

@@ -149,7 +149,7 @@ impl TensorFile {
     }
 
     /// Every tensor the model needs is present with the right shape, and nothing else is there
-    /// (except optimizer state and counters). Errors name the tensors.
+    /// (except optimizer state, EMA weights and counters). Errors name the tensors.
     pub fn check_entries(&self, cfg: &ModelConfig) -> Result<()> {
         let expected = state_entries(cfg);
         let mut missing = Vec::new();
@@ -164,8 +164,11 @@ impl TensorFile {
             }
         }
         let known: std::collections::HashSet<&str> = expected.iter().map(|e| e.name.as_str()).collect();
-        let extra: Vec<&String> =
-            self.tensors.keys().filter(|k| !known.contains(k.as_str()) && !k.starts_with("optim.")).collect();
+        let extra: Vec<&String> = self
+            .tensors
+            .keys()
+            .filter(|k| !known.contains(k.as_str()) && !k.starts_with("optim.") && !k.starts_with("ema."))
+            .collect();
         let list = |v: &[String]| {
             let shown: Vec<&str> = v.iter().take(6).map(|s| s.as_str()).collect();
             format!(
@@ -201,6 +204,22 @@ impl TensorFile {
         self.ints
             .get(name)
             .ok_or_else(|| anyhow!("{}: missing integer tensor '{name}' (int64 or int32)", self.path.display()))
+    }
+
+    /// A copy whose model weights are the EMA weights (`ema.*`), for sampling.
+    pub fn with_ema_weights(&self) -> Result<TensorFile> {
+        let mut out = self.clone();
+        let mut found = false;
+        for (name, t) in &self.tensors {
+            if let Some(base) = name.strip_prefix("ema.") {
+                out.tensors.insert(base.to_string(), t.clone());
+                found = true;
+            }
+        }
+        if !found {
+            bail!("{}: has no EMA weights (ema.*); train with --ema to keep them", self.path.display());
+        }
+        Ok(out)
     }
 
     pub fn get(&self, name: &str) -> Result<&Tensor> {

@@ -5,9 +5,12 @@
 //! a CPU reference beside it).
 
 pub mod checkpoint;
+pub mod data;
 pub mod diffusion;
 pub mod gpu;
 pub mod graph;
 pub mod images;
 pub mod model;
 pub mod ops;
+pub mod plot;
+pub mod run;

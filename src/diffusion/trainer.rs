@@ -24,11 +24,24 @@ pub struct TrainOptions {
     pub given_noise: bool,
     /// Keep every parameter's gradient readable after a step (tests, train-step).
     pub keep_grads: bool,
+    /// Linear learning-rate warmup over this many steps (0: none, as the reference).
+    pub warmup: u64,
+    /// Keep an exponential moving average of the weights with this decay (None: off, as the
+    /// reference); saved as `ema.*` in checkpoints.
+    pub ema: Option<f32>,
 }
 
 impl Default for TrainOptions {
     fn default() -> Self {
-        TrainOptions { lr: 2e-4, adam: Adam::default(), max_norm: 1.0, given_noise: false, keep_grads: false }
+        TrainOptions {
+            lr: 2e-4,
+            adam: Adam::default(),
+            max_norm: 1.0,
+            given_noise: false,
+            keep_grads: false,
+            warmup: 0,
+            ema: None,
+        }
     }
 }
 
@@ -49,7 +62,7 @@ pub struct Trainer {
     pub step: u64,
     /// BatchNorm num_batches_tracked, by official name.
     pub counters: BTreeMap<String, i64>,
-    plan: Plan,
+    pub plan: Plan,
     schedule: Schedule,
     x0: TensorId,
     qcoef: TensorId,
@@ -66,6 +79,8 @@ pub struct Trainer {
     pub moments: BTreeMap<String, (TensorId, TensorId)>,
     /// Gradients by parameter name (readable when `keep_grads`).
     pub grads: BTreeMap<String, TensorId>,
+    /// EMA weights by parameter name (when `ema` is on).
+    pub ema: BTreeMap<String, TensorId>,
 }
 
 impl Trainer {
@@ -119,6 +134,14 @@ impl Trainer {
             optim::adam_step(&mut g, &opts.adam, id, grads[name], m, v, sumsq, hyper, &format!("adam.{name}"));
             moments.insert(name.to_string(), (m, v));
         }
+        let mut ema = BTreeMap::new();
+        if let Some(decay) = opts.ema {
+            for &(name, id) in &trainable {
+                let e = g.param(&format!("ema.{name}"), &g.shape(id).to_vec());
+                optim::ema_update(&mut g, id, e, decay, &format!("ema.{name}"));
+                ema.insert(name.to_string(), e);
+            }
+        }
         g.mark_output(loss);
         g.mark_output(sumsq);
         if opts.keep_grads {
@@ -150,6 +173,10 @@ impl Trainer {
                 }
             }
         }
+        for (name, &e) in &ema {
+            let src = ckpt.tensors.get(&format!("ema.{name}")).unwrap_or(ckpt.get(name)?);
+            plan.write(ctx, e, &src.data)?;
+        }
         let counters = entries
             .iter()
             .filter(|e| e.kind == EntryKind::Counter)
@@ -176,6 +203,7 @@ impl Trainer {
             state: unet.params,
             moments,
             grads,
+            ema,
         })
     }
 
@@ -208,7 +236,7 @@ impl Trainer {
             _ => bail!("noise must be given exactly when the trainer was built with given_noise"),
         }
         self.step += 1;
-        let hyper = optim::hyper(&self.opts.adam, self.opts.lr, self.step, self.opts.max_norm);
+        let hyper = optim::hyper(&self.opts.adam, self.lr(), self.step, self.opts.max_norm);
         self.plan.write(ctx, self.hyper, &hyper)?;
         let q = q_params(self.x_numel, self.batch, seed, self.step as u32, self.noise.is_some());
         self.plan.set_params(ctx, self.q_node, &q);
@@ -219,6 +247,32 @@ impl Trainer {
         let loss = self.plan.read(ctx, self.loss)?[0];
         let sumsq = self.plan.read(ctx, self.sumsq)?[0];
         Ok(StepStats { loss, grad_norm: sumsq.sqrt() })
+    }
+
+    /// The learning rate of the current step (after warmup).
+    pub fn lr(&self) -> f32 {
+        if self.opts.warmup == 0 {
+            return self.opts.lr;
+        }
+        self.opts.lr * (self.step.max(1).min(self.opts.warmup) as f32 / self.opts.warmup as f32)
+    }
+
+    /// The current weights (and running statistics) as an in-memory checkpoint, for sampling;
+    /// with `ema`, the EMA weights replace the trained ones.
+    pub fn weights(&self, ctx: &Context, ema: bool) -> Result<Checkpoint> {
+        let mut tensors = BTreeMap::new();
+        for e in state_entries(&self.cfg).into_iter().filter(|e| e.kind != EntryKind::Counter) {
+            let id = if ema { *self.ema.get(&e.name).unwrap_or(&self.state[&e.name]) } else { self.state[&e.name] };
+            tensors.insert(e.name.clone(), checkpoint::Tensor { shape: e.shape, data: self.plan.read(ctx, id)? });
+        }
+        let mut metadata = HashMap::new();
+        metadata.insert("config".into(), serde_json::to_string(&self.cfg)?);
+        Ok(Checkpoint {
+            path: format!("<training step {}>", self.step).into(),
+            tensors,
+            ints: Default::default(),
+            metadata,
+        })
     }
 
     /// Read a parameter's gradient from the last step (needs `keep_grads`).
@@ -244,6 +298,9 @@ impl Trainer {
             let shape = e_shape(&self.cfg, name);
             floats.push((format!("optim.{name}.exp_avg"), shape.clone(), self.plan.read_u32(ctx, m).map(from_bits)?));
             floats.push((format!("optim.{name}.exp_avg_sq"), shape, self.plan.read_u32(ctx, v).map(from_bits)?));
+        }
+        for (name, &e) in &self.ema {
+            floats.push((format!("ema.{name}"), e_shape(&self.cfg, name), self.plan.read(ctx, e)?));
         }
         let ints: Vec<(String, [i64; 1])> = self
             .counters

@@ -28,6 +28,40 @@ struct CompiledNode {
     params_offset: u64,
 }
 
+/// How [`Plan::profile`] measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timing {
+    /// GPU timestamp queries around each dispatch.
+    GpuTimestamps,
+    /// The adapter has no timestamp queries: each dispatch submitted alone and timed on the host
+    /// (includes submit overhead).
+    HostTimers,
+}
+
+/// Per-dispatch times of one profiled run.
+#[derive(Debug, Clone)]
+pub struct NodeTimes {
+    pub ns: Vec<f64>,
+    pub timing: Timing,
+}
+
+/// Timestamp query sets (reused across profiled runs), with their resolve and staging buffers.
+struct QueryPool {
+    sets: Vec<(wgpu::QuerySet, wgpu::Buffer, wgpu::Buffer)>,
+}
+
+const QUERIES_PER_SET: u32 = wgpu::QUERY_SET_MAX_QUERIES;
+
+/// What the profiler reports about a dispatch.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    /// "shader::entry".
+    pub kernel: String,
+    /// The op / model layer it belongs to.
+    pub label: String,
+    pub cost: super::Cost,
+}
+
 /// What one run did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RunStats {
@@ -43,6 +77,8 @@ pub struct Plan {
     params: wgpu::Buffer,
     nodes: Vec<CompiledNode>,
     staging: HashMap<TensorId, wgpu::Buffer>,
+    queries: std::sync::Mutex<Option<QueryPool>>,
+    info: Vec<NodeInfo>,
 }
 
 impl Plan {
@@ -129,7 +165,30 @@ impl Plan {
                 staging.insert(TensorId(i), buf);
             }
         }
-        Ok(Plan { tensors: g.tensors.clone(), memory, buffers, params, nodes, staging })
+        let info = g
+            .nodes
+            .iter()
+            .map(|n| NodeInfo {
+                kernel: format!("{}::{}", n.shader.name, n.entry),
+                label: n.label.clone(),
+                cost: n.cost,
+            })
+            .collect();
+        Ok(Plan {
+            tensors: g.tensors.clone(),
+            memory,
+            buffers,
+            params,
+            nodes,
+            staging,
+            queries: Default::default(),
+            info,
+        })
+    }
+
+    /// Kernel, label and cost of every dispatch, in order.
+    pub fn nodes(&self) -> &[NodeInfo] {
+        &self.info
     }
 
     pub fn memory(&self) -> &MemoryPlan {
@@ -205,6 +264,104 @@ impl Plan {
             Ok(())
         })??;
         Ok(stats)
+    }
+
+    /// Run once, timing every dispatch. With TIMESTAMP_QUERY each dispatch gets its own compute
+    /// pass with begin/end timestamps; the query sets are pooled across calls and resolved into
+    /// buffers inside the same command buffers, then read once after the last submit, so the GPU
+    /// never waits for the host mid-run. Without timestamps each dispatch is submitted and waited
+    /// for alone (host timers; includes submit overhead).
+    pub fn profile(&self, ctx: &Context) -> Result<NodeTimes> {
+        if !ctx.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
+            let mut ns = Vec::with_capacity(self.nodes.len());
+            for n in &self.nodes {
+                let start = std::time::Instant::now();
+                let mut enc = ctx.device.create_command_encoder(&Default::default());
+                {
+                    let mut pass = enc.begin_compute_pass(&Default::default());
+                    pass.set_pipeline(&n.pipeline);
+                    pass.set_bind_group(0, &n.bind_group, &[]);
+                    let [x, y, z] = n.workgroups;
+                    pass.dispatch_workgroups(x, y, z);
+                }
+                ctx.queue.submit([enc.finish()]);
+                ctx.wait()?;
+                ns.push(start.elapsed().as_nanos() as f64);
+            }
+            return Ok(NodeTimes { ns, timing: Timing::HostTimers });
+        }
+        let per_set = (QUERIES_PER_SET / 2) as usize;
+        let sets_needed = self.nodes.len().div_ceil(per_set).max(1);
+        let mut guard = self.queries.lock().unwrap();
+        let pool = guard.get_or_insert_with(|| QueryPool { sets: Vec::new() });
+        while pool.sets.len() < sets_needed {
+            let bytes = QUERIES_PER_SET as u64 * 8;
+            let qs = ctx.scoped("creating a timestamp query set", || {
+                ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+                    label: Some("profile"),
+                    ty: wgpu::QueryType::Timestamp,
+                    count: QUERIES_PER_SET,
+                })
+            })?;
+            let resolve = ctx.create_buffer(
+                "profile resolve",
+                bytes,
+                wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            )?;
+            let staging = ctx.create_buffer(
+                "profile staging",
+                bytes,
+                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            )?;
+            pool.sets.push((qs, resolve, staging));
+        }
+        ctx.scoped("profiling a compiled graph", || -> Result<()> {
+            for (chunk, (qs, resolve, staging)) in self.nodes.chunks(per_set).zip(&pool.sets) {
+                let mut enc = ctx.device.create_command_encoder(&Default::default());
+                for (i, n) in chunk.iter().enumerate() {
+                    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: None,
+                        timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                            query_set: qs,
+                            beginning_of_pass_write_index: Some(2 * i as u32),
+                            end_of_pass_write_index: Some(2 * i as u32 + 1),
+                        }),
+                    });
+                    pass.set_pipeline(&n.pipeline);
+                    pass.set_bind_group(0, &n.bind_group, &[]);
+                    let [x, y, z] = n.workgroups;
+                    pass.dispatch_workgroups(x, y, z);
+                }
+                let used = 2 * chunk.len() as u32;
+                enc.resolve_query_set(qs, 0..used, resolve, 0);
+                enc.copy_buffer_to_buffer(resolve, 0, staging, 0, used as u64 * 8);
+                ctx.queue.submit([enc.finish()]);
+            }
+            Ok(())
+        })??;
+        let period = ctx.queue.get_timestamp_period() as f64;
+        let mut ns = Vec::with_capacity(self.nodes.len());
+        for (chunk, (_, _, staging)) in self.nodes.chunks(per_set).zip(&pool.sets) {
+            let bytes = 2 * chunk.len() as u64 * 8;
+            let slice = staging.slice(0..bytes);
+            let (tx, rx) = std::sync::mpsc::channel();
+            slice.map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx.send(r);
+            });
+            ctx.wait()?;
+            rx.recv()
+                .map_err(|_| anyhow::anyhow!("timestamp readback never completed"))?
+                .map_err(|e| anyhow::anyhow!("mapping timestamps failed: {e}"))?;
+            {
+                let view = slice.get_mapped_range().map_err(|e| anyhow::anyhow!("reading timestamps failed: {e}"))?;
+                let ticks: &[u64] = bytemuck::cast_slice(&view);
+                for pair in ticks.chunks(2) {
+                    ns.push(pair[1].saturating_sub(pair[0]) as f64 * period);
+                }
+            }
+            staging.unmap();
+        }
+        Ok(NodeTimes { ns, timing: Timing::GpuTimestamps })
     }
 
     /// Read a tensor back as raw 32-bit words (waits for the GPU).

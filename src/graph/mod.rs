@@ -10,7 +10,7 @@ mod exec;
 mod planner;
 
 pub use autodiff::{backward, BackwardFn, TapeEntry};
-pub use exec::{Plan, RunStats};
+pub use exec::{NodeInfo, NodeTimes, Plan, RunStats, Timing};
 pub use planner::{plan_memory, MemoryPlan};
 
 use crate::gpu::Shader;

@@ -120,7 +120,7 @@ fn conv_node(
                 params: bwd_params.clone(),
                 reads: vec![dy, x],
                 writes: vec![partial],
-                workgroups: [cin.div_ceil(64) as u32, cout as u32, parts as u32],
+                workgroups: [cin.div_ceil(64) as u32, cout.div_ceil(4) as u32, parts as u32],
                 label: format!("{label}.grad_weight"),
                 cost,
             });

@@ -75,3 +75,18 @@ pub fn adam_cpu(
         param[i] -= (lr / bc1) * m[i] / denom;
     }
 }
+
+/// ema = decay * ema + (1 - decay) * param.
+pub fn ema_update(g: &mut Graph, param: TensorId, ema: TensorId, decay: f32, name: &str) {
+    let n = g.info(param).numel();
+    g.push(Node {
+        shader: &SHADER,
+        entry: "ema_update",
+        params: Params::new().u(n).u(0).u(0).u(0).f(decay).build(),
+        reads: vec![param],
+        writes: vec![ema],
+        workgroups: grid_1d(n, 256),
+        label: name.to_string(),
+        cost: Cost { flops: 3 * n as u64, bytes: 12 * n as u64 },
+    });
+}

@@ -1,0 +1,61 @@
+//! The loss plot of a training run (PNG), drawn with plotters and the bundled DejaVu font.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Result};
+use image::ImageEncoder;
+use plotters::prelude::*;
+
+use crate::checkpoint::write_atomic;
+
+const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+
+/// Plot `points` (step, loss) and a moving average to a PNG at `path` (log-scale y).
+pub fn loss_plot(path: &Path, points: &[(u64, f32)], title: &str) -> Result<()> {
+    static REGISTER: std::sync::Once = std::sync::Once::new();
+    REGISTER.call_once(|| {
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    });
+    let (w, h) = (800u32, 480u32);
+    let mut buf = vec![0u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| anyhow!("plot: {e}"))?;
+        let finite: Vec<(u64, f32)> = points.iter().copied().filter(|p| p.1.is_finite() && p.1 > 0.0).collect();
+        let x_max = finite.last().map_or(1, |p| p.0).max(1);
+        let (lo, hi) = finite.iter().fold((f32::MAX, f32::MIN), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
+        let (lo, hi) = if finite.is_empty() { (0.1, 1.0) } else { (lo * 0.9, hi * 1.1) };
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0u64..x_max, (lo..hi).log_scale())
+            .map_err(|e| anyhow!("plot: {e}"))?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("loss (eps MSE)")
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(|e| anyhow!("plot: {e}"))?;
+        chart
+            .draw_series(LineSeries::new(finite.iter().copied(), RGBColor(160, 190, 230)))
+            .map_err(|e| anyhow!("plot: {e}"))?;
+        let window = (finite.len() / 20).max(1);
+        let smooth: Vec<(u64, f32)> = (0..finite.len())
+            .map(|i| {
+                let a = i.saturating_sub(window - 1);
+                let avg = finite[a..=i].iter().map(|p| p.1).sum::<f32>() / (i - a + 1) as f32;
+                (finite[i].0, avg)
+            })
+            .collect();
+        chart
+            .draw_series(LineSeries::new(smooth, RGBColor(20, 60, 160).stroke_width(2)))
+            .map_err(|e| anyhow!("plot: {e}"))?;
+        root.present().map_err(|e| anyhow!("plot: {e}"))?;
+    }
+    let mut png = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut png).write_image(&buf, w, h, image::ExtendedColorType::Rgb8)?;
+    write_atomic(path, &png)
+}

@@ -1,0 +1,182 @@
+//! A training run: its folder (config.json, loss.csv, loss.png, samples/, ckpt.safetensors),
+//! the loop with progress, periodic checkpoints and sample grids, resume and Ctrl-C.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context as _, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{write_atomic, Checkpoint};
+use crate::data::{self, Loader};
+use crate::diffusion::{plan_steps, Sampler, SamplerKind, Schedule, TrainOptions, Trainer};
+use crate::gpu::Context;
+use crate::images;
+use crate::model::{init_weights, ModelConfig};
+
+/// Everything that defines a run; written to RUN/config.json and read back by --resume.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunConfig {
+    pub preset: String,
+    pub model: ModelConfig,
+    /// Dataset path (None: the embedded MNIST subset).
+    pub data: Option<PathBuf>,
+    pub batch: usize,
+    pub lr: f32,
+    pub warmup: u64,
+    pub ema: Option<f32>,
+    pub seed: u64,
+    /// Total optimizer steps of the run.
+    pub steps: u64,
+    /// Write a sample grid every this many steps (0: only at the end).
+    pub sample_every: u64,
+    /// Write the checkpoint every this many steps (it is always written at the end).
+    pub ckpt_every: u64,
+    /// Images per sample grid (0: none).
+    pub sample_n: usize,
+    /// DDIM steps of the sample grids.
+    pub sample_steps: usize,
+}
+
+pub const CKPT: &str = "ckpt.safetensors";
+
+/// Train `cfg` into `dir` (resuming from its checkpoint when `resume`).
+pub fn train(ctx: &Context, cfg: &RunConfig, dir: &Path, resume: bool) -> Result<()> {
+    let data = Arc::new(data::load(cfg.data.as_deref(), cfg.model.img_size)?);
+    if data.channels != cfg.model.img_ch {
+        bail!(
+            "{} has {}-channel images but the model (preset {}) expects {}; pick a matching --preset",
+            data.name,
+            data.channels,
+            cfg.preset,
+            cfg.model.img_ch
+        );
+    }
+    if data.len() < cfg.batch {
+        bail!("{} holds {} images, fewer than one batch of {}", data.name, data.len(), cfg.batch);
+    }
+    std::fs::create_dir_all(dir.join("samples")).with_context(|| format!("cannot create {}", dir.display()))?;
+    write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(cfg)?.as_bytes())?;
+
+    let ckpt_path = dir.join(CKPT);
+    let start = if resume {
+        Checkpoint::load(&ckpt_path).with_context(|| format!("resuming {}", dir.display()))?
+    } else {
+        init_weights(&cfg.model, cfg.seed)
+    };
+    let opts = TrainOptions { lr: cfg.lr, warmup: cfg.warmup, ema: cfg.ema, ..Default::default() };
+    let mut trainer = Trainer::new(ctx, &cfg.model, &start, cfg.batch, cfg.model.img_size, opts)?;
+    let first = trainer.step;
+    if first >= cfg.steps {
+        println!("{} is already at step {first} of {}; nothing to do", dir.display(), cfg.steps);
+        return Ok(());
+    }
+    let mut log = LossLog::open(&dir.join("loss.csv"), first)?;
+    eprintln!(
+        "training {} ({} parameters) on {} ({} images), batch {}, steps {first}..{}, adapter {}",
+        cfg.preset,
+        crate::model::parameter_count(&cfg.model),
+        data.name,
+        data.len(),
+        cfg.batch,
+        cfg.steps,
+        ctx.describe()
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    // A second handler cannot be installed in the same process (tests): then Ctrl-C just kills.
+    let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+
+    let loader = Loader::start(data.clone(), cfg.batch, cfg.seed, first, cfg.steps, cfg.model.diffusion_steps);
+    let bar = ProgressBar::new(cfg.steps);
+    bar.set_position(first);
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  eta {eta}").expect("template"));
+    let mut last = Instant::now();
+    while trainer.step < cfg.steps {
+        let batch = loader.next().context("the data loader stopped")?;
+        let stats = trainer.step(ctx, &batch.x0, &batch.t, None, cfg.seed)?;
+        if !stats.loss.is_finite() {
+            trainer.save(ctx, &dir.join("ckpt_diverged.safetensors"), HashMap::new())?;
+            bail!("loss became {} at step {}; state saved to ckpt_diverged.safetensors", stats.loss, trainer.step);
+        }
+        let ips = cfg.batch as f64 / last.elapsed().as_secs_f64();
+        last = Instant::now();
+        log.push(trainer.step, stats.loss, trainer.lr(), ips)?;
+        bar.set_position(trainer.step);
+        bar.set_message(format!("loss {:.4}  |g| {:.3}  {:.2} img/s", stats.loss, stats.grad_norm, ips));
+        let step = trainer.step;
+        let interrupted = stop.load(Ordering::SeqCst);
+        if interrupted || (cfg.ckpt_every > 0 && step % cfg.ckpt_every == 0) || step == cfg.steps {
+            trainer.save(ctx, &ckpt_path, HashMap::new())?;
+            log.flush_plot(&dir.join("loss.png"), &cfg.preset)?;
+        }
+        if cfg.sample_n > 0 && ((cfg.sample_every > 0 && step % cfg.sample_every == 0) || step == cfg.steps) {
+            bar.suspend(|| sample_grid(ctx, &trainer, cfg, &dir.join("samples").join(format!("step_{step:07}.png"))))?;
+        }
+        if interrupted {
+            bar.abandon_with_message(format!("interrupted: checkpoint saved at step {step}"));
+            return Ok(());
+        }
+    }
+    bar.finish_with_message(format!("done: {}", dir.display()));
+    Ok(())
+}
+
+fn sample_grid(ctx: &Context, trainer: &Trainer, cfg: &RunConfig, path: &Path) -> Result<()> {
+    let weights = trainer.weights(ctx, cfg.ema.is_some())?;
+    let rows = plan_steps(&Schedule::reference(cfg.model.diffusion_steps), SamplerKind::Ddim, cfg.sample_steps)?;
+    let size = cfg.model.img_size;
+    let sampler = Sampler::new(ctx, &cfg.model, &weights, cfg.sample_n, size, 1.0, &rows)?;
+    let x = sampler.sample_batch(ctx, cfg.seed, 0, &mut |_| {})?;
+    let cols = (cfg.sample_n as f64).sqrt().ceil() as usize;
+    images::save_grid(path, &x, [cfg.sample_n, cfg.model.img_ch, size, size], cols)
+}
+
+/// loss.csv (step, loss, lr, images_per_s), kept consistent with the checkpoint on resume.
+struct LossLog {
+    path: PathBuf,
+    file: std::fs::File,
+    points: Vec<(u64, f32)>,
+}
+
+impl LossLog {
+    fn open(path: &Path, resume_step: u64) -> Result<LossLog> {
+        let mut kept = String::from("step,loss,lr,images_per_s\n");
+        let mut points = Vec::new();
+        if resume_step > 0 {
+            if let Ok(text) = std::fs::read_to_string(path) {
+                for line in text.lines().skip(1) {
+                    let mut f = line.split(',');
+                    let (Some(s), Some(l)) = (f.next(), f.next()) else { continue };
+                    let (Ok(s), Ok(l)) = (s.parse::<u64>(), l.parse::<f32>()) else { continue };
+                    if s <= resume_step {
+                        kept.push_str(line);
+                        kept.push('\n');
+                        points.push((s, l));
+                    }
+                }
+            }
+        }
+        write_atomic(path, kept.as_bytes())?;
+        let file = std::fs::OpenOptions::new().append(true).open(path)?;
+        Ok(LossLog { path: path.to_path_buf(), file, points })
+    }
+
+    fn push(&mut self, step: u64, loss: f32, lr: f32, ips: f64) -> Result<()> {
+        writeln!(self.file, "{step},{loss},{lr},{ips:.3}")
+            .with_context(|| format!("writing {}", self.path.display()))?;
+        self.points.push((step, loss));
+        Ok(())
+    }
+
+    fn flush_plot(&mut self, png: &Path, title: &str) -> Result<()> {
+        self.file.flush()?;
+        crate::plot::loss_plot(png, &self.points, &format!("sddpm-gpu: {title}"))
+    }
+}
