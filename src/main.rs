@@ -78,9 +78,9 @@ struct TrainArgs {
     /// of PNG/JPEG images (format detected). Default: the embedded 10,000-image MNIST subset.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Total optimizer steps of the run.
-    #[arg(long, default_value_t = 300)]
-    steps: u64,
+    /// Total optimizer steps of the run [default: 300; with --resume: the run's own].
+    #[arg(long)]
+    steps: Option<u64>,
     /// Images per step (default: 8 for tiny/small, 32 for the paper's nets as the reference).
     #[arg(long)]
     batch: Option<usize>,
@@ -107,7 +107,7 @@ struct TrainArgs {
     out: Option<PathBuf>,
     /// Continue the run in this folder from its checkpoint, bit-identically (only --steps may
     /// change).
-    #[arg(long, conflicts_with_all = ["out", "preset", "data", "batch", "lr", "seed", "snn_steps", "size"])]
+    #[arg(long, conflicts_with_all = ["out", "preset", "data", "batch", "lr", "seed", "snn_steps", "size", "warmup", "ema"])]
     resume: Option<PathBuf>,
     /// Write a sample grid every N steps (0: only at the end).
     #[arg(long, default_value_t = 0)]
@@ -330,7 +330,7 @@ fn train(adapter: Option<&str>, a: &TrainArgs) -> Result<()> {
             let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
             let mut cfg: RunConfig =
                 serde_json::from_str(&text).map_err(|e| anyhow!("{}: not a run config ({e})", path.display()))?;
-            cfg.steps = a.steps.max(cfg.steps.min(a.steps));
+            cfg.steps = a.steps.unwrap_or(cfg.steps);
             (cfg, dir.clone(), true)
         }
         None => {
@@ -363,7 +363,7 @@ fn train(adapter: Option<&str>, a: &TrainArgs) -> Result<()> {
                 warmup: a.warmup,
                 ema: a.ema,
                 seed: a.seed,
-                steps: a.steps,
+                steps: a.steps.unwrap_or(300),
                 sample_every: a.sample_every,
                 ckpt_every: a.ckpt_every,
                 sample_n: a.sample_n,

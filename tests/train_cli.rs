@@ -1,0 +1,145 @@
+//! `train` and `train-step` end to end: parity through the command, a run folder, resume
+//! determinism, and one-line errors for bad data.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use sddpm_gpu::checkpoint::TensorFile;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sddpm-gpu"))
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sddpm-train-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "command failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn assert_one_line_error(out: &Output, needle: &str) {
+    assert!(!out.status.success(), "expected failure");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let ours: Vec<&str> = err.lines().filter(|l| l.starts_with("error:") && !l.contains("XDG_RUNTIME_DIR")).collect();
+    assert_eq!(ours.len(), 1, "exactly one error line expected:\n{err}");
+    assert!(ours[0].contains(needle), "error should mention '{needle}': {}", ours[0]);
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn train_step_command_matches_reference() {
+    let out_path = tmp("after.safetensors");
+    let out = run(&[
+        "train-step",
+        "--checkpoint",
+        fixture("weights.safetensors").to_str().unwrap(),
+        "--input",
+        fixture("train_step.safetensors").to_str().unwrap(),
+        "--output",
+        out_path.to_str().unwrap(),
+    ]);
+    let line = ok(&out);
+    let v: serde_json::Value = serde_json::from_str(line.trim()).expect("one JSON line");
+    let fx = TensorFile::load(&fixture("train_step.safetensors")).unwrap();
+    let want_loss = fx.get("loss").unwrap().data[0] as f64;
+    let want_norm = fx.get("grad_norm").unwrap().data[0] as f64;
+    assert!((v["loss"].as_f64().unwrap() - want_loss).abs() < 1e-5 * want_loss, "{line}");
+    assert!((v["grad_norm"].as_f64().unwrap() - want_norm).abs() < 1e-3 * want_norm, "{line}");
+    let after = TensorFile::load(&out_path).unwrap();
+    // Weights away from ~0 gradients, BN statistics and counters as the reference.
+    let name = "downblocks.0.conv1.weight";
+    let (got, want) = (&after.get(name).unwrap().data, &fx.get(&format!("after.{name}")).unwrap().data);
+    let grad = &fx.get(&format!("grad.{name}")).unwrap().data;
+    for i in 0..got.len() {
+        if grad[i].abs() >= 1e-5 {
+            assert!((got[i] - want[i]).abs() <= 2e-5, "{name}[{i}]");
+        }
+    }
+    let rv = "middleblocks.0.bn1.running_var";
+    common::assert_close(rv, &after.get(rv).unwrap().data, &fx.get(&format!("after.{rv}")).unwrap().data, 1e-4, 1e-6);
+    assert_eq!(after.get_ints("bn.num_batches_tracked").unwrap().data[0], 8);
+    assert_eq!(after.get_ints("optim.step").unwrap().data[0], 1);
+    assert!(after.tensors.contains_key("optim.conv.weight.exp_avg"));
+    // The written checkpoint is itself loadable for inference.
+    after.config(None).unwrap();
+}
+
+/// A cheap run: the tiny net at 16 px, batch 2, T = 2 on the embedded MNIST subset.
+fn quick_train(dir: &Path, steps: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["train", "--steps", steps];
+    args.extend_from_slice(extra);
+    if !extra.contains(&"--resume") {
+        args.extend_from_slice(&["--size", "16", "--batch", "2", "--snn-steps", "2", "--sample-n", "0"]);
+        args.extend_from_slice(&["--out", dir.to_str().unwrap()]);
+    }
+    run(&args)
+}
+
+#[test]
+fn train_writes_a_run_folder_and_resumes_bit_identically() {
+    let straight = tmp("straight");
+    ok(&quick_train(&straight, "4", &[]));
+    let halves = tmp("halves");
+    ok(&quick_train(&halves, "2", &[]));
+    ok(&quick_train(&halves, "4", &["--resume", halves.to_str().unwrap()]));
+    for f in ["config.json", "loss.csv", "loss.png", "ckpt.safetensors"] {
+        assert!(straight.join(f).exists(), "{f} missing");
+    }
+    let csv = std::fs::read_to_string(halves.join("loss.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 5, "header + 4 steps after resume:\n{csv}");
+    assert!(csv.starts_with("step,loss,lr,images_per_s"));
+    let a = TensorFile::load(&straight.join("ckpt.safetensors")).unwrap();
+    let b = TensorFile::load(&halves.join("ckpt.safetensors")).unwrap();
+    assert_eq!(a.tensors.len(), b.tensors.len());
+    for (name, t) in &a.tensors {
+        let u = &b.tensors[name];
+        assert!(t.data.iter().zip(&u.data).all(|(x, y)| x.to_bits() == y.to_bits()), "{name} differs after resume");
+    }
+    assert_eq!(a.ints, b.ints);
+    let png = image::open(straight.join("loss.png")).unwrap();
+    assert!(png.width() >= 400);
+}
+
+#[test]
+fn bad_data_gives_one_line_errors() {
+    let out = quick_train(&tmp("r1"), "1", &["--data", "/no/such/data"]);
+    assert_one_line_error(&out, "/no/such/data");
+    let junk = tmp("junk-images-idx3-ubyte");
+    std::fs::write(&junk, b"not an idx file at all").unwrap();
+    let out = quick_train(&tmp("r2"), "1", &["--data", junk.to_str().unwrap()]);
+    assert_one_line_error(&out, "junk-images-idx3-ubyte");
+    // A CIFAR-10 folder at the wrong image size.
+    let cifar = tmp("cifar");
+    std::fs::create_dir_all(&cifar).unwrap();
+    std::fs::write(cifar.join("data_batch_1.bin"), vec![0u8; 3073 * 2]).unwrap();
+    let out = quick_train(&tmp("r3"), "1", &["--data", cifar.to_str().unwrap(), "--preset", "cifar10"]);
+    assert_one_line_error(&out, "32x32");
+    // A truncated CIFAR-10 batch.
+    std::fs::write(cifar.join("data_batch_1.bin"), vec![0u8; 3000]).unwrap();
+    let out =
+        run(&["train", "--data", cifar.to_str().unwrap(), "--preset", "tiny", "--out", tmp("r4").to_str().unwrap()]);
+    assert_one_line_error(&out, "data_batch_1.bin");
+    // An unreadable image in a folder.
+    let folder = tmp("faces");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("broken.png"), b"\\x89PNG garbage").unwrap();
+    let out = run(&["train", "--data", folder.to_str().unwrap(), "--out", tmp("r5").to_str().unwrap()]);
+    assert_one_line_error(&out, "broken.png");
+    // Channels that do not match the preset.
+    let out = quick_train(&tmp("r6"), "1", &["--preset", "cifar10"]);
+    assert_one_line_error(&out, "channel");
+}
