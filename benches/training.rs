@@ -22,7 +22,8 @@ fn main() {
     let mut cfg = ModelConfig::preset(&preset).unwrap();
     cfg.snn_steps = arg("--snn-steps", "4").parse().unwrap();
     let ctx = Context::new(None).unwrap();
-    let mut tr = Trainer::new(&ctx, &cfg, &init_weights(&cfg, 0), batch, cfg.img_size, TrainOptions::default()).unwrap();
+    let mut tr =
+        Trainer::new(&ctx, &cfg, &init_weights(&cfg, 0), batch, cfg.img_size, TrainOptions::default()).unwrap();
     let per = cfg.img_ch * cfg.img_size * cfg.img_size;
     let x0: Vec<f32> = (0..batch * per).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
     let t: Vec<u32> = (0..batch as u32).map(|b| (b * 131) % 1000).collect();

@@ -7,10 +7,12 @@
 pub mod checkpoint;
 pub mod data;
 pub mod diffusion;
+pub mod energy;
 pub mod gpu;
 pub mod graph;
 pub mod images;
 pub mod model;
 pub mod ops;
 pub mod plot;
+pub mod profile;
 pub mod run;

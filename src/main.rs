@@ -51,6 +51,11 @@ enum Command {
     Sample(SampleArgs),
     /// Train a model. With no arguments: the `tiny` net on the embedded MNIST subset.
     Train(TrainArgs),
+    /// Time every shader dispatch of network evaluations (or training steps with --train) with
+    /// GPU timestamps: per-kernel and per-layer tables, totals, optional Chrome trace.
+    Profile(ProfileArgs),
+    /// Firing rate of every spiking layer and the paper's energy estimate per network evaluation.
+    Energy(EnergyArgs),
     /// One training step for parity checks: IN holds `x0` [B,C,H,W], `t` [B], `noise` [B,C,H,W];
     /// writes the updated checkpoint (weights, BN statistics, Adam state) and prints one JSON
     /// line with `loss` and `grad_norm` (before clipping).
@@ -66,6 +71,62 @@ enum Command {
         #[arg(long, default_value_t = 2e-4)]
         lr: f32,
     },
+}
+
+#[derive(clap::Args)]
+struct ProfileArgs {
+    /// Model weights (safetensors); or use --preset for untrained weights.
+    #[arg(long, conflicts_with = "preset")]
+    checkpoint: Option<PathBuf>,
+    /// Preset with untrained weights: cifar10, celeba64, mnist, fashion, small, tiny (default tiny).
+    #[arg(long)]
+    preset: Option<String>,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long)]
+    snn_steps: Option<usize>,
+    /// Image side in pixels (default: the model's).
+    #[arg(long)]
+    size: Option<usize>,
+    /// Profile training steps (forward, backward, optimizer) instead of network evaluations.
+    #[arg(long)]
+    train: bool,
+    /// Profiled iterations after one warm-up.
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+    /// Write a Chrome trace (opens in Perfetto and chrome://tracing): one event per dispatch.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Time dispatches with host timers even when the adapter has timestamp queries.
+    #[arg(long)]
+    host_timers: bool,
+}
+
+#[derive(clap::Args)]
+struct EnergyArgs {
+    /// Model weights (safetensors).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Inputs as for `forward` (x [B,C,H,W], t [B]); default: --n Gaussian-noise images at --t.
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// Diffusion step of the generated inputs.
+    #[arg(long, default_value_t = 999)]
+    t: u32,
+    /// Number of generated inputs.
+    #[arg(long, default_value_t = 4)]
+    n: usize,
+    /// Firing threshold of every neuron (threshold guidance).
+    #[arg(long, default_value_t = 1.0)]
+    threshold: f32,
+    #[arg(long)]
+    snn_steps: Option<usize>,
+    /// Image side of the generated inputs (default: the model's).
+    #[arg(long)]
+    size: Option<usize>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -183,6 +244,8 @@ fn main() -> ExitCode {
         }
         Command::Sample(args) => sample(cli.adapter.as_deref(), &args),
         Command::Train(args) => train(cli.adapter.as_deref(), &args),
+        Command::Profile(args) => profile(cli.adapter.as_deref(), &args),
+        Command::Energy(args) => energy(cli.adapter.as_deref(), &args),
         Command::TrainStep { checkpoint, input, output, snn_steps, lr } => {
             train_step(cli.adapter.as_deref(), &checkpoint, &input, &output, snn_steps, lr)
         }
@@ -319,7 +382,7 @@ fn load_model(
     if let Some(t) = snn_steps {
         cfg.snn_steps = t;
     }
-    eprintln!("note: untrained {} weights (no --checkpoint): the images will be noise", preset.unwrap_or("tiny"));
+    eprintln!("note: untrained {} weights (no --checkpoint)", preset.unwrap_or("tiny"));
     Ok((init_weights(&cfg, seed), cfg))
 }
 
@@ -421,5 +484,112 @@ fn train_step(
     let stats = trainer.step(&ctx, &x0.data, &steps, Some(&noise.data), 0)?;
     trainer.save(&ctx, output, HashMap::new())?;
     println!("{}", serde_json::json!({ "loss": stats.loss, "grad_norm": stats.grad_norm }));
+    Ok(())
+}
+
+fn profile(adapter: Option<&str>, a: &ProfileArgs) -> Result<()> {
+    let seed = 0;
+    let (weights, mut cfg) = load_model(a.checkpoint.as_deref(), a.preset.as_deref(), a.snn_steps, seed)?;
+    if let Some(s) = a.size {
+        cfg.img_size = s;
+    }
+    let without = if a.host_timers { wgpu::Features::TIMESTAMP_QUERY } else { wgpu::Features::empty() };
+    let ctx = Context::with_features(adapter, without)?;
+    if !ctx.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
+        eprintln!(
+            "note: timestamp queries are not available on {}{}; timing each dispatch with host timers \
+             (one submit and wait per dispatch: includes submit overhead)",
+            ctx.adapter.name,
+            if a.host_timers { " (--host-timers)" } else { "" }
+        );
+    }
+    let size = cfg.img_size;
+    let per = cfg.img_ch * size * size;
+    let x: Vec<f32> =
+        (0..a.batch * per).map(|i| sddpm_gpu::ops::sampler::gaussian_cpu(seed, i as u32, 0, 0, 0)).collect();
+    let t: Vec<u32> = (0..a.batch as u32).map(|b| (b * 997 + 500) % cfg.diffusion_steps as u32).collect();
+    let report = if a.train {
+        let mut tr = Trainer::new(&ctx, &cfg, &weights, a.batch, size, TrainOptions::default())?;
+        let x0: Vec<f32> = x.iter().map(|v| v.clamp(-1.0, 1.0)).collect();
+        tr.step(&ctx, &x0, &t, None, seed)?;
+        sddpm_gpu::profile::profile(&ctx, &tr.plan, a.iters, a.batch)?
+    } else {
+        let net = EvalNet::new(&ctx, &cfg, &weights, a.batch, size, 1.0)?;
+        net.forward(&ctx, &x, &t)?;
+        sddpm_gpu::profile::profile(&ctx, &net.plan, a.iters, a.batch)?
+    };
+    println!(
+        "{} {} on {}, batch {}, T = {}, {}x{}\n",
+        if a.train { "training steps of" } else { "network evaluations of" },
+        a.checkpoint
+            .as_ref()
+            .map_or_else(|| a.preset.clone().unwrap_or_else(|| "tiny".into()), |p| p.display().to_string()),
+        ctx.describe(),
+        a.batch,
+        cfg.snn_steps,
+        size,
+        size
+    );
+    print!("{}", report.render());
+    if let Some(path) = &a.trace {
+        checkpoint::write_atomic(path, serde_json::to_string(&report.trace)?.as_bytes())?;
+        println!("wrote {} ({} events)", path.display(), report.dispatches_per_iter * report.iters);
+    }
+    Ok(())
+}
+
+fn energy(adapter: Option<&str>, a: &EnergyArgs) -> Result<()> {
+    let ckpt = Checkpoint::load(&a.checkpoint)?;
+    let cfg = ckpt.config(a.snn_steps)?;
+    let (x, t, batch, size) = match &a.input {
+        Some(path) => {
+            let inp = TensorFile::load(path)?;
+            let x = inp.get("x")?;
+            let t = inp.get_ints("t")?;
+            if x.shape.len() != 4 || x.shape[1] != cfg.img_ch || x.shape[2] != x.shape[3] || t.shape != [x.shape[0]] {
+                bail!(
+                    "{}: needs x [B, {}, S, S] and t [B], got {:?} and {:?}",
+                    path.display(),
+                    cfg.img_ch,
+                    x.shape,
+                    t.shape
+                );
+            }
+            let t: Vec<u32> = t.data.iter().map(|&v| v.clamp(0, u32::MAX as i64) as u32).collect();
+            (x.data.clone(), t, x.shape[0], x.shape[2])
+        }
+        None => {
+            if a.n == 0 {
+                bail!("--n must be at least 1");
+            }
+            let size = a.size.unwrap_or(cfg.img_size);
+            let per = cfg.img_ch * size * size;
+            let x = (0..a.n * per)
+                .map(|i| sddpm_gpu::ops::sampler::gaussian_cpu(7, (i % per) as u32, (i / per) as u32, a.t, 3))
+                .collect();
+            (x, vec![a.t; a.n], a.n, size)
+        }
+    };
+    let ctx = Context::new(adapter)?;
+    let counter = sddpm_gpu::energy::SpikeCounter::new(&ctx, &cfg, &ckpt, batch, size, a.threshold, false)?;
+    let r = counter.measure(&ctx, &x, &t)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    println!("{:<28} {:>12} {:<32} {:>14} {:>16}", "spiking layer", "firing rate", "feeds", "MACs/step", "SOPs/eval");
+    for l in &r.layers {
+        println!("{:<28} {:>12.4} {:<32} {:>14} {:>16.0}", l.name, l.firing_rate, l.feeds, l.macs, l.sops);
+    }
+    println!(
+        "\nper image and network evaluation (T = {}, threshold {}, {} images at {}x{}):",
+        r.snn_steps, r.threshold, r.images, size, size
+    );
+    println!(
+        "  MACs per spiking step: {} total, {} first conv, {} on real-valued inputs (not charged)",
+        r.total_macs, r.first_conv_macs, r.unaccounted_macs
+    );
+    println!("  SOPs: {:.4e}, MAC-weighted mean firing rate {:.4}", r.total_sops, r.mean_firing_rate);
+    println!("  energy: SNN {:.4} mJ (4.6 pJ x first-conv MACs x T + 0.9 pJ x SOPs), same net as an ANN {:.4} mJ (4.6 pJ x all MACs)", r.energy_snn_mj, r.energy_ann_mj);
     Ok(())
 }

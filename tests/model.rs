@@ -70,3 +70,20 @@ fn unknown_preset_is_an_error() {
     let err = ModelConfig::preset("imagenet").unwrap_err().to_string();
     assert!(err.contains("imagenet") && err.contains("cifar10"), "{err}");
 }
+
+#[test]
+fn cifar10_macs_per_spiking_step() {
+    use sddpm_gpu::model::layer_macs;
+    let cfg = ModelConfig::preset("cifar10").unwrap();
+    let layers = layer_macs(&cfg, 32);
+    let total: u64 = layers.iter().map(|l| l.macs).sum();
+    println!("CIFAR-10 MACs per spiking step: {total}");
+    assert_eq!((total as f64 / 1e6).round() as u64, 6484, "{total}");
+    let first = layers.iter().find(|l| l.name == "conv").unwrap().macs;
+    assert_eq!((first as f64 / 1e4).round() as u64, 354, "first conv {first}");
+    let linear: u64 =
+        layers.iter().filter(|l| l.name.contains("temb") || l.name.starts_with("time_")).map(|l| l.macs).sum();
+    assert_eq!((linear as f64 / 1e5).round() as u64, 38, "linear MACs {linear}");
+    // 51 spiking layers, each feeding exactly one conv.
+    assert_eq!(layers.iter().filter(|l| l.fed_by.is_some()).count(), 51);
+}

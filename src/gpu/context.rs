@@ -157,6 +157,12 @@ impl Context {
     /// Open the best adapter, or the first whose name contains `adapter_name` (case-insensitive).
     /// `None` falls back to the SDDPM_ADAPTER environment variable.
     pub fn new(adapter_name: Option<&str>) -> Result<Context> {
+        Self::with_features(adapter_name, wgpu::Features::empty())
+    }
+
+    /// As [`Context::new`], but never enabling the features in `without` (e.g. timestamps, to
+    /// exercise the host-timer fallback of the profiler).
+    pub fn with_features(adapter_name: Option<&str>, without: wgpu::Features) -> Result<Context> {
         let env_name = std::env::var("SDDPM_ADAPTER").ok();
         let name = adapter_name.or(env_name.as_deref()).filter(|s| !s.is_empty());
         let inst = instance();
@@ -164,7 +170,7 @@ impl Context {
         let list: Vec<AdapterSummary> = adapters.iter().map(AdapterSummary::of).collect();
         let idx = choose_adapter(&list, name)?;
         let adapter = &adapters[idx];
-        let features = WANTED_FEATURES & adapter.features();
+        let features = WANTED_FEATURES & adapter.features() & !without;
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("sddpm-gpu"),

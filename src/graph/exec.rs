@@ -41,7 +41,10 @@ pub enum Timing {
 /// Per-dispatch times of one profiled run.
 #[derive(Debug, Clone)]
 pub struct NodeTimes {
+    /// Duration of each dispatch.
     pub ns: Vec<f64>,
+    /// Start of each dispatch, relative to the first.
+    pub start_ns: Vec<f64>,
     pub timing: Timing,
 }
 
@@ -274,8 +277,11 @@ impl Plan {
     pub fn profile(&self, ctx: &Context) -> Result<NodeTimes> {
         if !ctx.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
             let mut ns = Vec::with_capacity(self.nodes.len());
+            let mut start_ns = Vec::with_capacity(self.nodes.len());
+            let origin = std::time::Instant::now();
             for n in &self.nodes {
                 let start = std::time::Instant::now();
+                start_ns.push(start.duration_since(origin).as_nanos() as f64);
                 let mut enc = ctx.device.create_command_encoder(&Default::default());
                 {
                     let mut pass = enc.begin_compute_pass(&Default::default());
@@ -288,7 +294,7 @@ impl Plan {
                 ctx.wait()?;
                 ns.push(start.elapsed().as_nanos() as f64);
             }
-            return Ok(NodeTimes { ns, timing: Timing::HostTimers });
+            return Ok(NodeTimes { ns, start_ns, timing: Timing::HostTimers });
         }
         let per_set = (QUERIES_PER_SET / 2) as usize;
         let sets_needed = self.nodes.len().div_ceil(per_set).max(1);
@@ -341,6 +347,7 @@ impl Plan {
         })??;
         let period = ctx.queue.get_timestamp_period() as f64;
         let mut ns = Vec::with_capacity(self.nodes.len());
+        let mut starts: Vec<u64> = Vec::with_capacity(self.nodes.len());
         for (chunk, (_, _, staging)) in self.nodes.chunks(per_set).zip(&pool.sets) {
             let bytes = 2 * chunk.len() as u64 * 8;
             let slice = staging.slice(0..bytes);
@@ -357,11 +364,14 @@ impl Plan {
                 let ticks: &[u64] = bytemuck::cast_slice(&view);
                 for pair in ticks.chunks(2) {
                     ns.push(pair[1].saturating_sub(pair[0]) as f64 * period);
+                    starts.push(pair[0]);
                 }
             }
             staging.unmap();
         }
-        Ok(NodeTimes { ns, timing: Timing::GpuTimestamps })
+        let origin = starts.iter().copied().min().unwrap_or(0);
+        let start_ns = starts.iter().map(|&t| (t - origin) as f64 * period).collect();
+        Ok(NodeTimes { ns, start_ns, timing: Timing::GpuTimestamps })
     }
 
     /// Read a tensor back as raw 32-bit words (waits for the GPU).

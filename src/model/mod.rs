@@ -6,7 +6,7 @@ mod eval;
 mod init;
 mod unet;
 
-pub use arch::{arch, parameter_count, state_entries, Arch, Block, Entry, EntryKind};
+pub use arch::{arch, layer_macs, parameter_count, state_entries, Arch, Block, Entry, EntryKind, LayerMacs};
 pub use config::{ModelConfig, PRESETS};
 pub use eval::EvalNet;
 pub use init::init_weights;

@@ -20,6 +20,8 @@ pub struct UNet {
     pub params: BTreeMap<String, TensorId>,
     /// eps_hat [B, C, H, W].
     pub eps: TensorId,
+    /// Every spiking layer's output [T*B, C, H, W], by official module name (`downblocks.0.neuron1`).
+    pub spikes: Vec<(String, TensorId)>,
 }
 
 struct Builder<'a> {
@@ -29,6 +31,7 @@ struct Builder<'a> {
     neuron: Neuron,
     /// Training form: BatchNorm with batch statistics, neurons saving what backward needs.
     train: bool,
+    spikes: Vec<(String, TensorId)>,
 }
 
 impl Builder<'_> {
@@ -64,11 +67,13 @@ impl Builder<'_> {
     }
 
     fn spikes(&mut self, x: TensorId, name: &str) -> TensorId {
-        if self.train {
+        let s = if self.train {
             neuron::neuron_forward_train(self.g, x, self.t, self.neuron, name).0
         } else {
             neuron::neuron_forward(self.g, x, self.t, self.neuron, name)
-        }
+        };
+        self.spikes.push((name.to_string(), s));
+        s
     }
 
     fn block(&mut self, block: &Block, x: TensorId, temb_act: TensorId) -> TensorId {
@@ -135,7 +140,7 @@ pub fn build_train(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId) -
 
 fn build(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neuron, train: bool) -> UNet {
     let params = declare_params(g, cfg);
-    let mut b = Builder { g, params, t: cfg.snn_steps, neuron, train };
+    let mut b = Builder { g, params, t: cfg.snn_steps, neuron, train, spikes: Vec::new() };
     // Time embedding, once per evaluation and shared by every block (it is the same for all T).
     let e = embedding::gather_rows(b.g, b.p("time_embedding.timembedding.0.weight"), t, "time_embedding.table");
     let e = matmul::linear(
@@ -200,5 +205,5 @@ fn build(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neu
     let o = elementwise::swish(b.g, o, "last_swish");
     let h = elementwise::add(b.g, o, h, "output_residual");
     let eps = readout::membrane_readout(b.g, h, b.t, readout::DECAY, "membrane_output");
-    UNet { params: b.params, eps }
+    UNet { params: b.params, eps, spikes: b.spikes }
 }

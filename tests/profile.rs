@@ -1,0 +1,155 @@
+//! `profile` tables and trace, the timestamp fallback, and `energy` firing rates.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use sddpm_gpu::checkpoint::Checkpoint;
+use sddpm_gpu::energy::SpikeCounter;
+use sddpm_gpu::profile::layer_of;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sddpm-gpu"))
+}
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+/// The share% column of the table starting with `header`.
+fn shares(stdout: &str, header: &str) -> Vec<f64> {
+    stdout
+        .lines()
+        .skip_while(|l| !l.starts_with(header))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .map(|l| l.split_whitespace().rev().nth(2).unwrap().parse::<f64>().unwrap())
+        .collect()
+}
+
+#[test]
+fn profile_prints_tables_that_add_up_and_a_trace() {
+    let trace = std::env::temp_dir().join(format!("sddpm-trace-{}.json", std::process::id()));
+    let out = bin()
+        .args(["profile", "--preset", "tiny", "--batch", "1", "--size", "16", "--iters", "2", "--trace"])
+        .arg(&trace)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for kernel in ["conv::conv2d", "neuron::neuron_forward", "batchnorm::bn_eval"] {
+        assert!(stdout.contains(kernel), "{kernel} missing:\n{stdout}");
+    }
+    for layer in ["downblocks.0.conv1", "downblocks.0.neuron1", "T_output_layer"] {
+        assert!(stdout.contains(layer), "{layer} missing:\n{stdout}");
+    }
+    for header in ["kernel", "layer"] {
+        let s = shares(&stdout, header);
+        assert!(s.len() > 5, "{header} table too short");
+        let total: f64 = s.iter().sum();
+        assert!((total - 100.0).abs() < 0.5, "{header} shares add to {total}");
+    }
+    let total_line = stdout.lines().find(|l| l.starts_with("total:")).expect("totals");
+    let dispatches: usize = total_line
+        .split(", ")
+        .find(|p| p.contains("dispatches"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).expect("trace is JSON");
+    let events = json["traceEvents"].as_array().unwrap();
+    assert_eq!(events.len(), 2 * dispatches, "one event per dispatch per iteration");
+    assert!(events.iter().all(|e| e["ph"] == "X" && e["dur"].as_f64().unwrap() >= 0.0 && e["name"].is_string()));
+}
+
+#[test]
+fn profile_without_timestamps_falls_back_with_a_notice() {
+    let out = bin()
+        .args([
+            "profile",
+            "--preset",
+            "tiny",
+            "--batch",
+            "1",
+            "--size",
+            "16",
+            "--iters",
+            "1",
+            "--train",
+            "--host-timers",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("timestamp queries are not available") && stderr.contains("host timers"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("conv::conv2d_grad_weight") && stdout.contains("optim::adam") && stdout.contains("host timers")
+    );
+    assert!(stdout.contains("optimizer"), "optimizer layer row:\n{stdout}");
+}
+
+#[test]
+fn dispatch_labels_map_to_official_modules() {
+    assert_eq!(layer_of("downblocks.0.conv1.grad_weight_reduce"), "downblocks.0.conv1");
+    assert_eq!(layer_of("downblocks.0.bn1.stats"), "downblocks.0.bn1");
+    assert_eq!(layer_of("upblocks.3.concat"), "upblocks.3");
+    assert_eq!(layer_of("upblocks.3.concat.grad_a"), "upblocks.3");
+    assert_eq!(layer_of("middleblocks.1.temb_add.grad_bias"), "middleblocks.1");
+    assert_eq!(layer_of("adam.conv.weight"), "optimizer");
+    assert_eq!(layer_of("T_output_layer"), "T_output_layer");
+}
+
+#[test]
+fn energy_firing_rates_equal_a_cpu_count() {
+    let ckpt = Checkpoint::load(&fixture("weights.safetensors")).unwrap();
+    let cfg = ckpt.config(None).unwrap();
+    let (batch, size) = (2, 16);
+    let mut r = rng(90);
+    let x = normalish(&mut r, batch * cfg.img_ch * size * size, 1.0);
+    let counter = SpikeCounter::new(ctx(), &cfg, &ckpt, batch, size, 1.0, true).unwrap();
+    let report = counter.measure(ctx(), &x, &[999, 10]).unwrap();
+    // Stem 1 + 8 ResBlocks x 2 (2 down, 2 middle, 4 up) + 1 Down + 1 Up.
+    assert_eq!(report.layers.len(), 19, "spiking layers of the fixture net");
+    for l in &report.layers {
+        let spikes = counter.spikes(ctx(), &l.name).unwrap();
+        assert!(spikes.iter().all(|&s| s == 0.0 || s == 1.0));
+        let rate = spikes.iter().filter(|&&s| s == 1.0).count() as f64 / spikes.len() as f64;
+        assert_eq!(l.firing_rate, rate, "{}", l.name);
+        assert_eq!(l.sops, rate * cfg.snn_steps as f64 * l.macs as f64);
+    }
+    assert!(report.layers.iter().any(|l| l.firing_rate > 0.0));
+    let sops: f64 = report.layers.iter().map(|l| l.sops).sum();
+    let want = (4.6 * report.first_conv_macs as f64 * cfg.snn_steps as f64 + 0.9 * sops) * 1e-9;
+    assert!((report.energy_snn_mj - want).abs() < 1e-12);
+    assert!((report.energy_ann_mj - 4.6e-9 * report.total_macs as f64).abs() < 1e-12);
+    // Guidance below 1 fires more.
+    let lower = SpikeCounter::new(ctx(), &cfg, &ckpt, batch, size, 0.9, false).unwrap();
+    assert!(lower.measure(ctx(), &x, &[999, 10]).unwrap().total_sops > report.total_sops);
+}
+
+#[test]
+fn energy_json_lists_every_layer() {
+    let out = bin()
+        .args(["energy", "--checkpoint"])
+        .arg(fixture("weights.safetensors"))
+        .args(["--n", "1", "--size", "16", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let layers = v["layers"].as_array().unwrap();
+    assert!(layers.iter().any(|l| l["name"] == "downblocks.0.neuron1"));
+    for l in layers {
+        for key in ["name", "firing_rate", "macs", "sops"] {
+            assert!(!l[key].is_null(), "{key} missing in {l}");
+        }
+    }
+    assert!(v["energy_snn_mj"].as_f64().unwrap() > 0.0 && v["energy_ann_mj"].as_f64().unwrap() > 0.0);
+}
