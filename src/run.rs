@@ -78,11 +78,10 @@ pub fn train(ctx: &Context, cfg: &RunConfig, dir: &Path, resume: bool) -> Result
     }
     let mut log = LossLog::open(&dir.join("loss.csv"), first)?;
     eprintln!(
-        "training {} ({} parameters) on {} ({} images), batch {}, steps {first}..{}, adapter {}",
+        "training {} ({} parameters) on {}, batch {}, steps {first}..{}, adapter {}",
         cfg.preset,
         crate::model::parameter_count(&cfg.model),
         data.name,
-        data.len(),
         cfg.batch,
         cfg.steps,
         ctx.describe()
