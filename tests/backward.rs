@@ -20,7 +20,8 @@ fn gpu_grads(
     inputs: &[(TensorId, Vec<f32>)],
     wrt: &[TensorId],
 ) -> Vec<Vec<f32>> {
-    let seed = g.input("dy", &g.shape(y).to_vec());
+    let shape = g.shape(y).to_vec();
+    let seed = g.input("dy", &shape);
     let grads = backward(&mut g, y, seed, wrt);
     let outs: Vec<TensorId> = wrt.iter().map(|t| grads[t]).collect();
     let mut all: Vec<(TensorId, Vec<u32>)> = inputs.iter().map(|(t, v)| (*t, bits(v))).collect();

@@ -13,6 +13,8 @@ fn fixture(name: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
+/// (x shape, x, t, eps, eps_threshold, threshold) of forward.safetensors.
+#[allow(clippy::type_complexity)]
 fn forward_fixture() -> (Vec<usize>, Vec<f32>, Vec<u32>, Vec<f32>, Vec<f32>, f32) {
     let bytes = std::fs::read(fixture("forward.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();

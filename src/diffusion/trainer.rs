@@ -137,7 +137,8 @@ impl Trainer {
         let mut ema = BTreeMap::new();
         if let Some(decay) = opts.ema {
             for &(name, id) in &trainable {
-                let e = g.param(&format!("ema.{name}"), &g.shape(id).to_vec());
+                let shape = g.shape(id).to_vec();
+                let e = g.param(&format!("ema.{name}"), &shape);
                 optim::ema_update(&mut g, id, e, decay, &format!("ema.{name}"));
                 ema.insert(name.to_string(), e);
             }

@@ -182,7 +182,7 @@ impl Params {
         self
     }
     pub fn build(mut self) -> Vec<u32> {
-        while self.0.is_empty() || self.0.len() % 4 != 0 {
+        while self.0.is_empty() || !self.0.len().is_multiple_of(4) {
             self.0.push(0);
         }
         self.0

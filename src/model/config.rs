@@ -72,7 +72,7 @@ impl ModelConfig {
         if self.ch == 0 || self.ch_mult.is_empty() || self.ch_mult.contains(&0) || self.img_ch == 0 {
             bail!("model config: ch, ch_mult and img_ch must be positive, got {self:?}");
         }
-        if self.ch % 2 != 0 {
+        if !self.ch.is_multiple_of(2) {
             bail!("model config: ch must be even (sin/cos time embedding), got {}", self.ch);
         }
         if self.snn_steps == 0 {
@@ -83,7 +83,7 @@ impl ModelConfig {
         }
         let levels = self.ch_mult.len() as u32;
         let factor = 1usize << (levels - 1);
-        if size == 0 || size % factor != 0 {
+        if size == 0 || !size.is_multiple_of(factor) {
             bail!("image size {size} must be a positive multiple of {factor} for {levels} resolution levels");
         }
         Ok(())

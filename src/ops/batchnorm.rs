@@ -40,7 +40,8 @@ fn params(n: usize, c: usize, hw: usize, eps: f32, momentum: f32) -> Vec<u32> {
 /// y = (x - running_mean) / sqrt(running_var + eps) * weight + bias.
 pub fn batchnorm_eval(g: &mut Graph, x: TensorId, bn: BnParams, name: &str) -> TensorId {
     let (n, c, hw) = dims(g, x, name);
-    let y = g.intermediate(name, &g.shape(x).to_vec());
+    let shape = g.shape(x).to_vec();
+    let y = g.intermediate(name, &shape);
     g.push(Node {
         shader: &SHADER,
         entry: "bn_eval",
@@ -70,7 +71,8 @@ pub fn batchnorm_train(g: &mut Graph, x: TensorId, bn: BnParams, name: &str) -> 
         label: format!("{name}.stats"),
         cost: Cost { flops: 3 * (n * c * hw) as u64, bytes: 4 * (2 * n * c * hw + 6 * c) as u64 },
     });
-    let y = g.intermediate(name, &g.shape(x).to_vec());
+    let shape = g.shape(x).to_vec();
+    let y = g.intermediate(name, &shape);
     g.push(Node {
         shader: &SHADER,
         entry: "bn_train_apply",
@@ -98,7 +100,8 @@ pub fn batchnorm_train(g: &mut Graph, x: TensorId, bn: BnParams, name: &str) -> 
             cost: Cost { flops: 4 * (n * c * hw) as u64, bytes: 8 * (n * c * hw) as u64 },
         });
         let dx = needs[0].then(|| {
-            let dx = g.intermediate(&format!("{label}.grad_input"), &g.shape(x).to_vec());
+            let shape = g.shape(x).to_vec();
+            let dx = g.intermediate(&format!("{label}.grad_input"), &shape);
             g.push(Node {
                 shader: &SHADER,
                 entry: "bn_backward_input",

@@ -124,7 +124,8 @@ fn conv_node(
                 label: format!("{label}.grad_weight"),
                 cost,
             });
-            let dw = g.intermediate(&format!("{label}.grad_weight"), &g.shape(w).to_vec());
+            let shape = g.shape(w).to_vec();
+            let dw = g.intermediate(&format!("{label}.grad_weight"), &shape);
             let mut reduce_params = bwd_params.clone();
             reduce_params[0] = parts as u32; // the reduce kernel reads the part count from `n`
             g.push(Node {

@@ -62,7 +62,7 @@ pub fn add_channel(g: &mut Graph, x: TensorId, e: TensorId, name: &str) -> Tenso
     let xs = g.shape(x).to_vec();
     let es = g.shape(e).to_vec();
     assert!(
-        es.len() == 2 && xs.len() >= 2 && es[1] == xs[1] && xs[0] % es[0] == 0,
+        es.len() == 2 && xs.len() >= 2 && es[1] == xs[1] && xs[0].is_multiple_of(es[0]),
         "{name}: cannot broadcast {es:?} over {xs:?}"
     );
     let s: usize = xs[2..].iter().product();

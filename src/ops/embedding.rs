@@ -12,7 +12,7 @@ pub static SHADER: Shader = shader!("embedding");
 /// row t = [sin(t f_0), cos(t f_0), sin(t f_1), cos(t f_1), ...] (interleaved, not concatenated).
 /// Computed in f32 step by step as PyTorch does (2i/d, times ln 10000 rounded to f32, exp, t * f).
 pub fn timestep_table(steps: usize, d: usize) -> Vec<f32> {
-    assert!(d % 2 == 0, "time-embedding width must be even, got {d}");
+    assert!(d.is_multiple_of(2), "time-embedding width must be even, got {d}");
     let ln = 10000f64.ln() as f32;
     let freq: Vec<f32> = (0..d / 2).map(|i| ((-((2 * i) as f32)) / d as f32 * ln).exp()).collect();
     let mut table = Vec::with_capacity(steps * d);

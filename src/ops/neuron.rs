@@ -39,14 +39,15 @@ impl Neuron {
 
 fn neurons_per_step(g: &Graph, x: TensorId, t: usize, name: &str) -> usize {
     let numel = g.info(x).numel();
-    assert!(t > 0 && numel % t == 0, "{name}: {numel} values do not split into T = {t} steps");
+    assert!(t > 0 && numel.is_multiple_of(t), "{name}: {numel} values do not split into T = {t} steps");
     numel / t
 }
 
 /// Spikes of x ([T*B, ...], time-major) over `t` steps.
 pub fn neuron_forward(g: &mut Graph, x: TensorId, t: usize, cfg: Neuron, name: &str) -> TensorId {
     let n = neurons_per_step(g, x, t, name);
-    let s = g.intermediate(name, &g.shape(x).to_vec());
+    let shape = g.shape(x).to_vec();
+    let s = g.intermediate(name, &shape);
     g.push(Node {
         shader: &SHADER,
         entry: "neuron_forward",
@@ -63,8 +64,10 @@ pub fn neuron_forward(g: &mut Graph, x: TensorId, t: usize, cfg: Neuron, name: &
 /// Training form: spikes and the membrane h[t] before firing (what backward needs).
 pub fn neuron_forward_train(g: &mut Graph, x: TensorId, t: usize, cfg: Neuron, name: &str) -> (TensorId, TensorId) {
     let n = neurons_per_step(g, x, t, name);
-    let s = g.intermediate(name, &g.shape(x).to_vec());
-    let h = g.intermediate(&format!("{name}.h"), &g.shape(x).to_vec());
+    let shape = g.shape(x).to_vec();
+    let s = g.intermediate(name, &shape);
+    let shape = g.shape(x).to_vec();
+    let h = g.intermediate(&format!("{name}.h"), &shape);
     g.push(Node {
         shader: &SHADER,
         entry: "neuron_forward_train",

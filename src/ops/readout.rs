@@ -13,7 +13,7 @@ pub const DECAY: f32 = 0.8;
 /// h: [T*B, ...] time-major -> [B, ...].
 pub fn membrane_readout(g: &mut Graph, h: TensorId, t: usize, decay: f32, name: &str) -> TensorId {
     let s = g.shape(h).to_vec();
-    assert!(t > 0 && s[0] % t == 0, "{name}: leading dim {} is not a multiple of T = {t}", s[0]);
+    assert!(t > 0 && s[0].is_multiple_of(t), "{name}: leading dim {} is not a multiple of T = {t}", s[0]);
     let mut out_shape = s.clone();
     out_shape[0] = s[0] / t;
     let y = g.intermediate(name, &out_shape);

@@ -10,7 +10,7 @@ pub static SHADER: Shader = shader!("reduce");
 /// y[b, c] = sum over r, s of x[r*B + b, c, s]; x: [N, C, ...] with N a multiple of `groups` (B).
 pub fn group_sum(g: &mut Graph, x: TensorId, groups: usize, name: &str) -> TensorId {
     let s = g.shape(x).to_vec();
-    assert!(s.len() >= 2 && s[0] % groups == 0, "{name}: cannot group {s:?} into {groups}");
+    assert!(s.len() >= 2 && s[0].is_multiple_of(groups), "{name}: cannot group {s:?} into {groups}");
     let (n, c) = (s[0], s[1]);
     let sp: usize = s[2..].iter().product();
     let y = g.intermediate(name, &[groups, c]);
@@ -61,7 +61,8 @@ pub fn mse_loss(g: &mut Graph, a: TensorId, b: TensorId, name: &str) -> TensorId
     let label = name.to_string();
     g.record(name, vec![a, b], vec![loss], move |g, go, needs| {
         let gl = go[0].expect("loss gradient");
-        let d = g.intermediate(&format!("{label}.grad"), &g.shape(a).to_vec());
+        let shape = g.shape(a).to_vec();
+        let d = g.intermediate(&format!("{label}.grad"), &shape);
         g.push(Node {
             shader: &SHADER,
             entry: "mse_grad",
