@@ -119,7 +119,8 @@ pub fn train(ctx: &Context, cfg: &RunConfig, dir: &Path, resume: bool) -> Result
             bar.suspend(|| sample_grid(ctx, &trainer, cfg, &dir.join("samples").join(format!("step_{step:07}.png"))))?;
         }
         if interrupted {
-            bar.abandon_with_message(format!("interrupted: checkpoint saved at step {step}"));
+            bar.abandon();
+            eprintln!("interrupted at step {step}: checkpoint saved to {}", ckpt_path.display());
             return Ok(());
         }
     }

@@ -143,3 +143,31 @@ fn bad_data_gives_one_line_errors() {
     let out = quick_train(&tmp("r6"), "1", &["--preset", "cifar10"]);
     assert_one_line_error(&out, "channel");
 }
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
+    let dir = tmp("interrupted");
+    let mut child = bin()
+        .args(["train", "--steps", "100000", "--size", "16", "--batch", "2", "--snn-steps", "2", "--sample-n", "0"])
+        .args(["--ckpt-every", "100000", "--out"])
+        .arg(&dir)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let csv = dir.join("loss.csv");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::fs::read_to_string(&csv).map_or(0, |t| t.lines().count()) < 2 {
+        assert!(std::time::Instant::now() < deadline, "training never logged a step");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("interrupted at step"), "{err}");
+    let ckpt = TensorFile::load(&dir.join("ckpt.safetensors")).unwrap();
+    let step = ckpt.get_ints("optim.step").unwrap().data[0];
+    assert!(step >= 1 && step < 100000, "step {step}");
+    // ... and the run resumes from there.
+    ok(&run(&["train", "--steps", &(step + 1).to_string(), "--resume", dir.to_str().unwrap()]));
+}
