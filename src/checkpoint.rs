@@ -222,6 +222,33 @@ impl TensorFile {
         Ok(out)
     }
 
+    /// A batch of square images `name` [B, channels, S, S].
+    pub fn get_images(&self, name: &str, channels: usize) -> Result<&Tensor> {
+        let x = self.get(name)?;
+        let s = &x.shape;
+        if s.len() != 4 || s[1] != channels || s[2] != s[3] {
+            bail!("{}: '{name}' must be [B, {channels}, S, S] for this model, got {s:?}", self.path.display());
+        }
+        Ok(x)
+    }
+
+    /// Integer timesteps `name` ([count], int64 or int32), each in 0..`steps`.
+    pub fn get_timesteps(&self, name: &str, count: usize, steps: usize) -> Result<Vec<u32>> {
+        let t = self.get_ints(name)?;
+        if t.shape != [count] {
+            bail!("{}: '{name}' must be [{count}] (one timestep per image), got {:?}", self.path.display(), t.shape);
+        }
+        t.data
+            .iter()
+            .map(|&v| {
+                if v < 0 || v as usize >= steps {
+                    bail!("{}: timestep {v} in '{name}' is outside 0..{steps}", self.path.display());
+                }
+                Ok(v as u32)
+            })
+            .collect()
+    }
+
     pub fn get(&self, name: &str) -> Result<&Tensor> {
         self.tensors.get(name).ok_or_else(|| anyhow!("{}: missing tensor '{name}'", self.path.display()))
     }

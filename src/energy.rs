@@ -79,7 +79,7 @@ impl SpikeCounter {
         v_th: f32,
         keep_spikes: bool,
     ) -> Result<SpikeCounter> {
-        cfg.validate(size)?;
+        cfg.validate_run(size, batch)?;
         let mut g = Graph::new();
         let x = g.input("x", &[batch, cfg.img_ch, size, size]);
         let t = g.input("t", &[batch]);
@@ -94,9 +94,7 @@ impl SpikeCounter {
             layers.push((name.clone(), *s, sums, g.info(*s).numel()));
         }
         let plan = Plan::compile(ctx, &g)?;
-        for (name, &id) in &unet.params {
-            plan.write(ctx, id, &ckpt.get(name)?.data)?;
-        }
+        unet.upload(ctx, &plan, ckpt)?;
         Ok(SpikeCounter { cfg: cfg.clone(), size, batch, v_th, plan, x, t, layers })
     }
 

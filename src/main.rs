@@ -297,25 +297,9 @@ fn forward(
     let ckpt = Checkpoint::load(ckpt_path)?;
     let cfg = ckpt.config(snn_steps)?;
     let inp = TensorFile::load(input)?;
-    let x = inp.get("x")?;
-    let t = inp.get_ints("t")?;
+    let x = inp.get_images("x", cfg.img_ch)?;
     let shape = x.shape.clone();
-    if shape.len() != 4 || shape[1] != cfg.img_ch || shape[2] != shape[3] {
-        bail!("{}: 'x' must be [B, {}, S, S] for this checkpoint, got {:?}", input.display(), cfg.img_ch, shape);
-    }
-    if t.shape != [shape[0]] {
-        bail!("{}: 't' must be [{}] (one timestep per image), got {:?}", input.display(), shape[0], t.shape);
-    }
-    let steps: Vec<u32> = t
-        .data
-        .iter()
-        .map(|&v| {
-            if v < 0 || v as usize >= cfg.diffusion_steps {
-                bail!("{}: timestep {v} in 't' is outside 0..{}", input.display(), cfg.diffusion_steps);
-            }
-            Ok(v as u32)
-        })
-        .collect::<Result<_>>()?;
+    let steps = inp.get_timesteps("t", shape[0], cfg.diffusion_steps)?;
     let ctx = Context::new(adapter)?;
     let net = EvalNet::new(&ctx, &cfg, &ckpt, shape[0], shape[2], threshold)?;
     let eps = net.forward(&ctx, &x.data, &steps)?;
@@ -455,29 +439,13 @@ fn train_step(
     let ckpt = Checkpoint::load(ckpt_path)?;
     let cfg = ckpt.config(snn_steps)?;
     let inp = TensorFile::load(input)?;
-    let x0 = inp.get("x0")?;
-    let noise = inp.get("noise")?;
-    let t = inp.get_ints("t")?;
+    let x0 = inp.get_images("x0", cfg.img_ch)?;
     let shape = x0.shape.clone();
-    if shape.len() != 4 || shape[1] != cfg.img_ch || shape[2] != shape[3] {
-        bail!("{}: 'x0' must be [B, {}, S, S] for this checkpoint, got {:?}", input.display(), cfg.img_ch, shape);
-    }
+    let noise = inp.get("noise")?;
     if noise.shape != shape {
         bail!("{}: 'noise' must have the shape of 'x0' {:?}, got {:?}", input.display(), shape, noise.shape);
     }
-    if t.shape != [shape[0]] {
-        bail!("{}: 't' must be [{}], got {:?}", input.display(), shape[0], t.shape);
-    }
-    let steps = t
-        .data
-        .iter()
-        .map(|&v| {
-            if v < 0 || v as usize >= cfg.diffusion_steps {
-                bail!("{}: timestep {v} in 't' is outside 0..{}", input.display(), cfg.diffusion_steps);
-            }
-            Ok(v as u32)
-        })
-        .collect::<Result<Vec<u32>>>()?;
+    let steps = inp.get_timesteps("t", shape[0], cfg.diffusion_steps)?;
     let ctx = Context::new(adapter)?;
     let opts = TrainOptions { lr, given_noise: true, ..Default::default() };
     let mut trainer = Trainer::new(&ctx, &cfg, &ckpt, shape[0], shape[2], opts)?;
@@ -544,18 +512,8 @@ fn energy(adapter: Option<&str>, a: &EnergyArgs) -> Result<()> {
     let (x, t, batch, size) = match &a.input {
         Some(path) => {
             let inp = TensorFile::load(path)?;
-            let x = inp.get("x")?;
-            let t = inp.get_ints("t")?;
-            if x.shape.len() != 4 || x.shape[1] != cfg.img_ch || x.shape[2] != x.shape[3] || t.shape != [x.shape[0]] {
-                bail!(
-                    "{}: needs x [B, {}, S, S] and t [B], got {:?} and {:?}",
-                    path.display(),
-                    cfg.img_ch,
-                    x.shape,
-                    t.shape
-                );
-            }
-            let t: Vec<u32> = t.data.iter().map(|&v| v.clamp(0, u32::MAX as i64) as u32).collect();
+            let x = inp.get_images("x", cfg.img_ch)?;
+            let t = inp.get_timesteps("t", x.shape[0], cfg.diffusion_steps)?;
             (x.data.clone(), t, x.shape[0], x.shape[2])
         }
         None => {

@@ -3,43 +3,13 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
-use common::rel_l2;
+use common::{assert_one_line_error, bin, fixture, rel_l2, run, tmp};
 use sddpm_gpu::checkpoint::{self, Data, TensorFile};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_sddpm-gpu"))
-}
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sddpm-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().unwrap()
-}
 
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
-}
-
-/// A failure must be one `error:` line, a non-zero exit, and no panic.
-fn assert_one_line_error(out: &Output, needle: &str) {
-    assert!(!out.status.success(), "expected failure");
-    let err = String::from_utf8_lossy(&out.stderr);
-    let ours: Vec<&str> =
-        err.lines().filter(|l| l.starts_with("error:")).filter(|l| !l.contains("XDG_RUNTIME_DIR")).collect();
-    assert_eq!(ours.len(), 1, "exactly one error line expected:\n{err}");
-    assert!(ours[0].contains(needle), "error should mention '{needle}': {}", ours[0]);
-    assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]

@@ -2,21 +2,10 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
 use common::*;
 use sddpm_gpu::checkpoint::Checkpoint;
 use sddpm_gpu::energy::SpikeCounter;
 use sddpm_gpu::profile::layer_of;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_sddpm-gpu"))
-}
-
-fn fixture(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
 
 /// The share% column of the table starting with `header`.
 fn shares(stdout: &str, header: &str) -> Vec<f64> {

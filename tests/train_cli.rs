@@ -3,41 +3,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
+use common::{assert_one_line_error, bin, fixture, run, tmp};
 use sddpm_gpu::checkpoint::TensorFile;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_sddpm-gpu"))
-}
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sddpm-train-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().unwrap()
-}
 
 fn ok(out: &Output) -> String {
     assert!(out.status.success(), "command failed:\n{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-fn assert_one_line_error(out: &Output, needle: &str) {
-    assert!(!out.status.success(), "expected failure");
-    let err = String::from_utf8_lossy(&out.stderr);
-    let ours: Vec<&str> = err.lines().filter(|l| l.starts_with("error:") && !l.contains("XDG_RUNTIME_DIR")).collect();
-    assert_eq!(ours.len(), 1, "exactly one error line expected:\n{err}");
-    assert!(ours[0].contains(needle), "error should mention '{needle}': {}", ours[0]);
-    assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]
@@ -147,7 +121,7 @@ fn bad_data_gives_one_line_errors() {
 #[test]
 fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
     let dir = tmp("interrupted");
-    let mut child = bin()
+    let child = bin()
         .args(["train", "--steps", "100000", "--size", "16", "--batch", "2", "--snn-steps", "2", "--sample-n", "0"])
         .args(["--ckpt-every", "100000", "--out"])
         .arg(&dir)
@@ -167,7 +141,7 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
     assert!(err.contains("interrupted at step"), "{err}");
     let ckpt = TensorFile::load(&dir.join("ckpt.safetensors")).unwrap();
     let step = ckpt.get_ints("optim.step").unwrap().data[0];
-    assert!(step >= 1 && step < 100000, "step {step}");
+    assert!((1..100000).contains(&step), "step {step}");
     // ... and the run resumes from there.
     ok(&run(&["train", "--steps", &(step + 1).to_string(), "--resume", dir.to_str().unwrap()]));
 }

@@ -36,9 +36,9 @@ impl Sampler {
         v_th: f32,
         rows: &[StepCoef],
     ) -> Result<Sampler> {
-        cfg.validate(size)?;
-        if batch == 0 || rows.is_empty() {
-            bail!("sampling needs a batch of at least 1 and at least one step");
+        cfg.validate_run(size, batch)?;
+        if rows.is_empty() {
+            bail!("sampling needs at least one step");
         }
         let mut g = Graph::new();
         let coef = g.param("sampler.coef", &[rows.len(), COEF_ROW]);
@@ -53,9 +53,7 @@ impl Sampler {
         sampler::advance(&mut g, step);
         g.mark_output(x);
         let plan = Plan::compile(ctx, &g)?;
-        for (name, &id) in &unet.params {
-            plan.write(ctx, id, &ckpt.get(name)?.data)?;
-        }
+        unet.upload(ctx, &plan, ckpt)?;
         let table: Vec<f32> = rows.iter().flat_map(|r| r.row()).collect();
         plan.write(ctx, coef, &table)?;
         Ok(Sampler {

@@ -94,10 +94,7 @@ impl Trainer {
         size: usize,
         opts: TrainOptions,
     ) -> Result<Trainer> {
-        cfg.validate(size)?;
-        if batch == 0 {
-            bail!("the batch size must be at least 1");
-        }
+        cfg.validate_run(size, batch)?;
         let mut g = Graph::new();
         let x0 = g.input("x0", &[batch, cfg.img_ch, size, size]);
         let qcoef = g.input("q_sample.coef", &[batch, 2]);
@@ -152,9 +149,7 @@ impl Trainer {
         }
         let plan = Plan::compile(ctx, &g)?;
         plan.write(ctx, one, &[1f32])?;
-        for (name, &id) in &unet.params {
-            plan.write(ctx, id, &ckpt.get(name)?.data)?;
-        }
+        unet.upload(ctx, &plan, ckpt)?;
         let mut step = 0;
         if let Some(s) = ckpt.ints.get("optim.step") {
             step = s.data[0] as u64;

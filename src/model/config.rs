@@ -67,6 +67,14 @@ impl ModelConfig {
         4 * self.ch
     }
 
+    /// [`ModelConfig::validate`] plus a positive batch size.
+    pub fn validate_run(&self, size: usize, batch: usize) -> Result<()> {
+        if batch == 0 {
+            bail!("the batch size must be at least 1");
+        }
+        self.validate(size)
+    }
+
     /// Check the numbers make a buildable net; `size` is the image side to run at.
     pub fn validate(&self, size: usize) -> Result<()> {
         if self.ch == 0 || self.ch_mult.is_empty() || self.ch_mult.contains(&0) || self.img_ch == 0 {

@@ -30,10 +30,7 @@ impl EvalNet {
         size: usize,
         v_th: f32,
     ) -> Result<EvalNet> {
-        cfg.validate(size)?;
-        if batch == 0 {
-            bail!("batch size must be at least 1");
-        }
+        cfg.validate_run(size, batch)?;
         let mut g = Graph::new();
         let x = g.input("x", &[batch, cfg.img_ch, size, size]);
         let t = g.input("t", &[batch]);
@@ -41,9 +38,7 @@ impl EvalNet {
         let unet = build_eval(&mut g, cfg, x, t, neuron);
         g.mark_output(unet.eps);
         let plan = Plan::compile(ctx, &g)?;
-        for (name, &id) in &unet.params {
-            plan.write(ctx, id, &ckpt.get(name)?.data)?;
-        }
+        unet.upload(ctx, &plan, ckpt)?;
         Ok(EvalNet { cfg: cfg.clone(), batch, size, graph: g, plan, x, t, eps: unet.eps })
     }
 

@@ -24,6 +24,21 @@ pub struct UNet {
     pub spikes: Vec<(String, TensorId)>,
 }
 
+impl UNet {
+    /// Upload every parameter and running statistic from `ckpt` into a compiled `plan`.
+    pub fn upload(
+        &self,
+        ctx: &crate::gpu::Context,
+        plan: &crate::graph::Plan,
+        ckpt: &crate::checkpoint::Checkpoint,
+    ) -> anyhow::Result<()> {
+        for (name, &id) in &self.params {
+            plan.write(ctx, id, &ckpt.get(name)?.data)?;
+        }
+        Ok(())
+    }
+}
+
 struct Builder<'a> {
     g: &'a mut Graph,
     params: BTreeMap<String, TensorId>,

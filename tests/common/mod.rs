@@ -74,3 +74,34 @@ pub fn run_graph(mut g: Graph, inputs: &[(TensorId, Vec<u32>)], outputs: &[Tenso
     plan.run(c).expect("run");
     outputs.iter().map(|&o| plan.read(c, o).expect("read")).collect()
 }
+
+// ---- command-line helpers ---------------------------------------------------------------------
+
+pub fn bin() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sddpm-gpu"))
+}
+
+pub fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+/// A path in this test binary's own temporary folder.
+pub fn tmp(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("sddpm-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+pub fn run(args: &[&str]) -> std::process::Output {
+    bin().args(args).output().unwrap()
+}
+
+/// A failure must be one `error:` line mentioning `needle`, a non-zero exit, and no panic.
+pub fn assert_one_line_error(out: &std::process::Output, needle: &str) {
+    assert!(!out.status.success(), "expected failure");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let ours: Vec<&str> = err.lines().filter(|l| l.starts_with("error:") && !l.contains("XDG_RUNTIME_DIR")).collect();
+    assert_eq!(ours.len(), 1, "exactly one error line expected:\n{err}");
+    assert!(ours[0].contains(needle), "error should mention '{needle}': {}", ours[0]);
+    assert!(!err.contains("panicked"), "{err}");
+}
