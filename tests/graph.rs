@@ -158,13 +158,13 @@ fn replay_creates_no_gpu_objects() {
 
 #[test]
 fn long_graphs_split_into_bounded_submits() {
-    // 600 chained adds: more dispatches than one submit carries.
+    // 2500 chained adds: more dispatches than one submit carries.
     let n = 1000;
     let mut g = Graph::new();
     let x = g.input("x", &[n]);
     let one = g.input("one", &[n]);
     let mut h = x;
-    for i in 0..600 {
+    for i in 0..2500 {
         h = elementwise::add(&mut g, h, one, &format!("add{i}"));
     }
     g.mark_output(h);
@@ -175,9 +175,9 @@ fn long_graphs_split_into_bounded_submits() {
     plan.write(c, x, &vec![0.5f32; n]).unwrap();
     plan.write(c, one, &vec![1f32; n]).unwrap();
     let stats = plan.run(c).unwrap();
-    assert_eq!(stats.dispatches, 600);
+    assert_eq!(stats.dispatches, 2500);
     assert!(stats.submits >= 2, "{stats:?}");
-    assert_eq!(plan.read(c, h).unwrap(), vec![600.5f32; n]);
+    assert_eq!(plan.read(c, h).unwrap(), vec![2500.5f32; n]);
 }
 
 #[test]

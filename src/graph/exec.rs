@@ -15,7 +15,7 @@ use anyhow::{bail, Result};
 use super::{plan_memory, Graph, MemoryPlan, Role, TensorId, TensorInfo};
 use crate::gpu::Context;
 
-const DISPATCHES_PER_SUBMIT: usize = 256;
+const DISPATCHES_PER_SUBMIT: usize = 1024;
 /// Every node's uniform binding is this wide (its words, zero-padded), so a shader's Params struct
 /// may be longer than what a particular entry point's node fills in.
 const PARAMS_WINDOW: u64 = 4 * super::MAX_PARAM_WORDS as u64;
