@@ -42,6 +42,8 @@ pub struct Profile {
     pub ms_per_iter: f64,
     pub dispatches_per_iter: usize,
     pub submits_per_iter: usize,
+    /// The buffer plan: (planned intermediate bytes, naive intermediate bytes, inputs + params).
+    pub memory: (u64, u64, u64),
     /// One Chrome trace event per dispatch of every profiled iteration.
     pub trace: serde_json::Value,
 }
@@ -133,6 +135,10 @@ pub fn profile(ctx: &Context, plan: &Plan, iters: usize, batch: usize) -> Result
         ms_per_iter: total_ms / iters as f64,
         dispatches_per_iter: stats.dispatches,
         submits_per_iter: stats.submits,
+        memory: {
+            let m = plan.memory();
+            (m.planned_intermediate_bytes, m.naive_intermediate_bytes, m.fixed_bytes)
+        },
         trace: json!({ "traceEvents": events, "displayTimeUnit": "ms" }),
     })
 }
@@ -179,6 +185,16 @@ impl Profile {
             self.batch,
             self.dispatches_per_iter,
             self.submits_per_iter
+        );
+        let (planned, naive, fixed) = self.memory;
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let _ = writeln!(
+            out,
+            "memory: intermediates {:.2} MiB planned by liveness (naive {:.2} MiB, {:.1}x), inputs + parameters + state {:.2} MiB",
+            mib(planned),
+            mib(naive),
+            naive as f64 / planned.max(1) as f64,
+            mib(fixed)
         );
         out
     }

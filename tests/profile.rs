@@ -40,6 +40,7 @@ fn profile_prints_tables_that_add_up_and_a_trace() {
         let total: f64 = s.iter().sum();
         assert!((total - 100.0).abs() < 0.5, "{header} shares add to {total}");
     }
+    assert!(stdout.lines().any(|l| l.starts_with("memory: intermediates")), "memory line:\n{stdout}");
     let total_line = stdout.lines().find(|l| l.starts_with("total:")).expect("totals");
     let dispatches: usize = total_line
         .split(", ")
