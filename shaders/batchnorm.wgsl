@@ -71,23 +71,7 @@ fn bn_train_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
 @group(0) @binding(4) var<storage, read_write> running_mean: array<f32>;
 @group(0) @binding(5) var<storage, read_write> running_var: array<f32>;
 
-const WG: u32 = 256u;
-var<workgroup> partial: array<f32, WG>;
-
-// Sum over the workgroup of each invocation's `v`, in a fixed tree order; every invocation gets it.
-fn workgroup_sum(lid: u32, v: f32) -> f32 {
-    partial[lid] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s / 2u) {
-        if (lid < s) {
-            partial[lid] = partial[lid] + partial[lid + s];
-        }
-        workgroupBarrier();
-    }
-    let total = partial[0];
-    workgroupBarrier();
-    return total;
-}
+// WG, partial and workgroup_sum come from common/tree_sum.wgsl.
 
 @compute @workgroup_size(256)
 fn bn_stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {

@@ -21,22 +21,7 @@ struct Params {
 @group(0) @binding(2) var<storage, read> b_in: array<f32>;
 @group(0) @binding(3) var<storage, read_write> loss: array<f32>;
 
-const WG: u32 = 256u;
-var<workgroup> partial: array<f32, WG>;
-
-fn workgroup_sum(lid: u32, v: f32) -> f32 {
-    partial[lid] = v;
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s / 2u) {
-        if (lid < s) {
-            partial[lid] = partial[lid] + partial[lid + s];
-        }
-        workgroupBarrier();
-    }
-    let total = partial[0];
-    workgroupBarrier();
-    return total;
-}
+// WG, partial and workgroup_sum come from common/tree_sum.wgsl.
 
 @compute @workgroup_size(256)
 fn group_sum(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {

@@ -380,13 +380,24 @@ pub struct Shader {
     pub source: &'static str,
 }
 
-/// Declare a `Shader` for shaders/NAME.wgsl.
+/// Declare a `Shader` for shaders/NAME.wgsl (`shader!("NAME", uses "COMMON")` prepends
+/// shaders/common/COMMON.wgsl).
 #[macro_export]
 macro_rules! shader {
     ($name:literal) => {
         $crate::gpu::Shader {
             name: $name,
             source: include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $name, ".wgsl")),
+        }
+    };
+    // With shared WGSL from shaders/common/ prepended (WGSL has no includes).
+    ($name:literal, uses $common:literal) => {
+        $crate::gpu::Shader {
+            name: $name,
+            source: concat!(
+                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/common/", $common, ".wgsl")),
+                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $name, ".wgsl"))
+            ),
         }
     };
 }
