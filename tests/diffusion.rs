@@ -193,3 +193,34 @@ fn ddpm_sampling_runs_and_threshold_changes_it() {
     let b = g.sample_batch(ctx(), 1, 0, &mut |_| {}).unwrap();
     assert_ne!(bits(&a), bits(&b), "threshold guidance must change the samples");
 }
+
+#[test]
+fn q_sample_matches_cpu_with_given_and_generated_noise() {
+    let (b, per) = (3usize, 50usize);
+    let mut r = rng(7);
+    let x0 = uniform(&mut r, b * per, -1.0, 1.0);
+    let z = normalish(&mut r, b * per, 1.0);
+    let sch = Schedule::reference(1000);
+    let ts = [0usize, 500, 999];
+    let coef: Vec<f32> =
+        ts.iter().flat_map(|&t| [sch.alphas_bar[t].sqrt() as f32, (1.0 - sch.alphas_bar[t]).sqrt() as f32]).collect();
+    for given in [true, false] {
+        let mut g = Graph::new();
+        let qc = g.input("coef", &[b, 2]);
+        let xt0 = g.input("x0", &[b, per]);
+        let zt = g.input("z", &[b, per]);
+        let (x_t, used, _) = sampler::q_sample(&mut g, qc, xt0, given.then_some(zt));
+        let out = run_graph(g, &[(qc, bits(&coef)), (xt0, bits(&x0)), (zt, bits(&z))], &[x_t, used]);
+        let noise: Vec<f32> = if given {
+            z.clone()
+        } else {
+            (0..b * per)
+                .map(|i| sampler::gaussian_cpu(0, (i % per) as u32, (i / per) as u32, 0, sampler::STREAM_TRAIN))
+                .collect()
+        };
+        assert_close("noise used", &out[1], &noise, 1e-5, 1e-5);
+        let want: Vec<f32> =
+            (0..b * per).map(|i| coef[2 * (i / per)] * x0[i] + coef[2 * (i / per) + 1] * out[1][i]).collect();
+        assert_close("x_t", &out[0], &want, 1e-6, 1e-6);
+    }
+}

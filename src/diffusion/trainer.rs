@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 use super::Schedule;
 use crate::checkpoint::{self, Checkpoint, Data};
 use crate::gpu::Context;
-use crate::graph::{backward, Graph, Params, Plan, TensorId};
+use crate::graph::{backward, Graph, Plan, TensorId};
 use crate::model::{build_train, state_entries, EntryKind, ModelConfig};
 use crate::ops::optim::{self, Adam};
 use crate::ops::{reduce, sampler};
@@ -103,9 +103,7 @@ impl Trainer {
         let hyper = g.input("optim.hyper", &[4]);
         let one = g.param("loss.seed", &[1]);
         let x_numel = g.info(x0).numel();
-        let x_t = g.intermediate("x_t", &[batch, cfg.img_ch, size, size]);
-        let noise_used = g.intermediate("noise", &[batch, cfg.img_ch, size, size]);
-        let q_node = q_sample_node(&mut g, qcoef, x0, noise, x_t, noise_used, batch, 0, 0);
+        let (x_t, noise_used, q_node) = sampler::q_sample(&mut g, qcoef, x0, noise);
         let unet = build_train(&mut g, cfg, x_t, t);
         let loss = reduce::mse_loss(&mut g, unet.eps, noise_used, "loss");
         let entries = state_entries(cfg);
@@ -234,7 +232,7 @@ impl Trainer {
         self.step += 1;
         let hyper = optim::hyper(&self.opts.adam, self.lr(), self.step, self.opts.max_norm);
         self.plan.write(ctx, self.hyper, &hyper)?;
-        let q = q_params(self.x_numel, self.batch, seed, self.step as u32, self.noise.is_some());
+        let q = sampler::q_sample_params(self.x_numel, self.batch, seed, self.step as u32, self.noise.is_some());
         self.plan.set_params(ctx, self.q_node, &q);
         self.plan.run(ctx)?;
         for c in self.counters.values_mut() {
@@ -292,8 +290,8 @@ impl Trainer {
         }
         for (name, &(m, v)) in &self.moments {
             let shape = e_shape(&self.cfg, name);
-            floats.push((format!("optim.{name}.exp_avg"), shape.clone(), self.plan.read_u32(ctx, m).map(from_bits)?));
-            floats.push((format!("optim.{name}.exp_avg_sq"), shape, self.plan.read_u32(ctx, v).map(from_bits)?));
+            floats.push((format!("optim.{name}.exp_avg"), shape.clone(), self.plan.read(ctx, m)?));
+            floats.push((format!("optim.{name}.exp_avg_sq"), shape, self.plan.read(ctx, v)?));
         }
         for (name, &e) in &self.ema {
             floats.push((format!("ema.{name}"), e_shape(&self.cfg, name), self.plan.read(ctx, e)?));
@@ -316,49 +314,6 @@ impl Trainer {
     }
 }
 
-fn from_bits(v: Vec<u32>) -> Vec<f32> {
-    v.into_iter().map(f32::from_bits).collect()
-}
-
 fn e_shape(cfg: &ModelConfig, name: &str) -> Vec<usize> {
     state_entries(cfg).into_iter().find(|e| e.name == name).map(|e| e.shape).unwrap_or_default()
-}
-
-/// Uniform words of the q_sample node: `step` keys the noise (the kernel's `batch` slot).
-fn q_params(numel: usize, batch: usize, seed: u64, step: u32, given: bool) -> Vec<u32> {
-    Params::new()
-        .u(numel)
-        .u(numel / batch)
-        .u(step as usize)
-        .u(0)
-        .u((seed & 0xffff_ffff) as usize)
-        .u((seed >> 32) as usize)
-        .u(given as usize)
-        .build()
-}
-
-#[allow(clippy::too_many_arguments)]
-fn q_sample_node(
-    g: &mut Graph,
-    qcoef: TensorId,
-    x0: TensorId,
-    noise: Option<TensorId>,
-    x_t: TensorId,
-    noise_used: TensorId,
-    batch: usize,
-    seed: u64,
-    step: u32,
-) -> usize {
-    let numel = g.info(x0).numel();
-    g.push(crate::graph::Node {
-        shader: &sampler::SHADER,
-        entry: "q_sample",
-        params: q_params(numel, batch, seed, step, noise.is_some()),
-        reads: vec![qcoef, x0, noise.unwrap_or(x0)],
-        writes: vec![x_t, noise_used],
-        workgroups: crate::graph::grid_1d(numel, 256),
-        label: "q_sample".into(),
-        cost: crate::graph::Cost { flops: 3 * numel as u64, bytes: 16 * numel as u64 },
-    });
-    g.nodes.len() - 1
 }

@@ -142,6 +142,33 @@ pub fn gaussian_fill(g: &mut Graph, out: TensorId, per_image: usize, step: u32, 
     });
 }
 
+/// Uniform words of [`q_sample`] for a training step: `step` keys the noise counter.
+pub fn q_sample_params(numel: usize, batch: usize, seed: u64, step: u32, given: bool) -> Vec<u32> {
+    let key = NoiseKey { seed, image_base: 0 };
+    params(numel, numel / batch, step as usize, key, given)
+}
+
+/// The training forward process: x_t = a_b x0 + s_b noise with qcoef [B, 2] = (a_b, s_b);
+/// noise from `noise` when given, else Philox (keyed per step by [`q_sample_params`]).
+/// Returns (x_t, the noise used, node index).
+pub fn q_sample(g: &mut Graph, qcoef: TensorId, x0: TensorId, noise: Option<TensorId>) -> (TensorId, TensorId, usize) {
+    let shape = g.shape(x0).to_vec();
+    let (batch, numel) = (shape[0], g.info(x0).numel());
+    let x_t = g.intermediate("x_t", &shape);
+    let noise_used = g.intermediate("noise", &shape);
+    g.push(Node {
+        shader: &SHADER,
+        entry: "q_sample",
+        params: q_sample_params(numel, batch, 0, 0, noise.is_some()),
+        reads: vec![qcoef, x0, noise.unwrap_or(x0)],
+        writes: vec![x_t, noise_used],
+        workgroups: grid_1d(numel, 256),
+        label: "q_sample".into(),
+        cost: Cost { flops: 3 * numel as u64, bytes: 16 * numel as u64 },
+    });
+    (x_t, noise_used, g.nodes.len() - 1)
+}
+
 // ---- CPU references ------------------------------------------------------------------------
 
 /// Philox4x32-10 (Salmon et al., SC'11).
@@ -159,6 +186,7 @@ pub fn philox4x32(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
 /// Stream ids of the noise counter.
 pub const STREAM_STEP: u32 = 0;
 pub const STREAM_INIT: u32 = 1;
+pub const STREAM_TRAIN: u32 = 2;
 
 /// The Gaussian the kernels draw for (element, image, step, stream) under `seed`.
 pub fn gaussian_cpu(seed: u64, element: u32, image: u32, step: u32, stream: u32) -> f32 {
