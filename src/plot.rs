@@ -10,7 +10,7 @@ use crate::checkpoint::write_atomic;
 
 const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 
-/// Plot `points` (step, loss) and a moving average to a PNG at `path` (log-scale y).
+/// Plot `points` (step, loss) and a moving average to a PNG at `path`.
 pub fn loss_plot(path: &Path, points: &[(u64, f32)], title: &str) -> Result<()> {
     static REGISTER: std::sync::Once = std::sync::Once::new();
     REGISTER.call_once(|| {
@@ -21,19 +21,22 @@ pub fn loss_plot(path: &Path, points: &[(u64, f32)], title: &str) -> Result<()> 
     {
         let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| anyhow!("plot: {e}"))?;
-        let finite: Vec<(u64, f32)> = points.iter().copied().filter(|p| p.1.is_finite() && p.1 > 0.0).collect();
+        let finite: Vec<(u64, f32)> = points.iter().copied().filter(|p| p.1.is_finite() && p.1 >= 0.0).collect();
         let x_max = finite.last().map_or(1, |p| p.0).max(1);
-        let (lo, hi) = finite.iter().fold((f32::MAX, f32::MIN), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
-        let (lo, hi) = if finite.is_empty() { (0.1, 1.0) } else { (lo * 0.9, hi * 1.1) };
+        let hi = finite.iter().fold(0f32, |hi, p| hi.max(p.1));
+        let hi = if finite.is_empty() { 1.0 } else { hi * 1.05 };
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 20))
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(56)
-            .build_cartesian_2d(0u64..x_max, (lo..hi).log_scale())
+            .build_cartesian_2d(0u64..x_max, 0f32..hi)
             .map_err(|e| anyhow!("plot: {e}"))?;
         chart
             .configure_mesh()
+            .x_labels(8)
+            .y_labels(8)
+            .light_line_style(RGBColor(238, 238, 238))
             .x_desc("step")
             .y_desc("loss (eps MSE)")
             .label_style(("sans-serif", 14))
