@@ -2,16 +2,10 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::*;
 use safetensors::SafeTensors;
 use sddpm_gpu::checkpoint::Checkpoint;
 use sddpm_gpu::model::{parameter_count, EvalNet, ModelConfig};
-
-fn fixture(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
 
 /// (x shape, x, t, eps, eps_threshold, threshold) of forward.safetensors.
 #[allow(clippy::type_complexity)]
@@ -88,4 +82,36 @@ fn cifar10_macs_per_spiking_step() {
     assert_eq!((linear as f64 / 1e5).round() as u64, 38, "linear MACs {linear}");
     // 51 spiking layers, each feeding exactly one conv.
     assert_eq!(layers.iter().filter(|l| l.fed_by.is_some()).count(), 51);
+}
+
+#[test]
+fn folded_conv_bn_equals_conv_then_bn() {
+    use sddpm_gpu::graph::TensorId;
+    use sddpm_gpu::model::Fold;
+    use sddpm_gpu::ops::{batchnorm, conv};
+    let ckpt = Checkpoint::load(&fixture("weights.safetensors")).unwrap();
+    let fold = Fold {
+        conv: "downblocks.2.conv1".into(),
+        bn: "downblocks.2.bn1".into(),
+        weight: TensorId(0),
+        bias: TensorId(0),
+    };
+    let (wf, bf) = fold.compute(&ckpt).unwrap();
+    let w = ckpt.get("downblocks.2.conv1.weight").unwrap();
+    let b = &ckpt.get("downblocks.2.conv1.bias").unwrap().data;
+    let (cout, cin) = (w.shape[0], w.shape[1]);
+    let x = normalish(&mut rng(5), 2 * cin * 8 * 8, 1.0);
+    let plain = conv::conv2d_cpu(&x, [2, cin, 8, 8], &w.data, [cout, cin, 3, 3], Some(b), 1, 1);
+    let g = |n: &str| ckpt.get(&format!("downblocks.2.bn1.{n}")).unwrap().data.clone();
+    let want = batchnorm::batchnorm_eval_cpu(
+        &plain,
+        cout,
+        64,
+        &g("weight"),
+        &g("bias"),
+        &g("running_mean"),
+        &g("running_var"),
+    );
+    let got = conv::conv2d_cpu(&x, [2, cin, 8, 8], &wf, [cout, cin, 3, 3], Some(&bf), 1, 1);
+    assert_close("folded conv+BN", &got, &want, 1e-5, 1e-5);
 }

@@ -4,16 +4,11 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use common::*;
 use sddpm_gpu::checkpoint::Checkpoint;
 use sddpm_gpu::diffusion::{TrainOptions, Trainer};
 use sddpm_gpu::model::{init_weights, state_entries, EntryKind, ModelConfig};
-
-fn fixture(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
 
 #[test]
 fn train_step_matches_reference() {

@@ -10,4 +10,4 @@ pub use arch::{arch, layer_macs, parameter_count, state_entries, Arch, Block, En
 pub use config::{ModelConfig, PRESETS};
 pub use eval::EvalNet;
 pub use init::init_weights;
-pub use unet::{build_eval, build_train, declare_params, UNet};
+pub use unet::{build_eval, build_train, Fold, UNet};

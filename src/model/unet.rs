@@ -22,6 +22,33 @@ pub struct UNet {
     pub eps: TensorId,
     /// Every spiking layer's output [T*B, C, H, W], by official module name (`downblocks.0.neuron1`).
     pub spikes: Vec<(String, TensorId)>,
+    /// Inference only: conv + BatchNorm pairs folded into one conv, computed at upload.
+    pub folds: Vec<Fold>,
+}
+
+/// A conv whose following BatchNorm (running statistics) is folded into its weight and bias:
+/// alpha = gamma / sqrt(var + eps), W' = W * alpha, b' = b * alpha + (beta - mean * alpha).
+#[derive(Debug, Clone)]
+pub struct Fold {
+    pub conv: String,
+    pub bn: String,
+    pub weight: TensorId,
+    pub bias: TensorId,
+}
+
+impl Fold {
+    /// The folded (weight, bias) from the checkpoint's conv and BN tensors.
+    pub fn compute(&self, ckpt: &crate::checkpoint::Checkpoint) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+        let get = |n: String| ckpt.get(&n).map(|t| t.data.clone());
+        let (w, b) = (get(format!("{}.weight", self.conv))?, get(format!("{}.bias", self.conv))?);
+        let (gamma, beta) = (get(format!("{}.weight", self.bn))?, get(format!("{}.bias", self.bn))?);
+        let (mean, var) = (get(format!("{}.running_mean", self.bn))?, get(format!("{}.running_var", self.bn))?);
+        let per = w.len() / b.len();
+        let alpha: Vec<f32> = gamma.iter().zip(&var).map(|(g, v)| g / (v + batchnorm::EPS).sqrt()).collect();
+        let w = w.iter().enumerate().map(|(i, v)| v * alpha[i / per]).collect();
+        let b = (0..b.len()).map(|c| b[c] * alpha[c] + (beta[c] - mean[c] * alpha[c])).collect();
+        Ok((w, b))
+    }
 }
 
 impl UNet {
@@ -35,13 +62,22 @@ impl UNet {
         for (name, &id) in &self.params {
             plan.write(ctx, id, &ckpt.get(name)?.data)?;
         }
+        for f in &self.folds {
+            let (w, b) = f.compute(ckpt)?;
+            plan.write(ctx, f.weight, &w)?;
+            plan.write(ctx, f.bias, &b)?;
+        }
         Ok(())
     }
 }
 
 struct Builder<'a> {
     g: &'a mut Graph,
+    /// Shapes of every state_dict entry; parameters are declared in the graph on first use, so
+    /// tensors that inference folds away never take memory.
+    shapes: BTreeMap<String, Vec<usize>>,
     params: BTreeMap<String, TensorId>,
+    folds: Vec<Fold>,
     t: usize,
     neuron: Neuron,
     /// Training form: BatchNorm with batch statistics, neurons saving what backward needs.
@@ -50,11 +86,17 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
-    fn p(&self, name: &str) -> TensorId {
-        *self.params.get(name).unwrap_or_else(|| panic!("U-Net parameter {name} was not declared"))
+    fn p(&mut self, name: &str) -> TensorId {
+        if let Some(&id) = self.params.get(name) {
+            return id;
+        }
+        let shape = self.shapes.get(name).unwrap_or_else(|| panic!("the U-Net has no parameter {name}"));
+        let id = self.g.param(name, shape);
+        self.params.insert(name.to_string(), id);
+        id
     }
 
-    fn bn(&self, name: &str) -> BnParams {
+    fn bn(&mut self, name: &str) -> BnParams {
         BnParams {
             weight: self.p(&format!("{name}.weight")),
             bias: self.p(&format!("{name}.bias")),
@@ -63,13 +105,31 @@ impl Builder<'_> {
         }
     }
 
-    /// conv (3x3 pad 1 or 1x1 pad 0) with bias, then BatchNorm with running statistics.
+    /// conv (3x3 pad 1 or 1x1 pad 0) with bias, then BatchNorm: at inference one conv with the
+    /// BN folded in (equal to float rounding), in training the two ops.
     fn conv_bn(&mut self, x: TensorId, conv_name: &str, bn_name: &str, stride: usize) -> TensorId {
-        let w = self.p(&format!("{conv_name}.weight"));
-        let b = self.p(&format!("{conv_name}.bias"));
+        let (w, b) = self.conv_params(conv_name, bn_name);
         let k = self.g.shape(w)[2];
         let h = conv::conv2d(self.g, x, w, Some(b), stride, k / 2, conv_name);
-        self.batchnorm(h, bn_name)
+        if self.train {
+            self.batchnorm(h, bn_name)
+        } else {
+            h
+        }
+    }
+
+    /// (weight, bias) of a conv followed by BN: the official tensors when training, the folded
+    /// pair at inference.
+    fn conv_params(&mut self, conv_name: &str, bn_name: &str) -> (TensorId, TensorId) {
+        if self.train {
+            return (self.p(&format!("{conv_name}.weight")), self.p(&format!("{conv_name}.bias")));
+        }
+        let (ws, bs) =
+            (self.shapes[&format!("{conv_name}.weight")].clone(), self.shapes[&format!("{conv_name}.bias")].clone());
+        let weight = self.g.param(&format!("{conv_name}.weight (+{bn_name})"), &ws);
+        let bias = self.g.param(&format!("{conv_name}.bias (+{bn_name})"), &bs);
+        self.folds.push(Fold { conv: conv_name.into(), bn: bn_name.into(), weight, bias });
+        (weight, bias)
     }
 
     fn batchnorm(&mut self, x: TensorId, name: &str) -> TensorId {
@@ -96,13 +156,9 @@ impl Builder<'_> {
             Block::Res { name, cin, cout } => {
                 let s = self.spikes(x, &format!("{name}.neuron1"));
                 let h = self.conv_bn(s, &format!("{name}.conv1"), &format!("{name}.bn1"), 1);
-                let proj = matmul::linear(
-                    self.g,
-                    temb_act,
-                    self.p(&format!("{name}.temb_proj.1.weight")),
-                    Some(self.p(&format!("{name}.temb_proj.1.bias"))),
-                    &format!("{name}.temb_proj"),
-                );
+                let (pw, pb) =
+                    (self.p(&format!("{name}.temb_proj.1.weight")), self.p(&format!("{name}.temb_proj.1.bias")));
+                let proj = matmul::linear(self.g, temb_act, pw, Some(pb), &format!("{name}.temb_proj"));
                 let h = elementwise::add_channel(self.g, h, proj, &format!("{name}.temb_add"));
                 let s = self.spikes(h, &format!("{name}.neuron2"));
                 let h = self.conv_bn(s, &format!("{name}.conv2"), &format!("{name}.bn2"), 1);
@@ -128,18 +184,6 @@ impl Builder<'_> {
     }
 }
 
-/// Declare every parameter of `cfg` in `g` under its official name (as `Param` tensors).
-pub fn declare_params(g: &mut Graph, cfg: &ModelConfig) -> BTreeMap<String, TensorId> {
-    state_entries(cfg)
-        .into_iter()
-        .filter(|e| e.kind != EntryKind::Counter)
-        .map(|e| {
-            let id = g.param(&e.name, &e.shape);
-            (e.name, id)
-        })
-        .collect()
-}
-
 /// Append the inference-mode U-Net to `g`: x [B, C, H, W] (f32), t [B] (u32 timesteps) -> eps.
 /// BatchNorm uses running statistics; every neuron uses `neuron` (threshold guidance sets v_th).
 pub fn build_eval(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neuron) -> UNet {
@@ -154,25 +198,33 @@ pub fn build_train(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId) -
 }
 
 fn build(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neuron, train: bool) -> UNet {
-    let params = declare_params(g, cfg);
-    let mut b = Builder { g, params, t: cfg.snn_steps, neuron, train, spikes: Vec::new() };
+    let shapes =
+        state_entries(cfg).into_iter().filter(|e| e.kind != EntryKind::Counter).map(|e| (e.name, e.shape)).collect();
+    let mut b = Builder {
+        g,
+        shapes,
+        params: BTreeMap::new(),
+        folds: Vec::new(),
+        t: cfg.snn_steps,
+        neuron,
+        train,
+        spikes: Vec::new(),
+    };
+    if train {
+        // Training updates every parameter and statistic: declare them all, in state_dict order.
+        let names: Vec<String> = b.shapes.keys().cloned().collect();
+        for n in names {
+            b.p(&n);
+        }
+    }
     // Time embedding, once per evaluation and shared by every block (it is the same for all T).
-    let e = embedding::gather_rows(b.g, b.p("time_embedding.timembedding.0.weight"), t, "time_embedding.table");
-    let e = matmul::linear(
-        b.g,
-        e,
-        b.p("time_embedding.timembedding.1.weight"),
-        Some(b.p("time_embedding.timembedding.1.bias")),
-        "time_embedding.timembedding.1",
-    );
+    let table = b.p("time_embedding.timembedding.0.weight");
+    let e = embedding::gather_rows(b.g, table, t, "time_embedding.table");
+    let (w1, b1) = (b.p("time_embedding.timembedding.1.weight"), b.p("time_embedding.timembedding.1.bias"));
+    let e = matmul::linear(b.g, e, w1, Some(b1), "time_embedding.timembedding.1");
     let e = elementwise::swish(b.g, e, "time_embedding.timembedding.2");
-    let temb = matmul::linear(
-        b.g,
-        e,
-        b.p("time_embedding.timembedding.3.weight"),
-        Some(b.p("time_embedding.timembedding.3.bias")),
-        "time_embedding.timembedding.3",
-    );
+    let (w3, b3) = (b.p("time_embedding.timembedding.3.weight"), b.p("time_embedding.timembedding.3.bias"));
+    let temb = matmul::linear(b.g, e, w3, Some(b3), "time_embedding.timembedding.3");
     // Every temb_proj starts with Swish(temb): compute it once.
     let temb_act = elementwise::swish(b.g, temb, "temb_proj.0");
 
@@ -214,11 +266,11 @@ fn build(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neu
     let h = elementwise::swish(b.g, h, "tail_swish");
     let (w, bias) = (b.p("tail_conv.weight"), b.p("tail_conv.bias"));
     let h = conv::conv2d(b.g, h, w, Some(bias), 1, 1, "tail_conv");
-    let (w, bias) = (b.p("T_output_layer.weight"), b.p("T_output_layer.bias"));
+    let (w, bias) = b.conv_params("T_output_layer", "last_bn");
     let o = conv::conv3d_331(b.g, h, w, Some(bias), "T_output_layer");
-    let o = b.batchnorm(o, "last_bn");
+    let o = if train { b.batchnorm(o, "last_bn") } else { o };
     let o = elementwise::swish(b.g, o, "last_swish");
     let h = elementwise::add(b.g, o, h, "output_residual");
     let eps = readout::membrane_readout(b.g, h, b.t, readout::DECAY, "membrane_output");
-    UNet { params: b.params, eps, spikes: b.spikes }
+    UNet { params: b.params, eps, spikes: b.spikes, folds: b.folds }
 }
