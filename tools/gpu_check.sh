@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Parity and speed on a borrowed NVIDIA GPU, side by side with the PyTorch reference, in one run
+# (shared/notes/gpu-machine.md). Untested so far: no session had a GPU yet.
+#
+#   bash tools/gpu_check.sh prepare   # here: release build, Vulkan loader libraries, reference scripts -> gpu/
+#   bash tools/gpu_check.sh run       # there (device tool, carry ["gpu"]): prints one report
+set -euo pipefail
+cd "$(dirname "$0")/.."
+G=gpu
+
+prepare() {
+    cargo build --release
+    rm -rf "$G" && mkdir -p "$G/debs" "$G/root" "$G/ref"
+    cp target/release/sddpm-gpu "$G/"
+    cp ../shared/reference/sddpm_ref.py ../shared/reference/bench_torch.py "$G/ref/"
+    # The GPU machine has the NVIDIA driver but no Vulkan loader.
+    (cd "$G/debs" && apt-get download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
+    for d in "$G"/debs/*.deb; do dpkg -x "$d" "$G/root"; done
+    rm -rf "$G/debs"
+    du -sh "$G"
+}
+
+run() {
+    export LD_LIBRARY_PATH="$PWD/$G/root/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
+    export WGPU_BACKEND=vulkan
+    if [ -z "${VK_DRIVER_FILES:-}" ]; then
+        icd=$(ls /usr/local/nvidia/share/vulkan/icd.d/*.json /usr/share/vulkan/icd.d/nvidia*.json /etc/vulkan/icd.d/nvidia*.json 2>/dev/null | head -1 || true)
+        [ -n "$icd" ] && export VK_DRIVER_FILES="$icd"
+    fi
+    B="$PWD/$G/sddpm-gpu"
+    O="${OUT:-/tmp}"
+    echo "== adapter"; "$B" devices
+    echo "== parity (GPU numerics differ from lavapipe: FMA, reduction order)"
+    "$B" forward --checkpoint tests/fixtures/weights.safetensors --input tests/fixtures/forward.safetensors --output "$O/eps.safetensors"
+    "$B" forward --checkpoint tests/fixtures/weights.safetensors --input tests/fixtures/forward.safetensors --output "$O/eps_thr.safetensors" --threshold 0.997
+    "$B" train-step --checkpoint tests/fixtures/weights.safetensors --input tests/fixtures/train_step.safetensors --output "$O/after.safetensors"
+    python3 - "$O" <<'PY'
+import sys, torch
+from safetensors.torch import load_file
+o = sys.argv[1]
+ref = load_file("tests/fixtures/forward.safetensors"); ts = load_file("tests/fixtures/train_step.safetensors")
+rel = lambda a, b: float((a - b).norm() / b.norm())
+print("eps rel L2", rel(load_file(f"{o}/eps.safetensors")["eps"], ref["eps"]))
+print("eps_threshold rel L2", rel(load_file(f"{o}/eps_thr.safetensors")["eps"], ref["eps_threshold"]))
+after = load_file(f"{o}/after.safetensors")
+w = "downblocks.0.conv1.weight"; g = ts[f"grad.{w}"].abs() >= 1e-5
+print("train-step", w, "max |diff| where grad is not ~0:", float((after[w] - ts[f"after.{w}"])[g].abs().max()))
+PY
+    echo "== speed: sddpm-gpu (GPU timestamps) and PyTorch on the same card"
+    for p in tiny small cifar10; do
+        for bs in 8 32; do
+            "$B" profile --preset "$p" --batch "$bs" --iters 5 | grep -E "^total"
+            "$B" profile --preset "$p" --batch "$bs" --iters 3 --train | grep -E "^total"
+            for tf in off on; do python3 "$G/ref/bench_torch.py" --device cuda --preset "$p" --batch "$bs" --tf32 "$tf" --iters 10; done
+        done
+    done
+}
+
+"${1:?usage: tools/gpu_check.sh prepare|run}"
