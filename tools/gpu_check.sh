@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Parity and speed on a borrowed NVIDIA GPU, side by side with the PyTorch reference, in one run
-# (shared/notes/gpu-machine.md). Untested so far: no session had a GPU yet.
+# (shared/notes/gpu-machine.md). `prepare` (15 MiB under gpu/) and the parity part were checked on
+# lavapipe; the run on a real GPU has not happened yet.
 #
 #   bash tools/gpu_check.sh prepare   # here: release build, Vulkan loader libraries, reference scripts -> gpu/
 #   bash tools/gpu_check.sh run       # there (device tool, carry ["gpu"]): prints one report
+#   PARITY_ONLY=1 bash tools/gpu_check.sh run   # adapter and parity only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 G=gpu
@@ -46,6 +48,7 @@ after = load_file(f"{o}/after.safetensors")
 w = "downblocks.0.conv1.weight"; g = ts[f"grad.{w}"].abs() >= 1e-5
 print("train-step", w, "max |diff| where grad is not ~0:", float((after[w] - ts[f"after.{w}"])[g].abs().max()))
 PY
+    [ -n "${PARITY_ONLY:-}" ] && return 0
     echo "== speed: sddpm-gpu (GPU timestamps) and PyTorch on the same card"
     for p in tiny small cifar10; do
         for bs in 8 32; do
