@@ -5,12 +5,12 @@
 // with zero padding p and stride s; K is 1 or 3 in the SDDPM U-Net but any K works. The sum runs
 // over ci, then ky, then kx, and the bias is added last (the CPU reference uses the same order).
 //
-// Register blocking: each invocation owns a 4x4 tile, 4 output channels x 4 consecutive output
-// columns of one output row, so every loaded input value feeds 4 FMAs and every loaded weight 4.
+// Register blocking: each invocation owns an 8x4 tile, 8 output channels x 4 consecutive output
+// columns of one output row, so every loaded input value feeds 8 FMAs and every loaded weight 4.
 // Neighbouring invocations take neighbouring column groups (coalesced input loads); all
 // invocations of a workgroup share the same 4 output channels (weight loads are broadcasts).
 // No shared memory: barriers are cheap on GPUs but ruinous on lavapipe, and L1 serves the reuse.
-// Grid: x = output rows * column groups (64 per workgroup), y = ceil(Cout / 4), z = N.
+// Grid: x = output rows * column groups (64 per workgroup), y = ceil(Cout / 8), z = N.
 //
 // Backward (same Params, same bindings order: inputs then the written gradient):
 //   conv2d_grad_input:  dx[n, ci, iy, ix] = sum_{co, ky, kx} w[co, ci, ky, kx] * dy[n, co, oy, ox]
@@ -54,21 +54,27 @@ fn conv2d(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let oy = tile / p.wo_groups;
     let ox0 = (tile % p.wo_groups) * 4u;
-    let co0 = gid.y * 4u;
+    let co0 = gid.y * 8u;
     let n = gid.z;
 
-    // Weight offsets of the 4 output channels; channels past Cout read channel Cout-1 and are
+    // Weight offsets of the 8 output channels; channels past Cout read channel Cout-1 and are
     // never stored.
     let wstride = p.cin * p.k * p.k;
-    var wo: vec4<u32>;
+    var wa: vec4<u32>;
+    var wb: vec4<u32>;
     for (var j = 0u; j < 4u; j++) {
-        wo[j] = min(co0 + j, p.cout - 1u) * wstride;
+        wa[j] = min(co0 + j, p.cout - 1u) * wstride;
+        wb[j] = min(co0 + 4u + j, p.cout - 1u) * wstride;
     }
 
     var acc0 = vec4<f32>(0.0);
     var acc1 = vec4<f32>(0.0);
     var acc2 = vec4<f32>(0.0);
     var acc3 = vec4<f32>(0.0);
+    var acc4 = vec4<f32>(0.0);
+    var acc5 = vec4<f32>(0.0);
+    var acc6 = vec4<f32>(0.0);
+    var acc7 = vec4<f32>(0.0);
     let ix0 = i32(ox0 * p.stride) - i32(p.pad);
     for (var ci = 0u; ci < p.cin; ci++) {
         let xplane = (n * p.cin + ci) * p.h * p.w;
@@ -83,16 +89,20 @@ fn conv2d(@builtin(global_invocation_id) gid: vec3<u32>) {
                 let xv = vec4<f32>(load_x(xrow, ix0 + i32(kx)), load_x(xrow, ix0 + i32(p.stride + kx)),
                                    load_x(xrow, ix0 + i32(2u * p.stride + kx)), load_x(xrow, ix0 + i32(3u * p.stride + kx)));
                 let wi = wk + kx;
-                acc0 += wt[wo[0] + wi] * xv;
-                acc1 += wt[wo[1] + wi] * xv;
-                acc2 += wt[wo[2] + wi] * xv;
-                acc3 += wt[wo[3] + wi] * xv;
+                acc0 += wt[wa[0] + wi] * xv;
+                acc1 += wt[wa[1] + wi] * xv;
+                acc2 += wt[wa[2] + wi] * xv;
+                acc3 += wt[wa[3] + wi] * xv;
+                acc4 += wt[wb[0] + wi] * xv;
+                acc5 += wt[wb[1] + wi] * xv;
+                acc6 += wt[wb[2] + wi] * xv;
+                acc7 += wt[wb[3] + wi] * xv;
             }
         }
     }
 
-    let accs = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
-    for (var j = 0u; j < 4u; j++) {
+    let accs = array<vec4<f32>, 8>(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7);
+    for (var j = 0u; j < 8u; j++) {
         let co = co0 + j;
         if (co >= p.cout) {
             break;

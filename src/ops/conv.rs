@@ -85,7 +85,7 @@ fn conv_node(
         // Without a bias the weight is bound in its slot; the shader never reads it then.
         reads: vec![x, w, b.unwrap_or(w)],
         writes: vec![y],
-        workgroups: [(ho * wo_groups).div_ceil(64) as u32, cout.div_ceil(4) as u32, n as u32],
+        workgroups: [(ho * wo_groups).div_ceil(64) as u32, cout.div_ceil(8) as u32, n as u32],
         label: name.to_string(),
         cost: Cost { flops: 2 * macs, bytes: 4 * (n * cin * h * wd + cout * cin * k * k + n * cout * ho * wo) as u64 },
     });
