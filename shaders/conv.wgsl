@@ -15,8 +15,8 @@
 // Backward (same Params, same bindings order: inputs then the written gradient):
 //   conv2d_grad_input:  dx[n, ci, iy, ix] = sum_{co, ky, kx} w[co, ci, ky, kx] * dy[n, co, oy, ox]
 //                       over the (oy, ox) with oy*s - p + ky = iy (the transposed convolution);
-//                       4 input channels x 4 input columns per invocation.
-//                       Grid: x = H * ceil(W / 4) (64 per workgroup), y = ceil(Cin / 4), z = N.
+//                       8 input channels x 4 input columns per invocation.
+//                       Grid: x = H * ceil(W / 4) (64 per workgroup), y = ceil(Cin / 8), z = N.
 //   conv2d_grad_weight: dw[co, ci, ky, kx] = sum_{n, oy, ox} dy[n, co, oy, ox] * x[n, ci, oy*s-p+ky, ox*s-p+kx]
 //                       in two deterministic passes (no atomics): each invocation sums all K*K taps
 //                       (K <= 3) of 4 output channels x one ci over one chunk of GRAD_W_CHUNK consecutive
@@ -142,17 +142,23 @@ fn conv2d_grad_input(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     let iy = tile / w_groups;
     let ix0 = (tile % w_groups) * 4u;
-    let ci0 = gid.y * 4u;
+    let ci0 = gid.y * 8u;
     let n = gid.z;
     let kk = p.k * p.k;
-    var wo: vec4<u32>;
+    var wa: vec4<u32>;
+    var wb: vec4<u32>;
     for (var j = 0u; j < 4u; j++) {
-        wo[j] = min(ci0 + j, p.cin - 1u) * kk;
+        wa[j] = min(ci0 + j, p.cin - 1u) * kk;
+        wb[j] = min(ci0 + 4u + j, p.cin - 1u) * kk;
     }
     var acc0 = vec4<f32>(0.0);
     var acc1 = vec4<f32>(0.0);
     var acc2 = vec4<f32>(0.0);
     var acc3 = vec4<f32>(0.0);
+    var acc4 = vec4<f32>(0.0);
+    var acc5 = vec4<f32>(0.0);
+    var acc6 = vec4<f32>(0.0);
+    var acc7 = vec4<f32>(0.0);
     for (var co = 0u; co < p.cout; co++) {
         let dyplane = (n * p.cout + co) * p.ho * p.wo;
         let wco = co * p.cin * kk;
@@ -166,15 +172,19 @@ fn conv2d_grad_input(@builtin(global_invocation_id) gid: vec3<u32>) {
                 let tx = i32(ix0 + p.pad) - i32(kx);
                 let dv = vec4<f32>(load_dy(dyrow, tx), load_dy(dyrow, tx + 1), load_dy(dyrow, tx + 2), load_dy(dyrow, tx + 3));
                 let wi = wco + ky * p.k + kx;
-                acc0 += wt_b[wo[0] + wi] * dv;
-                acc1 += wt_b[wo[1] + wi] * dv;
-                acc2 += wt_b[wo[2] + wi] * dv;
-                acc3 += wt_b[wo[3] + wi] * dv;
+                acc0 += wt_b[wa[0] + wi] * dv;
+                acc1 += wt_b[wa[1] + wi] * dv;
+                acc2 += wt_b[wa[2] + wi] * dv;
+                acc3 += wt_b[wa[3] + wi] * dv;
+                acc4 += wt_b[wb[0] + wi] * dv;
+                acc5 += wt_b[wb[1] + wi] * dv;
+                acc6 += wt_b[wb[2] + wi] * dv;
+                acc7 += wt_b[wb[3] + wi] * dv;
             }
         }
     }
-    let accs = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
-    for (var j = 0u; j < 4u; j++) {
+    let accs = array<vec4<f32>, 8>(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7);
+    for (var j = 0u; j < 8u; j++) {
         let ci = ci0 + j;
         if (ci >= p.cin) {
             break;

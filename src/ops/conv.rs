@@ -104,7 +104,7 @@ fn conv_node(
                 params: bwd_params.clone(),
                 reads: vec![dy, w],
                 writes: vec![dx],
-                workgroups: [(h * wd.div_ceil(4)).div_ceil(64) as u32, cin.div_ceil(4) as u32, n as u32],
+                workgroups: [(h * wd.div_ceil(4)).div_ceil(64) as u32, cin.div_ceil(8) as u32, n as u32],
                 label: format!("{label}.grad_input"),
                 cost,
             });
