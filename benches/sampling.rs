@@ -9,19 +9,13 @@ use std::time::Instant;
 
 use sddpm_gpu::diffusion::{plan_steps, Sampler, SamplerKind, Schedule};
 use sddpm_gpu::gpu::Context;
-use sddpm_gpu::model::{init_weights, parameter_count, ModelConfig};
+use sddpm_gpu::model::{init_weights, parameter_count};
 
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned()).unwrap_or_else(|| default.to_string())
-}
+mod common;
 
 fn main() {
-    let preset = arg("--preset", "tiny");
-    let batch: usize = arg("--batch", "8").parse().unwrap();
-    let evals: usize = arg("--evals", "5").parse().unwrap();
-    let mut cfg = ModelConfig::preset(&preset).unwrap();
-    cfg.snn_steps = arg("--snn-steps", "4").parse().unwrap();
+    let (preset, batch, cfg) = common::model_from_args();
+    let evals: usize = common::arg("--evals", "5").parse().unwrap();
     let ctx = Context::new(None).unwrap();
     let weights = init_weights(&cfg, 0);
     let rows = plan_steps(&Schedule::reference(cfg.diffusion_steps), SamplerKind::Ddim, evals).unwrap();

@@ -8,19 +8,13 @@ use std::time::Instant;
 
 use sddpm_gpu::diffusion::{TrainOptions, Trainer};
 use sddpm_gpu::gpu::Context;
-use sddpm_gpu::model::{init_weights, parameter_count, ModelConfig};
+use sddpm_gpu::model::{init_weights, parameter_count};
 
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned()).unwrap_or_else(|| default.to_string())
-}
+mod common;
 
 fn main() {
-    let preset = arg("--preset", "tiny");
-    let batch: usize = arg("--batch", "8").parse().unwrap();
-    let steps: usize = arg("--steps", "3").parse().unwrap();
-    let mut cfg = ModelConfig::preset(&preset).unwrap();
-    cfg.snn_steps = arg("--snn-steps", "4").parse().unwrap();
+    let (preset, batch, cfg) = common::model_from_args();
+    let steps: usize = common::arg("--steps", "3").parse().unwrap();
     let ctx = Context::new(None).unwrap();
     let mut tr =
         Trainer::new(&ctx, &cfg, &init_weights(&cfg, 0), batch, cfg.img_size, TrainOptions::default()).unwrap();
