@@ -15,9 +15,8 @@ use serde::Serialize;
 
 use crate::checkpoint::Checkpoint;
 use crate::gpu::Context;
-use crate::graph::{Graph, Plan, TensorId};
-use crate::model::{build_eval, layer_macs, ModelConfig};
-use crate::ops::neuron::Neuron;
+use crate::graph::{Plan, TensorId};
+use crate::model::{eval_graph, layer_macs, ModelConfig};
 use crate::ops::reduce;
 
 pub const E_MAC_PJ: f64 = 4.6;
@@ -79,11 +78,7 @@ impl SpikeCounter {
         v_th: f32,
         keep_spikes: bool,
     ) -> Result<SpikeCounter> {
-        cfg.validate_run(size, batch)?;
-        let mut g = Graph::new();
-        let x = g.input("x", &[batch, cfg.img_ch, size, size]);
-        let t = g.input("t", &[batch]);
-        let unet = build_eval(&mut g, cfg, x, t, Neuron { v_th, ..Neuron::default() });
+        let (mut g, x, t, unet) = eval_graph(cfg, batch, size, v_th)?;
         let mut layers = Vec::new();
         for (name, s) in &unet.spikes {
             let sums = reduce::group_sum(&mut g, *s, 1, &format!("{name}.spike_count"));

@@ -12,6 +12,12 @@ fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// `forward` on the fixture input with checkpoint `ckpt`, output to a temporary `name`.
+fn forward_with(ckpt: &Path, name: &str) -> std::process::Output {
+    let output = tmp(&format!("{name}.safetensors"));
+    run(&["forward", "--checkpoint", p(ckpt), "--input", p(&fixture("forward.safetensors")), "--output", p(&output)])
+}
+
 #[test]
 fn forward_command_matches_reference() {
     let want = TensorFile::load(&fixture("forward.safetensors")).unwrap();
@@ -71,15 +77,7 @@ fn truncated_checkpoint_is_a_one_line_error() {
     let bytes = std::fs::read(fixture("weights.safetensors")).unwrap();
     let bad = tmp("truncated.safetensors");
     std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
-    let out = run(&[
-        "forward",
-        "--checkpoint",
-        p(&bad),
-        "--input",
-        p(&fixture("forward.safetensors")),
-        "--output",
-        p(&tmp("x.safetensors")),
-    ]);
+    let out = forward_with(&bad, "x");
     assert_one_line_error(&out, "truncated.safetensors");
     let garbage = tmp("garbage.safetensors");
     std::fs::write(&garbage, b"this is not a checkpoint").unwrap();
@@ -103,15 +101,7 @@ fn mis_shaped_or_missing_tensor_is_named() {
     }
     let bad = tmp("misshaped.safetensors");
     checkpoint::save(&bad, tensors, ckpt.metadata.clone()).unwrap();
-    let out = run(&[
-        "forward",
-        "--checkpoint",
-        p(&bad),
-        "--input",
-        p(&fixture("forward.safetensors")),
-        "--output",
-        p(&tmp("y.safetensors")),
-    ]);
+    let out = forward_with(&bad, "y");
     assert_one_line_error(&out, "downblocks.0.conv1.bias");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("missing tail_conv.weight"), "{err}");

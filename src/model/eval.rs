@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Result};
 
-use super::{build_eval, ModelConfig};
+use super::{build_eval, ModelConfig, UNet};
 use crate::checkpoint::Checkpoint;
 use crate::gpu::Context;
 use crate::graph::{Graph, Plan, TensorId};
@@ -30,12 +30,7 @@ impl EvalNet {
         size: usize,
         v_th: f32,
     ) -> Result<EvalNet> {
-        cfg.validate_run(size, batch)?;
-        let mut g = Graph::new();
-        let x = g.input("x", &[batch, cfg.img_ch, size, size]);
-        let t = g.input("t", &[batch]);
-        let neuron = Neuron { v_th, ..Neuron::default() };
-        let unet = build_eval(&mut g, cfg, x, t, neuron);
+        let (mut g, x, t, unet) = eval_graph(cfg, batch, size, v_th)?;
         g.mark_output(unet.eps);
         let plan = Plan::compile(ctx, &g)?;
         unet.upload(ctx, &plan, ckpt)?;
@@ -52,4 +47,21 @@ impl EvalNet {
         self.plan.run(ctx)?;
         self.plan.read(ctx, self.eps)
     }
+}
+
+/// A graph holding the inference U-Net for `batch` images of `size` px with every neuron's
+/// threshold at `v_th`: (graph, x [B, C, S, S] input, t [B] input, the U-Net's tensors). Callers
+/// add what they need (outputs, spike counters) before compiling.
+pub fn eval_graph(
+    cfg: &ModelConfig,
+    batch: usize,
+    size: usize,
+    v_th: f32,
+) -> Result<(Graph, TensorId, TensorId, UNet)> {
+    cfg.validate_run(size, batch)?;
+    let mut g = Graph::new();
+    let x = g.input("x", &[batch, cfg.img_ch, size, size]);
+    let t = g.input("t", &[batch]);
+    let unet = build_eval(&mut g, cfg, x, t, Neuron { v_th, ..Neuron::default() });
+    Ok((g, x, t, unet))
 }
