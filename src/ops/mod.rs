@@ -2,10 +2,12 @@
 //! [`Graph`](crate::graph::Graph) (shape rule, bindings, grid, cost) and holds a plain CPU
 //! reference of the same math, which the tests compare against. Ops know nothing of models.
 
+pub mod attention;
 pub mod batchnorm;
 pub mod conv;
 pub mod elementwise;
 pub mod embedding;
+pub mod groupnorm;
 pub mod layout;
 pub mod matmul;
 pub mod neuron;
@@ -22,12 +24,14 @@ pub(crate) fn pointwise_cost(outputs: usize, inputs: usize, flops_per: u64) -> C
 }
 
 /// Every shader the crate embeds, for validation and listings.
-pub fn all_shaders() -> [&'static crate::gpu::Shader; 11] {
+pub fn all_shaders() -> [&'static crate::gpu::Shader; 13] {
     [
+        &attention::SHADER,
         &batchnorm::SHADER,
         &conv::SHADER,
         &elementwise::SHADER,
         &embedding::SHADER,
+        &groupnorm::SHADER,
         &layout::SHADER,
         &matmul::SHADER,
         &neuron::SHADER,

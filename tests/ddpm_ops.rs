@@ -1,0 +1,181 @@
+//! The ANN counterpart's kernels (GroupNorm with fused Swish, fused softmax attention): GPU
+//! against the CPU reference on random inputs of several shapes (odd sizes, partial key tiles),
+//! and every backward's CPU reference against central finite differences of its CPU forward.
+//!
+//! Tolerances: GPU vs CPU 1e-5 relative + 1e-5 absolute (f32 sums against f64 references; exp
+//! inside); finite differences in f32 with step 1e-2 to 1e-2 of the gradient's largest entry.
+
+mod common;
+
+use common::*;
+use sddpm_gpu::graph::{backward, Graph, TensorId};
+use sddpm_gpu::ops::attention;
+use sddpm_gpu::ops::groupnorm::{self, GnShape};
+
+fn gpu_grads(
+    mut g: Graph,
+    y: TensorId,
+    dy: &[f32],
+    inputs: &[(TensorId, Vec<f32>)],
+    wrt: &[TensorId],
+) -> Vec<Vec<f32>> {
+    let shape = g.shape(y).to_vec();
+    let seed = g.input("dy", &shape);
+    let grads = backward(&mut g, y, seed, wrt);
+    let outs: Vec<TensorId> = wrt.iter().map(|t| grads[t]).collect();
+    let mut all: Vec<(TensorId, Vec<u32>)> = inputs.iter().map(|(t, v)| (*t, bits(v))).collect();
+    all.push((seed, bits(dy)));
+    run_graph(g, &all, &outs)
+}
+
+/// `grad` (analytic, of L = sum(dy * f(x))) against central differences at a few indices.
+fn fd_check(what: &str, f: impl Fn(&[f32]) -> Vec<f32>, x: &[f32], dy: &[f32], grad: &[f32], h: f32, rtol: f32) {
+    let loss = |x: &[f32]| f(x).iter().zip(dy).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
+    let scale = grad.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    let step = (x.len() / 7).max(1);
+    for i in (0..x.len()).step_by(step).chain([x.len() - 1]) {
+        let (mut xp, mut xm) = (x.to_vec(), x.to_vec());
+        xp[i] += h;
+        xm[i] -= h;
+        let num = ((loss(&xp) - loss(&xm)) / (2.0 * h as f64)) as f32;
+        assert!(
+            (num - grad[i]).abs() <= rtol * scale,
+            "{what}[{i}]: finite difference {num}, analytic {}, scale {scale}",
+            grad[i]
+        );
+    }
+}
+
+// ---- GroupNorm -------------------------------------------------------------------------------
+
+const GN_SHAPES: [(usize, usize, usize, usize, usize); 4] =
+    [(2, 6, 3, 5, 7), (1, 64, 32, 4, 4), (3, 5, 5, 3, 3), (2, 32, 8, 1, 1)];
+
+fn gn_data(seed: u64, sh: GnShape) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let mut r = rng(seed);
+    let x: Vec<f32> = normalish(&mut r, sh.b * sh.c * sh.s, 1.5).iter().map(|v| v + 0.4).collect();
+    (x, uniform(&mut r, sh.c, 0.6, 1.4), uniform(&mut r, sh.c, -0.3, 0.3))
+}
+
+#[test]
+fn groupnorm_matches_cpu() {
+    for (k, &(b, c, groups, h, w)) in GN_SHAPES.iter().enumerate() {
+        for swish in [false, true] {
+            let sh = GnShape { b, c, s: h * w, groups };
+            let (xv, wv, bv) = gn_data(100 + k as u64, sh);
+            let mut g = Graph::new();
+            let x = g.input("x", &[b, c, h, w]);
+            let (wt, bt) = (g.param("gn.weight", &[c]), g.param("gn.bias", &[c]));
+            let y = groupnorm::groupnorm(&mut g, x, wt, bt, groups, swish, "gn");
+            let got = run_graph(g, &[(x, bits(&xv)), (wt, bits(&wv)), (bt, bits(&bv))], &[y]).remove(0);
+            let (want, _, _) = groupnorm::groupnorm_cpu(&xv, sh, &wv, &bv, swish);
+            assert_close(&format!("groupnorm {sh:?} swish {swish}"), &got, &want, 1e-5, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn groupnorm_normalises_each_group() {
+    // Without affine terms every (image, group) has mean 0 and variance 1 (up to eps).
+    let sh = GnShape { b: 2, c: 8, s: 50, groups: 4 };
+    let (xv, _, _) = gn_data(7, sh);
+    let (y, _, _) = groupnorm::groupnorm_cpu(&xv, sh, &[1.0; 8], &[0.0; 8], false);
+    for grp in y.chunks(100) {
+        let mean = grp.iter().sum::<f32>() / 100.0;
+        let var = grp.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 100.0;
+        assert!(mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-3, "mean {mean} var {var}");
+    }
+}
+
+#[test]
+fn groupnorm_backward() {
+    for (k, &(b, c, groups, h, w)) in GN_SHAPES.iter().enumerate() {
+        for swish in [false, true] {
+            let sh = GnShape { b, c, s: h * w, groups };
+            let (xv, wv, bv) = gn_data(200 + k as u64, sh);
+            let dy = normalish(&mut rng(300 + k as u64), b * c * h * w, 1.0);
+            let mut g = Graph::new();
+            let x = g.input("x", &[b, c, h, w]);
+            let (wt, bt) = (g.param("gn.weight", &[c]), g.param("gn.bias", &[c]));
+            let y = groupnorm::groupnorm(&mut g, x, wt, bt, groups, swish, "gn");
+            let inputs = [(x, xv.clone()), (wt, wv.clone()), (bt, bv.clone())];
+            let got = gpu_grads(g, y, &dy, &inputs, &[x, wt, bt]);
+            let (dx, dw, db) = groupnorm::groupnorm_backward_cpu(&dy, &xv, sh, &wv, &bv, swish);
+            let what = format!("groupnorm {sh:?} swish {swish}");
+            assert_close(&format!("{what} dx"), &got[0], &dx, 1e-4, 1e-5);
+            assert_close(&format!("{what} dweight"), &got[1], &dw, 1e-5, 1e-4);
+            assert_close(&format!("{what} dbias"), &got[2], &db, 1e-5, 1e-4);
+            if sh.b * sh.c * sh.s <= 2000 {
+                let fwd = |xx: &[f32], ww: &[f32], bb: &[f32]| groupnorm::groupnorm_cpu(xx, sh, ww, bb, swish).0;
+                fd_check(&format!("{what} dx"), |xx| fwd(xx, &wv, &bv), &xv, &dy, &dx, 1e-2, 1e-2);
+                fd_check(&format!("{what} dweight"), |ww| fwd(&xv, ww, &bv), &wv, &dy, &dw, 1e-2, 1e-2);
+                fd_check(&format!("{what} dbias"), |bb| fwd(&xv, &wv, bb), &bv, &dy, &db, 1e-2, 1e-2);
+            }
+        }
+    }
+}
+
+// ---- attention -------------------------------------------------------------------------------
+
+/// (B, C, H, W): a single partial key tile, exactly one tile, several tiles with a partial last
+/// one, and CIFAR-10's 16x16 level.
+const ATTN_SHAPES: [(usize, usize, usize, usize); 5] =
+    [(1, 4, 3, 5), (2, 8, 8, 8), (1, 3, 9, 10), (2, 32, 16, 16), (1, 1, 2, 1)];
+
+fn attn_data(seed: u64, len: usize) -> [Vec<f32>; 3] {
+    let mut r = rng(seed);
+    // Scale 2 makes the softmax peaked enough that the running max matters.
+    [normalish(&mut r, len, 2.0), normalish(&mut r, len, 2.0), normalish(&mut r, len, 1.0)]
+}
+
+#[test]
+fn attention_matches_cpu() {
+    for (k, &(b, c, h, w)) in ATTN_SHAPES.iter().enumerate() {
+        let n = h * w;
+        let [qv, kv, vv] = attn_data(400 + k as u64, b * c * n);
+        let mut g = Graph::new();
+        let (q, kk, v) = (g.input("q", &[b, c, h, w]), g.input("k", &[b, c, h, w]), g.input("v", &[b, c, h, w]));
+        let o = attention::attention(&mut g, q, kk, v, "attn");
+        let got = run_graph(g, &[(q, bits(&qv)), (kk, bits(&kv)), (v, bits(&vv))], &[o]).remove(0);
+        let want = attention::attention_cpu(&qv, &kv, &vv, b, c, n);
+        assert_close(&format!("attention {b}x{c}x{h}x{w}"), &got, &want, 1e-5, 1e-5);
+    }
+}
+
+#[test]
+fn attention_large_logits_stay_finite() {
+    // Logits of several hundred: a plain exp would overflow; the online softmax must not.
+    let (b, c, n) = (1, 16, 70);
+    let [qv, kv, vv] = attn_data(450, b * c * n);
+    let qv: Vec<f32> = qv.iter().map(|v| v * 30.0).collect();
+    let mut g = Graph::new();
+    let (q, k, v) = (g.input("q", &[b, c, n, 1]), g.input("k", &[b, c, n, 1]), g.input("v", &[b, c, n, 1]));
+    let o = attention::attention(&mut g, q, k, v, "attn");
+    let got = run_graph(g, &[(q, bits(&qv)), (k, bits(&kv)), (v, bits(&vv))], &[o]).remove(0);
+    let want = attention::attention_cpu(&qv, &kv, &vv, b, c, n);
+    assert_close("attention, large logits", &got, &want, 1e-4, 1e-5);
+}
+
+#[test]
+fn attention_backward() {
+    for (k, &(b, c, h, w)) in ATTN_SHAPES.iter().enumerate() {
+        let n = h * w;
+        let [qv, kv, vv] = attn_data(500 + k as u64, b * c * n);
+        let dy = normalish(&mut rng(600 + k as u64), b * c * n, 1.0);
+        let mut g = Graph::new();
+        let (q, kk, v) = (g.input("q", &[b, c, h, w]), g.input("k", &[b, c, h, w]), g.input("v", &[b, c, h, w]));
+        let o = attention::attention(&mut g, q, kk, v, "attn");
+        let got = gpu_grads(g, o, &dy, &[(q, qv.clone()), (kk, kv.clone()), (v, vv.clone())], &[q, kk, v]);
+        let (dq, dk, dv) = attention::attention_backward_cpu(&qv, &kv, &vv, &dy, b, c, n);
+        let what = format!("attention {b}x{c}x{h}x{w}");
+        assert_close(&format!("{what} dq"), &got[0], &dq, 1e-4, 1e-5);
+        assert_close(&format!("{what} dk"), &got[1], &dk, 1e-4, 1e-5);
+        assert_close(&format!("{what} dv"), &got[2], &dv, 1e-4, 1e-5);
+        if b * c * n <= 1000 {
+            let f = attention::attention_cpu;
+            fd_check(&format!("{what} dq"), |x| f(x, &kv, &vv, b, c, n), &qv, &dy, &dq, 1e-2, 1e-2);
+            fd_check(&format!("{what} dk"), |x| f(&qv, x, &vv, b, c, n), &kv, &dy, &dk, 1e-2, 1e-2);
+            fd_check(&format!("{what} dv"), |x| f(&qv, &kv, x, b, c, n), &vv, &dy, &dv, 1e-2, 1e-2);
+        }
+    }
+}
