@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context as _, Result};
 use safetensors::{Dtype, SafeTensors};
 
-use crate::model::{state_entries, EntryKind, ModelConfig};
+use crate::model::{state_entries, DdpmConfig, Entry, EntryKind, ModelConfig, Net};
 
 /// An integer tensor read from a file, widened to i64.
 #[derive(Debug, Clone, PartialEq)]
@@ -94,20 +94,90 @@ impl TensorFile {
             .ok_or_else(|| anyhow!("{}: missing tensor '{name}'", self.path.display()))
     }
 
-    /// The model config: from the metadata if present, otherwise inferred from tensor shapes.
-    /// `snn_steps` (from --snn-steps) overrides the stored value; shapes cannot tell T.
+    /// The model config of an SDDPM checkpoint (see [`TensorFile::net`]); a DDPM checkpoint is
+    /// an error here.
     pub fn config(&self, snn_steps: Option<usize>) -> Result<ModelConfig> {
-        let mut cfg = match self.metadata.get("config") {
-            Some(json) => serde_json::from_str::<ModelConfig>(json)
-                .map_err(|e| anyhow!("{}: metadata field 'config' is not a model config ({e})", self.path.display()))?,
-            None => self.infer_config()?,
-        };
-        if let Some(t) = snn_steps {
-            cfg.snn_steps = t;
+        match self.net(snn_steps)? {
+            Net::Sddpm(cfg) => Ok(cfg),
+            Net::Ddpm(_) => bail!("{}: holds a DDPM (ANN) model, not the spiking U-Net", self.path.display()),
         }
-        cfg.validate(cfg.img_size).map_err(|e| anyhow!("{}: {e}", self.path.display()))?;
-        self.check_entries(&cfg)?;
-        Ok(cfg)
+    }
+
+    /// Which model and config: from the metadata if present (`"model": "ddpm"` selects the ANN),
+    /// otherwise inferred from tensor shapes (`head.weight` marks pytorch-ddpm's U-Net).
+    /// `snn_steps` (from --snn-steps) overrides the stored T of an SNN; shapes cannot tell T.
+    pub fn net(&self, snn_steps: Option<usize>) -> Result<Net> {
+        let net = match self.metadata.get("config") {
+            Some(json) => Net::from_json(json)
+                .map_err(|e| anyhow!("{}: metadata field 'config' is not a model config: {e}", self.path.display()))?,
+            None if self.tensors.contains_key("head.weight") => Net::Ddpm(self.infer_ddpm_config()?),
+            None => Net::Sddpm(self.infer_config()?),
+        };
+        let net = match net {
+            Net::Sddpm(mut cfg) => {
+                if let Some(t) = snn_steps {
+                    cfg.snn_steps = t;
+                }
+                Net::Sddpm(cfg)
+            }
+            Net::Ddpm(_) if snn_steps.is_some() => {
+                bail!("{}: --snn-steps does not apply to a DDPM (ANN) checkpoint", self.path.display())
+            }
+            ddpm => ddpm,
+        };
+        net.validate_run(net.img_size(), 1).map_err(|e| anyhow!("{}: {e}", self.path.display()))?;
+        self.check_entry_list(&net.state_entries(), &net.config_json())?;
+        Ok(net)
+    }
+
+    /// pytorch-ddpm's config from shapes: ch and img_ch from `head.weight`, T from the table,
+    /// levels and blocks from `downblocks.*`, attention levels from `.attn.` keys. Dropout only
+    /// matters in training and cannot be seen in weights: 0.
+    fn infer_ddpm_config(&self) -> Result<DdpmConfig> {
+        let head = self.shape("head.weight")?;
+        if head.len() != 4 {
+            bail!("{}: 'head.weight' must be [ch, img_ch, 3, 3], got {head:?}", self.path.display());
+        }
+        let (ch, img_ch) = (head[0], head[1]);
+        let table = self.shape("time_embedding.timembedding.0.weight")?;
+        let (mut ch_mult, mut attn) = (Vec::new(), Vec::new());
+        let (mut num_res_blocks, mut in_level, mut last_cout, mut level_attn) = (None, 0, ch, false);
+        for i in 0.. {
+            if let Some(t) = self.tensors.get(&format!("downblocks.{i}.block1.2.weight")) {
+                last_cout = t.shape[0];
+                in_level += 1;
+                level_attn |= self.tensors.contains_key(&format!("downblocks.{i}.attn.proj_q.weight"));
+            } else if self.tensors.contains_key(&format!("downblocks.{i}.main.weight")) {
+                num_res_blocks.get_or_insert(in_level);
+                if level_attn {
+                    attn.push(ch_mult.len());
+                }
+                ch_mult.push(last_cout / ch.max(1));
+                (in_level, level_attn) = (0, false);
+            } else {
+                break;
+            }
+        }
+        if in_level == 0 {
+            bail!(
+                "{}: no downblocks.*.block1.2.weight found; not a pytorch-ddpm U-Net checkpoint",
+                self.path.display()
+            );
+        }
+        if level_attn {
+            attn.push(ch_mult.len());
+        }
+        ch_mult.push(last_cout / ch.max(1));
+        Ok(DdpmConfig {
+            diffusion_steps: table[0],
+            ch,
+            ch_mult,
+            attn,
+            num_res_blocks: num_res_blocks.unwrap_or(in_level),
+            dropout: 0.0,
+            img_ch,
+            img_size: 32,
+        })
     }
 
     fn infer_config(&self) -> Result<ModelConfig> {
@@ -151,7 +221,11 @@ impl TensorFile {
     /// Every tensor the model needs is present with the right shape, and nothing else is there
     /// (except optimizer state, EMA weights and counters). Errors name the tensors.
     pub fn check_entries(&self, cfg: &ModelConfig) -> Result<()> {
-        let expected = state_entries(cfg);
+        self.check_entry_list(&state_entries(cfg), &serde_json::to_string(cfg).unwrap_or_default())
+    }
+
+    /// [`TensorFile::check_entries`] against any model's entries; `config` is shown in errors.
+    pub fn check_entry_list(&self, expected: &[Entry], config: &str) -> Result<()> {
         let mut missing = Vec::new();
         let mut wrong = Vec::new();
         for e in expected.iter().filter(|e| e.kind != EntryKind::Counter) {
@@ -189,12 +263,7 @@ impl TensorFile {
             problems.push(format!("unexpected {}", list(&extra)));
         }
         if !problems.is_empty() {
-            bail!(
-                "{}: does not match the model config {} ({})",
-                self.path.display(),
-                serde_json::to_string(cfg).unwrap_or_default(),
-                problems.join("; ")
-            );
+            bail!("{}: does not match the model config {} ({})", self.path.display(), config, problems.join("; "));
         }
         Ok(())
     }

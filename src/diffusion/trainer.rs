@@ -10,7 +10,7 @@ use super::Schedule;
 use crate::checkpoint::{self, Checkpoint, Data};
 use crate::gpu::Context;
 use crate::graph::{backward, Graph, Plan, TensorId};
-use crate::model::{build_train, state_entries, EntryKind, ModelConfig};
+use crate::model::{EntryKind, Net};
 use crate::ops::optim::{self, Adam};
 use crate::ops::{reduce, sampler};
 
@@ -54,7 +54,7 @@ pub struct StepStats {
 }
 
 pub struct Trainer {
-    pub cfg: ModelConfig,
+    pub cfg: Net,
     pub batch: usize,
     pub size: usize,
     pub opts: TrainOptions,
@@ -88,25 +88,26 @@ impl Trainer {
     /// `ckpt` (weights, and optimizer state if it has `optim.*`).
     pub fn new(
         ctx: &Context,
-        cfg: &ModelConfig,
+        cfg: impl Into<Net>,
         ckpt: &Checkpoint,
         batch: usize,
         size: usize,
         opts: TrainOptions,
     ) -> Result<Trainer> {
+        let cfg: Net = cfg.into();
         cfg.validate_run(size, batch)?;
         let mut g = Graph::new();
-        let x0 = g.input("x0", &[batch, cfg.img_ch, size, size]);
+        let x0 = g.input("x0", &[batch, cfg.img_ch(), size, size]);
         let qcoef = g.input("q_sample.coef", &[batch, 2]);
         let t = g.input("t", &[batch]);
-        let noise = opts.given_noise.then(|| g.input("noise", &[batch, cfg.img_ch, size, size]));
+        let noise = opts.given_noise.then(|| g.input("noise", &[batch, cfg.img_ch(), size, size]));
         let hyper = g.input("optim.hyper", &[4]);
         let one = g.param("loss.seed", &[1]);
         let x_numel = g.info(x0).numel();
         let (x_t, noise_used, q_node) = sampler::q_sample(&mut g, qcoef, x0, noise);
-        let unet = build_train(&mut g, cfg, x_t, t);
+        let unet = cfg.build_train(&mut g, x_t, t)?;
         let loss = reduce::mse_loss(&mut g, unet.eps, noise_used, "loss");
-        let entries = state_entries(cfg);
+        let entries = cfg.state_entries();
         let trainable: Vec<(&str, TensorId)> = entries
             .iter()
             .filter(|e| e.kind == EntryKind::Trainable)
@@ -176,15 +177,16 @@ impl Trainer {
             .filter(|e| e.kind == EntryKind::Counter)
             .map(|e| (e.name.clone(), ckpt.ints.get(&e.name).map_or(0, |v| v.data[0])))
             .collect();
+        let schedule = Schedule::reference(cfg.diffusion_steps());
         Ok(Trainer {
-            cfg: cfg.clone(),
+            cfg,
             batch,
             size,
             opts,
             step,
             counters,
             plan,
-            schedule: Schedule::reference(cfg.diffusion_steps),
+            schedule,
             x0,
             qcoef,
             t,
@@ -214,8 +216,8 @@ impl Trainer {
         if t.len() != self.batch {
             bail!("expected {} timesteps, got {}", self.batch, t.len());
         }
-        if let Some(&bad) = t.iter().find(|&&v| v as usize >= self.cfg.diffusion_steps) {
-            bail!("timestep {bad} is outside 0..{}", self.cfg.diffusion_steps);
+        if let Some(&bad) = t.iter().find(|&&v| v as usize >= self.cfg.diffusion_steps()) {
+            bail!("timestep {bad} is outside 0..{}", self.cfg.diffusion_steps());
         }
         // The reference's extract(): f64 sqrt(abar) and sqrt(1 - abar), cast to f32.
         let ab = &self.schedule.alphas_bar;
@@ -255,12 +257,12 @@ impl Trainer {
     /// with `ema`, the EMA weights replace the trained ones.
     pub fn weights(&self, ctx: &Context, ema: bool) -> Result<Checkpoint> {
         let mut tensors = BTreeMap::new();
-        for e in state_entries(&self.cfg).into_iter().filter(|e| e.kind != EntryKind::Counter) {
+        for e in self.cfg.state_entries().into_iter().filter(|e| e.kind != EntryKind::Counter) {
             let id = if ema { *self.ema.get(&e.name).unwrap_or(&self.state[&e.name]) } else { self.state[&e.name] };
             tensors.insert(e.name.clone(), checkpoint::Tensor { shape: e.shape, data: self.plan.read(ctx, id)? });
         }
         let mut metadata = HashMap::new();
-        metadata.insert("config".into(), serde_json::to_string(&self.cfg)?);
+        metadata.insert("config".into(), self.cfg.config_json());
         Ok(Checkpoint {
             path: format!("<training step {}>", self.step).into(),
             tensors,
@@ -283,7 +285,7 @@ impl Trainer {
     /// step) as a checkpoint, atomically. `meta` adds metadata entries.
     pub fn save(&self, ctx: &Context, path: &std::path::Path, meta: HashMap<String, String>) -> Result<()> {
         let mut floats: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-        for e in state_entries(&self.cfg) {
+        for e in self.cfg.state_entries() {
             if e.kind != EntryKind::Counter {
                 floats.push((e.name.clone(), e.shape.clone(), self.plan.read(ctx, self.state[&e.name])?));
             }
@@ -309,11 +311,11 @@ impl Trainer {
             tensors.push((name.clone(), shape, Data::I64(v)));
         }
         let mut metadata = meta;
-        metadata.insert("config".into(), serde_json::to_string(&self.cfg)?);
+        metadata.insert("config".into(), self.cfg.config_json());
         checkpoint::save(path, tensors, metadata)
     }
 }
 
-fn e_shape(cfg: &ModelConfig, name: &str) -> Vec<usize> {
-    state_entries(cfg).into_iter().find(|e| e.name == name).map(|e| e.shape).unwrap_or_default()
+fn e_shape(cfg: &Net, name: &str) -> Vec<usize> {
+    cfg.state_entries().into_iter().find(|e| e.name == name).map(|e| e.shape).unwrap_or_default()
 }

@@ -2,14 +2,14 @@
 
 use anyhow::{bail, Result};
 
-use super::{build_eval, ModelConfig, UNet};
+use super::{Net, UNet};
 use crate::checkpoint::Checkpoint;
 use crate::gpu::Context;
 use crate::graph::{Graph, Plan, TensorId};
 use crate::ops::neuron::Neuron;
 
 pub struct EvalNet {
-    pub cfg: ModelConfig,
+    pub cfg: Net,
     pub batch: usize,
     pub size: usize,
     pub graph: Graph,
@@ -24,23 +24,24 @@ impl EvalNet {
     /// threshold at `v_th`, and upload the checkpoint's weights.
     pub fn new(
         ctx: &Context,
-        cfg: &ModelConfig,
+        cfg: impl Into<Net>,
         ckpt: &Checkpoint,
         batch: usize,
         size: usize,
         v_th: f32,
     ) -> Result<EvalNet> {
-        let (mut g, x, t, unet) = eval_graph(cfg, batch, size, v_th)?;
+        let cfg = cfg.into();
+        let (mut g, x, t, unet) = eval_graph(&cfg, batch, size, v_th)?;
         g.mark_output(unet.eps);
         let plan = Plan::compile(ctx, &g)?;
         unet.upload(ctx, &plan, ckpt)?;
-        Ok(EvalNet { cfg: cfg.clone(), batch, size, graph: g, plan, x, t, eps: unet.eps })
+        Ok(EvalNet { cfg, batch, size, graph: g, plan, x, t, eps: unet.eps })
     }
 
     /// eps_hat for x [B, C, H, W] and integer timesteps t [B].
     pub fn forward(&self, ctx: &Context, x: &[f32], t: &[u32]) -> Result<Vec<f32>> {
-        if let Some(&bad) = t.iter().find(|&&v| v as usize >= self.cfg.diffusion_steps) {
-            bail!("timestep {bad} is out of range 0..{}", self.cfg.diffusion_steps);
+        if let Some(&bad) = t.iter().find(|&&v| v as usize >= self.cfg.diffusion_steps()) {
+            bail!("timestep {bad} is out of range 0..{}", self.cfg.diffusion_steps());
         }
         self.plan.write(ctx, self.x, x)?;
         self.plan.write(ctx, self.t, t)?;
@@ -50,18 +51,19 @@ impl EvalNet {
 }
 
 /// A graph holding the inference U-Net for `batch` images of `size` px with every neuron's
-/// threshold at `v_th`: (graph, x [B, C, S, S] input, t [B] input, the U-Net's tensors). Callers
-/// add what they need (outputs, spike counters) before compiling.
+/// threshold at `v_th` (the ANN has none): (graph, x [B, C, S, S] input, t [B] input, the U-Net's
+/// tensors). Callers add what they need (outputs, spike counters) before compiling.
 pub fn eval_graph(
-    cfg: &ModelConfig,
+    cfg: impl Into<Net>,
     batch: usize,
     size: usize,
     v_th: f32,
 ) -> Result<(Graph, TensorId, TensorId, UNet)> {
+    let cfg = cfg.into();
     cfg.validate_run(size, batch)?;
     let mut g = Graph::new();
-    let x = g.input("x", &[batch, cfg.img_ch, size, size]);
+    let x = g.input("x", &[batch, cfg.img_ch(), size, size]);
     let t = g.input("t", &[batch]);
-    let unet = build_eval(&mut g, cfg, x, t, Neuron { v_th, ..Neuron::default() });
+    let unet = cfg.build_eval(&mut g, x, t, Neuron { v_th, ..Neuron::default() });
     Ok((g, x, t, unet))
 }

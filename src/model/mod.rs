@@ -1,13 +1,21 @@
-//! The SDDPM spiking U-Net: configuration and presets, structure, graph building.
+//! The SDDPM spiking U-Net and its ANN counterpart (pytorch-ddpm's U-Net, [`DdpmConfig`]):
+//! configuration and presets, structure, graph building; [`Net`] picks one.
 
 mod arch;
 mod config;
+mod ddpm;
 mod eval;
 mod init;
+mod net;
 mod unet;
 
 pub use arch::{arch, layer_macs, parameter_count, state_entries, Arch, Block, Entry, EntryKind, LayerMacs};
 pub use config::{ModelConfig, PRESETS};
+pub use ddpm::{
+    build_ddpm, ddpm_arch, ddpm_init_weights, ddpm_layer_macs, ddpm_parameter_count, ddpm_state_entries, DdpmArch,
+    DdpmBlock, DdpmConfig, DDPM_PRESETS,
+};
 pub use eval::{eval_graph, EvalNet};
 pub use init::init_weights;
+pub use net::{Net, MODELS};
 pub use unet::{build_eval, build_train, Fold, UNet};

@@ -218,15 +218,15 @@ fn build(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neu
         }
     }
     // Time embedding, once per evaluation and shared by every block (it is the same for all T).
-    let table = b.p("time_embedding.timembedding.0.weight");
-    let e = embedding::gather_rows(b.g, table, t, "time_embedding.table");
-    let (w1, b1) = (b.p("time_embedding.timembedding.1.weight"), b.p("time_embedding.timembedding.1.bias"));
-    let e = matmul::linear(b.g, e, w1, Some(b1), "time_embedding.timembedding.1");
-    let e = elementwise::swish(b.g, e, "time_embedding.timembedding.2");
-    let (w3, b3) = (b.p("time_embedding.timembedding.3.weight"), b.p("time_embedding.timembedding.3.bias"));
-    let temb = matmul::linear(b.g, e, w3, Some(b3), "time_embedding.timembedding.3");
-    // Every temb_proj starts with Swish(temb): compute it once.
-    let temb_act = elementwise::swish(b.g, temb, "temb_proj.0");
+    let mlp = [
+        "time_embedding.timembedding.0.weight",
+        "time_embedding.timembedding.1.weight",
+        "time_embedding.timembedding.1.bias",
+        "time_embedding.timembedding.3.weight",
+        "time_embedding.timembedding.3.bias",
+    ]
+    .map(|n| b.p(n));
+    let temb_act = time_mlp(b.g, t, mlp);
 
     // Stem. The input is repeated over T; the conv acts per image, so it runs once per image and
     // its output is repeated: identical numbers, T times less work. At inference BN (running
@@ -273,4 +273,15 @@ fn build(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neu
     let h = elementwise::add(b.g, o, h, "output_residual");
     let eps = readout::membrane_readout(b.g, h, b.t, readout::DECAY, "membrane_output");
     UNet { params: b.params, eps, spikes: b.spikes, folds: b.folds }
+}
+
+/// The time embedding both U-Nets share: table lookup, Linear, Swish, Linear, and the Swish every
+/// temb_proj starts with (computed once). `[table, w1, b1, w3, b3]` are the
+/// `time_embedding.timembedding.{0,1,3}` tensors; returns Swish(temb) [B, tdim].
+pub(crate) fn time_mlp(g: &mut Graph, t: TensorId, [table, w1, b1, w3, b3]: [TensorId; 5]) -> TensorId {
+    let e = embedding::gather_rows(g, table, t, "time_embedding.table");
+    let e = matmul::linear(g, e, w1, Some(b1), "time_embedding.timembedding.1");
+    let e = elementwise::swish(g, e, "time_embedding.timembedding.2");
+    let temb = matmul::linear(g, e, w3, Some(b3), "time_embedding.timembedding.3");
+    elementwise::swish(g, temb, "temb_proj.0")
 }

@@ -1,0 +1,430 @@
+//! The ANN counterpart: pytorch-ddpm's U-Net (w86763777/pytorch-ddpm, model.py), with its
+//! state_dict names. GroupNorm(32) -> Swish -> conv residual blocks with a time-embedding
+//! projection and dropout, softmax self-attention (1x1 q/k/v/proj convs) after the residual of
+//! the blocks at chosen levels and in the first middle block, a GroupNorm -> Swish -> conv tail.
+//!
+//! As for the spiking net, one description of the structure ([`ddpm_arch`]) drives parameter
+//! names and shapes, MAC counts and graph building. The conv, time-embedding, layout and
+//! optimizer ops are the SNN's; GroupNorm and attention are ops of their own.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Result};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use super::arch::{Entry, EntryKind, LayerMacs};
+use super::unet::{time_mlp, UNet};
+use crate::checkpoint::{Tensor, TensorFile};
+use crate::graph::{Graph, TensorId};
+use crate::ops::embedding::timestep_table;
+use crate::ops::{attention, conv, elementwise, groupnorm, layout, matmul};
+
+/// pytorch-ddpm's GroupNorm(32, C) everywhere.
+pub const GROUPS: usize = 32;
+
+/// Config of the ANN U-Net. Field names are pytorch-ddpm's constructor's (`T`, `ch`, `ch_mult`,
+/// `attn`, `num_res_blocks`, `dropout`); `img_ch` (pytorch-ddpm hard-codes 3) and `img_size` are
+/// ours. On disk it carries `"model": "ddpm"` (see [`crate::model::Net`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DdpmConfig {
+    #[serde(rename = "T", default = "default_diffusion_steps")]
+    pub diffusion_steps: usize,
+    pub ch: usize,
+    pub ch_mult: Vec<usize>,
+    /// Levels (indices into ch_mult) whose ResBlocks end in self-attention.
+    pub attn: Vec<usize>,
+    pub num_res_blocks: usize,
+    /// Dropout probability before each block2 conv, in training.
+    pub dropout: f32,
+    #[serde(default = "default_img_ch")]
+    pub img_ch: usize,
+    #[serde(default = "default_img_size")]
+    pub img_size: usize,
+}
+
+fn default_diffusion_steps() -> usize {
+    1000
+}
+fn default_img_ch() -> usize {
+    3
+}
+fn default_img_size() -> usize {
+    32
+}
+
+/// Preset names of `--model ddpm`.
+pub const DDPM_PRESETS: &[&str] = &["cifar10", "pytorch-ddpm-cifar10", "mnist", "small", "tiny"];
+
+impl DdpmConfig {
+    /// `cifar10`: the paper's ANN counterpart, SDDPM's CIFAR-10 shape (ch 128, mult 1,2,2,4, 2
+    /// blocks, attention only in the middle); `pytorch-ddpm-cifar10`: pytorch-ddpm's published
+    /// config (mult 1,2,2,2, attention at level 1, dropout 0.1); `mnist`: the cifar10 shape at
+    /// 1 channel; `small` and `tiny` for laptops and tests (`tiny` is fixtures-ddpm's shape).
+    pub fn preset(name: &str) -> Result<DdpmConfig> {
+        let paper = |img_ch| DdpmConfig {
+            diffusion_steps: 1000,
+            ch: 128,
+            ch_mult: vec![1, 2, 2, 4],
+            attn: vec![],
+            num_res_blocks: 2,
+            dropout: 0.0,
+            img_ch,
+            img_size: 32,
+        };
+        Ok(match name {
+            "cifar10" => paper(3),
+            "pytorch-ddpm-cifar10" => DdpmConfig { ch_mult: vec![1, 2, 2, 2], attn: vec![1], dropout: 0.1, ..paper(3) },
+            "mnist" => paper(1),
+            "small" => DdpmConfig { ch: 32, ch_mult: vec![1, 2, 2], attn: vec![1], num_res_blocks: 1, ..paper(1) },
+            "tiny" => DdpmConfig { ch: 32, ch_mult: vec![1, 2], attn: vec![1], num_res_blocks: 1, ..paper(3) },
+            other => bail!("unknown preset '{other}' for --model ddpm; choose one of: {}", DDPM_PRESETS.join(", ")),
+        })
+    }
+
+    pub fn tdim(&self) -> usize {
+        4 * self.ch
+    }
+
+    /// Check the numbers make a buildable net; `size` is the image side to run at.
+    pub fn validate(&self, size: usize) -> Result<()> {
+        if self.ch == 0 || self.ch_mult.is_empty() || self.ch_mult.contains(&0) || self.img_ch == 0 {
+            bail!("model config: ch, ch_mult and img_ch must be positive, got {self:?}");
+        }
+        if !self.ch.is_multiple_of(GROUPS) {
+            bail!("model config: ch must be a multiple of {GROUPS} (GroupNorm({GROUPS})), got {}", self.ch);
+        }
+        if self.num_res_blocks == 0 {
+            bail!("model config: num_res_blocks must be at least 1");
+        }
+        if let Some(bad) = self.attn.iter().find(|&&a| a >= self.ch_mult.len()) {
+            bail!("model config: attn level {bad} is out of range for {} levels (ch_mult)", self.ch_mult.len());
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            bail!("model config: dropout must be in [0, 1), got {}", self.dropout);
+        }
+        if self.diffusion_steps == 0 {
+            bail!("model config: diffusion steps T must be at least 1");
+        }
+        let widest = self.ch * self.ch_mult.iter().max().unwrap();
+        if widest > attention::MAX_C {
+            bail!("model config: {widest} channels at the middle attention; the kernel allows {}", attention::MAX_C);
+        }
+        let levels = self.ch_mult.len() as u32;
+        let factor = 1usize << (levels - 1);
+        if size == 0 || !size.is_multiple_of(factor) {
+            bail!("image size {size} must be a positive multiple of {factor} for {levels} resolution levels");
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DdpmBlock {
+    /// ResBlock(cin, cout): GN, Swish, conv, + temb proj, GN, Swish, dropout, conv, + shortcut(x),
+    /// then AttnBlock when `attn`.
+    Res { name: String, cin: usize, cout: usize, attn: bool },
+    /// DownSample(c): conv 3x3 stride 2 (`main`).
+    Down { name: String, c: usize },
+    /// UpSample(c): nearest x2, conv 3x3 (`main`).
+    Up { name: String, c: usize },
+}
+
+#[derive(Debug, Clone)]
+pub struct DdpmArch {
+    pub down: Vec<DdpmBlock>,
+    pub middle: Vec<DdpmBlock>,
+    pub up: Vec<DdpmBlock>,
+    pub tail_ch: usize,
+}
+
+impl DdpmArch {
+    fn blocks(&self) -> impl Iterator<Item = &DdpmBlock> {
+        self.down.iter().chain(&self.middle).chain(&self.up)
+    }
+}
+
+pub fn ddpm_arch(cfg: &DdpmConfig) -> DdpmArch {
+    let ch = cfg.ch;
+    let mut down = Vec::new();
+    let mut skip_ch = vec![ch];
+    let mut now = ch;
+    for (i, &mult) in cfg.ch_mult.iter().enumerate() {
+        let attn = cfg.attn.contains(&i);
+        for _ in 0..cfg.num_res_blocks {
+            down.push(DdpmBlock::Res { name: format!("downblocks.{}", down.len()), cin: now, cout: ch * mult, attn });
+            now = ch * mult;
+            skip_ch.push(now);
+        }
+        if i + 1 != cfg.ch_mult.len() {
+            down.push(DdpmBlock::Down { name: format!("downblocks.{}", down.len()), c: now });
+            skip_ch.push(now);
+        }
+    }
+    let middle = (0..2)
+        .map(|i| DdpmBlock::Res { name: format!("middleblocks.{i}"), cin: now, cout: now, attn: i == 0 })
+        .collect();
+    let mut up = Vec::new();
+    for (i, &mult) in cfg.ch_mult.iter().enumerate().rev() {
+        let attn = cfg.attn.contains(&i);
+        for _ in 0..=cfg.num_res_blocks {
+            let skip = skip_ch.pop().expect("one skip per up ResBlock");
+            up.push(DdpmBlock::Res { name: format!("upblocks.{}", up.len()), cin: now + skip, cout: ch * mult, attn });
+            now = ch * mult;
+        }
+        if i != 0 {
+            up.push(DdpmBlock::Up { name: format!("upblocks.{}", up.len()), c: now });
+        }
+    }
+    DdpmArch { down, middle, up, tail_ch: now }
+}
+
+/// Every state_dict entry of pytorch-ddpm's UNet (all trainable but the frozen sinusoidal table).
+pub fn ddpm_state_entries(cfg: &DdpmConfig) -> Vec<Entry> {
+    let mut out = Vec::new();
+    let mut push = |name: String, shape: Vec<usize>| {
+        let kind =
+            if name == "time_embedding.timembedding.0.weight" { EntryKind::Frozen } else { EntryKind::Trainable };
+        out.push(Entry { name, shape, kind });
+    };
+    let tdim = cfg.tdim();
+    push("time_embedding.timembedding.0.weight".into(), vec![cfg.diffusion_steps, cfg.ch]);
+    for (i, fan_in) in [(1, cfg.ch), (3, tdim)] {
+        push(format!("time_embedding.timembedding.{i}.weight"), vec![tdim, fan_in]);
+        push(format!("time_embedding.timembedding.{i}.bias"), vec![tdim]);
+    }
+    let conv = |push: &mut dyn FnMut(String, Vec<usize>), name: &str, cout: usize, cin: usize, k: usize| {
+        push(format!("{name}.weight"), vec![cout, cin, k, k]);
+        push(format!("{name}.bias"), vec![cout]);
+    };
+    let gn = |push: &mut dyn FnMut(String, Vec<usize>), name: &str, c: usize| {
+        push(format!("{name}.weight"), vec![c]);
+        push(format!("{name}.bias"), vec![c]);
+    };
+    conv(&mut push, "head", cfg.ch, cfg.img_ch, 3);
+    let a = ddpm_arch(cfg);
+    for block in a.blocks() {
+        match block {
+            DdpmBlock::Res { name, cin, cout, attn } => {
+                gn(&mut push, &format!("{name}.block1.0"), *cin);
+                conv(&mut push, &format!("{name}.block1.2"), *cout, *cin, 3);
+                push(format!("{name}.temb_proj.1.weight"), vec![*cout, tdim]);
+                push(format!("{name}.temb_proj.1.bias"), vec![*cout]);
+                gn(&mut push, &format!("{name}.block2.0"), *cout);
+                conv(&mut push, &format!("{name}.block2.3"), *cout, *cout, 3);
+                if cin != cout {
+                    conv(&mut push, &format!("{name}.shortcut"), *cout, *cin, 1);
+                }
+                if *attn {
+                    gn(&mut push, &format!("{name}.attn.group_norm"), *cout);
+                    for p in ["proj_q", "proj_k", "proj_v", "proj"] {
+                        conv(&mut push, &format!("{name}.attn.{p}"), *cout, *cout, 1);
+                    }
+                }
+            }
+            DdpmBlock::Down { name, c } | DdpmBlock::Up { name, c } => {
+                conv(&mut push, &format!("{name}.main"), *c, *c, 3);
+            }
+        }
+    }
+    gn(&mut push, "tail.0", a.tail_ch);
+    conv(&mut push, "tail.2", cfg.img_ch, a.tail_ch, 3);
+    out
+}
+
+/// Number of values in `.parameters()` (the frozen table included, as PyTorch counts).
+pub fn ddpm_parameter_count(cfg: &DdpmConfig) -> usize {
+    ddpm_state_entries(cfg).iter().map(|e| e.shape.iter().product::<usize>()).sum()
+}
+
+/// Multiply-accumulates of every conv, linear and attention product for one image at
+/// `size` x `size` (an ANN has no spiking inputs: `fed_by` is None throughout). The attention
+/// products (q^T k and P v) are charged as `{name}.attn.bmm`.
+pub fn ddpm_layer_macs(cfg: &DdpmConfig, size: usize) -> Vec<LayerMacs> {
+    let mut out = Vec::new();
+    let mut add = |name: String, macs: usize| out.push(LayerMacs { name, macs: macs as u64, fed_by: None });
+    let tdim = cfg.tdim();
+    add("time_embedding.timembedding.1".into(), cfg.ch * tdim);
+    add("time_embedding.timembedding.3".into(), tdim * tdim);
+    add("head".into(), cfg.ch * cfg.img_ch * 9 * size * size);
+    let a = ddpm_arch(cfg);
+    let mut res = size;
+    for block in a.blocks() {
+        let hw = res * res;
+        match block {
+            DdpmBlock::Res { name, cin, cout, attn } => {
+                add(format!("{name}.block1.2"), cout * cin * 9 * hw);
+                add(format!("{name}.temb_proj.1"), tdim * cout);
+                add(format!("{name}.block2.3"), cout * cout * 9 * hw);
+                if cin != cout {
+                    add(format!("{name}.shortcut"), cout * cin * hw);
+                }
+                if *attn {
+                    for p in ["proj_q", "proj_k", "proj_v", "proj"] {
+                        add(format!("{name}.attn.{p}"), cout * cout * hw);
+                    }
+                    add(format!("{name}.attn.bmm"), 2 * cout * hw * hw);
+                }
+            }
+            DdpmBlock::Down { name, c } => {
+                res /= 2;
+                add(format!("{name}.main"), c * c * 9 * res * res);
+            }
+            DdpmBlock::Up { name, c } => {
+                res *= 2;
+                add(format!("{name}.main"), c * c * 9 * res * res);
+            }
+        }
+    }
+    add("tail.2".into(), cfg.img_ch * a.tail_ch * 9 * size * size);
+    out
+}
+
+/// Fresh weights as pytorch-ddpm initialises them (distributions, not PyTorch's values):
+/// xavier_uniform for every conv and linear with zero bias, gain 1e-5 for each block2 conv, each
+/// attention output projection and the tail conv; GroupNorm weight 1, bias 0; the sinusoidal table.
+pub fn ddpm_init_weights(cfg: &DdpmConfig, seed: u64) -> TensorFile {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut tensors = BTreeMap::new();
+    let entries = ddpm_state_entries(cfg);
+    let is_gn = |module: &str| {
+        module.ends_with("block1.0")
+            || module.ends_with("block2.0")
+            || module.ends_with("group_norm")
+            || module == "tail.0"
+    };
+    for e in &entries {
+        let n: usize = e.shape.iter().product();
+        let (module, leaf) = e.name.rsplit_once('.').unwrap_or(("", &e.name));
+        let data = match leaf {
+            _ if e.kind == EntryKind::Frozen => timestep_table(cfg.diffusion_steps, cfg.ch),
+            "weight" if is_gn(module) => vec![1.0; n],
+            "weight" => {
+                let receptive: usize = e.shape[2..].iter().product();
+                let (fan_in, fan_out) = (e.shape[1] * receptive, e.shape[0] * receptive);
+                let small = module.ends_with("block2.3") || module.ends_with("attn.proj") || module == "tail.2";
+                let bound = if small { 1e-5 } else { 1.0 } * (6.0 / (fan_in + fan_out) as f32).sqrt();
+                (0..n).map(|_| rng.random_range(-bound..=bound)).collect()
+            }
+            _ => vec![0.0; n],
+        };
+        tensors.insert(e.name.clone(), Tensor { shape: e.shape.clone(), data });
+    }
+    let mut metadata = std::collections::HashMap::new();
+    metadata.insert("config".into(), super::Net::Ddpm(cfg.clone()).config_json());
+    TensorFile { path: format!("<fresh ddpm model, seed {seed}>").into(), tensors, ints: BTreeMap::new(), metadata }
+}
+
+struct Builder<'a> {
+    g: &'a mut Graph,
+    shapes: BTreeMap<String, Vec<usize>>,
+    params: BTreeMap<String, TensorId>,
+}
+
+impl Builder<'_> {
+    fn p(&mut self, name: &str) -> TensorId {
+        if let Some(&id) = self.params.get(name) {
+            return id;
+        }
+        let shape = self.shapes.get(name).unwrap_or_else(|| panic!("the DDPM U-Net has no parameter {name}"));
+        let id = self.g.param(name, shape);
+        self.params.insert(name.to_string(), id);
+        id
+    }
+
+    fn conv(&mut self, x: TensorId, name: &str, stride: usize) -> TensorId {
+        let (w, b) = (self.p(&format!("{name}.weight")), self.p(&format!("{name}.bias")));
+        let k = self.g.shape(w)[2];
+        conv::conv2d(self.g, x, w, Some(b), stride, k / 2, name)
+    }
+
+    fn gn(&mut self, x: TensorId, name: &str, swish: bool) -> TensorId {
+        let (w, b) = (self.p(&format!("{name}.weight")), self.p(&format!("{name}.bias")));
+        groupnorm::groupnorm(self.g, x, w, b, GROUPS, swish, name)
+    }
+
+    fn block(&mut self, block: &DdpmBlock, x: TensorId, temb_act: TensorId) -> TensorId {
+        match block {
+            DdpmBlock::Res { name, cin, cout, attn } => {
+                let h = self.gn(x, &format!("{name}.block1.0"), true);
+                let h = self.conv(h, &format!("{name}.block1.2"), 1);
+                let (pw, pb) =
+                    (self.p(&format!("{name}.temb_proj.1.weight")), self.p(&format!("{name}.temb_proj.1.bias")));
+                let proj = matmul::linear(self.g, temb_act, pw, Some(pb), &format!("{name}.temb_proj"));
+                let h = elementwise::add_channel(self.g, h, proj, &format!("{name}.temb_add"));
+                let h = self.gn(h, &format!("{name}.block2.0"), true);
+                let h = self.conv(h, &format!("{name}.block2.3"), 1);
+                let shortcut = if cin != cout { self.conv(x, &format!("{name}.shortcut"), 1) } else { x };
+                let h = elementwise::add(self.g, h, shortcut, &format!("{name}.residual"));
+                if *attn {
+                    self.attention(h, &format!("{name}.attn"))
+                } else {
+                    h
+                }
+            }
+            DdpmBlock::Down { name, .. } => self.conv(x, &format!("{name}.main"), 2),
+            DdpmBlock::Up { name, .. } => {
+                let u = layout::upsample2x(self.g, x, &format!("{name}.upsample"));
+                self.conv(u, &format!("{name}.main"), 1)
+            }
+        }
+    }
+
+    /// AttnBlock: x + proj(attention(q(h), k(h), v(h))), h = GroupNorm(x).
+    fn attention(&mut self, x: TensorId, name: &str) -> TensorId {
+        let h = self.gn(x, &format!("{name}.group_norm"), false);
+        let q = self.conv(h, &format!("{name}.proj_q"), 1);
+        let k = self.conv(h, &format!("{name}.proj_k"), 1);
+        let v = self.conv(h, &format!("{name}.proj_v"), 1);
+        let a = attention::attention(self.g, q, k, v, &format!("{name}.softmax"));
+        let o = self.conv(a, &format!("{name}.proj"), 1);
+        elementwise::add(self.g, x, o, &format!("{name}.residual"))
+    }
+}
+
+/// Append pytorch-ddpm's U-Net to `g`: x [B, C, H, W] (f32), t [B] (u32 timesteps) -> eps.
+/// GroupNorm has no running statistics, so training and inference build the same graph (in
+/// training every parameter is declared, in state_dict order); the result carries no folds and
+/// no spikes. Dropout is not built: training a config with dropout > 0 is refused by
+/// [`crate::model::Net::build_train`].
+pub fn build_ddpm(g: &mut Graph, cfg: &DdpmConfig, x: TensorId, t: TensorId, train: bool) -> UNet {
+    let shapes = ddpm_state_entries(cfg).into_iter().map(|e| (e.name, e.shape)).collect();
+    let mut b = Builder { g, shapes, params: BTreeMap::new() };
+    if train {
+        let names: Vec<String> = b.shapes.keys().cloned().collect();
+        for n in names {
+            b.p(&n);
+        }
+    }
+    let mlp = [
+        "time_embedding.timembedding.0.weight",
+        "time_embedding.timembedding.1.weight",
+        "time_embedding.timembedding.1.bias",
+        "time_embedding.timembedding.3.weight",
+        "time_embedding.timembedding.3.bias",
+    ]
+    .map(|n| b.p(n));
+    let temb_act = time_mlp(b.g, t, mlp);
+
+    let mut h = b.conv(x, "head", 1);
+    let a = ddpm_arch(cfg);
+    let mut skips = vec![h];
+    for block in &a.down {
+        h = b.block(block, h, temb_act);
+        skips.push(h);
+    }
+    for block in &a.middle {
+        h = b.block(block, h, temb_act);
+    }
+    for block in &a.up {
+        if let DdpmBlock::Res { name, .. } = block {
+            let skip = skips.pop().expect("one skip per up ResBlock");
+            h = layout::concat_channels(b.g, h, skip, &format!("{name}.concat"));
+        }
+        h = b.block(block, h, temb_act);
+    }
+    let h = b.gn(h, "tail.0", true);
+    let eps = b.conv(h, "tail.2", 1);
+    UNet { params: b.params, eps, spikes: Vec::new(), folds: Vec::new() }
+}
