@@ -9,6 +9,9 @@
 //! per image and network evaluation. As in the paper, layers whose inputs are real-valued (1x1
 //! shortcuts, tail conv, the (3,3,1) conv, the time-embedding MLP) are not charged; their MACs
 //! are reported as `unaccounted_macs`.
+//!
+//! The ANN counterpart (`--model ddpm`) has no spikes: [`ann_energy`] charges every MAC of one
+//! evaluation (convs, linears and the attention products) at 4.6 pJ, needing no weights.
 
 use anyhow::{bail, Result};
 use serde::Serialize;
@@ -16,7 +19,7 @@ use serde::Serialize;
 use crate::checkpoint::Checkpoint;
 use crate::gpu::Context;
 use crate::graph::{Plan, TensorId};
-use crate::model::{eval_graph, layer_macs, ModelConfig};
+use crate::model::{eval_graph, layer_macs, DdpmConfig, ModelConfig};
 use crate::ops::reduce;
 
 pub const E_MAC_PJ: f64 = 4.6;
@@ -143,4 +146,30 @@ impl SpikeCounter {
         let Some((_, s, _, _)) = self.layers.iter().find(|l| l.0 == name) else { bail!("no spiking layer {name}") };
         self.plan.read(ctx, *s)
     }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AnnLayer {
+    /// Official module name (`{block}.attn.bmm`: the two attention products).
+    pub name: String,
+    pub macs: u64,
+}
+
+/// The estimate for the ANN counterpart, per image and network evaluation.
+#[derive(Debug, Clone, Serialize)]
+pub struct AnnEnergyReport {
+    pub model: &'static str,
+    pub size: usize,
+    pub layers: Vec<AnnLayer>,
+    pub total_macs: u64,
+    /// 4.6 pJ x all MACs.
+    pub energy_ann_mj: f64,
+}
+
+/// MACs and energy of pytorch-ddpm's U-Net at `size` x `size`: a function of the shape alone.
+pub fn ann_energy(cfg: &DdpmConfig, size: usize) -> AnnEnergyReport {
+    let layers: Vec<AnnLayer> =
+        crate::model::ddpm_layer_macs(cfg, size).into_iter().map(|l| AnnLayer { name: l.name, macs: l.macs }).collect();
+    let total_macs = layers.iter().map(|l| l.macs).sum();
+    AnnEnergyReport { model: "ddpm", size, layers, total_macs, energy_ann_mj: E_MAC_PJ * total_macs as f64 * 1e-9 }
 }

@@ -12,7 +12,7 @@ use sddpm_gpu::checkpoint::{self, Checkpoint, Data, TensorFile};
 use sddpm_gpu::diffusion::{plan_steps, Sampler, SamplerKind, Schedule, TrainOptions, Trainer};
 use sddpm_gpu::gpu::{self, Context};
 use sddpm_gpu::images;
-use sddpm_gpu::model::{init_weights, EvalNet, ModelConfig};
+use sddpm_gpu::model::{EvalNet, Net};
 use sddpm_gpu::run::{self, RunConfig};
 
 #[derive(Parser)]
@@ -76,11 +76,15 @@ enum Command {
 #[derive(clap::Args)]
 struct ProfileArgs {
     /// Model weights (safetensors); or use --preset for untrained weights.
-    #[arg(long, conflicts_with = "preset")]
+    #[arg(long, conflicts_with_all = ["preset", "model"])]
     checkpoint: Option<PathBuf>,
-    /// Preset with untrained weights: cifar10, celeba64, mnist, fashion, small, tiny (default tiny).
+    /// Preset with untrained weights: cifar10, celeba64, mnist, fashion, small, tiny (default tiny;
+    /// with --model ddpm: cifar10, pytorch-ddpm-cifar10, mnist, small, tiny).
     #[arg(long)]
     preset: Option<String>,
+    /// Model of --preset: sddpm (the spiking U-Net) or ddpm (its ANN counterpart, pytorch-ddpm's).
+    #[arg(long)]
+    model: Option<String>,
     #[arg(long, default_value_t = 8)]
     batch: usize,
     #[arg(long)]
@@ -103,10 +107,18 @@ struct ProfileArgs {
 }
 
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("weights").required(true).args(["checkpoint", "preset"])))]
 struct EnergyArgs {
     /// Model weights (safetensors).
+    #[arg(long, conflicts_with = "model")]
+    checkpoint: Option<PathBuf>,
+    /// Untrained weights of a preset instead of a checkpoint (firing rates of untrained weights;
+    /// for --model ddpm the estimate needs no weights at all).
     #[arg(long)]
-    checkpoint: PathBuf,
+    preset: Option<String>,
+    /// Model of --preset: sddpm or ddpm.
+    #[arg(long)]
+    model: Option<String>,
     /// Inputs as for `forward` (x [B,C,H,W], t [B]); default: --n Gaussian-noise images at --t.
     #[arg(long)]
     input: Option<PathBuf>,
@@ -135,6 +147,10 @@ struct TrainArgs {
     /// image channels as the data has).
     #[arg(long)]
     preset: Option<String>,
+    /// sddpm (the spiking U-Net, default) or ddpm (its ANN counterpart, pytorch-ddpm's U-Net;
+    /// presets cifar10, pytorch-ddpm-cifar10, mnist, small, tiny).
+    #[arg(long, default_value = "sddpm")]
+    model: String,
     /// Dataset: an MNIST/Fashion-MNIST IDX file or folder, a CIFAR-10 binary folder, or a folder
     /// of PNG/JPEG images (format detected). Default: the embedded 10,000-image MNIST subset.
     #[arg(long)]
@@ -168,7 +184,7 @@ struct TrainArgs {
     out: Option<PathBuf>,
     /// Continue the run in this folder from its checkpoint, bit-identically (only --steps may
     /// change).
-    #[arg(long, conflicts_with_all = ["out", "preset", "data", "batch", "lr", "seed", "snn_steps", "size", "warmup", "ema"])]
+    #[arg(long, conflicts_with_all = ["out", "preset", "data", "batch", "lr", "seed", "snn_steps", "size", "warmup", "ema", "model"])]
     resume: Option<PathBuf>,
     /// Write a sample grid every N steps (0: only at the end).
     #[arg(long, default_value_t = 0)]
@@ -195,7 +211,7 @@ enum SamplerArg {
 }
 
 #[derive(clap::Args)]
-#[command(group(clap::ArgGroup::new("model").required(true).args(["checkpoint", "preset"])))]
+#[command(group(clap::ArgGroup::new("weights").required(true).args(["checkpoint", "preset"])))]
 struct SampleArgs {
     /// Model weights (safetensors).
     #[arg(long)]
@@ -204,6 +220,9 @@ struct SampleArgs {
     /// cifar10, celeba64, mnist, fashion, small, tiny.
     #[arg(long)]
     preset: Option<String>,
+    /// Model of --preset: sddpm or ddpm.
+    #[arg(long, conflicts_with = "checkpoint")]
+    model: Option<String>,
     /// Number of images.
     #[arg(long, default_value_t = 64)]
     n: usize,
@@ -295,11 +314,12 @@ fn forward(
     snn_steps: Option<usize>,
 ) -> Result<()> {
     let ckpt = Checkpoint::load(ckpt_path)?;
-    let cfg = ckpt.config(snn_steps)?;
+    let cfg = ckpt.net(snn_steps)?;
+    check_threshold(&cfg, threshold)?;
     let inp = TensorFile::load(input)?;
-    let x = inp.get_images("x", cfg.img_ch)?;
+    let x = inp.get_images("x", cfg.img_ch())?;
     let shape = x.shape.clone();
-    let steps = inp.get_timesteps("t", shape[0], cfg.diffusion_steps)?;
+    let steps = inp.get_timesteps("t", shape[0], cfg.diffusion_steps())?;
     let ctx = Context::new(adapter)?;
     let net = EvalNet::new(&ctx, &cfg, &ckpt, shape[0], shape[2], threshold)?;
     let eps = net.forward(&ctx, &x.data, &steps)?;
@@ -310,14 +330,16 @@ fn sample(adapter: Option<&str>, a: &SampleArgs) -> Result<()> {
     if a.n == 0 {
         bail!("--n must be at least 1");
     }
-    let (ckpt, cfg) = load_model(a.checkpoint.as_deref(), a.preset.as_deref(), a.snn_steps, a.seed)?;
-    let size = a.size.unwrap_or(cfg.img_size);
+    let (ckpt, cfg) =
+        load_model(a.checkpoint.as_deref(), a.model.as_deref(), a.preset.as_deref(), a.snn_steps, a.seed)?;
+    check_threshold(&cfg, a.threshold)?;
+    let size = a.size.unwrap_or(cfg.img_size());
     let batch = a.batch.unwrap_or(16).clamp(1, a.n);
     let (kind, default_steps) = match a.sampler {
-        SamplerArg::Ddpm => (SamplerKind::Ddpm, cfg.diffusion_steps),
-        SamplerArg::Ddim => (SamplerKind::Ddim, 100.min(cfg.diffusion_steps)),
+        SamplerArg::Ddpm => (SamplerKind::Ddpm, cfg.diffusion_steps()),
+        SamplerArg::Ddim => (SamplerKind::Ddim, 100.min(cfg.diffusion_steps())),
     };
-    let rows = plan_steps(&Schedule::reference(cfg.diffusion_steps), kind, a.steps.unwrap_or(default_steps))?;
+    let rows = plan_steps(&Schedule::reference(cfg.diffusion_steps()), kind, a.steps.unwrap_or(default_steps))?;
     let ctx = Context::new(adapter)?;
     let sampler = Sampler::new(&ctx, &cfg, &ckpt, batch, size, a.threshold, &rows)?;
     let batches = a.n.div_ceil(batch);
@@ -326,7 +348,7 @@ fn sample(adapter: Option<&str>, a: &SampleArgs) -> Result<()> {
         ProgressStyle::with_template("{bar:40} {pos}/{len} network evals, {per_sec}, eta {eta} {msg}")
             .expect("valid template"),
     );
-    let per_image = cfg.img_ch * size * size;
+    let per_image = cfg.img_ch() * size * size;
     let mut all = Vec::with_capacity(a.n * per_image);
     for k in 0..batches {
         bar.set_message(format!("images {}/{}", k * batch, a.n));
@@ -337,7 +359,7 @@ fn sample(adapter: Option<&str>, a: &SampleArgs) -> Result<()> {
         all.extend_from_slice(&x[..keep * per_image]);
     }
     bar.finish_with_message(format!("images {}/{}", a.n, a.n));
-    let shape = [a.n, cfg.img_ch, size, size];
+    let shape = [a.n, cfg.img_ch(), size, size];
     let grid = a.out.clone().or_else(|| a.out_dir.is_none().then(|| PathBuf::from("samples.png")));
     if let Some(path) = &grid {
         images::save_grid(path, &all, shape, (a.n as f64).sqrt().ceil() as usize)?;
@@ -350,24 +372,34 @@ fn sample(adapter: Option<&str>, a: &SampleArgs) -> Result<()> {
     Ok(())
 }
 
-/// Weights and config from a checkpoint, or fresh weights of a preset (with a notice).
+/// Weights and config from a checkpoint, or fresh weights of a preset of `model` (sddpm by
+/// default), with a notice.
 fn load_model(
     ckpt: Option<&std::path::Path>,
+    model: Option<&str>,
     preset: Option<&str>,
     snn_steps: Option<usize>,
     seed: u64,
-) -> Result<(Checkpoint, ModelConfig)> {
+) -> Result<(Checkpoint, Net)> {
     if let Some(path) = ckpt {
         let ckpt = Checkpoint::load(path)?;
-        let cfg = ckpt.config(snn_steps)?;
+        let cfg = ckpt.net(snn_steps)?;
         return Ok((ckpt, cfg));
     }
-    let mut cfg = ModelConfig::preset(preset.unwrap_or("tiny"))?;
+    let mut cfg = Net::preset(model.unwrap_or("sddpm"), preset.unwrap_or("tiny"))?;
     if let Some(t) = snn_steps {
-        cfg.snn_steps = t;
+        cfg.set_snn_steps(t)?;
     }
-    eprintln!("note: untrained {} weights (no --checkpoint)", preset.unwrap_or("tiny"));
-    Ok((init_weights(&cfg, seed), cfg))
+    eprintln!("note: untrained {} {} weights (no --checkpoint)", cfg.kind(), preset.unwrap_or("tiny"));
+    Ok((cfg.init_weights(seed), cfg))
+}
+
+/// Threshold guidance moves spiking thresholds; an ANN has none.
+fn check_threshold(cfg: &Net, threshold: f32) -> Result<()> {
+    if cfg.snn_steps().is_none() && threshold != 1.0 {
+        bail!("--threshold applies to spiking models only; this is a {} model", cfg.kind());
+    }
+    Ok(())
 }
 
 fn train(adapter: Option<&str>, a: &TrainArgs) -> Result<()> {
@@ -389,17 +421,17 @@ fn train(adapter: Option<&str>, a: &TrainArgs) -> Result<()> {
                 },
             };
             let name = a.preset.clone().unwrap_or_else(|| "tiny".into());
-            let mut model = ModelConfig::preset(&name)?;
+            let mut model = Net::preset(&a.model, &name)?;
             if a.preset.is_none() {
-                model.img_ch = channels;
+                model.set_img_ch(channels);
             }
             if let Some(t) = a.snn_steps {
-                model.snn_steps = t;
+                model.set_snn_steps(t)?;
             }
             if let Some(s) = a.size {
-                model.img_size = s;
+                model.set_img_size(s);
             }
-            model.validate(model.img_size)?;
+            model.validate_run(model.img_size(), 1)?;
             let small = matches!(name.as_str(), "tiny" | "small");
             let cfg = RunConfig {
                 preset: name.clone(),
@@ -417,7 +449,8 @@ fn train(adapter: Option<&str>, a: &TrainArgs) -> Result<()> {
                 sample_steps: a.sample_steps,
             };
             let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-            let dir = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{name}-{secs}")));
+            let prefix = if a.model == "sddpm" { String::new() } else { format!("{}-", a.model) };
+            let dir = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{prefix}{name}-{secs}")));
             if dir.join(run::CKPT).exists() {
                 bail!("{} already holds a run; continue it with --resume {0} or pick another --out", dir.display());
             }
@@ -437,15 +470,15 @@ fn train_step(
     lr: f32,
 ) -> Result<()> {
     let ckpt = Checkpoint::load(ckpt_path)?;
-    let cfg = ckpt.config(snn_steps)?;
+    let cfg = ckpt.net(snn_steps)?;
     let inp = TensorFile::load(input)?;
-    let x0 = inp.get_images("x0", cfg.img_ch)?;
+    let x0 = inp.get_images("x0", cfg.img_ch())?;
     let shape = x0.shape.clone();
     let noise = inp.get("noise")?;
     if noise.shape != shape {
         bail!("{}: 'noise' must have the shape of 'x0' {:?}, got {:?}", input.display(), shape, noise.shape);
     }
-    let steps = inp.get_timesteps("t", shape[0], cfg.diffusion_steps)?;
+    let steps = inp.get_timesteps("t", shape[0], cfg.diffusion_steps())?;
     let ctx = Context::new(adapter)?;
     let opts = TrainOptions { lr, given_noise: true, ..Default::default() };
     let mut trainer = Trainer::new(&ctx, &cfg, &ckpt, shape[0], shape[2], opts)?;
@@ -457,9 +490,10 @@ fn train_step(
 
 fn profile(adapter: Option<&str>, a: &ProfileArgs) -> Result<()> {
     let seed = 0;
-    let (weights, mut cfg) = load_model(a.checkpoint.as_deref(), a.preset.as_deref(), a.snn_steps, seed)?;
+    let (weights, mut cfg) =
+        load_model(a.checkpoint.as_deref(), a.model.as_deref(), a.preset.as_deref(), a.snn_steps, seed)?;
     if let Some(s) = a.size {
-        cfg.img_size = s;
+        cfg.set_img_size(s);
     }
     let without = if a.host_timers { wgpu::Features::TIMESTAMP_QUERY } else { wgpu::Features::empty() };
     let ctx = Context::with_features(adapter, without)?;
@@ -471,11 +505,11 @@ fn profile(adapter: Option<&str>, a: &ProfileArgs) -> Result<()> {
             if a.host_timers { " (--host-timers)" } else { "" }
         );
     }
-    let size = cfg.img_size;
-    let per = cfg.img_ch * size * size;
+    let size = cfg.img_size();
+    let per = cfg.img_ch() * size * size;
     let x: Vec<f32> =
         (0..a.batch * per).map(|i| sddpm_gpu::ops::sampler::gaussian_cpu(seed, i as u32, 0, 0, 0)).collect();
-    let t: Vec<u32> = (0..a.batch as u32).map(|b| (b * 997 + 500) % cfg.diffusion_steps as u32).collect();
+    let t: Vec<u32> = (0..a.batch as u32).map(|b| (b * 997 + 500) % cfg.diffusion_steps() as u32).collect();
     let report = if a.train {
         let mut tr = Trainer::new(&ctx, &cfg, &weights, a.batch, size, TrainOptions::default())?;
         let x0: Vec<f32> = x.iter().map(|v| v.clamp(-1.0, 1.0)).collect();
@@ -487,14 +521,15 @@ fn profile(adapter: Option<&str>, a: &ProfileArgs) -> Result<()> {
         sddpm_gpu::profile::profile(&ctx, &net.plan, a.iters, a.batch)?
     };
     println!(
-        "{} {} on {}, batch {}, T = {}, {}x{}\n",
+        "{} {}{} on {}, batch {}, {}, {}x{}\n",
         if a.train { "training steps of" } else { "network evaluations of" },
+        if cfg.kind() == "sddpm" { String::new() } else { format!("{} ", cfg.kind()) },
         a.checkpoint
             .as_ref()
             .map_or_else(|| a.preset.clone().unwrap_or_else(|| "tiny".into()), |p| p.display().to_string()),
         ctx.describe(),
         a.batch,
-        cfg.snn_steps,
+        cfg.snn_steps().map_or_else(|| "no spiking steps".to_string(), |t| format!("T = {t}")),
         size,
         size
     );
@@ -507,8 +542,17 @@ fn profile(adapter: Option<&str>, a: &ProfileArgs) -> Result<()> {
 }
 
 fn energy(adapter: Option<&str>, a: &EnergyArgs) -> Result<()> {
-    let ckpt = Checkpoint::load(&a.checkpoint)?;
-    let cfg = ckpt.config(a.snn_steps)?;
+    if a.checkpoint.is_none() && a.model.as_deref() == Some("ddpm") {
+        if a.snn_steps.is_some() {
+            bail!("--snn-steps does not apply to --model ddpm (an ANN has no spiking steps)");
+        }
+        return ann_energy(a, &sddpm_gpu::model::DdpmConfig::preset(a.preset.as_deref().unwrap_or("tiny"))?);
+    }
+    let (ckpt, net) = load_model(a.checkpoint.as_deref(), a.model.as_deref(), a.preset.as_deref(), a.snn_steps, 0)?;
+    let cfg = match net {
+        Net::Sddpm(cfg) => cfg,
+        Net::Ddpm(cfg) => return ann_energy(a, &cfg),
+    };
     let (x, t, batch, size) = match &a.input {
         Some(path) => {
             let inp = TensorFile::load(path)?;
@@ -549,5 +593,27 @@ fn energy(adapter: Option<&str>, a: &EnergyArgs) -> Result<()> {
     );
     println!("  SOPs: {:.4e}, MAC-weighted mean firing rate {:.4}", r.total_sops, r.mean_firing_rate);
     println!("  energy: SNN {:.4} mJ (4.6 pJ x first-conv MACs x T + 0.9 pJ x SOPs), same net as an ANN {:.4} mJ (4.6 pJ x all MACs)", r.energy_snn_mj, r.energy_ann_mj);
+    Ok(())
+}
+
+/// `energy` for the ANN counterpart: MACs per layer and 4.6 pJ x MACs, from the shape alone.
+fn ann_energy(a: &EnergyArgs, cfg: &sddpm_gpu::model::DdpmConfig) -> Result<()> {
+    if a.threshold != 1.0 || a.input.is_some() {
+        bail!("--threshold and --input apply to spiking models only; a ddpm model's energy depends on its shape alone");
+    }
+    let size = a.size.unwrap_or(cfg.img_size);
+    cfg.validate(size)?;
+    let r = sddpm_gpu::energy::ann_energy(cfg, size);
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    println!("{:<40} {:>14}", "layer (ANN, no spikes)", "MACs");
+    for l in &r.layers {
+        println!("{:<40} {:>14}", l.name, l.macs);
+    }
+    println!("\nper image and network evaluation ({size}x{size}):");
+    println!("  MACs: {} ({:.3} G)", r.total_macs, r.total_macs as f64 / 1e9);
+    println!("  energy: ANN {:.1} mJ (4.6 pJ x all MACs)", r.energy_ann_mj);
     Ok(())
 }

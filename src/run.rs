@@ -17,13 +17,14 @@ use crate::data::{self, Loader};
 use crate::diffusion::{plan_steps, Sampler, SamplerKind, Schedule, TrainOptions, Trainer};
 use crate::gpu::Context;
 use crate::images;
-use crate::model::{init_weights, ModelConfig};
+use crate::model::Net;
 
 /// Everything that defines a run; written to RUN/config.json and read back by --resume.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunConfig {
     pub preset: String,
-    pub model: ModelConfig,
+    /// The denoiser (`"model": "ddpm"` in config.json for the ANN; absent: the SNN).
+    pub model: Net,
     /// Dataset path (None: the embedded MNIST subset).
     pub data: Option<PathBuf>,
     pub batch: usize,
@@ -47,14 +48,14 @@ pub const CKPT: &str = "ckpt.safetensors";
 
 /// Train `cfg` into `dir` (resuming from its checkpoint when `resume`).
 pub fn train(ctx: &Context, cfg: &RunConfig, dir: &Path, resume: bool) -> Result<()> {
-    let data = Arc::new(data::load(cfg.data.as_deref(), cfg.model.img_size)?);
-    if data.channels != cfg.model.img_ch {
+    let data = Arc::new(data::load(cfg.data.as_deref(), cfg.model.img_size())?);
+    if data.channels != cfg.model.img_ch() {
         bail!(
             "{} has {}-channel images but the model (preset {}) expects {}; pick a matching --preset",
             data.name,
             data.channels,
             cfg.preset,
-            cfg.model.img_ch
+            cfg.model.img_ch()
         );
     }
     if data.len() < cfg.batch {
@@ -67,10 +68,10 @@ pub fn train(ctx: &Context, cfg: &RunConfig, dir: &Path, resume: bool) -> Result
     let start = if resume {
         Checkpoint::load(&ckpt_path).with_context(|| format!("resuming {}", dir.display()))?
     } else {
-        init_weights(&cfg.model, cfg.seed)
+        cfg.model.init_weights(cfg.seed)
     };
     let opts = TrainOptions { lr: cfg.lr, warmup: cfg.warmup, ema: cfg.ema, ..Default::default() };
-    let mut trainer = Trainer::new(ctx, &cfg.model, &start, cfg.batch, cfg.model.img_size, opts)?;
+    let mut trainer = Trainer::new(ctx, &cfg.model, &start, cfg.batch, cfg.model.img_size(), opts)?;
     let first = trainer.step;
     if first >= cfg.steps {
         println!("{} is already at step {first} of {}; nothing to do", dir.display(), cfg.steps);
@@ -78,9 +79,10 @@ pub fn train(ctx: &Context, cfg: &RunConfig, dir: &Path, resume: bool) -> Result
     }
     let mut log = LossLog::open(&dir.join("loss.csv"), first)?;
     eprintln!(
-        "training {} ({} parameters) on {}, batch {}, steps {first}..{}, adapter {}",
+        "training {} {} ({} parameters) on {}, batch {}, steps {first}..{}, adapter {}",
+        cfg.model.kind(),
         cfg.preset,
-        crate::model::parameter_count(&cfg.model),
+        cfg.model.parameter_count(),
         data.name,
         cfg.batch,
         cfg.steps,
@@ -92,7 +94,7 @@ pub fn train(ctx: &Context, cfg: &RunConfig, dir: &Path, resume: bool) -> Result
     // A second handler cannot be installed in the same process (tests): then Ctrl-C just kills.
     let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
 
-    let loader = Loader::start(data.clone(), cfg.batch, cfg.seed, first, cfg.steps, cfg.model.diffusion_steps);
+    let loader = Loader::start(data.clone(), cfg.batch, cfg.seed, first, cfg.steps, cfg.model.diffusion_steps());
     let bar = ProgressBar::new(cfg.steps);
     bar.set_position(first);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  eta {eta}").expect("template"));
@@ -130,12 +132,12 @@ pub fn train(ctx: &Context, cfg: &RunConfig, dir: &Path, resume: bool) -> Result
 
 fn sample_grid(ctx: &Context, trainer: &Trainer, cfg: &RunConfig, path: &Path) -> Result<()> {
     let weights = trainer.weights(ctx, cfg.ema.is_some())?;
-    let rows = plan_steps(&Schedule::reference(cfg.model.diffusion_steps), SamplerKind::Ddim, cfg.sample_steps)?;
-    let size = cfg.model.img_size;
+    let rows = plan_steps(&Schedule::reference(cfg.model.diffusion_steps()), SamplerKind::Ddim, cfg.sample_steps)?;
+    let size = cfg.model.img_size();
     let sampler = Sampler::new(ctx, &cfg.model, &weights, cfg.sample_n, size, 1.0, &rows)?;
     let x = sampler.sample_batch(ctx, cfg.seed, 0, &mut |_| {})?;
     let cols = (cfg.sample_n as f64).sqrt().ceil() as usize;
-    images::save_grid(path, &x, [cfg.sample_n, cfg.model.img_ch, size, size], cols)
+    images::save_grid(path, &x, [cfg.sample_n, cfg.model.img_ch(), size, size], cols)
 }
 
 /// loss.csv (step, loss, lr, images_per_s), kept consistent with the checkpoint on resume.

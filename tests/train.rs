@@ -148,7 +148,7 @@ fn resume_is_bit_identical() {
     let path = std::env::temp_dir().join(format!("sddpm-resume-{}.safetensors", std::process::id()));
     first.save(ctx(), &path, HashMap::new()).unwrap();
     let ckpt = Checkpoint::load(&path).unwrap();
-    let mut resumed = Trainer::new(ctx(), &ckpt.config(None).unwrap(), &ckpt, 2, 16, TrainOptions::default()).unwrap();
+    let mut resumed = Trainer::new(ctx(), ckpt.config(None).unwrap(), &ckpt, 2, 16, TrainOptions::default()).unwrap();
     assert_eq!(resumed.step, 2);
     for k in 2..4 {
         resumed.step(ctx(), &x0, &ts(k), None, 9).unwrap();

@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use crate::checkpoint::Checkpoint;
 use crate::gpu::Context;
 use crate::graph::{Graph, Plan, TensorId};
-use crate::model::{build_eval, ModelConfig};
+use crate::model::Net;
 use crate::ops::neuron::Neuron;
 use crate::ops::sampler::{self, NoiseKey, StepCoef, COEF_ROW};
 
@@ -29,13 +29,14 @@ impl Sampler {
     /// `v_th`, upload the weights and the coefficient table `rows` (one per evaluation).
     pub fn new(
         ctx: &Context,
-        cfg: &ModelConfig,
+        cfg: impl Into<Net>,
         ckpt: &Checkpoint,
         batch: usize,
         size: usize,
         v_th: f32,
         rows: &[StepCoef],
     ) -> Result<Sampler> {
+        let cfg: Net = cfg.into();
         cfg.validate_run(size, batch)?;
         if rows.is_empty() {
             bail!("sampling needs at least one step");
@@ -43,12 +44,12 @@ impl Sampler {
         let mut g = Graph::new();
         let coef = g.param("sampler.coef", &[rows.len(), COEF_ROW]);
         let step = g.input("sampler.step", &[1]);
-        let x = g.input("x", &[batch, cfg.img_ch, size, size]);
+        let x = g.input("x", &[batch, cfg.img_ch(), size, size]);
         let t = g.input("t", &[batch]);
         let key = NoiseKey { seed: 0, image_base: 0 };
         let begin_node = sampler::begin_step(&mut g, coef, step, x, t, key);
         let neuron = Neuron { v_th, ..Neuron::default() };
-        let unet = build_eval(&mut g, cfg, x, t, neuron);
+        let unet = cfg.build_eval(&mut g, x, t, neuron);
         let update_node = sampler::update(&mut g, coef, step, unet.eps, x, None, key);
         sampler::advance(&mut g, step);
         g.mark_output(x);

@@ -109,6 +109,29 @@ impl Net {
         }
     }
 
+    pub fn set_img_ch(&mut self, ch: usize) {
+        match self {
+            Net::Sddpm(c) => c.img_ch = ch,
+            Net::Ddpm(c) => c.img_ch = ch,
+        }
+    }
+
+    pub fn set_img_size(&mut self, size: usize) {
+        match self {
+            Net::Sddpm(c) => c.img_size = size,
+            Net::Ddpm(c) => c.img_size = size,
+        }
+    }
+
+    /// Set the spiking time steps T (from --snn-steps); the ANN has none, so that is an error.
+    pub fn set_snn_steps(&mut self, t: usize) -> Result<()> {
+        match self {
+            Net::Sddpm(c) => c.snn_steps = t,
+            Net::Ddpm(_) => bail!("--snn-steps does not apply to --model ddpm (an ANN has no spiking steps)"),
+        }
+        Ok(())
+    }
+
     /// Spiking time steps T (None for the ANN).
     pub fn snn_steps(&self) -> Option<usize> {
         match self {
@@ -181,5 +204,20 @@ impl Net {
             ),
             Net::Ddpm(c) => Ok(build_ddpm(g, c, x, t, true)),
         }
+    }
+}
+
+/// A run config (config.json) stores the net as its config JSON, `"model"` included.
+impl serde::Serialize for Net {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let v: serde_json::Value = serde_json::from_str(&self.config_json()).map_err(serde::ser::Error::custom)?;
+        v.serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Net {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Net, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        Net::from_json(&v.to_string()).map_err(serde::de::Error::custom)
     }
 }
