@@ -1,4 +1,4 @@
-//! The ANN counterpart's kernels (GroupNorm with fused Swish, fused softmax attention): GPU
+//! The ANN counterpart's kernels (GroupNorm with fused Swish, fused softmax attention, dropout): GPU
 //! against the CPU reference on random inputs of several shapes (odd sizes, partial key tiles),
 //! and every backward's CPU reference against central finite differences of its CPU forward.
 //!
@@ -9,8 +9,8 @@ mod common;
 
 use common::*;
 use sddpm_gpu::graph::{backward, Graph, TensorId};
-use sddpm_gpu::ops::attention;
 use sddpm_gpu::ops::groupnorm::{self, GnShape};
+use sddpm_gpu::ops::{attention, dropout};
 
 fn gpu_grads(
     mut g: Graph,
@@ -178,4 +178,59 @@ fn attention_backward() {
             fd_check(&format!("{what} dv"), |x| f(&qv, &kv, x, b, c, n), &vv, &dy, &dv, 1e-2, 1e-2);
         }
     }
+}
+
+// ---- dropout ---------------------------------------------------------------------------------
+
+#[test]
+fn dropout_matches_cpu_and_keeps_its_rate() {
+    for (seed, n, p, layer, step) in [(11u64, 10_007usize, 0.1f32, 0usize, 1u32), (12, 333, 0.5, 3, 7)] {
+        let xv = normalish(&mut rng(seed), n, 1.0);
+        let key = dropout::key_words(seed, step);
+        let mut g = Graph::new();
+        let x = g.input("x", &[n]);
+        let k = g.input("key", &[4]);
+        let y = dropout::dropout(&mut g, x, p, k, layer, "dropout");
+        let got = run_graph(g, &[(x, bits(&xv)), (k, key.to_vec())], &[y]).remove(0);
+        let want = dropout::dropout_cpu(&xv, p, key, layer);
+        assert_eq!(bits(&got), bits(&want), "dropout n {n} p {p}: the mask is integer arithmetic, exact");
+        let dropped = want.iter().filter(|&&v| v == 0.0).count() as f64 / n as f64;
+        assert!((dropped - p as f64).abs() < 4.0 * (p as f64 * (1.0 - p as f64) / n as f64).sqrt(), "rate {dropped}");
+        let kept = xv.iter().zip(&want).find(|(_, &w)| w != 0.0).unwrap();
+        assert_eq!(*kept.1, kept.0 * (1.0 / (1.0 - p)));
+    }
+}
+
+#[test]
+fn dropout_masks_differ_by_layer_step_and_seed() {
+    let x = vec![1.0f32; 4096];
+    let base = dropout::dropout_cpu(&x, 0.5, dropout::key_words(1, 1), 0);
+    for other in [
+        dropout::dropout_cpu(&x, 0.5, dropout::key_words(1, 1), 1),
+        dropout::dropout_cpu(&x, 0.5, dropout::key_words(1, 2), 0),
+        dropout::dropout_cpu(&x, 0.5, dropout::key_words(2, 1), 0),
+    ] {
+        let same = base.iter().zip(&other).filter(|(a, b)| a == b).count();
+        assert!(same < 2400, "masks should be independent: {same} of 4096 agree");
+    }
+}
+
+#[test]
+fn dropout_backward_reuses_the_mask() {
+    let (n, p, layer) = (999usize, 0.3f32, 2usize);
+    let key = dropout::key_words(5, 3);
+    let mut r = rng(13);
+    let xv = normalish(&mut r, n, 1.0);
+    let dy = normalish(&mut r, n, 1.0);
+    let mut g = Graph::new();
+    let x = g.input("x", &[n]);
+    let k = g.input("key", &[4]);
+    let y = dropout::dropout(&mut g, x, p, k, layer, "dropout");
+    let shape = g.shape(y).to_vec();
+    let seed = g.input("dy", &shape);
+    let grads = backward(&mut g, y, seed, &[x]);
+    let got = run_graph(g, &[(x, bits(&xv)), (k, key.to_vec()), (seed, bits(&dy))], &[grads[&x]]).remove(0);
+    let want = dropout::dropout_cpu(&dy, p, key, layer);
+    assert_eq!(bits(&got), bits(&want));
+    fd_check("dropout dx", |xx| dropout::dropout_cpu(xx, p, key, layer), &xv, &dy, &want, 1e-2, 1e-3);
 }

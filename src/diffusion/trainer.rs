@@ -69,6 +69,8 @@ pub struct Trainer {
     t: TensorId,
     noise: Option<TensorId>,
     hyper: TensorId,
+    /// The dropout masks' key (seed, step), when the net has dropout.
+    dropout_key: Option<TensorId>,
     loss: TensorId,
     sumsq: TensorId,
     q_node: usize,
@@ -192,6 +194,7 @@ impl Trainer {
             t,
             noise,
             hyper,
+            dropout_key: unet.dropout_key,
             loss,
             sumsq,
             q_node,
@@ -234,6 +237,9 @@ impl Trainer {
         self.step += 1;
         let hyper = optim::hyper(&self.opts.adam, self.lr(), self.step, self.opts.max_norm);
         self.plan.write(ctx, self.hyper, &hyper)?;
+        if let Some(key) = self.dropout_key {
+            self.plan.write(ctx, key, &crate::ops::dropout::key_words(seed, self.step as u32))?;
+        }
         let q = sampler::q_sample_params(self.x_numel, self.batch, seed, self.step as u32, self.noise.is_some());
         self.plan.set_params(ctx, self.q_node, &q);
         self.plan.run(ctx)?;

@@ -19,7 +19,7 @@ use super::unet::{time_mlp, UNet};
 use crate::checkpoint::{Tensor, TensorFile};
 use crate::graph::{Graph, TensorId};
 use crate::ops::embedding::timestep_table;
-use crate::ops::{attention, conv, elementwise, groupnorm, layout, matmul};
+use crate::ops::{attention, conv, dropout, elementwise, groupnorm, layout, matmul};
 
 /// pytorch-ddpm's GroupNorm(32, C) everywhere.
 pub const GROUPS: usize = 32;
@@ -320,6 +320,10 @@ struct Builder<'a> {
     g: &'a mut Graph,
     shapes: BTreeMap<String, Vec<usize>>,
     params: BTreeMap<String, TensorId>,
+    /// Training with dropout: the probability and the key tensor of the masks.
+    dropout: Option<(f32, TensorId)>,
+    /// Dropout layers built so far (each gets its own mask stream).
+    dropouts: usize,
 }
 
 impl Builder<'_> {
@@ -353,7 +357,11 @@ impl Builder<'_> {
                     (self.p(&format!("{name}.temb_proj.1.weight")), self.p(&format!("{name}.temb_proj.1.bias")));
                 let proj = matmul::linear(self.g, temb_act, pw, Some(pb), &format!("{name}.temb_proj"));
                 let h = elementwise::add_channel(self.g, h, proj, &format!("{name}.temb_add"));
-                let h = self.gn(h, &format!("{name}.block2.0"), true);
+                let mut h = self.gn(h, &format!("{name}.block2.0"), true);
+                if let Some((p, key)) = self.dropout {
+                    h = dropout::dropout(self.g, h, p, key, self.dropouts, &format!("{name}.block2.2"));
+                    self.dropouts += 1;
+                }
                 let h = self.conv(h, &format!("{name}.block2.3"), 1);
                 let shortcut = if cin != cout { self.conv(x, &format!("{name}.shortcut"), 1) } else { x };
                 let h = elementwise::add(self.g, h, shortcut, &format!("{name}.residual"));
@@ -384,13 +392,14 @@ impl Builder<'_> {
 }
 
 /// Append pytorch-ddpm's U-Net to `g`: x [B, C, H, W] (f32), t [B] (u32 timesteps) -> eps.
-/// GroupNorm has no running statistics, so training and inference build the same graph (in
-/// training every parameter is declared, in state_dict order); the result carries no folds and
-/// no spikes. Dropout is not built: training a config with dropout > 0 is refused by
-/// [`crate::model::Net::build_train`].
+/// GroupNorm has no running statistics, so training and inference differ only in dropout (in
+/// training, with dropout > 0, masks keyed by the returned `dropout_key` input) and in every
+/// parameter being declared, in state_dict order. The result carries no folds and no spikes.
 pub fn build_ddpm(g: &mut Graph, cfg: &DdpmConfig, x: TensorId, t: TensorId, train: bool) -> UNet {
     let shapes = ddpm_state_entries(cfg).into_iter().map(|e| (e.name, e.shape)).collect();
-    let mut b = Builder { g, shapes, params: BTreeMap::new() };
+    let dropout_key = (train && cfg.dropout > 0.0).then(|| g.input("dropout.key", &[4]));
+    let dropout = dropout_key.map(|k| (cfg.dropout, k));
+    let mut b = Builder { g, shapes, params: BTreeMap::new(), dropout, dropouts: 0 };
     if train {
         let names: Vec<String> = b.shapes.keys().cloned().collect();
         for n in names {
@@ -426,5 +435,5 @@ pub fn build_ddpm(g: &mut Graph, cfg: &DdpmConfig, x: TensorId, t: TensorId, tra
     }
     let h = b.gn(h, "tail.0", true);
     let eps = b.conv(h, "tail.2", 1);
-    UNet { params: b.params, eps, spikes: Vec::new(), folds: Vec::new() }
+    UNet { params: b.params, eps, spikes: Vec::new(), folds: Vec::new(), dropout_key }
 }

@@ -193,15 +193,11 @@ impl Net {
         }
     }
 
-    /// The training graph, recorded for backward.
+    /// The training graph, recorded for backward (with the ANN's dropout keyed by
+    /// [`UNet::dropout_key`]).
     pub fn build_train(&self, g: &mut Graph, x: TensorId, t: TensorId) -> Result<UNet> {
         match self {
             Net::Sddpm(c) => Ok(build_train(g, c, x, t)),
-            Net::Ddpm(c) if c.dropout > 0.0 => bail!(
-                "training with dropout {} is not implemented yet (the dropout kernel is missing); \
-                 set \"dropout\": 0 in the config",
-                c.dropout
-            ),
             Net::Ddpm(c) => Ok(build_ddpm(g, c, x, t, true)),
         }
     }

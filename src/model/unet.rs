@@ -24,6 +24,9 @@ pub struct UNet {
     pub spikes: Vec<(String, TensorId)>,
     /// Inference only: conv + BatchNorm pairs folded into one conv, computed at upload.
     pub folds: Vec<Fold>,
+    /// Training with dropout: the [4] u32 input keying the masks, written by the trainer each
+    /// step (see [`crate::ops::dropout::key_words`]).
+    pub dropout_key: Option<TensorId>,
 }
 
 /// A conv whose following BatchNorm (running statistics) is folded into its weight and bias:
@@ -272,7 +275,7 @@ fn build(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neu
     let o = elementwise::swish(b.g, o, "last_swish");
     let h = elementwise::add(b.g, o, h, "output_residual");
     let eps = readout::membrane_readout(b.g, h, b.t, readout::DECAY, "membrane_output");
-    UNet { params: b.params, eps, spikes: b.spikes, folds: b.folds }
+    UNet { params: b.params, eps, spikes: b.spikes, folds: b.folds, dropout_key: None }
 }
 
 /// The time embedding both U-Nets share: table lookup, Linear, Swish, Linear, and the Swish every

@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod batchnorm;
 pub mod conv;
+pub mod dropout;
 pub mod elementwise;
 pub mod embedding;
 pub mod groupnorm;
@@ -24,11 +25,12 @@ pub(crate) fn pointwise_cost(outputs: usize, inputs: usize, flops_per: u64) -> C
 }
 
 /// Every shader the crate embeds, for validation and listings.
-pub fn all_shaders() -> [&'static crate::gpu::Shader; 13] {
+pub fn all_shaders() -> [&'static crate::gpu::Shader; 14] {
     [
         &attention::SHADER,
         &batchnorm::SHADER,
         &conv::SHADER,
+        &dropout::SHADER,
         &elementwise::SHADER,
         &embedding::SHADER,
         &groupnorm::SHADER,

@@ -5,7 +5,7 @@ use crate::gpu::Shader;
 use crate::graph::{grid_1d, Cost, Graph, Node, Params, TensorId};
 use crate::shader;
 
-pub static SHADER: Shader = shader!("sampler");
+pub static SHADER: Shader = shader!("sampler", uses "philox");
 
 /// Width of one row of the per-step coefficient table.
 pub const COEF_ROW: usize = 8;
@@ -187,6 +187,8 @@ pub fn philox4x32(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
 pub const STREAM_STEP: u32 = 0;
 pub const STREAM_INIT: u32 = 1;
 pub const STREAM_TRAIN: u32 = 2;
+/// Dropout masks (src/ops/dropout.rs).
+pub const STREAM_DROPOUT: u32 = 3;
 
 /// The Gaussian the kernels draw for (element, image, step, stream) under `seed`.
 pub fn gaussian_cpu(seed: u64, element: u32, image: u32, step: u32, stream: u32) -> f32 {
