@@ -614,6 +614,6 @@ fn ann_energy(a: &EnergyArgs, cfg: &sddpm_gpu::model::DdpmConfig) -> Result<()> 
     }
     println!("\nper image and network evaluation ({size}x{size}):");
     println!("  MACs: {} ({:.3} G)", r.total_macs, r.total_macs as f64 / 1e9);
-    println!("  energy: ANN {:.1} mJ (4.6 pJ x all MACs)", r.energy_ann_mj);
+    println!("  energy: ANN {:.3} mJ (4.6 pJ x all MACs)", r.energy_ann_mj);
     Ok(())
 }

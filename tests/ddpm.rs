@@ -67,6 +67,9 @@ fn parameter_counts() {
     assert_eq!(ddpm_parameter_count(&DdpmConfig::preset("cifar10").unwrap()), 67_602_691);
     // pytorch-ddpm's published CIFAR-10 net, counted with its model.py.
     assert_eq!(ddpm_parameter_count(&DdpmConfig::preset("pytorch-ddpm-cifar10").unwrap()), 35_874_307);
+    // `small` (the SNN `small` shape at 1 channel), counted with model.py at 3 channels minus
+    // the head's and tail's two extra channels.
+    assert_eq!(ddpm_parameter_count(&DdpmConfig::preset("small").unwrap()), 1_094_497);
     // fixtures-ddpm's README.
     assert_eq!(ddpm_parameter_count(&DdpmConfig::preset("tiny").unwrap()), 734_499);
 }

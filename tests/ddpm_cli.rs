@@ -69,7 +69,7 @@ fn energy_of_the_ann_counterpart_without_a_checkpoint() {
     assert_eq!(format!("{:.3}", macs as f64 / 1e9), "6.350");
     assert_eq!(format!("{:.1}", v["energy_ann_mj"].as_f64().unwrap()), "29.2");
     let table = ok(&run(&["energy", "--model", "ddpm", "--preset", "cifar10"]));
-    assert!(table.contains("middleblocks.0.attn.bmm") && table.contains("29.2 mJ"), "{table}");
+    assert!(table.contains("middleblocks.0.attn.bmm") && table.contains("29.209 mJ"), "{table}");
     let err = run(&["energy", "--model", "ddpm", "--preset", "cifar10", "--threshold", "0.9"]);
     assert_one_line_error(&err, "--threshold");
 }

@@ -61,7 +61,8 @@ impl DdpmConfig {
     /// `cifar10`: the paper's ANN counterpart, SDDPM's CIFAR-10 shape (ch 128, mult 1,2,2,4, 2
     /// blocks, attention only in the middle); `pytorch-ddpm-cifar10`: pytorch-ddpm's published
     /// config (mult 1,2,2,2, attention at level 1, dropout 0.1); `mnist`: the cifar10 shape at
-    /// 1 channel; `small` and `tiny` for laptops and tests (`tiny` is fixtures-ddpm's shape).
+    /// 1 channel; `small` and `tiny` for laptops and tests (`small` is the SNN's `small` shape,
+    /// attention only in the middle; `tiny` is fixtures-ddpm's shape).
     pub fn preset(name: &str) -> Result<DdpmConfig> {
         let paper = |img_ch| DdpmConfig {
             diffusion_steps: 1000,
@@ -77,7 +78,7 @@ impl DdpmConfig {
             "cifar10" => paper(3),
             "pytorch-ddpm-cifar10" => DdpmConfig { ch_mult: vec![1, 2, 2, 2], attn: vec![1], dropout: 0.1, ..paper(3) },
             "mnist" => paper(1),
-            "small" => DdpmConfig { ch: 32, ch_mult: vec![1, 2, 2], attn: vec![1], num_res_blocks: 1, ..paper(1) },
+            "small" => DdpmConfig { ch: 32, ch_mult: vec![1, 2, 2], num_res_blocks: 1, ..paper(1) },
             "tiny" => DdpmConfig { ch: 32, ch_mult: vec![1, 2], attn: vec![1], num_res_blocks: 1, ..paper(3) },
             other => bail!("unknown preset '{other}' for --model ddpm; choose one of: {}", DDPM_PRESETS.join(", ")),
         })
