@@ -12,7 +12,7 @@ use sddpm_gpu::checkpoint::{self, Checkpoint, Data, TensorFile};
 use sddpm_gpu::diffusion::{plan_steps, Sampler, SamplerKind, Schedule, TrainOptions, Trainer};
 use sddpm_gpu::gpu::{self, Context};
 use sddpm_gpu::images;
-use sddpm_gpu::model::{init_weights, EvalNet, ModelConfig};
+use sddpm_gpu::model::{init_weights, EvalNet, ModelConfig, NeuronKind};
 use sddpm_gpu::run::{self, RunConfig};
 
 #[derive(Parser)]
@@ -131,8 +131,8 @@ struct EnergyArgs {
 
 #[derive(clap::Args)]
 struct TrainArgs {
-    /// Model preset: cifar10, celeba64, mnist, fashion, small, tiny (default: tiny, with as many
-    /// image channels as the data has).
+    /// Model preset: cifar10, celeba64, mnist, fashion, small, tiny (default: tiny). small and
+    /// tiny take as many image channels as the data has; the dataset presets keep theirs.
     #[arg(long)]
     preset: Option<String>,
     /// Dataset: an MNIST/Fashion-MNIST IDX file or folder, a CIFAR-10 binary folder, or a folder
@@ -157,6 +157,19 @@ struct TrainArgs {
     /// Spiking time steps T (default 4).
     #[arg(long)]
     snn_steps: Option<usize>,
+    /// Levels (indices into the preset's channel multipliers, e.g. 1 or 1,2) whose down and up
+    /// ResBlocks end in spiking self-attention (default: none, as the reference).
+    #[arg(long, value_delimiter = ',')]
+    attn: Vec<usize>,
+    /// Heads of the spiking self-attention; must divide the channels of every --attn level.
+    #[arg(long, default_value_t = 1)]
+    heads: usize,
+    /// Spiking neuron: if (the reference) or lif (leaky, time constant --tau).
+    #[arg(long, value_enum, default_value = "if")]
+    neuron: NeuronArg,
+    /// LIF membrane time constant (with --neuron lif).
+    #[arg(long, default_value_t = 2.0)]
+    tau: f32,
     /// Image side in pixels (default: the preset's).
     #[arg(long)]
     size: Option<usize>,
@@ -168,7 +181,7 @@ struct TrainArgs {
     out: Option<PathBuf>,
     /// Continue the run in this folder from its checkpoint, bit-identically (only --steps may
     /// change).
-    #[arg(long, conflicts_with_all = ["out", "preset", "data", "batch", "lr", "seed", "snn_steps", "size", "warmup", "ema"])]
+    #[arg(long, conflicts_with_all = ["out", "preset", "data", "batch", "lr", "seed", "snn_steps", "size", "warmup", "ema", "attn", "heads", "neuron", "tau"])]
     resume: Option<PathBuf>,
     /// Write a sample grid every N steps (0: only at the end).
     #[arg(long, default_value_t = 0)]
@@ -182,6 +195,14 @@ struct TrainArgs {
     /// DDIM steps for the sample grids.
     #[arg(long, default_value_t = 20)]
     sample_steps: usize,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum NeuronArg {
+    /// Integrate-and-fire (the reference's IFNode).
+    If,
+    /// Leaky integrate-and-fire, spikingjelly's LIFNode with decay_input.
+    Lif,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -390,12 +411,20 @@ fn train(adapter: Option<&str>, a: &TrainArgs) -> Result<()> {
             };
             let name = a.preset.clone().unwrap_or_else(|| "tiny".into());
             let mut model = ModelConfig::preset(&name)?;
-            if a.preset.is_none() {
+            // Architecture presets fit the data; dataset presets (mnist, cifar10, ...) keep theirs.
+            if matches!(name.as_str(), "tiny" | "small") {
                 model.img_ch = channels;
             }
             if let Some(t) = a.snn_steps {
                 model.snn_steps = t;
             }
+            model.attn = a.attn.clone();
+            model.heads = a.heads;
+            model.neuron = match a.neuron {
+                NeuronArg::If => NeuronKind::If,
+                NeuronArg::Lif => NeuronKind::Lif,
+            };
+            model.tau = a.tau;
             if let Some(s) = a.size {
                 model.img_size = s;
             }

@@ -8,13 +8,28 @@ use std::collections::HashMap;
 use common::*;
 use sddpm_gpu::checkpoint::Checkpoint;
 use sddpm_gpu::diffusion::{TrainOptions, Trainer};
-use sddpm_gpu::model::{init_weights, state_entries, EntryKind, ModelConfig};
+use sddpm_gpu::model::{init_weights, state_entries, EntryKind, ModelConfig, NeuronKind};
 
 #[test]
 fn train_step_matches_reference() {
-    let ckpt = Checkpoint::load(&fixture("weights.safetensors")).unwrap();
+    check_train_step("fixtures");
+}
+
+#[test]
+fn attention_train_step_matches_reference() {
+    check_train_step("fixtures-attn");
+}
+
+#[test]
+fn lif_train_step_matches_reference() {
+    check_train_step("fixtures-lif");
+}
+
+/// One training step from the fixture set `dir`'s weights against its train_step fixture.
+fn check_train_step(dir: &str) {
+    let ckpt = Checkpoint::load(&fixture_in(dir, "weights.safetensors")).unwrap();
     let cfg = ckpt.config(None).unwrap();
-    let fx = Checkpoint::load(&fixture("train_step.safetensors")).unwrap();
+    let fx = Checkpoint::load(&fixture_in(dir, "train_step.safetensors")).unwrap();
     let x0 = &fx.get("x0").unwrap().data;
     let noise = &fx.get("noise").unwrap().data;
     let t: Vec<u32> = fx.get_ints("t").unwrap().data.iter().map(|&v| v as u32).collect();
@@ -26,7 +41,7 @@ fn train_step_matches_reference() {
     let want_loss = fx.get("loss").unwrap().data[0];
     let rel = ((stats.loss - want_loss) / want_loss).abs();
     println!(
-        "loss {} vs {want_loss} (rel {rel:e}); grad_norm {} vs {}",
+        "{dir}: loss {} vs {want_loss} (rel {rel:e}); grad_norm {} vs {}",
         stats.loss,
         stats.grad_norm,
         fx.get("grad_norm").unwrap().data[0]
@@ -44,7 +59,7 @@ fn train_step_matches_reference() {
         den += want.iter().map(|&b| (b as f64).powi(2)).sum::<f64>();
     }
     let grad_err = (num / den).sqrt();
-    println!("gradients: global relative L2 {grad_err:e}");
+    println!("{dir}: gradients: global relative L2 {grad_err:e}");
     assert!(grad_err < 1e-3, "gradients differ: relative L2 {grad_err:e}");
 
     // Parameters after clip + Adam, running statistics, counters.
@@ -92,6 +107,10 @@ fn toy_config() -> ModelConfig {
         snn_steps: 2,
         img_ch: 1,
         img_size: 16,
+        attn: Vec::new(),
+        heads: 1,
+        neuron: NeuronKind::If,
+        tau: 2.0,
     }
 }
 

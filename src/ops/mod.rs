@@ -13,6 +13,7 @@ pub mod optim;
 pub mod readout;
 pub mod reduce;
 pub mod sampler;
+pub mod spike_attention;
 
 use crate::graph::Cost;
 
@@ -22,7 +23,7 @@ pub(crate) fn pointwise_cost(outputs: usize, inputs: usize, flops_per: u64) -> C
 }
 
 /// Every shader the crate embeds, for validation and listings.
-pub fn all_shaders() -> [&'static crate::gpu::Shader; 11] {
+pub fn all_shaders() -> [&'static crate::gpu::Shader; 12] {
     [
         &batchnorm::SHADER,
         &conv::SHADER,
@@ -35,5 +36,6 @@ pub fn all_shaders() -> [&'static crate::gpu::Shader; 11] {
         &readout::SHADER,
         &reduce::SHADER,
         &sampler::SHADER,
+        &spike_attention::SHADER,
     ]
 }

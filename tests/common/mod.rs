@@ -85,6 +85,11 @@ pub fn fixture(name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
+/// A file of another fixture set: `tests/{dir}/{name}` (fixtures-attn, fixtures-lif, ...).
+pub fn fixture_in(dir: &str, name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(dir).join(name)
+}
+
 /// A path in this test binary's own temporary folder.
 pub fn tmp(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("sddpm-tests-{}", std::process::id()));
