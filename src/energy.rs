@@ -106,8 +106,8 @@ impl SpikeCounter {
         let mut layers = Vec::new();
         for (name, _, sums, numel) in &self.layers {
             let count: f64 = self.plan.read(ctx, *sums)?.iter().map(|&v| v as f64).sum();
-            // Most layers feed one conv; an attention's input neuron feeds three (q, k, v) and its
-            // v neuron none that is charged (layer_macs says why).
+            // Most layers feed one conv; an attention's input neuron feeds three (q, k, v), and one
+            // of its q/k/v neurons is an operand of a product another gates (layer_macs).
             let fed: Vec<_> = macs.iter().filter(|m| m.fed_by.as_deref() == Some(name.as_str())).collect();
             let fed_macs: u64 = fed.iter().map(|m| m.macs).sum();
             let feeds = fed.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(" + ");

@@ -445,4 +445,7 @@ fn spike_attention_backward() {
     check_spike_attention_backward(80, [2, 8, 4, 4], 2);
     check_spike_attention_backward(81, [3, 6, 3, 5], 3);
     check_spike_attention_backward(82, [1, 5, 7, 1], 1);
+    // [N, N] form (N < d).
+    check_spike_attention_backward(83, [2, 12, 2, 3], 1);
+    check_spike_attention_backward(84, [3, 10, 1, 3], 2);
 }

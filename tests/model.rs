@@ -77,6 +77,14 @@ fn lif_forward_matches_reference() {
     check_forward_fixture("fixtures-lif");
 }
 
+/// Our own fixtures (tests/fixtures-*/README.md says how they were made): attention on two
+/// levels, both kernel forms, T = 8, 1 channel; and LIF with attention.
+#[test]
+fn own_attention_fixtures_forward_match_reference() {
+    check_forward_fixture("fixtures-attn2-t8");
+    check_forward_fixture("fixtures-lif-attn");
+}
+
 #[test]
 fn config_inferred_from_shapes_equals_metadata() {
     let mut ckpt = Checkpoint::load(&fixture("weights.safetensors")).unwrap();

@@ -492,6 +492,7 @@ fn spikes(r: &mut rand::rngs::StdRng, n: usize, rate: f32) -> Vec<f32> {
 
 fn check_spike_attention(seed: u64, [rows, c, h, w]: [usize; 4], heads: usize) {
     let dims = spike_attention::Dims { rows, c, n: h * w, heads };
+    assert_eq!(dims.n_form(), h * w < c / heads);
     let mut r = rng(seed);
     let len = rows * c * h * w;
     let (qv, kv, vv) = (spikes(&mut r, len, 0.3), spikes(&mut r, len, 0.5), spikes(&mut r, len, 0.2));
@@ -520,8 +521,13 @@ fn check_spike_attention(seed: u64, [rows, c, h, w]: [usize; 4], heads: usize) {
 
 #[test]
 fn spike_attention_matches_cpu_exactly() {
+    // [d, d] form (N >= d).
     check_spike_attention(70, [2, 8, 4, 4], 2);
     check_spike_attention(71, [3, 6, 3, 5], 3);
     check_spike_attention(72, [1, 5, 7, 1], 1);
     check_spike_attention(73, [4, 16, 2, 2], 4);
+    // [N, N] form (N < d).
+    check_spike_attention(74, [2, 12, 2, 3], 1);
+    check_spike_attention(75, [3, 10, 1, 3], 2);
+    check_spike_attention(76, [1, 33, 1, 1], 1);
 }

@@ -25,6 +25,12 @@ fn lif_train_step_matches_reference() {
     check_train_step("fixtures-lif");
 }
 
+#[test]
+fn own_attention_fixtures_train_step_match_reference() {
+    check_train_step("fixtures-attn2-t8");
+    check_train_step("fixtures-lif-attn");
+}
+
 /// One training step from the fixture set `dir`'s weights against its train_step fixture.
 fn check_train_step(dir: &str) {
     let ckpt = Checkpoint::load(&fixture_in(dir, "weights.safetensors")).unwrap();
@@ -52,14 +58,21 @@ fn check_train_step(dir: &str) {
 
     // Gradients: global relative L2 over all parameters.
     let (mut num, mut den) = (0f64, 0f64);
+    let mut worst = (0f64, String::new());
     for e in state_entries(&cfg).iter().filter(|e| e.kind == EntryKind::Trainable) {
         let got = tr.grad(ctx(), &e.name).unwrap();
         let want = &fx.get(&format!("grad.{}", e.name)).unwrap().data;
+        // The tensor adding most to the error (not the largest relative error: biases in front of
+        // a training-mode BN have a zero gradient up to rounding).
+        let err: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        if err > worst.0 {
+            worst = (err, e.name.clone());
+        }
         num += got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>();
         den += want.iter().map(|&b| (b as f64).powi(2)).sum::<f64>();
     }
     let grad_err = (num / den).sqrt();
-    println!("{dir}: gradients: global relative L2 {grad_err:e}");
+    println!("{dir}: gradients: global relative L2 {grad_err:e}, most of the error in {}", worst.1);
     assert!(grad_err < 1e-3, "gradients differ: relative L2 {grad_err:e}");
 
     // Parameters after clip + Adam, running statistics, counters.
@@ -85,8 +98,11 @@ fn check_train_step(dir: &str) {
                     let d = (got[i] - want[i]).abs();
                     // Adam's first step moves every element by ~lr * sign(g); where g is ~0
                     // (conv biases in front of BN: ~1e-7 of rounding noise against typical
-                    // gradients of 1e-3..1) the sign is noise too.
-                    let tiny_grad = grad[i].abs() < 1e-5;
+                    // gradients of 1e-3..1) the sign is noise too. So is the step where the
+                    // clipped gradient g / grad_norm is near Adam's eps (1e-8): there the update
+                    // g / (|g| + eps) follows g's rounding (nets with a large grad_norm).
+                    let clipped = grad[i].abs() / want_norm.max(1.0);
+                    let tiny_grad = grad[i].abs() < 1e-5 || clipped < 1e-7;
                     if tiny_grad {
                         assert!((got[i] - before[i]).abs() <= lr * 1.01, "{}[{i}] moved more than lr", e.name);
                     } else {

@@ -2,6 +2,7 @@
 //! it (parameter names and shapes, graph building, MAC counts), so they cannot disagree.
 
 use super::ModelConfig;
+use crate::ops::spike_attention::Dims;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Block {
@@ -204,15 +205,12 @@ pub fn layer_macs(cfg: &ModelConfig, size: usize) -> Vec<LayerMacs> {
                     for part in ["q", "k", "v"] {
                         conv(format!("{a}.{part}_conv"), *cout, *cout, 1, res, Some(format!("{a}.neuron")));
                     }
-                    // The spike x spike products, as computed: k^T v ([d, d] per head; each k
-                    // spike accumulates a row of v), then q (k^T v) (each q spike accumulates a
-                    // row of the integer matrix). v's spikes are the operand k gates, not
-                    // charged again.
-                    let (n, d) = ((res * res) as u64, (*cout / cfg.heads) as u64);
-                    let product = n * d * *cout as u64;
-                    for (op, by) in [("kv", "k_neuron"), ("qkv", "q_neuron")] {
-                        let fed_by = Some(format!("{a}.{by}"));
-                        products.push(LayerMacs { name: format!("{a}.{op}"), macs: product, fed_by });
+                    // The spike x spike products, as computed (the op says which input's
+                    // spikes gate each; the third input is an operand, not charged again).
+                    let dims = Dims { rows: 1, c: *cout, n: res * res, heads: cfg.heads };
+                    for (op, gate, macs) in dims.products() {
+                        let fed_by = Some(format!("{a}.{gate}_neuron"));
+                        products.push(LayerMacs { name: format!("{a}.{op}"), macs, fed_by });
                     }
                     conv(format!("{a}.proj_conv"), *cout, *cout, 1, res, Some(format!("{a}.attn_neuron")));
                 }
