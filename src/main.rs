@@ -88,6 +88,12 @@ struct ProfileArgs {
     /// Image side in pixels (default: the model's).
     #[arg(long)]
     size: Option<usize>,
+    /// With --preset: spiking self-attention on these levels (as `train --attn`).
+    #[arg(long, value_delimiter = ',', conflicts_with = "checkpoint")]
+    attn: Vec<usize>,
+    /// With --preset and --attn: attention heads.
+    #[arg(long, default_value_t = 1, conflicts_with = "checkpoint")]
+    heads: usize,
     /// Profile training steps (forward, backward, optimizer) instead of network evaluations.
     #[arg(long)]
     train: bool,
@@ -486,9 +492,14 @@ fn train_step(
 
 fn profile(adapter: Option<&str>, a: &ProfileArgs) -> Result<()> {
     let seed = 0;
-    let (weights, mut cfg) = load_model(a.checkpoint.as_deref(), a.preset.as_deref(), a.snn_steps, seed)?;
+    let (mut weights, mut cfg) = load_model(a.checkpoint.as_deref(), a.preset.as_deref(), a.snn_steps, seed)?;
     if let Some(s) = a.size {
         cfg.img_size = s;
+    }
+    if !a.attn.is_empty() {
+        (cfg.attn, cfg.heads) = (a.attn.clone(), a.heads);
+        cfg.validate(cfg.img_size)?;
+        weights = init_weights(&cfg, seed);
     }
     let without = if a.host_timers { wgpu::Features::TIMESTAMP_QUERY } else { wgpu::Features::empty() };
     let ctx = Context::with_features(adapter, without)?;

@@ -199,6 +199,15 @@ fn profile_and_energy_show_attention_by_module_path() {
     {
         assert!(stdout.lines().any(|l| l.starts_with(layer)), "layer {layer} missing:\n{stdout}");
     }
+    // A preset with attention asked for on the command line.
+    let args = ["profile", "--preset", "tiny", "--attn", "0,1", "--heads", "2", "--batch", "1", "--size", "8"];
+    let out = bin().args(args).args(["--iters", "1"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // 8 px: level 0 (N = 64 >= d = 8) takes the [d, d] form, level 1 (N = 16 == d) too.
+    for layer in ["downblocks.0.attn.kv ", "upblocks.4.attn.qkv ", "upblocks.0.attn.kv "] {
+        assert!(stdout.lines().any(|l| l.starts_with(layer)), "layer {layer} missing:\n{stdout}");
+    }
     let out = bin().args(["energy", "--n", "1", "--size", "16", "--json", "--checkpoint"]).arg(&ckpt).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
