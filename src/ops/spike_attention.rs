@@ -71,7 +71,8 @@ fn dims_of(g: &Graph, q: TensorId, k: TensorId, v: TensorId, heads: usize, name:
     Dims { rows: s[0], c: s[1], n: s[2] * s[3], heads }
 }
 
-/// One dispatch of the shader, one invocation per element of its first output.
+/// One dispatch of the shader: one invocation per 4x4 tile of its (first) output: the square
+/// [side, side] per row and head, or the [d, N] slice of a head.
 fn dispatch(
     g: &mut Graph,
     entry: &'static str,
@@ -81,7 +82,14 @@ fn dispatch(
     cost: Cost,
     dims: Dims,
 ) {
-    let len = g.info(writes[0]).numel();
+    let tiles = |len: usize| len.div_ceil(4);
+    let side = dims.side();
+    let len = match entry {
+        "attention_kv" | "attention_qk" | "attention_grad_m" | "attention_grad_a" => {
+            dims.rows * dims.heads * tiles(side) * tiles(side)
+        }
+        _ => dims.rows * dims.heads * tiles(dims.d()) * tiles(dims.n),
+    };
     g.push(Node {
         shader: &SHADER,
         entry,
