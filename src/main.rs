@@ -92,7 +92,7 @@ struct ProfileArgs {
     #[arg(long, value_delimiter = ',', conflicts_with = "checkpoint")]
     attn: Vec<usize>,
     /// With --preset and --attn: attention heads.
-    #[arg(long, default_value_t = 1, conflicts_with = "checkpoint")]
+    #[arg(long, default_value_t = 1, conflicts_with = "checkpoint", requires = "attn")]
     heads: usize,
     /// Profile training steps (forward, backward, optimizer) instead of network evaluations.
     #[arg(long)]
@@ -168,7 +168,7 @@ struct TrainArgs {
     #[arg(long, value_delimiter = ',')]
     attn: Vec<usize>,
     /// Heads of the spiking self-attention; must divide the channels of every --attn level.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, requires = "attn")]
     heads: usize,
     /// Spiking neuron: if (the reference) or lif (leaky, time constant --tau).
     #[arg(long, value_enum, default_value = "if")]

@@ -86,6 +86,22 @@ fn own_attention_fixtures_forward_match_reference() {
 }
 
 #[test]
+fn extension_keys_are_written_only_when_used() {
+    let tiny = ModelConfig::preset("tiny").unwrap();
+    let json = serde_json::to_string(&tiny).unwrap();
+    for key in ["attn", "heads", "neuron", "tau"] {
+        assert!(!json.contains(&format!("\"{key}\"")), "a reference config must not carry {key}: {json}");
+    }
+    let ext = ModelConfig { attn: vec![1], heads: 2, neuron: NeuronKind::Lif, tau: 1.5, ..tiny };
+    let json = serde_json::to_string(&ext).unwrap();
+    assert!(
+        json.contains("\"attn\":[1]") && json.contains("\"neuron\":\"lif\"") && json.contains("\"tau\":1.5"),
+        "{json}"
+    );
+    assert_eq!(serde_json::from_str::<ModelConfig>(&json).unwrap(), ext);
+}
+
+#[test]
 fn config_inferred_from_shapes_equals_metadata() {
     let mut ckpt = Checkpoint::load(&fixture("weights.safetensors")).unwrap();
     let from_meta = ckpt.config(None).unwrap();

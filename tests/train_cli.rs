@@ -132,6 +132,11 @@ fn attention_and_lif_run_round_trips_to_sample() {
     assert_eq!((cfg.neuron, cfg.tau), (sddpm_gpu::model::NeuronKind::Lif, 1.5));
     assert!(ckpt.tensors.contains_key("upblocks.1.attn.proj_bn.running_var"));
     assert!(ckpt.tensors.contains_key("optim.downblocks.2.attn.q_conv.weight.exp_avg"));
+    // --resume restores the extensions from the run's config.
+    ok(&quick_train(&dir, "3", &["--resume", dir.to_str().unwrap()]));
+    let resumed = TensorFile::load(&dir.join("ckpt.safetensors")).unwrap();
+    assert_eq!(resumed.config(None).unwrap(), cfg);
+    assert_eq!(resumed.get_ints("optim.step").unwrap().data[0], 3);
     let png = tmp("attn_lif.png");
     let ckpt_path = dir.join("ckpt.safetensors");
     let args = ["sample", "--n", "2", "--sampler", "ddim", "--steps", "2", "--size", "16", "--out"];
@@ -141,6 +146,9 @@ fn attention_and_lif_run_round_trips_to_sample() {
     // A bad attention setting is one line naming the flag.
     assert_one_line_error(&quick_train(&tmp("attn_bad"), "1", &["--attn", "1", "--heads", "3"]), "--heads");
     assert_one_line_error(&quick_train(&tmp("attn_bad2"), "1", &["--attn", "4"]), "--attn");
+    // --heads without --attn is a usage error (clap's, naming --attn).
+    let out = quick_train(&tmp("attn_bad3"), "1", &["--heads", "2"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--attn <ATTN>"));
 }
 
 #[test]
