@@ -412,12 +412,10 @@ fn backward_graph_replays_with_memory_reuse() {
 }
 
 fn check_spike_attention_backward(seed: u64, [rows, c, h, w]: [usize; 4], heads: usize) {
-    use rand::Rng;
     let dims = spike_attention::Dims { rows, c, n: h * w, heads };
     let len = rows * c * h * w;
     let mut r = rng(seed);
-    let mut spikes = |rate: f32| -> Vec<f32> { (0..len).map(|_| f32::from(r.random::<f32>() < rate)).collect() };
-    let (qv, kv, vv) = (spikes(0.3), spikes(0.4), spikes(0.25));
+    let (qv, kv, vv) = (spikes(&mut r, len, 0.3), spikes(&mut r, len, 0.4), spikes(&mut r, len, 0.25));
     let dy = normalish(&mut rng(seed + 1), len, 1.0);
     let mut g = Graph::new();
     let [q, k, v] = ["q", "k", "v"].map(|n| g.input(n, &[rows, c, h, w]));

@@ -484,12 +484,6 @@ fn membrane_readout_matches_cpu() {
     }
 }
 
-/// Random spikes with firing probability `rate`.
-fn spikes(r: &mut rand::rngs::StdRng, n: usize, rate: f32) -> Vec<f32> {
-    use rand::Rng;
-    (0..n).map(|_| if r.random::<f32>() < rate { 1.0 } else { 0.0 }).collect()
-}
-
 fn check_spike_attention(seed: u64, [rows, c, h, w]: [usize; 4], heads: usize) {
     let dims = spike_attention::Dims { rows, c, n: h * w, heads };
     assert_eq!(dims.n_form(), h * w < c / heads);

@@ -35,6 +35,11 @@ pub fn normalish(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| (0..4).map(|_| rng.random_range(-1.0f32..1.0)).sum::<f32>() * 0.866 * scale).collect()
 }
 
+/// Random spikes (exactly 0 or 1) firing with probability `rate`.
+pub fn spikes(rng: &mut StdRng, n: usize, rate: f32) -> Vec<f32> {
+    (0..n).map(|_| f32::from(rng.random::<f32>() < rate)).collect()
+}
+
 pub fn bits(x: &[f32]) -> Vec<u32> {
     x.iter().map(|v| v.to_bits()).collect()
 }
