@@ -174,7 +174,7 @@ struct TrainArgs {
     #[arg(long, value_enum, default_value = "if")]
     neuron: NeuronArg,
     /// LIF membrane time constant (with --neuron lif).
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 2.0, requires = "neuron")]
     tau: f32,
     /// Image side in pixels (default: the preset's).
     #[arg(long)]
