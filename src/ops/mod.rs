@@ -16,6 +16,7 @@ pub mod optim;
 pub mod readout;
 pub mod reduce;
 pub mod sampler;
+pub mod spike_attention;
 
 use crate::graph::Cost;
 
@@ -25,7 +26,7 @@ pub(crate) fn pointwise_cost(outputs: usize, inputs: usize, flops_per: u64) -> C
 }
 
 /// Every shader the crate embeds, for validation and listings.
-pub fn all_shaders() -> [&'static crate::gpu::Shader; 14] {
+pub fn all_shaders() -> [&'static crate::gpu::Shader; 15] {
     [
         &attention::SHADER,
         &batchnorm::SHADER,
@@ -41,5 +42,6 @@ pub fn all_shaders() -> [&'static crate::gpu::Shader; 14] {
         &readout::SHADER,
         &reduce::SHADER,
         &sampler::SHADER,
+        &spike_attention::SHADER,
     ]
 }
