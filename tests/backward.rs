@@ -22,7 +22,7 @@ fn gpu_grads(
 ) -> Vec<Vec<f32>> {
     let shape = g.shape(y).to_vec();
     let seed = g.input("dy", &shape);
-    let grads = backward(&mut g, y, seed, wrt);
+    let grads = backward(&mut g, y, seed, wrt, elementwise::add);
     let outs: Vec<TensorId> = wrt.iter().map(|t| grads[t]).collect();
     let mut all: Vec<(TensorId, Vec<u32>)> = inputs.iter().map(|(t, v)| (*t, bits(v))).collect();
     all.push((seed, bits(dy)));
@@ -387,7 +387,7 @@ fn backward_graph_replays_with_memory_reuse() {
     let (s, _) = neuron::neuron_forward_train(&mut g, h, 4, Default::default(), "neuron");
     let y = conv::conv2d(&mut g, s, w2, None, 1, 1, "conv2");
     let seed = g.input("dy", &[8, 4, 8, 8]);
-    let grads = backward(&mut g, y, seed, &[w1, w2, p.weight]);
+    let grads = backward(&mut g, y, seed, &[w1, w2, p.weight], elementwise::add);
     assert_eq!(grads.len(), 3);
     let m = sddpm_gpu::graph::plan_memory(&g);
     assert!(m.planned_intermediate_bytes < m.naive_intermediate_bytes);

@@ -8,7 +8,7 @@
 mod common;
 
 use common::*;
-use sddpm_gpu::graph::Graph;
+use sddpm_gpu::graph::{DType, Graph};
 use sddpm_gpu::ops::{batchnorm, conv, elementwise, embedding, layout, matmul, neuron, readout};
 
 // ---- conv2d ---------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ fn gather_rows_time_embedding() {
     for idx in [vec![0u32, 999], vec![5, 5, 17], vec![998]] {
         let mut g = Graph::new();
         let tt = g.param("table", &[1000, 128]);
-        let ti = g.input("t", &[idx.len()]);
+        let ti = g.input_as("t", &[idx.len()], DType::U32);
         let out = embedding::gather_rows(&mut g, tt, ti, "temb");
         let got = run_graph(g, &[(tt, bits(&table)), (ti, idx.clone())], &[out]).remove(0);
         assert_eq!(got, embedding::gather_rows_cpu(&table, 128, &idx));

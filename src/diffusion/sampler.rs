@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 
 use crate::checkpoint::Checkpoint;
 use crate::gpu::Context;
-use crate::graph::{Graph, Plan, TensorId};
+use crate::graph::{DType, Graph, Plan, TensorId};
 use crate::model::{build_eval, ModelConfig};
 use crate::ops::neuron::Neuron;
 use crate::ops::sampler::{self, NoiseKey, StepCoef, COEF_ROW};
@@ -42,9 +42,9 @@ impl Sampler {
         }
         let mut g = Graph::new();
         let coef = g.param("sampler.coef", &[rows.len(), COEF_ROW]);
-        let step = g.input("sampler.step", &[1]);
+        let step = g.input_as("sampler.step", &[1], DType::U32);
         let x = g.input("x", &[batch, cfg.img_ch, size, size]);
-        let t = g.input("t", &[batch]);
+        let t = g.input_as("t", &[batch], DType::U32);
         let key = NoiseKey { seed: 0, image_base: 0 };
         let begin_node = sampler::begin_step(&mut g, coef, step, x, t, key);
         let neuron = Neuron { v_th, ..Neuron::default() };

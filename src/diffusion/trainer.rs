@@ -9,10 +9,10 @@ use anyhow::{bail, Result};
 use super::Schedule;
 use crate::checkpoint::{self, Checkpoint, Data};
 use crate::gpu::Context;
-use crate::graph::{backward, Graph, Plan, TensorId};
+use crate::graph::{backward, DType, Graph, Plan, TensorId};
 use crate::model::{build_train, state_entries, EntryKind, ModelConfig};
 use crate::ops::optim::{self, Adam};
-use crate::ops::{reduce, sampler};
+use crate::ops::{elementwise, reduce, sampler};
 
 #[derive(Debug, Clone)]
 pub struct TrainOptions {
@@ -98,7 +98,7 @@ impl Trainer {
         let mut g = Graph::new();
         let x0 = g.input("x0", &[batch, cfg.img_ch, size, size]);
         let qcoef = g.input("q_sample.coef", &[batch, 2]);
-        let t = g.input("t", &[batch]);
+        let t = g.input_as("t", &[batch], DType::U32);
         let noise = opts.given_noise.then(|| g.input("noise", &[batch, cfg.img_ch, size, size]));
         let hyper = g.input("optim.hyper", &[4]);
         let one = g.param("loss.seed", &[1]);
@@ -113,7 +113,7 @@ impl Trainer {
             .map(|e| (e.name.as_str(), unet.params[&e.name]))
             .collect();
         let wrt: Vec<TensorId> = trainable.iter().map(|&(_, id)| id).collect();
-        let grad_of = backward(&mut g, loss, one, &wrt);
+        let grad_of = backward(&mut g, loss, one, &wrt, elementwise::add);
         let sumsq = g.intermediate("grad_norm.sumsq", &[1]);
         let mut grads = BTreeMap::new();
         for (i, &(name, id)) in trainable.iter().enumerate() {

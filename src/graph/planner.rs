@@ -19,14 +19,21 @@ pub struct MemoryPlan {
     pub planned_intermediate_bytes: u64,
     /// Bytes of inputs and params (always dedicated).
     pub fixed_bytes: u64,
+    /// Bytes of the staging buffers that read outputs back.
+    pub staging_bytes: u64,
+    /// Bytes of the uniform buffer holding every node's parameters (at the 256-byte offset
+    /// alignment WebGPU allows at most; [`super::Plan::compile`] puts the adapter's figure here).
+    pub params_bytes: u64,
 }
 
 impl MemoryPlan {
     pub fn slot_of(&self, t: TensorId) -> usize {
         self.slot[t.0].expect("tensor has no buffer: it is not used by any node")
     }
+    /// Everything the plan allocates on the GPU: intermediates, inputs, parameters and state,
+    /// staging, node parameters.
     pub fn total_bytes(&self) -> u64 {
-        self.slot_bytes.iter().sum()
+        self.slot_bytes.iter().sum::<u64>() + self.staging_bytes + self.params_bytes
     }
 }
 
@@ -97,5 +104,31 @@ pub fn plan_memory(g: &Graph) -> MemoryPlan {
         free.extend(ending);
     }
     let planned = slot_bytes[fixed_slots..].iter().sum();
-    MemoryPlan { slot, slot_bytes, naive_intermediate_bytes: naive, planned_intermediate_bytes: planned, fixed_bytes }
+    let staging_bytes = g.tensors.iter().filter(|t| t.output).map(|t| t.bytes()).sum();
+    MemoryPlan {
+        slot,
+        slot_bytes,
+        naive_intermediate_bytes: naive,
+        planned_intermediate_bytes: planned,
+        fixed_bytes,
+        staging_bytes,
+        params_bytes: params_buffer_bytes(&g.nodes, 256),
+    }
+}
+
+/// Size of the uniform buffer that holds `nodes`' parameters at offsets aligned to `align`, each
+/// bound as a window of [`super::MAX_PARAM_WORDS`] words.
+pub fn params_buffer_bytes(nodes: &[super::Node], align: u64) -> u64 {
+    let window = 4 * super::MAX_PARAM_WORDS as u64;
+    let mut end = 0u64;
+    let mut last = 0u64;
+    for node in nodes {
+        last = end.div_ceil(align) * align;
+        end = last + 4 * node.params.len() as u64;
+    }
+    if nodes.is_empty() {
+        window
+    } else {
+        last + window
+    }
 }

@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 use super::{build_eval, ModelConfig, UNet};
 use crate::checkpoint::Checkpoint;
 use crate::gpu::Context;
-use crate::graph::{Graph, Plan, TensorId};
+use crate::graph::{DType, Graph, Plan, TensorId};
 use crate::ops::neuron::Neuron;
 
 pub struct EvalNet {
@@ -61,7 +61,7 @@ pub fn eval_graph(
     cfg.validate_run(size, batch)?;
     let mut g = Graph::new();
     let x = g.input("x", &[batch, cfg.img_ch, size, size]);
-    let t = g.input("t", &[batch]);
+    let t = g.input_as("t", &[batch], DType::U32);
     let unet = build_eval(&mut g, cfg, x, t, Neuron { v_th, ..Neuron::default() });
     Ok((g, x, t, unet))
 }
