@@ -100,6 +100,10 @@ struct ProfileArgs {
     /// Time dispatches with host timers even when the adapter has timestamp queries.
     #[arg(long)]
     host_timers: bool,
+    /// Build and plan the graph without a GPU and print the plan (memory, cost model, largest
+    /// bindings): any preset and batch, whether or not this adapter could hold it.
+    #[arg(long, conflicts_with_all = ["trace", "host_timers"])]
+    dry_run: bool,
 }
 
 #[derive(clap::Args)]
@@ -455,7 +459,47 @@ fn train_step(
     Ok(())
 }
 
+fn profile_dry_run(a: &ProfileArgs) -> Result<()> {
+    let mut cfg = match &a.checkpoint {
+        Some(path) => Checkpoint::load(path)?.config(a.snn_steps)?,
+        None => {
+            let mut cfg = ModelConfig::preset(a.preset.as_deref().unwrap_or("tiny"))?;
+            if let Some(t) = a.snn_steps {
+                cfg.snn_steps = t;
+            }
+            cfg
+        }
+    };
+    if let Some(s) = a.size {
+        cfg.img_size = s;
+    }
+    let size = cfg.img_size;
+    let g = if a.train {
+        sddpm_gpu::diffusion::train_graph(&cfg, a.batch, size, &TrainOptions::default())?
+    } else {
+        let (mut g, _, _, unet) = sddpm_gpu::model::eval_graph(&cfg, a.batch, size, 1.0)?;
+        g.mark_output(unet.eps);
+        g
+    };
+    println!(
+        "dry run (planned, not run; no GPU): {} {}, batch {}, T = {}, {}x{}\n",
+        if a.train { "training steps of" } else { "network evaluations of" },
+        a.checkpoint
+            .as_ref()
+            .map_or_else(|| a.preset.clone().unwrap_or_else(|| "tiny".into()), |p| p.display().to_string()),
+        a.batch,
+        cfg.snn_steps,
+        size,
+        size
+    );
+    print!("{}", sddpm_gpu::profile::dry_run(&g));
+    Ok(())
+}
+
 fn profile(adapter: Option<&str>, a: &ProfileArgs) -> Result<()> {
+    if a.dry_run {
+        return profile_dry_run(a);
+    }
     let seed = 0;
     let (weights, mut cfg) = load_model(a.checkpoint.as_deref(), a.preset.as_deref(), a.snn_steps, seed)?;
     if let Some(s) = a.size {

@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use crate::checkpoint::Checkpoint;
 use crate::gpu::Context;
 use crate::graph::{DType, Graph, Plan, TensorId};
-use crate::model::{build_eval, ModelConfig};
+use crate::model::{build_eval, too_large, ModelConfig};
 use crate::ops::neuron::Neuron;
 use crate::ops::sampler::{self, NoiseKey, StepCoef, COEF_ROW};
 
@@ -52,6 +52,7 @@ impl Sampler {
         let update_node = sampler::update(&mut g, coef, step, unet.eps, x, None, key);
         sampler::advance(&mut g, step);
         g.mark_output(x);
+        g.check().map_err(|e| too_large(e, cfg, batch, size))?;
         let plan = Plan::compile(ctx, &g)?;
         unet.upload(ctx, &plan, ckpt)?;
         let table: Vec<f32> = rows.iter().flat_map(|r| r.row()).collect();

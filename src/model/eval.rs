@@ -63,5 +63,15 @@ pub fn eval_graph(
     let x = g.input("x", &[batch, cfg.img_ch, size, size]);
     let t = g.input_as("t", &[batch], DType::U32);
     let unet = build_eval(&mut g, cfg, x, t, Neuron { v_th, ..Neuron::default() });
+    g.check().map_err(|e| too_large(e, cfg, batch, size))?;
     Ok((g, x, t, unet))
+}
+
+/// A graph-building error of a net too large for `batch` images of `size` px, with the flags
+/// that shrink it.
+pub fn too_large(e: anyhow::Error, cfg: &ModelConfig, batch: usize, size: usize) -> anyhow::Error {
+    e.context(format!(
+        "batch {batch} of {size}x{size} images at T = {} is too large to build; lower --batch (or --size, --snn-steps)",
+        cfg.snn_steps
+    ))
 }
