@@ -12,6 +12,11 @@
 // No shared memory: barriers are cheap on GPUs but ruinous on lavapipe, and L1 serves the reuse.
 // Grid: x = output rows * column groups (64 per workgroup), y = ceil(Cout / 8), z = N.
 //
+// x (and the weight gradient's saved x) is either f32 or bit-packed spikes (graph dtype Spike:
+// element e at bit e % 32 of word e / 32), as p.x_spikes says; both are bound as u32 words, and a
+// spike reads as exactly 0.0 or 1.0, so a conv over packed spikes gives the same bits as over
+// f32 spikes while reading 32x fewer bytes.
+//
 // Backward (same Params, same bindings order: inputs then the written gradient):
 //   conv2d_grad_input:  dx[n, ci, iy, ix] = sum_{co, ky, kx} w[co, ci, ky, kx] * dy[n, co, oy, ox]
 //                       over the (oy, ox) with oy*s - p + ky = iy (the transposed convolution);
@@ -31,18 +36,26 @@ struct Params {
     n: u32, cin: u32, h: u32, w: u32,
     cout: u32, ho: u32, wo: u32, k: u32,
     stride: u32, pad: u32, has_bias: u32, wo_groups: u32,
+    x_spikes: u32, _pad0: u32, _pad1: u32, _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<u32>;
 @group(0) @binding(2) var<storage, read> wt: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 
 // x[xrow + ix], or 0 in the padding. (The 4 loads of a tile are written out, not looped: lavapipe
 // caps an invocation at 65535 loop iterations in total, and Cin * K * K already counts.)
+fn x_at(i: u32) -> f32 {
+    if (p.x_spikes != 0u) {
+        return f32((x[i / 32u] >> (i % 32u)) & 1u);
+    }
+    return bitcast<f32>(x[i]);
+}
+
 fn load_x(xrow: u32, ix: i32) -> f32 {
-    let v = x[xrow + u32(clamp(ix, 0, i32(p.w) - 1))];
+    let v = x_at(xrow + u32(clamp(ix, 0, i32(p.w) - 1)));
     return select(0.0, v, ix >= 0 && ix < i32(p.w));
 }
 
@@ -198,7 +211,14 @@ fn conv2d_grad_input(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
 }
 
-@group(0) @binding(2) var<storage, read> x_saved: array<f32>;
+@group(0) @binding(2) var<storage, read> x_saved: array<u32>;
+
+fn x_saved_at(i: u32) -> f32 {
+    if (p.x_spikes != 0u) {
+        return f32((x_saved[i / 32u] >> (i % 32u)) & 1u);
+    }
+    return bitcast<f32>(x_saved[i]);
+}
 @group(0) @binding(3) var<storage, read_write> dw_partial: array<f32>;
 
 // Elements of the flattened (n, oy, ox) space one invocation sums (see the header).
@@ -242,7 +262,7 @@ fn conv2d_grad_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
             let xrow = xplane + u32(iy) * p.w;
             for (var kx = 0u; kx < p.k; kx++) {
                 let ix = i32(ox * p.stride + kx) - i32(p.pad);
-                let v = select(0.0, x_saved[xrow + u32(clamp(ix, 0, i32(p.w) - 1))], ix >= 0 && ix < i32(p.w));
+                let v = select(0.0, x_saved_at(xrow + u32(clamp(ix, 0, i32(p.w) - 1))), ix >= 0 && ix < i32(p.w));
                 acc[ky * p.k + kx] += v * g;
             }
         }

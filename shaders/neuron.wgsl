@@ -1,20 +1,29 @@
 // neuron.wgsl: multi-step spiking neuron, fused over the T spiking time steps.
 //
-// Input x is time-major [T, N] (N = everything else: B*C*H*W), as the reference's [T*B, ...].
-// One invocation per neuron keeps the membrane v in a register for all T steps; each spike is
-// written once. For t = 0..T-1, starting from v = v_reset:
+// Input x is time-major [T, N] f32 (N = everything else: B*C*H*W), as the reference's [T*B, ...].
+// Spikes are written bit-packed (graph dtype Spike): element e = t*N + i of the flat [T, N]
+// tensor is bit e % 32 of word e / 32. For t = 0..T-1, starting from v = v_reset:
 //   charge   IF:  h = v + x[t]
 //            LIF: h = v + (x[t] - (v - v_reset)) / tau        (spikingjelly decay_input, tau > 1)
 //   fire     s = 1 if h - v_th >= 0 else 0                  (Heaviside, as the reference)
 //   reset    v = h * (1 - s) + v_reset * s                  (hard reset, not detached)
-// The training form also stores h[t], from which backward recomputes the ATan surrogate.
-// Backward (neuron_backward) runs the same loop in reverse time with the surrogate
-// dS/dH = 1 / (1 + (pi (h - v_th))^2) (ATan, alpha 2), the reset not detached:
+// neuron_forward (inference and training) has two grids, chosen by N:
+//   N % 32 == 0: one invocation per 32 consecutive neurons, all T steps, membranes in registers;
+//                at every step its 32 spikes fill exactly one word (no atomics, no clearing).
+//   otherwise:   one invocation per output word; each of its 32 elements (t, i) reruns neuron i's
+//                recurrence from step 0 (at most T charges each): the same float operations in
+//                the same order, so the same spikes, for the odd sizes that never occur in the
+//                U-Net (T*N/2 extra reads of x on average).
+// Backward (neuron_backward) keeps no membrane: it reads the neuron's input x, reruns the charge
+// (the same code, so h is bit-identical to the forward's), parks h[t] in grad_x, then runs the
+// loop in reverse time with the surrogate dS/dH = 1 / (1 + (pi (h - v_th))^2) (ATan, alpha 2),
+// the reset not detached:
 //   dv[t]/dh[t] = (1 - s) + (v_reset - h) dS/dH,  dh[t]/dv[t-1] = 1 (IF) or 1 - 1/tau (LIF),
 //   dh[t]/dx[t] = 1 (IF) or 1/tau (LIF); gh = gs[t] dS/dH + gv dv/dh, gx[t] = gh dh/dx,
-//   gv <- gh dh/dv, from gv = 0 at t = T-1 (spikingjelly's multi-step BPTT).
-// Napkin math: 4 bytes read + 4 written per neuron-step (+4 for h when training): purely
-// bandwidth-bound, so the fused loop is as fast as one copy of x.
+//   gv <- gh dh/dv, from gv = 0 at t = T-1 (spikingjelly's multi-step BPTT). Each h[t] is read
+// before gx[t] overwrites it, by the invocation that wrote it.
+// Napkin math: forward reads 4 bytes and writes 1 bit per neuron-step; training keeps x (the
+// input, often saved anyway) instead of a second f32 tensor of membranes.
 
 struct Params {
     n: u32, t: u32, lif: u32, _pad: u32,
@@ -23,8 +32,7 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read_write> spikes: array<f32>;
-@group(0) @binding(3) var<storage, read_write> h_saved: array<f32>;
+@group(0) @binding(2) var<storage, read_write> spikes: array<u32>;
 
 fn charge(v: f32, xt: f32) -> f32 {
     if (p.lif != 0u) {
@@ -33,53 +41,85 @@ fn charge(v: f32, xt: f32) -> f32 {
     return v + xt;
 }
 
-fn neuron_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+fn fires(h: f32) -> bool {
+    return h - p.v_th >= 0.0;
+}
+
+fn reset(h: f32, s: bool) -> f32 {
+    let sf = select(0.0, 1.0, s);
+    return h * (1.0 - sf) + p.v_reset * sf;
+}
+
+fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.y * nwg.x + wid.x) * 256u + lid;
 }
 
 @compute @workgroup_size(256)
 fn neuron_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(local_invocation_index) lid: u32) {
-    let i = neuron_index(wid, nwg, lid);
-    if (i >= p.n) {
+    let inv = flat_index(wid, nwg, lid);
+    if (p.n % 32u == 0u) {
+        let groups = p.n / 32u;
+        if (inv >= groups) {
+            return;
+        }
+        var v: array<f32, 32>;
+        for (var k = 0u; k < 32u; k++) {
+            v[k] = p.v_reset;
+        }
+        for (var t = 0u; t < p.t; t++) {
+            let base = t * p.n + inv * 32u;
+            var word = 0u;
+            for (var k = 0u; k < 32u; k++) {
+                let h = charge(v[k], x[base + k]);
+                let s = fires(h);
+                word |= select(0u, 1u << k, s);
+                v[k] = reset(h, s);
+            }
+            spikes[t * groups + inv] = word;
+        }
         return;
     }
-    var v = p.v_reset;
-    for (var t = 0u; t < p.t; t++) {
-        let h = charge(v, x[t * p.n + i]);
-        let s = select(0.0, 1.0, h - p.v_th >= 0.0);
-        spikes[t * p.n + i] = s;
-        v = h * (1.0 - s) + p.v_reset * s;
-    }
-}
-
-@compute @workgroup_size(256)
-fn neuron_forward_train(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                        @builtin(local_invocation_index) lid: u32) {
-    let i = neuron_index(wid, nwg, lid);
-    if (i >= p.n) {
+    let total = p.t * p.n;
+    if (inv * 32u >= total) {
         return;
     }
-    var v = p.v_reset;
-    for (var t = 0u; t < p.t; t++) {
-        let h = charge(v, x[t * p.n + i]);
-        let s = select(0.0, 1.0, h - p.v_th >= 0.0);
-        spikes[t * p.n + i] = s;
-        h_saved[t * p.n + i] = h;
-        v = h * (1.0 - s) + p.v_reset * s;
+    var word = 0u;
+    for (var k = 0u; k < 32u; k++) {
+        let e = inv * 32u + k;
+        if (e >= total) {
+            break;
+        }
+        let step = e / p.n;
+        let i = e % p.n;
+        var v = p.v_reset;
+        var s = false;
+        for (var t = 0u; t <= step; t++) {
+            let h = charge(v, x[t * p.n + i]);
+            s = fires(h);
+            v = reset(h, s);
+        }
+        word |= select(0u, 1u << k, s);
     }
+    spikes[inv] = word;
 }
 
 @group(0) @binding(1) var<storage, read> grad_spikes: array<f32>;
-@group(0) @binding(2) var<storage, read> h_in: array<f32>;
+@group(0) @binding(2) var<storage, read> x_in: array<f32>;
 @group(0) @binding(3) var<storage, read_write> grad_x: array<f32>;
 
 @compute @workgroup_size(256)
 fn neuron_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) lid: u32) {
-    let i = neuron_index(wid, nwg, lid);
+    let i = flat_index(wid, nwg, lid);
     if (i >= p.n) {
         return;
+    }
+    var v = p.v_reset;
+    for (var t = 0u; t < p.t; t++) {
+        let h = charge(v, x_in[t * p.n + i]);
+        grad_x[t * p.n + i] = h;
+        v = reset(h, fires(h));
     }
     var dh_dx = 1.0;
     var dh_dv = 1.0;
@@ -90,7 +130,7 @@ fn neuron_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     var gv = 0.0;
     for (var k = 0u; k < p.t; k++) {
         let t = p.t - 1u - k;
-        let h = h_in[t * p.n + i];
+        let h = grad_x[t * p.n + i];
         let over = h - p.v_th;
         let s = select(0.0, 1.0, over >= 0.0);
         let pi_x = 3.141592653589793 * over;

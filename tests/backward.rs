@@ -9,7 +9,7 @@
 mod common;
 
 use common::*;
-use sddpm_gpu::graph::{backward, Graph, Plan, TensorId};
+use sddpm_gpu::graph::{backward, DType, Graph, Plan, TensorId};
 use sddpm_gpu::ops::{batchnorm, conv, elementwise, layout, matmul, neuron, optim, readout, reduce};
 
 /// Run `g`, whose output `y` gets upstream gradient `dy`, and return the gradients of `wrt`.
@@ -88,6 +88,38 @@ fn conv2d_weight_gradient_over_many_positions() {
     // iterations than lavapipe lets one invocation run (it silently stops loops at 65535).
     check_conv_backward(6, [8, 2, 32, 32], 3, 3, 1);
     check_conv_backward(7, [1, 1, 64, 64], 2, 1, 1);
+}
+
+#[test]
+fn conv2d_weight_gradient_reads_packed_spikes() {
+    // What backward keeps of a conv over spikes is the packed spikes; the weight gradient must
+    // equal the one over the same spikes as f32, bit for bit.
+    for (seed, [n, cin, h, w], cout, k, stride) in
+        [(8u64, [2usize, 3, 7, 9], 5usize, 3usize, 1usize), (9, [3, 5, 9, 11], 4, 3, 2), (10, [8, 2, 32, 32], 3, 3, 1)]
+    {
+        let pad = k / 2;
+        let (ho, wo) = (conv::conv_out(h, k, stride, pad), conv::conv_out(w, k, stride, pad));
+        let mut r = rng(seed);
+        let xv: Vec<f32> =
+            uniform(&mut r, n * cin * h * w, 0.0, 1.0).iter().map(|&u| (u < 0.3) as u32 as f32).collect();
+        let wv = uniform(&mut r, cout * cin * k * k, -0.5, 0.5);
+        let dy = normalish(&mut r, n * cout * ho * wo, 1.0);
+        let mut grads = Vec::new();
+        for dtype in [DType::Spike, DType::F32] {
+            let mut g = Graph::new();
+            let x = g.input_as("x", &[n, cin, h, w], dtype);
+            let wt = g.param("w", &[cout, cin, k, k]);
+            let y = conv::conv2d(&mut g, x, wt, None, stride, pad, "conv");
+            let seed_t = g.input("dy", &[n, cout, ho, wo]);
+            let gw = backward(&mut g, y, seed_t, &[wt], elementwise::add)[&wt];
+            let xdata = if dtype == DType::Spike { sddpm_gpu::graph::pack_spikes(&xv) } else { bits(&xv) };
+            grads.push(run_graph(g, &[(x, xdata), (wt, bits(&wv)), (seed_t, bits(&dy))], &[gw]).remove(0));
+        }
+        let what = format!("conv over spikes {n}x{cin}x{h}x{w}->{cout} k{k} s{stride} dw");
+        assert_eq!(bits(&grads[0]), bits(&grads[1]), "{what}: packed vs f32");
+        let dw = conv::conv2d_grad_weight_cpu(&dy, &xv, [n, cin, h, w], [cout, k], stride, pad);
+        assert_close(&what, &grads[0], &dw, 1e-5, 1e-4);
+    }
 }
 
 #[test]

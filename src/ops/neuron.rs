@@ -1,8 +1,8 @@
 //! The multi-step spiking neuron fused over T: integrate-and-fire (the reference's IFNode) or
-//! leaky integrate-and-fire, hard reset, reset not detached.
+//! leaky integrate-and-fire, hard reset, reset not detached. Spikes leave it bit-packed.
 
 use crate::gpu::Shader;
-use crate::graph::{grid_1d, Cost, Graph, Node, Params, TensorId};
+use crate::graph::{grid_1d, Cost, DType, Graph, Node, Params, TensorId};
 use crate::shader;
 
 pub static SHADER: Shader = shader!("neuron");
@@ -43,41 +43,42 @@ fn neurons_per_step(g: &Graph, x: TensorId, t: usize, name: &str) -> usize {
     numel / t
 }
 
-/// Spikes of x ([T*B, ...], time-major) over `t` steps.
-pub fn neuron_forward(g: &mut Graph, x: TensorId, t: usize, cfg: Neuron, name: &str) -> TensorId {
+/// The forward node: x [T*B, ...] f32 -> bit-packed spikes of the same shape. See
+/// shaders/neuron.wgsl for the two grids.
+fn forward_node(g: &mut Graph, x: TensorId, t: usize, cfg: Neuron, name: &str) -> TensorId {
     let n = neurons_per_step(g, x, t, name);
     let shape = g.shape(x).to_vec();
-    let s = g.intermediate(name, &shape);
-    g.push(Node {
-        shader: &SHADER,
-        entry: "neuron_forward",
-        params: cfg.params(n, t),
-        reads: vec![x],
-        writes: vec![s],
-        workgroups: grid_1d(n, 256),
-        label: name.to_string(),
-        cost: Cost { flops: 4 * (n * t) as u64, bytes: 8 * (n * t) as u64 },
-    });
+    let s = g.intermediate_as(name, &shape, DType::Spike);
+    let invocations = if n.is_multiple_of(32) { n / 32 } else { (n * t).div_ceil(32) };
+    let bytes = g.bytes_of(x) + g.bytes_of(s);
+    g.push_typed(
+        Node {
+            shader: &SHADER,
+            entry: "neuron_forward",
+            params: cfg.params(n, t),
+            reads: vec![x],
+            writes: vec![s],
+            workgroups: grid_1d(invocations, 256),
+            label: name.to_string(),
+            cost: Cost { flops: 4 * (n * t) as u64, bytes },
+        },
+        &[DType::F32],
+        &[DType::Spike],
+    );
     s
 }
 
-/// Training form: spikes and the membrane h[t] before firing (what backward needs).
+/// Spikes of x ([T*B, ...], time-major) over `t` steps, bit-packed ([`DType::Spike`]).
+pub fn neuron_forward(g: &mut Graph, x: TensorId, t: usize, cfg: Neuron, name: &str) -> TensorId {
+    forward_node(g, x, t, cfg, name)
+}
+
+/// Training form: the same spikes, recorded for backward, and the tensor backward keeps. That is
+/// the input x, not the membranes: backward recomputes h from x, which costs the same memory as
+/// keeping h, and none when x is kept for another op's backward anyway.
 pub fn neuron_forward_train(g: &mut Graph, x: TensorId, t: usize, cfg: Neuron, name: &str) -> (TensorId, TensorId) {
+    let s = forward_node(g, x, t, cfg, name);
     let n = neurons_per_step(g, x, t, name);
-    let shape = g.shape(x).to_vec();
-    let s = g.intermediate(name, &shape);
-    let shape = g.shape(x).to_vec();
-    let h = g.intermediate(&format!("{name}.h"), &shape);
-    g.push(Node {
-        shader: &SHADER,
-        entry: "neuron_forward_train",
-        params: cfg.params(n, t),
-        reads: vec![x],
-        writes: vec![s, h],
-        workgroups: grid_1d(n, 256),
-        label: name.to_string(),
-        cost: Cost { flops: 4 * (n * t) as u64, bytes: 12 * (n * t) as u64 },
-    });
     let label = name.to_string();
     let shape = g.shape(x).to_vec();
     g.record(name, vec![x], vec![s], move |g, go, _needs| {
@@ -87,15 +88,16 @@ pub fn neuron_forward_train(g: &mut Graph, x: TensorId, t: usize, cfg: Neuron, n
             shader: &SHADER,
             entry: "neuron_backward",
             params: cfg.params(n, t),
-            reads: vec![gs, h],
+            reads: vec![gs, x],
             writes: vec![dx],
             workgroups: grid_1d(n, 256),
             label: format!("{label}.backward"),
-            cost: Cost { flops: 12 * (n * t) as u64, bytes: 12 * (n * t) as u64 },
+            // gs and x read, h parked in dx and read back, dx written.
+            cost: Cost { flops: 16 * (n * t) as u64, bytes: 20 * (n * t) as u64 },
         });
         vec![Some(dx)]
     });
-    (s, h)
+    (s, x)
 }
 
 /// CPU reference of the backward through time: grad_x from grad_spikes and the saved h.
