@@ -22,12 +22,19 @@
 //   dh[t]/dx[t] = 1 (IF) or 1/tau (LIF); gh = gs[t] dS/dH + gv dv/dh, gx[t] = gh dh/dx,
 //   gv <- gh dh/dv, from gv = 0 at t = T-1 (spikingjelly's multi-step BPTT). Each h[t] is read
 // before gx[t] overwrites it, by the invocation that wrote it.
+// neuron_backward_affine is the same for a neuron whose input is a training-mode BatchNorm of a
+// saved tensor plus a per-(image, channel) term (BN, then the time-embedding add):
+//   x[e] = (c[e] * alpha + beta) + emb[(img % B) * C + ch],  alpha = weight[ch] * invstd[ch],
+//   beta = bias[ch] - mean[ch] * alpha,  ch = (e / HW) % C, img = e / (HW * C)
+// written as batchnorm.wgsl's bn_train_apply and elementwise.wgsl's add_channel write it, so x is
+// recomputed bit for bit from c (which BN's backward keeps anyway) and x itself is not kept.
 // Napkin math: forward reads 4 bytes and writes 1 bit per neuron-step; training keeps x (the
 // input, often saved anyway) instead of a second f32 tensor of membranes.
 
 struct Params {
     n: u32, t: u32, lif: u32, _pad: u32,
     v_th: f32, v_reset: f32, inv_tau: f32, _pad1: u32,
+    c: u32, hw: u32, b: u32, _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -108,6 +115,24 @@ fn neuron_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
 @group(0) @binding(2) var<storage, read> x_in: array<f32>;
 @group(0) @binding(3) var<storage, read_write> grad_x: array<f32>;
 
+// One step of the reverse-time sweep, shared by both backward entries: from h[t], gs[t] and the
+// gradient gv flowing back from step t+1, returns (gx[t], gv for step t-1).
+fn backward_step(h: f32, gs: f32, gv: f32) -> vec2<f32> {
+    var dh_dx = 1.0;
+    var dh_dv = 1.0;
+    if (p.lif != 0u) {
+        dh_dx = p.inv_tau;
+        dh_dv = 1.0 - p.inv_tau;
+    }
+    let over = h - p.v_th;
+    let s = select(0.0, 1.0, over >= 0.0);
+    let pi_x = 3.141592653589793 * over;
+    let sg = 1.0 / (1.0 + pi_x * pi_x);
+    let dv_dh = (1.0 - s) + (p.v_reset - h) * sg;
+    let gh = gs * sg + gv * dv_dh;
+    return vec2<f32>(gh * dh_dx, gh * dh_dv);
+}
+
 @compute @workgroup_size(256)
 fn neuron_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_index) lid: u32) {
@@ -121,23 +146,48 @@ fn neuron_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
         grad_x[t * p.n + i] = h;
         v = reset(h, fires(h));
     }
-    var dh_dx = 1.0;
-    var dh_dv = 1.0;
-    if (p.lif != 0u) {
-        dh_dx = p.inv_tau;
-        dh_dv = 1.0 - p.inv_tau;
+    var gv = 0.0;
+    for (var k = 0u; k < p.t; k++) {
+        let e = (p.t - 1u - k) * p.n + i;
+        let r = backward_step(grad_x[e], grad_spikes[e], gv);
+        grad_x[e] = r.x;
+        gv = r.y;
+    }
+}
+
+@group(0) @binding(2) var<storage, read> bn_in: array<f32>;
+@group(0) @binding(3) var<storage, read> bn_weight: array<f32>;
+@group(0) @binding(4) var<storage, read> bn_bias: array<f32>;
+@group(0) @binding(5) var<storage, read> bn_mean: array<f32>;
+@group(0) @binding(6) var<storage, read> bn_invstd: array<f32>;
+@group(0) @binding(7) var<storage, read> emb: array<f32>;
+@group(0) @binding(8) var<storage, read_write> grad_x_affine: array<f32>;
+
+@compute @workgroup_size(256)
+fn neuron_backward_affine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                          @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    var v = p.v_reset;
+    for (var t = 0u; t < p.t; t++) {
+        let e = t * p.n + i;
+        let ch = (e / p.hw) % p.c;
+        let img = e / (p.hw * p.c);
+        let alpha = bn_weight[ch] * bn_invstd[ch];
+        let beta = bn_bias[ch] - bn_mean[ch] * alpha;
+        let y = bn_in[e] * alpha + beta;
+        let xt = y + emb[(img % p.b) * p.c + ch];
+        let h = charge(v, xt);
+        grad_x_affine[e] = h;
+        v = reset(h, fires(h));
     }
     var gv = 0.0;
     for (var k = 0u; k < p.t; k++) {
-        let t = p.t - 1u - k;
-        let h = grad_x[t * p.n + i];
-        let over = h - p.v_th;
-        let s = select(0.0, 1.0, over >= 0.0);
-        let pi_x = 3.141592653589793 * over;
-        let sg = 1.0 / (1.0 + pi_x * pi_x);
-        let dv_dh = (1.0 - s) + (p.v_reset - h) * sg;
-        let gh = grad_spikes[t * p.n + i] * sg + gv * dv_dh;
-        grad_x[t * p.n + i] = gh * dh_dx;
-        gv = gh * dh_dv;
+        let e = (p.t - 1u - k) * p.n + i;
+        let r = backward_step(grad_x_affine[e], grad_spikes[e], gv);
+        grad_x_affine[e] = r.x;
+        gv = r.y;
     }
 }

@@ -214,6 +214,68 @@ fn check_neuron_backward(seed: u64, t: usize, n: usize, cfg: neuron::Neuron) {
     assert_close(&format!("neuron backward T={t} {cfg:?}"), &got, &want, 1e-5, 1e-6);
 }
 
+/// The neuron backward that recomputes its input from BN's saved input and statistics and the
+/// added embedding must give the same bits as the one that keeps the input.
+fn check_neuron_backward_affine(seed: u64, t: usize, b: usize, c: usize, hw: usize, cfg: neuron::Neuron) {
+    let n = t * b;
+    let mut r = rng(seed);
+    let cv: Vec<f32> = normalish(&mut r, n * c * hw, 1.0);
+    let wv = uniform(&mut r, c, 0.5, 1.5);
+    let bv = uniform(&mut r, c, 0.0, 0.8);
+    let ev = uniform(&mut r, b * c, -0.3, 0.3);
+    let gs = normalish(&mut r, n * c * hw, 1.0);
+    let mut grads = Vec::new();
+    for affine in [false, true] {
+        let mut g = Graph::new();
+        let x = g.input("c", &[n, c, hw]);
+        let p = batchnorm::BnParams {
+            weight: g.param("bn.weight", &[c]),
+            bias: g.param("bn.bias", &[c]),
+            running_mean: g.param("bn.running_mean", &[c]),
+            running_var: g.param("bn.running_var", &[c]),
+        };
+        let emb = g.input("emb", &[b, c]);
+        let (y, saved) = batchnorm::batchnorm_train(&mut g, x, p, "bn");
+        let z = elementwise::add_channel(&mut g, y, emb, "add");
+        let s = if affine {
+            let input = neuron::AffineInput {
+                c: x,
+                weight: p.weight,
+                bias: p.bias,
+                mean: saved.mean,
+                invstd: saved.invstd,
+                emb,
+            };
+            neuron::neuron_forward_train_affine(&mut g, z, input, t, cfg, "neuron")
+        } else {
+            neuron::neuron_forward_train(&mut g, z, t, cfg, "neuron").0
+        };
+        let inputs = [
+            (x, cv.clone()),
+            (p.weight, wv.clone()),
+            (p.bias, bv.clone()),
+            (p.running_mean, vec![0.0; c]),
+            (p.running_var, vec![1.0; c]),
+            (emb, ev.clone()),
+        ];
+        grads.push(gpu_grads(g, s, &gs, &inputs, &[z]).remove(0));
+    }
+    let what = format!("neuron backward with recomputed input T={t} B={b} C={c} HW={hw} {cfg:?}");
+    assert_eq!(bits(&grads[0]), bits(&grads[1]), "{what}: recomputed vs kept input");
+    let (mut rm, mut rv) = (vec![0.0; c], vec![1.0; c]);
+    let (y, _, _) = batchnorm::batchnorm_train_cpu(&cv, c, hw, &wv, &bv, &mut rm, &mut rv);
+    let z = elementwise::add_channel_cpu(&y, &ev, c, hw, b);
+    let (_, h) = neuron::neuron_cpu(&z, t, cfg);
+    assert_close(&what, &grads[1], &neuron::neuron_backward_cpu(&gs, &h, t, cfg), 1e-4, 1e-5);
+}
+
+#[test]
+fn neuron_backward_recomputes_bn_and_add() {
+    check_neuron_backward_affine(40, 4, 2, 5, 9, neuron::Neuron::default());
+    check_neuron_backward_affine(41, 3, 3, 4, 16, neuron::Neuron::default());
+    check_neuron_backward_affine(42, 2, 2, 3, 7, neuron::Neuron { tau: Some(2.0), ..Default::default() });
+}
+
 #[test]
 fn neuron_backward_through_time() {
     check_neuron_backward(30, 4, 1000, neuron::Neuron::default());

@@ -100,6 +100,59 @@ pub fn neuron_forward_train(g: &mut Graph, x: TensorId, t: usize, cfg: Neuron, n
     (s, x)
 }
 
+/// A neuron input that training-mode BatchNorm and a broadcast add computed from a saved tensor:
+/// x = (c * alpha + beta) + emb[n % B, ch] with alpha = weight * invstd, beta = bias - mean * alpha
+/// per channel, c: [N, C, ...], emb: [B, C]. Backward recomputes x from these instead of keeping it.
+#[derive(Debug, Clone, Copy)]
+pub struct AffineInput {
+    pub c: TensorId,
+    pub weight: TensorId,
+    pub bias: TensorId,
+    pub mean: TensorId,
+    pub invstd: TensorId,
+    pub emb: TensorId,
+}
+
+/// [`neuron_forward_train`] of `x`, which must equal what `input` describes (the caller computed
+/// it so); backward keeps nothing of x and reruns BN-apply, the add and the charge inside the
+/// backward kernel. Returns the spikes.
+pub fn neuron_forward_train_affine(
+    g: &mut Graph,
+    x: TensorId,
+    input: AffineInput,
+    t: usize,
+    cfg: Neuron,
+    name: &str,
+) -> TensorId {
+    let s = forward_node(g, x, t, cfg, name);
+    let n = neurons_per_step(g, x, t, name);
+    let shape = g.shape(x).to_vec();
+    assert_eq!(g.shape(input.c), &shape[..], "{name}: the BN input must have the neuron input's shape");
+    let (c, hw) = (shape[1], shape[2..].iter().product::<usize>());
+    let b = g.shape(input.emb)[0];
+    assert_eq!(g.shape(input.emb), [b, c], "{name}: the added term must be [B, C]");
+    let mut params = cfg.params(n, t);
+    params.truncate(8);
+    params.extend(Params::new().u(c).u(hw).u(b).build());
+    let label = name.to_string();
+    g.record(name, vec![x], vec![s], move |g, go, _needs| {
+        let Some(gs) = go[0] else { return vec![None] };
+        let dx = g.intermediate(&format!("{label}.grad_input"), &shape);
+        g.push(Node {
+            shader: &SHADER,
+            entry: "neuron_backward_affine",
+            params: params.clone(),
+            reads: vec![gs, input.c, input.weight, input.bias, input.mean, input.invstd, input.emb],
+            writes: vec![dx],
+            workgroups: grid_1d(n, 256),
+            label: format!("{label}.backward"),
+            cost: Cost { flops: 20 * (n * t) as u64, bytes: 20 * (n * t) as u64 },
+        });
+        vec![Some(dx)]
+    });
+    s
+}
+
 /// CPU reference of the backward through time: grad_x from grad_spikes and the saved h.
 pub fn neuron_backward_cpu(grad_s: &[f32], h: &[f32], t: usize, cfg: Neuron) -> Vec<f32> {
     let n = h.len() / t;
