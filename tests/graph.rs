@@ -299,4 +299,11 @@ fn sizes_past_u32_are_a_graph_error_not_a_panic() {
     let msg = format!("{:#}", g.check().unwrap_err());
     assert!(msg.contains("'images'") && msg.contains("10485760000 elements"), "{msg}");
     assert!(Plan::compile(ctx(), &g).is_err());
+    // Fits u32 indices but not a dispatch: conv grids put the images on the z axis.
+    let mut g = Graph::new();
+    let x = g.input("x", &[70000, 1, 2, 2]);
+    let w = g.param("w", &[1, 1, 3, 3]);
+    conv::conv2d(&mut g, x, w, None, 1, 1, "wide conv");
+    let msg = format!("{:#}", g.check().unwrap_err());
+    assert!(msg.contains("wide conv") && msg.contains("70000 workgroups"), "{msg}");
 }

@@ -13,7 +13,7 @@
 //! A tensor of another dtype is a graph-building error naming the node and the tensor.
 //!
 //! Graph building does not panic on sizes that come from the user: a tensor too large for 32-bit
-//! kernel indices or a dtype mismatch is recorded, building goes on, and [`Graph::check`] (also
+//! kernel indices, a dispatch wider than 65535 workgroups or a dtype mismatch is recorded, building goes on, and [`Graph::check`] (also
 //! run by [`Plan::compile`]) returns the first such error. Callers add which flag to change.
 
 mod autodiff;
@@ -123,6 +123,9 @@ impl TensorInfo {
 
 /// Most elements a tensor may have: kernels index with u32.
 pub const MAX_ELEMENTS: usize = u32::MAX as usize;
+
+/// Most workgroups of one dispatch along one axis (WebGPU's guaranteed limit).
+pub const MAX_WORKGROUPS: u32 = 65535;
 
 /// Work a node does, for benchmarks and the profiler.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -267,6 +270,13 @@ impl Graph {
             node.reads.len(),
             node.writes.len()
         );
+        if let Some(&big) = node.workgroups.iter().find(|&&w| w > MAX_WORKGROUPS) {
+            let msg = format!(
+                "node '{}' ({}::{}) needs {big} workgroups along one axis, more than the {MAX_WORKGROUPS} an adapter must allow",
+                node.label, node.shader.name, node.entry
+            );
+            self.fail(msg);
+        }
         let bound = node.reads.iter().zip(reads).chain(node.writes.iter().zip(writes));
         for (&t, &want) in bound {
             let info = &self.tensors[t.0];
