@@ -8,8 +8,10 @@
 //   fire     s = 1 if h - v_th >= 0 else 0                  (Heaviside, as the reference)
 //   reset    v = h * (1 - s) + v_reset * s                  (hard reset, not detached)
 // neuron_forward (inference and training) has two grids, chosen by N:
-//   N % 32 == 0: one invocation per 32 consecutive neurons, all T steps, membranes in registers;
-//                at every step its 32 spikes fill exactly one word (no atomics, no clearing).
+//   N % 32 == 0: one invocation per neuron (coalesced reads of x), its membrane in a register,
+//                its spikes of up to 32 steps collected as bits of one u32; one barrier, then
+//                the workgroup's 256 neurons x 32 steps are transposed out of workgroup memory
+//                into 8 whole words per step (no atomics, no clearing; a barrier per 32 steps).
 //   otherwise:   one invocation per output word; each of its 32 elements (t, i) reruns neuron i's
 //                recurrence from step 0 (at most T charges each): the same float operations in
 //                the same order, so the same spikes, for the odd sizes that never occur in the
@@ -61,32 +63,44 @@ fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.y * nwg.x + wid.x) * 256u + lid;
 }
 
-@compute @workgroup_size(256)
-fn neuron_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                  @builtin(local_invocation_index) lid: u32) {
-    let inv = flat_index(wid, nwg, lid);
-    if (p.n % 32u == 0u) {
-        let groups = p.n / 32u;
-        if (inv >= groups) {
-            return;
-        }
-        var v: array<f32, 32>;
-        for (var k = 0u; k < 32u; k++) {
-            v[k] = p.v_reset;
-        }
-        for (var t = 0u; t < p.t; t++) {
-            let base = t * p.n + inv * 32u;
-            var word = 0u;
-            for (var k = 0u; k < 32u; k++) {
-                let h = charge(v[k], x[base + k]);
+// Spike masks of the workgroup's neurons: bit k of masks[l] is neuron l's spike at step t0 + k.
+var<workgroup> masks: array<u32, 256>;
+
+fn forward_aligned(wg: u32, lid: u32) {
+    let base = wg * 256u;
+    let i = base + lid;
+    let live = i < p.n;
+    // Whole words of this workgroup at each step (N % 32 == 0, so the last group is whole too).
+    let words = min(8u, (p.n - min(base, p.n)) / 32u);
+    var v = p.v_reset;
+    for (var t0 = 0u; t0 < p.t; t0 += 32u) {
+        let steps = min(32u, p.t - t0);
+        var m = 0u;
+        if (live) {
+            for (var k = 0u; k < steps; k++) {
+                let h = charge(v, x[(t0 + k) * p.n + i]);
                 let s = fires(h);
-                word |= select(0u, 1u << k, s);
-                v[k] = reset(h, s);
+                m |= select(0u, 1u << k, s);
+                v = reset(h, s);
             }
-            spikes[t * groups + inv] = word;
         }
-        return;
+        masks[lid] = m;
+        workgroupBarrier();
+        // Invocation j writes word j % 8 of step t0 + j / 8.
+        let k = lid / 8u;
+        let word = lid % 8u;
+        if (k < steps && word < words) {
+            var bits = 0u;
+            for (var l = 0u; l < 32u; l++) {
+                bits |= ((masks[word * 32u + l] >> k) & 1u) << l;
+            }
+            spikes[((t0 + k) * p.n + base) / 32u + word] = bits;
+        }
+        workgroupBarrier();
     }
+}
+
+fn forward_words(inv: u32) {
     let total = p.t * p.n;
     if (inv * 32u >= total) {
         return;
@@ -109,6 +123,16 @@ fn neuron_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
         word |= select(0u, 1u << k, s);
     }
     spikes[inv] = word;
+}
+
+@compute @workgroup_size(256)
+fn neuron_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    if (p.n % 32u == 0u) {
+        forward_aligned(wid.y * nwg.x + wid.x, lid);
+    } else {
+        forward_words(flat_index(wid, nwg, lid));
+    }
 }
 
 @group(0) @binding(1) var<storage, read> grad_spikes: array<f32>;

@@ -375,9 +375,10 @@ fn check_neuron(seed: u64, t: usize, n: usize, cfg: neuron::Neuron) {
 
 #[test]
 fn neuron_packs_spikes_at_odd_sizes() {
-    // N a multiple of 32 takes the per-32-neurons grid, any other N the per-word grid.
-    for t in 1..=8 {
-        for n in [1, 31, 33, 64, 77, 96] {
+    // N a multiple of 32 takes the per-neuron grid (544: a partial last workgroup; T past 32:
+    // more than one mask per neuron), any other N the per-word grid.
+    for t in (1..=8).chain([33, 40]) {
+        for n in [1, 31, 33, 64, 77, 96, 544] {
             let mut r = rng(60 + t as u64);
             let xv: Vec<f32> = normalish(&mut r, t * n, 1.2).iter().map(|v| v + 0.4).collect();
             let mut g = Graph::new();

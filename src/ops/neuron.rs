@@ -49,7 +49,7 @@ fn forward_node(g: &mut Graph, x: TensorId, t: usize, cfg: Neuron, name: &str) -
     let n = neurons_per_step(g, x, t, name);
     let shape = g.shape(x).to_vec();
     let s = g.intermediate_as(name, &shape, DType::Spike);
-    let invocations = if n.is_multiple_of(32) { n / 32 } else { (n * t).div_ceil(32) };
+    let invocations = if n.is_multiple_of(32) { n } else { (n * t).div_ceil(32) };
     let bytes = g.bytes_of(x) + g.bytes_of(s);
     g.push_typed(
         Node {
