@@ -7,12 +7,13 @@
 //            LIF: h = v + (x[t] - (v - v_reset)) / tau        (spikingjelly decay_input, tau > 1)
 //   fire     s = 1 if h - v_th >= 0 else 0                  (Heaviside, as the reference)
 //   reset    v = h * (1 - s) + v_reset * s                  (hard reset, not detached)
-// neuron_forward (inference and training) has two grids, chosen by N:
-//   N % 32 == 0: one invocation per neuron (coalesced reads of x), its membrane in a register,
-//                its spikes of up to 32 steps collected as bits of one u32; one barrier, then
-//                the workgroup's 256 neurons x 32 steps are transposed out of workgroup memory
-//                into 8 whole words per step (no atomics, no clearing; a barrier per 32 steps).
-//   otherwise:   one invocation per output word; each of its 32 elements (t, i) reruns neuron i's
+// The forward (inference and training) has two entries, chosen by N:
+//   neuron_forward_aligned, N % 32 == 0: one invocation per neuron (coalesced reads of x), its
+//                membrane in a register, its spikes of up to 32 steps collected as bits of one
+//                u32; a barrier, then the workgroup's 32 neurons x 32 steps are transposed out
+//                of workgroup memory into one whole word per step (no atomics, no clearing).
+//                Workgroups of 32 keep the barrier cheap on lavapipe.
+//   neuron_forward, any N: one invocation per output word; each of its 32 elements (t, i) reruns neuron i's
 //                recurrence from step 0 (at most T charges each): the same float operations in
 //                the same order, so the same spikes, for the odd sizes that never occur in the
 //                U-Net (T*N/2 extra reads of x on average).
@@ -63,15 +64,16 @@ fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.y * nwg.x + wid.x) * 256u + lid;
 }
 
-// Spike masks of the workgroup's neurons: bit k of masks[l] is neuron l's spike at step t0 + k.
-var<workgroup> masks: array<u32, 256>;
+// Spike masks of the workgroup's 32 neurons: bit k of masks[l] is neuron l's spike at step t0 + k.
+var<workgroup> masks: array<u32, 32>;
 
-fn forward_aligned(wg: u32, lid: u32) {
-    let base = wg * 256u;
+// N % 32 == 0: workgroups of 32 neurons, one output word per step each.
+@compute @workgroup_size(32)
+fn neuron_forward_aligned(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                          @builtin(local_invocation_index) lid: u32) {
+    let base = (wid.y * nwg.x + wid.x) * 32u;
+    let live = base < p.n;
     let i = base + lid;
-    let live = i < p.n;
-    // Whole words of this workgroup at each step (N % 32 == 0, so the last group is whole too).
-    let words = min(8u, (p.n - min(base, p.n)) / 32u);
     var v = p.v_reset;
     for (var t0 = 0u; t0 < p.t; t0 += 32u) {
         let steps = min(32u, p.t - t0);
@@ -86,15 +88,13 @@ fn forward_aligned(wg: u32, lid: u32) {
         }
         masks[lid] = m;
         workgroupBarrier();
-        // Invocation j writes word j % 8 of step t0 + j / 8.
-        let k = lid / 8u;
-        let word = lid % 8u;
-        if (k < steps && word < words) {
+        // Invocation k writes the word of step t0 + k.
+        if (live && lid < steps) {
             var bits = 0u;
             for (var l = 0u; l < 32u; l++) {
-                bits |= ((masks[word * 32u + l] >> k) & 1u) << l;
+                bits |= ((masks[l] >> lid) & 1u) << l;
             }
-            spikes[((t0 + k) * p.n + base) / 32u + word] = bits;
+            spikes[((t0 + lid) * p.n + base) / 32u] = bits;
         }
         workgroupBarrier();
     }
@@ -125,14 +125,11 @@ fn forward_words(inv: u32) {
     spikes[inv] = word;
 }
 
+// Any N: one invocation per output word.
 @compute @workgroup_size(256)
 fn neuron_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(local_invocation_index) lid: u32) {
-    if (p.n % 32u == 0u) {
-        forward_aligned(wid.y * nwg.x + wid.x, lid);
-    } else {
-        forward_words(flat_index(wid, nwg, lid));
-    }
+    forward_words(flat_index(wid, nwg, lid));
 }
 
 @group(0) @binding(1) var<storage, read> grad_spikes: array<f32>;

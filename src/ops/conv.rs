@@ -62,6 +62,8 @@ fn conv_node(
     let (n, h, wd) = (xs[0], xs[2], xs[3]);
     let xd = g.dtype(x);
     assert!(matches!(xd, DType::F32 | DType::Spike), "{name}: conv input must be f32 or spikes, got {}", xd.name());
+    // Spike loads cut 4 taps out of one 32-bit window (shaders/conv.wgsl load_x4).
+    assert!(xd != DType::Spike || stride <= 10, "{name}: a conv over packed spikes takes strides up to 10");
     let x_bytes = g.bytes_of(x);
     let (ho, wo) = (conv_out(h, k, stride, pad), conv_out(wd, k, stride, pad));
     let y = g.intermediate(name, &[n, cout, ho, wo]);

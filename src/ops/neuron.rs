@@ -49,16 +49,20 @@ fn forward_node(g: &mut Graph, x: TensorId, t: usize, cfg: Neuron, name: &str) -
     let n = neurons_per_step(g, x, t, name);
     let shape = g.shape(x).to_vec();
     let s = g.intermediate_as(name, &shape, DType::Spike);
-    let invocations = if n.is_multiple_of(32) { n } else { (n * t).div_ceil(32) };
+    let (entry, workgroups) = if n.is_multiple_of(32) {
+        ("neuron_forward_aligned", grid_1d(n, 32))
+    } else {
+        ("neuron_forward", grid_1d((n * t).div_ceil(32), 256))
+    };
     let bytes = g.bytes_of(x) + g.bytes_of(s);
     g.push_typed(
         Node {
             shader: &SHADER,
-            entry: "neuron_forward",
+            entry,
             params: cfg.params(n, t),
             reads: vec![x],
             writes: vec![s],
-            workgroups: grid_1d(invocations, 256),
+            workgroups,
             label: name.to_string(),
             cost: Cost { flops: 4 * (n * t) as u64, bytes },
         },
