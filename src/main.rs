@@ -233,6 +233,10 @@ struct SampleArgs {
     /// Also write one PNG per image into this folder (for FID tools).
     #[arg(long)]
     out_dir: Option<PathBuf>,
+    /// Sample only share K of N of the --n images (1 <= K <= N; e.g. a job array's task id),
+    /// into --out-dir, named by global index: the files one unsharded run writes for them.
+    #[arg(long, value_name = "K/N")]
+    shard: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -310,9 +314,24 @@ fn sample(adapter: Option<&str>, a: &SampleArgs) -> Result<()> {
     if a.n == 0 {
         bail!("--n must be at least 1");
     }
+    let images = match &a.shard {
+        Some(spec) => {
+            let (k, shards) = sddpm_gpu::shard::parse(spec)?;
+            if a.out_dir.is_none() || a.out.is_some() {
+                bail!("--shard writes one PNG per image into --out-dir (no grid --out); add --out-dir DIR");
+            }
+            sddpm_gpu::shard::range(k, shards, a.n)
+        }
+        None => 0..a.n,
+    };
+    let count = images.len();
+    if count == 0 {
+        println!("shard {} of {} images is empty: nothing to write", a.shard.as_deref().unwrap_or(""), a.n);
+        return Ok(());
+    }
     let (ckpt, cfg) = load_model(a.checkpoint.as_deref(), a.preset.as_deref(), a.snn_steps, a.seed)?;
     let size = a.size.unwrap_or(cfg.img_size);
-    let batch = a.batch.unwrap_or(16).clamp(1, a.n);
+    let batch = a.batch.unwrap_or(16).clamp(1, count);
     let (kind, default_steps) = match a.sampler {
         SamplerArg::Ddpm => (SamplerKind::Ddpm, cfg.diffusion_steps),
         SamplerArg::Ddim => (SamplerKind::Ddim, 100.min(cfg.diffusion_steps)),
@@ -320,32 +339,32 @@ fn sample(adapter: Option<&str>, a: &SampleArgs) -> Result<()> {
     let rows = plan_steps(&Schedule::reference(cfg.diffusion_steps), kind, a.steps.unwrap_or(default_steps))?;
     let ctx = Context::new(adapter)?;
     let sampler = Sampler::new(&ctx, &cfg, &ckpt, batch, size, a.threshold, &rows)?;
-    let batches = a.n.div_ceil(batch);
+    let batches = count.div_ceil(batch);
     let bar = ProgressBar::new((batches * sampler.steps) as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} network evals, {per_sec}, eta {eta} {msg}")
             .expect("valid template"),
     );
     let per_image = cfg.img_ch * size * size;
-    let mut all = Vec::with_capacity(a.n * per_image);
+    let mut all = Vec::with_capacity(count * per_image);
     for k in 0..batches {
-        bar.set_message(format!("images {}/{}", k * batch, a.n));
+        bar.set_message(format!("images {}/{count}", k * batch));
         let base = (k * sampler.steps) as u64;
-        let x =
-            sampler.sample_batch(&ctx, a.seed, (k * batch) as u32, &mut |done| bar.set_position(base + done as u64))?;
-        let keep = batch.min(a.n - k * batch);
+        let first = (images.start + k * batch) as u32;
+        let x = sampler.sample_batch(&ctx, a.seed, first, &mut |done| bar.set_position(base + done as u64))?;
+        let keep = batch.min(count - k * batch);
         all.extend_from_slice(&x[..keep * per_image]);
     }
-    bar.finish_with_message(format!("images {}/{}", a.n, a.n));
-    let shape = [a.n, cfg.img_ch, size, size];
+    bar.finish_with_message(format!("images {count}/{count}"));
+    let shape = [count, cfg.img_ch, size, size];
     let grid = a.out.clone().or_else(|| a.out_dir.is_none().then(|| PathBuf::from("samples.png")));
     if let Some(path) = &grid {
-        images::save_grid(path, &all, shape, (a.n as f64).sqrt().ceil() as usize)?;
+        images::save_grid(path, &all, shape, (count as f64).sqrt().ceil() as usize)?;
         println!("wrote {}", path.display());
     }
     if let Some(dir) = &a.out_dir {
-        images::save_each(dir, &all, shape, 0)?;
-        println!("wrote {} images to {}", a.n, dir.display());
+        images::save_each(dir, &all, shape, images.start)?;
+        println!("wrote {count} images (indices {}..{} of {}) to {}", images.start, images.end, a.n, dir.display());
     }
     Ok(())
 }
