@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod diffusion;
 pub mod energy;
+pub mod fid;
 pub mod gpu;
 pub mod graph;
 pub mod images;

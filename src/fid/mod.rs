@@ -1,0 +1,7 @@
+//! Evaluation: FID and KID as the tools people compare against compute them (pytorch-fid's
+//! statistics and matrix square root, torch-fidelity's KID), and pytorch-fid's `.npz` files.
+
+pub mod npz;
+pub mod stats;
+
+pub use stats::{fid, kid, Kid, Stats};
