@@ -10,8 +10,10 @@ pub mod layout;
 pub mod matmul;
 pub mod neuron;
 pub mod optim;
+pub mod pool;
 pub mod readout;
 pub mod reduce;
+pub mod resize;
 pub mod sampler;
 
 use crate::graph::Cost;
@@ -22,7 +24,7 @@ pub(crate) fn pointwise_cost(outputs: usize, inputs: usize, flops_per: u64) -> C
 }
 
 /// Every shader the crate embeds, for validation and listings.
-pub fn all_shaders() -> [&'static crate::gpu::Shader; 11] {
+pub fn all_shaders() -> [&'static crate::gpu::Shader; 13] {
     [
         &batchnorm::SHADER,
         &conv::SHADER,
@@ -32,8 +34,10 @@ pub fn all_shaders() -> [&'static crate::gpu::Shader; 11] {
         &matmul::SHADER,
         &neuron::SHADER,
         &optim::SHADER,
+        &pool::SHADER,
         &readout::SHADER,
         &reduce::SHADER,
+        &resize::SHADER,
         &sampler::SHADER,
     ]
 }
