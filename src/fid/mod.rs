@@ -2,6 +2,8 @@
 //! statistics and matrix square root, torch-fidelity's KID), and pytorch-fid's `.npz` files.
 
 pub mod npz;
+pub mod pickle;
 pub mod stats;
+pub mod torchzip;
 
 pub use stats::{fid, kid, Kid, Stats};

@@ -27,7 +27,7 @@ struct Array {
 }
 
 /// The raw bytes of zip entry `name`, or None if the archive has no such entry.
-fn entry<R: Read + std::io::Seek>(
+pub(crate) fn entry<R: Read + std::io::Seek>(
     zip: &mut zip::ZipArchive<R>,
     name: &str,
     file_len: u64,
