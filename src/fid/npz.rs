@@ -56,7 +56,11 @@ pub(crate) fn entry<R: Read + std::io::Seek>(
 
 /// Parse a `.npy` of float32 or float64 values.
 fn parse_npy(bytes: &[u8], name: &str, path: &Path) -> Result<Array> {
-    let bad = |why: String| anyhow!("{}: {name} is not a valid .npy array ({why})", path.display());
+    // npyz's parse errors span several lines: keep the error on one.
+    let bad = |why: String| {
+        let why = why.split_whitespace().collect::<Vec<_>>().join(" ");
+        anyhow!("{}: {name} is not a valid .npy array ({why})", path.display())
+    };
     let mut rest = bytes;
     let header = npyz::NpyHeader::from_reader(&mut rest).map_err(|e| bad(e.to_string()))?;
     let npy = npyz::NpyFile::with_header(header, rest);
