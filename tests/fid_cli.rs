@@ -77,3 +77,70 @@ fn fid_of_folders_and_saved_statistics_agree() {
     assert_eq!(f1, f2, "FID with saved statistics vs images");
     assert_eq!(v["kid"], v2["kid"], "saved features give the same KID");
 }
+
+fn reference_2048(name: &str) -> std::path::PathBuf {
+    // Statistics of 3 made-up 2048-d feature vectors: enough to check the logging, not a real FID.
+    let f: Vec<f32> = (0..3 * 2048).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect();
+    let path = tmp(name);
+    sddpm_gpu::fid::npz::write_stats(&path, &sddpm_gpu::fid::Stats::from_features(f, 2048).unwrap()).unwrap();
+    path
+}
+
+#[test]
+fn train_fid_every_errors_are_one_line() {
+    let base = ["train", "--steps", "1", "--size", "16", "--batch", "2", "--sample-n", "0", "--fid-every", "1"];
+    let run_in = |extra: &[&str], name: &str| {
+        let mut args: Vec<&str> = base.to_vec();
+        let out = tmp(name);
+        args.extend_from_slice(&["--out", p(&out)]);
+        args.extend_from_slice(extra);
+        no_weights(&args)
+    };
+    assert_one_line_error(&run_in(&[], "run-no-ref"), "--fid-ref");
+    let stats = fixture("fid/stats_a.npz");
+    assert_one_line_error(&run_in(&["--fid-ref", p(&stats)], "run-16d"), "16-d");
+    let reference = reference_2048("ref-noweights.npz");
+    assert_one_line_error(&run_in(&["--fid-ref", p(&reference)], "run-noweights"), "SDDPM_FID_WEIGHTS");
+}
+
+#[test]
+fn train_logs_fid_and_kid() {
+    let Ok(w) = std::env::var("SDDPM_FID_WEIGHTS") else {
+        eprintln!("notice: SDDPM_FID_WEIGHTS is not set; skipping the FID-during-training test");
+        return;
+    };
+    let reference = reference_2048("ref.npz");
+    let dir = tmp("run-fid");
+    let out = run(&[
+        "train",
+        "--steps",
+        "2",
+        "--size",
+        "16",
+        "--batch",
+        "2",
+        "--sample-n",
+        "0",
+        "--fid-every",
+        "2",
+        "--fid-ref",
+        p(&reference),
+        "--fid-n",
+        "2",
+        "--fid-steps",
+        "1",
+        "--fid-weights",
+        &w,
+        "--out",
+        p(&dir),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let csv = std::fs::read_to_string(dir.join("fid.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "step,fid,kid,kid_std");
+    assert_eq!(lines.len(), 2, "{csv}");
+    let fields: Vec<f64> = lines[1].split(',').map(|v| v.parse().unwrap()).collect();
+    assert_eq!(fields[0], 2.0);
+    assert!(fields[1].is_finite() && fields[1] > 0.0 && fields[2].is_finite(), "{csv}");
+    assert!(dir.join("fid.png").exists());
+}
