@@ -144,7 +144,7 @@ fn npz_with_header(header: &str) -> Vec<u8> {
     use std::io::Write;
     let mut npy = b"\x93NUMPY\x01\x00".to_vec();
     let mut h = header.to_string();
-    while (10 + h.len() + 1) % 64 != 0 {
+    while !(10 + h.len() + 1).is_multiple_of(64) {
         h.push(' ');
     }
     h.push('\n');

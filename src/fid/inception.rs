@@ -382,14 +382,16 @@ impl Preprocess {
     /// One image, u8 HWC with `c` (1 or 3) channels, -> [3, 299, 299] network input.
     pub fn run(&mut self, ctx: &Context, pixels: &[u8], [c, h, w]: [usize; 3]) -> Result<Vec<f32>> {
         assert!(pixels.len() == c * h * w && (c == 1 || c == 3));
-        if !self.plans.contains_key(&[c, h, w]) {
-            let mut g = Graph::new();
-            let x = g.input("image", &[1, c, h, w]);
-            let y = resize_bilinear(&mut g, x, [SIZE, SIZE], 3, 2.0, -1.0, "preprocess");
-            g.mark_output(y);
-            self.plans.insert([c, h, w], (Plan::compile(ctx, &g)?, x, y));
-        }
-        let (plan, x, y) = &self.plans[&[c, h, w]];
+        let (plan, x, y) = match self.plans.entry([c, h, w]) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                let mut g = Graph::new();
+                let x = g.input("image", &[1, c, h, w]);
+                let y = resize_bilinear(&mut g, x, [SIZE, SIZE], 3, 2.0, -1.0, "preprocess");
+                g.mark_output(y);
+                e.insert((Plan::compile(ctx, &g)?, x, y))
+            }
+        };
         let mut chw = vec![0f32; c * h * w];
         for (i, &v) in pixels.iter().enumerate() {
             chw[(i % c) * h * w + i / c] = v as f32 / 255.0;
