@@ -92,3 +92,26 @@ fn bad_statistics_are_one_line_errors() {
     let err = format!("{:#}", npz::read_stats(&fixture("features.npz")).unwrap_err());
     assert!(err.contains("no 'mu' array"), "{err}");
 }
+
+#[test]
+fn datasets_enter_at_their_own_size() {
+    use sddpm_gpu::fid::inputs::Input;
+    // MNIST IDX (the embedded subset's file): 28x28 grayscale, pixels as stored.
+    let idx = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/mnist-train-10k-images-idx3-ubyte.gz");
+    let Input::Images(images) = Input::open(&idx).unwrap() else { panic!("a dataset") };
+    assert_eq!(images.len(), 10_000);
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(std::fs::File::open(&idx).unwrap()), &mut raw)
+        .unwrap();
+    assert_eq!(images.get(1).unwrap(), (raw[16 + 784..16 + 2 * 784].to_vec(), [1, 28, 28]));
+    // CIFAR-10 binary: 32x32 RGB, channel-major records become HWC pixels.
+    let dir = tmp("fid-cifar");
+    std::fs::create_dir_all(&dir).unwrap();
+    let records: Vec<u8> = (0..2 * 3073).map(|i| (i % 251) as u8).collect();
+    std::fs::write(dir.join("data_batch_1.bin"), &records).unwrap();
+    let Input::Images(images) = Input::open(&dir).unwrap() else { panic!("a dataset") };
+    let (pixels, shape) = images.get(1).unwrap();
+    assert_eq!((images.len(), shape), (2, [3, 32, 32]));
+    let rec = &records[3073 + 1..];
+    assert_eq!((pixels[0], pixels[1], pixels[2], pixels[3]), (rec[0], rec[1024], rec[2048], rec[1]));
+}

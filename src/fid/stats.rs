@@ -83,11 +83,21 @@ fn sqrt_psd(m: DMatrix<f64>) -> DMatrix<f64> {
     &scaled * e.eigenvectors.transpose()
 }
 
-/// tr sqrtm(S1 S2) for symmetric PSD S1, S2.
+/// tr sqrtm(S1 S2) for symmetric PSD S1, S2: the eigenvalues of S1 S2 are those of L^T S2 L
+/// when S1 = L L^T (Cholesky, for full-rank S1: one eigenvalue-only decomposition, ~3x less work
+/// than two full ones at d = 2048), else of sqrt(S1) S2 sqrt(S1) (singular S1, e.g. n <= d).
 fn trace_sqrt_product(s1: &DMatrix<f64>, s2: &DMatrix<f64>) -> f64 {
-    let r = sqrt_psd(s1.clone());
-    let m = symmetrize(&(&r * s2 * &r));
-    m.symmetric_eigenvalues().iter().map(|&l| l.max(0.0).sqrt()).sum()
+    let m = match s1.clone().cholesky() {
+        Some(c) => {
+            let l = c.unpack();
+            l.transpose() * s2 * l
+        }
+        None => {
+            let r = sqrt_psd(s1.clone());
+            &r * s2 * &r
+        }
+    };
+    symmetrize(&m).symmetric_eigenvalues().iter().map(|&l| l.max(0.0).sqrt()).sum()
 }
 
 /// FID between two sets of statistics, as pytorch-fid.
