@@ -58,6 +58,9 @@ fn mutants(bytes: &[u8], seed: u64, extra: Vec<Vec<u8>>) -> Vec<(String, Vec<u8>
 
 /// Run `load` on every mutant of `original` written to `path`; check no panic and the peak allocation.
 fn check(what: &str, original: &Path, path: &Path, factor: usize, extra: Vec<Vec<u8>>, load: &dyn Fn(&Path) -> bool) {
+    // One loader at a time: the peak is process-wide, and tests run on parallel threads.
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let bytes = std::fs::read(original).unwrap();
     let mut errors = 0;
     for (how, m) in mutants(&bytes, bytes.len() as u64, extra) {
