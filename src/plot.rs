@@ -12,6 +12,11 @@ const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 
 /// Plot `points` (step, loss) and a moving average to a PNG at `path`.
 pub fn loss_plot(path: &Path, points: &[(u64, f32)], title: &str) -> Result<()> {
+    series_plot(path, points, title, "loss (eps MSE)")
+}
+
+/// Plot `points` (step, value) and a moving average to a PNG at `path`, y axis named `y_desc`.
+pub fn series_plot(path: &Path, points: &[(u64, f32)], title: &str, y_desc: &str) -> Result<()> {
     static REGISTER: std::sync::Once = std::sync::Once::new();
     REGISTER.call_once(|| {
         let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
@@ -38,7 +43,7 @@ pub fn loss_plot(path: &Path, points: &[(u64, f32)], title: &str) -> Result<()> 
             .y_labels(8)
             .light_line_style(RGBColor(238, 238, 238))
             .x_desc("step")
-            .y_desc("loss (eps MSE)")
+            .y_desc(y_desc)
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(|e| anyhow!("plot: {e}"))?;

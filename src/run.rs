@@ -42,6 +42,24 @@ pub struct RunConfig {
     pub sample_n: usize,
     /// DDIM steps of the sample grids.
     pub sample_steps: usize,
+    /// FID/KID against `fid.reference` every this many steps (0: never).
+    #[serde(default)]
+    pub fid_every: u64,
+    #[serde(default)]
+    pub fid: FidConfig,
+}
+
+/// FID during training: samples of the current weights against reference statistics.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct FidConfig {
+    /// pytorch-fid statistics (.npz) of the real data (`sddpm-gpu fid DATA --save-stats REF.npz`).
+    pub reference: Option<PathBuf>,
+    /// Samples per evaluation.
+    pub n: usize,
+    /// DDIM steps per sample.
+    pub steps: usize,
+    /// Inception weights (else $SDDPM_FID_WEIGHTS or the cache path).
+    pub weights: Option<PathBuf>,
 }
 
 pub const CKPT: &str = "ckpt.safetensors";
@@ -78,6 +96,7 @@ pub fn train(ctx: &Context, cfg: &RunConfig, dir: &Path, resume: bool) -> Result
         return Ok(());
     }
     let mut log = LossLog::open(&dir.join("loss.csv"), first)?;
+    let mut fid = if cfg.fid_every > 0 { Some(FidEval::new(ctx, cfg, dir, first)?) } else { None };
     eprintln!(
         "training {} {} ({} parameters) on {}, batch {}, steps {first}..{}, adapter {}",
         cfg.model.kind(),
@@ -119,6 +138,9 @@ pub fn train(ctx: &Context, cfg: &RunConfig, dir: &Path, resume: bool) -> Result
         }
         if cfg.sample_n > 0 && ((cfg.sample_every > 0 && step % cfg.sample_every == 0) || step == cfg.steps) {
             bar.suspend(|| sample_grid(ctx, &trainer, cfg, &dir.join("samples").join(format!("step_{step:07}.png"))))?;
+        }
+        if let Some(f) = fid.as_mut().filter(|_| step % cfg.fid_every == 0) {
+            bar.suspend(|| f.evaluate(ctx, &trainer, cfg, step))?;
         }
         if interrupted {
             bar.abandon();
@@ -180,5 +202,75 @@ impl LossLog {
     fn flush_plot(&mut self, png: &Path, title: &str) -> Result<()> {
         self.file.flush()?;
         crate::plot::loss_plot(png, &self.points, &format!("sddpm-gpu: {title}"))
+    }
+}
+
+/// FID/KID of `fid.n` DDIM samples of the current weights against the reference statistics,
+/// logged to fid.csv (step, fid, kid, kid_std) and plotted to fid.png.
+struct FidEval {
+    net: crate::fid::inception::Inception,
+    reference: crate::fid::Stats,
+    log: LossLog,
+    png: PathBuf,
+}
+
+impl FidEval {
+    fn new(ctx: &Context, cfg: &RunConfig, dir: &Path, first: u64) -> Result<FidEval> {
+        use crate::fid::inception::{self, Inception, Weights};
+        let f = &cfg.fid;
+        let Some(reference) = &f.reference else {
+            bail!("--fid-every needs --fid-ref STATS.npz (reference statistics)")
+        };
+        if f.n < 2 || f.steps == 0 {
+            bail!("--fid-n must be at least 2 and --fid-steps at least 1");
+        }
+        let reference = crate::fid::npz::read_stats(reference)?;
+        if reference.dim != inception::DIM {
+            bail!(
+                "--fid-ref holds {}-d statistics; the FID Inception gives {}-d features",
+                reference.dim,
+                inception::DIM
+            );
+        }
+        let weights = Weights::load(&inception::locate_weights(f.weights.as_deref())?)?;
+        let net = Inception::new(ctx, &weights, f.n.min(8))?;
+        // LossLog keeps the rows up to a resumed step; only the header differs.
+        let mut log = LossLog::open(&dir.join("fid.csv"), first)?;
+        let kept = std::fs::read_to_string(&log.path)?;
+        let rows = kept.split_once('\n').map_or("", |(_, rows)| rows);
+        write_atomic(&log.path, format!("step,fid,kid,kid_std\n{rows}").as_bytes())?;
+        log.file = std::fs::OpenOptions::new().append(true).open(&log.path)?;
+        Ok(FidEval { net, reference, log, png: dir.join("fid.png") })
+    }
+
+    fn evaluate(&mut self, ctx: &Context, trainer: &Trainer, cfg: &RunConfig, step: u64) -> Result<()> {
+        let (n, size, c) = (cfg.fid.n, cfg.model.img_size(), cfg.model.img_ch());
+        let weights = trainer.weights(ctx, cfg.ema.is_some())?;
+        let rows = plan_steps(&Schedule::reference(cfg.model.diffusion_steps()), SamplerKind::Ddim, cfg.fid.steps)?;
+        let batch = n.min(16);
+        let sampler = Sampler::new(ctx, &cfg.model, &weights, batch, size, 1.0, &rows)?;
+        let per = c * size * size;
+        let mut pixels = Vec::with_capacity(n * per);
+        for k in 0..n.div_ceil(batch) {
+            let x = sampler.sample_batch(ctx, cfg.seed, (k * batch) as u32, &mut |_| {})?;
+            let keep = batch.min(n - k * batch);
+            // What the PNGs of `sample --out-dir` would hold.
+            pixels.extend(x[..keep * per].iter().map(|&v| images::to_u8(v)));
+        }
+        let samples = crate::fid::inputs::Images::Dataset { pixels, channels: c, size };
+        let feats = samples.features(ctx, &self.net, &ProgressBar::hidden())?;
+        let stats = crate::fid::Stats::from_features(feats, crate::fid::inception::DIM)?;
+        let fid = crate::fid::fid(&stats, &self.reference)?;
+        let kid = match (&stats.features, &self.reference.features) {
+            (Some(a), Some(b)) => Some(crate::fid::kid(a, b, stats.dim)?),
+            _ => None,
+        };
+        let (k, ks) = kid.map_or((f64::NAN, f64::NAN), |k| (k.mean, k.std));
+        writeln!(self.log.file, "{step},{fid},{k},{ks}")
+            .with_context(|| format!("writing {}", self.log.path.display()))?;
+        self.log.points.push((step, fid as f32));
+        eprintln!("step {step}: FID {fid:.3}, KID {k:.5} ({n} samples, {} DDIM steps)", cfg.fid.steps);
+        self.log.file.flush()?;
+        crate::plot::series_plot(&self.png, &self.log.points, &format!("{}: FID of {n} samples", cfg.preset), "FID")
     }
 }

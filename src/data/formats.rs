@@ -131,7 +131,8 @@ fn idx_dataset(name: &str, raw: &[u8], file: &Path, size: usize) -> Result<Datas
         return Err(err(&format!("magic number {:#x}", word(0))));
     }
     let (n, h, w) = (word(1), word(2), word(3));
-    if raw.len() != 16 + n * h * w {
+    // Checked: absurd declared sizes must not wrap around to the file's length.
+    if n.checked_mul(h).and_then(|v| v.checked_mul(w)).and_then(|v| v.checked_add(16)) != Some(raw.len()) {
         return Err(err(&format!("header says {n} images of {h}x{w} but the file holds {} bytes", raw.len() - 16)));
     }
     let mut pixels = Vec::with_capacity(n * size * size);

@@ -1,6 +1,8 @@
 //! 2-D convolution (3x3 stride 1/2, 1x1, any channel counts) and the output layer's (3,3,1) 3-D
 //! convolution, which has kernel depth 1 along time and is therefore a per-step 3x3 conv. The
-//! input may be f32 or bit-packed spikes; the output and all gradients are f32.
+//! input may be f32 or bit-packed spikes; the output and all gradients are f32. For inference,
+//! [`conv2d_relu`] also takes non-square kernels (Inception's 1x7, 7x1, 1x3, 3x1) with separate
+//! paddings, and fuses a ReLU.
 
 use crate::gpu::Shader;
 use crate::graph::{grid_1d, Cost, DType, Graph, Node, Params, TensorId};
@@ -28,7 +30,25 @@ pub fn conv2d(
 ) -> TensorId {
     let ws = g.shape(w).to_vec();
     assert!(ws.len() == 4 && ws[2] == ws[3], "{name}: conv2d weight must be [Cout, Cin, K, K], got {ws:?}");
-    conv_node(g, x, w, b, [ws[0], ws[1], ws[2]], stride, pad, name)
+    conv_node(g, x, w, b, [ws[0], ws[1], ws[2], ws[2]], stride, [pad, pad], false, name)
+}
+
+/// y = relu(conv2d(x, w) + b) (or without the ReLU), w: [Cout, Cin, KH, KW], zero padding
+/// [ph, pw]. Inference only: no backward rule is recorded.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_relu(
+    g: &mut Graph,
+    x: TensorId,
+    w: TensorId,
+    b: Option<TensorId>,
+    stride: usize,
+    [ph, pw]: [usize; 2],
+    relu: bool,
+    name: &str,
+) -> TensorId {
+    let ws = g.shape(w).to_vec();
+    assert!(ws.len() == 4, "{name}: conv2d weight must be [Cout, Cin, KH, KW], got {ws:?}");
+    conv_node(g, x, w, b, [ws[0], ws[1], ws[2], ws[3]], stride, [ph, pw], relu, name)
 }
 
 /// The reference's `T_output_layer`: Conv3d(C, C, kernel (3,3,1), padding (1,1,0)) applied to
@@ -40,7 +60,7 @@ pub fn conv3d_331(g: &mut Graph, x: TensorId, w: TensorId, b: Option<TensorId>, 
         ws.len() == 5 && ws[2] == 3 && ws[3] == 3 && ws[4] == 1,
         "{name}: conv3d weight must be [Cout, Cin, 3, 3, 1], got {ws:?}"
     );
-    conv_node(g, x, w, b, [ws[0], ws[1], 3], 1, 1, name)
+    conv_node(g, x, w, b, [ws[0], ws[1], 3, 3], 1, [1, 1], false, name)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -49,9 +69,10 @@ fn conv_node(
     x: TensorId,
     w: TensorId,
     b: Option<TensorId>,
-    [cout, cin, k]: [usize; 3],
+    [cout, cin, k, kw]: [usize; 4],
     stride: usize,
-    pad: usize,
+    [pad, pad_w]: [usize; 2],
+    relu: bool,
     name: &str,
 ) -> TensorId {
     let xs = g.shape(x).to_vec();
@@ -65,7 +86,7 @@ fn conv_node(
     // Spike loads cut 4 taps out of one 32-bit window (shaders/conv.wgsl load_x4).
     assert!(xd != DType::Spike || stride <= 10, "{name}: a conv over packed spikes takes strides up to 10");
     let x_bytes = g.bytes_of(x);
-    let (ho, wo) = (conv_out(h, k, stride, pad), conv_out(wd, k, stride, pad));
+    let (ho, wo) = (conv_out(h, k, stride, pad), conv_out(wd, kw, stride, pad_w));
     let y = g.intermediate(name, &[n, cout, ho, wo]);
     let wo_groups = wo.div_ceil(4);
     let params = Params::new()
@@ -82,10 +103,13 @@ fn conv_node(
         .u(b.is_some() as usize)
         .u(wo_groups)
         .u((xd == DType::Spike) as usize)
+        .u(kw)
+        .u(pad_w)
+        .u(relu as usize)
         .build();
-    let macs = (n * cout * ho * wo * cin * k * k) as u64;
+    let macs = (n * cout * ho * wo * cin * k * kw) as u64;
     let bwd_params = params.clone();
-    let bytes = x_bytes + 4 * (cout * cin * k * k + n * cout * ho * wo) as u64;
+    let bytes = x_bytes + 4 * (cout * cin * k * kw + n * cout * ho * wo) as u64;
     g.push_typed(
         Node {
             shader: &SHADER,
@@ -101,6 +125,10 @@ fn conv_node(
         &[xd, DType::F32, DType::F32],
         &[DType::F32],
     );
+    if relu || k != kw || pad != pad_w {
+        // Inference-only variants (the backward kernels assume square kernels and no ReLU).
+        return y;
+    }
     let label = name.to_string();
     let mut inputs = vec![x, w];
     inputs.extend(b);
@@ -172,15 +200,30 @@ fn conv_node(
 /// CPU reference of [`conv2d`]: same summation order (ci, ky, kx; bias last).
 pub fn conv2d_cpu(
     x: &[f32],
-    [n, cin, h, w]: [usize; 4],
+    xs: [usize; 4],
     wt: &[f32],
-    [cout, wcin, k, _]: [usize; 4],
+    ws: [usize; 4],
     bias: Option<&[f32]>,
     stride: usize,
     pad: usize,
 ) -> Vec<f32> {
+    conv2d_relu_cpu(x, xs, wt, ws, bias, stride, [pad, pad], false)
+}
+
+/// CPU reference of [`conv2d_relu`]: same summation order (ci, ky, kx; bias, then the ReLU).
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_relu_cpu(
+    x: &[f32],
+    [n, cin, h, w]: [usize; 4],
+    wt: &[f32],
+    [cout, wcin, k, kw]: [usize; 4],
+    bias: Option<&[f32]>,
+    stride: usize,
+    [pad, pad_w]: [usize; 2],
+    relu: bool,
+) -> Vec<f32> {
     assert_eq!(cin, wcin);
-    let (ho, wo) = (conv_out(h, k, stride, pad), conv_out(w, k, stride, pad));
+    let (ho, wo) = (conv_out(h, k, stride, pad), conv_out(w, kw, stride, pad_w));
     let mut y = vec![0f32; n * cout * ho * wo];
     for b in 0..n {
         for co in 0..cout {
@@ -193,18 +236,19 @@ pub fn conv2d_cpu(
                             if iy < 0 || iy >= h as isize {
                                 continue;
                             }
-                            for kx in 0..k {
-                                let ix = (ox * stride + kx) as isize - pad as isize;
+                            for kx in 0..kw {
+                                let ix = (ox * stride + kx) as isize - pad_w as isize;
                                 let v = if ix < 0 || ix >= w as isize {
                                     0.0
                                 } else {
                                     x[((b * cin + ci) * h + iy as usize) * w + ix as usize]
                                 };
-                                acc += wt[((co * cin + ci) * k + ky) * k + kx] * v;
+                                acc += wt[((co * cin + ci) * k + ky) * kw + kx] * v;
                             }
                         }
                     }
-                    y[((b * cout + co) * ho + oy) * wo + ox] = acc + bias.map_or(0.0, |bb| bb[co]);
+                    let v = acc + bias.map_or(0.0, |bb| bb[co]);
+                    y[((b * cout + co) * ho + oy) * wo + ox] = if relu { v.max(0.0) } else { v };
                 }
             }
         }

@@ -13,8 +13,10 @@ pub mod layout;
 pub mod matmul;
 pub mod neuron;
 pub mod optim;
+pub mod pool;
 pub mod readout;
 pub mod reduce;
+pub mod resize;
 pub mod sampler;
 pub mod spike_attention;
 
@@ -26,7 +28,7 @@ pub(crate) fn pointwise_cost(outputs: usize, inputs: usize, flops_per: u64) -> C
 }
 
 /// Every shader the crate embeds, for validation and listings.
-pub fn all_shaders() -> [&'static crate::gpu::Shader; 15] {
+pub fn all_shaders() -> [&'static crate::gpu::Shader; 17] {
     [
         &attention::SHADER,
         &batchnorm::SHADER,
@@ -39,8 +41,10 @@ pub fn all_shaders() -> [&'static crate::gpu::Shader; 15] {
         &matmul::SHADER,
         &neuron::SHADER,
         &optim::SHADER,
+        &pool::SHADER,
         &readout::SHADER,
         &reduce::SHADER,
+        &resize::SHADER,
         &sampler::SHADER,
         &spike_attention::SHADER,
     ]

@@ -1,0 +1,124 @@
+//! What `fid` compares: folders of PNG/JPEG images (each file as it is: the protocol resizes
+//! every image to 299 on its own, so sizes may differ), datasets in a format `train` reads
+//! (MNIST/Fashion IDX at 28 px, CIFAR-10 binary at 32 px), or pytorch-fid `.npz` statistics.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use indicatif::ProgressBar;
+
+use super::inception::{Inception, Preprocess, DIM};
+use super::{npz, Stats};
+use crate::data::{self, Format};
+use crate::gpu::Context;
+
+/// Images to run through the network.
+pub enum Images {
+    Files(Vec<PathBuf>),
+    /// u8 pixels [N, C, S, S].
+    Dataset {
+        pixels: Vec<u8>,
+        channels: usize,
+        size: usize,
+    },
+}
+
+/// One side of a comparison.
+pub enum Input {
+    Stats(Stats),
+    Images(Images),
+}
+
+fn is_image(p: &Path) -> bool {
+    p.extension().is_some_and(|e| matches!(e.to_string_lossy().to_lowercase().as_str(), "png" | "jpg" | "jpeg"))
+}
+
+impl Input {
+    pub fn open(path: &Path) -> Result<Input> {
+        if path.is_file() && path.extension().is_some_and(|e| e == "npz") {
+            return Ok(Input::Stats(npz::read_stats(path)?));
+        }
+        if !path.exists() {
+            bail!(
+                "{} does not exist; give a folder of PNG/JPEG images, a dataset or a .npz statistics file",
+                path.display()
+            );
+        }
+        let format = data::detect(path)?;
+        let images = match format {
+            Format::Folder => {
+                let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+                    .with_context(|| format!("cannot list {}", path.display()))?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.is_file() && is_image(p))
+                    .collect();
+                files.sort();
+                Images::Files(files)
+            }
+            Format::Idx | Format::Cifar10 => {
+                let size = if format == Format::Idx { 28 } else { 32 };
+                let d = data::load(Some(path), size)?;
+                Images::Dataset { pixels: d.pixels, channels: d.channels, size }
+            }
+        };
+        if images.len() < 2 {
+            bail!("{}: {} image(s); FID needs at least 2", path.display(), images.len());
+        }
+        Ok(Input::Images(images))
+    }
+}
+
+impl Images {
+    pub fn len(&self) -> usize {
+        match self {
+            Images::Files(f) => f.len(),
+            Images::Dataset { pixels, channels, size } => pixels.len() / (channels * size * size),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Image `i` as u8 HWC pixels with 1 (grayscale) or 3 channels.
+    pub fn get(&self, i: usize) -> Result<(Vec<u8>, [usize; 3])> {
+        match self {
+            Images::Files(files) => {
+                let path = &files[i];
+                let img = image::open(path).map_err(|e| anyhow!("{}: cannot decode image ({e})", path.display()))?;
+                let (w, h) = (img.width() as usize, img.height() as usize);
+                Ok(if img.color().has_color() {
+                    (img.into_rgb8().into_raw(), [3, h, w])
+                } else {
+                    (img.into_luma8().into_raw(), [1, h, w])
+                })
+            }
+            Images::Dataset { pixels, channels, size } => {
+                let (c, s) = (*channels, *size);
+                let chw = &pixels[i * c * s * s..][..c * s * s];
+                let mut hwc = vec![0u8; c * s * s];
+                for (j, &v) in chw.iter().enumerate() {
+                    hwc[(j % (s * s)) * c + j / (s * s)] = v;
+                }
+                Ok((hwc, [c, s, s]))
+            }
+        }
+    }
+
+    /// Features [n, 2048] of every image, `net.batch` at a time.
+    pub fn features(&self, ctx: &Context, net: &Inception, bar: &ProgressBar) -> Result<Vec<f32>> {
+        let mut pre = Preprocess::default();
+        let mut feats = Vec::with_capacity(self.len() * DIM);
+        let mut batch = Vec::new();
+        for i in 0..self.len() {
+            let (pixels, shape) = self.get(i)?;
+            batch.extend(pre.run(ctx, &pixels, shape)?);
+            if (i + 1) % net.batch == 0 || i + 1 == self.len() {
+                feats.extend(net.features(ctx, &batch)?);
+                batch.clear();
+                bar.set_position(i as u64 + 1);
+            }
+        }
+        Ok(feats)
+    }
+}

@@ -1,0 +1,11 @@
+//! Evaluation: FID and KID as the tools people compare against compute them (pytorch-fid's
+//! statistics and matrix square root, torch-fidelity's KID), and pytorch-fid's `.npz` files.
+
+pub mod inception;
+pub mod inputs;
+pub mod npz;
+pub mod pickle;
+pub mod stats;
+pub mod torchzip;
+
+pub use stats::{fid, kid, Kid, Stats};
