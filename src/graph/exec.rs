@@ -72,6 +72,15 @@ pub struct RunStats {
     pub submits: usize,
 }
 
+/// Offset of each node's parameter window in the shared uniform buffer. Every node binds a whole
+/// `PARAMS_WINDOW`, so offsets step by the larger of the window and the device's offset alignment:
+/// aligning only to the latter (32 B on lavapipe) would let a node's window overlap the next node's
+/// words, and a shader whose Params struct is longer than its node's words would read them.
+fn param_offsets(nodes: usize, min_align: u64) -> Vec<u64> {
+    let stride = PARAMS_WINDOW.div_ceil(min_align) * min_align;
+    (0..nodes as u64).map(|i| i * stride).collect()
+}
+
 /// A compiled graph: buffers, pipelines and bind groups, ready to replay.
 pub struct Plan {
     tensors: Vec<TensorInfo>,
@@ -109,14 +118,11 @@ impl Plan {
             .map(|(i, &bytes)| ctx.create_buffer(&format!("slot{i}"), bytes, usage))
             .collect::<Result<Vec<_>>>()?;
 
-        let align = ctx.limits.min_uniform_buffer_offset_alignment as u64;
-        let mut offsets = Vec::with_capacity(g.nodes.len());
-        let mut words: Vec<u32> = Vec::new();
-        for node in &g.nodes {
-            let start = (words.len() as u64 * 4).div_ceil(align) * align;
-            words.resize((start / 4) as usize, 0);
-            offsets.push(start);
-            words.extend_from_slice(&node.params);
+        let offsets = param_offsets(g.nodes.len(), ctx.limits.min_uniform_buffer_offset_alignment as u64);
+        let mut words: Vec<u32> = vec![0; offsets.last().map_or(0, |&o| (o + PARAMS_WINDOW) as usize / 4)];
+        for (node, &start) in g.nodes.iter().zip(&offsets) {
+            let at = start as usize / 4;
+            words[at..at + node.params.len()].copy_from_slice(&node.params);
         }
         let params = ctx.create_buffer(
             "node params",
@@ -390,5 +396,22 @@ impl Plan {
     /// Read a tensor back as f32 (waits for the GPU).
     pub fn read(&self, ctx: &Context, t: TensorId) -> Result<Vec<f32>> {
         Ok(self.read_u32(ctx, t)?.into_iter().map(f32::from_bits).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameter_windows_never_overlap_and_stay_aligned() {
+        for align in [16u64, 32, 64, 256] {
+            let offs = param_offsets(5, align);
+            assert_eq!(offs[0], 0);
+            for w in offs.windows(2) {
+                assert!(w[1] - w[0] >= PARAMS_WINDOW, "align {align}: windows at {w:?} overlap");
+                assert_eq!(w[1] % align, 0, "align {align}: offset {} unaligned", w[1]);
+            }
+        }
     }
 }
