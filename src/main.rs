@@ -29,7 +29,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// List every GPU adapter with the features and limits that matter; `*` marks the one chosen.
-    Devices,
+    Devices {
+        /// Also measure the chosen adapter's fp32 FMA rate and memory bandwidth (calibration
+        /// kernels timed with GPU timestamps; a few seconds at most).
+        #[arg(long)]
+        bench: bool,
+    },
     /// One network evaluation, for parity checks against PyTorch: IN holds `x` [B,C,H,W] f32 and
     /// `t` [B] int64/int32; OUT gets `eps` [B,C,H,W] f32.
     Forward {
@@ -257,7 +262,7 @@ struct SampleArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Devices => devices(cli.adapter.as_deref()),
+        Command::Devices { bench } => devices(cli.adapter.as_deref(), bench),
         Command::Forward { checkpoint, input, output, threshold, snn_steps } => {
             forward(cli.adapter.as_deref(), &checkpoint, &input, &output, threshold, snn_steps)
         }
@@ -278,7 +283,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn devices(adapter: Option<&str>) -> Result<()> {
+fn devices(adapter: Option<&str>, bench: bool) -> Result<()> {
     let (list, chosen) = gpu::list_adapters(adapter)?;
     for (i, a) in list.iter().enumerate() {
         let mark = if i == chosen { "*" } else { " " };
@@ -302,6 +307,17 @@ fn devices(adapter: Option<&str>) -> Result<()> {
         );
     }
     println!("* = chosen (override with --adapter NAME or SDDPM_ADAPTER; WGPU_BACKEND limits the APIs)");
+    if bench {
+        let ctx = Context::new(adapter)?;
+        let p = sddpm_gpu::profile::measure_peak(&ctx, std::time::Duration::from_secs(4))?;
+        println!(
+            "bench {}: fp32 FMA {:.2} GFLOP/s, memory copy {:.2} GB/s ({}, best of 3)",
+            ctx.adapter.name,
+            p.gflops,
+            p.gbps,
+            if p.gpu_timestamps { "GPU timestamps" } else { "host timers: includes submit overhead" }
+        );
+    }
     Ok(())
 }
 
@@ -505,6 +521,8 @@ fn profile(adapter: Option<&str>, a: &ProfileArgs) -> Result<()> {
             if a.host_timers { " (--host-timers)" } else { "" }
         );
     }
+    // Cheap (bounded probing) so every profile can show how far each kernel is from the card's limit.
+    let peak = Some(sddpm_gpu::profile::measure_peak(&ctx, std::time::Duration::from_secs(1))?);
     let size = cfg.img_size();
     let per = cfg.img_ch() * size * size;
     let x: Vec<f32> =
@@ -514,11 +532,11 @@ fn profile(adapter: Option<&str>, a: &ProfileArgs) -> Result<()> {
         let mut tr = Trainer::new(&ctx, &cfg, &weights, a.batch, size, TrainOptions::default())?;
         let x0: Vec<f32> = x.iter().map(|v| v.clamp(-1.0, 1.0)).collect();
         tr.step(&ctx, &x0, &t, None, seed)?;
-        sddpm_gpu::profile::profile(&ctx, &tr.plan, a.iters, a.batch)?
+        sddpm_gpu::profile::profile(&ctx, &tr.plan, a.iters, a.batch, peak)?
     } else {
         let net = EvalNet::new(&ctx, &cfg, &weights, a.batch, size, 1.0)?;
         net.forward(&ctx, &x, &t)?;
-        sddpm_gpu::profile::profile(&ctx, &net.plan, a.iters, a.batch)?
+        sddpm_gpu::profile::profile(&ctx, &net.plan, a.iters, a.batch, peak)?
     };
     println!(
         "{} {}{} on {}, batch {}, {}, {}x{}\n",
