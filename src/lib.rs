@@ -16,3 +16,4 @@ pub mod ops;
 pub mod plot;
 pub mod profile;
 pub mod run;
+pub mod tune;

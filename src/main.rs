@@ -22,6 +22,10 @@ struct Cli {
     /// (discrete > integrated > virtual > CPU). WGPU_BACKEND=vulkan|metal|dx12|gl limits the APIs.
     #[arg(long, global = true, env = "SDDPM_ADAPTER")]
     adapter: Option<String>,
+    /// Use every op's default kernel instead of timing the variants on this adapter (also
+    /// SDDPM_NO_TUNE=1). Tuning results are cached in $SDDPM_CACHE_DIR (default ~/.cache/sddpm-gpu).
+    #[arg(long, global = true)]
+    no_tune: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -261,6 +265,10 @@ struct SampleArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.no_tune {
+        // Every context reads this (gpu::Tuning::from_env); set before any thread starts.
+        std::env::set_var("SDDPM_NO_TUNE", "1");
+    }
     let result = match cli.command {
         Command::Devices { bench } => devices(cli.adapter.as_deref(), bench),
         Command::Forward { checkpoint, input, output, threshold, snn_steps } => {
@@ -310,6 +318,9 @@ fn devices(adapter: Option<&str>, bench: bool) -> Result<()> {
     if bench {
         let ctx = Context::new(adapter)?;
         let p = sddpm_gpu::profile::measure_peak(&ctx, std::time::Duration::from_secs(4))?;
+        let mut cache = sddpm_gpu::tune::Cache::open(&ctx);
+        cache.set_peak(p);
+        cache.save();
         println!(
             "bench {}: fp32 FMA {:.2} GFLOP/s, memory copy {:.2} GB/s ({}, best of 3)",
             ctx.adapter.name,
@@ -463,6 +474,7 @@ fn train(adapter: Option<&str>, a: &TrainArgs) -> Result<()> {
                 ckpt_every: a.ckpt_every,
                 sample_n: a.sample_n,
                 sample_steps: a.sample_steps,
+                variants: Default::default(),
             };
             let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
             let prefix = if a.model == "sddpm" { String::new() } else { format!("{}-", a.model) };
@@ -521,8 +533,19 @@ fn profile(adapter: Option<&str>, a: &ProfileArgs) -> Result<()> {
             if a.host_timers { " (--host-timers)" } else { "" }
         );
     }
-    // Cheap (bounded probing) so every profile can show how far each kernel is from the card's limit.
-    let peak = Some(sddpm_gpu::profile::measure_peak(&ctx, std::time::Duration::from_secs(1))?);
+    // The peak `devices --bench` (or an earlier profile) stored, else a cheap bounded measurement,
+    // so every profile shows how far each kernel is from the card's limit.
+    let mut cache = sddpm_gpu::tune::Cache::open(&ctx);
+    let peak = match cache.peak() {
+        Some(p) => p,
+        None => {
+            let p = sddpm_gpu::profile::measure_peak(&ctx, std::time::Duration::from_secs(1))?;
+            cache.set_peak(p);
+            cache.save();
+            p
+        }
+    };
+    let peak = Some(peak);
     let size = cfg.img_size();
     let per = cfg.img_ch() * size * size;
     let x: Vec<f32> =

@@ -212,7 +212,8 @@ pub fn profile(ctx: &Context, plan: &Plan, iters: usize, batch: usize, peak: Opt
         for ((n, &ns), &start) in nodes.iter().zip(&t.ns).zip(&t.start_ns) {
             let ms = ns * 1e-6;
             total_ms += ms;
-            for (map, key) in [(&mut kernels, n.kernel.clone()), (&mut layers, layer_of(&n.label))] {
+            let kernel = n.variant.as_ref().map_or_else(|| n.kernel.clone(), |v| format!("{}@{v}", n.kernel));
+            for (map, key) in [(&mut kernels, kernel.clone()), (&mut layers, layer_of(&n.label))] {
                 let row =
                     map.entry(key.clone()).or_insert(Row { name: key, calls: 0, total_ms: 0.0, flops: 0, bytes: 0 });
                 row.calls += 1;
@@ -221,7 +222,7 @@ pub fn profile(ctx: &Context, plan: &Plan, iters: usize, batch: usize, peak: Opt
                 row.bytes += n.cost.bytes;
             }
             events.push(json!({
-                "name": n.kernel, "cat": layer_of(&n.label), "ph": "X", "pid": 1, "tid": 1,
+                "name": kernel, "cat": layer_of(&n.label), "ph": "X", "pid": 1, "tid": 1,
                 "ts": offset_us + start * 1e-3, "dur": ns * 1e-3,
                 "args": { "label": n.label, "layer": layer_of(&n.label), "iteration": iter,
                           "flops": n.cost.flops, "bytes": n.cost.bytes },

@@ -49,3 +49,238 @@ fn devices_bench_prints_positive_rates() {
     assert!(number_before("GFLOP/s") > 0.0, "{line}");
     assert!(number_before("GB/s") > 0.0, "{line}");
 }
+
+// ---- kernel variants --------------------------------------------------------------------------
+
+use sddpm_gpu::gpu::Context;
+use sddpm_gpu::graph::Plan;
+use sddpm_gpu::ops::matmul::{self, Strides};
+use sddpm_gpu::tune;
+
+/// Every matmul variant against the CPU reference (1e-5 relative, as tests/ops.rs) and against
+/// variant 0 bit for bit (they sum in the same order), on odd shapes, transposed and with bias.
+#[test]
+fn every_matmul_variant_matches_cpu_and_the_default_exactly() {
+    let shapes = [([1usize, 64, 16], false), ([7, 33, 19], true), ([65, 17, 70], false), ([3, 129, 5], true)];
+    for (seed, &([m, n, k], transposed)) in shapes.iter().enumerate() {
+        let mut r = rng(seed as u64 + 40);
+        let a_data = normalish(&mut r, m * k, 1.0);
+        let b_data = normalish(&mut r, k * n, 1.0);
+        let bias_data = normalish(&mut r, n, 1.0);
+        let s = if transposed { Strides::nt(k) } else { Strides::nn(k, n) };
+        let want = matmul::matmul_cpu(&a_data, &b_data, Some(&bias_data), [m, n, k], s);
+        let mut first: Option<Vec<f32>> = None;
+        for v in 0..matmul::VARIANTS.len() {
+            let mut g = Graph::new();
+            let a = g.input("a", &[m, k]);
+            let b = g.input("b", &[k * n]);
+            let bias = g.input("bias", &[n]);
+            let c = matmul::matmul(&mut g, a, b, Some(bias), [m, n, k], s, "mm");
+            assert_eq!(g.variants[&0].candidates.len(), matmul::VARIANTS.len());
+            g.choose(0, v);
+            let got = run_graph(g, &[(a, bits(&a_data)), (b, bits(&b_data)), (bias, bits(&bias_data))], &[c]).remove(0);
+            let what = format!("matmul {} [{m}, {n}, {k}] transposed {transposed}", matmul::VARIANTS[v].0);
+            assert_close(&what, &got, &want, 1e-5, 1e-5);
+            match &first {
+                None => first = Some(got),
+                Some(f) => assert_eq!(bits(&got), bits(f), "{what} differs from the default"),
+            }
+        }
+    }
+}
+
+// ---- the tuner ----------------------------------------------------------------------------------
+
+/// A context of its own (the tuning policy is per context) with its cache in `dir`.
+fn tuning_ctx(dir: &std::path::Path, enabled: bool) -> Context {
+    let c = Context::new(None).unwrap();
+    {
+        let mut t = c.tuning.lock().unwrap();
+        t.cache_dir = Some(dir.to_path_buf());
+        t.enabled = enabled;
+    }
+    c
+}
+
+/// Two matmuls of one shape (one tuning key) and one of another.
+fn two_keys() -> Graph {
+    let mut g = Graph::new();
+    let x = g.input("x", &[5, 24]);
+    let w = g.input("w", &[40, 24]);
+    let y1 = matmul::linear(&mut g, x, w, None, "l1");
+    let _y2 = matmul::linear(&mut g, x, w, None, "l2");
+    let w2 = g.input("w2", &[8, 40]);
+    matmul::linear(&mut g, y1, w2, None, "l3");
+    g
+}
+
+fn cache_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "one cache file per adapter: {files:?}");
+    files[0].clone()
+}
+
+#[test]
+fn tuner_times_each_key_once_caches_it_and_reuses_the_cache() {
+    let dir = tmp("tuner-cache");
+    let c = tuning_ctx(&dir, true);
+    let mut g = two_keys();
+    let report = tune::select(&c, &mut g).unwrap();
+    assert_eq!(report, tune::Report { timed: 2, ..Default::default() });
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(cache_file(&dir)).unwrap()).unwrap();
+    assert_eq!(json["adapter"], c.adapter.name.as_str());
+    let shapes = json["shapes"].as_object().unwrap();
+    assert_eq!(shapes.len(), 2, "{json:#}");
+    for (key, e) in shapes {
+        let cands = e["candidates"].as_array().unwrap();
+        assert!(cands.len() >= 2, "{key}: {e}");
+        assert!(cands.iter().all(|t| t["us"].as_f64().unwrap() > 0.0), "{key}: {e}");
+        let best = cands.iter().min_by(|a, b| a["us"].as_f64().unwrap().total_cmp(&b["us"].as_f64().unwrap()));
+        assert_eq!(e["choice"], best.unwrap()["variant"], "{key}: the fastest is chosen");
+        // The compiled graph runs what the cache says.
+        let chosen = c.tuning.lock().unwrap().chosen[key].clone();
+        assert_eq!(e["choice"], chosen.as_str());
+    }
+    let plan = Plan::compile(&c, &g).unwrap();
+    assert!(plan.nodes().iter().all(|n| n.variant.is_some()), "every matmul dispatch names its variant");
+
+    // A new process (context) on the same adapter: no timing, same choices.
+    let c2 = tuning_ctx(&dir, true);
+    let mut g2 = two_keys();
+    assert_eq!(tune::select(&c2, &mut g2).unwrap(), tune::Report { cached: 2, ..Default::default() });
+    assert_eq!(c2.tuning.lock().unwrap().chosen, c.tuning.lock().unwrap().chosen);
+}
+
+#[test]
+fn a_corrupt_or_foreign_cache_is_ignored_and_rewritten() {
+    let dir = tmp("tuner-corrupt");
+    let mut g = two_keys();
+    tune::select(&tuning_ctx(&dir, true), &mut g).unwrap();
+    let path = cache_file(&dir);
+    let good = std::fs::read_to_string(&path).unwrap();
+    for (what, text) in [
+        ("truncated", good[..good.len() / 2].to_string()),
+        ("foreign", good.replace(r#""driver": ""#, r#""driver": "other "#)),
+    ] {
+        std::fs::write(&path, &text).unwrap();
+        let mut g = two_keys();
+        let report = tune::select(&tuning_ctx(&dir, true), &mut g).unwrap();
+        assert_eq!(report.timed, 2, "{what} cache must be re-tuned");
+        let again: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(again["shapes"].as_object().unwrap().len(), 2, "{what} cache rewritten");
+    }
+}
+
+#[test]
+fn no_tune_uses_defaults_and_pinned_choices_win() {
+    let dir = tmp("tuner-policy");
+    let off = tuning_ctx(&dir, false);
+    let mut g = two_keys();
+    assert_eq!(tune::select(&off, &mut g).unwrap(), tune::Report { defaults: 2, ..Default::default() });
+    assert!(g.variants.values().all(|t| t.chosen == 0));
+    assert!(!dir.exists() || std::fs::read_dir(&dir).unwrap().next().is_none(), "tuning off writes no cache");
+
+    // Pinned (a resumed run's record) beats both the cache and timing, even with tuning on.
+    let on = tuning_ctx(&dir, true);
+    let keys: Vec<String> = off.tuning.lock().unwrap().chosen.keys().cloned().collect();
+    on.tuning.lock().unwrap().pinned = keys.iter().map(|k| (k.clone(), "wg16x4".to_string())).collect();
+    let mut g = two_keys();
+    assert_eq!(tune::select(&on, &mut g).unwrap(), tune::Report { pinned: 2, ..Default::default() });
+    let plan = Plan::compile(&on, &g).unwrap();
+    assert!(plan.nodes().iter().all(|n| n.variant.as_deref() == Some("wg16x4")));
+
+    // A recorded variant this build does not offer fails loudly, naming it.
+    on.tuning.lock().unwrap().pinned.insert(keys[0].clone(), "wg99".into());
+    let err = tune::select(&on, &mut two_keys()).unwrap_err().to_string();
+    assert!(err.contains("'wg99'") && err.contains("wg8x8"), "{err}");
+}
+
+// ---- the command line ---------------------------------------------------------------------------
+
+/// `profile` with its own cache folder; returns (stdout, stderr).
+fn profile_in(cache: &std::path::Path, extra: &[&str]) -> (String, String) {
+    let out = bin()
+        .env("SDDPM_CACHE_DIR", cache)
+        .args(["profile", "--preset", "tiny", "--batch", "1", "--size", "16", "--iters", "1"])
+        .args(extra)
+        .output()
+        .unwrap();
+    let (o, e) = (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
+    assert!(out.status.success(), "{e}");
+    (o, e)
+}
+
+#[test]
+fn profile_tunes_once_names_variants_and_survives_a_corrupt_cache() {
+    let cache = tmp("cli-cache");
+    let (out, err) = profile_in(&cache, &[]);
+    assert!(err.contains("note: tuned "), "first run tunes:\n{err}");
+    let variant_rows: Vec<&str> = out.lines().filter(|l| l.starts_with("matmul::matmul@")).collect();
+    assert!(!variant_rows.is_empty(), "the kernel table names matmul's variant:\n{out}");
+    for row in &variant_rows {
+        let name = row.split_whitespace().next().unwrap().split('@').nth(1).unwrap();
+        assert!(matmul::VARIANTS.iter().any(|v| v.0 == name), "{row}");
+    }
+    let (_, err) = profile_in(&cache, &[]);
+    assert!(!err.contains("note: tuned"), "second run reuses the cache:\n{err}");
+
+    std::fs::write(cache_file(&cache), "{ not json").unwrap();
+    let (_, err) = profile_in(&cache, &[]);
+    let notices: Vec<&str> = err.lines().filter(|l| l.contains("ignoring corrupt tuning cache")).collect();
+    assert_eq!(notices.len(), 1, "one notice:\n{err}");
+    assert!(err.contains("note: tuned "), "corrupt cache re-tuned:\n{err}");
+    let again: serde_json::Value = serde_json::from_slice(&std::fs::read(cache_file(&cache)).unwrap()).unwrap();
+    assert!(!again["shapes"].as_object().unwrap().is_empty(), "cache rewritten");
+
+    let (out, err) = profile_in(&tmp("cli-cache-off"), &["--no-tune"]);
+    assert!(!err.contains("note: tuned"), "--no-tune times nothing:\n{err}");
+    assert!(out.contains("matmul::matmul@wg8x8") && !out.contains("@wg16"), "--no-tune runs the defaults:\n{out}");
+}
+
+#[test]
+fn a_run_records_its_variants_and_resume_uses_them() {
+    let dir = tmp("run-variants");
+    let train = |args: &[&str]| {
+        let out = bin().args(["train"]).args(args).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (ok, err) = train(&[
+        "--steps",
+        "1",
+        "--size",
+        "16",
+        "--batch",
+        "2",
+        "--snn-steps",
+        "2",
+        "--sample-n",
+        "0",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let config_path = dir.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    let variants = config["variants"].as_object().expect("config.json records variants").clone();
+    assert!(!variants.is_empty());
+    assert!(variants.values().all(|v| matmul::VARIANTS.iter().any(|m| v == m.0)), "{variants:?}");
+
+    // Resume follows the record, not the cache: an unknown recorded variant fails, naming it...
+    let key = variants.keys().next().unwrap().clone();
+    config["variants"][&key] = "wg99".into();
+    std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    let (ok, err) = train(&["--steps", "2", "--resume", dir.to_str().unwrap()]);
+    assert!(!ok, "resume must fail on an unknown recorded variant");
+    assert!(err.lines().any(|l| l.starts_with("error:") && l.contains("'wg99'")), "{err}");
+    // ...and a recorded non-default variant is kept through the resume.
+    for v in variants.keys() {
+        config["variants"][v] = "wg16x4".into();
+    }
+    std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    let (ok, err) = train(&["--steps", "2", "--resume", dir.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let after: serde_json::Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    for v in variants.keys() {
+        assert_eq!(after["variants"][v], "wg16x4", "{v}");
+    }
+}

@@ -53,7 +53,7 @@ impl Sampler {
         let update_node = sampler::update(&mut g, coef, step, unet.eps, x, None, key);
         sampler::advance(&mut g, step);
         g.mark_output(x);
-        let plan = Plan::compile(ctx, &g)?;
+        let plan = crate::tune::compile(ctx, &g)?;
         unet.upload(ctx, &plan, ckpt)?;
         let table: Vec<f32> = rows.iter().flat_map(|r| r.row()).collect();
         plan.write(ctx, coef, &table)?;

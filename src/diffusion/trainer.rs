@@ -148,7 +148,7 @@ impl Trainer {
                 g.mark_output(grad);
             }
         }
-        let plan = Plan::compile(ctx, &g)?;
+        let plan = crate::tune::compile(ctx, &g)?;
         plan.write(ctx, one, &[1f32])?;
         unet.upload(ctx, &plan, ckpt)?;
         let mut step = 0;

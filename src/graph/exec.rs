@@ -60,6 +60,8 @@ const QUERIES_PER_SET: u32 = wgpu::QUERY_SET_MAX_QUERIES;
 pub struct NodeInfo {
     /// "shader::entry".
     pub kernel: String,
+    /// The variant chosen for this dispatch; None for kernels that have no alternatives.
+    pub variant: Option<String>,
     /// The op / model layer it belongs to.
     pub label: String,
     pub cost: super::Cost,
@@ -134,8 +136,9 @@ impl Plan {
         }
 
         let mut nodes = Vec::with_capacity(g.nodes.len());
-        for (node, &params_offset) in g.nodes.iter().zip(&offsets) {
-            let pipeline = ctx.pipeline(node.shader, node.entry)?;
+        for (i, (node, &params_offset)) in g.nodes.iter().zip(&offsets).enumerate() {
+            let constants = g.variants.get(&i).map_or(&[][..], |t| &t.variant().constants[..]);
+            let pipeline = ctx.pipeline_with(node.shader, node.entry, constants)?;
             let layout = pipeline.get_bind_group_layout(0);
             let mut entries = vec![wgpu::BindGroupEntry {
                 binding: 0,
@@ -177,8 +180,10 @@ impl Plan {
         let info = g
             .nodes
             .iter()
-            .map(|n| NodeInfo {
+            .enumerate()
+            .map(|(i, n)| NodeInfo {
                 kernel: format!("{}::{}", n.shader.name, n.entry),
+                variant: g.variants.get(&i).map(|t| t.variant().name.clone()),
                 label: n.label.clone(),
                 cost: n.cost,
             })
