@@ -12,6 +12,14 @@
 // No shared memory: barriers are cheap on GPUs but ruinous on lavapipe, and L1 serves the reuse.
 // Grid: x = output rows * column groups (64 per workgroup), y = ceil(Cout / 8), z = N.
 //
+// Variant "igemm32" of the forward (conv2d_igemm; the tuner picks between it and conv2d): a
+// workgroup-tiled implicit GEMM, C[co, pixel] = sum_r W[co, r] * X[r, pixel] with
+// r = (ci, ky, kx) flattened (the same ascending order; padding taps and the last chunk's tail
+// add exact zeros). A workgroup owns a 32 x 32 tile of output channels x output pixels (of one
+// image); the K loop stages 8 reduction steps of weights and im2col'd inputs through workgroup
+// memory per barrier pair, each of the 64 invocations loads 4 of each and computes a 4x4 block.
+// Grid: x = ceil(Ho*Wo / 32), y = ceil(Cout / 32), z = N.
+//
 // Backward (same Params, same bindings order: inputs then the written gradient):
 //   conv2d_grad_input:  dx[n, ci, iy, ix] = sum_{co, ky, kx} w[co, ci, ky, kx] * dy[n, co, oy, ox]
 //                       over the (oy, ox) with oy*s - p + ky = iy (the transposed convolution);
@@ -115,6 +123,82 @@ fn conv2d(@builtin(global_invocation_id) gid: vec3<u32>) {
         for (var q = 0u; q < 4u; q++) {
             if (ox0 + q < p.wo) {
                 y[yrow + ox0 + q] = accs[j][q] + b;
+            }
+        }
+    }
+}
+
+// ---- forward, tiled implicit GEMM ---------------------------------------------------------------
+
+// Tile sizes of conv2d_igemm (src/ops/conv.rs IGEMM_TILE mirrors the 32 for the grid).
+const IG_TILE: u32 = 32u;
+const IG_TK: u32 = 8u;
+var<workgroup> ig_w: array<f32, 256>; // [IG_TK][IG_TILE] weights: row r, column output channel
+var<workgroup> ig_x: array<f32, 256>; // [IG_TK][IG_TILE] im2col inputs: row r, column output pixel
+
+@compute @workgroup_size(64)
+fn conv2d_igemm(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let kk = p.k * p.k;
+    let kdim = p.cin * kk;
+    let npix = p.ho * p.wo;
+    let co0 = wid.y * IG_TILE;
+    let px0 = wid.x * IG_TILE;
+    let n = wid.z;
+    let tm = (li / 8u) * 4u; // this invocation's 4 output channels within the tile
+    let tn = (li % 8u) * 4u; // and its 4 output pixels
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    for (var r0 = 0u; r0 < kdim; r0 += IG_TK) {
+        for (var q = 0u; q < 4u; q++) {
+            let e = li * 4u + q;
+            let r = r0 + e / IG_TILE;
+            let m = e % IG_TILE;
+            var wv = 0.0;
+            if (r < kdim && co0 + m < p.cout) {
+                wv = wt[(co0 + m) * kdim + r];
+            }
+            ig_w[e] = wv;
+            var xv = 0.0;
+            let pix = px0 + m;
+            if (r < kdim && pix < npix) {
+                let ci = r / kk;
+                let ky = (r % kk) / p.k;
+                let kx = r % p.k;
+                let iy = i32((pix / p.wo) * p.stride + ky) - i32(p.pad);
+                let ix = i32((pix % p.wo) * p.stride + kx) - i32(p.pad);
+                if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
+                    xv = x[((n * p.cin + ci) * p.h + u32(iy)) * p.w + u32(ix)];
+                }
+            }
+            ig_x[e] = xv;
+        }
+        workgroupBarrier();
+        for (var kr = 0u; kr < IG_TK; kr++) {
+            let row = kr * IG_TILE;
+            let xv = vec4<f32>(ig_x[row + tn], ig_x[row + tn + 1u], ig_x[row + tn + 2u], ig_x[row + tn + 3u]);
+            acc0 += ig_w[row + tm] * xv;
+            acc1 += ig_w[row + tm + 1u] * xv;
+            acc2 += ig_w[row + tm + 2u] * xv;
+            acc3 += ig_w[row + tm + 3u] * xv;
+        }
+        workgroupBarrier();
+    }
+    let accs = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+    for (var i = 0u; i < 4u; i++) {
+        let co = co0 + tm + i;
+        if (co >= p.cout) {
+            break;
+        }
+        var b = 0.0;
+        if (p.has_bias != 0u) {
+            b = bias[co];
+        }
+        for (var j = 0u; j < 4u; j++) {
+            let pix = px0 + tn + j;
+            if (pix < npix) {
+                y[(n * p.cout + co) * npix + pix] = accs[i][j] + b;
             }
         }
     }

@@ -45,7 +45,7 @@ fn profile_prints_tables_that_add_up_and_a_trace() {
     // % of the measured peak: both columns, a number (not "-") on the conv row, and the peak line.
     let header = stdout.lines().find(|l| l.starts_with("kernel ")).unwrap();
     assert!(header.ends_with("%FLOP     %BW"), "{header}");
-    let conv = stdout.lines().find(|l| l.starts_with("conv::conv2d ")).unwrap();
+    let conv = stdout.lines().find(|l| l.starts_with("conv::conv2d")).unwrap();
     let pct: Vec<f64> = conv.split_whitespace().rev().take(2).map(|v| v.parse().unwrap()).collect();
     assert!(pct.iter().all(|&v| v > 0.0), "{conv}");
     let peak = stdout.lines().find(|l| l.starts_with("peak: ")).expect("peak line");

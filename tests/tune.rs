@@ -263,7 +263,11 @@ fn a_run_records_its_variants_and_resume_uses_them() {
     let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
     let variants = config["variants"].as_object().expect("config.json records variants").clone();
     assert!(!variants.is_empty());
-    assert!(variants.values().all(|v| matmul::VARIANTS.iter().any(|m| v == m.0)), "{variants:?}");
+    let matmul_keys: Vec<String> = variants.keys().filter(|k| k.starts_with("matmul::")).cloned().collect();
+    assert!(!matmul_keys.is_empty() && variants.keys().any(|k| k.starts_with("conv::")), "{variants:?}");
+    for k in &matmul_keys {
+        assert!(matmul::VARIANTS.iter().any(|m| variants[k] == m.0), "{variants:?}");
+    }
 
     // Resume follows the record, not the cache: an unknown recorded variant fails, naming it...
     let key = variants.keys().next().unwrap().clone();
@@ -273,14 +277,62 @@ fn a_run_records_its_variants_and_resume_uses_them() {
     assert!(!ok, "resume must fail on an unknown recorded variant");
     assert!(err.lines().any(|l| l.starts_with("error:") && l.contains("'wg99'")), "{err}");
     // ...and a recorded non-default variant is kept through the resume.
-    for v in variants.keys() {
-        config["variants"][v] = "wg16x4".into();
+    config["variants"][&key] = variants[&key].clone();
+    for k in &matmul_keys {
+        config["variants"][k] = "wg16x4".into();
     }
     std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
     let (ok, err) = train(&["--steps", "2", "--resume", dir.to_str().unwrap()]);
     assert!(ok, "{err}");
     let after: serde_json::Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
-    for v in variants.keys() {
-        assert_eq!(after["variants"][v], "wg16x4", "{v}");
+    for k in &matmul_keys {
+        assert_eq!(after["variants"][k], "wg16x4", "{k}");
+    }
+}
+
+// ---- conv forward variants ----------------------------------------------------------------------
+
+use sddpm_gpu::ops::conv;
+
+/// Every conv forward variant against the CPU reference (1e-5 relative + 1e-5 absolute, as
+/// tests/ops.rs): 3x3 and 1x1, stride 1 and 2, odd sizes, Cin*K*K not a multiple of the K step,
+/// Cout and pixel counts not multiples of the 32 tile and larger than one tile, with and without bias.
+#[test]
+fn every_conv_forward_variant_matches_cpu() {
+    let cases: [([usize; 4], usize, usize, usize, bool); 7] = [
+        ([2, 3, 7, 9], 5, 3, 1, true),
+        ([3, 1, 5, 6], 13, 3, 1, false),
+        ([2, 5, 9, 11], 37, 3, 2, true),
+        ([1, 3, 4, 4], 3, 3, 2, false),
+        ([2, 6, 5, 5], 10, 1, 1, true),
+        ([3, 7, 3, 13], 9, 1, 1, false),
+        ([2, 33, 10, 7], 70, 3, 1, true),
+    ];
+    for (seed, &([n, cin, h, w], cout, k, stride, with_bias)) in cases.iter().enumerate() {
+        let pad = k / 2;
+        let mut r = rng(seed as u64 + 90);
+        let xv = normalish(&mut r, n * cin * h * w, 1.0);
+        let wv = uniform(&mut r, cout * cin * k * k, -0.5, 0.5);
+        let bv = uniform(&mut r, cout, -0.5, 0.5);
+        let want =
+            conv::conv2d_cpu(&xv, [n, cin, h, w], &wv, [cout, cin, k, k], with_bias.then_some(&bv[..]), stride, pad);
+        let count = conv::forward_variants(1, 1, 1, 1).len();
+        assert!(count >= 2);
+        for v in 0..count {
+            let mut g = Graph::new();
+            let x = g.input("x", &[n, cin, h, w]);
+            let wt = g.param("w", &[cout, cin, k, k]);
+            let b = g.param("b", &[cout]);
+            let y = conv::conv2d(&mut g, x, wt, with_bias.then_some(b), stride, pad, "conv");
+            g.choose(0, v);
+            let name = g.variants[&0].variant().name.clone();
+            let mut inputs = vec![(x, bits(&xv)), (wt, bits(&wv))];
+            if with_bias {
+                inputs.push((b, bits(&bv)));
+            }
+            let got = run_graph(g, &inputs, &[y]).remove(0);
+            let what = format!("conv2d {name} {n}x{cin}x{h}x{w} -> {cout} k{k} s{stride}");
+            assert_close(&what, &got, &want, 1e-5, 1e-5);
+        }
     }
 }

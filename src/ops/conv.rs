@@ -2,13 +2,36 @@
 //! convolution, which has kernel depth 1 along time and is therefore a per-step 3x3 conv.
 
 use crate::gpu::Shader;
-use crate::graph::{grid_1d, Cost, Graph, Node, Params, TensorId};
+use crate::graph::{grid_1d, Cost, Graph, Node, Params, TensorId, Variant};
 use crate::shader;
 
 pub static SHADER: Shader = shader!("conv");
 
 /// Output positions one weight-gradient invocation sums (GRAD_W_CHUNK in shaders/conv.wgsl).
 pub const GRAD_W_CHUNK: usize = 2048;
+
+/// Output channels and output pixels of one `conv2d_igemm` workgroup tile (IG_TILE in conv.wgsl).
+pub const IGEMM_TILE: usize = 32;
+
+/// The forward kernels the tuner chooses from: the 8x4 register-tiled kernel (default; no
+/// workgroup memory, best on CPU adapters) and the workgroup-tiled implicit GEMM.
+pub fn forward_variants(n: usize, cout: usize, ho: usize, wo: usize) -> Vec<Variant> {
+    let wo_groups = wo.div_ceil(4);
+    vec![
+        Variant {
+            name: "r8x4".into(),
+            entry: "conv2d",
+            constants: vec![],
+            workgroups: [(ho * wo_groups).div_ceil(64) as u32, cout.div_ceil(8) as u32, n as u32],
+        },
+        Variant {
+            name: "igemm32".into(),
+            entry: "conv2d_igemm",
+            constants: vec![],
+            workgroups: [(ho * wo).div_ceil(IGEMM_TILE) as u32, cout.div_ceil(IGEMM_TILE) as u32, n as u32],
+        },
+    ]
+}
 
 /// Output size of a convolution along one axis.
 pub fn conv_out(size: usize, k: usize, stride: usize, pad: usize) -> usize {
@@ -78,17 +101,24 @@ fn conv_node(
         .build();
     let macs = (n * cout * ho * wo * cin * k * k) as u64;
     let bwd_params = params.clone();
-    g.push(Node {
-        shader: &SHADER,
-        entry: "conv2d",
-        params,
-        // Without a bias the weight is bound in its slot; the shader never reads it then.
-        reads: vec![x, w, b.unwrap_or(w)],
-        writes: vec![y],
-        workgroups: [(ho * wo_groups).div_ceil(64) as u32, cout.div_ceil(8) as u32, n as u32],
-        label: name.to_string(),
-        cost: Cost { flops: 2 * macs, bytes: 4 * (n * cin * h * wd + cout * cin * k * k + n * cout * ho * wo) as u64 },
-    });
+    let candidates = forward_variants(n, cout, ho, wo);
+    g.push_variants(
+        Node {
+            shader: &SHADER,
+            entry: candidates[0].entry,
+            params,
+            // Without a bias the weight is bound in its slot; the shader never reads it then.
+            reads: vec![x, w, b.unwrap_or(w)],
+            writes: vec![y],
+            workgroups: candidates[0].workgroups,
+            label: name.to_string(),
+            cost: Cost {
+                flops: 2 * macs,
+                bytes: 4 * (n * cin * h * wd + cout * cin * k * k + n * cout * ho * wo) as u64,
+            },
+        },
+        candidates,
+    );
     let label = name.to_string();
     let mut inputs = vec![x, w];
     inputs.extend(b);
