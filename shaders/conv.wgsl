@@ -21,6 +21,10 @@
 // Grid: x = ceil(Ho*Wo / 32), y = ceil(Cout / 32), z = N.
 //
 // Backward (same Params, same bindings order: inputs then the written gradient):
+//   conv2d_grad_input_igemm: variant "igemm32" of conv2d_grad_input, the same tiling with rows =
+//                       input channels, columns = input pixels, r = (co, ky, kx) ascending (the
+//                       reference's order; taps that hit no output add exact zeros).
+//                       Grid: x = ceil(H*W / 32), y = ceil(Cin / 32), z = N.
 //   conv2d_grad_input:  dx[n, ci, iy, ix] = sum_{co, ky, kx} w[co, ci, ky, kx] * dy[n, co, oy, ox]
 //                       over the (oy, ox) with oy*s - p + ky = iy (the transposed convolution);
 //                       8 input channels x 4 input columns per invocation.
@@ -277,6 +281,71 @@ fn conv2d_grad_input(@builtin(global_invocation_id) gid: vec3<u32>) {
         for (var q = 0u; q < 4u; q++) {
             if (ix0 + q < p.w) {
                 dx[row + ix0 + q] = accs[j][q];
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(64)
+fn conv2d_grad_input_igemm(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let kk = p.k * p.k;
+    let kdim = p.cout * kk;
+    let npix = p.h * p.w;
+    let ci0 = wid.y * IG_TILE;
+    let px0 = wid.x * IG_TILE;
+    let n = wid.z;
+    let s = i32(p.stride);
+    let tm = (li / 8u) * 4u;
+    let tn = (li % 8u) * 4u;
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    for (var r0 = 0u; r0 < kdim; r0 += IG_TK) {
+        for (var q = 0u; q < 4u; q++) {
+            let e = li * 4u + q;
+            let r = r0 + e / IG_TILE;
+            let m = e % IG_TILE;
+            let co = r / kk;
+            let ky = (r % kk) / p.k;
+            let kx = r % p.k;
+            var wv = 0.0;
+            if (r < kdim && ci0 + m < p.cin) {
+                wv = wt_b[(co * p.cin + ci0 + m) * kk + ky * p.k + kx];
+            }
+            ig_w[e] = wv;
+            var dv = 0.0;
+            let pix = px0 + m;
+            if (r < kdim && pix < npix) {
+                let ty = i32(pix / p.w + p.pad) - i32(ky);
+                let tx = i32(pix % p.w + p.pad) - i32(kx);
+                if (ty >= 0 && tx >= 0 && ty % s == 0 && tx % s == 0 && ty / s < i32(p.ho) && tx / s < i32(p.wo)) {
+                    dv = dy[((n * p.cout + co) * p.ho + u32(ty / s)) * p.wo + u32(tx / s)];
+                }
+            }
+            ig_x[e] = dv;
+        }
+        workgroupBarrier();
+        for (var kr = 0u; kr < IG_TK; kr++) {
+            let row = kr * IG_TILE;
+            let dv = vec4<f32>(ig_x[row + tn], ig_x[row + tn + 1u], ig_x[row + tn + 2u], ig_x[row + tn + 3u]);
+            acc0 += ig_w[row + tm] * dv;
+            acc1 += ig_w[row + tm + 1u] * dv;
+            acc2 += ig_w[row + tm + 2u] * dv;
+            acc3 += ig_w[row + tm + 3u] * dv;
+        }
+        workgroupBarrier();
+    }
+    let accs = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+    for (var i = 0u; i < 4u; i++) {
+        let ci = ci0 + tm + i;
+        if (ci >= p.cin) {
+            break;
+        }
+        for (var j = 0u; j < 4u; j++) {
+            let pix = px0 + tn + j;
+            if (pix < npix) {
+                dx[(n * p.cin + ci) * npix + pix] = accs[i][j];
             }
         }
     }

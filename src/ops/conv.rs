@@ -33,6 +33,24 @@ pub fn forward_variants(n: usize, cout: usize, ho: usize, wo: usize) -> Vec<Vari
     ]
 }
 
+/// The input-gradient kernels: the 8x4 register-tiled default and the implicit GEMM.
+pub fn grad_input_variants(n: usize, cin: usize, h: usize, w: usize) -> Vec<Variant> {
+    vec![
+        Variant {
+            name: "r8x4".into(),
+            entry: "conv2d_grad_input",
+            constants: vec![],
+            workgroups: [(h * w.div_ceil(4)).div_ceil(64) as u32, cin.div_ceil(8) as u32, n as u32],
+        },
+        Variant {
+            name: "igemm32".into(),
+            entry: "conv2d_grad_input_igemm",
+            constants: vec![],
+            workgroups: [(h * w).div_ceil(IGEMM_TILE) as u32, cin.div_ceil(IGEMM_TILE) as u32, n as u32],
+        },
+    ]
+}
+
 /// Output size of a convolution along one axis.
 pub fn conv_out(size: usize, k: usize, stride: usize, pad: usize) -> usize {
     (size + 2 * pad - k) / stride + 1
@@ -128,16 +146,20 @@ fn conv_node(
             Cost { flops: 2 * macs, bytes: 4 * (n * cin * h * wd + cout * cin * k * k + n * cout * ho * wo) as u64 };
         let dx = needs[0].then(|| {
             let dx = g.intermediate(&format!("{label}.grad_input"), &[n, cin, h, wd]);
-            g.push(Node {
-                shader: &SHADER,
-                entry: "conv2d_grad_input",
-                params: bwd_params.clone(),
-                reads: vec![dy, w],
-                writes: vec![dx],
-                workgroups: [(h * wd.div_ceil(4)).div_ceil(64) as u32, cin.div_ceil(8) as u32, n as u32],
-                label: format!("{label}.grad_input"),
-                cost,
-            });
+            let candidates = grad_input_variants(n, cin, h, wd);
+            g.push_variants(
+                Node {
+                    shader: &SHADER,
+                    entry: candidates[0].entry,
+                    params: bwd_params.clone(),
+                    reads: vec![dy, w],
+                    writes: vec![dx],
+                    workgroups: candidates[0].workgroups,
+                    label: format!("{label}.grad_input"),
+                    cost,
+                },
+                candidates,
+            );
             dx
         });
         let dw = needs[1].then(|| {
