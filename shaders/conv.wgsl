@@ -25,6 +25,10 @@
 //                       input channels, columns = input pixels, r = (co, ky, kx) ascending (the
 //                       reference's order; taps that hit no output add exact zeros).
 //                       Grid: x = ceil(H*W / 32), y = ceil(Cin / 32), z = N.
+//   conv2d_grad_weight_igemm: variant "igemm32" of conv2d_grad_weight (same chunks, same partial
+//                       layout, same reduce): rows = output channels, columns = r = (ci, ky, kx),
+//                       K = the chunk's (n, oy, ox) ascending, 8 staged per barrier pair.
+//                       Grid: x = ceil(Cin*K*K / 32), y = ceil(Cout / 32), z = parts.
 //   conv2d_grad_input:  dx[n, ci, iy, ix] = sum_{co, ky, kx} w[co, ci, ky, kx] * dy[n, co, oy, ox]
 //                       over the (oy, ox) with oy*s - p + ky = iy (the transposed convolution);
 //                       8 input channels x 4 input columns per invocation.
@@ -408,6 +412,73 @@ fn conv2d_grad_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
         }
         for (var tap = 0u; tap < kk; tap++) {
             dw_partial[part * size + ((co0 + j) * p.cin + ci) * kk + tap] = acc[tap][j];
+        }
+    }
+}
+
+@compute @workgroup_size(64)
+fn conv2d_grad_weight_igemm(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let kk = p.k * p.k;
+    let rdim = p.cin * kk;
+    let plane = p.ho * p.wo;
+    let end = min(p.n * plane, (wid.z + 1u) * GRAD_W_CHUNK);
+    let co0 = wid.y * IG_TILE;
+    let r0 = wid.x * IG_TILE;
+    let tm = (li / 8u) * 4u;
+    let tn = (li % 8u) * 4u;
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    for (var e0 = wid.z * GRAD_W_CHUNK; e0 < end; e0 += IG_TK) {
+        for (var q = 0u; q < 4u; q++) {
+            let idx = li * 4u + q;
+            let e = e0 + idx / IG_TILE;
+            let m = idx % IG_TILE;
+            let n = e / plane;
+            let pix = e % plane;
+            var g = 0.0;
+            if (e < end && co0 + m < p.cout) {
+                g = dy[(n * p.cout + co0 + m) * plane + pix];
+            }
+            ig_w[idx] = g;
+            var v = 0.0;
+            let r = r0 + m;
+            if (e < end && r < rdim) {
+                let ci = r / kk;
+                let ky = (r % kk) / p.k;
+                let kx = r % p.k;
+                let iy = i32((pix / p.wo) * p.stride + ky) - i32(p.pad);
+                let ix = i32((pix % p.wo) * p.stride + kx) - i32(p.pad);
+                if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
+                    v = x_saved[((n * p.cin + ci) * p.h + u32(iy)) * p.w + u32(ix)];
+                }
+            }
+            ig_x[idx] = v;
+        }
+        workgroupBarrier();
+        for (var kr = 0u; kr < IG_TK; kr++) {
+            let row = kr * IG_TILE;
+            let xv = vec4<f32>(ig_x[row + tn], ig_x[row + tn + 1u], ig_x[row + tn + 2u], ig_x[row + tn + 3u]);
+            acc0 += xv * ig_w[row + tm];
+            acc1 += xv * ig_w[row + tm + 1u];
+            acc2 += xv * ig_w[row + tm + 2u];
+            acc3 += xv * ig_w[row + tm + 3u];
+        }
+        workgroupBarrier();
+    }
+    let size = p.cout * rdim;
+    let accs = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+    for (var i = 0u; i < 4u; i++) {
+        let co = co0 + tm + i;
+        if (co >= p.cout) {
+            break;
+        }
+        for (var j = 0u; j < 4u; j++) {
+            let r = r0 + tn + j;
+            if (r < rdim) {
+                dw_partial[wid.z * size + co * rdim + r] = accs[i][j];
+            }
         }
     }
 }

@@ -337,6 +337,46 @@ fn every_conv_forward_variant_matches_cpu() {
     }
 }
 
+/// Every conv weight-gradient variant against the CPU reference (1e-5 relative + 1e-4 absolute, as
+/// tests/backward.rs), including a product of more than one GRAD_W_CHUNK of output positions.
+#[test]
+fn every_conv_grad_weight_variant_matches_cpu() {
+    use sddpm_gpu::graph::backward;
+    let cases: [([usize; 4], usize, usize, usize); 6] = [
+        ([2, 3, 7, 9], 5, 3, 1),
+        ([2, 5, 9, 11], 7, 3, 2),
+        ([2, 6, 5, 5], 10, 1, 1),
+        ([2, 13, 6, 7], 35, 3, 1),
+        ([1, 3, 6, 9], 4, 1, 2),
+        ([3, 2, 29, 31], 3, 3, 1),
+    ];
+    for (seed, &([n, cin, h, w], cout, k, stride)) in cases.iter().enumerate() {
+        let pad = k / 2;
+        let (ho, wo) = (conv::conv_out(h, k, stride, pad), conv::conv_out(w, k, stride, pad));
+        let mut r = rng(seed as u64 + 150);
+        let xv = normalish(&mut r, n * cin * h * w, 1.0);
+        let dyv = normalish(&mut r, n * cout * ho * wo, 1.0);
+        let want = conv::conv2d_grad_weight_cpu(&dyv, &xv, [n, cin, h, w], [cout, k], stride, pad);
+        for v in 0..conv::grad_weight_variants(1, 1, 1, 1).len() {
+            let mut g = Graph::new();
+            let x = g.input("x", &[n, cin, h, w]);
+            let wt = g.param("w", &[cout, cin, k, k]);
+            let y = conv::conv2d(&mut g, x, wt, None, stride, pad, "conv");
+            let seed_t = g.input("dy", &[n, cout, ho, wo]);
+            let dw = backward(&mut g, y, seed_t, &[wt])[&wt];
+            let nodes: Vec<usize> =
+                g.variants.keys().copied().filter(|&i| g.nodes[i].label == "conv.grad_weight").collect();
+            assert_eq!(nodes.len(), 1);
+            g.choose(nodes[0], v);
+            let name = g.variants[&nodes[0]].variant().name.clone();
+            let inputs = [(x, bits(&xv)), (wt, bits(&vec![0.0; cout * cin * k * k])), (seed_t, bits(&dyv))];
+            let got = run_graph(g, &inputs, &[dw]).remove(0);
+            let what = format!("conv grad_weight {name} {n}x{cin}x{h}x{w} -> {cout} k{k} s{stride}");
+            assert_close(&what, &got, &want, 1e-5, 1e-4);
+        }
+    }
+}
+
 /// Every conv input-gradient variant against the CPU reference (1e-5 relative + 1e-5 absolute, as
 /// tests/backward.rs, which checks that reference against finite differences).
 #[test]

@@ -51,6 +51,25 @@ pub fn grad_input_variants(n: usize, cin: usize, h: usize, w: usize) -> Vec<Vari
     ]
 }
 
+/// The weight-gradient (partial sums) kernels: 4 channels x all taps per invocation (default,
+/// K <= 3) and the implicit GEMM; both write the same [parts, Cout*Cin*K*K] partials.
+pub fn grad_weight_variants(cout: usize, cin: usize, k: usize, parts: usize) -> Vec<Variant> {
+    vec![
+        Variant {
+            name: "r4xkk".into(),
+            entry: "conv2d_grad_weight",
+            constants: vec![],
+            workgroups: [cin.div_ceil(64) as u32, cout.div_ceil(4) as u32, parts as u32],
+        },
+        Variant {
+            name: "igemm32".into(),
+            entry: "conv2d_grad_weight_igemm",
+            constants: vec![],
+            workgroups: [(cin * k * k).div_ceil(IGEMM_TILE) as u32, cout.div_ceil(IGEMM_TILE) as u32, parts as u32],
+        },
+    ]
+}
+
 /// Output size of a convolution along one axis.
 pub fn conv_out(size: usize, k: usize, stride: usize, pad: usize) -> usize {
     (size + 2 * pad - k) / stride + 1
@@ -166,16 +185,20 @@ fn conv_node(
             assert!(k <= 3, "{label}: weight gradients support kernels up to 3x3");
             let parts = (n * ho * wo).div_ceil(GRAD_W_CHUNK);
             let partial = g.intermediate(&format!("{label}.grad_weight_parts"), &[parts, cout * cin * k * k]);
-            g.push(Node {
-                shader: &SHADER,
-                entry: "conv2d_grad_weight",
-                params: bwd_params.clone(),
-                reads: vec![dy, x],
-                writes: vec![partial],
-                workgroups: [cin.div_ceil(64) as u32, cout.div_ceil(4) as u32, parts as u32],
-                label: format!("{label}.grad_weight"),
-                cost,
-            });
+            let candidates = grad_weight_variants(cout, cin, k, parts);
+            g.push_variants(
+                Node {
+                    shader: &SHADER,
+                    entry: candidates[0].entry,
+                    params: bwd_params.clone(),
+                    reads: vec![dy, x],
+                    writes: vec![partial],
+                    workgroups: candidates[0].workgroups,
+                    label: format!("{label}.grad_weight"),
+                    cost,
+                },
+                candidates,
+            );
             let shape = g.shape(w).to_vec();
             let dw = g.intermediate(&format!("{label}.grad_weight"), &shape);
             let mut reduce_params = bwd_params.clone();
