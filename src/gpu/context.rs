@@ -161,8 +161,9 @@ impl Tuning {
     }
 }
 
-/// Pipeline cache key: shader, entry point and the override constants' values.
-type PipelineKey = (&'static str, &'static str, String);
+/// Pipeline cache key: shader, entry point, the override constants' values and whether workgroup
+/// memory is zero-initialised.
+type PipelineKey = (&'static str, &'static str, String, bool);
 
 /// A device, its queue, and the bookkeeping every other module needs.
 pub struct Context {
@@ -326,18 +327,20 @@ impl Context {
 
     /// A compute pipeline for `entry` in `shader`, created once and cached by name.
     pub fn pipeline(&self, shader: &Shader, entry: &'static str) -> Result<Arc<wgpu::ComputePipeline>> {
-        self.pipeline_with(shader, entry, &[])
+        self.pipeline_with(shader, entry, &[], true)
     }
 
-    /// As [`Context::pipeline`], with WGSL `override` constants filled in; cached by name and
-    /// constant values, so each variant of a kernel is its own pipeline.
+    /// As [`Context::pipeline`], with WGSL `override` constants filled in and, for kernels that
+    /// write their workgroup memory before reading it, without its zero-initialisation; cached
+    /// by all of these, so each variant of a kernel is its own pipeline.
     pub fn pipeline_with(
         &self,
         shader: &Shader,
         entry: &'static str,
         constants: &[(&'static str, f64)],
+        zero_init_workgroup_memory: bool,
     ) -> Result<Arc<wgpu::ComputePipeline>> {
-        let key = (shader.name, entry, format!("{constants:?}"));
+        let key = (shader.name, entry, format!("{constants:?}"), zero_init_workgroup_memory);
         if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
             return Ok(p.clone());
         }
@@ -351,7 +354,10 @@ impl Context {
                 layout: None,
                 module: &module,
                 entry_point: Some(entry),
-                compilation_options: wgpu::PipelineCompilationOptions { constants, ..Default::default() },
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants,
+                    zero_initialize_workgroup_memory: zero_init_workgroup_memory,
+                },
                 cache: None,
             })
         })?;

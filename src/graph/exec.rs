@@ -137,8 +137,10 @@ impl Plan {
 
         let mut nodes = Vec::with_capacity(g.nodes.len());
         for (i, (node, &params_offset)) in g.nodes.iter().zip(&offsets).enumerate() {
-            let constants = g.variants.get(&i).map_or(&[][..], |t| &t.variant().constants[..]);
-            let pipeline = ctx.pipeline_with(node.shader, node.entry, constants)?;
+            let variant = g.variants.get(&i).map(|t| t.variant());
+            let constants = variant.map_or(&[][..], |v| &v.constants[..]);
+            let zero_init = variant.is_none_or(|v| !v.writes_workgroup_memory_first);
+            let pipeline = ctx.pipeline_with(node.shader, node.entry, constants, zero_init)?;
             let layout = pipeline.get_bind_group_layout(0);
             let mut entries = vec![wgpu::BindGroupEntry {
                 binding: 0,

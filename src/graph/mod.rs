@@ -83,6 +83,9 @@ pub struct Variant {
     pub entry: &'static str,
     pub constants: Vec<(&'static str, f64)>,
     pub workgroups: [u32; 3],
+    /// The kernel writes all the workgroup memory it reads before reading it, so the pipeline
+    /// may skip the zero-initialisation WebGPU otherwise requires (a pass over it per workgroup).
+    pub writes_workgroup_memory_first: bool,
 }
 
 /// The candidates of a node whose kernel is chosen at compile time (index 0 is the default).

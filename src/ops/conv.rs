@@ -23,12 +23,15 @@ pub fn forward_variants(n: usize, cout: usize, ho: usize, wo: usize) -> Vec<Vari
             entry: "conv2d",
             constants: vec![],
             workgroups: [(ho * wo_groups).div_ceil(64) as u32, cout.div_ceil(8) as u32, n as u32],
+            writes_workgroup_memory_first: false,
         },
         Variant {
             name: "igemm32".into(),
             entry: "conv2d_igemm",
             constants: vec![],
             workgroups: [(ho * wo).div_ceil(IGEMM_TILE) as u32, cout.div_ceil(IGEMM_TILE) as u32, n as u32],
+            // Every invocation stores its 4 values of both tiles before the first barrier.
+            writes_workgroup_memory_first: true,
         },
     ]
 }
@@ -41,12 +44,15 @@ pub fn grad_input_variants(n: usize, cin: usize, h: usize, w: usize) -> Vec<Vari
             entry: "conv2d_grad_input",
             constants: vec![],
             workgroups: [(h * w.div_ceil(4)).div_ceil(64) as u32, cin.div_ceil(8) as u32, n as u32],
+            writes_workgroup_memory_first: false,
         },
         Variant {
             name: "igemm32".into(),
             entry: "conv2d_grad_input_igemm",
             constants: vec![],
             workgroups: [(h * w).div_ceil(IGEMM_TILE) as u32, cin.div_ceil(IGEMM_TILE) as u32, n as u32],
+            // Every invocation stores its 4 values of both tiles before the first barrier.
+            writes_workgroup_memory_first: true,
         },
     ]
 }
@@ -60,12 +66,15 @@ pub fn grad_weight_variants(cout: usize, cin: usize, k: usize, parts: usize) -> 
             entry: "conv2d_grad_weight",
             constants: vec![],
             workgroups: [cin.div_ceil(64) as u32, cout.div_ceil(4) as u32, parts as u32],
+            writes_workgroup_memory_first: false,
         },
         Variant {
             name: "igemm32".into(),
             entry: "conv2d_grad_weight_igemm",
             constants: vec![],
             workgroups: [(cin * k * k).div_ceil(IGEMM_TILE) as u32, cout.div_ceil(IGEMM_TILE) as u32, parts as u32],
+            // Every invocation stores its 4 values of both tiles before the first barrier.
+            writes_workgroup_memory_first: true,
         },
     ]
 }

@@ -36,6 +36,7 @@ pub fn variants(m: usize, n: usize) -> Vec<Variant> {
             entry: "matmul",
             constants: vec![("WG_X", wx as f64), ("WG_Y", wy as f64)],
             workgroups: [n.div_ceil(4 * wx as usize) as u32, m.div_ceil(4 * wy as usize) as u32, 1],
+            writes_workgroup_memory_first: false,
         })
         .collect()
 }
