@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context as _, Result};
 use safetensors::{Dtype, SafeTensors};
 
-use crate::model::{state_entries, DdpmConfig, Entry, EntryKind, ModelConfig, Net};
+use crate::model::{state_entries, DdpmConfig, Entry, EntryKind, ModelConfig, Net, NeuronKind};
 
 /// An integer tensor read from a file, widened to i64.
 #[derive(Debug, Clone, PartialEq)]
@@ -215,6 +215,10 @@ impl TensorFile {
             snn_steps: 4,
             img_ch,
             img_size: 32,
+            attn: Vec::new(),
+            heads: 1,
+            neuron: NeuronKind::If,
+            tau: 2.0,
         })
     }
 

@@ -30,9 +30,9 @@ pub struct LayerEnergy {
     /// Official module path of the spiking layer, e.g. `downblocks.0.neuron1`.
     pub name: String,
     pub firing_rate: f64,
-    /// The conv it feeds (official name).
+    /// The convs (or attention products) it feeds, official names joined by " + "; "-" for none.
     pub feeds: String,
-    /// MACs of that conv per image and spiking step.
+    /// MACs of those layers per image and spiking step.
     pub macs: u64,
     /// Synaptic operations per image and network evaluation: rate x T x MACs.
     pub sops: f64,
@@ -109,17 +109,18 @@ impl SpikeCounter {
         let mut layers = Vec::new();
         for (name, _, sums, numel) in &self.layers {
             let count: f64 = self.plan.read(ctx, *sums)?.iter().map(|&v| v as f64).sum();
-            let fed = macs
-                .iter()
-                .find(|m| m.fed_by.as_deref() == Some(name.as_str()))
-                .unwrap_or_else(|| panic!("no layer is fed by {name}"));
+            // Most layers feed one conv; an attention's input neuron feeds three (q, k, v), and one
+            // of its q/k/v neurons is an operand of a product another gates (layer_macs).
+            let fed: Vec<_> = macs.iter().filter(|m| m.fed_by.as_deref() == Some(name.as_str())).collect();
+            let fed_macs: u64 = fed.iter().map(|m| m.macs).sum();
+            let feeds = fed.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(" + ");
             let rate = count / *numel as f64;
             layers.push(LayerEnergy {
                 name: name.clone(),
                 firing_rate: rate,
-                feeds: fed.name.clone(),
-                macs: fed.macs,
-                sops: rate * steps * fed.macs as f64,
+                feeds: if feeds.is_empty() { "-".into() } else { feeds },
+                macs: fed_macs,
+                sops: rate * steps * fed_macs as f64,
             });
         }
         let first_conv_macs = macs.iter().find(|m| m.name == "conv").map_or(0, |m| m.macs);

@@ -12,7 +12,7 @@ use sddpm_gpu::checkpoint::{self, Checkpoint, Data, TensorFile};
 use sddpm_gpu::diffusion::{plan_steps, Sampler, SamplerKind, Schedule, TrainOptions, Trainer};
 use sddpm_gpu::gpu::{self, Context};
 use sddpm_gpu::images;
-use sddpm_gpu::model::{EvalNet, Net};
+use sddpm_gpu::model::{EvalNet, Net, NeuronKind};
 use sddpm_gpu::run::{self, RunConfig};
 
 #[derive(Parser)]
@@ -101,6 +101,12 @@ struct ProfileArgs {
     /// Image side in pixels (default: the model's).
     #[arg(long)]
     size: Option<usize>,
+    /// With --preset: spiking self-attention on these levels (as `train --attn`).
+    #[arg(long, value_delimiter = ',', conflicts_with = "checkpoint")]
+    attn: Vec<usize>,
+    /// With --preset and --attn: attention heads.
+    #[arg(long, default_value_t = 1, conflicts_with = "checkpoint", requires = "attn")]
+    heads: usize,
     /// Profile training steps (forward, backward, optimizer) instead of network evaluations.
     #[arg(long)]
     train: bool,
@@ -152,8 +158,8 @@ struct EnergyArgs {
 
 #[derive(clap::Args)]
 struct TrainArgs {
-    /// Model preset: cifar10, celeba64, mnist, fashion, small, tiny (default: tiny, with as many
-    /// image channels as the data has).
+    /// Model preset: cifar10, celeba64, mnist, fashion, small, tiny (default: tiny). small and
+    /// tiny take as many image channels as the data has; the dataset presets keep theirs.
     #[arg(long)]
     preset: Option<String>,
     /// sddpm (the spiking U-Net, default) or ddpm (its ANN counterpart, pytorch-ddpm's U-Net;
@@ -182,6 +188,19 @@ struct TrainArgs {
     /// Spiking time steps T (default 4).
     #[arg(long)]
     snn_steps: Option<usize>,
+    /// Levels (indices into the preset's channel multipliers, e.g. 1 or 1,2) whose down and up
+    /// ResBlocks end in spiking self-attention (default: none, as the reference).
+    #[arg(long, value_delimiter = ',')]
+    attn: Vec<usize>,
+    /// Heads of the spiking self-attention; must divide the channels of every --attn level.
+    #[arg(long, default_value_t = 1, requires = "attn")]
+    heads: usize,
+    /// Spiking neuron: if (the reference) or lif (leaky, time constant --tau).
+    #[arg(long, value_enum, default_value = "if")]
+    neuron: NeuronArg,
+    /// LIF membrane time constant (with --neuron lif).
+    #[arg(long, default_value_t = 2.0, requires = "neuron")]
+    tau: f32,
     /// Image side in pixels (default: the preset's).
     #[arg(long)]
     size: Option<usize>,
@@ -193,7 +212,7 @@ struct TrainArgs {
     out: Option<PathBuf>,
     /// Continue the run in this folder from its checkpoint, bit-identically (only --steps may
     /// change).
-    #[arg(long, conflicts_with_all = ["out", "preset", "data", "batch", "lr", "seed", "snn_steps", "size", "warmup", "ema", "model"])]
+    #[arg(long, conflicts_with_all = ["out", "preset", "data", "batch", "lr", "seed", "snn_steps", "size", "warmup", "ema", "model", "attn", "heads", "neuron", "tau"])]
     resume: Option<PathBuf>,
     /// Write a sample grid every N steps (0: only at the end).
     #[arg(long, default_value_t = 0)]
@@ -207,6 +226,14 @@ struct TrainArgs {
     /// DDIM steps for the sample grids.
     #[arg(long, default_value_t = 20)]
     sample_steps: usize,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum NeuronArg {
+    /// Integrate-and-fire (the reference's IFNode).
+    If,
+    /// Leaky integrate-and-fire, spikingjelly's LIFNode with decay_input.
+    Lif,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -449,11 +476,28 @@ fn train(adapter: Option<&str>, a: &TrainArgs) -> Result<()> {
             };
             let name = a.preset.clone().unwrap_or_else(|| "tiny".into());
             let mut model = Net::preset(&a.model, &name)?;
-            if a.preset.is_none() {
+            // Architecture presets fit the data; dataset presets (mnist, cifar10, ...) keep theirs.
+            if matches!(name.as_str(), "tiny" | "small") {
                 model.set_img_ch(channels);
             }
             if let Some(t) = a.snn_steps {
                 model.set_snn_steps(t)?;
+            }
+            match &mut model {
+                Net::Sddpm(c) => {
+                    c.attn = a.attn.clone();
+                    c.heads = a.heads;
+                    c.neuron = match a.neuron {
+                        NeuronArg::If => NeuronKind::If,
+                        NeuronArg::Lif => NeuronKind::Lif,
+                    };
+                    c.tau = a.tau;
+                }
+                Net::Ddpm(_) => {
+                    if !a.attn.is_empty() || matches!(a.neuron, NeuronArg::Lif) {
+                        bail!("--attn, --heads, --neuron and --tau apply to --model sddpm only (the ANN's attention levels come from its preset)");
+                    }
+                }
             }
             if let Some(s) = a.size {
                 model.set_img_size(s);
@@ -518,10 +562,18 @@ fn train_step(
 
 fn profile(adapter: Option<&str>, a: &ProfileArgs) -> Result<()> {
     let seed = 0;
-    let (weights, mut cfg) =
+    let (mut weights, mut cfg) =
         load_model(a.checkpoint.as_deref(), a.model.as_deref(), a.preset.as_deref(), a.snn_steps, seed)?;
     if let Some(s) = a.size {
         cfg.set_img_size(s);
+    }
+    if !a.attn.is_empty() {
+        let Net::Sddpm(c) = &mut cfg else {
+            bail!("--attn applies to --model sddpm only (the ANN's attention levels come from its preset)");
+        };
+        (c.attn, c.heads) = (a.attn.clone(), a.heads);
+        c.validate(c.img_size)?;
+        weights = cfg.init_weights(seed);
     }
     let without = if a.host_timers { wgpu::Features::TIMESTAMP_QUERY } else { wgpu::Features::empty() };
     let ctx = Context::with_features(adapter, without)?;

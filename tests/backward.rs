@@ -10,7 +10,7 @@ mod common;
 
 use common::*;
 use sddpm_gpu::graph::{backward, Graph, Plan, TensorId};
-use sddpm_gpu::ops::{batchnorm, conv, elementwise, layout, matmul, neuron, optim, readout, reduce};
+use sddpm_gpu::ops::{batchnorm, conv, elementwise, layout, matmul, neuron, optim, readout, reduce, spike_attention};
 
 /// Run `g`, whose output `y` gets upstream gradient `dy`, and return the gradients of `wrt`.
 fn gpu_grads(
@@ -409,4 +409,41 @@ fn backward_graph_replays_with_memory_reuse() {
     plan.run(c).unwrap();
     assert_eq!(bits(&first), bits(&plan.read(c, grads[&w1]).unwrap()), "backward replays bit-identically");
     assert!(first.iter().any(|v| *v != 0.0));
+}
+
+fn check_spike_attention_backward(seed: u64, [rows, c, h, w]: [usize; 4], heads: usize) {
+    let dims = spike_attention::Dims { rows, c, n: h * w, heads };
+    let len = rows * c * h * w;
+    let mut r = rng(seed);
+    let (qv, kv, vv) = (spikes(&mut r, len, 0.3), spikes(&mut r, len, 0.4), spikes(&mut r, len, 0.25));
+    let dy = normalish(&mut rng(seed + 1), len, 1.0);
+    let mut g = Graph::new();
+    let [q, k, v] = ["q", "k", "v"].map(|n| g.input(n, &[rows, c, h, w]));
+    let o = spike_attention::spike_attention(&mut g, q, k, v, heads, "attn");
+    let got = gpu_grads(g, o, &dy, &[(q, qv.clone()), (k, kv.clone()), (v, vv.clone())], &[q, k, v]);
+    let (dq, dk, dv) = spike_attention::spike_attention_backward_cpu(&dy, &qv, &kv, &vv, dims);
+    let what = format!("spike attention {rows}x{c}x{h}x{w}, {heads} heads");
+    assert_close(&format!("{what} dq"), &got[0], &dq, 1e-5, 1e-6);
+    assert_close(&format!("{what} dk"), &got[1], &dk, 1e-5, 1e-6);
+    assert_close(&format!("{what} dv"), &got[2], &dv, 1e-5, 1e-6);
+    // The op is trilinear in (q, k, v): its CPU backward is checked at real-valued points.
+    let mut r = rng(seed + 2);
+    let (qr, kr, vr) = (normalish(&mut r, len, 1.0), normalish(&mut r, len, 1.0), normalish(&mut r, len, 1.0));
+    let (dq, dk, dv) = spike_attention::spike_attention_backward_cpu(&dy, &qr, &kr, &vr, dims);
+    let f_q = |x: &[f32]| spike_attention::spike_attention_cpu(x, &kr, &vr, dims);
+    fd_check(&format!("{what} dq"), f_q, &qr, &dy, &dq, 1e-2, 2e-3);
+    let f_k = |x: &[f32]| spike_attention::spike_attention_cpu(&qr, x, &vr, dims);
+    fd_check(&format!("{what} dk"), f_k, &kr, &dy, &dk, 1e-2, 2e-3);
+    let f_v = |x: &[f32]| spike_attention::spike_attention_cpu(&qr, &kr, x, dims);
+    fd_check(&format!("{what} dv"), f_v, &vr, &dy, &dv, 1e-2, 2e-3);
+}
+
+#[test]
+fn spike_attention_backward() {
+    check_spike_attention_backward(80, [2, 8, 4, 4], 2);
+    check_spike_attention_backward(81, [3, 6, 3, 5], 3);
+    check_spike_attention_backward(82, [1, 5, 7, 1], 1);
+    // [N, N] form (N < d).
+    check_spike_attention_backward(83, [2, 12, 2, 3], 1);
+    check_spike_attention_backward(84, [3, 10, 1, 3], 2);
 }

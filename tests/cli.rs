@@ -5,7 +5,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 
-use common::{assert_one_line_error, bin, fixture, rel_l2, run, tmp};
+use common::{assert_one_line_error, bin, fixture, fixture_in, rel_l2, run, tmp};
 use sddpm_gpu::checkpoint::{self, Data, TensorFile};
 
 fn p(path: &Path) -> &str {
@@ -41,6 +41,68 @@ fn forward_command_matches_reference() {
         let err = rel_l2(&eps.data, &want.get(key).unwrap().data);
         assert!(err < 1e-4, "{key}: relative L2 {err:e}");
     }
+}
+
+#[test]
+fn attention_and_lif_forward_commands_match_reference() {
+    for dir in ["fixtures-attn", "fixtures-lif"] {
+        let want = TensorFile::load(&fixture_in(dir, "forward.safetensors")).unwrap();
+        let threshold = want.get("threshold").unwrap().data[0].to_string();
+        for (threshold, key) in [("1.0", "eps"), (threshold.as_str(), "eps_threshold")] {
+            let out_path = tmp(&format!("{dir}_{key}.safetensors"));
+            let out = run(&[
+                "forward",
+                "--checkpoint",
+                p(&fixture_in(dir, "weights.safetensors")),
+                "--input",
+                p(&fixture_in(dir, "forward.safetensors")),
+                "--output",
+                p(&out_path),
+                "--threshold",
+                threshold,
+            ]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let eps = TensorFile::load(&out_path).unwrap().get("eps").unwrap().data.clone();
+            let err = rel_l2(&eps, &want.get(key).unwrap().data);
+            assert!(err < 1e-4, "{dir} {key}: relative L2 {err:e}");
+        }
+    }
+}
+
+/// The attention fixture's tensors under a config edited by `edit`, written to `name`.
+fn attention_weights_with_config(name: &str, edit: impl Fn(&mut serde_json::Value)) -> std::path::PathBuf {
+    let ckpt = TensorFile::load(&fixture_in("fixtures-attn", "weights.safetensors")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&ckpt.metadata["config"]).unwrap();
+    edit(&mut cfg);
+    let mut tensors: Vec<(String, Vec<usize>, Data)> =
+        ckpt.tensors.iter().map(|(n, t)| (n.clone(), t.shape.clone(), Data::F32(&t.data))).collect();
+    tensors.extend(ckpt.ints.iter().map(|(n, t)| (n.clone(), t.shape.clone(), Data::I64(&t.data))));
+    let path = tmp(name);
+    checkpoint::save(&path, tensors, HashMap::from([("config".to_string(), cfg.to_string())])).unwrap();
+    path
+}
+
+#[test]
+fn attention_tensors_must_match_the_config() {
+    // Attention weights in a model configured without attention: the extra tensors are named.
+    let plain = attention_weights_with_config("no_attn.safetensors", |c| {
+        c.as_object_mut().unwrap().remove("attn");
+    });
+    let out = forward_with(&plain, "no_attn_out");
+    assert_one_line_error(&out, "unexpected downblocks.2.attn.");
+    // Attention on a level the weights do not have: the missing tensors are named.
+    let other = attention_weights_with_config("attn0.safetensors", |c| c["attn"] = serde_json::json!([0, 1]));
+    assert_one_line_error(&forward_with(&other, "attn0_out"), "missing downblocks.0.attn.");
+    // Heads that do not divide the channels, a level that does not exist, a bad tau.
+    let heads = attention_weights_with_config("heads5.safetensors", |c| c["heads"] = 5.into());
+    assert_one_line_error(&forward_with(&heads, "heads5_out"), "--heads");
+    let level = attention_weights_with_config("level7.safetensors", |c| c["attn"] = serde_json::json!([7]));
+    assert_one_line_error(&forward_with(&level, "level7_out"), "attention level 7");
+    let tau = attention_weights_with_config("tau.safetensors", |c| {
+        c["neuron"] = "lif".into();
+        c["tau"] = 0.5.into();
+    });
+    assert_one_line_error(&forward_with(&tau, "tau_out"), "tau");
 }
 
 #[test]

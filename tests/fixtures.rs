@@ -8,7 +8,7 @@ use sddpm_gpu::graph::Graph;
 use sddpm_gpu::ops::neuron;
 
 fn load(name: &str) -> Vec<u8> {
-    std::fs::read(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    std::fs::read(fixture(name)).unwrap()
 }
 
 fn tensor(st: &SafeTensors, name: &str) -> (Vec<usize>, Vec<f32>) {
@@ -34,4 +34,32 @@ fn neuron_spikes_match_reference_exactly() {
     assert_eq!(out[0], want, "GPU spikes differ from the reference");
     assert_eq!(out[1], want, "GPU training-form spikes differ from the reference");
     assert_eq!(neuron::neuron_cpu(&x, t, neuron::Neuron::default()).0, want, "CPU reference differs");
+}
+
+/// The LIF neuron (tau 2, decay_input) of fixtures-lif: spikes exactly, and the surrogate gradient
+/// through time against PyTorch's autograd.
+#[test]
+fn lif_neuron_matches_reference() {
+    let bytes = std::fs::read(fixture_in("fixtures-lif", "neuron.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let (shape, x) = tensor(&st, "x");
+    let (_, want) = tensor(&st, "spikes");
+    let (_, grad_out) = tensor(&st, "grad_out");
+    let (_, want_dx) = tensor(&st, "grad_x");
+    let (t, n) = (shape[0], shape[1]);
+    let lif = neuron::Neuron { tau: Some(2.0), ..Default::default() };
+    let mut g = Graph::new();
+    let xt = g.input("x", &[t, n]);
+    let s = neuron::neuron_forward(&mut g, xt, t, lif, "neuron");
+    let (s_train, h) = neuron::neuron_forward_train(&mut g, xt, t, lif, "neuron.train");
+    let out = run_graph(g, &[(xt, bits(&x))], &[s, s_train, h]);
+    let fired = want.iter().filter(|&&v| v == 1.0).count();
+    assert!(fired > 0 && fired < want.len());
+    assert_eq!(out[0], want, "GPU LIF spikes differ from the reference");
+    assert_eq!(out[1], want, "GPU training-form LIF spikes differ from the reference");
+    assert_eq!(neuron::neuron_cpu(&x, t, lif).0, want, "CPU reference differs");
+    // The IF neuron on the same input fires differently: the fixture does test the leak.
+    assert_ne!(neuron::neuron_cpu(&x, t, neuron::Neuron::default()).0, want);
+    let dx = neuron::neuron_backward_cpu(&grad_out, &out[2], t, lif);
+    assert_close("LIF grad_x", &dx, &want_dx, 1e-5, 1e-6);
 }

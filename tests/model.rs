@@ -5,12 +5,17 @@ mod common;
 use common::*;
 use safetensors::SafeTensors;
 use sddpm_gpu::checkpoint::Checkpoint;
-use sddpm_gpu::model::{parameter_count, EvalNet, ModelConfig};
+use sddpm_gpu::model::{parameter_count, EvalNet, ModelConfig, NeuronKind};
 
 /// (x shape, x, t, eps, eps_threshold, threshold) of forward.safetensors.
 #[allow(clippy::type_complexity)]
 fn forward_fixture() -> (Vec<usize>, Vec<f32>, Vec<u32>, Vec<f32>, Vec<f32>, f32) {
-    let bytes = std::fs::read(fixture("forward.safetensors")).unwrap();
+    forward_fixture_in("fixtures")
+}
+
+#[allow(clippy::type_complexity)]
+fn forward_fixture_in(dir: &str) -> (Vec<usize>, Vec<f32>, Vec<u32>, Vec<f32>, Vec<f32>, f32) {
+    let bytes = std::fs::read(fixture_in(dir, "forward.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let f = |n: &str| bytemuck::pod_collect_to_vec::<u8, f32>(st.tensor(n).unwrap().data());
     let t: Vec<i64> = bytemuck::pod_collect_to_vec(st.tensor("t").unwrap().data());
@@ -40,6 +45,60 @@ fn threshold_guided_forward_matches_reference() {
     let err = rel_l2(&got, &eps_thr);
     assert!(err < 1e-4, "eps_threshold relative L2 error {err:e}");
     assert!(rel_l2(&eps_thr, &eps) > 1e-3, "the guided threshold must change the output");
+}
+
+/// Forward and threshold-guided forward of the fixture set `dir` (an extension of the spec's
+/// section 10), through the library, within the base fixtures' tolerance.
+fn check_forward_fixture(dir: &str) {
+    let ckpt = Checkpoint::load(&fixture_in(dir, "weights.safetensors")).unwrap();
+    let cfg = ckpt.config(None).unwrap();
+    let (shape, x, t, eps, eps_thr, thr) = forward_fixture_in(dir);
+    for (v_th, want, key) in [(1.0, &eps, "eps"), (thr, &eps_thr, "eps_threshold")] {
+        let net = EvalNet::new(ctx(), &cfg, &ckpt, shape[0], shape[2], v_th).unwrap();
+        let got = net.forward(ctx(), &x, &t).unwrap();
+        let err = rel_l2(&got, want);
+        println!("{dir} {key} relative L2 error vs PyTorch: {err:e}");
+        assert!(err < 1e-4, "{dir} {key}: relative L2 error {err:e}");
+    }
+    assert!(rel_l2(&eps_thr, &eps) > 1e-3, "the guided threshold must change the output");
+}
+
+#[test]
+fn attention_forward_matches_reference() {
+    let cfg = Checkpoint::load(&fixture_in("fixtures-attn", "weights.safetensors")).unwrap().config(None).unwrap();
+    assert_eq!((cfg.attn.as_slice(), cfg.heads), (&[1][..], 2), "the fixture must exercise attention");
+    check_forward_fixture("fixtures-attn");
+}
+
+#[test]
+fn lif_forward_matches_reference() {
+    let cfg = Checkpoint::load(&fixture_in("fixtures-lif", "weights.safetensors")).unwrap().config(None).unwrap();
+    assert_eq!((cfg.neuron, cfg.tau), (NeuronKind::Lif, 2.0), "the fixture must exercise LIF neurons");
+    check_forward_fixture("fixtures-lif");
+}
+
+/// Our own fixtures (tests/fixtures-*/README.md says how they were made): attention on two
+/// levels, both kernel forms, T = 8, 1 channel; and LIF with attention.
+#[test]
+fn own_attention_fixtures_forward_match_reference() {
+    check_forward_fixture("fixtures-attn2-t8");
+    check_forward_fixture("fixtures-lif-attn");
+}
+
+#[test]
+fn extension_keys_are_written_only_when_used() {
+    let tiny = ModelConfig::preset("tiny").unwrap();
+    let json = serde_json::to_string(&tiny).unwrap();
+    for key in ["attn", "heads", "neuron", "tau"] {
+        assert!(!json.contains(&format!("\"{key}\"")), "a reference config must not carry {key}: {json}");
+    }
+    let ext = ModelConfig { attn: vec![1], heads: 2, neuron: NeuronKind::Lif, tau: 1.5, ..tiny };
+    let json = serde_json::to_string(&ext).unwrap();
+    assert!(
+        json.contains("\"attn\":[1]") && json.contains("\"neuron\":\"lif\"") && json.contains("\"tau\":1.5"),
+        "{json}"
+    );
+    assert_eq!(serde_json::from_str::<ModelConfig>(&json).unwrap(), ext);
 }
 
 #[test]

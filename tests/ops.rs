@@ -9,7 +9,7 @@ mod common;
 
 use common::*;
 use sddpm_gpu::graph::Graph;
-use sddpm_gpu::ops::{batchnorm, conv, elementwise, embedding, layout, matmul, neuron, readout};
+use sddpm_gpu::ops::{batchnorm, conv, elementwise, embedding, layout, matmul, neuron, readout, spike_attention};
 
 // ---- conv2d ---------------------------------------------------------------------------------
 
@@ -482,4 +482,46 @@ fn membrane_readout_matches_cpu() {
         let got = run_graph(g, &[(h, bits(&hv))], &[y]).remove(0);
         assert_eq!(bits(&got), bits(&readout::membrane_readout_cpu(&hv, t, readout::DECAY)));
     }
+}
+
+fn check_spike_attention(seed: u64, [rows, c, h, w]: [usize; 4], heads: usize) {
+    let dims = spike_attention::Dims { rows, c, n: h * w, heads };
+    assert_eq!(dims.n_form(), h * w < c / heads);
+    let mut r = rng(seed);
+    let len = rows * c * h * w;
+    let (qv, kv, vv) = (spikes(&mut r, len, 0.3), spikes(&mut r, len, 0.5), spikes(&mut r, len, 0.2));
+    let mut g = Graph::new();
+    let [q, k, v] = ["q", "k", "v"].map(|n| g.input(n, &[rows, c, h, w]));
+    let o = spike_attention::spike_attention(&mut g, q, k, v, heads, "attn");
+    let got = run_graph(g, &[(q, bits(&qv)), (k, bits(&kv)), (v, bits(&vv))], &[o]);
+    let want = spike_attention::spike_attention_cpu(&qv, &kv, &vv, dims);
+    // Integer sums of 0/1 products times one rounded scale: bit-exact in any order.
+    assert_eq!(bits(&got[0]), bits(&want), "spike attention {rows}x{c}x{h}x{w}, {heads} heads");
+    // Against the definition's order, (q k^T) v in f64: the same numbers.
+    let d = c / heads;
+    let n = h * w;
+    for (idx, &o) in want.iter().enumerate() {
+        let (row, ch, p) = (idx / (c * n), (idx / n) % c, idx % n);
+        let hd = ch / d * d;
+        let mut acc = 0f64;
+        for m in 0..n {
+            let qk: f64 =
+                (0..d).map(|i| (qv[(row * c + hd + i) * n + p] * kv[(row * c + hd + i) * n + m]) as f64).sum();
+            acc += qk * vv[(row * c + ch) * n + m] as f64;
+        }
+        assert_eq!(o, acc as f32 * dims.scale(), "definition order at {idx}");
+    }
+}
+
+#[test]
+fn spike_attention_matches_cpu_exactly() {
+    // [d, d] form (N >= d).
+    check_spike_attention(70, [2, 8, 4, 4], 2);
+    check_spike_attention(71, [3, 6, 3, 5], 3);
+    check_spike_attention(72, [1, 5, 7, 1], 1);
+    check_spike_attention(73, [4, 16, 2, 2], 4);
+    // [N, N] form (N < d).
+    check_spike_attention(74, [2, 12, 2, 3], 1);
+    check_spike_attention(75, [3, 10, 1, 3], 2);
+    check_spike_attention(76, [1, 33, 1, 1], 1);
 }

@@ -152,3 +152,76 @@ fn energy_json_lists_every_layer() {
     }
     assert!(v["energy_snn_mj"].as_f64().unwrap() > 0.0 && v["energy_ann_mj"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn energy_counts_attention_layers() {
+    let ckpt = Checkpoint::load(&fixture_in("fixtures-attn", "weights.safetensors")).unwrap();
+    let cfg = ckpt.config(None).unwrap();
+    let (batch, size) = (1, 16);
+    let x = normalish(&mut rng(91), batch * cfg.img_ch * size * size, 1.0);
+    let counter = SpikeCounter::new(ctx(), &cfg, &ckpt, batch, size, 1.0, true).unwrap();
+    let report = counter.measure(ctx(), &x, &[500]).unwrap();
+    // The 19 spiking layers of the base net + 5 per attention (downblocks.2, upblocks.0, .1).
+    assert_eq!(report.layers.len(), 19 + 3 * 5, "spiking layers of the attention fixture net");
+    for l in &report.layers {
+        let spikes = counter.spikes(ctx(), &l.name).unwrap();
+        let rate = spikes.iter().filter(|&&s| s == 1.0).count() as f64 / spikes.len() as f64;
+        assert_eq!(l.firing_rate, rate, "{}", l.name);
+        assert_eq!(l.sops, rate * cfg.snn_steps as f64 * l.macs as f64, "{}", l.name);
+    }
+    let layer = |name: &str| report.layers.iter().find(|l| l.name == name).unwrap_or_else(|| panic!("{name} missing"));
+    // Level 1 of the fixture: 32 channels at 8x8, 2 heads of d = 16.
+    let (c, n, d) = (32u64, 64u64, 16u64);
+    let input = layer("downblocks.2.attn.neuron");
+    assert_eq!(input.macs, 3 * c * c * n, "the input neuron feeds the q, k and v 1x1 convs");
+    assert!(input.feeds.contains("downblocks.2.attn.k_conv"), "{}", input.feeds);
+    for (neuron, product) in [("q_neuron", "qkv"), ("k_neuron", "kv")] {
+        let l = layer(&format!("upblocks.1.attn.{neuron}"));
+        assert_eq!((l.feeds.as_str(), l.macs), (format!("upblocks.1.attn.{product}").as_str(), n * d * c));
+    }
+    assert_eq!(layer("upblocks.0.attn.v_neuron").macs, 0, "v is the operand k gates, not charged twice");
+    assert_eq!(layer("upblocks.0.attn.attn_neuron").feeds, "upblocks.0.attn.proj_conv");
+    assert!(layer("upblocks.0.attn.neuron").firing_rate > 0.0);
+}
+
+#[test]
+fn profile_and_energy_show_attention_by_module_path() {
+    let ckpt = fixture_in("fixtures-attn", "weights.safetensors");
+    let out = bin()
+        .args(["profile", "--batch", "1", "--size", "16", "--iters", "1", "--train", "--checkpoint"])
+        .arg(&ckpt)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Every attention kernel, forward and backward, with nonzero FLOP/s and byte rates.
+    for kernel in ["attention_kv", "attention_out", "attention_grad_m", "attention_grad_qkv"] {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("spike_attention::{kernel} ")))
+            .unwrap_or_else(|| panic!("{kernel} missing:\n{stdout}"));
+        let cols: Vec<f64> = row.split_whitespace().rev().take(2).map(|v| v.parse().unwrap()).collect();
+        assert!(cols.iter().all(|&v| v > 0.0), "GFLOP/s and GB/s of {kernel}: {row}");
+    }
+    for layer in
+        ["downblocks.2.attn.kv ", "upblocks.1.attn.qkv ", "upblocks.0.attn.q_conv ", "upblocks.0.attn.attn_neuron "]
+    {
+        assert!(stdout.lines().any(|l| l.starts_with(layer)), "layer {layer} missing:\n{stdout}");
+    }
+    // A preset with attention asked for on the command line.
+    let args = ["profile", "--preset", "tiny", "--attn", "0,1", "--heads", "2", "--batch", "1", "--size", "8"];
+    let out = bin().args(args).args(["--iters", "1"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // 8 px: level 0 (N = 64 >= d = 8) takes the [d, d] form, level 1 (N = 16 == d) too.
+    for layer in ["downblocks.0.attn.kv ", "upblocks.4.attn.qkv ", "upblocks.0.attn.kv "] {
+        assert!(stdout.lines().any(|l| l.starts_with(layer)), "layer {layer} missing:\n{stdout}");
+    }
+    let out = bin().args(["energy", "--n", "1", "--size", "16", "--json", "--checkpoint"]).arg(&ckpt).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let names: Vec<&str> = v["layers"].as_array().unwrap().iter().map(|l| l["name"].as_str().unwrap()).collect();
+    for name in ["downblocks.2.attn.neuron", "downblocks.2.attn.q_neuron", "upblocks.1.attn.attn_neuron"] {
+        assert!(names.contains(&name), "{name} missing from {names:?}");
+    }
+}

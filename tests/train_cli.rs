@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{assert_one_line_error, bin, fixture, run, tmp};
+use common::{assert_one_line_error, bin, fixture, fixture_in, run, tmp};
 use sddpm_gpu::checkpoint::TensorFile;
 
 fn ok(out: &Output) -> String {
@@ -29,18 +29,49 @@ fn train_step_command_matches_reference() {
     let line = ok(&out);
     let v: serde_json::Value = serde_json::from_str(line.trim()).expect("one JSON line");
     let fx = TensorFile::load(&fixture("train_step.safetensors")).unwrap();
+    check_train_step_output(&v, &line, &fx, &out_path, &["downblocks.0.conv1.weight"]);
+}
+
+#[test]
+fn attention_and_lif_train_step_commands_match_reference() {
+    for (dir, weight) in
+        [("fixtures-attn", "upblocks.1.attn.v_conv.weight"), ("fixtures-lif", "upblocks.1.conv2.weight")]
+    {
+        let out_path = tmp(&format!("{dir}_after.safetensors"));
+        let out = run(&[
+            "train-step",
+            "--checkpoint",
+            fixture_in(dir, "weights.safetensors").to_str().unwrap(),
+            "--input",
+            fixture_in(dir, "train_step.safetensors").to_str().unwrap(),
+            "--output",
+            out_path.to_str().unwrap(),
+        ]);
+        let line = ok(&out);
+        let v: serde_json::Value = serde_json::from_str(line.trim()).expect("one JSON line");
+        let fx = TensorFile::load(&fixture_in(dir, "train_step.safetensors")).unwrap();
+        check_train_step_output(&v, &line, &fx, &out_path, &["downblocks.0.conv1.weight", weight]);
+        // The written checkpoint keeps the extension's config.
+        let cfg = TensorFile::load(&out_path).unwrap().config(None).unwrap();
+        assert!(!cfg.attn.is_empty() || cfg.neuron == sddpm_gpu::model::NeuronKind::Lif, "{dir}: {cfg:?}");
+    }
+}
+
+/// The train-step command's JSON line `v` and written checkpoint against the fixture `fx`.
+fn check_train_step_output(v: &serde_json::Value, line: &str, fx: &TensorFile, out_path: &Path, weights: &[&str]) {
     let want_loss = fx.get("loss").unwrap().data[0] as f64;
     let want_norm = fx.get("grad_norm").unwrap().data[0] as f64;
     assert!((v["loss"].as_f64().unwrap() - want_loss).abs() < 1e-5 * want_loss, "{line}");
     assert!((v["grad_norm"].as_f64().unwrap() - want_norm).abs() < 1e-3 * want_norm, "{line}");
-    let after = TensorFile::load(&out_path).unwrap();
+    let after = TensorFile::load(out_path).unwrap();
     // Weights away from ~0 gradients, BN statistics and counters as the reference.
-    let name = "downblocks.0.conv1.weight";
-    let (got, want) = (&after.get(name).unwrap().data, &fx.get(&format!("after.{name}")).unwrap().data);
-    let grad = &fx.get(&format!("grad.{name}")).unwrap().data;
-    for i in 0..got.len() {
-        if grad[i].abs() >= 1e-5 {
-            assert!((got[i] - want[i]).abs() <= 2e-5, "{name}[{i}]");
+    for &name in weights {
+        let (got, want) = (&after.get(name).unwrap().data, &fx.get(&format!("after.{name}")).unwrap().data);
+        let grad = &fx.get(&format!("grad.{name}")).unwrap().data;
+        for i in 0..got.len() {
+            if grad[i].abs() >= 1e-5 {
+                assert!((got[i] - want[i]).abs() <= 2e-5, "{name}[{i}]");
+            }
         }
     }
     let rv = "middleblocks.0.bn1.running_var";
@@ -86,6 +117,38 @@ fn train_writes_a_run_folder_and_resumes_bit_identically() {
     assert_eq!(a.ints, b.ints);
     let png = image::open(straight.join("loss.png")).unwrap();
     assert!(png.width() >= 400);
+}
+
+#[test]
+fn attention_and_lif_run_round_trips_to_sample() {
+    // The tiny preset on the 1-channel embedded MNIST (it takes the data's channels), with
+    // attention on level 1 and LIF neurons: train -> checkpoint -> sample.
+    let dir = tmp("attn_lif");
+    let extra = ["--preset", "tiny", "--attn", "1", "--heads", "2", "--neuron", "lif", "--tau", "1.5"];
+    ok(&quick_train(&dir, "2", &extra));
+    let ckpt = TensorFile::load(&dir.join("ckpt.safetensors")).unwrap();
+    let cfg = ckpt.config(None).unwrap();
+    assert_eq!((cfg.img_ch, cfg.attn.as_slice(), cfg.heads), (1, &[1][..], 2));
+    assert_eq!((cfg.neuron, cfg.tau), (sddpm_gpu::model::NeuronKind::Lif, 1.5));
+    assert!(ckpt.tensors.contains_key("upblocks.1.attn.proj_bn.running_var"));
+    assert!(ckpt.tensors.contains_key("optim.downblocks.2.attn.q_conv.weight.exp_avg"));
+    // --resume restores the extensions from the run's config.
+    ok(&quick_train(&dir, "3", &["--resume", dir.to_str().unwrap()]));
+    let resumed = TensorFile::load(&dir.join("ckpt.safetensors")).unwrap();
+    assert_eq!(resumed.config(None).unwrap(), cfg);
+    assert_eq!(resumed.get_ints("optim.step").unwrap().data[0], 3);
+    let png = tmp("attn_lif.png");
+    let ckpt_path = dir.join("ckpt.safetensors");
+    let args = ["sample", "--n", "2", "--sampler", "ddim", "--steps", "2", "--size", "16", "--out"];
+    ok(&bin().args(args).arg(&png).arg("--checkpoint").arg(&ckpt_path).output().unwrap());
+    let img = image::open(&png).unwrap();
+    assert!(img.width() >= 32, "a grid of two 16 px images");
+    // A bad attention setting is one line naming the flag.
+    assert_one_line_error(&quick_train(&tmp("attn_bad"), "1", &["--attn", "1", "--heads", "3"]), "--heads");
+    assert_one_line_error(&quick_train(&tmp("attn_bad2"), "1", &["--attn", "4"]), "--attn");
+    // --heads without --attn is a usage error (clap's, naming --attn).
+    let out = quick_train(&tmp("attn_bad3"), "1", &["--heads", "2"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--attn <ATTN>"));
 }
 
 #[test]

@@ -35,23 +35,27 @@ run() {
     # Tuning cache of this run only (the first profile below tunes every kernel shape and says so).
     export SDDPM_CACHE_DIR="$O/tune-cache"
     echo "== parity (GPU numerics differ from lavapipe: FMA, reduction order)"
-    "$B" forward --checkpoint tests/fixtures/weights.safetensors --input tests/fixtures/forward.safetensors --output "$O/eps.safetensors"
-    "$B" forward --checkpoint tests/fixtures/weights.safetensors --input tests/fixtures/forward.safetensors --output "$O/eps_thr.safetensors" --threshold 0.997
-    "$B" train-step --checkpoint tests/fixtures/weights.safetensors --input tests/fixtures/train_step.safetensors --output "$O/after.safetensors"
-    python3 - "$O" <<'PY'
+    # The base fixtures, spiking self-attention (both kernel forms in attn2-t8) and LIF neurons.
+    for f in fixtures fixtures-attn fixtures-lif fixtures-attn2-t8; do
+        D=tests/$f
+        thr=$(python3 -c "from safetensors.torch import load_file; print(float(load_file('$D/forward.safetensors')['threshold'][0]))")
+        "$B" forward --checkpoint $D/weights.safetensors --input $D/forward.safetensors --output "$O/eps.safetensors"
+        "$B" forward --checkpoint $D/weights.safetensors --input $D/forward.safetensors --output "$O/eps_thr.safetensors" --threshold "$thr"
+        "$B" train-step --checkpoint $D/weights.safetensors --input $D/train_step.safetensors --output "$O/after.safetensors"
+        python3 - "$O" "$D" <<'PY'
 import sys, torch
 from safetensors.torch import load_file
-o = sys.argv[1]
-ref = load_file("tests/fixtures/forward.safetensors"); ts = load_file("tests/fixtures/train_step.safetensors")
+o, d = sys.argv[1:3]
+ref = load_file(f"{d}/forward.safetensors"); ts = load_file(f"{d}/train_step.safetensors")
 rel = lambda a, b: float((a - b).norm() / b.norm())
-print("eps rel L2", rel(load_file(f"{o}/eps.safetensors")["eps"], ref["eps"]))
-print("eps_threshold rel L2", rel(load_file(f"{o}/eps_thr.safetensors")["eps"], ref["eps_threshold"]))
+print(d, "eps rel L2", rel(load_file(f"{o}/eps.safetensors")["eps"], ref["eps"]))
+print(d, "eps_threshold rel L2", rel(load_file(f"{o}/eps_thr.safetensors")["eps"], ref["eps_threshold"]))
 after = load_file(f"{o}/after.safetensors")
 w = "downblocks.0.conv1.weight"; g = ts[f"grad.{w}"].abs() >= 1e-5
-print("train-step", w, "max |diff| where grad is not ~0:", float((after[w] - ts[f"after.{w}"])[g].abs().max()))
+print(d, "train-step", w, "max |diff| where grad is not ~0:", float((after[w] - ts[f"after.{w}"])[g].abs().max()))
 PY
+    done
     [ -n "${PARITY_ONLY:-}" ] && return 0
-    echo "== speed: sddpm-gpu (GPU timestamps) and PyTorch on the same card"
     echo "== kernel variants chosen by the tuner (every candidate's time is in the cache file)"
     "$B" profile --preset cifar10 --batch 8 --iters 1 --train | grep -E "^(total|peak)|@"
     python3 - "$SDDPM_CACHE_DIR" <<'PY'
@@ -62,10 +66,12 @@ for f in pathlib.Path(sys.argv[1]).glob("tune-*.json"):
     for key, e in c["shapes"].items():
         print(f"  {e['choice']:>8}  " + "  ".join(f"{t['variant']} {t['us']:.1f}us" for t in e["candidates"]) + f"  {key[:90]}")
 PY
+    echo "== speed: sddpm-gpu (GPU timestamps) and PyTorch on the same card"
     for p in tiny small cifar10; do
         for bs in 8 32; do
             "$B" profile --preset "$p" --batch "$bs" --iters 5 | grep -E "^(total|conv::)"
             "$B" profile --preset "$p" --batch "$bs" --iters 3 --train | grep -E "^(total|conv::)"
+            [ "$p" = small ] && "$B" profile --preset small --attn 1 --batch "$bs" --iters 5 | grep -E "^(total|spike_attention|conv::conv2d)"
             for tf in off on; do python3 "$G/ref/bench_torch.py" --device cuda --preset "$p" --batch "$bs" --tf32 "$tf" --iters 10; done
         done
     done

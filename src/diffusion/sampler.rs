@@ -8,7 +8,6 @@ use crate::checkpoint::Checkpoint;
 use crate::gpu::Context;
 use crate::graph::{Graph, Plan, TensorId};
 use crate::model::Net;
-use crate::ops::neuron::Neuron;
 use crate::ops::sampler::{self, NoiseKey, StepCoef, COEF_ROW};
 
 pub struct Sampler {
@@ -48,8 +47,7 @@ impl Sampler {
         let t = g.input("t", &[batch]);
         let key = NoiseKey { seed: 0, image_base: 0 };
         let begin_node = sampler::begin_step(&mut g, coef, step, x, t, key);
-        let neuron = Neuron { v_th, ..Neuron::default() };
-        let unet = cfg.build_eval(&mut g, x, t, neuron);
+        let unet = cfg.build_eval(&mut g, x, t, v_th);
         let update_node = sampler::update(&mut g, coef, step, unet.eps, x, None, key);
         sampler::advance(&mut g, step);
         g.mark_output(x);

@@ -2,11 +2,13 @@
 //! it (parameter names and shapes, graph building, MAC counts), so they cannot disagree.
 
 use super::ModelConfig;
+use crate::ops::spike_attention::Dims;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Block {
-    /// Spk_ResBlock(cin, cout): IF, conv1, BN1, + temb proj, IF, conv2, BN2, + shortcut(x).
-    Res { name: String, cin: usize, cout: usize },
+    /// Spk_ResBlock(cin, cout): IF, conv1, BN1, + temb proj, IF, conv2, BN2, + shortcut(x), then
+    /// spiking self-attention (`{name}.attn`) when `attn`.
+    Res { name: String, cin: usize, cout: usize, attn: bool },
     /// Spk_DownSample(c): IF, conv 3x3 stride 2, BN.
     Down { name: String, c: usize },
     /// Spk_UpSample(c): IF, nearest x2, conv 3x3, BN.
@@ -43,7 +45,8 @@ pub fn arch(cfg: &ModelConfig) -> Arch {
     let mut now = ch;
     for (i, &mult) in cfg.ch_mult.iter().enumerate() {
         for _ in 0..cfg.num_res_blocks {
-            down.push(Block::Res { name: format!("downblocks.{}", down.len()), cin: now, cout: ch * mult });
+            let name = format!("downblocks.{}", down.len());
+            down.push(Block::Res { name, cin: now, cout: ch * mult, attn: cfg.attn.contains(&i) });
             now = ch * mult;
             skip_ch.push(now);
         }
@@ -52,12 +55,15 @@ pub fn arch(cfg: &ModelConfig) -> Arch {
             skip_ch.push(now);
         }
     }
-    let middle = (0..2).map(|i| Block::Res { name: format!("middleblocks.{i}"), cin: now, cout: now }).collect();
+    // The middle blocks never have attention (the reference's constructor).
+    let middle =
+        (0..2).map(|i| Block::Res { name: format!("middleblocks.{i}"), cin: now, cout: now, attn: false }).collect();
     let mut up = Vec::new();
     for (i, &mult) in cfg.ch_mult.iter().enumerate().rev() {
         for _ in 0..=cfg.num_res_blocks {
             let skip = skip_ch.pop().expect("one skip per up ResBlock");
-            up.push(Block::Res { name: format!("upblocks.{}", up.len()), cin: now + skip, cout: ch * mult });
+            let name = format!("upblocks.{}", up.len());
+            up.push(Block::Res { name, cin: now + skip, cout: ch * mult, attn: cfg.attn.contains(&i) });
             now = ch * mult;
         }
         if i != 0 {
@@ -115,7 +121,7 @@ pub fn state_entries(cfg: &ModelConfig) -> Vec<Entry> {
     let a = arch(cfg);
     for block in a.down.iter().chain(&a.middle).chain(&a.up) {
         match block {
-            Block::Res { name, cin, cout } => {
+            Block::Res { name, cin, cout, attn } => {
                 push(format!("{name}.temb_proj.1.weight"), vec![*cout, tdim], EntryKind::Trainable);
                 push(format!("{name}.temb_proj.1.bias"), vec![*cout], EntryKind::Trainable);
                 conv(&mut push, &format!("{name}.conv1"), *cout, *cin, 3);
@@ -124,6 +130,16 @@ pub fn state_entries(cfg: &ModelConfig) -> Vec<Entry> {
                 bn(&mut push, &format!("{name}.bn2"), *cout);
                 if cin != cout {
                     conv(&mut push, &format!("{name}.shortcut"), *cout, *cin, 1);
+                }
+                if *attn {
+                    for part in ["q", "k", "v"] {
+                        conv(&mut push, &format!("{name}.attn.{part}_conv"), *cout, *cout, 1);
+                    }
+                    for part in ["q", "k", "v"] {
+                        bn(&mut push, &format!("{name}.attn.{part}_bn"), *cout);
+                    }
+                    conv(&mut push, &format!("{name}.attn.proj_conv"), *cout, *cout, 1);
+                    bn(&mut push, &format!("{name}.attn.proj_bn"), *cout);
                 }
             }
             Block::Down { name, c } | Block::Up { name, c } => {
@@ -171,17 +187,32 @@ pub fn layer_macs(cfg: &ModelConfig, size: usize) -> Vec<LayerMacs> {
     conv("conv_identity".into(), cfg.ch, cfg.ch, 3, size, Some("neuron".into()));
     let a = arch(cfg);
     let mut res = size;
+    let mut products = Vec::new();
     let mut linears = vec![
         ("time_embedding.timembedding.1".to_string(), (cfg.ch * tdim) as u64),
         ("time_embedding.timembedding.3".to_string(), (tdim * tdim) as u64),
     ];
     for block in a.down.iter().chain(&a.middle).chain(&a.up) {
         match block {
-            Block::Res { name, cin, cout } => {
+            Block::Res { name, cin, cout, attn } => {
                 conv(format!("{name}.conv1"), *cout, *cin, 3, res, Some(format!("{name}.neuron1")));
                 conv(format!("{name}.conv2"), *cout, *cout, 3, res, Some(format!("{name}.neuron2")));
                 if cin != cout {
                     conv(format!("{name}.shortcut"), *cout, *cin, 1, res, None);
+                }
+                if *attn {
+                    let a = format!("{name}.attn");
+                    for part in ["q", "k", "v"] {
+                        conv(format!("{a}.{part}_conv"), *cout, *cout, 1, res, Some(format!("{a}.neuron")));
+                    }
+                    // The spike x spike products, as computed (the op says which input's
+                    // spikes gate each; the third input is an operand, not charged again).
+                    let dims = Dims { rows: 1, c: *cout, n: res * res, heads: cfg.heads };
+                    for (op, gate, macs) in dims.products() {
+                        let fed_by = Some(format!("{a}.{gate}_neuron"));
+                        products.push(LayerMacs { name: format!("{a}.{op}"), macs, fed_by });
+                    }
+                    conv(format!("{a}.proj_conv"), *cout, *cout, 1, res, Some(format!("{a}.attn_neuron")));
                 }
                 linears.push((format!("{name}.temb_proj.1"), (tdim * cout) as u64));
             }
@@ -197,6 +228,7 @@ pub fn layer_macs(cfg: &ModelConfig, size: usize) -> Vec<LayerMacs> {
     }
     conv("tail_conv".into(), cfg.img_ch, a.tail_ch, 3, size, None);
     conv("T_output_layer".into(), cfg.img_ch, cfg.img_ch, 3, size, None);
+    out.extend(products);
     out.extend(linears.into_iter().map(|(name, macs)| LayerMacs { name, macs, fed_by: None }));
     out
 }

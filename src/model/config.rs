@@ -1,11 +1,26 @@
 //! Model configuration and presets. Field names on disk are the reference constructor's
 //! (`T`, `ch`, `ch_mult`, `num_res_blocks`, `timestep`, `img_ch`), so a config written by the
-//! reference's fixture tools and ours read the same; `img_size` is ours (default 32).
+//! reference's fixture tools and ours read the same; `img_size` is ours (default 32). The
+//! extensions of sddpm-spec.md section 10 (`attn`, `heads`, `neuron`, `tau`) are written only when
+//! they differ from the reference, so a reference config stays byte-for-byte the reference's.
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+use crate::ops::neuron::Neuron;
+
+/// The spiking neuron every layer uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NeuronKind {
+    /// Integrate-and-fire, the reference's IFNode.
+    #[default]
+    If,
+    /// Leaky integrate-and-fire with decay_input (spikingjelly's LIFNode), time constant `tau`.
+    Lif,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
     /// Diffusion steps (the reference's `T`), 1000.
     #[serde(rename = "T", default = "default_diffusion_steps")]
@@ -24,6 +39,33 @@ pub struct ModelConfig {
     /// Image side in pixels for sampling and training.
     #[serde(default = "default_img_size")]
     pub img_size: usize,
+    /// Levels (indices into `ch_mult`) whose down and up ResBlocks end in spiking self-attention.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attn: Vec<usize>,
+    /// Attention heads; must divide the channels of every attention level.
+    #[serde(default = "default_heads", skip_serializing_if = "is_one")]
+    pub heads: usize,
+    #[serde(default, skip_serializing_if = "is_if")]
+    pub neuron: NeuronKind,
+    /// LIF membrane time constant (ignored by IF neurons).
+    #[serde(default = "default_tau", skip_serializing_if = "is_default_tau")]
+    pub tau: f32,
+}
+
+fn default_heads() -> usize {
+    1
+}
+fn is_one(v: &usize) -> bool {
+    *v == 1
+}
+fn is_if(v: &NeuronKind) -> bool {
+    *v == NeuronKind::If
+}
+fn default_tau() -> f32 {
+    2.0
+}
+fn is_default_tau(v: &f32) -> bool {
+    *v == default_tau()
 }
 
 fn default_diffusion_steps() -> usize {
@@ -51,6 +93,10 @@ impl ModelConfig {
             snn_steps: 4,
             img_ch,
             img_size,
+            attn: Vec::new(),
+            heads: 1,
+            neuron: NeuronKind::If,
+            tau: default_tau(),
         };
         Ok(match name {
             "cifar10" => paper(3, 32),
@@ -60,6 +106,12 @@ impl ModelConfig {
             "tiny" => ModelConfig { ch: 16, ch_mult: vec![1, 2], num_res_blocks: 1, ..paper(3, 32) },
             other => bail!("unknown preset '{other}'; choose one of: {}", PRESETS.join(", ")),
         })
+    }
+
+    /// The neuron of every spiking layer, firing at `v_th` (1.0 except threshold guidance).
+    pub fn neuron_at(&self, v_th: f32) -> Neuron {
+        let tau = (self.neuron == NeuronKind::Lif).then_some(self.tau);
+        Neuron { v_th, tau, ..Neuron::default() }
     }
 
     /// Time-embedding width (4 * ch, as the reference).
@@ -88,6 +140,24 @@ impl ModelConfig {
         }
         if self.diffusion_steps == 0 {
             bail!("model config: diffusion steps T must be at least 1");
+        }
+        if self.neuron == NeuronKind::Lif && !(self.tau.is_finite() && self.tau >= 1.0) {
+            bail!("model config: the LIF time constant tau (--tau) must be at least 1, got {}", self.tau);
+        }
+        if let Some(&bad) = self.attn.iter().find(|&&l| l >= self.ch_mult.len()) {
+            bail!(
+                "model config: attention level {bad} (--attn) does not exist; levels are 0..{}",
+                self.ch_mult.len() - 1
+            );
+        }
+        for &level in &self.attn {
+            let c = self.ch * self.ch_mult[level];
+            if self.heads == 0 || !c.is_multiple_of(self.heads) {
+                bail!(
+                    "model config: {} attention heads (--heads) do not divide level {level}'s {c} channels",
+                    self.heads
+                );
+            }
         }
         let levels = self.ch_mult.len() as u32;
         let factor = 1usize << (levels - 1);

@@ -6,7 +6,6 @@ use super::{Net, UNet};
 use crate::checkpoint::Checkpoint;
 use crate::gpu::Context;
 use crate::graph::{Graph, Plan, TensorId};
-use crate::ops::neuron::Neuron;
 
 pub struct EvalNet {
     pub cfg: Net,
@@ -64,6 +63,6 @@ pub fn eval_graph(
     let mut g = Graph::new();
     let x = g.input("x", &[batch, cfg.img_ch(), size, size]);
     let t = g.input("t", &[batch]);
-    let unet = cfg.build_eval(&mut g, x, t, Neuron { v_th, ..Neuron::default() });
+    let unet = cfg.build_eval(&mut g, x, t, v_th);
     Ok((g, x, t, unet))
 }

@@ -10,7 +10,7 @@ mod net;
 mod unet;
 
 pub use arch::{arch, layer_macs, parameter_count, state_entries, Arch, Block, Entry, EntryKind, LayerMacs};
-pub use config::{ModelConfig, PRESETS};
+pub use config::{ModelConfig, NeuronKind, PRESETS};
 pub use ddpm::{
     build_ddpm, ddpm_arch, ddpm_init_weights, ddpm_layer_macs, ddpm_parameter_count, ddpm_state_entries, DdpmArch,
     DdpmBlock, DdpmConfig, DDPM_PRESETS,

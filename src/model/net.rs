@@ -9,7 +9,6 @@ use super::{build_eval, build_train, init_weights, layer_macs, parameter_count, 
 use super::{DdpmConfig, Entry, LayerMacs, ModelConfig, UNet};
 use crate::checkpoint::TensorFile;
 use crate::graph::{Graph, TensorId};
-use crate::ops::neuron::Neuron;
 
 /// Names of `--model`.
 pub const MODELS: &[&str] = &["sddpm", "ddpm"];
@@ -184,11 +183,11 @@ impl Net {
         }
     }
 
-    /// The inference graph: x [B, C, H, W], t [B] -> eps. `neuron` sets the SNN's neurons
+    /// The inference graph: x [B, C, H, W], t [B] -> eps. `v_th` is the SNN's firing threshold
     /// (threshold guidance); the ANN has none.
-    pub fn build_eval(&self, g: &mut Graph, x: TensorId, t: TensorId, neuron: Neuron) -> UNet {
+    pub fn build_eval(&self, g: &mut Graph, x: TensorId, t: TensorId, v_th: f32) -> UNet {
         match self {
-            Net::Sddpm(c) => build_eval(g, c, x, t, neuron),
+            Net::Sddpm(c) => build_eval(g, c, x, t, v_th),
             Net::Ddpm(c) => build_ddpm(g, c, x, t, false),
         }
     }

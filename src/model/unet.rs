@@ -11,7 +11,7 @@ use super::ModelConfig;
 use crate::graph::{Graph, TensorId};
 use crate::ops::batchnorm::{self, BnParams};
 use crate::ops::neuron::Neuron;
-use crate::ops::{conv, elementwise, embedding, layout, matmul, neuron, readout};
+use crate::ops::{conv, elementwise, embedding, layout, matmul, neuron, readout, spike_attention};
 
 /// The graph tensors of a built U-Net.
 pub struct UNet {
@@ -83,6 +83,8 @@ struct Builder<'a> {
     folds: Vec<Fold>,
     t: usize,
     neuron: Neuron,
+    /// Attention heads (where the config has attention).
+    heads: usize,
     /// Training form: BatchNorm with batch statistics, neurons saving what backward needs.
     train: bool,
     spikes: Vec<(String, TensorId)>,
@@ -154,9 +156,23 @@ impl Builder<'_> {
         s
     }
 
+    /// SpikeSelfAttention (sddpm-spec.md section 10.1): s = IF(x); q, k, v = IF(BN(conv1x1(s)));
+    /// o = (q k^T) v * scale per head; y = x + BN(conv1x1(IF(o))).
+    fn attention(&mut self, x: TensorId, name: &str) -> TensorId {
+        let s = self.spikes(x, &format!("{name}.neuron"));
+        let [q, k, v] = ["q", "k", "v"].map(|part| {
+            let h = self.conv_bn(s, &format!("{name}.{part}_conv"), &format!("{name}.{part}_bn"), 1);
+            self.spikes(h, &format!("{name}.{part}_neuron"))
+        });
+        let o = spike_attention::spike_attention(self.g, q, k, v, self.heads, name);
+        let a = self.spikes(o, &format!("{name}.attn_neuron"));
+        let y = self.conv_bn(a, &format!("{name}.proj_conv"), &format!("{name}.proj_bn"), 1);
+        elementwise::add(self.g, x, y, &format!("{name}.residual"))
+    }
+
     fn block(&mut self, block: &Block, x: TensorId, temb_act: TensorId) -> TensorId {
         match block {
-            Block::Res { name, cin, cout } => {
+            Block::Res { name, cin, cout, attn } => {
                 let s = self.spikes(x, &format!("{name}.neuron1"));
                 let h = self.conv_bn(s, &format!("{name}.conv1"), &format!("{name}.bn1"), 1);
                 let (pw, pb) =
@@ -172,7 +188,12 @@ impl Builder<'_> {
                 } else {
                     x
                 };
-                elementwise::add(self.g, h, shortcut, &format!("{name}.residual"))
+                let h = elementwise::add(self.g, h, shortcut, &format!("{name}.residual"));
+                if *attn {
+                    self.attention(h, &format!("{name}.attn"))
+                } else {
+                    h
+                }
             }
             Block::Down { name, .. } => {
                 let s = self.spikes(x, &format!("{name}.neuron"));
@@ -188,16 +209,17 @@ impl Builder<'_> {
 }
 
 /// Append the inference-mode U-Net to `g`: x [B, C, H, W] (f32), t [B] (u32 timesteps) -> eps.
-/// BatchNorm uses running statistics; every neuron uses `neuron` (threshold guidance sets v_th).
-pub fn build_eval(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neuron) -> UNet {
-    build(g, cfg, x, t, neuron, false)
+/// BatchNorm uses running statistics; every neuron is the config's, firing at `v_th` (threshold
+/// guidance; 1.0 as trained).
+pub fn build_eval(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, v_th: f32) -> UNet {
+    build(g, cfg, x, t, cfg.neuron_at(v_th), false)
 }
 
 /// Append the training-mode U-Net: BatchNorm over the batch statistics of all T*B*H*W values
 /// (running statistics updated in place), neurons saving their membranes, every op recorded on
 /// the tape for [`crate::graph::backward`].
 pub fn build_train(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId) -> UNet {
-    build(g, cfg, x, t, Neuron::default(), true)
+    build(g, cfg, x, t, cfg.neuron_at(1.0), true)
 }
 
 fn build(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neuron, train: bool) -> UNet {
@@ -210,6 +232,7 @@ fn build(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neu
         folds: Vec::new(),
         t: cfg.snn_steps,
         neuron,
+        heads: cfg.heads,
         train,
         spikes: Vec::new(),
     };

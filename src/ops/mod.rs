@@ -17,6 +17,7 @@ pub mod optim;
 pub mod readout;
 pub mod reduce;
 pub mod sampler;
+pub mod spike_attention;
 
 use crate::graph::Cost;
 
@@ -26,7 +27,7 @@ pub(crate) fn pointwise_cost(outputs: usize, inputs: usize, flops_per: u64) -> C
 }
 
 /// Every shader the crate embeds, for validation and listings.
-pub fn all_shaders() -> [&'static crate::gpu::Shader; 15] {
+pub fn all_shaders() -> [&'static crate::gpu::Shader; 16] {
     [
         &attention::SHADER,
         &batchnorm::SHADER,
@@ -43,5 +44,6 @@ pub fn all_shaders() -> [&'static crate::gpu::Shader; 15] {
         &readout::SHADER,
         &reduce::SHADER,
         &sampler::SHADER,
+        &spike_attention::SHADER,
     ]
 }

@@ -39,6 +39,11 @@ pub fn normalish(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| (0..4).map(|_| rng.random_range(-1.0f32..1.0)).sum::<f32>() * 0.866 * scale).collect()
 }
 
+/// Random spikes (exactly 0 or 1) firing with probability `rate`.
+pub fn spikes(rng: &mut StdRng, n: usize, rate: f32) -> Vec<f32> {
+    (0..n).map(|_| f32::from(rng.random::<f32>() < rate)).collect()
+}
+
 pub fn bits(x: &[f32]) -> Vec<u32> {
     x.iter().map(|v| v.to_bits()).collect()
 }
@@ -90,6 +95,11 @@ pub fn bin() -> std::process::Command {
 
 pub fn fixture(name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+/// A file of another fixture set: `tests/{dir}/{name}` (fixtures-attn, fixtures-lif, ...).
+pub fn fixture_in(dir: &str, name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(dir).join(name)
 }
 
 /// A path in this test binary's own temporary folder.

@@ -1,0 +1,452 @@
+// spike_attention.wgsl: Spikformer's softmax-free spiking self-attention core, forward and backward.
+//
+// q, k, v are spikes (exactly 0/1) laid out [R, C, N]: R = T*B rows (one image at one spiking
+// step), C channels split into `heads` heads of d = C / heads consecutive channels, N = H*W
+// positions. Per row and head, with Q, K, V the [N, d] slices:
+//   O = (Q K^T) V * scale = Q (K^T V) * scale
+// Two forms, picked by the caller so the intermediate is the smaller square:
+// d-form (N >= d), through the [d, d] matrix M = K^T V:
+//   attention_kv   M[r, h, i, j] = sum_n k[r, h*d+i, n] * v[r, h*d+j, n]          (n ascending)
+//   attention_out  o[r, h*d+j, n] = (sum_i q[r, h*d+i, n] * M[r, h, i, j]) * scale  (i ascending)
+// N-form (N < d), through the [N, N] matrix A = Q K^T:
+//   attention_qk   A[r, h, n, m] = sum_i q[r, h*d+i, n] * k[r, h*d+i, m]          (i ascending)
+//   attention_av   o[r, h*d+j, n] = (sum_m A[r, h, n, m] * v[r, h*d+j, m]) * scale (m ascending)
+// M, A and the second sums are integers below 2^24 (sums of 0/1 products), exact in f32 in any
+// order; only the final `* scale` rounds, once, as the reference's ((q k^T) v) * scale: both
+// forms give identical bits.
+// Backward, from go = dL/do [R, C, N] (float). d-form:
+//   attention_grad_m    dM[r, h, i, j] = (sum_n q[r, h*d+i, n] * go[r, h*d+j, n]) * scale
+//   attention_grad_qkv  dq[r, h*d+a, n] = (sum_j go[r, h*d+j, n] * M[r, h, a, j]) * scale
+//                       dk[r, h*d+a, n] =  sum_j v[r, h*d+j, n] * dM[r, h, a, j]
+//                       dv[r, h*d+a, n] =  sum_i k[r, h*d+i, n] * dM[r, h, i, a]
+// N-form:
+//   attention_grad_a      dA[r, h, n, m] = (sum_j go[r, h*d+j, n] * v[r, h*d+j, m]) * scale
+//   attention_grad_qkv_n  dq[r, h*d+a, p] =  sum_m dA[r, h, p, m] * k[r, h*d+a, m]
+//                         dk[r, h*d+a, p] =  sum_n dA[r, h, n, p] * q[r, h*d+a, n]
+//                         dv[r, h*d+a, p] = (sum_n A[r, h, n, p] * go[r, h*d+a, n]) * scale
+// Every kernel computes a 4x4 output tile per invocation (each loaded value feeds 4
+// multiply-adds; the grad_qkv kernels three tiles, one per gradient); 1-D grids of 256
+// (graph::grid_1d).
+// Napkin math: the forward does 2 R C N min(N, d) multiply-adds over 4 (4 R C N + R heads
+// min(N, d)^2) bytes, about min(N, d) / 8 flops per byte: compute-bound for real head sizes.
+// Spike loads go through the load_* functions only, so a packed spike storage changes them alone.
+
+struct Params {
+    rows: u32, c: u32, n: u32, heads: u32,
+    d: u32, scale: f32, _pad0: u32, _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return (wid.y * nwg.x + wid.x) * 256u + lid;
+}
+
+// Register tiles: every kernel computes 4x4 outputs per invocation, so each loaded
+// value feeds 4 multiply-adds; rows and columns past the edge read the last valid one (clamped)
+// and are never stored, as in matmul.wgsl.
+fn tiles(len: u32) -> u32 {
+    return (len + 3u) / 4u;
+}
+
+fn clamped4(start: u32, len: u32) -> vec4<u32> {
+    return min(vec4<u32>(start) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(len - 1u));
+}
+
+// ---- attention_kv: reads k, v (spikes), writes M -------------------------------------------------
+
+@group(0) @binding(1) var<storage, read> kv_k: array<f32>;
+@group(0) @binding(2) var<storage, read> kv_v: array<f32>;
+@group(0) @binding(3) var<storage, read_write> kv_m: array<f32>;
+
+fn load_kv_k(i: u32) -> f32 { return kv_k[i]; }
+fn load_kv_v(i: u32) -> f32 { return kv_v[i]; }
+
+@compute @workgroup_size(256)
+fn attention_kv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    // One invocation per 4x4 tile (i, j) of M.
+    let idx = flat_index(wid, nwg, lid);
+    let tb = tiles(p.d);
+    if (idx >= p.rows * p.heads * tb * tb) {
+        return;
+    }
+    let j0 = (idx % tb) * 4u;
+    let i0 = ((idx / tb) % tb) * 4u;
+    let rh = idx / (tb * tb);
+    let h = rh % p.heads;
+    let r = rh / p.heads;
+    let base = (r * p.c + h * p.d) * p.n;
+    let krow = vec4<u32>(base) + clamped4(i0, p.d) * p.n;
+    let vrow = vec4<u32>(base) + clamped4(j0, p.d) * p.n;
+    var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var n = 0u; n < p.n; n++) {
+        let kq = vec4<f32>(load_kv_k(krow[0] + n), load_kv_k(krow[1] + n), load_kv_k(krow[2] + n),
+                           load_kv_k(krow[3] + n));
+        let vq = vec4<f32>(load_kv_v(vrow[0] + n), load_kv_v(vrow[1] + n), load_kv_v(vrow[2] + n),
+                           load_kv_v(vrow[3] + n));
+        acc[0] += kq[0] * vq;
+        acc[1] += kq[1] * vq;
+        acc[2] += kq[2] * vq;
+        acc[3] += kq[3] * vq;
+    }
+    let m0 = (r * p.heads + h) * p.d * p.d;
+    for (var a = 0u; a < 4u && i0 + a < p.d; a++) {
+        for (var b = 0u; b < 4u && j0 + b < p.d; b++) {
+            kv_m[m0 + (i0 + a) * p.d + j0 + b] = acc[a][b];
+        }
+    }
+}
+
+// ---- attention_out: reads q (spikes), M; writes o ------------------------------------------------
+
+@group(0) @binding(1) var<storage, read> out_q: array<f32>;
+@group(0) @binding(2) var<storage, read> out_m: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out_o: array<f32>;
+
+fn load_out_q(i: u32) -> f32 { return out_q[i]; }
+
+@compute @workgroup_size(256)
+fn attention_out(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    // One invocation per tile of 4 channels j x 4 positions n of one head.
+    let idx = flat_index(wid, nwg, lid);
+    let tn = tiles(p.n);
+    let tj = tiles(p.d);
+    if (idx >= p.rows * p.heads * tj * tn) {
+        return;
+    }
+    let n0 = (idx % tn) * 4u;
+    let j0 = ((idx / tn) % tj) * 4u;
+    let rh = idx / (tn * tj);
+    let h = rh % p.heads;
+    let r = rh / p.heads;
+    let base = (r * p.c + h * p.d) * p.n;
+    let ncol = clamped4(n0, p.n);
+    let jcol = clamped4(j0, p.d);
+    let m0 = (r * p.heads + h) * p.d * p.d;
+    var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var i = 0u; i < p.d; i++) {
+        let qrow = base + i * p.n;
+        let qq = vec4<f32>(load_out_q(qrow + ncol[0]), load_out_q(qrow + ncol[1]), load_out_q(qrow + ncol[2]),
+                           load_out_q(qrow + ncol[3]));
+        let mrow = m0 + i * p.d;
+        let mq = vec4<f32>(out_m[mrow + jcol[0]], out_m[mrow + jcol[1]], out_m[mrow + jcol[2]], out_m[mrow + jcol[3]]);
+        acc[0] += mq[0] * qq;
+        acc[1] += mq[1] * qq;
+        acc[2] += mq[2] * qq;
+        acc[3] += mq[3] * qq;
+    }
+    for (var a = 0u; a < 4u && j0 + a < p.d; a++) {
+        for (var b = 0u; b < 4u && n0 + b < p.n; b++) {
+            out_o[base + (j0 + a) * p.n + n0 + b] = acc[a][b] * p.scale;
+        }
+    }
+}
+
+// ---- attention_grad_m: reads q (spikes), go; writes dM --------------------------------------------
+
+@group(0) @binding(1) var<storage, read> gm_q: array<f32>;
+@group(0) @binding(2) var<storage, read> gm_go: array<f32>;
+@group(0) @binding(3) var<storage, read_write> gm_dm: array<f32>;
+
+fn load_gm_q(i: u32) -> f32 { return gm_q[i]; }
+
+@compute @workgroup_size(256)
+fn attention_grad_m(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    // One invocation per 4x4 tile (i, j) of dM.
+    let idx = flat_index(wid, nwg, lid);
+    let tb = tiles(p.d);
+    if (idx >= p.rows * p.heads * tb * tb) {
+        return;
+    }
+    let j0 = (idx % tb) * 4u;
+    let i0 = ((idx / tb) % tb) * 4u;
+    let rh = idx / (tb * tb);
+    let h = rh % p.heads;
+    let r = rh / p.heads;
+    let base = (r * p.c + h * p.d) * p.n;
+    let qrow = vec4<u32>(base) + clamped4(i0, p.d) * p.n;
+    let grow = vec4<u32>(base) + clamped4(j0, p.d) * p.n;
+    var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var n = 0u; n < p.n; n++) {
+        let qq = vec4<f32>(load_gm_q(qrow[0] + n), load_gm_q(qrow[1] + n), load_gm_q(qrow[2] + n),
+                           load_gm_q(qrow[3] + n));
+        let gq = vec4<f32>(gm_go[grow[0] + n], gm_go[grow[1] + n], gm_go[grow[2] + n], gm_go[grow[3] + n]);
+        acc[0] += qq[0] * gq;
+        acc[1] += qq[1] * gq;
+        acc[2] += qq[2] * gq;
+        acc[3] += qq[3] * gq;
+    }
+    let m0 = (r * p.heads + h) * p.d * p.d;
+    for (var a = 0u; a < 4u && i0 + a < p.d; a++) {
+        for (var b = 0u; b < 4u && j0 + b < p.d; b++) {
+            gm_dm[m0 + (i0 + a) * p.d + j0 + b] = acc[a][b] * p.scale;
+        }
+    }
+}
+
+// ---- attention_grad_qkv: reads go, M, dM, k, v (spikes); writes dq, dk, dv ---------------------
+
+@group(0) @binding(1) var<storage, read> g_go: array<f32>;
+@group(0) @binding(2) var<storage, read> g_m: array<f32>;
+@group(0) @binding(3) var<storage, read> g_dm: array<f32>;
+@group(0) @binding(4) var<storage, read> g_k: array<f32>;
+@group(0) @binding(5) var<storage, read> g_v: array<f32>;
+@group(0) @binding(6) var<storage, read_write> g_dq: array<f32>;
+@group(0) @binding(7) var<storage, read_write> g_dk: array<f32>;
+@group(0) @binding(8) var<storage, read_write> g_dv: array<f32>;
+
+fn load_g_k(i: u32) -> f32 { return g_k[i]; }
+fn load_g_v(i: u32) -> f32 { return g_v[i]; }
+
+@compute @workgroup_size(256)
+fn attention_grad_qkv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) lid: u32) {
+    // One invocation per tile of 4 channels a x 4 positions n of one head, for dq, dk and dv.
+    let idx = flat_index(wid, nwg, lid);
+    let tn = tiles(p.n);
+    let ta = tiles(p.d);
+    if (idx >= p.rows * p.heads * ta * tn) {
+        return;
+    }
+    let n0 = (idx % tn) * 4u;
+    let a0 = ((idx / tn) % ta) * 4u;
+    let rh = idx / (tn * ta);
+    let h = rh % p.heads;
+    let r = rh / p.heads;
+    let base = (r * p.c + h * p.d) * p.n;
+    let ncol = clamped4(n0, p.n);
+    let acol = clamped4(a0, p.d);
+    let m0 = (r * p.heads + h) * p.d * p.d;
+    var dq = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    var dk = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    var dv = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var j = 0u; j < p.d; j++) {
+        let row = base + j * p.n;
+        let gq = vec4<f32>(g_go[row + ncol[0]], g_go[row + ncol[1]], g_go[row + ncol[2]], g_go[row + ncol[3]]);
+        let vq = vec4<f32>(load_g_v(row + ncol[0]), load_g_v(row + ncol[1]), load_g_v(row + ncol[2]),
+                           load_g_v(row + ncol[3]));
+        let kq = vec4<f32>(load_g_k(row + ncol[0]), load_g_k(row + ncol[1]), load_g_k(row + ncol[2]),
+                           load_g_k(row + ncol[3]));
+        // M[a, j] and dM[a, j] down column j; dM[j, a] along row j.
+        let mc = vec4<f32>(g_m[m0 + acol[0] * p.d + j], g_m[m0 + acol[1] * p.d + j], g_m[m0 + acol[2] * p.d + j],
+                           g_m[m0 + acol[3] * p.d + j]);
+        let dmc = vec4<f32>(g_dm[m0 + acol[0] * p.d + j], g_dm[m0 + acol[1] * p.d + j],
+                            g_dm[m0 + acol[2] * p.d + j], g_dm[m0 + acol[3] * p.d + j]);
+        let dmr = vec4<f32>(g_dm[m0 + j * p.d + acol[0]], g_dm[m0 + j * p.d + acol[1]],
+                            g_dm[m0 + j * p.d + acol[2]], g_dm[m0 + j * p.d + acol[3]]);
+        for (var a = 0u; a < 4u; a++) {
+            dq[a] += mc[a] * gq;
+            dk[a] += dmc[a] * vq;
+            dv[a] += dmr[a] * kq;
+        }
+    }
+    for (var a = 0u; a < 4u && a0 + a < p.d; a++) {
+        for (var b = 0u; b < 4u && n0 + b < p.n; b++) {
+            let at = base + (a0 + a) * p.n + n0 + b;
+            g_dq[at] = dq[a][b] * p.scale;
+            g_dk[at] = dk[a][b];
+            g_dv[at] = dv[a][b];
+        }
+    }
+}
+
+// ---- attention_qk (N-form): reads q, k (spikes), writes A ---------------------------------------
+
+@group(0) @binding(1) var<storage, read> qk_q: array<f32>;
+@group(0) @binding(2) var<storage, read> qk_k: array<f32>;
+@group(0) @binding(3) var<storage, read_write> qk_a: array<f32>;
+
+fn load_qk_q(i: u32) -> f32 { return qk_q[i]; }
+fn load_qk_k(i: u32) -> f32 { return qk_k[i]; }
+
+@compute @workgroup_size(256)
+fn attention_qk(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    // One invocation per 4x4 tile (n, m) of A.
+    let idx = flat_index(wid, nwg, lid);
+    let tb = tiles(p.n);
+    if (idx >= p.rows * p.heads * tb * tb) {
+        return;
+    }
+    let m0 = (idx % tb) * 4u;
+    let n0 = ((idx / tb) % tb) * 4u;
+    let rh = idx / (tb * tb);
+    let h = rh % p.heads;
+    let r = rh / p.heads;
+    let base = (r * p.c + h * p.d) * p.n;
+    let ncol = clamped4(n0, p.n);
+    let mcol = clamped4(m0, p.n);
+    var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var i = 0u; i < p.d; i++) {
+        let row = base + i * p.n;
+        let qq = vec4<f32>(load_qk_q(row + ncol[0]), load_qk_q(row + ncol[1]), load_qk_q(row + ncol[2]),
+                           load_qk_q(row + ncol[3]));
+        let kq = vec4<f32>(load_qk_k(row + mcol[0]), load_qk_k(row + mcol[1]), load_qk_k(row + mcol[2]),
+                           load_qk_k(row + mcol[3]));
+        acc[0] += qq[0] * kq;
+        acc[1] += qq[1] * kq;
+        acc[2] += qq[2] * kq;
+        acc[3] += qq[3] * kq;
+    }
+    let a0 = (r * p.heads + h) * p.n * p.n;
+    for (var a = 0u; a < 4u && n0 + a < p.n; a++) {
+        for (var b = 0u; b < 4u && m0 + b < p.n; b++) {
+            qk_a[a0 + (n0 + a) * p.n + m0 + b] = acc[a][b];
+        }
+    }
+}
+
+// ---- attention_av (N-form): reads A, v (spikes); writes o ---------------------------------------
+
+@group(0) @binding(1) var<storage, read> av_a: array<f32>;
+@group(0) @binding(2) var<storage, read> av_v: array<f32>;
+@group(0) @binding(3) var<storage, read_write> av_o: array<f32>;
+
+fn load_av_v(i: u32) -> f32 { return av_v[i]; }
+
+@compute @workgroup_size(256)
+fn attention_av(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32) {
+    // One invocation per tile of 4 channels j x 4 positions n of one head.
+    let idx = flat_index(wid, nwg, lid);
+    let tn = tiles(p.n);
+    let tj = tiles(p.d);
+    if (idx >= p.rows * p.heads * tj * tn) {
+        return;
+    }
+    let n0 = (idx % tn) * 4u;
+    let j0 = ((idx / tn) % tj) * 4u;
+    let rh = idx / (tn * tj);
+    let h = rh % p.heads;
+    let r = rh / p.heads;
+    let base = (r * p.c + h * p.d) * p.n;
+    let arow = vec4<u32>((r * p.heads + h) * p.n * p.n) + clamped4(n0, p.n) * p.n;
+    let vrow = vec4<u32>(base) + clamped4(j0, p.d) * p.n;
+    var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var m = 0u; m < p.n; m++) {
+        let aq = vec4<f32>(av_a[arow[0] + m], av_a[arow[1] + m], av_a[arow[2] + m], av_a[arow[3] + m]);
+        let vq = vec4<f32>(load_av_v(vrow[0] + m), load_av_v(vrow[1] + m), load_av_v(vrow[2] + m),
+                           load_av_v(vrow[3] + m));
+        acc[0] += vq[0] * aq;
+        acc[1] += vq[1] * aq;
+        acc[2] += vq[2] * aq;
+        acc[3] += vq[3] * aq;
+    }
+    for (var a = 0u; a < 4u && j0 + a < p.d; a++) {
+        for (var b = 0u; b < 4u && n0 + b < p.n; b++) {
+            av_o[base + (j0 + a) * p.n + n0 + b] = acc[a][b] * p.scale;
+        }
+    }
+}
+
+// ---- attention_grad_a (N-form): reads go, v (spikes); writes dA ---------------------------------
+
+@group(0) @binding(1) var<storage, read> ga_go: array<f32>;
+@group(0) @binding(2) var<storage, read> ga_v: array<f32>;
+@group(0) @binding(3) var<storage, read_write> ga_da: array<f32>;
+
+fn load_ga_v(i: u32) -> f32 { return ga_v[i]; }
+
+@compute @workgroup_size(256)
+fn attention_grad_a(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    // One invocation per 4x4 tile (n, m) of dA.
+    let idx = flat_index(wid, nwg, lid);
+    let tb = tiles(p.n);
+    if (idx >= p.rows * p.heads * tb * tb) {
+        return;
+    }
+    let m0 = (idx % tb) * 4u;
+    let n0 = ((idx / tb) % tb) * 4u;
+    let rh = idx / (tb * tb);
+    let h = rh % p.heads;
+    let r = rh / p.heads;
+    let base = (r * p.c + h * p.d) * p.n;
+    let ncol = clamped4(n0, p.n);
+    let mcol = clamped4(m0, p.n);
+    var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var j = 0u; j < p.d; j++) {
+        let row = base + j * p.n;
+        let gq = vec4<f32>(ga_go[row + ncol[0]], ga_go[row + ncol[1]], ga_go[row + ncol[2]], ga_go[row + ncol[3]]);
+        let vq = vec4<f32>(load_ga_v(row + mcol[0]), load_ga_v(row + mcol[1]), load_ga_v(row + mcol[2]),
+                           load_ga_v(row + mcol[3]));
+        acc[0] += gq[0] * vq;
+        acc[1] += gq[1] * vq;
+        acc[2] += gq[2] * vq;
+        acc[3] += gq[3] * vq;
+    }
+    let a0 = (r * p.heads + h) * p.n * p.n;
+    for (var a = 0u; a < 4u && n0 + a < p.n; a++) {
+        for (var b = 0u; b < 4u && m0 + b < p.n; b++) {
+            ga_da[a0 + (n0 + a) * p.n + m0 + b] = acc[a][b] * p.scale;
+        }
+    }
+}
+
+// ---- attention_grad_qkv_n (N-form): reads go, A, dA, q, k (spikes); writes dq, dk, dv ---------
+
+@group(0) @binding(1) var<storage, read> gn_go: array<f32>;
+@group(0) @binding(2) var<storage, read> gn_a: array<f32>;
+@group(0) @binding(3) var<storage, read> gn_da: array<f32>;
+@group(0) @binding(4) var<storage, read> gn_q: array<f32>;
+@group(0) @binding(5) var<storage, read> gn_k: array<f32>;
+@group(0) @binding(6) var<storage, read_write> gn_dq: array<f32>;
+@group(0) @binding(7) var<storage, read_write> gn_dk: array<f32>;
+@group(0) @binding(8) var<storage, read_write> gn_dv: array<f32>;
+
+fn load_gn_q(i: u32) -> f32 { return gn_q[i]; }
+fn load_gn_k(i: u32) -> f32 { return gn_k[i]; }
+
+@compute @workgroup_size(256)
+fn attention_grad_qkv_n(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                        @builtin(local_invocation_index) lid: u32) {
+    // One invocation per tile of 4 channels a x 4 positions p of one head, for dq, dk and dv.
+    let idx = flat_index(wid, nwg, lid);
+    let tn = tiles(p.n);
+    let ta = tiles(p.d);
+    if (idx >= p.rows * p.heads * ta * tn) {
+        return;
+    }
+    let p0 = (idx % tn) * 4u;
+    let c0 = ((idx / tn) % ta) * 4u;
+    let rh = idx / (tn * ta);
+    let h = rh % p.heads;
+    let r = rh / p.heads;
+    let base = (r * p.c + h * p.d) * p.n;
+    let pcol = clamped4(p0, p.n);
+    let xrow = vec4<u32>(base) + clamped4(c0, p.d) * p.n;
+    let sq0 = (r * p.heads + h) * p.n * p.n;
+    var dq = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    var dk = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    var dv = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var m = 0u; m < p.n; m++) {
+        // dA[p, m] down column m; dA[m, p] and A[m, p] along row m.
+        let dac = vec4<f32>(gn_da[sq0 + pcol[0] * p.n + m], gn_da[sq0 + pcol[1] * p.n + m],
+                            gn_da[sq0 + pcol[2] * p.n + m], gn_da[sq0 + pcol[3] * p.n + m]);
+        let dar = vec4<f32>(gn_da[sq0 + m * p.n + pcol[0]], gn_da[sq0 + m * p.n + pcol[1]],
+                            gn_da[sq0 + m * p.n + pcol[2]], gn_da[sq0 + m * p.n + pcol[3]]);
+        let ar = vec4<f32>(gn_a[sq0 + m * p.n + pcol[0]], gn_a[sq0 + m * p.n + pcol[1]],
+                           gn_a[sq0 + m * p.n + pcol[2]], gn_a[sq0 + m * p.n + pcol[3]]);
+        let kq = vec4<f32>(load_gn_k(xrow[0] + m), load_gn_k(xrow[1] + m), load_gn_k(xrow[2] + m),
+                           load_gn_k(xrow[3] + m));
+        let qq = vec4<f32>(load_gn_q(xrow[0] + m), load_gn_q(xrow[1] + m), load_gn_q(xrow[2] + m),
+                           load_gn_q(xrow[3] + m));
+        let gq = vec4<f32>(gn_go[xrow[0] + m], gn_go[xrow[1] + m], gn_go[xrow[2] + m], gn_go[xrow[3] + m]);
+        for (var a = 0u; a < 4u; a++) {
+            dq[a] += kq[a] * dac;
+            dk[a] += qq[a] * dar;
+            dv[a] += gq[a] * ar;
+        }
+    }
+    for (var a = 0u; a < 4u && c0 + a < p.d; a++) {
+        for (var b = 0u; b < 4u && p0 + b < p.n; b++) {
+            let at = base + (c0 + a) * p.n + p0 + b;
+            gn_dq[at] = dq[a][b];
+            gn_dk[at] = dk[a][b];
+            gn_dv[at] = dv[a][b] * p.scale;
+        }
+    }
+}
