@@ -359,7 +359,9 @@ fn conv2d_grad_input_igemm(@builtin(local_invocation_index) li: u32, @builtin(wo
 @group(0) @binding(3) var<storage, read_write> dw_partial: array<f32>;
 
 // Elements of the flattened (n, oy, ox) space one invocation sums (see the header).
-const GRAD_W_CHUNK: u32 = 2048u;
+// Filled from Rust (src/ops/conv.rs GRAD_W_CHUNK, which also sizes the partials); no default, so
+// a pipeline without it fails to build instead of disagreeing with the Rust side.
+override GRAD_W_CHUNK: u32;
 
 @compute @workgroup_size(64)
 fn conv2d_grad_weight(@builtin(global_invocation_id) gid: vec3<u32>) {

@@ -7,7 +7,8 @@ use crate::shader;
 
 pub static SHADER: Shader = shader!("conv");
 
-/// Output positions one weight-gradient invocation sums (GRAD_W_CHUNK in shaders/conv.wgsl).
+/// Output positions one weight-gradient invocation sums; filled into the WGSL `override
+/// GRAD_W_CHUNK` of both weight-gradient kernels (see [`grad_weight_variants`]).
 pub const GRAD_W_CHUNK: usize = 2048;
 
 /// Output channels and output pixels of one `conv2d_igemm` workgroup tile (IG_TILE in conv.wgsl).
@@ -64,14 +65,14 @@ pub fn grad_weight_variants(cout: usize, cin: usize, k: usize, parts: usize) -> 
         Variant {
             name: "r4xkk".into(),
             entry: "conv2d_grad_weight",
-            constants: vec![],
+            constants: vec![("GRAD_W_CHUNK", GRAD_W_CHUNK as f64)],
             workgroups: [cin.div_ceil(64) as u32, cout.div_ceil(4) as u32, parts as u32],
             writes_workgroup_memory_first: false,
         },
         Variant {
             name: "igemm32".into(),
             entry: "conv2d_grad_weight_igemm",
-            constants: vec![],
+            constants: vec![("GRAD_W_CHUNK", GRAD_W_CHUNK as f64)],
             workgroups: [(cin * k * k).div_ceil(IGEMM_TILE) as u32, cout.div_ceil(IGEMM_TILE) as u32, parts as u32],
             // Every invocation stores its 4 values of both tiles before the first barrier.
             writes_workgroup_memory_first: true,
