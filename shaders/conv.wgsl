@@ -19,6 +19,10 @@
 // image); the K loop stages 8 reduction steps of weights and im2col'd inputs through workgroup
 // memory per barrier pair, each of the 64 invocations loads 4 of each and computes a 4x4 block.
 // Grid: x = ceil(Ho*Wo / 32), y = ceil(Cout / 32), z = N.
+// x (and the weight gradient's saved x) is either f32 or bit-packed spikes (graph dtype Spike:
+// element e at bit e % 32 of word e / 32), as p.x_spikes says; both are bound as u32 words, and a
+// spike reads as exactly 0.0 or 1.0, so a conv over packed spikes gives the same bits as over
+// f32 spikes while reading 32x fewer bytes.
 //
 // Backward (same Params, same bindings order: inputs then the written gradient):
 //   conv2d_grad_input_igemm: variant "igemm32" of conv2d_grad_input, the same tiling with rows =
@@ -47,10 +51,11 @@ struct Params {
     n: u32, cin: u32, h: u32, w: u32,
     cout: u32, ho: u32, wo: u32, k: u32,
     stride: u32, pad: u32, has_bias: u32, wo_groups: u32,
+    x_spikes: u32, _pad0: u32, _pad1: u32, _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<u32>;
 @group(0) @binding(2) var<storage, read> wt: array<f32>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
@@ -58,8 +63,31 @@ struct Params {
 // x[xrow + ix], or 0 in the padding. (The 4 loads of a tile are written out, not looped: lavapipe
 // caps an invocation at 65535 loop iterations in total, and Cin * K * K already counts.)
 fn load_x(xrow: u32, ix: i32) -> f32 {
-    let v = x[xrow + u32(clamp(ix, 0, i32(p.w) - 1))];
+    let v = bitcast<f32>(x[xrow + u32(clamp(ix, 0, i32(p.w) - 1))]);
     return select(0.0, v, ix >= 0 && ix < i32(p.w));
+}
+
+// The tile's 4 inputs x[xrow + ix + q * stride], q = 0..3 (0 in the padding). Packed spikes come
+// from one 32-bit window cut out of the two words holding them (for strides up to 9), instead
+// of a word load and a bit extraction per value.
+fn load_x4(xrow: u32, ix: i32) -> vec4<f32> {
+    let s = i32(p.stride);
+    if (p.x_spikes == 0u) {
+        return vec4<f32>(load_x(xrow, ix), load_x(xrow, ix + s), load_x(xrow, ix + 2 * s), load_x(xrow, ix + 3 * s));
+    }
+    let e0 = i32(xrow) + ix;
+    let first = u32(max(e0, 0));
+    let last_word = arrayLength(&x) - 1u;
+    let shift = first % 32u;
+    let w0 = x[min(first / 32u, last_word)];
+    let w1 = x[min(first / 32u + 1u, last_word)];
+    let window = (w0 >> shift) | select(0u, w1 << (32u - shift), shift != 0u);
+    // Written out, not looped (lavapipe's loop-iteration cap, see load_x). Columns before
+    // `first` are padding (only at e0 < 0); their shift wraps and the select drops them.
+    let off = e0 - i32(first);
+    let b = vec4<u32>(window >> u32(off), window >> u32(off + s), window >> u32(off + 2 * s), window >> u32(off + 3 * s));
+    let col = vec4<i32>(ix, ix + s, ix + 2 * s, ix + 3 * s);
+    return select(vec4<f32>(0.0), vec4<f32>(b & vec4<u32>(1u)), col >= vec4<i32>(0) & col < vec4<i32>(i32(p.w)));
 }
 
 @compute @workgroup_size(64)
@@ -102,8 +130,7 @@ fn conv2d(@builtin(global_invocation_id) gid: vec3<u32>) {
             let xrow = xplane + u32(iy) * p.w;
             let wk = (ci * p.k + ky) * p.k;
             for (var kx = 0u; kx < p.k; kx++) {
-                let xv = vec4<f32>(load_x(xrow, ix0 + i32(kx)), load_x(xrow, ix0 + i32(p.stride + kx)),
-                                   load_x(xrow, ix0 + i32(2u * p.stride + kx)), load_x(xrow, ix0 + i32(3u * p.stride + kx)));
+                let xv = load_x4(xrow, ix0 + i32(kx));
                 let wi = wk + kx;
                 acc0 += wt[wa[0] + wi] * xv;
                 acc1 += wt[wa[1] + wi] * xv;
@@ -137,6 +164,14 @@ fn conv2d(@builtin(global_invocation_id) gid: vec3<u32>) {
 }
 
 // ---- forward, tiled implicit GEMM ---------------------------------------------------------------
+
+// x[i] as f32, whether x is f32 or packed spikes (p.x_spikes).
+fn x_at(i: u32) -> f32 {
+    if (p.x_spikes != 0u) {
+        return f32((x[i / 32u] >> (i % 32u)) & 1u);
+    }
+    return bitcast<f32>(x[i]);
+}
 
 // Tile sizes of conv2d_igemm (src/ops/conv.rs IGEMM_TILE mirrors the 32 for the grid).
 const IG_TILE: u32 = 32u;
@@ -177,7 +212,7 @@ fn conv2d_igemm(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id)
                 let iy = i32((pix / p.wo) * p.stride + ky) - i32(p.pad);
                 let ix = i32((pix % p.wo) * p.stride + kx) - i32(p.pad);
                 if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
-                    xv = x[((n * p.cin + ci) * p.h + u32(iy)) * p.w + u32(ix)];
+                    xv = x_at(((n * p.cin + ci) * p.h + u32(iy)) * p.w + u32(ix));
                 }
             }
             ig_x[e] = xv;
@@ -355,7 +390,14 @@ fn conv2d_grad_input_igemm(@builtin(local_invocation_index) li: u32, @builtin(wo
     }
 }
 
-@group(0) @binding(2) var<storage, read> x_saved: array<f32>;
+@group(0) @binding(2) var<storage, read> x_saved: array<u32>;
+
+fn x_saved_at(i: u32) -> f32 {
+    if (p.x_spikes != 0u) {
+        return f32((x_saved[i / 32u] >> (i % 32u)) & 1u);
+    }
+    return bitcast<f32>(x_saved[i]);
+}
 @group(0) @binding(3) var<storage, read_write> dw_partial: array<f32>;
 
 // Elements of the flattened (n, oy, ox) space one invocation sums (see the header).
@@ -401,7 +443,7 @@ fn conv2d_grad_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
             let xrow = xplane + u32(iy) * p.w;
             for (var kx = 0u; kx < p.k; kx++) {
                 let ix = i32(ox * p.stride + kx) - i32(p.pad);
-                let v = select(0.0, x_saved[xrow + u32(clamp(ix, 0, i32(p.w) - 1))], ix >= 0 && ix < i32(p.w));
+                let v = select(0.0, x_saved_at(xrow + u32(clamp(ix, 0, i32(p.w) - 1))), ix >= 0 && ix < i32(p.w));
                 acc[ky * p.k + kx] += v * g;
             }
         }
@@ -453,7 +495,7 @@ fn conv2d_grad_weight_igemm(@builtin(local_invocation_index) li: u32, @builtin(w
                 let iy = i32((pix / p.wo) * p.stride + ky) - i32(p.pad);
                 let ix = i32((pix % p.wo) * p.stride + kx) - i32(p.pad);
                 if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
-                    v = x_saved[((n * p.cin + ci) * p.h + u32(iy)) * p.w + u32(ix)];
+                    v = x_saved_at(((n * p.cin + ci) * p.h + u32(iy)) * p.w + u32(ix));
                 }
             }
             ig_x[idx] = v;

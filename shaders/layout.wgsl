@@ -1,6 +1,8 @@
 // layout.wgsl: data movement between U-Net stages, one invocation per output element.
 //
 //   upsample2x:       y[n, c, oy, ox] = x[n, c, oy / 2, ox / 2]      (nearest, scale 2)
+//   upsample2x_spikes: the same on bit-packed spikes (element e at bit e % 32 of word e / 32),
+//                     one invocation per output word gathering its 32 source bits (no atomics)
 //   concat_channels:  y[n, c, s] = a[n, c, s] if c < Ca else b[n, c - Ca, s]   (torch.cat dim=1)
 //   repeat_leading:   y[r * m + i] = x[i] for r < reps                 (x [B, ...] -> [T*B, ...],
 //                     the reference's x.unsqueeze(0).repeat(T, 1, 1, 1, 1); m = p.s)
@@ -21,6 +23,8 @@ struct Params {
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y_unary: array<f32>;
+@group(0) @binding(1) var<storage, read> a_bits: array<u32>;
+@group(0) @binding(2) var<storage, read_write> y_bits: array<u32>;
 
 fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.y * nwg.x + wid.x) * 256u + lid;
@@ -40,6 +44,31 @@ fn upsample2x(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let oy = (i / wo) % ho;
     let plane = i / (wo * ho);
     y_unary[i] = a[(plane * p.h + oy / 2u) * p.w + ox / 2u];
+}
+
+// p.numel counts output elements; invocation i writes word i.
+@compute @workgroup_size(256)
+fn upsample2x_spikes(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let word = flat_index(wid, nwg, lid);
+    if (word * 32u >= p.numel) {
+        return;
+    }
+    let wo = 2u * p.w;
+    let ho = 2u * p.h;
+    var bits = 0u;
+    for (var k = 0u; k < 32u; k++) {
+        let i = word * 32u + k;
+        if (i >= p.numel) {
+            break;
+        }
+        let ox = i % wo;
+        let oy = (i / wo) % ho;
+        let plane = i / (wo * ho);
+        let src = (plane * p.h + oy / 2u) * p.w + ox / 2u;
+        bits |= ((a_bits[src / 32u] >> (src % 32u)) & 1u) << k;
+    }
+    y_bits[word] = bits;
 }
 
 @compute @workgroup_size(256)

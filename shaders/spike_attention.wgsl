@@ -29,7 +29,8 @@
 // (graph::grid_1d).
 // Napkin math: the forward does 2 R C N min(N, d) multiply-adds over 4 (4 R C N + R heads
 // min(N, d)^2) bytes, about min(N, d) / 8 flops per byte: compute-bound for real head sizes.
-// Spike loads go through the load_* functions only, so a packed spike storage changes them alone.
+// Spikes are stored bit-packed (graph DType::Spike): element i at bit i % 32 of word i / 32 of
+// the flat [R, C, N] tensor; every spike load goes through a load_* function and spike_at.
 
 struct Params {
     rows: u32, c: u32, n: u32, heads: u32,
@@ -37,6 +38,11 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
+
+// Spike i of a packed tensor, given the word that holds it.
+fn spike_at(word: u32, i: u32) -> f32 {
+    return f32((word >> (i & 31u)) & 1u);
+}
 
 fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.y * nwg.x + wid.x) * 256u + lid;
@@ -55,12 +61,12 @@ fn clamped4(start: u32, len: u32) -> vec4<u32> {
 
 // ---- attention_kv: reads k, v (spikes), writes M -------------------------------------------------
 
-@group(0) @binding(1) var<storage, read> kv_k: array<f32>;
-@group(0) @binding(2) var<storage, read> kv_v: array<f32>;
+@group(0) @binding(1) var<storage, read> kv_k: array<u32>;
+@group(0) @binding(2) var<storage, read> kv_v: array<u32>;
 @group(0) @binding(3) var<storage, read_write> kv_m: array<f32>;
 
-fn load_kv_k(i: u32) -> f32 { return kv_k[i]; }
-fn load_kv_v(i: u32) -> f32 { return kv_v[i]; }
+fn load_kv_k(i: u32) -> f32 { return spike_at(kv_k[i >> 5u], i); }
+fn load_kv_v(i: u32) -> f32 { return spike_at(kv_v[i >> 5u], i); }
 
 @compute @workgroup_size(256)
 fn attention_kv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -100,11 +106,11 @@ fn attention_kv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 
 // ---- attention_out: reads q (spikes), M; writes o ------------------------------------------------
 
-@group(0) @binding(1) var<storage, read> out_q: array<f32>;
+@group(0) @binding(1) var<storage, read> out_q: array<u32>;
 @group(0) @binding(2) var<storage, read> out_m: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out_o: array<f32>;
 
-fn load_out_q(i: u32) -> f32 { return out_q[i]; }
+fn load_out_q(i: u32) -> f32 { return spike_at(out_q[i >> 5u], i); }
 
 @compute @workgroup_size(256)
 fn attention_out(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -146,11 +152,11 @@ fn attention_out(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
 
 // ---- attention_grad_m: reads q (spikes), go; writes dM --------------------------------------------
 
-@group(0) @binding(1) var<storage, read> gm_q: array<f32>;
+@group(0) @binding(1) var<storage, read> gm_q: array<u32>;
 @group(0) @binding(2) var<storage, read> gm_go: array<f32>;
 @group(0) @binding(3) var<storage, read_write> gm_dm: array<f32>;
 
-fn load_gm_q(i: u32) -> f32 { return gm_q[i]; }
+fn load_gm_q(i: u32) -> f32 { return spike_at(gm_q[i >> 5u], i); }
 
 @compute @workgroup_size(256)
 fn attention_grad_m(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -192,14 +198,14 @@ fn attention_grad_m(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
 @group(0) @binding(1) var<storage, read> g_go: array<f32>;
 @group(0) @binding(2) var<storage, read> g_m: array<f32>;
 @group(0) @binding(3) var<storage, read> g_dm: array<f32>;
-@group(0) @binding(4) var<storage, read> g_k: array<f32>;
-@group(0) @binding(5) var<storage, read> g_v: array<f32>;
+@group(0) @binding(4) var<storage, read> g_k: array<u32>;
+@group(0) @binding(5) var<storage, read> g_v: array<u32>;
 @group(0) @binding(6) var<storage, read_write> g_dq: array<f32>;
 @group(0) @binding(7) var<storage, read_write> g_dk: array<f32>;
 @group(0) @binding(8) var<storage, read_write> g_dv: array<f32>;
 
-fn load_g_k(i: u32) -> f32 { return g_k[i]; }
-fn load_g_v(i: u32) -> f32 { return g_v[i]; }
+fn load_g_k(i: u32) -> f32 { return spike_at(g_k[i >> 5u], i); }
+fn load_g_v(i: u32) -> f32 { return spike_at(g_v[i >> 5u], i); }
 
 @compute @workgroup_size(256)
 fn attention_grad_qkv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -255,12 +261,12 @@ fn attention_grad_qkv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
 
 // ---- attention_qk (N-form): reads q, k (spikes), writes A ---------------------------------------
 
-@group(0) @binding(1) var<storage, read> qk_q: array<f32>;
-@group(0) @binding(2) var<storage, read> qk_k: array<f32>;
+@group(0) @binding(1) var<storage, read> qk_q: array<u32>;
+@group(0) @binding(2) var<storage, read> qk_k: array<u32>;
 @group(0) @binding(3) var<storage, read_write> qk_a: array<f32>;
 
-fn load_qk_q(i: u32) -> f32 { return qk_q[i]; }
-fn load_qk_k(i: u32) -> f32 { return qk_k[i]; }
+fn load_qk_q(i: u32) -> f32 { return spike_at(qk_q[i >> 5u], i); }
+fn load_qk_k(i: u32) -> f32 { return spike_at(qk_k[i >> 5u], i); }
 
 @compute @workgroup_size(256)
 fn attention_qk(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -302,10 +308,10 @@ fn attention_qk(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 // ---- attention_av (N-form): reads A, v (spikes); writes o ---------------------------------------
 
 @group(0) @binding(1) var<storage, read> av_a: array<f32>;
-@group(0) @binding(2) var<storage, read> av_v: array<f32>;
+@group(0) @binding(2) var<storage, read> av_v: array<u32>;
 @group(0) @binding(3) var<storage, read_write> av_o: array<f32>;
 
-fn load_av_v(i: u32) -> f32 { return av_v[i]; }
+fn load_av_v(i: u32) -> f32 { return spike_at(av_v[i >> 5u], i); }
 
 @compute @workgroup_size(256)
 fn attention_av(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -345,10 +351,10 @@ fn attention_av(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 // ---- attention_grad_a (N-form): reads go, v (spikes); writes dA ---------------------------------
 
 @group(0) @binding(1) var<storage, read> ga_go: array<f32>;
-@group(0) @binding(2) var<storage, read> ga_v: array<f32>;
+@group(0) @binding(2) var<storage, read> ga_v: array<u32>;
 @group(0) @binding(3) var<storage, read_write> ga_da: array<f32>;
 
-fn load_ga_v(i: u32) -> f32 { return ga_v[i]; }
+fn load_ga_v(i: u32) -> f32 { return spike_at(ga_v[i >> 5u], i); }
 
 @compute @workgroup_size(256)
 fn attention_grad_a(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -391,14 +397,14 @@ fn attention_grad_a(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
 @group(0) @binding(1) var<storage, read> gn_go: array<f32>;
 @group(0) @binding(2) var<storage, read> gn_a: array<f32>;
 @group(0) @binding(3) var<storage, read> gn_da: array<f32>;
-@group(0) @binding(4) var<storage, read> gn_q: array<f32>;
-@group(0) @binding(5) var<storage, read> gn_k: array<f32>;
+@group(0) @binding(4) var<storage, read> gn_q: array<u32>;
+@group(0) @binding(5) var<storage, read> gn_k: array<u32>;
 @group(0) @binding(6) var<storage, read_write> gn_dq: array<f32>;
 @group(0) @binding(7) var<storage, read_write> gn_dk: array<f32>;
 @group(0) @binding(8) var<storage, read_write> gn_dv: array<f32>;
 
-fn load_gn_q(i: u32) -> f32 { return gn_q[i]; }
-fn load_gn_k(i: u32) -> f32 { return gn_k[i]; }
+fn load_gn_q(i: u32) -> f32 { return spike_at(gn_q[i >> 5u], i); }
+fn load_gn_k(i: u32) -> f32 { return spike_at(gn_k[i >> 5u], i); }
 
 @compute @workgroup_size(256)
 fn attention_grad_qkv_n(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,

@@ -119,6 +119,10 @@ struct ProfileArgs {
     /// Time dispatches with host timers even when the adapter has timestamp queries.
     #[arg(long)]
     host_timers: bool,
+    /// Build and plan the graph without a GPU and print the plan (memory, cost model, largest
+    /// bindings): any preset and batch, whether or not this adapter could hold it.
+    #[arg(long, conflicts_with_all = ["trace", "host_timers"])]
+    dry_run: bool,
 }
 
 #[derive(clap::Args)]
@@ -560,19 +564,65 @@ fn train_step(
     Ok(())
 }
 
-fn profile(adapter: Option<&str>, a: &ProfileArgs) -> Result<()> {
-    let seed = 0;
-    let (mut weights, mut cfg) =
-        load_model(a.checkpoint.as_deref(), a.model.as_deref(), a.preset.as_deref(), a.snn_steps, seed)?;
+/// The net `profile` describes: the checkpoint's, or a preset (with --attn/--heads for the SNN).
+fn profile_net(cfg: &mut Net, a: &ProfileArgs) -> Result<()> {
     if let Some(s) = a.size {
         cfg.set_img_size(s);
     }
     if !a.attn.is_empty() {
-        let Net::Sddpm(c) = &mut cfg else {
+        let Net::Sddpm(c) = cfg else {
             bail!("--attn applies to --model sddpm only (the ANN's attention levels come from its preset)");
         };
         (c.attn, c.heads) = (a.attn.clone(), a.heads);
         c.validate(c.img_size)?;
+    }
+    Ok(())
+}
+
+fn profile_dry_run(a: &ProfileArgs) -> Result<()> {
+    let mut cfg = match &a.checkpoint {
+        Some(path) => Checkpoint::load(path)?.net(a.snn_steps)?,
+        None => {
+            let mut cfg = Net::preset(a.model.as_deref().unwrap_or("sddpm"), a.preset.as_deref().unwrap_or("tiny"))?;
+            if let Some(t) = a.snn_steps {
+                cfg.set_snn_steps(t)?;
+            }
+            cfg
+        }
+    };
+    profile_net(&mut cfg, a)?;
+    let size = cfg.img_size();
+    let g = if a.train {
+        sddpm_gpu::diffusion::train_graph(&cfg, a.batch, size, &TrainOptions::default())?
+    } else {
+        let (mut g, _, _, unet) = sddpm_gpu::model::eval_graph(&cfg, a.batch, size, 1.0)?;
+        g.mark_output(unet.eps);
+        g
+    };
+    println!(
+        "dry run (planned, not run; no GPU): {} {}, batch {}, {}, {}x{}\n",
+        if a.train { "training steps of" } else { "network evaluations of" },
+        a.checkpoint
+            .as_ref()
+            .map_or_else(|| a.preset.clone().unwrap_or_else(|| "tiny".into()), |p| p.display().to_string()),
+        a.batch,
+        cfg.snn_steps().map_or_else(|| "no spiking steps".to_string(), |t| format!("T = {t}")),
+        size,
+        size
+    );
+    print!("{}", sddpm_gpu::profile::dry_run(&g));
+    Ok(())
+}
+
+fn profile(adapter: Option<&str>, a: &ProfileArgs) -> Result<()> {
+    if a.dry_run {
+        return profile_dry_run(a);
+    }
+    let seed = 0;
+    let (mut weights, mut cfg) =
+        load_model(a.checkpoint.as_deref(), a.model.as_deref(), a.preset.as_deref(), a.snn_steps, seed)?;
+    profile_net(&mut cfg, a)?;
+    if !a.attn.is_empty() {
         weights = cfg.init_weights(seed);
     }
     let without = if a.host_timers { wgpu::Features::TIMESTAMP_QUERY } else { wgpu::Features::empty() };

@@ -1,5 +1,6 @@
 //! Shader-level profiling of a compiled graph: per-kernel and per-layer tables from GPU
-//! timestamps, and a Chrome/Perfetto trace with one event per dispatch.
+//! timestamps, and a Chrome/Perfetto trace with one event per dispatch. A dry run plans a graph
+//! without a GPU and reports its memory and the cost model's work.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -10,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::gpu::Context;
-use crate::graph::{Graph, Plan, Timing};
+use crate::graph::{plan_memory, Graph, MemoryPlan, Plan, Timing};
 use crate::ops::calibrate;
 
 /// An adapter's measured fp32 FMA rate and memory bandwidth (the calibration kernels' best run).
@@ -149,8 +150,8 @@ pub struct Profile {
     pub ms_per_iter: f64,
     pub dispatches_per_iter: usize,
     pub submits_per_iter: usize,
-    /// The buffer plan: (planned intermediate bytes, naive intermediate bytes, inputs + params).
-    pub memory: (u64, u64, u64),
+    /// The buffer plan.
+    pub memory: MemoryPlan,
     /// One Chrome trace event per dispatch of every profiled iteration.
     pub trace: serde_json::Value,
     /// The adapter's measured peak, for the % of peak columns (None: not measured).
@@ -245,10 +246,7 @@ pub fn profile(ctx: &Context, plan: &Plan, iters: usize, batch: usize, peak: Opt
         ms_per_iter: total_ms / iters as f64,
         dispatches_per_iter: stats.dispatches,
         submits_per_iter: stats.submits,
-        memory: {
-            let m = plan.memory();
-            (m.planned_intermediate_bytes, m.naive_intermediate_bytes, m.fixed_bytes)
-        },
+        memory: plan.memory().clone(),
         trace: json!({ "traceEvents": events, "displayTimeUnit": "ms" }),
         peak,
     })
@@ -301,16 +299,8 @@ impl Profile {
             self.dispatches_per_iter,
             self.submits_per_iter
         );
-        let (planned, naive, fixed) = self.memory;
-        let mib = |b: u64| b as f64 / (1 << 20) as f64;
-        let _ = writeln!(
-            out,
-            "memory: intermediates {:.2} MiB planned by liveness (naive {:.2} MiB, {:.1}x), inputs + parameters + state {:.2} MiB",
-            mib(planned),
-            mib(naive),
-            naive as f64 / planned.max(1) as f64,
-            mib(fixed)
-        );
+        out.push_str(&memory_line(&self.memory));
+        out.push('\n');
         if let Some(p) = self.peak {
             let _ = writeln!(
                 out,
@@ -326,4 +316,83 @@ impl Profile {
         }
         out
     }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
+/// MiB below 1 GiB, else GiB.
+fn size(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.2} MiB", mib(bytes))
+    }
+}
+
+/// The `memory:` line of `profile`, ending with the grand total the plan allocates on the GPU.
+pub fn memory_line(m: &MemoryPlan) -> String {
+    format!(
+        "memory: intermediates {:.2} MiB planned by liveness (naive {:.2} MiB, {:.1}x), inputs + parameters + state {:.2} MiB, staging {:.2} MiB, node parameters {:.2} MiB, total {}",
+        mib(m.planned_intermediate_bytes),
+        mib(m.naive_intermediate_bytes),
+        m.naive_intermediate_bytes as f64 / m.planned_intermediate_bytes.max(1) as f64,
+        mib(m.fixed_bytes),
+        mib(m.staging_bytes),
+        mib(m.params_bytes),
+        size(m.total_bytes())
+    )
+}
+
+/// The plan of `g` without a GPU: per-kernel and per-layer work from the cost model, the largest
+/// storage bindings (an adapter must allow them), and the memory line.
+pub fn dry_run(g: &Graph) -> String {
+    let m = plan_memory(g);
+    let mut kernels: BTreeMap<String, Row> = BTreeMap::new();
+    let mut layers: BTreeMap<String, Row> = BTreeMap::new();
+    for n in &g.nodes {
+        let kernel = format!("{}::{}", n.shader.name, n.entry);
+        for (map, key) in [(&mut kernels, kernel), (&mut layers, layer_of(&n.label))] {
+            let row = map.entry(key.clone()).or_insert(Row { name: key, calls: 0, total_ms: 0.0, flops: 0, bytes: 0 });
+            row.calls += 1;
+            row.flops += n.cost.flops;
+            row.bytes += n.cost.bytes;
+        }
+    }
+    let mut out = String::new();
+    let (flops, bytes): (u64, u64) = g.nodes.iter().fold((0, 0), |(f, b), n| (f + n.cost.flops, b + n.cost.bytes));
+    for (title, rows) in [("kernel", kernels), ("layer", layers)] {
+        let mut rows: Vec<Row> = rows.into_values().collect();
+        rows.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(b.flops.cmp(&a.flops)));
+        let _ = writeln!(out, "{title:<44} {:>6} {:>12} {:>12} {:>8}", "calls", "MFLOP", "MB moved", "bytes%");
+        for r in &rows {
+            let _ = writeln!(
+                out,
+                "{:<44} {:>6} {:>12.2} {:>12.3} {:>8.2}",
+                r.name,
+                r.calls,
+                r.flops as f64 * 1e-6,
+                r.bytes as f64 * 1e-6,
+                100.0 * r.bytes as f64 / bytes.max(1) as f64
+            );
+        }
+        out.push('\n');
+    }
+    let _ = writeln!(
+        out,
+        "work per iteration (cost model): {:.3} GFLOP, {:.3} GB moved, {} dispatches",
+        flops as f64 * 1e-9,
+        bytes as f64 * 1e-9,
+        g.nodes.len()
+    );
+    let mut largest: Vec<&crate::graph::TensorInfo> = g.tensors.iter().collect();
+    largest.sort_by_key(|t| std::cmp::Reverse(t.bytes()));
+    let _ = writeln!(out, "largest storage bindings (an adapter must allow the first):");
+    for t in largest.iter().take(3) {
+        let _ = writeln!(out, "  {:.2} MiB  '{}' {:?} {}", mib(t.bytes()), t.name, t.shape, t.dtype.name());
+    }
+    out.push_str(&memory_line(&m));
+    out.push('\n');
+    out
 }

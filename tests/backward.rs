@@ -9,7 +9,7 @@
 mod common;
 
 use common::*;
-use sddpm_gpu::graph::{backward, Graph, Plan, TensorId};
+use sddpm_gpu::graph::{backward, DType, Graph, Plan, TensorId};
 use sddpm_gpu::ops::{batchnorm, conv, elementwise, layout, matmul, neuron, optim, readout, reduce, spike_attention};
 
 /// Run `g`, whose output `y` gets upstream gradient `dy`, and return the gradients of `wrt`.
@@ -22,9 +22,14 @@ fn gpu_grads(
 ) -> Vec<Vec<f32>> {
     let shape = g.shape(y).to_vec();
     let seed = g.input("dy", &shape);
-    let grads = backward(&mut g, y, seed, wrt);
+    let grads = backward(&mut g, y, seed, wrt, elementwise::add);
     let outs: Vec<TensorId> = wrt.iter().map(|t| grads[t]).collect();
-    let mut all: Vec<(TensorId, Vec<u32>)> = inputs.iter().map(|(t, v)| (*t, bits(v))).collect();
+    // Spike inputs are uploaded bit-packed, as the neurons write them.
+    let upload = |t: TensorId, v: &[f32]| match g.info(t).dtype {
+        DType::Spike => sddpm_gpu::graph::pack_spikes(v),
+        _ => bits(v),
+    };
+    let mut all: Vec<(TensorId, Vec<u32>)> = inputs.iter().map(|(t, v)| (*t, upload(*t, v))).collect();
     all.push((seed, bits(dy)));
     run_graph(g, &all, &outs)
 }
@@ -88,6 +93,38 @@ fn conv2d_weight_gradient_over_many_positions() {
     // iterations than lavapipe lets one invocation run (it silently stops loops at 65535).
     check_conv_backward(6, [8, 2, 32, 32], 3, 3, 1);
     check_conv_backward(7, [1, 1, 64, 64], 2, 1, 1);
+}
+
+#[test]
+fn conv2d_weight_gradient_reads_packed_spikes() {
+    // What backward keeps of a conv over spikes is the packed spikes; the weight gradient must
+    // equal the one over the same spikes as f32, bit for bit.
+    for (seed, [n, cin, h, w], cout, k, stride) in
+        [(8u64, [2usize, 3, 7, 9], 5usize, 3usize, 1usize), (9, [3, 5, 9, 11], 4, 3, 2), (10, [8, 2, 32, 32], 3, 3, 1)]
+    {
+        let pad = k / 2;
+        let (ho, wo) = (conv::conv_out(h, k, stride, pad), conv::conv_out(w, k, stride, pad));
+        let mut r = rng(seed);
+        let xv: Vec<f32> =
+            uniform(&mut r, n * cin * h * w, 0.0, 1.0).iter().map(|&u| (u < 0.3) as u32 as f32).collect();
+        let wv = uniform(&mut r, cout * cin * k * k, -0.5, 0.5);
+        let dy = normalish(&mut r, n * cout * ho * wo, 1.0);
+        let mut grads = Vec::new();
+        for dtype in [DType::Spike, DType::F32] {
+            let mut g = Graph::new();
+            let x = g.input_as("x", &[n, cin, h, w], dtype);
+            let wt = g.param("w", &[cout, cin, k, k]);
+            let y = conv::conv2d(&mut g, x, wt, None, stride, pad, "conv");
+            let seed_t = g.input("dy", &[n, cout, ho, wo]);
+            let gw = backward(&mut g, y, seed_t, &[wt], elementwise::add)[&wt];
+            let xdata = if dtype == DType::Spike { sddpm_gpu::graph::pack_spikes(&xv) } else { bits(&xv) };
+            grads.push(run_graph(g, &[(x, xdata), (wt, bits(&wv)), (seed_t, bits(&dy))], &[gw]).remove(0));
+        }
+        let what = format!("conv over spikes {n}x{cin}x{h}x{w}->{cout} k{k} s{stride} dw");
+        assert_eq!(bits(&grads[0]), bits(&grads[1]), "{what}: packed vs f32");
+        let dw = conv::conv2d_grad_weight_cpu(&dy, &xv, [n, cin, h, w], [cout, k], stride, pad);
+        assert_close(&what, &grads[0], &dw, 1e-5, 1e-4);
+    }
 }
 
 #[test]
@@ -180,6 +217,68 @@ fn check_neuron_backward(seed: u64, t: usize, n: usize, cfg: neuron::Neuron) {
     let (_, h) = neuron::neuron_cpu(&xv, t, cfg);
     let want = neuron::neuron_backward_cpu(&gs, &h, t, cfg);
     assert_close(&format!("neuron backward T={t} {cfg:?}"), &got, &want, 1e-5, 1e-6);
+}
+
+/// The neuron backward that recomputes its input from BN's saved input and statistics and the
+/// added embedding must give the same bits as the one that keeps the input.
+fn check_neuron_backward_affine(seed: u64, t: usize, b: usize, c: usize, hw: usize, cfg: neuron::Neuron) {
+    let n = t * b;
+    let mut r = rng(seed);
+    let cv: Vec<f32> = normalish(&mut r, n * c * hw, 1.0);
+    let wv = uniform(&mut r, c, 0.5, 1.5);
+    let bv = uniform(&mut r, c, 0.0, 0.8);
+    let ev = uniform(&mut r, b * c, -0.3, 0.3);
+    let gs = normalish(&mut r, n * c * hw, 1.0);
+    let mut grads = Vec::new();
+    for affine in [false, true] {
+        let mut g = Graph::new();
+        let x = g.input("c", &[n, c, hw]);
+        let p = batchnorm::BnParams {
+            weight: g.param("bn.weight", &[c]),
+            bias: g.param("bn.bias", &[c]),
+            running_mean: g.param("bn.running_mean", &[c]),
+            running_var: g.param("bn.running_var", &[c]),
+        };
+        let emb = g.input("emb", &[b, c]);
+        let (y, saved) = batchnorm::batchnorm_train(&mut g, x, p, "bn");
+        let z = elementwise::add_channel(&mut g, y, emb, "add");
+        let s = if affine {
+            let input = neuron::AffineInput {
+                c: x,
+                weight: p.weight,
+                bias: p.bias,
+                mean: saved.mean,
+                invstd: saved.invstd,
+                emb,
+            };
+            neuron::neuron_forward_train_affine(&mut g, z, input, t, cfg, "neuron")
+        } else {
+            neuron::neuron_forward_train(&mut g, z, t, cfg, "neuron").0
+        };
+        let inputs = [
+            (x, cv.clone()),
+            (p.weight, wv.clone()),
+            (p.bias, bv.clone()),
+            (p.running_mean, vec![0.0; c]),
+            (p.running_var, vec![1.0; c]),
+            (emb, ev.clone()),
+        ];
+        grads.push(gpu_grads(g, s, &gs, &inputs, &[z]).remove(0));
+    }
+    let what = format!("neuron backward with recomputed input T={t} B={b} C={c} HW={hw} {cfg:?}");
+    assert_eq!(bits(&grads[0]), bits(&grads[1]), "{what}: recomputed vs kept input");
+    let (mut rm, mut rv) = (vec![0.0; c], vec![1.0; c]);
+    let (y, _, _) = batchnorm::batchnorm_train_cpu(&cv, c, hw, &wv, &bv, &mut rm, &mut rv);
+    let z = elementwise::add_channel_cpu(&y, &ev, c, hw, b);
+    let (_, h) = neuron::neuron_cpu(&z, t, cfg);
+    assert_close(&what, &grads[1], &neuron::neuron_backward_cpu(&gs, &h, t, cfg), 1e-4, 1e-5);
+}
+
+#[test]
+fn neuron_backward_recomputes_bn_and_add() {
+    check_neuron_backward_affine(40, 4, 2, 5, 9, neuron::Neuron::default());
+    check_neuron_backward_affine(41, 3, 3, 4, 16, neuron::Neuron::default());
+    check_neuron_backward_affine(42, 2, 2, 3, 7, neuron::Neuron { tau: Some(2.0), ..Default::default() });
 }
 
 #[test]
@@ -387,7 +486,7 @@ fn backward_graph_replays_with_memory_reuse() {
     let (s, _) = neuron::neuron_forward_train(&mut g, h, 4, Default::default(), "neuron");
     let y = conv::conv2d(&mut g, s, w2, None, 1, 1, "conv2");
     let seed = g.input("dy", &[8, 4, 8, 8]);
-    let grads = backward(&mut g, y, seed, &[w1, w2, p.weight]);
+    let grads = backward(&mut g, y, seed, &[w1, w2, p.weight], elementwise::add);
     assert_eq!(grads.len(), 3);
     let m = sddpm_gpu::graph::plan_memory(&g);
     assert!(m.planned_intermediate_bytes < m.naive_intermediate_bytes);
@@ -418,7 +517,7 @@ fn check_spike_attention_backward(seed: u64, [rows, c, h, w]: [usize; 4], heads:
     let (qv, kv, vv) = (spikes(&mut r, len, 0.3), spikes(&mut r, len, 0.4), spikes(&mut r, len, 0.25));
     let dy = normalish(&mut rng(seed + 1), len, 1.0);
     let mut g = Graph::new();
-    let [q, k, v] = ["q", "k", "v"].map(|n| g.input(n, &[rows, c, h, w]));
+    let [q, k, v] = ["q", "k", "v"].map(|n| g.input_as(n, &[rows, c, h, w], DType::Spike));
     let o = spike_attention::spike_attention(&mut g, q, k, v, heads, "attn");
     let got = gpu_grads(g, o, &dy, &[(q, qv.clone()), (k, kv.clone()), (v, vv.clone())], &[q, k, v]);
     let (dq, dk, dv) = spike_attention::spike_attention_backward_cpu(&dy, &qv, &kv, &vv, dims);

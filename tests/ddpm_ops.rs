@@ -10,7 +10,7 @@ mod common;
 use common::*;
 use sddpm_gpu::graph::{backward, Graph, TensorId};
 use sddpm_gpu::ops::groupnorm::{self, GnShape};
-use sddpm_gpu::ops::{attention, dropout};
+use sddpm_gpu::ops::{attention, dropout, elementwise};
 
 fn gpu_grads(
     mut g: Graph,
@@ -21,7 +21,7 @@ fn gpu_grads(
 ) -> Vec<Vec<f32>> {
     let shape = g.shape(y).to_vec();
     let seed = g.input("dy", &shape);
-    let grads = backward(&mut g, y, seed, wrt);
+    let grads = backward(&mut g, y, seed, wrt, elementwise::add);
     let outs: Vec<TensorId> = wrt.iter().map(|t| grads[t]).collect();
     let mut all: Vec<(TensorId, Vec<u32>)> = inputs.iter().map(|(t, v)| (*t, bits(v))).collect();
     all.push((seed, bits(dy)));
@@ -228,7 +228,7 @@ fn dropout_backward_reuses_the_mask() {
     let y = dropout::dropout(&mut g, x, p, k, layer, "dropout");
     let shape = g.shape(y).to_vec();
     let seed = g.input("dy", &shape);
-    let grads = backward(&mut g, y, seed, &[x]);
+    let grads = backward(&mut g, y, seed, &[x], elementwise::add);
     let got = run_graph(g, &[(x, bits(&xv)), (k, key.to_vec()), (seed, bits(&dy))], &[grads[&x]]).remove(0);
     let want = dropout::dropout_cpu(&dy, p, key, layer);
     assert_eq!(bits(&got), bits(&want));

@@ -9,7 +9,7 @@ use common::*;
 use safetensors::SafeTensors;
 use sddpm_gpu::checkpoint::Checkpoint;
 use sddpm_gpu::diffusion::{plan_steps, timesteps, torch_linspace, Sampler, SamplerKind, Schedule};
-use sddpm_gpu::graph::Graph;
+use sddpm_gpu::graph::{DType, Graph};
 use sddpm_gpu::ops::sampler::{self, Mode, NoiseKey};
 
 fn fixture(name: &str) -> Vec<u8> {
@@ -70,7 +70,7 @@ fn ancestral_steps_match_reference() {
         assert_eq!(rows[k].mode, if t == 0 { Mode::Final } else { Mode::Ancestral });
         let mut g = Graph::new();
         let coef = g.param("coef", &[1, 8]);
-        let step = g.input("step", &[1]);
+        let step = g.input_as("step", &[1], DType::U32);
         let xt = g.input("x", &shape);
         let et = g.input("eps", &shape);
         let zt = g.input("z", &shape);

@@ -4,8 +4,8 @@ mod common;
 
 use common::*;
 use safetensors::SafeTensors;
-use sddpm_gpu::graph::Graph;
-use sddpm_gpu::ops::neuron;
+use sddpm_gpu::graph::{backward, Graph};
+use sddpm_gpu::ops::{elementwise, neuron};
 
 fn load(name: &str) -> Vec<u8> {
     std::fs::read(fixture(name)).unwrap()
@@ -51,8 +51,10 @@ fn lif_neuron_matches_reference() {
     let mut g = Graph::new();
     let xt = g.input("x", &[t, n]);
     let s = neuron::neuron_forward(&mut g, xt, t, lif, "neuron");
-    let (s_train, h) = neuron::neuron_forward_train(&mut g, xt, t, lif, "neuron.train");
-    let out = run_graph(g, &[(xt, bits(&x))], &[s, s_train, h]);
+    let (s_train, _) = neuron::neuron_forward_train(&mut g, xt, t, lif, "neuron.train");
+    let gs = g.input("grad_out", &[t, n]);
+    let dx_gpu = backward(&mut g, s_train, gs, &[xt], elementwise::add)[&xt];
+    let out = run_graph(g, &[(xt, bits(&x)), (gs, bits(&grad_out))], &[s, s_train, dx_gpu]);
     let fired = want.iter().filter(|&&v| v == 1.0).count();
     assert!(fired > 0 && fired < want.len());
     assert_eq!(out[0], want, "GPU LIF spikes differ from the reference");
@@ -60,6 +62,8 @@ fn lif_neuron_matches_reference() {
     assert_eq!(neuron::neuron_cpu(&x, t, lif).0, want, "CPU reference differs");
     // The IF neuron on the same input fires differently: the fixture does test the leak.
     assert_ne!(neuron::neuron_cpu(&x, t, neuron::Neuron::default()).0, want);
-    let dx = neuron::neuron_backward_cpu(&grad_out, &out[2], t, lif);
-    assert_close("LIF grad_x", &dx, &want_dx, 1e-5, 1e-6);
+    let h = neuron::neuron_cpu(&x, t, lif).1;
+    let dx = neuron::neuron_backward_cpu(&grad_out, &h, t, lif);
+    assert_close("LIF grad_x (CPU)", &dx, &want_dx, 1e-5, 1e-6);
+    assert_close("LIF grad_x (GPU)", &out[2], &want_dx, 1e-5, 1e-6);
 }

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use sddpm_gpu::graph::{plan_memory, Graph, Node, Params, Plan, TensorId};
+use sddpm_gpu::graph::{pack_spikes, plan_memory, unpack_spikes, DType, Graph, Node, Params, Plan, TensorId};
 use sddpm_gpu::ops::{batchnorm, conv, elementwise, neuron, readout};
 
 /// A small spiking block: conv -> BN (eval) -> IF -> conv -> + skip -> readout, over T = 4, B = 2.
@@ -83,8 +83,9 @@ fn chained_ops_equal_cpu_reference() {
 fn planner_reuses_intermediate_buffers() {
     let b = block(3);
     let m = plan_memory(&b.g);
-    // conv1, bn1, neuron1, conv2, residual are same-sized and at most 2 are live at once; the
-    // smaller readout output fits into conv2's freed buffer.
+    // conv1, bn1, conv2, residual are same-sized and at most 2 are live at once; the smaller
+    // readout output fits into conv1's freed buffer. neuron1's packed spikes (32x smaller) live
+    // from bn1 to conv2, touching both large slots' tenants, so they get a slot of their own.
     assert!(
         m.planned_intermediate_bytes < m.naive_intermediate_bytes,
         "planned {} vs naive {}",
@@ -92,8 +93,8 @@ fn planner_reuses_intermediate_buffers() {
         m.naive_intermediate_bytes
     );
     let act = (T * B * C * HW * HW * 4) as u64;
-    assert_eq!(m.naive_intermediate_bytes, 5 * act + act / T as u64);
-    assert_eq!(m.planned_intermediate_bytes, 2 * act);
+    assert_eq!(m.naive_intermediate_bytes, 4 * act + act / 32 + act / T as u64);
+    assert_eq!(m.planned_intermediate_bytes, 2 * act + act / 32);
     // Shared slots really are distinct tensors: conv1's buffer is reused later.
     let slots: Vec<usize> = b.g.nodes.iter().map(|n| m.slot_of(n.writes[0])).collect();
     let distinct: std::collections::HashSet<_> = slots.iter().collect();
@@ -241,4 +242,68 @@ fn wrong_upload_size_and_unreadable_intermediates_are_errors() {
     let inner = b.g.nodes[0].writes[0];
     let msg = format!("{:#}", plan.read(ctx(), inner).unwrap_err());
     assert!(msg.contains("intermediate"), "{msg}");
+}
+
+#[test]
+fn dtypes_size_storage_in_whole_blocks() {
+    assert_eq!(DType::F32.bytes(3), 12);
+    assert_eq!(DType::U32.bytes(1), 4);
+    for (n, words) in [(1, 1), (31, 1), (32, 1), (33, 2), (64, 2), (65, 3), (1000, 32)] {
+        assert_eq!(DType::Spike.bytes(n), 4 * words, "{n} spikes");
+    }
+    let mut g = Graph::new();
+    let s = g.intermediate_as("s", &[3, 5, 7], DType::Spike);
+    assert_eq!(g.info(s).bytes(), 4 * (105u64).div_ceil(32));
+    let values: Vec<f32> = (0..105).map(|i| ((i * 7 + i / 3) % 3 == 0) as u32 as f32).collect();
+    let words = pack_spikes(&values);
+    assert_eq!(words.len(), 4);
+    assert_eq!(unpack_spikes(&words, 105), values);
+}
+
+#[test]
+fn dtype_mismatch_is_a_graph_error_naming_node_and_tensor() {
+    let mut g = Graph::new();
+    let x = g.input("x", &[40]);
+    let s = g.intermediate_as("spikes of x", &[40], DType::Spike);
+    g.push_typed(
+        Node {
+            shader: &neuron::SHADER,
+            entry: "neuron_forward",
+            params: Params::new().u(40).u(1).build(),
+            reads: vec![x],
+            writes: vec![s],
+            workgroups: [1, 1, 1],
+            label: "fires".into(),
+            cost: Default::default(),
+        },
+        &[DType::F32],
+        &[DType::Spike],
+    );
+    g.check().expect("declared dtypes match");
+    // An op that does not declare dtypes reads F32: handing it packed spikes is refused.
+    let y = elementwise::swish(&mut g, s, "swish of spikes");
+    g.mark_output(y);
+    let msg = format!("{:#}", g.check().unwrap_err());
+    assert!(msg.contains("swish of spikes") && msg.contains("'spikes of x'") && msg.contains("spike"), "{msg}");
+    let msg = format!("{:#}", Plan::compile(ctx(), &g).err().expect("compile refuses a mistyped graph"));
+    assert!(msg.contains("swish of spikes"), "{msg}");
+}
+
+#[test]
+fn sizes_past_u32_are_a_graph_error_not_a_panic() {
+    let mut g = Graph::new();
+    let x = g.input("images", &[20000 * 4, 128, 32, 32]);
+    // Ops keep building (their parameters saturate); the error surfaces at check / compile.
+    let y = elementwise::swish(&mut g, x, "swish");
+    g.mark_output(y);
+    let msg = format!("{:#}", g.check().unwrap_err());
+    assert!(msg.contains("'images'") && msg.contains("10485760000 elements"), "{msg}");
+    assert!(Plan::compile(ctx(), &g).is_err());
+    // Fits u32 indices but not a dispatch: conv grids put the images on the z axis.
+    let mut g = Graph::new();
+    let x = g.input("x", &[70000, 1, 2, 2]);
+    let w = g.param("w", &[1, 1, 3, 3]);
+    conv::conv2d(&mut g, x, w, None, 1, 1, "wide conv");
+    let msg = format!("{:#}", g.check().unwrap_err());
+    assert!(msg.contains("wide conv") && msg.contains("70000 workgroups"), "{msg}");
 }

@@ -8,7 +8,7 @@
 mod common;
 
 use common::*;
-use sddpm_gpu::graph::Graph;
+use sddpm_gpu::graph::{DType, Graph};
 use sddpm_gpu::ops::{batchnorm, conv, elementwise, embedding, layout, matmul, neuron, readout, spike_attention};
 
 // ---- conv2d ---------------------------------------------------------------------------------
@@ -63,6 +63,41 @@ fn conv2d_1x1_shortcut() {
 #[test]
 fn conv2d_wide_channels_few_pixels() {
     check_conv2d(11, [4, 33, 2, 2], 35, 3, 1, true);
+}
+
+/// Random 0/1 values with about `rate` ones.
+fn spike_values(r: &mut rand::rngs::StdRng, n: usize, rate: f32) -> Vec<f32> {
+    uniform(r, n, 0.0, 1.0).into_iter().map(|u| (u < rate) as u32 as f32).collect()
+}
+
+#[test]
+fn conv2d_reads_packed_spikes() {
+    // Element counts that are not multiples of 32, stride 2 and 1x1 included.
+    for (seed, [n, cin, h, w], cout, k, stride) in [
+        (20u64, [2usize, 3, 7, 9], 5usize, 3usize, 1usize),
+        (21, [3, 5, 9, 11], 7, 3, 2),
+        (22, [4, 16, 8, 8], 9, 3, 1),
+        (23, [3, 7, 3, 13], 9, 1, 1),
+    ] {
+        let pad = k / 2;
+        let mut r = rng(seed);
+        let xv = spike_values(&mut r, n * cin * h * w, 0.3);
+        let wv = uniform(&mut r, cout * cin * k * k, -0.5, 0.5);
+        let bv = uniform(&mut r, cout, -0.5, 0.5);
+        let mut g = Graph::new();
+        let xs = g.input_as("spikes", &[n, cin, h, w], DType::Spike);
+        let xf = g.input("spikes as f32", &[n, cin, h, w]);
+        let wt = g.param("w", &[cout, cin, k, k]);
+        let b = g.param("b", &[cout]);
+        let ys = conv::conv2d(&mut g, xs, wt, Some(b), stride, pad, "conv over packed spikes");
+        let yf = conv::conv2d(&mut g, xf, wt, Some(b), stride, pad, "conv over f32 spikes");
+        let packed = sddpm_gpu::graph::pack_spikes(&xv);
+        let out = run_graph(g, &[(xs, packed), (xf, bits(&xv)), (wt, bits(&wv)), (b, bits(&bv))], &[ys, yf]);
+        let what = format!("conv over spikes {n}x{cin}x{h}x{w} -> {cout} k{k} s{stride}");
+        assert_eq!(bits(&out[0]), bits(&out[1]), "{what}: packed and f32 spikes must give the same bits");
+        let want = conv::conv2d_cpu(&xv, [n, cin, h, w], &wv, [cout, cin, k, k], Some(&bv), stride, pad);
+        assert_close(&what, &out[0], &want, 1e-5, 1e-5);
+    }
 }
 
 #[test]
@@ -195,7 +230,7 @@ fn gather_rows_time_embedding() {
     for idx in [vec![0u32, 999], vec![5, 5, 17], vec![998]] {
         let mut g = Graph::new();
         let tt = g.param("table", &[1000, 128]);
-        let ti = g.input("t", &[idx.len()]);
+        let ti = g.input_as("t", &[idx.len()], DType::U32);
         let out = embedding::gather_rows(&mut g, tt, ti, "temb");
         let got = run_graph(g, &[(tt, bits(&table)), (ti, idx.clone())], &[out]).remove(0);
         assert_eq!(got, embedding::gather_rows_cpu(&table, 128, &idx));
@@ -320,13 +355,44 @@ fn check_neuron(seed: u64, t: usize, n: usize, cfg: neuron::Neuron) {
     let mut g = Graph::new();
     let x = g.input("x", &[t, n]);
     let s_inf = neuron::neuron_forward(&mut g, x, t, cfg, "neuron");
-    let (s_tr, h_tr) = neuron::neuron_forward_train(&mut g, x, t, cfg, "neuron.train");
-    let out = run_graph(g, &[(x, bits(&xv))], &[s_inf, s_tr, h_tr]);
-    let (s_cpu, h_cpu) = neuron::neuron_cpu(&xv, t, cfg);
+    let (s_tr, kept) = neuron::neuron_forward_train(&mut g, x, t, cfg, "neuron.train");
+    assert_eq!((g.dtype(s_inf), g.dtype(s_tr), kept), (DType::Spike, DType::Spike, x));
+    for s in [s_inf, s_tr] {
+        g.mark_output(s);
+    }
+    let c = ctx();
+    let plan = sddpm_gpu::graph::Plan::compile(c, &g).unwrap();
+    plan.write(c, x, &xv).unwrap();
+    plan.run(c).unwrap();
+    let (s_cpu, _) = neuron::neuron_cpu(&xv, t, cfg);
     assert!(s_cpu.contains(&1.0) && s_cpu.contains(&0.0), "test input must both fire and not");
-    assert_eq!(out[0], s_cpu, "inference spikes T={t} N={n} {cfg:?}");
-    assert_eq!(out[1], s_cpu, "training spikes T={t} N={n} {cfg:?}");
-    assert_eq!(bits(&out[2]), bits(&h_cpu), "membrane h T={t} N={n} {cfg:?}");
+    // Words compared whole: bits past the last element must be 0 too.
+    let want = sddpm_gpu::graph::pack_spikes(&s_cpu);
+    assert_eq!(plan.read_u32(c, s_inf).unwrap(), want, "inference spike words T={t} N={n} {cfg:?}");
+    assert_eq!(plan.read_u32(c, s_tr).unwrap(), want, "training spike words T={t} N={n} {cfg:?}");
+    assert_eq!(plan.read(c, s_inf).unwrap(), s_cpu, "unpacked spikes T={t} N={n} {cfg:?}");
+}
+
+#[test]
+fn neuron_packs_spikes_at_odd_sizes() {
+    // N a multiple of 32 takes the per-neuron grid (544: a partial last workgroup; T past 32:
+    // more than one mask per neuron), any other N the per-word grid.
+    for t in (1..=8).chain([33, 40]) {
+        for n in [1, 31, 33, 64, 77, 96, 544] {
+            let mut r = rng(60 + t as u64);
+            let xv: Vec<f32> = normalish(&mut r, t * n, 1.2).iter().map(|v| v + 0.4).collect();
+            let mut g = Graph::new();
+            let x = g.input("x", &[t, n]);
+            let s = neuron::neuron_forward(&mut g, x, t, neuron::Neuron::default(), "neuron");
+            g.mark_output(s);
+            let c = ctx();
+            let plan = sddpm_gpu::graph::Plan::compile(c, &g).unwrap();
+            plan.write(c, x, &xv).unwrap();
+            plan.run(c).unwrap();
+            let want = sddpm_gpu::graph::pack_spikes(&neuron::neuron_cpu(&xv, t, neuron::Neuron::default()).0);
+            assert_eq!(plan.read_u32(c, s).unwrap(), want, "T={t} N={n}");
+        }
+    }
 }
 
 #[test]
@@ -430,6 +496,39 @@ fn upsample2x_nearest() {
 }
 
 #[test]
+fn upsample2x_packed_spikes() {
+    for (seed, shape) in [(73u64, [3usize, 5, 7, 9]), (74, [8, 16, 4, 4]), (75, [1, 1, 1, 1]), (76, [2, 3, 5, 3])] {
+        let mut r = rng(seed);
+        let xv = spike_values(&mut r, shape.iter().product(), 0.4);
+        let mut g = Graph::new();
+        let x = g.input_as("x", &shape, DType::Spike);
+        let y = layout::upsample2x(&mut g, x, "up");
+        assert_eq!(g.dtype(y), DType::Spike);
+        let mut g2 = g.clone();
+        g2.mark_output(y);
+        let c = ctx();
+        let plan = sddpm_gpu::graph::Plan::compile(c, &g2).unwrap();
+        plan.write(c, x, &sddpm_gpu::graph::pack_spikes(&xv)).unwrap();
+        plan.run(c).unwrap();
+        let want = layout::upsample2x_cpu(&xv, shape);
+        assert_eq!(plan.read_u32(c, y).unwrap(), sddpm_gpu::graph::pack_spikes(&want), "{shape:?}");
+    }
+}
+
+#[test]
+fn group_sum_counts_packed_spikes() {
+    for (seed, [n, c, s], groups) in [(77u64, [8usize, 5, 7], 1usize), (78, [8, 3, 33], 2), (79, [4, 16, 64], 1)] {
+        let mut r = rng(seed);
+        let xv = spike_values(&mut r, n * c * s, 0.3);
+        let mut g = Graph::new();
+        let x = g.input_as("spikes", &[n, c, s], DType::Spike);
+        let y = sddpm_gpu::ops::reduce::group_sum(&mut g, x, groups, "spike_count");
+        let got = run_graph(g, &[(x, sddpm_gpu::graph::pack_spikes(&xv))], &[y]).remove(0);
+        assert_eq!(got, sddpm_gpu::ops::reduce::group_sum_cpu(&xv, n, c, s, groups), "counts {n}x{c}x{s} / {groups}");
+    }
+}
+
+#[test]
 fn concat_channels_like_torch_cat() {
     for (seed, (n, ca, cb, s)) in [(73u64, (2usize, 3usize, 4usize, 35usize)), (74, (8, 16, 8, 16)), (75, (1, 1, 1, 1))]
     {
@@ -491,9 +590,10 @@ fn check_spike_attention(seed: u64, [rows, c, h, w]: [usize; 4], heads: usize) {
     let len = rows * c * h * w;
     let (qv, kv, vv) = (spikes(&mut r, len, 0.3), spikes(&mut r, len, 0.5), spikes(&mut r, len, 0.2));
     let mut g = Graph::new();
-    let [q, k, v] = ["q", "k", "v"].map(|n| g.input(n, &[rows, c, h, w]));
+    let [q, k, v] = ["q", "k", "v"].map(|n| g.input_as(n, &[rows, c, h, w], DType::Spike));
     let o = spike_attention::spike_attention(&mut g, q, k, v, heads, "attn");
-    let got = run_graph(g, &[(q, bits(&qv)), (k, bits(&kv)), (v, bits(&vv))], &[o]);
+    let packed = sddpm_gpu::graph::pack_spikes;
+    let got = run_graph(g, &[(q, packed(&qv)), (k, packed(&kv)), (v, packed(&vv))], &[o]);
     let want = spike_attention::spike_attention_cpu(&qv, &kv, &vv, dims);
     // Integer sums of 0/1 products times one rounded scale: bit-exact in any order.
     assert_eq!(bits(&got[0]), bits(&want), "spike attention {rows}x{c}x{h}x{w}, {heads} heads");

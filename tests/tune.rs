@@ -363,7 +363,7 @@ fn every_conv_grad_weight_variant_matches_cpu() {
             let wt = g.param("w", &[cout, cin, k, k]);
             let y = conv::conv2d(&mut g, x, wt, None, stride, pad, "conv");
             let seed_t = g.input("dy", &[n, cout, ho, wo]);
-            let dw = backward(&mut g, y, seed_t, &[wt])[&wt];
+            let dw = backward(&mut g, y, seed_t, &[wt], sddpm_gpu::ops::elementwise::add)[&wt];
             let nodes: Vec<usize> =
                 g.variants.keys().copied().filter(|&i| g.nodes[i].label == "conv.grad_weight").collect();
             assert_eq!(nodes.len(), 1);
@@ -403,7 +403,7 @@ fn every_conv_grad_input_variant_matches_cpu() {
             let wt = g.param("w", &[cout, cin, k, k]);
             let y = conv::conv2d(&mut g, x, wt, None, stride, pad, "conv");
             let seed_t = g.input("dy", &[n, cout, ho, wo]);
-            let dx = backward(&mut g, y, seed_t, &[x])[&x];
+            let dx = backward(&mut g, y, seed_t, &[x], sddpm_gpu::ops::elementwise::add)[&x];
             let nodes: Vec<usize> =
                 g.variants.keys().copied().filter(|&i| g.nodes[i].label == "conv.grad_input").collect();
             assert_eq!(nodes.len(), 1);
@@ -413,6 +413,49 @@ fn every_conv_grad_input_variant_matches_cpu() {
             let got = run_graph(g, &inputs, &[dx]).remove(0);
             let what = format!("conv grad_input {name} {n}x{cin}x{h}x{w} -> {cout} k{k} s{stride}");
             assert_close(&what, &got, &want, 1e-5, 1e-5);
+        }
+    }
+}
+
+/// The conv variants over bit-packed spike inputs (graph dtype Spike): forward output and weight
+/// gradient give the same bits as the same variant over f32 spikes and match the CPU references.
+#[test]
+fn every_conv_variant_reads_packed_spikes() {
+    use sddpm_gpu::graph::{backward, pack_spikes, DType};
+    for (seed, [n, cin, h, w], cout, k, stride) in [
+        (200u64, [2usize, 3, 7, 9], 5usize, 3usize, 1usize),
+        (201, [3, 5, 9, 11], 37, 3, 2),
+        (202, [3, 7, 3, 13], 9, 1, 1),
+    ] {
+        let pad = k / 2;
+        let (ho, wo) = (conv::conv_out(h, k, stride, pad), conv::conv_out(w, k, stride, pad));
+        let mut r = rng(seed);
+        let xv: Vec<f32> = uniform(&mut r, n * cin * h * w, 0.0, 1.0).iter().map(|&u| (u < 0.3) as u8 as f32).collect();
+        let wv = uniform(&mut r, cout * cin * k * k, -0.5, 0.5);
+        let dyv = normalish(&mut r, n * cout * ho * wo, 1.0);
+        let want_y = conv::conv2d_cpu(&xv, [n, cin, h, w], &wv, [cout, cin, k, k], None, stride, pad);
+        let want_dw = conv::conv2d_grad_weight_cpu(&dyv, &xv, [n, cin, h, w], [cout, k], stride, pad);
+        for v in 0..conv::forward_variants(1, 1, 1, 1).len() {
+            let mut outs = Vec::new();
+            for dtype in [DType::Spike, DType::F32] {
+                let mut g = Graph::new();
+                let x = g.input_as("x", &[n, cin, h, w], dtype);
+                let wt = g.param("w", &[cout, cin, k, k]);
+                let y = conv::conv2d(&mut g, x, wt, None, stride, pad, "conv");
+                let seed_t = g.input("dy", &[n, cout, ho, wo]);
+                let dw = backward(&mut g, y, seed_t, &[wt], sddpm_gpu::ops::elementwise::add)[&wt];
+                let tunable: Vec<usize> = g.variants.keys().copied().collect();
+                for i in tunable {
+                    g.choose(i, v);
+                }
+                let xin = if dtype == DType::Spike { pack_spikes(&xv) } else { bits(&xv) };
+                outs.push(run_graph(g, &[(x, xin), (wt, bits(&wv)), (seed_t, bits(&dyv))], &[y, dw]));
+            }
+            let what = format!("conv variant {v} over spikes {n}x{cin}x{h}x{w} -> {cout} k{k} s{stride}");
+            assert_eq!(bits(&outs[0][0]), bits(&outs[1][0]), "{what}: y, packed vs f32");
+            assert_eq!(bits(&outs[0][1]), bits(&outs[1][1]), "{what}: dw, packed vs f32");
+            assert_close(&format!("{what} y"), &outs[0][0], &want_y, 1e-5, 1e-5);
+            assert_close(&format!("{what} dw"), &outs[0][1], &want_dw, 1e-5, 1e-4);
         }
     }
 }

@@ -6,8 +6,8 @@ use anyhow::{bail, Result};
 
 use crate::checkpoint::Checkpoint;
 use crate::gpu::Context;
-use crate::graph::{Graph, Plan, TensorId};
-use crate::model::Net;
+use crate::graph::{DType, Graph, Plan, TensorId};
+use crate::model::{too_large, Net};
 use crate::ops::sampler::{self, NoiseKey, StepCoef, COEF_ROW};
 
 pub struct Sampler {
@@ -42,15 +42,16 @@ impl Sampler {
         }
         let mut g = Graph::new();
         let coef = g.param("sampler.coef", &[rows.len(), COEF_ROW]);
-        let step = g.input("sampler.step", &[1]);
+        let step = g.input_as("sampler.step", &[1], DType::U32);
         let x = g.input("x", &[batch, cfg.img_ch(), size, size]);
-        let t = g.input("t", &[batch]);
+        let t = g.input_as("t", &[batch], DType::U32);
         let key = NoiseKey { seed: 0, image_base: 0 };
         let begin_node = sampler::begin_step(&mut g, coef, step, x, t, key);
         let unet = cfg.build_eval(&mut g, x, t, v_th);
         let update_node = sampler::update(&mut g, coef, step, unet.eps, x, None, key);
         sampler::advance(&mut g, step);
         g.mark_output(x);
+        g.check().map_err(|e| too_large(e, &cfg, batch, size))?;
         let plan = crate::tune::compile(ctx, &g)?;
         unet.upload(ctx, &plan, ckpt)?;
         let table: Vec<f32> = rows.iter().flat_map(|r| r.row()).collect();

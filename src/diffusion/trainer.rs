@@ -9,10 +9,10 @@ use anyhow::{bail, Result};
 use super::Schedule;
 use crate::checkpoint::{self, Checkpoint, Data};
 use crate::gpu::Context;
-use crate::graph::{backward, Graph, Plan, TensorId};
-use crate::model::{EntryKind, Net};
+use crate::graph::{backward, DType, Graph, Plan, TensorId};
+use crate::model::{too_large, EntryKind, Net};
 use crate::ops::optim::{self, Adam};
-use crate::ops::{reduce, sampler};
+use crate::ops::{elementwise, reduce, sampler};
 
 #[derive(Debug, Clone)]
 pub struct TrainOptions {
@@ -85,6 +85,87 @@ pub struct Trainer {
     pub ema: BTreeMap<String, TensorId>,
 }
 
+/// The tensors of a built training-step graph.
+struct TrainGraph {
+    g: Graph,
+    x0: TensorId,
+    qcoef: TensorId,
+    t: TensorId,
+    noise: Option<TensorId>,
+    hyper: TensorId,
+    one: TensorId,
+    loss: TensorId,
+    sumsq: TensorId,
+    q_node: usize,
+    unet: crate::model::UNet,
+    moments: BTreeMap<String, (TensorId, TensorId)>,
+    grads: BTreeMap<String, TensorId>,
+    ema: BTreeMap<String, TensorId>,
+}
+
+/// The graph of one training step for batches of `batch` images of `size` px, without compiling
+/// it (memory plans and dry runs). Fails on sizes too large to build, naming the flags.
+pub fn train_graph(cfg: &Net, batch: usize, size: usize, opts: &TrainOptions) -> Result<Graph> {
+    Ok(build_step(cfg, batch, size, opts)?.g)
+}
+
+fn build_step(cfg: &Net, batch: usize, size: usize, opts: &TrainOptions) -> Result<TrainGraph> {
+    cfg.validate_run(size, batch)?;
+    let mut g = Graph::new();
+    let x0 = g.input("x0", &[batch, cfg.img_ch(), size, size]);
+    let qcoef = g.input("q_sample.coef", &[batch, 2]);
+    let t = g.input_as("t", &[batch], DType::U32);
+    let noise = opts.given_noise.then(|| g.input("noise", &[batch, cfg.img_ch(), size, size]));
+    let hyper = g.input("optim.hyper", &[4]);
+    let one = g.param("loss.seed", &[1]);
+    let (x_t, noise_used, q_node) = sampler::q_sample(&mut g, qcoef, x0, noise);
+    let unet = cfg.build_train(&mut g, x_t, t)?;
+    let loss = reduce::mse_loss(&mut g, unet.eps, noise_used, "loss");
+    // Sizes too large to index stop here, before the backward doubles the graph.
+    g.check().map_err(|e| too_large(e, cfg, batch, size))?;
+    let entries = cfg.state_entries();
+    let trainable: Vec<(&str, TensorId)> = entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Trainable)
+        .map(|e| (e.name.as_str(), unet.params[&e.name]))
+        .collect();
+    let wrt: Vec<TensorId> = trainable.iter().map(|&(_, id)| id).collect();
+    let grad_of = backward(&mut g, loss, one, &wrt, elementwise::add);
+    let sumsq = g.intermediate("grad_norm.sumsq", &[1]);
+    let mut grads = BTreeMap::new();
+    for (i, &(name, id)) in trainable.iter().enumerate() {
+        let grad = *grad_of.get(&id).unwrap_or_else(|| panic!("no gradient reaches {name}"));
+        reduce::sumsq_acc(&mut g, grad, sumsq, i == 0, &format!("grad_norm.{name}"));
+        grads.insert(name.to_string(), grad);
+    }
+    let mut moments = BTreeMap::new();
+    for &(name, id) in &trainable {
+        let shape = g.shape(id).to_vec();
+        let m = g.param(&format!("optim.{name}.exp_avg"), &shape);
+        let v = g.param(&format!("optim.{name}.exp_avg_sq"), &shape);
+        optim::adam_step(&mut g, &opts.adam, id, grads[name], m, v, sumsq, hyper, &format!("adam.{name}"));
+        moments.insert(name.to_string(), (m, v));
+    }
+    let mut ema = BTreeMap::new();
+    if let Some(decay) = opts.ema {
+        for &(name, id) in &trainable {
+            let shape = g.shape(id).to_vec();
+            let e = g.param(&format!("ema.{name}"), &shape);
+            optim::ema_update(&mut g, id, e, decay, &format!("ema.{name}"));
+            ema.insert(name.to_string(), e);
+        }
+    }
+    g.mark_output(loss);
+    g.mark_output(sumsq);
+    if opts.keep_grads {
+        for &grad in grads.values() {
+            g.mark_output(grad);
+        }
+    }
+    g.check().map_err(|e| too_large(e, cfg, batch, size))?;
+    Ok(TrainGraph { g, x0, qcoef, t, noise, hyper, one, loss, sumsq, q_node, unet, moments, grads, ema })
+}
+
 impl Trainer {
     /// Compile a training step for batches of `batch` images of `size` px, starting from
     /// `ckpt` (weights, and optimizer state if it has `optim.*`).
@@ -97,57 +178,10 @@ impl Trainer {
         opts: TrainOptions,
     ) -> Result<Trainer> {
         let cfg: Net = cfg.into();
-        cfg.validate_run(size, batch)?;
-        let mut g = Graph::new();
-        let x0 = g.input("x0", &[batch, cfg.img_ch(), size, size]);
-        let qcoef = g.input("q_sample.coef", &[batch, 2]);
-        let t = g.input("t", &[batch]);
-        let noise = opts.given_noise.then(|| g.input("noise", &[batch, cfg.img_ch(), size, size]));
-        let hyper = g.input("optim.hyper", &[4]);
-        let one = g.param("loss.seed", &[1]);
-        let x_numel = g.info(x0).numel();
-        let (x_t, noise_used, q_node) = sampler::q_sample(&mut g, qcoef, x0, noise);
-        let unet = cfg.build_train(&mut g, x_t, t)?;
-        let loss = reduce::mse_loss(&mut g, unet.eps, noise_used, "loss");
+        let TrainGraph { g, x0, qcoef, t, noise, hyper, one, loss, sumsq, q_node, unet, moments, grads, ema } =
+            build_step(&cfg, batch, size, &opts)?;
         let entries = cfg.state_entries();
-        let trainable: Vec<(&str, TensorId)> = entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::Trainable)
-            .map(|e| (e.name.as_str(), unet.params[&e.name]))
-            .collect();
-        let wrt: Vec<TensorId> = trainable.iter().map(|&(_, id)| id).collect();
-        let grad_of = backward(&mut g, loss, one, &wrt);
-        let sumsq = g.intermediate("grad_norm.sumsq", &[1]);
-        let mut grads = BTreeMap::new();
-        for (i, &(name, id)) in trainable.iter().enumerate() {
-            let grad = *grad_of.get(&id).unwrap_or_else(|| panic!("no gradient reaches {name}"));
-            reduce::sumsq_acc(&mut g, grad, sumsq, i == 0, &format!("grad_norm.{name}"));
-            grads.insert(name.to_string(), grad);
-        }
-        let mut moments = BTreeMap::new();
-        for &(name, id) in &trainable {
-            let shape = g.shape(id).to_vec();
-            let m = g.param(&format!("optim.{name}.exp_avg"), &shape);
-            let v = g.param(&format!("optim.{name}.exp_avg_sq"), &shape);
-            optim::adam_step(&mut g, &opts.adam, id, grads[name], m, v, sumsq, hyper, &format!("adam.{name}"));
-            moments.insert(name.to_string(), (m, v));
-        }
-        let mut ema = BTreeMap::new();
-        if let Some(decay) = opts.ema {
-            for &(name, id) in &trainable {
-                let shape = g.shape(id).to_vec();
-                let e = g.param(&format!("ema.{name}"), &shape);
-                optim::ema_update(&mut g, id, e, decay, &format!("ema.{name}"));
-                ema.insert(name.to_string(), e);
-            }
-        }
-        g.mark_output(loss);
-        g.mark_output(sumsq);
-        if opts.keep_grads {
-            for &grad in grads.values() {
-                g.mark_output(grad);
-            }
-        }
+        let x_numel = g.info(x0).numel();
         let plan = crate::tune::compile(ctx, &g)?;
         plan.write(ctx, one, &[1f32])?;
         unet.upload(ctx, &plan, ckpt)?;

@@ -3,8 +3,9 @@
 //! Differentiable ops record a [`TapeEntry`] when they add their forward nodes: which tensors
 //! they read and produced, and a rule that appends their backward nodes given the gradients of
 //! their outputs. [`backward`] walks the tape in reverse, calls each rule whose outputs received a
-//! gradient, and sums gradients reaching a tensor more than once with `add` nodes. The result is
-//! more nodes in the same static graph, planned and replayed like the forward.
+//! gradient, and sums gradients reaching a tensor more than once with the caller's `accumulate`
+//! (an op such as `ops::elementwise::add`: the graph knows no kernels). The result is more nodes
+//! in the same static graph, planned and replayed like the forward.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -29,10 +30,20 @@ impl std::fmt::Debug for TapeEntry {
     }
 }
 
+/// How two gradients of one tensor are summed: `accumulate(g, a, b, name)` appends nodes
+/// computing a + b (same shape) and returns the sum.
+pub type Accumulate = fn(&mut Graph, TensorId, TensorId, &str) -> TensorId;
+
 /// Append the backward pass of everything recorded so far. `seed` holds dLoss/dLoss (a [1]
 /// tensor, normally 1.0); returns the gradient tensor of every tensor in `wrt` that the loss
 /// depends on.
-pub fn backward(g: &mut Graph, loss: TensorId, seed: TensorId, wrt: &[TensorId]) -> BTreeMap<TensorId, TensorId> {
+pub fn backward(
+    g: &mut Graph,
+    loss: TensorId,
+    seed: TensorId,
+    wrt: &[TensorId],
+    accumulate: Accumulate,
+) -> BTreeMap<TensorId, TensorId> {
     let wrt_set: HashSet<TensorId> = wrt.iter().copied().collect();
     let mut requires: HashSet<TensorId> = wrt_set.clone();
     for e in &g.tape {
@@ -61,7 +72,7 @@ pub fn backward(g: &mut Graph, loss: TensorId, seed: TensorId, wrt: &[TensorId])
             }
             let total = match grads.get(&input) {
                 None => grad,
-                Some(&prev) => crate::ops::elementwise::add(g, prev, grad, &format!("{}.grad_sum", g.info(input).name)),
+                Some(&prev) => accumulate(g, prev, grad, &format!("{}.grad_sum", g.info(input).name)),
             };
             grads.insert(input, total);
         }

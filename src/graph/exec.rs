@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 
-use super::{plan_memory, Graph, MemoryPlan, Role, TensorId, TensorInfo};
+use super::{plan_memory, unpack_spikes, DType, Graph, MemoryPlan, Role, TensorId, TensorInfo};
 use crate::gpu::Context;
 
 const DISPATCHES_PER_SUBMIT: usize = 1024;
@@ -97,7 +97,8 @@ pub struct Plan {
 
 impl Plan {
     pub fn compile(ctx: &Context, g: &Graph) -> Result<Plan> {
-        let memory = plan_memory(g);
+        g.check()?;
+        let mut memory = plan_memory(g);
         let max_binding = ctx.max_binding_bytes();
         for t in &g.tensors {
             if t.bytes() > max_binding {
@@ -120,15 +121,18 @@ impl Plan {
             .map(|(i, &bytes)| ctx.create_buffer(&format!("slot{i}"), bytes, usage))
             .collect::<Result<Vec<_>>>()?;
 
-        let offsets = param_offsets(g.nodes.len(), ctx.limits.min_uniform_buffer_offset_alignment as u64);
+        let align = ctx.limits.min_uniform_buffer_offset_alignment as u64;
+        let offsets = param_offsets(g.nodes.len(), align);
         let mut words: Vec<u32> = vec![0; offsets.last().map_or(0, |&o| (o + PARAMS_WINDOW) as usize / 4)];
         for (node, &start) in g.nodes.iter().zip(&offsets) {
             let at = start as usize / 4;
             words[at..at + node.params.len()].copy_from_slice(&node.params);
         }
+        memory.params_bytes = offsets.last().map_or(0, |o| o + PARAMS_WINDOW).max(PARAMS_WINDOW);
+        debug_assert_eq!(memory.params_bytes, super::planner::params_buffer_bytes(&g.nodes, align));
         let params = ctx.create_buffer(
             "node params",
-            offsets.last().map_or(0, |o| o + PARAMS_WINDOW).max(PARAMS_WINDOW),
+            memory.params_bytes,
             wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
         )?;
         if !words.is_empty() {
@@ -211,7 +215,8 @@ impl Plan {
         &self.memory
     }
 
-    /// Upload the data of an input or param tensor (f32 or raw 32-bit words).
+    /// Upload the data of an input or param tensor: its storage words (f32 values, u32 values, or
+    /// packed spikes as [`super::pack_spikes`] makes them).
     pub fn write<T: bytemuck::Pod>(&self, ctx: &Context, t: TensorId, data: &[T]) -> Result<()> {
         let info = &self.tensors[t.0];
         if info.role == Role::Intermediate {
@@ -219,7 +224,14 @@ impl Plan {
         }
         let bytes: &[u8] = bytemuck::cast_slice(data);
         if bytes.len() as u64 != info.bytes() {
-            bail!("tensor '{}' {:?} holds {} values, got {}", info.name, info.shape, info.numel(), bytes.len() / 4);
+            bail!(
+                "tensor '{}' {:?} ({}) holds {} words, got {}",
+                info.name,
+                info.shape,
+                info.dtype.name(),
+                info.bytes() / 4,
+                bytes.len() / 4
+            );
         }
         ctx.queue.write_buffer(&self.buffers[self.memory.slot_of(t)], 0, bytes);
         Ok(())
@@ -387,7 +399,7 @@ impl Plan {
         Ok(NodeTimes { ns, start_ns, timing: Timing::GpuTimestamps })
     }
 
-    /// Read a tensor back as raw 32-bit words (waits for the GPU).
+    /// Read a tensor back as its raw storage words (waits for the GPU).
     pub fn read_u32(&self, ctx: &Context, t: TensorId) -> Result<Vec<u32>> {
         let info = &self.tensors[t.0];
         if info.role == Role::Intermediate && !info.output {
@@ -400,9 +412,15 @@ impl Plan {
         }
     }
 
-    /// Read a tensor back as f32 (waits for the GPU).
+    /// Read a tensor back as f32 values (waits for the GPU): spikes unpacked to 0.0 / 1.0, other
+    /// dtypes' words reinterpreted.
     pub fn read(&self, ctx: &Context, t: TensorId) -> Result<Vec<f32>> {
-        Ok(self.read_u32(ctx, t)?.into_iter().map(f32::from_bits).collect())
+        let words = self.read_u32(ctx, t)?;
+        let info = &self.tensors[t.0];
+        Ok(match info.dtype {
+            DType::Spike => unpack_spikes(&words, info.numel()),
+            DType::F32 | DType::U32 => words.into_iter().map(f32::from_bits).collect(),
+        })
     }
 }
 

@@ -2,16 +2,29 @@
 //!
 //! Ops (src/ops/) append nodes; [`Plan::compile`] assigns every tensor a GPU buffer (intermediates
 //! share buffers by liveness), creates pipelines and bind groups once, and [`Plan::run`] replays the
-//! dispatches as often as needed with new input data. Every element is 32 bits (f32, or u32 for
-//! indices); shaders decide how to read them.
+//! dispatches as often as needed with new input data.
+//!
+//! Element types: every tensor has a [`DType`] (F32 unless built with [`Graph::input_as`],
+//! [`Graph::param_as`] or [`Graph::intermediate_as`]); its bytes, buffer sizes, uploads and
+//! readbacks follow it. Like candle's quantized formats, a type is a block of elements stored in
+//! a whole number of bytes: `Spike` packs 32 spikes (0 or 1) into one u32 word, element `i` of
+//! the flat tensor at bit `i % 32` of word `i / 32`. A kernel declares what each binding holds:
+//! [`Graph::push`] means "all F32", [`Graph::push_typed`] lists the dtype of every read and write.
+//! A tensor of another dtype is a graph-building error naming the node and the tensor.
+//!
+//! Graph building does not panic on sizes that come from the user: a tensor too large for 32-bit
+//! kernel indices, a dispatch wider than 65535 workgroups or a dtype mismatch is recorded, building goes on, and [`Graph::check`] (also
+//! run by [`Plan::compile`]) returns the first such error. Callers add which flag to change.
 
 mod autodiff;
 mod exec;
 mod planner;
 
-pub use autodiff::{backward, BackwardFn, TapeEntry};
+pub use autodiff::{backward, Accumulate, BackwardFn, TapeEntry};
 pub use exec::{NodeInfo, NodeTimes, Plan, RunStats, Timing};
 pub use planner::{plan_memory, MemoryPlan};
+
+use anyhow::{bail, Result};
 
 use crate::gpu::Shader;
 
@@ -33,11 +46,68 @@ pub enum Role {
     Intermediate,
 }
 
+/// Element type of a tensor's storage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum DType {
+    #[default]
+    F32,
+    /// Indices and counters (timesteps, the sampler's step).
+    U32,
+    /// Spikes (0 or 1), bit-packed 32 per u32 word: element i at bit i % 32 of word i / 32.
+    Spike,
+}
+
+impl DType {
+    /// Elements per storage block.
+    pub fn block_size(self) -> usize {
+        match self {
+            DType::F32 | DType::U32 => 1,
+            DType::Spike => 32,
+        }
+    }
+
+    /// Bytes of one block.
+    pub fn block_bytes(self) -> u64 {
+        4
+    }
+
+    /// Storage bytes of `numel` elements: whole blocks, rounded up to the 4-byte multiple a
+    /// storage binding needs.
+    pub fn bytes(self, numel: usize) -> u64 {
+        (numel.div_ceil(self.block_size()) as u64 * self.block_bytes()).div_ceil(4) * 4
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::U32 => "u32",
+            DType::Spike => "spike (1 bit)",
+        }
+    }
+}
+
+/// Packs 0/1 values into [`DType::Spike`] words (any nonzero value is a spike).
+pub fn pack_spikes(values: &[f32]) -> Vec<u32> {
+    let mut words = vec![0u32; values.len().div_ceil(32)];
+    for (i, &v) in values.iter().enumerate() {
+        if v != 0.0 {
+            words[i / 32] |= 1 << (i % 32);
+        }
+    }
+    words
+}
+
+/// The `numel` 0.0/1.0 values of [`DType::Spike`] words.
+pub fn unpack_spikes(words: &[u32], numel: usize) -> Vec<f32> {
+    (0..numel).map(|i| ((words[i / 32] >> (i % 32)) & 1) as f32).collect()
+}
+
 #[derive(Debug, Clone)]
 pub struct TensorInfo {
     pub name: String,
     pub shape: Vec<usize>,
     pub role: Role,
+    pub dtype: DType,
     /// Read back by the host after a run: kept alive to the end and given a staging buffer.
     pub output: bool,
 }
@@ -47,9 +117,15 @@ impl TensorInfo {
         self.shape.iter().product()
     }
     pub fn bytes(&self) -> u64 {
-        4 * self.numel() as u64
+        self.dtype.bytes(self.numel())
     }
 }
+
+/// Most elements a tensor may have: kernels index with u32.
+pub const MAX_ELEMENTS: usize = u32::MAX as usize;
+
+/// Most workgroups of one dispatch along one axis (WebGPU's guaranteed limit).
+pub const MAX_WORKGROUPS: u32 = 65535;
 
 /// Work a node does, for benchmarks and the profiler.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -109,6 +185,8 @@ pub struct Graph {
     pub tape: Vec<TapeEntry>,
     /// Nodes with several candidate kernels, by node index (see crate::tune).
     pub variants: std::collections::BTreeMap<usize, Tunable>,
+    /// The first building error (see the module comment); [`Graph::check`] returns it.
+    error: Option<String>,
 }
 
 impl Graph {
@@ -116,23 +194,76 @@ impl Graph {
         Self::default()
     }
 
-    fn add(&mut self, name: String, shape: &[usize], role: Role) -> TensorId {
+    fn fail(&mut self, msg: String) {
+        self.error.get_or_insert(msg);
+    }
+
+    /// The first error recorded while building (tensor too large, dtype mismatch), if any.
+    pub fn check(&self) -> Result<()> {
+        match &self.error {
+            Some(e) => bail!("{e}"),
+            None => Ok(()),
+        }
+    }
+
+    fn add(&mut self, name: String, shape: &[usize], role: Role, dtype: DType) -> TensorId {
         assert!(shape.iter().all(|&d| d > 0), "tensor '{name}' has an empty dimension: {shape:?}");
-        self.tensors.push(TensorInfo { name, shape: shape.to_vec(), role, output: false });
+        let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if numel.is_none_or(|n| n > MAX_ELEMENTS) {
+            let n = shape.iter().map(|&d| d as u128).product::<u128>();
+            self.fail(format!(
+                "tensor '{name}' {shape:?} has {n} elements, more than the {MAX_ELEMENTS} a kernel can index"
+            ));
+        }
+        self.tensors.push(TensorInfo { name, shape: shape.to_vec(), role, dtype, output: false });
         TensorId(self.tensors.len() - 1)
     }
 
     pub fn input(&mut self, name: &str, shape: &[usize]) -> TensorId {
-        self.add(name.to_string(), shape, Role::Input)
+        self.add(name.to_string(), shape, Role::Input, DType::F32)
+    }
+
+    pub fn input_as(&mut self, name: &str, shape: &[usize], dtype: DType) -> TensorId {
+        self.add(name.to_string(), shape, Role::Input, dtype)
     }
 
     pub fn param(&mut self, name: &str, shape: &[usize]) -> TensorId {
-        self.add(name.to_string(), shape, Role::Param)
+        self.add(name.to_string(), shape, Role::Param, DType::F32)
+    }
+
+    pub fn param_as(&mut self, name: &str, shape: &[usize], dtype: DType) -> TensorId {
+        self.add(name.to_string(), shape, Role::Param, dtype)
     }
 
     /// A fresh intermediate; `name` says which op made it (for error messages and reports).
     pub fn intermediate(&mut self, name: &str, shape: &[usize]) -> TensorId {
-        self.add(name.to_string(), shape, Role::Intermediate)
+        self.add(name.to_string(), shape, Role::Intermediate, DType::F32)
+    }
+
+    pub fn intermediate_as(&mut self, name: &str, shape: &[usize], dtype: DType) -> TensorId {
+        self.add(name.to_string(), shape, Role::Intermediate, dtype)
+    }
+
+    pub fn dtype(&self, t: TensorId) -> DType {
+        self.tensors[t.0].dtype
+    }
+
+    /// Give `t` a new shape with the same number of elements (a view: no data moves).
+    pub fn reshape(&mut self, t: TensorId, shape: &[usize]) {
+        let info = &self.tensors[t.0];
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            info.numel(),
+            "cannot reshape '{}' {:?} to {shape:?}",
+            info.name,
+            info.shape
+        );
+        self.tensors[t.0].shape = shape.to_vec();
+    }
+
+    /// Storage bytes of `t` (for node costs).
+    pub fn bytes_of(&self, t: TensorId) -> u64 {
+        self.tensors[t.0].bytes()
     }
 
     /// Mark a tensor as read back by the host after each run.
@@ -148,7 +279,50 @@ impl Graph {
         &self.tensors[t.0].shape
     }
 
+    /// Append a kernel whose bindings are all F32.
     pub fn push(&mut self, node: Node) {
+        let (r, w) = (vec![DType::F32; node.reads.len()], vec![DType::F32; node.writes.len()]);
+        self.push_typed(node, &r, &w);
+    }
+
+    /// Append a kernel that reads bindings of dtypes `reads` and writes `writes` (in binding
+    /// order). A tensor of another dtype is recorded as an error naming the node and tensor.
+    pub fn push_typed(&mut self, node: Node, reads: &[DType], writes: &[DType]) {
+        assert!(
+            reads.len() == node.reads.len() && writes.len() == node.writes.len(),
+            "node '{}' ({}::{}) declares {} reads and {} writes but binds {} and {}",
+            node.label,
+            node.shader.name,
+            node.entry,
+            reads.len(),
+            writes.len(),
+            node.reads.len(),
+            node.writes.len()
+        );
+        if let Some(&big) = node.workgroups.iter().find(|&&w| w > MAX_WORKGROUPS) {
+            let msg = format!(
+                "node '{}' ({}::{}) needs {big} workgroups along one axis, more than the {MAX_WORKGROUPS} an adapter must allow",
+                node.label, node.shader.name, node.entry
+            );
+            self.fail(msg);
+        }
+        let bound = node.reads.iter().zip(reads).chain(node.writes.iter().zip(writes));
+        for (&t, &want) in bound {
+            let info = &self.tensors[t.0];
+            if info.dtype != want {
+                let msg = format!(
+                    "node '{}' ({}::{}) expects {} but tensor '{}' {:?} is {}",
+                    node.label,
+                    node.shader.name,
+                    node.entry,
+                    want.name(),
+                    info.name,
+                    info.shape,
+                    info.dtype.name()
+                );
+                self.fail(msg);
+            }
+        }
         assert!(
             node.params.len() <= MAX_PARAM_WORDS,
             "node '{}' has {} parameter words; at most {MAX_PARAM_WORDS} fit the uniform window",
@@ -170,11 +344,18 @@ impl Graph {
 impl Graph {
     /// Push a node whose kernel is one of `candidates` (index 0, the default, until chosen
     /// otherwise); `node.entry` and `node.workgroups` are taken from the chosen candidate.
-    pub fn push_variants(&mut self, mut node: Node, candidates: Vec<Variant>) {
+    pub fn push_variants(&mut self, node: Node, candidates: Vec<Variant>) {
+        let (r, w) = (vec![DType::F32; node.reads.len()], vec![DType::F32; node.writes.len()]);
+        self.push_variants_typed(node, &r, &w, candidates);
+    }
+
+    /// [`Graph::push_variants`] for a node whose bindings have the dtypes `reads` and `writes`
+    /// (see [`Graph::push_typed`]); every candidate reads and writes the same dtypes.
+    pub fn push_variants_typed(&mut self, mut node: Node, reads: &[DType], writes: &[DType], candidates: Vec<Variant>) {
         assert!(!candidates.is_empty(), "node '{}' offers no kernel variant", node.label);
         node.entry = candidates[0].entry;
         node.workgroups = candidates[0].workgroups;
-        self.push(node);
+        self.push_typed(node, reads, writes);
         self.variants.insert(self.nodes.len() - 1, Tunable { candidates, chosen: 0 });
     }
 
@@ -230,8 +411,10 @@ impl Params {
     pub fn new() -> Self {
         Self::default()
     }
+    /// A size or count. Sizes past u32 saturate: graph building has then already recorded a
+    /// tensor too large to index (see [`Graph::check`]), so the node never runs.
     pub fn u(mut self, v: usize) -> Self {
-        self.0.push(u32::try_from(v).expect("kernel parameter exceeds u32"));
+        self.0.push(u32::try_from(v).unwrap_or(u32::MAX));
         self
     }
     pub fn f(mut self, v: f32) -> Self {

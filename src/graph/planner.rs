@@ -1,9 +1,8 @@
 //! Liveness-based buffer planning: intermediates whose lifetimes do not overlap share a buffer.
 //!
-//! A tensor is live from the first node that touches it to the last (outputs to the end). Nodes
-//! are walked in order; at each node the tensors it starts are given a free slot (best fit,
-//! otherwise the largest free slot grown to fit, otherwise a new slot) *before* the tensors it
-//! ends are released, so a node never reads and writes the same buffer.
+//! A tensor is live from the first node that touches it to the last (outputs to the end); two
+//! tensors share a slot only if their lifetimes do not meet, so a node never reads and writes
+//! the same buffer. Slots are assigned greedily by size (see [`plan_memory`]).
 
 use super::{Graph, Role, TensorId};
 
@@ -19,14 +18,21 @@ pub struct MemoryPlan {
     pub planned_intermediate_bytes: u64,
     /// Bytes of inputs and params (always dedicated).
     pub fixed_bytes: u64,
+    /// Bytes of the staging buffers that read outputs back.
+    pub staging_bytes: u64,
+    /// Bytes of the uniform buffer holding every node's parameters (at the 256-byte offset
+    /// alignment WebGPU allows at most; [`super::Plan::compile`] puts the adapter's figure here).
+    pub params_bytes: u64,
 }
 
 impl MemoryPlan {
     pub fn slot_of(&self, t: TensorId) -> usize {
         self.slot[t.0].expect("tensor has no buffer: it is not used by any node")
     }
+    /// Everything the plan allocates on the GPU: intermediates, inputs, parameters and state,
+    /// staging, node parameters.
     pub fn total_bytes(&self) -> u64 {
-        self.slot_bytes.iter().sum()
+        self.slot_bytes.iter().sum::<u64>() + self.staging_bytes + self.params_bytes
     }
 }
 
@@ -58,44 +64,47 @@ pub fn plan_memory(g: &Graph) -> MemoryPlan {
     }
     let fixed_slots = slot_bytes.len();
 
-    let mut free: Vec<usize> = Vec::new();
-    for (i, node) in g.nodes.iter().enumerate() {
-        let mut starting: Vec<TensorId> = Vec::new();
-        for &t in node.writes.iter().chain(&node.reads) {
-            if g.tensors[t.0].role == Role::Intermediate && first[t.0] == i && !starting.contains(&t) {
-                starting.push(t);
-            }
-        }
-        for t in starting {
-            let need = g.tensors[t.0].bytes();
-            let best_fit = free
-                .iter()
-                .enumerate()
-                .filter(|(_, &s)| slot_bytes[s] >= need)
-                .min_by_key(|(_, &s)| slot_bytes[s])
-                .map(|(k, _)| k);
-            let pick = best_fit.or_else(|| free.iter().enumerate().max_by_key(|(_, &s)| slot_bytes[s]).map(|(k, _)| k));
-            let s = match pick {
-                Some(k) => free.swap_remove(k),
-                None => {
-                    slot_bytes.push(0);
-                    slot_bytes.len() - 1
-                }
-            };
-            slot_bytes[s] = slot_bytes[s].max(need);
-            slot[t.0] = Some(s);
-        }
-        let mut ending: Vec<usize> = Vec::new();
-        for t in node.reads.iter().chain(&node.writes) {
-            if g.tensors[t.0].role == Role::Intermediate && last[t.0] == i {
-                let s = slot[t.0].unwrap();
-                if !ending.contains(&s) {
-                    ending.push(s);
-                }
-            }
-        }
-        free.extend(ending);
+    // Greedy by size (Pisarchyk & Lee, "Efficient memory management for deep neural net
+    // inference", 2020, shared objects): largest tensors first, each into the smallest slot
+    // whose tensors' lifetimes it does not touch, else a new slot of its size. Slots never grow,
+    // so a long-lived small tensor cannot pin a large buffer it was grown into.
+    let mut order: Vec<usize> =
+        (0..n).filter(|&i| g.tensors[i].role == Role::Intermediate && first[i] != usize::MAX).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(g.tensors[i].bytes()), first[i], i));
+    let mut lifetimes: Vec<Vec<(usize, usize)>> = Vec::new();
+    for i in order {
+        let need = g.tensors[i].bytes();
+        let (lo, hi) = (first[i], last[i]);
+        let fits = |k: usize| lifetimes[k].iter().all(|&(a, b)| b < lo || hi < a);
+        let pick = (0..lifetimes.len())
+            .filter(|&k| slot_bytes[fixed_slots + k] >= need && fits(k))
+            .min_by_key(|&k| (slot_bytes[fixed_slots + k], k));
+        let k = pick.unwrap_or_else(|| {
+            slot_bytes.push(need);
+            lifetimes.push(Vec::new());
+            lifetimes.len() - 1
+        });
+        lifetimes[k].push((lo, hi));
+        slot[i] = Some(fixed_slots + k);
     }
     let planned = slot_bytes[fixed_slots..].iter().sum();
-    MemoryPlan { slot, slot_bytes, naive_intermediate_bytes: naive, planned_intermediate_bytes: planned, fixed_bytes }
+    let staging_bytes = g.tensors.iter().filter(|t| t.output).map(|t| t.bytes()).sum();
+    MemoryPlan {
+        slot,
+        slot_bytes,
+        naive_intermediate_bytes: naive,
+        planned_intermediate_bytes: planned,
+        fixed_bytes,
+        staging_bytes,
+        params_bytes: params_buffer_bytes(&g.nodes, 256),
+    }
+}
+
+/// Size of the uniform buffer that holds `nodes`' parameters, each bound as a window of
+/// [`super::MAX_PARAM_WORDS`] words at offsets stepping by the larger of the window and `align`
+/// (windows never overlap; see exec.rs `param_offsets`).
+pub fn params_buffer_bytes(nodes: &[super::Node], align: u64) -> u64 {
+    let window = 4 * super::MAX_PARAM_WORDS as u64;
+    let stride = window.div_ceil(align) * align;
+    nodes.len().saturating_sub(1) as u64 * stride + window
 }

@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 use super::{Net, UNet};
 use crate::checkpoint::Checkpoint;
 use crate::gpu::Context;
-use crate::graph::{Graph, Plan, TensorId};
+use crate::graph::{DType, Graph, Plan, TensorId};
 
 pub struct EvalNet {
     pub cfg: Net,
@@ -62,7 +62,19 @@ pub fn eval_graph(
     cfg.validate_run(size, batch)?;
     let mut g = Graph::new();
     let x = g.input("x", &[batch, cfg.img_ch(), size, size]);
-    let t = g.input("t", &[batch]);
+    let t = g.input_as("t", &[batch], DType::U32);
     let unet = cfg.build_eval(&mut g, x, t, v_th);
+    g.check().map_err(|e| too_large(e, &cfg, batch, size))?;
     Ok((g, x, t, unet))
+}
+
+/// A graph-building error of a net too large for `batch` images of `size` px, with the flags
+/// that shrink it.
+pub fn too_large(e: anyhow::Error, cfg: &Net, batch: usize, size: usize) -> anyhow::Error {
+    e.context(match cfg.snn_steps() {
+        Some(t) => format!(
+            "batch {batch} of {size}x{size} images at T = {t} is too large to build; lower --batch (or --size, --snn-steps)"
+        ),
+        None => format!("batch {batch} of {size}x{size} images is too large to build; lower --batch (or --size)"),
+    })
 }

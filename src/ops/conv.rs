@@ -1,8 +1,9 @@
 //! 2-D convolution (3x3 stride 1/2, 1x1, any channel counts) and the output layer's (3,3,1) 3-D
-//! convolution, which has kernel depth 1 along time and is therefore a per-step 3x3 conv.
+//! convolution, which has kernel depth 1 along time and is therefore a per-step 3x3 conv. The
+//! input may be f32 or bit-packed spikes; the output and all gradients are f32.
 
 use crate::gpu::Shader;
-use crate::graph::{grid_1d, Cost, Graph, Node, Params, TensorId, Variant};
+use crate::graph::{grid_1d, Cost, DType, Graph, Node, Params, TensorId, Variant};
 use crate::shader;
 
 pub static SHADER: Shader = shader!("conv");
@@ -85,7 +86,7 @@ pub fn conv_out(size: usize, k: usize, stride: usize, pad: usize) -> usize {
     (size + 2 * pad - k) / stride + 1
 }
 
-/// y = conv2d(x, w) + b, x: [N, Cin, H, W], w: [Cout, Cin, K, K], b: [Cout].
+/// y = conv2d(x, w) + b, x: [N, Cin, H, W] (f32 or spikes), w: [Cout, Cin, K, K], b: [Cout].
 pub fn conv2d(
     g: &mut Graph,
     x: TensorId,
@@ -129,6 +130,11 @@ fn conv_node(
         assert_eq!(g.shape(b), [cout], "{name}: bias must be [{cout}]");
     }
     let (n, h, wd) = (xs[0], xs[2], xs[3]);
+    let xd = g.dtype(x);
+    assert!(matches!(xd, DType::F32 | DType::Spike), "{name}: conv input must be f32 or spikes, got {}", xd.name());
+    // Spike loads cut 4 taps out of one 32-bit window (shaders/conv.wgsl load_x4).
+    assert!(xd != DType::Spike || stride <= 10, "{name}: a conv over packed spikes takes strides up to 10");
+    let x_bytes = g.bytes_of(x);
     let (ho, wo) = (conv_out(h, k, stride, pad), conv_out(wd, k, stride, pad));
     let y = g.intermediate(name, &[n, cout, ho, wo]);
     let wo_groups = wo.div_ceil(4);
@@ -145,11 +151,13 @@ fn conv_node(
         .u(pad)
         .u(b.is_some() as usize)
         .u(wo_groups)
+        .u((xd == DType::Spike) as usize)
         .build();
     let macs = (n * cout * ho * wo * cin * k * k) as u64;
     let bwd_params = params.clone();
+    let bytes = x_bytes + 4 * (cout * cin * k * k + n * cout * ho * wo) as u64;
     let candidates = forward_variants(n, cout, ho, wo);
-    g.push_variants(
+    g.push_variants_typed(
         Node {
             shader: &SHADER,
             entry: candidates[0].entry,
@@ -159,11 +167,10 @@ fn conv_node(
             writes: vec![y],
             workgroups: candidates[0].workgroups,
             label: name.to_string(),
-            cost: Cost {
-                flops: 2 * macs,
-                bytes: 4 * (n * cin * h * wd + cout * cin * k * k + n * cout * ho * wo) as u64,
-            },
+            cost: Cost { flops: 2 * macs, bytes },
         },
+        &[xd, DType::F32, DType::F32],
+        &[DType::F32],
         candidates,
     );
     let label = name.to_string();
@@ -173,6 +180,7 @@ fn conv_node(
         let Some(dy) = go[0] else { return vec![None; needs.len()] };
         let cost =
             Cost { flops: 2 * macs, bytes: 4 * (n * cin * h * wd + cout * cin * k * k + n * cout * ho * wo) as u64 };
+        let grad_w_cost = Cost { flops: 2 * macs, bytes };
         let dx = needs[0].then(|| {
             let dx = g.intermediate(&format!("{label}.grad_input"), &[n, cin, h, wd]);
             let candidates = grad_input_variants(n, cin, h, wd);
@@ -196,7 +204,7 @@ fn conv_node(
             let parts = (n * ho * wo).div_ceil(GRAD_W_CHUNK);
             let partial = g.intermediate(&format!("{label}.grad_weight_parts"), &[parts, cout * cin * k * k]);
             let candidates = grad_weight_variants(cout, cin, k, parts);
-            g.push_variants(
+            g.push_variants_typed(
                 Node {
                     shader: &SHADER,
                     entry: candidates[0].entry,
@@ -205,8 +213,10 @@ fn conv_node(
                     writes: vec![partial],
                     workgroups: candidates[0].workgroups,
                     label: format!("{label}.grad_weight"),
-                    cost,
+                    cost: grad_w_cost,
                 },
+                &[DType::F32, xd],
+                &[DType::F32],
                 candidates,
             );
             let shape = g.shape(w).to_vec();

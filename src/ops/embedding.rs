@@ -2,7 +2,7 @@
 //! the per-sample row gather (GPU).
 
 use crate::gpu::Shader;
-use crate::graph::{Graph, Node, Params, TensorId};
+use crate::graph::{DType, Graph, Node, Params, TensorId};
 use crate::ops::pointwise_cost;
 use crate::shader;
 
@@ -32,16 +32,20 @@ pub fn gather_rows(g: &mut Graph, table: TensorId, idx: TensorId, name: &str) ->
     assert_eq!(ts.len(), 2, "{name}: table must be [rows, d]");
     let count = g.info(idx).numel();
     let out = g.intermediate(name, &[count, ts[1]]);
-    g.push(Node {
-        shader: &SHADER,
-        entry: "gather_rows",
-        params: Params::new().u(ts[0]).u(ts[1]).u(count).build(),
-        reads: vec![table, idx],
-        writes: vec![out],
-        workgroups: crate::graph::grid_1d(count * ts[1], 256),
-        label: name.to_string(),
-        cost: pointwise_cost(count * ts[1], count * ts[1] + count, 0),
-    });
+    g.push_typed(
+        Node {
+            shader: &SHADER,
+            entry: "gather_rows",
+            params: Params::new().u(ts[0]).u(ts[1]).u(count).build(),
+            reads: vec![table, idx],
+            writes: vec![out],
+            workgroups: crate::graph::grid_1d(count * ts[1], 256),
+            label: name.to_string(),
+            cost: pointwise_cost(count * ts[1], count * ts[1] + count, 0),
+        },
+        &[DType::F32, DType::U32],
+        &[DType::F32],
+    );
     out
 }
 

@@ -1,29 +1,40 @@
 //! Data movement between U-Net stages: nearest 2x upsampling and channel concatenation.
 
 use crate::gpu::Shader;
-use crate::graph::{grid_1d, Graph, Node, Params, TensorId};
+use crate::graph::{grid_1d, Cost, DType, Graph, Node, Params, TensorId};
 use crate::ops::pointwise_cost;
 use crate::shader;
 
 pub static SHADER: Shader = shader!("layout");
 
-/// Nearest-neighbour x2 upsampling of [N, C, H, W] -> [N, C, 2H, 2W].
+/// Nearest-neighbour x2 upsampling of [N, C, H, W] -> [N, C, 2H, 2W], of f32 values or of
+/// bit-packed spikes (the output has the input's dtype; the gradient is f32 either way).
 pub fn upsample2x(g: &mut Graph, x: TensorId, name: &str) -> TensorId {
     let s = g.shape(x).to_vec();
     assert_eq!(s.len(), 4, "{name}: upsample needs [N, C, H, W]");
-    let y = g.intermediate(name, &[s[0], s[1], 2 * s[2], 2 * s[3]]);
+    let dt = g.dtype(x);
+    let y = g.intermediate_as(name, &[s[0], s[1], 2 * s[2], 2 * s[3]], dt);
     let numel = 4 * g.info(x).numel();
-    g.push(Node {
-        shader: &SHADER,
-        entry: "upsample2x",
-        // The shader's Params struct is 8 words (shared with concat_channels).
-        params: Params::new().u(numel).u(s[1]).u(s[2]).u(s[3]).u(0).u(0).u(0).u(0).build(),
-        reads: vec![x],
-        writes: vec![y],
-        workgroups: grid_1d(numel, 256),
-        label: name.to_string(),
-        cost: pointwise_cost(numel, numel / 4, 0),
-    });
+    let (entry, invocations) = match dt {
+        DType::Spike => ("upsample2x_spikes", numel.div_ceil(32)),
+        _ => ("upsample2x", numel),
+    };
+    let cost = Cost { flops: 0, bytes: g.bytes_of(x) + g.bytes_of(y) };
+    g.push_typed(
+        Node {
+            shader: &SHADER,
+            entry,
+            // The shader's Params struct is 8 words (shared with concat_channels).
+            params: Params::new().u(numel).u(s[1]).u(s[2]).u(s[3]).u(0).u(0).u(0).u(0).build(),
+            reads: vec![x],
+            writes: vec![y],
+            workgroups: grid_1d(invocations, 256),
+            label: name.to_string(),
+            cost,
+        },
+        &[dt],
+        &[dt],
+    );
     let label = name.to_string();
     g.record(name, vec![x], vec![y], move |g, go, _| {
         let Some(dy) = go[0] else { return vec![None] };

@@ -123,7 +123,7 @@ pub fn linear(g: &mut Graph, x: TensorId, w: TensorId, b: Option<TensorId>, name
         // dx [rows, in] = dy [rows, out] . W [out, in]
         let dx = needs[0].then(|| {
             let dx = matmul(g, dy, w, None, [rows, inp, out], Strides::nn(out, inp), &format!("{label}.grad_input"));
-            g.tensors[dx.0].shape = xs.clone();
+            g.reshape(dx, &xs);
             dx
         });
         // dW [out, in] = dy^T . x: A[m = o, k = r] = dy[r, o], B[k = r, n = i] = x[r, i]
@@ -135,7 +135,7 @@ pub fn linear(g: &mut Graph, x: TensorId, w: TensorId, b: Option<TensorId>, name
         if needs.len() == 3 {
             grads.push(needs[2].then(|| {
                 let db = crate::ops::reduce::group_sum(g, dy, 1, &format!("{label}.grad_bias"));
-                g.tensors[db.0].shape = vec![out];
+                g.reshape(db, &[out]);
                 db
             }));
         }

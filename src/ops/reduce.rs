@@ -2,28 +2,36 @@
 //! running sum of squares behind the global gradient norm, and the eps-MSE loss.
 
 use crate::gpu::Shader;
-use crate::graph::{grid_1d, Cost, Graph, Node, Params, TensorId};
+use crate::graph::{grid_1d, Cost, DType, Graph, Node, Params, TensorId};
 use crate::shader;
 
 pub static SHADER: Shader = shader!("reduce", uses "tree_sum");
 
-/// y[b, c] = sum over r, s of x[r*B + b, c, s]; x: [N, C, ...] with N a multiple of `groups` (B).
+/// y[b, c] = sum over r, s of x[r*B + b, c, s]; x: [N, C, ...] with N a multiple of `groups` (B),
+/// f32 or bit-packed spikes (then y counts spikes).
 pub fn group_sum(g: &mut Graph, x: TensorId, groups: usize, name: &str) -> TensorId {
     let s = g.shape(x).to_vec();
     assert!(s.len() >= 2 && s[0].is_multiple_of(groups), "{name}: cannot group {s:?} into {groups}");
     let (n, c) = (s[0], s[1]);
     let sp: usize = s[2..].iter().product();
     let y = g.intermediate(name, &[groups, c]);
-    g.push(Node {
-        shader: &SHADER,
-        entry: "group_sum",
-        params: Params::new().u(n).u(c).u(sp).u(groups).build(),
-        reads: vec![x],
-        writes: vec![y],
-        workgroups: [(groups * c) as u32, 1, 1],
-        label: name.to_string(),
-        cost: Cost { flops: (n * c * sp) as u64, bytes: 4 * (n * c * sp + groups * c) as u64 },
-    });
+    let xd = g.dtype(x);
+    let entry = if xd == DType::Spike { "group_sum_spikes" } else { "group_sum" };
+    let bytes = g.bytes_of(x) + 4 * (groups * c) as u64;
+    g.push_typed(
+        Node {
+            shader: &SHADER,
+            entry,
+            params: Params::new().u(n).u(c).u(sp).u(groups).build(),
+            reads: vec![x],
+            writes: vec![y],
+            workgroups: [(groups * c) as u32, 1, 1],
+            label: name.to_string(),
+            cost: Cost { flops: (n * c * sp) as u64, bytes },
+        },
+        &[xd],
+        &[DType::F32],
+    );
     y
 }
 

@@ -2,7 +2,7 @@
 //! Gaussian generator they use, with CPU references.
 
 use crate::gpu::Shader;
-use crate::graph::{grid_1d, Cost, Graph, Node, Params, TensorId};
+use crate::graph::{grid_1d, Cost, DType, Graph, Node, Params, TensorId};
 use crate::shader;
 
 pub static SHADER: Shader = shader!("sampler", uses "philox");
@@ -74,16 +74,20 @@ pub fn batch_params(x_numel: usize, batch: usize, key: NoiseKey) -> Vec<u32> {
 pub fn begin_step(g: &mut Graph, coef: TensorId, step: TensorId, x: TensorId, t: TensorId, key: NoiseKey) -> usize {
     let batch = g.info(t).numel();
     let numel = g.info(x).numel();
-    g.push(Node {
-        shader: &SHADER,
-        entry: "begin_step",
-        params: batch_params(numel, batch, key),
-        reads: vec![coef, step],
-        writes: vec![x, t],
-        workgroups: grid_1d(numel.max(batch), 256),
-        label: "sampler.begin_step".into(),
-        cost: Cost { flops: 0, bytes: 4 * batch as u64 },
-    });
+    g.push_typed(
+        Node {
+            shader: &SHADER,
+            entry: "begin_step",
+            params: batch_params(numel, batch, key),
+            reads: vec![coef, step],
+            writes: vec![x, t],
+            workgroups: grid_1d(numel.max(batch), 256),
+            label: "sampler.begin_step".into(),
+            cost: Cost { flops: 0, bytes: 4 * batch as u64 },
+        },
+        &[DType::F32, DType::U32],
+        &[DType::F32, DType::U32],
+    );
     g.nodes.len() - 1
 }
 
@@ -100,31 +104,39 @@ pub fn update(
 ) -> usize {
     let numel = g.info(x).numel();
     let batch = g.shape(x)[0];
-    g.push(Node {
-        shader: &SHADER,
-        entry: "update",
-        params: params(numel, numel / batch, batch, key, z.is_some()),
-        reads: vec![coef, step, eps, z.unwrap_or(eps)],
-        writes: vec![x],
-        workgroups: grid_1d(numel, 256),
-        label: "sampler.update".into(),
-        cost: Cost { flops: 12 * numel as u64, bytes: 12 * numel as u64 },
-    });
+    g.push_typed(
+        Node {
+            shader: &SHADER,
+            entry: "update",
+            params: params(numel, numel / batch, batch, key, z.is_some()),
+            reads: vec![coef, step, eps, z.unwrap_or(eps)],
+            writes: vec![x],
+            workgroups: grid_1d(numel, 256),
+            label: "sampler.update".into(),
+            cost: Cost { flops: 12 * numel as u64, bytes: 12 * numel as u64 },
+        },
+        &[DType::F32, DType::U32, DType::F32, DType::F32],
+        &[DType::F32],
+    );
     g.nodes.len() - 1
 }
 
 /// step[0] += 1.
 pub fn advance(g: &mut Graph, step: TensorId) {
-    g.push(Node {
-        shader: &SHADER,
-        entry: "advance",
-        params: Params::new().build(),
-        reads: vec![],
-        writes: vec![step],
-        workgroups: [1, 1, 1],
-        label: "sampler.advance".into(),
-        cost: Cost::default(),
-    });
+    g.push_typed(
+        Node {
+            shader: &SHADER,
+            entry: "advance",
+            params: Params::new().build(),
+            reads: vec![],
+            writes: vec![step],
+            workgroups: [1, 1, 1],
+            label: "sampler.advance".into(),
+            cost: Cost::default(),
+        },
+        &[],
+        &[DType::U32],
+    );
 }
 
 /// Gaussian noise of stream STEP at `step` for images image_base.. into `out` [B, per_image].

@@ -4,7 +4,7 @@
 //! neurons around it are ordinary ops; the model wires them (sddpm-spec.md section 10.1).
 
 use crate::gpu::Shader;
-use crate::graph::{grid_1d, Cost, Graph, Node, Params, TensorId};
+use crate::graph::{grid_1d, Cost, DType, Graph, Node, Params, TensorId};
 use crate::shader;
 
 pub static SHADER: Shader = shader!("spike_attention");
@@ -90,16 +90,30 @@ fn dispatch(
         }
         _ => dims.rows * dims.heads * tiles(dims.d()) * tiles(dims.n),
     };
-    g.push(Node {
-        shader: &SHADER,
-        entry,
-        params: dims.params(),
-        reads,
-        writes,
-        workgroups: grid_1d(len, 256),
-        label,
-        cost,
-    });
+    // Which reads are spikes (bit-packed), in binding order; the rest and all writes are f32.
+    let (f, s) = (DType::F32, DType::Spike);
+    let read_types: &[DType] = match entry {
+        "attention_kv" | "attention_qk" => &[s, s],
+        "attention_out" | "attention_grad_m" => &[s, f],
+        "attention_av" | "attention_grad_a" => &[f, s],
+        "attention_grad_qkv" | "attention_grad_qkv_n" => &[f, f, f, s, s],
+        other => unreachable!("spike_attention has no entry {other}"),
+    };
+    let write_types = vec![f; writes.len()];
+    g.push_typed(
+        Node {
+            shader: &SHADER,
+            entry,
+            params: dims.params(),
+            reads,
+            writes,
+            workgroups: grid_1d(len, 256),
+            label,
+            cost,
+        },
+        read_types,
+        &write_types,
+    );
 }
 
 /// o = (q k^T) v * scale, scale = 1 / sqrt(N d), per row and head; q, k, v spikes [R, C, H, W].
@@ -114,10 +128,10 @@ pub fn spike_attention(g: &mut Graph, q: TensorId, k: TensorId, v: TensorId, hea
     let shape = g.shape(q).to_vec();
     let o = g.intermediate(&format!("{name}.{second}"), &shape);
     let inner = if dims.n_form() { dims.d() } else { dims.n };
-    let cost1 =
-        Cost { flops: 2 * (dims.sq_len() * inner) as u64, bytes: 4 * (2 * dims.x_len() + dims.sq_len()) as u64 };
-    let cost2 =
-        Cost { flops: (dims.x_len() * (2 * side + 1)) as u64, bytes: 4 * (2 * dims.x_len() + dims.sq_len()) as u64 };
+    // Spikes move one bit each (DType::Spike), floats four bytes.
+    let (xn, sqn) = (dims.x_len() as u64, dims.sq_len() as u64);
+    let cost1 = Cost { flops: 2 * sqn * inner as u64, bytes: 2 * xn.div_ceil(8) + 4 * sqn };
+    let cost2 = Cost { flops: xn * (2 * side as u64 + 1), bytes: xn.div_ceil(8) + 4 * sqn + 4 * xn };
     let (e1, r1, e2, r2) = if dims.n_form() {
         ("attention_qk", vec![q, k], "attention_av", vec![sq, v])
     } else {
@@ -148,12 +162,9 @@ fn attention_backward(
     let [(first, _, _), (second, _, _)] = dims.products();
     let dsq = g.intermediate(&format!("{name}.grad_{first}"), &[dims.rows, dims.heads, side, side]);
     let inner = if dims.n_form() { dims.d() } else { dims.n };
-    let cost1 =
-        Cost { flops: (dims.sq_len() * (2 * inner + 1)) as u64, bytes: 4 * (2 * dims.x_len() + dims.sq_len()) as u64 };
-    let cost2 = Cost {
-        flops: (dims.x_len() * (6 * side + 1)) as u64,
-        bytes: 4 * (6 * dims.x_len() + 2 * dims.sq_len()) as u64,
-    };
+    let (xn, sqn) = (dims.x_len() as u64, dims.sq_len() as u64);
+    let cost1 = Cost { flops: sqn * (2 * inner as u64 + 1), bytes: xn.div_ceil(8) + 4 * xn + 4 * sqn };
+    let cost2 = Cost { flops: xn * (6 * side as u64 + 1), bytes: 2 * xn.div_ceil(8) + 16 * xn + 8 * sqn };
     let shape = g.shape(q).to_vec();
     let grads = ["q", "k", "v"].map(|x| g.intermediate(&format!("{name}.grad_{x}"), &shape));
     let (e1, r1, e2, r2) = if dims.n_form() {
