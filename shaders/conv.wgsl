@@ -15,12 +15,27 @@
 // No shared memory: barriers are cheap on GPUs but ruinous on lavapipe, and L1 serves the reuse.
 // Grid: x = output rows * column groups (64 per workgroup), y = ceil(Cout / 8), z = N.
 //
+// Variant "igemm32" of the forward (conv2d_igemm; the tuner picks between it and conv2d): a
+// workgroup-tiled implicit GEMM, C[co, pixel] = sum_r W[co, r] * X[r, pixel] with
+// r = (ci, ky, kx) flattened (the same ascending order; padding taps and the last chunk's tail
+// add exact zeros). A workgroup owns a 32 x 32 tile of output channels x output pixels (of one
+// image); the K loop stages 8 reduction steps of weights and im2col'd inputs through workgroup
+// memory per barrier pair, each of the 64 invocations loads 4 of each and computes a 4x4 block.
+// Grid: x = ceil(Ho*Wo / 32), y = ceil(Cout / 32), z = N.
 // x (and the weight gradient's saved x) is either f32 or bit-packed spikes (graph dtype Spike:
 // element e at bit e % 32 of word e / 32), as p.x_spikes says; both are bound as u32 words, and a
 // spike reads as exactly 0.0 or 1.0, so a conv over packed spikes gives the same bits as over
 // f32 spikes while reading 32x fewer bytes.
 //
 // Backward (same Params, same bindings order: inputs then the written gradient):
+//   conv2d_grad_input_igemm: variant "igemm32" of conv2d_grad_input, the same tiling with rows =
+//                       input channels, columns = input pixels, r = (co, ky, kx) ascending (the
+//                       reference's order; taps that hit no output add exact zeros).
+//                       Grid: x = ceil(H*W / 32), y = ceil(Cin / 32), z = N.
+//   conv2d_grad_weight_igemm: variant "igemm32" of conv2d_grad_weight (same chunks, same partial
+//                       layout, same reduce): rows = output channels, columns = r = (ci, ky, kx),
+//                       K = the chunk's (n, oy, ox) ascending, 8 staged per barrier pair.
+//                       Grid: x = ceil(Cin*K*K / 32), y = ceil(Cout / 32), z = parts.
 //   conv2d_grad_input:  dx[n, ci, iy, ix] = sum_{co, ky, kx} w[co, ci, ky, kx] * dy[n, co, oy, ox]
 //                       over the (oy, ox) with oy*s - p + ky = iy (the transposed convolution);
 //                       8 input channels x 4 input columns per invocation.
@@ -152,6 +167,90 @@ fn conv2d(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
 }
 
+// ---- forward, tiled implicit GEMM ---------------------------------------------------------------
+
+// x[i] as f32, whether x is f32 or packed spikes (p.x_spikes).
+fn x_at(i: u32) -> f32 {
+    if (p.x_spikes != 0u) {
+        return f32((x[i / 32u] >> (i % 32u)) & 1u);
+    }
+    return bitcast<f32>(x[i]);
+}
+
+// Tile sizes of conv2d_igemm (src/ops/conv.rs IGEMM_TILE mirrors the 32 for the grid).
+const IG_TILE: u32 = 32u;
+const IG_TK: u32 = 8u;
+var<workgroup> ig_w: array<f32, 256>; // [IG_TK][IG_TILE] weights: row r, column output channel
+var<workgroup> ig_x: array<f32, 256>; // [IG_TK][IG_TILE] im2col inputs: row r, column output pixel
+
+@compute @workgroup_size(64)
+fn conv2d_igemm(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let kk = p.k * p.k;
+    let kdim = p.cin * kk;
+    let npix = p.ho * p.wo;
+    let co0 = wid.y * IG_TILE;
+    let px0 = wid.x * IG_TILE;
+    let n = wid.z;
+    let tm = (li / 8u) * 4u; // this invocation's 4 output channels within the tile
+    let tn = (li % 8u) * 4u; // and its 4 output pixels
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    for (var r0 = 0u; r0 < kdim; r0 += IG_TK) {
+        for (var q = 0u; q < 4u; q++) {
+            let e = li * 4u + q;
+            let r = r0 + e / IG_TILE;
+            let m = e % IG_TILE;
+            var wv = 0.0;
+            if (r < kdim && co0 + m < p.cout) {
+                wv = wt[(co0 + m) * kdim + r];
+            }
+            ig_w[e] = wv;
+            var xv = 0.0;
+            let pix = px0 + m;
+            if (r < kdim && pix < npix) {
+                let ci = r / kk;
+                let ky = (r % kk) / p.k;
+                let kx = r % p.k;
+                let iy = i32((pix / p.wo) * p.stride + ky) - i32(p.pad);
+                let ix = i32((pix % p.wo) * p.stride + kx) - i32(p.pad);
+                if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
+                    xv = x_at(((n * p.cin + ci) * p.h + u32(iy)) * p.w + u32(ix));
+                }
+            }
+            ig_x[e] = xv;
+        }
+        workgroupBarrier();
+        for (var kr = 0u; kr < IG_TK; kr++) {
+            let row = kr * IG_TILE;
+            let xv = vec4<f32>(ig_x[row + tn], ig_x[row + tn + 1u], ig_x[row + tn + 2u], ig_x[row + tn + 3u]);
+            acc0 += ig_w[row + tm] * xv;
+            acc1 += ig_w[row + tm + 1u] * xv;
+            acc2 += ig_w[row + tm + 2u] * xv;
+            acc3 += ig_w[row + tm + 3u] * xv;
+        }
+        workgroupBarrier();
+    }
+    let accs = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+    for (var i = 0u; i < 4u; i++) {
+        let co = co0 + tm + i;
+        if (co >= p.cout) {
+            break;
+        }
+        var b = 0.0;
+        if (p.has_bias != 0u) {
+            b = bias[co];
+        }
+        for (var j = 0u; j < 4u; j++) {
+            let pix = px0 + tn + j;
+            if (pix < npix) {
+                y[(n * p.cout + co) * npix + pix] = accs[i][j] + b;
+            }
+        }
+    }
+}
+
 // ---- backward ---------------------------------------------------------------------------------
 
 @group(0) @binding(1) var<storage, read> dy: array<f32>;
@@ -230,6 +329,71 @@ fn conv2d_grad_input(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
 }
 
+@compute @workgroup_size(64)
+fn conv2d_grad_input_igemm(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let kk = p.k * p.k;
+    let kdim = p.cout * kk;
+    let npix = p.h * p.w;
+    let ci0 = wid.y * IG_TILE;
+    let px0 = wid.x * IG_TILE;
+    let n = wid.z;
+    let s = i32(p.stride);
+    let tm = (li / 8u) * 4u;
+    let tn = (li % 8u) * 4u;
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    for (var r0 = 0u; r0 < kdim; r0 += IG_TK) {
+        for (var q = 0u; q < 4u; q++) {
+            let e = li * 4u + q;
+            let r = r0 + e / IG_TILE;
+            let m = e % IG_TILE;
+            let co = r / kk;
+            let ky = (r % kk) / p.k;
+            let kx = r % p.k;
+            var wv = 0.0;
+            if (r < kdim && ci0 + m < p.cin) {
+                wv = wt_b[(co * p.cin + ci0 + m) * kk + ky * p.k + kx];
+            }
+            ig_w[e] = wv;
+            var dv = 0.0;
+            let pix = px0 + m;
+            if (r < kdim && pix < npix) {
+                let ty = i32(pix / p.w + p.pad) - i32(ky);
+                let tx = i32(pix % p.w + p.pad) - i32(kx);
+                if (ty >= 0 && tx >= 0 && ty % s == 0 && tx % s == 0 && ty / s < i32(p.ho) && tx / s < i32(p.wo)) {
+                    dv = dy[((n * p.cout + co) * p.ho + u32(ty / s)) * p.wo + u32(tx / s)];
+                }
+            }
+            ig_x[e] = dv;
+        }
+        workgroupBarrier();
+        for (var kr = 0u; kr < IG_TK; kr++) {
+            let row = kr * IG_TILE;
+            let dv = vec4<f32>(ig_x[row + tn], ig_x[row + tn + 1u], ig_x[row + tn + 2u], ig_x[row + tn + 3u]);
+            acc0 += ig_w[row + tm] * dv;
+            acc1 += ig_w[row + tm + 1u] * dv;
+            acc2 += ig_w[row + tm + 2u] * dv;
+            acc3 += ig_w[row + tm + 3u] * dv;
+        }
+        workgroupBarrier();
+    }
+    let accs = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+    for (var i = 0u; i < 4u; i++) {
+        let ci = ci0 + tm + i;
+        if (ci >= p.cin) {
+            break;
+        }
+        for (var j = 0u; j < 4u; j++) {
+            let pix = px0 + tn + j;
+            if (pix < npix) {
+                dx[(n * p.cin + ci) * npix + pix] = accs[i][j];
+            }
+        }
+    }
+}
+
 @group(0) @binding(2) var<storage, read> x_saved: array<u32>;
 
 fn x_saved_at(i: u32) -> f32 {
@@ -241,7 +405,9 @@ fn x_saved_at(i: u32) -> f32 {
 @group(0) @binding(3) var<storage, read_write> dw_partial: array<f32>;
 
 // Elements of the flattened (n, oy, ox) space one invocation sums (see the header).
-const GRAD_W_CHUNK: u32 = 2048u;
+// Filled from Rust (src/ops/conv.rs GRAD_W_CHUNK, which also sizes the partials); no default, so
+// a pipeline without it fails to build instead of disagreeing with the Rust side.
+override GRAD_W_CHUNK: u32;
 
 @compute @workgroup_size(64)
 fn conv2d_grad_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
@@ -294,6 +460,73 @@ fn conv2d_grad_weight(@builtin(global_invocation_id) gid: vec3<u32>) {
         }
         for (var tap = 0u; tap < kk; tap++) {
             dw_partial[part * size + ((co0 + j) * p.cin + ci) * kk + tap] = acc[tap][j];
+        }
+    }
+}
+
+@compute @workgroup_size(64)
+fn conv2d_grad_weight_igemm(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let kk = p.k * p.k;
+    let rdim = p.cin * kk;
+    let plane = p.ho * p.wo;
+    let end = min(p.n * plane, (wid.z + 1u) * GRAD_W_CHUNK);
+    let co0 = wid.y * IG_TILE;
+    let r0 = wid.x * IG_TILE;
+    let tm = (li / 8u) * 4u;
+    let tn = (li % 8u) * 4u;
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    for (var e0 = wid.z * GRAD_W_CHUNK; e0 < end; e0 += IG_TK) {
+        for (var q = 0u; q < 4u; q++) {
+            let idx = li * 4u + q;
+            let e = e0 + idx / IG_TILE;
+            let m = idx % IG_TILE;
+            let n = e / plane;
+            let pix = e % plane;
+            var g = 0.0;
+            if (e < end && co0 + m < p.cout) {
+                g = dy[(n * p.cout + co0 + m) * plane + pix];
+            }
+            ig_w[idx] = g;
+            var v = 0.0;
+            let r = r0 + m;
+            if (e < end && r < rdim) {
+                let ci = r / kk;
+                let ky = (r % kk) / p.k;
+                let kx = r % p.k;
+                let iy = i32((pix / p.wo) * p.stride + ky) - i32(p.pad);
+                let ix = i32((pix % p.wo) * p.stride + kx) - i32(p.pad);
+                if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
+                    v = x_saved_at(((n * p.cin + ci) * p.h + u32(iy)) * p.w + u32(ix));
+                }
+            }
+            ig_x[idx] = v;
+        }
+        workgroupBarrier();
+        for (var kr = 0u; kr < IG_TK; kr++) {
+            let row = kr * IG_TILE;
+            let xv = vec4<f32>(ig_x[row + tn], ig_x[row + tn + 1u], ig_x[row + tn + 2u], ig_x[row + tn + 3u]);
+            acc0 += xv * ig_w[row + tm];
+            acc1 += xv * ig_w[row + tm + 1u];
+            acc2 += xv * ig_w[row + tm + 2u];
+            acc3 += xv * ig_w[row + tm + 3u];
+        }
+        workgroupBarrier();
+    }
+    let size = p.cout * rdim;
+    let accs = array<vec4<f32>, 4>(acc0, acc1, acc2, acc3);
+    for (var i = 0u; i < 4u; i++) {
+        let co = co0 + tm + i;
+        if (co >= p.cout) {
+            break;
+        }
+        for (var j = 0u; j < 4u; j++) {
+            let r = r0 + tn + j;
+            if (r < rdim) {
+                dw_partial[wid.z * size + co * rdim + r] = accs[i][j];
+            }
         }
     }
 }

@@ -4,9 +4,11 @@
 //   C[m, n] = bias[n] + sum_k A[m*a_sm + k*a_sk] * B[k*b_sk + n*b_sn]      (k ascending, bias last)
 //
 // Register blocking: each invocation computes a 4x4 tile of C (4 rows x 4 columns), so each
-// loaded value of A feeds 4 FMAs and each loaded value of B feeds 4. Workgroup 8x8 covers a
-// 32x32 block of C. Napkin math: 2*M*N*K flops over (M*K + K*N + M*N)*4 bytes at least.
-// Grid: x = ceil(N / 32), y = ceil(M / 32).
+// loaded value of A feeds 4 FMAs and each loaded value of B feeds 4. A workgroup of WG_X x WG_Y
+// invocations covers a (4*WG_Y) x (4*WG_X) block of C; WG_X and WG_Y are override constants set
+// from Rust per variant (src/ops/matmul.rs VARIANTS; every variant sums in the same order, so
+// all give bit-identical results). Napkin math: 2*M*N*K flops over (M*K + K*N + M*N)*4 bytes.
+// Grid: x = ceil(N / (4*WG_X)), y = ceil(M / (4*WG_Y)).
 
 struct Params {
     m: u32, n: u32, k: u32, has_bias: u32,
@@ -19,7 +21,10 @@ struct Params {
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> c: array<f32>;
 
-@compute @workgroup_size(8, 8)
+override WG_X: u32 = 8u;
+override WG_Y: u32 = 8u;
+
+@compute @workgroup_size(WG_X, WG_Y)
 fn matmul(@builtin(global_invocation_id) gid: vec3<u32>) {
     let n0 = gid.x * 4u;
     let m0 = gid.y * 4u;

@@ -91,7 +91,7 @@ impl SpikeCounter {
             }
             layers.push((name.clone(), *s, sums, g.info(*s).numel()));
         }
-        let plan = Plan::compile(ctx, &g)?;
+        let plan = crate::tune::compile(ctx, &g)?;
         unet.upload(ctx, &plan, ckpt)?;
         Ok(SpikeCounter { cfg: cfg.clone(), size, batch, v_th, plan, x, t, layers })
     }

@@ -18,3 +18,4 @@ pub mod plot;
 pub mod profile;
 pub mod run;
 pub mod shard;
+pub mod tune;

@@ -22,6 +22,10 @@ struct Cli {
     /// (discrete > integrated > virtual > CPU). WGPU_BACKEND=vulkan|metal|dx12|gl limits the APIs.
     #[arg(long, global = true, env = "SDDPM_ADAPTER")]
     adapter: Option<String>,
+    /// Use every op's default kernel instead of timing the variants on this adapter (also
+    /// SDDPM_NO_TUNE=1). Tuning results are cached in $SDDPM_CACHE_DIR (default ~/.cache/sddpm-gpu).
+    #[arg(long, global = true)]
+    no_tune: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -29,7 +33,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// List every GPU adapter with the features and limits that matter; `*` marks the one chosen.
-    Devices,
+    Devices {
+        /// Also measure the chosen adapter's fp32 FMA rate and memory bandwidth (calibration
+        /// kernels timed with GPU timestamps; a few seconds at most).
+        #[arg(long)]
+        bench: bool,
+    },
     /// One network evaluation, for parity checks against PyTorch: IN holds `x` [B,C,H,W] f32 and
     /// `t` [B] int64/int32; OUT gets `eps` [B,C,H,W] f32.
     Forward {
@@ -331,8 +340,12 @@ struct SampleArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.no_tune {
+        // Every context reads this (gpu::Tuning::from_env); set before any thread starts.
+        std::env::set_var("SDDPM_NO_TUNE", "1");
+    }
     let result = match cli.command {
-        Command::Devices => devices(cli.adapter.as_deref()),
+        Command::Devices { bench } => devices(cli.adapter.as_deref(), bench),
         Command::Forward { checkpoint, input, output, threshold, snn_steps } => {
             forward(cli.adapter.as_deref(), &checkpoint, &input, &output, threshold, snn_steps)
         }
@@ -354,7 +367,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn devices(adapter: Option<&str>) -> Result<()> {
+fn devices(adapter: Option<&str>, bench: bool) -> Result<()> {
     let (list, chosen) = gpu::list_adapters(adapter)?;
     for (i, a) in list.iter().enumerate() {
         let mark = if i == chosen { "*" } else { " " };
@@ -378,6 +391,20 @@ fn devices(adapter: Option<&str>) -> Result<()> {
         );
     }
     println!("* = chosen (override with --adapter NAME or SDDPM_ADAPTER; WGPU_BACKEND limits the APIs)");
+    if bench {
+        let ctx = Context::new(adapter)?;
+        let p = sddpm_gpu::profile::measure_peak(&ctx, std::time::Duration::from_secs(4))?;
+        let mut cache = sddpm_gpu::tune::Cache::open(&ctx);
+        cache.set_peak(p);
+        cache.save();
+        println!(
+            "bench {}: fp32 FMA {:.2} GFLOP/s, memory copy {:.2} GB/s ({}, best of 3)",
+            ctx.adapter.name,
+            p.gflops,
+            p.gbps,
+            if p.gpu_timestamps { "GPU timestamps" } else { "host timers: includes submit overhead" }
+        );
+    }
     Ok(())
 }
 
@@ -562,6 +589,7 @@ fn train(adapter: Option<&str>, a: &TrainArgs) -> Result<()> {
                     steps: a.fid_steps,
                     weights: a.fid_weights.clone(),
                 },
+                variants: Default::default(),
             };
             let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
             let prefix = if a.model == "sddpm" { String::new() } else { format!("{}-", a.model) };
@@ -674,6 +702,19 @@ fn profile(adapter: Option<&str>, a: &ProfileArgs) -> Result<()> {
             if a.host_timers { " (--host-timers)" } else { "" }
         );
     }
+    // The peak `devices --bench` (or an earlier profile) stored, else a cheap bounded measurement,
+    // so every profile shows how far each kernel is from the card's limit.
+    let mut cache = sddpm_gpu::tune::Cache::open(&ctx);
+    let peak = match cache.peak() {
+        Some(p) => p,
+        None => {
+            let p = sddpm_gpu::profile::measure_peak(&ctx, std::time::Duration::from_secs(1))?;
+            cache.set_peak(p);
+            cache.save();
+            p
+        }
+    };
+    let peak = Some(peak);
     let size = cfg.img_size();
     let per = cfg.img_ch() * size * size;
     let x: Vec<f32> =
@@ -683,11 +724,11 @@ fn profile(adapter: Option<&str>, a: &ProfileArgs) -> Result<()> {
         let mut tr = Trainer::new(&ctx, &cfg, &weights, a.batch, size, TrainOptions::default())?;
         let x0: Vec<f32> = x.iter().map(|v| v.clamp(-1.0, 1.0)).collect();
         tr.step(&ctx, &x0, &t, None, seed)?;
-        sddpm_gpu::profile::profile(&ctx, &tr.plan, a.iters, a.batch)?
+        sddpm_gpu::profile::profile(&ctx, &tr.plan, a.iters, a.batch, peak)?
     } else {
         let net = EvalNet::new(&ctx, &cfg, &weights, a.batch, size, 1.0)?;
         net.forward(&ctx, &x, &t)?;
-        sddpm_gpu::profile::profile(&ctx, &net.plan, a.iters, a.batch)?
+        sddpm_gpu::profile::profile(&ctx, &net.plan, a.iters, a.batch, peak)?
     };
     println!(
         "{} {}{} on {}, batch {}, {}, {}x{}\n",

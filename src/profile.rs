@@ -4,12 +4,119 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::gpu::Context;
 use crate::graph::{plan_memory, Graph, MemoryPlan, Plan, Timing};
+use crate::ops::calibrate;
+
+/// An adapter's measured fp32 FMA rate and memory bandwidth (the calibration kernels' best run).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Peak {
+    pub gflops: f64,
+    pub gbps: f64,
+    /// Measured with GPU timestamps (false: host timers, which include submit overhead and so
+    /// understate the peak).
+    pub gpu_timestamps: bool,
+}
+
+/// A calibration dispatch is grown until it takes this long, so timer resolution and launch
+/// overhead stay small against it.
+const CALIBRATION_TARGET_NS: f64 = 2e6;
+/// Repeats of the final size; the fastest counts (the peak is what the adapter can do).
+const CALIBRATION_REPEATS: usize = 3;
+
+/// Best time (ns) of the single dispatch of `g` over `repeats` profiled runs after a warm-up.
+fn time_single(ctx: &Context, g: &Graph, repeats: usize) -> Result<(f64, Timing)> {
+    let plan = Plan::compile(ctx, g)?;
+    plan.run(ctx)?;
+    let mut best = f64::INFINITY;
+    let mut timing = Timing::GpuTimestamps;
+    for _ in 0..repeats.max(1) {
+        let t = plan.profile(ctx)?;
+        best = best.min(t.ns.iter().sum());
+        timing = t.timing;
+    }
+    Ok((best.max(1.0), timing))
+}
+
+/// Grow a calibration size until one dispatch takes `CALIBRATION_TARGET_NS` (or `grow` refuses,
+/// or `deadline` passes), then time it `CALIBRATION_REPEATS` times; returns (units of work per
+/// second at the best time, timing).
+fn calibrate_one(
+    ctx: &Context,
+    deadline: Instant,
+    mut size: usize,
+    build: impl Fn(&mut Graph, usize) -> u64,
+    grow: impl Fn(usize, f64) -> Option<usize>,
+) -> Result<(f64, Timing)> {
+    loop {
+        let mut g = Graph::new();
+        build(&mut g, size);
+        let (ns, _) = time_single(ctx, &g, 1)?;
+        if ns >= CALIBRATION_TARGET_NS || Instant::now() >= deadline {
+            break;
+        }
+        match grow(size, CALIBRATION_TARGET_NS / ns) {
+            Some(next) if next > size => size = next,
+            _ => break,
+        }
+    }
+    let mut g = Graph::new();
+    let work = build(&mut g, size);
+    let (ns, timing) = time_single(ctx, &g, CALIBRATION_REPEATS)?;
+    Ok((work as f64 / (ns * 1e-9), timing))
+}
+
+/// Measure the adapter's fp32 FMA rate and copy bandwidth with the calibration kernels. Sizes
+/// start small and grow (at most ~`budget` of probing), so a CPU adapter is done in well under a
+/// second and a large GPU still gets dispatches long enough to time.
+pub fn measure_peak(ctx: &Context, budget: Duration) -> Result<Peak> {
+    let start = Instant::now();
+    const MAX_INVOCATIONS: usize = 1 << 20;
+    const MAX_ROUNDS: usize = 1 << 14;
+    // Size = invocations * rounds, grown along invocations first (to fill the device), then rounds.
+    let (flops, t1) = calibrate_one(
+        ctx,
+        start + budget / 2,
+        (1 << 14) * 8,
+        |g, size| {
+            let n = size.min(MAX_INVOCATIONS);
+            let iters = (size / n).max(1);
+            calibrate::fma_rate(g, n, iters, "calibrate.fma");
+            n as u64 * iters as u64 * calibrate::FLOPS_PER_ROUND
+        },
+        |size, factor| {
+            let next = (size as f64 * factor.clamp(2.0, 16.0)) as usize;
+            (next <= MAX_INVOCATIONS * MAX_ROUNDS).then_some(next)
+        },
+    )?;
+    // Bytes copied per dispatch, capped by what one binding may hold.
+    let max_values = (ctx.max_binding_bytes().min(1 << 30) / 4) as usize / 4 * 4;
+    let (bytes, t2) = calibrate_one(
+        ctx,
+        start + budget,
+        (1usize << 18).min(max_values),
+        |g, values| {
+            let src = g.input("calibrate.src", &[values]);
+            calibrate::copy_rate(g, src, "calibrate.copy");
+            8 * values as u64
+        },
+        |values, factor| {
+            let next = ((values as f64 * factor.clamp(2.0, 16.0)) as usize).min(max_values) / 4 * 4;
+            (next > values).then_some(next)
+        },
+    )?;
+    Ok(Peak {
+        gflops: flops / 1e9,
+        gbps: bytes / 1e9,
+        gpu_timestamps: t1 == Timing::GpuTimestamps && t2 == Timing::GpuTimestamps,
+    })
+}
 
 #[derive(Debug, Clone)]
 pub struct Row {
@@ -47,6 +154,8 @@ pub struct Profile {
     pub memory: MemoryPlan,
     /// One Chrome trace event per dispatch of every profiled iteration.
     pub trace: serde_json::Value,
+    /// The adapter's measured peak, for the % of peak columns (None: not measured).
+    pub peak: Option<Peak>,
 }
 
 /// The model layer (official module name) a dispatch label belongs to: backward and
@@ -88,7 +197,7 @@ pub fn layer_of(label: &str) -> String {
 }
 
 /// Profile `iters` runs of `plan` (after one normal warm-up run); `batch` images per run.
-pub fn profile(ctx: &Context, plan: &Plan, iters: usize, batch: usize) -> Result<Profile> {
+pub fn profile(ctx: &Context, plan: &Plan, iters: usize, batch: usize, peak: Option<Peak>) -> Result<Profile> {
     let stats = plan.run(ctx)?;
     ctx.wait()?;
     let nodes = plan.nodes();
@@ -104,7 +213,8 @@ pub fn profile(ctx: &Context, plan: &Plan, iters: usize, batch: usize) -> Result
         for ((n, &ns), &start) in nodes.iter().zip(&t.ns).zip(&t.start_ns) {
             let ms = ns * 1e-6;
             total_ms += ms;
-            for (map, key) in [(&mut kernels, n.kernel.clone()), (&mut layers, layer_of(&n.label))] {
+            let kernel = n.variant.as_ref().map_or_else(|| n.kernel.clone(), |v| format!("{}@{v}", n.kernel));
+            for (map, key) in [(&mut kernels, kernel.clone()), (&mut layers, layer_of(&n.label))] {
                 let row =
                     map.entry(key.clone()).or_insert(Row { name: key, calls: 0, total_ms: 0.0, flops: 0, bytes: 0 });
                 row.calls += 1;
@@ -113,7 +223,7 @@ pub fn profile(ctx: &Context, plan: &Plan, iters: usize, batch: usize) -> Result
                 row.bytes += n.cost.bytes;
             }
             events.push(json!({
-                "name": n.kernel, "cat": layer_of(&n.label), "ph": "X", "pid": 1, "tid": 1,
+                "name": kernel, "cat": layer_of(&n.label), "ph": "X", "pid": 1, "tid": 1,
                 "ts": offset_us + start * 1e-3, "dur": ns * 1e-3,
                 "args": { "label": n.label, "layer": layer_of(&n.label), "iteration": iter,
                           "flops": n.cost.flops, "bytes": n.cost.bytes },
@@ -138,27 +248,32 @@ pub fn profile(ctx: &Context, plan: &Plan, iters: usize, batch: usize) -> Result
         submits_per_iter: stats.submits,
         memory: plan.memory().clone(),
         trace: json!({ "traceEvents": events, "displayTimeUnit": "ms" }),
+        peak,
     })
 }
 
 impl Profile {
-    fn table(out: &mut String, title: &str, rows: &[Row], total: f64) {
+    fn table(out: &mut String, title: &str, rows: &[Row], total: f64, peak: Option<Peak>) {
         let _ = writeln!(
             out,
-            "{title:<44} {:>6} {:>11} {:>10} {:>7} {:>9} {:>8}",
-            "calls", "total ms", "mean us", "share%", "GFLOP/s", "GB/s"
+            "{title:<44} {:>6} {:>11} {:>10} {:>7} {:>9} {:>8} {:>7} {:>7}",
+            "calls", "total ms", "mean us", "share%", "GFLOP/s", "GB/s", "%FLOP", "%BW"
         );
+        // Share of the measured peak; "-" when there is no measurement.
+        let pct = |v: f64, peak: Option<f64>| peak.map_or("-".to_string(), |p| format!("{:.1}", 100.0 * v / p));
         for r in rows {
             let _ = writeln!(
                 out,
-                "{:<44} {:>6} {:>11.3} {:>10.1} {:>7.2} {:>9.2} {:>8.2}",
+                "{:<44} {:>6} {:>11.3} {:>10.1} {:>7.2} {:>9.2} {:>8.2} {:>7} {:>7}",
                 r.name,
                 r.calls,
                 r.total_ms,
                 r.mean_us(),
                 100.0 * r.total_ms / total.max(1e-12),
                 r.gflops(),
-                r.gbps()
+                r.gbps(),
+                pct(r.gflops(), peak.map(|p| p.gflops)),
+                pct(r.gbps(), peak.map(|p| p.gbps)),
             );
         }
     }
@@ -167,9 +282,9 @@ impl Profile {
     pub fn render(&self) -> String {
         let total: f64 = self.kernels.iter().map(|r| r.total_ms).sum();
         let mut out = String::new();
-        Self::table(&mut out, "kernel", &self.kernels, total);
+        Self::table(&mut out, "kernel", &self.kernels, total, self.peak);
         out.push('\n');
-        Self::table(&mut out, "layer", &self.layers, total);
+        Self::table(&mut out, "layer", &self.layers, total, self.peak);
         let _ = writeln!(
             out,
             "\ntotal: {:.3} ms per iteration ({} iterations, {}), {:.3} images/s at batch {}, {} dispatches and {} submits per iteration",
@@ -186,6 +301,19 @@ impl Profile {
         );
         out.push_str(&memory_line(&self.memory));
         out.push('\n');
+        if let Some(p) = self.peak {
+            let _ = writeln!(
+                out,
+                "peak: {:.2} GFLOP/s fp32 FMA, {:.2} GB/s copy ({}); %FLOP and %BW are shares of these",
+                p.gflops,
+                p.gbps,
+                if p.gpu_timestamps {
+                    "calibration kernels, GPU timestamps"
+                } else {
+                    "calibration kernels, host timers"
+                }
+            );
+        }
         out
     }
 }

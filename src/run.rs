@@ -1,7 +1,7 @@
 //! A training run: its folder (config.json, loss.csv, loss.png, samples/, ckpt.safetensors),
 //! the loop with progress, periodic checkpoints and sample grids, resume and Ctrl-C.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,6 +47,10 @@ pub struct RunConfig {
     pub fid_every: u64,
     #[serde(default)]
     pub fid: FidConfig,
+    /// The kernel variant chosen for every tuning key (crate::tune), so a resumed run uses the
+    /// same kernels, and stays bit-identical, even if the tuner would choose differently today.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub variants: BTreeMap<String, String>,
 }
 
 /// FID during training: samples of the current weights against reference statistics.
@@ -60,6 +64,19 @@ pub struct FidConfig {
     pub steps: usize,
     /// Inception weights (else $SDDPM_FID_WEIGHTS or the cache path).
     pub weights: Option<PathBuf>,
+}
+
+/// Add the variants chosen on `ctx` so far to `cfg` and rewrite RUN/config.json if that changed.
+fn record_variants(ctx: &Context, cfg: &mut RunConfig, dir: &Path) -> Result<()> {
+    let chosen = ctx.tuning.lock().unwrap().chosen.clone();
+    let before = cfg.variants.len();
+    for (key, name) in chosen {
+        cfg.variants.entry(key).or_insert(name);
+    }
+    if cfg.variants.len() != before {
+        write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(cfg)?.as_bytes())?;
+    }
+    Ok(())
 }
 
 pub const CKPT: &str = "ckpt.safetensors";
@@ -88,8 +105,14 @@ pub fn train(ctx: &Context, cfg: &RunConfig, dir: &Path, resume: bool) -> Result
     } else {
         cfg.model.init_weights(cfg.seed)
     };
+    let mut cfg = cfg.clone();
+    if resume {
+        ctx.tuning.lock().unwrap().pinned.extend(cfg.variants.clone());
+    }
+    let cfg = &mut cfg;
     let opts = TrainOptions { lr: cfg.lr, warmup: cfg.warmup, ema: cfg.ema, ..Default::default() };
     let mut trainer = Trainer::new(ctx, &cfg.model, &start, cfg.batch, cfg.model.img_size(), opts)?;
+    record_variants(ctx, cfg, dir)?;
     let first = trainer.step;
     if first >= cfg.steps {
         println!("{} is already at step {first} of {}; nothing to do", dir.display(), cfg.steps);
@@ -138,6 +161,7 @@ pub fn train(ctx: &Context, cfg: &RunConfig, dir: &Path, resume: bool) -> Result
         }
         if cfg.sample_n > 0 && ((cfg.sample_every > 0 && step % cfg.sample_every == 0) || step == cfg.steps) {
             bar.suspend(|| sample_grid(ctx, &trainer, cfg, &dir.join("samples").join(format!("step_{step:07}.png"))))?;
+            record_variants(ctx, cfg, dir)?;
         }
         if let Some(f) = fid.as_mut().filter(|_| step % cfg.fid_every == 0) {
             bar.suspend(|| f.evaluate(ctx, &trainer, cfg, step))?;

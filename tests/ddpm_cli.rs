@@ -88,9 +88,10 @@ fn profile_shows_groupnorm_and_attention_kernels() {
         "attention::attn_backward_kv",
     ] {
         let line = out.lines().find(|l| l.starts_with(kernel)).unwrap_or_else(|| panic!("{kernel} missing:\n{out}"));
-        // calls, total ms, mean us, share, GFLOP/s, GB/s: the last two come from the node costs.
+        // calls, total ms, mean us, share, GFLOP/s, GB/s, %FLOP, %BW: GFLOP/s and GB/s come from
+        // the node costs.
         let cols: Vec<f64> = line.split_whitespace().skip(1).map(|c| c.parse().unwrap()).collect();
-        assert!(cols.len() == 6 && cols[3] > 0.0 && (cols[4] > 0.0 || cols[5] > 0.0), "{line}");
+        assert!(cols.len() == 8 && cols[3] > 0.0 && (cols[4] > 0.0 || cols[5] > 0.0), "{line}");
     }
     assert!(out.contains("ddpm"), "{out}");
 }

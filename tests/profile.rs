@@ -7,14 +7,15 @@ use sddpm_gpu::checkpoint::Checkpoint;
 use sddpm_gpu::energy::SpikeCounter;
 use sddpm_gpu::profile::layer_of;
 
-/// The share% column of the table starting with `header`.
+/// The share% column of the table starting with `header` (five columns from the right: share%,
+/// GFLOP/s, GB/s, %FLOP, %BW).
 fn shares(stdout: &str, header: &str) -> Vec<f64> {
     stdout
         .lines()
         .skip_while(|l| !l.starts_with(header))
         .skip(1)
         .take_while(|l| !l.trim().is_empty())
-        .map(|l| l.split_whitespace().rev().nth(2).unwrap().parse::<f64>().unwrap())
+        .map(|l| l.split_whitespace().rev().nth(4).unwrap().parse::<f64>().unwrap())
         .collect()
 }
 
@@ -41,6 +42,14 @@ fn profile_prints_tables_that_add_up_and_a_trace() {
         assert!((total - 100.0).abs() < 0.5, "{header} shares add to {total}");
     }
     assert!(stdout.lines().any(|l| l.starts_with("memory: intermediates")), "memory line:\n{stdout}");
+    // % of the measured peak: both columns, a number (not "-") on the conv row, and the peak line.
+    let header = stdout.lines().find(|l| l.starts_with("kernel ")).unwrap();
+    assert!(header.ends_with("%FLOP     %BW"), "{header}");
+    let conv = stdout.lines().find(|l| l.starts_with("conv::conv2d")).unwrap();
+    let pct: Vec<f64> = conv.split_whitespace().rev().take(2).map(|v| v.parse().unwrap()).collect();
+    assert!(pct.iter().all(|&v| v > 0.0), "{conv}");
+    let peak = stdout.lines().find(|l| l.starts_with("peak: ")).expect("peak line");
+    assert!(peak.contains("GFLOP/s") && peak.contains("GB/s"), "{peak}");
     let total_line = stdout.lines().find(|l| l.starts_with("total:")).expect("totals");
     let dispatches: usize = total_line
         .split(", ")

@@ -1,5 +1,6 @@
-//! Every WGSL file parses and validates with naga (the compiler wgpu uses, same version), with no
-//! optional capabilities, so a broken shader fails `cargo test` rather than a user's run.
+//! Every WGSL file parses and validates with naga (the compiler wgpu uses, same version), with the
+//! capabilities the device may enable (f16 and subgroups when the adapter has them: see
+//! gpu::WANTED_FEATURES), so a broken shader fails `cargo test` rather than a user's run.
 
 use std::path::Path;
 
@@ -12,6 +13,12 @@ fn shader_files() -> Vec<std::path::PathBuf> {
         .collect();
     files.sort();
     files
+}
+
+/// What wgpu lets shaders use on a device with every feature of gpu::WANTED_FEATURES.
+fn device_capabilities() -> naga::valid::Capabilities {
+    use naga::valid::Capabilities as C;
+    C::SHADER_FLOAT16 | C::SUBGROUP | C::SUBGROUP_BARRIER
 }
 
 #[test]
@@ -30,8 +37,7 @@ fn every_shader_validates_with_naga() {
                 continue;
             }
         };
-        let mut validator =
-            naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::empty());
+        let mut validator = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), device_capabilities());
         if let Err(e) = validator.validate(&module) {
             failures.push(e.emit_to_string_with_path(&src, &shown));
         }
@@ -70,4 +76,65 @@ fn a_broken_shader_is_caught() {
             .is_err(),
     };
     assert!(failed);
+}
+
+// ---- uniform parameter structs ------------------------------------------------------------------
+
+/// (member name, byte offset) of struct `name` in `src` as naga lays it out, and its size.
+fn wgsl_struct_layout(src: &str, name: &str) -> (Vec<(String, u32)>, u32) {
+    let module = naga::front::wgsl::parse_str(src).unwrap();
+    for (_, ty) in module.types.iter() {
+        if ty.name.as_deref() == Some(name) {
+            if let naga::TypeInner::Struct { members, span } = &ty.inner {
+                let m = members.iter().map(|m| (m.name.clone().unwrap_or_default(), m.offset)).collect();
+                return (m, *span);
+            }
+        }
+    }
+    panic!("no struct {name} in the shader");
+}
+
+/// Whether Rust members (name, offset) and size agree with WGSL struct `name` in `src`.
+fn check_layout(src: &str, name: &str, rust: &[(String, u32)], size: u32) -> Result<(), String> {
+    let (wgsl, span) = wgsl_struct_layout(src, name);
+    for (field, offset) in rust {
+        let w = wgsl.iter().find(|(n, _)| n == field).map(|w| w.1);
+        if w != Some(*offset) {
+            return Err(format!("{name}.{field} at {offset} in Rust, WGSL {wgsl:?}"));
+        }
+    }
+    if size != span {
+        return Err(format!("{name}: {size} bytes in Rust, {span} in WGSL"));
+    }
+    Ok(())
+}
+
+/// The Rust #[repr(C)] parameter struct of a shader entry must have the named WGSL members at the
+/// same offsets and the same size (padding members may be grouped differently).
+macro_rules! assert_params_layout {
+    ($shader:expr, $wgsl:literal, $rust:ty, [$($field:ident),*]) => {{
+        let rust: Vec<(String, u32)> =
+            vec![$((stringify!($field).to_string(), std::mem::offset_of!($rust, $field) as u32)),*];
+        let size = std::mem::size_of::<$rust>() as u32;
+        if let Err(e) = check_layout($shader.source, $wgsl, &rust, size) {
+            panic!("{e}");
+        }
+    }};
+}
+
+#[test]
+fn parameter_structs_match_their_wgsl_layout() {
+    use sddpm_gpu::ops::{calibrate, matmul};
+    assert_params_layout!(calibrate::SHADER, "FmaParams", calibrate::FmaParams, [n, iters, a, b]);
+    assert_params_layout!(calibrate::SHADER, "CopyParams", calibrate::CopyParams, [n]);
+    assert_params_layout!(matmul::SHADER, "Params", matmul::MatmulParams, [m, n, k, has_bias, a_sm, a_sk, b_sk, b_sn]);
+}
+
+#[test]
+fn a_parameter_struct_mismatch_is_caught() {
+    // The check itself must be able to fail: members swapped, or a struct of the wrong size.
+    let src = sddpm_gpu::ops::calibrate::SHADER.source;
+    let swapped = [("n".to_string(), 0), ("iters".to_string(), 8), ("a".to_string(), 4), ("b".to_string(), 12)];
+    assert!(check_layout(src, "FmaParams", &swapped, 16).is_err());
+    assert!(check_layout(src, "FmaParams", &[("n".to_string(), 0)], 12).is_err());
 }

@@ -31,7 +31,9 @@ run() {
     fi
     B="$PWD/$G/sddpm-gpu"
     O="${OUT:-/tmp}"
-    echo "== adapter"; "$B" devices
+    echo "== adapter, measured fp32 FMA rate and copy bandwidth"; "$B" devices --bench
+    # Tuning cache of this run only (the first profile below tunes every kernel shape and says so).
+    export SDDPM_CACHE_DIR="$O/tune-cache"
     echo "== parity (GPU numerics differ from lavapipe: FMA, reduction order)"
     # The base fixtures, spiking self-attention (both kernel forms in attn2-t8) and LIF neurons.
     for f in fixtures fixtures-attn fixtures-lif fixtures-attn2-t8; do
@@ -54,12 +56,22 @@ print(d, "train-step", w, "max |diff| where grad is not ~0:", float((after[w] - 
 PY
     done
     [ -n "${PARITY_ONLY:-}" ] && return 0
+    echo "== kernel variants chosen by the tuner (every candidate's time is in the cache file)"
+    "$B" profile --preset cifar10 --batch 8 --iters 1 --train | grep -E "^(total|peak)|@"
+    python3 - "$SDDPM_CACHE_DIR" <<'PY'
+import json, pathlib, sys
+for f in pathlib.Path(sys.argv[1]).glob("tune-*.json"):
+    c = json.loads(f.read_text())
+    print(f.name, "peak", c.get("peak"))
+    for key, e in c["shapes"].items():
+        print(f"  {e['choice']:>8}  " + "  ".join(f"{t['variant']} {t['us']:.1f}us" for t in e["candidates"]) + f"  {key[:90]}")
+PY
     echo "== speed: sddpm-gpu (GPU timestamps) and PyTorch on the same card"
     for p in tiny small cifar10; do
         for bs in 8 32; do
-            "$B" profile --preset "$p" --batch "$bs" --iters 5 | grep -E "^total"
-            "$B" profile --preset "$p" --batch "$bs" --iters 3 --train | grep -E "^total"
-            [ "$p" = small ] && "$B" profile --preset small --attn 1 --batch "$bs" --iters 5 | grep -E "^(total|spike_attention|conv::conv2d )"
+            "$B" profile --preset "$p" --batch "$bs" --iters 5 | grep -E "^(total|conv::)"
+            "$B" profile --preset "$p" --batch "$bs" --iters 3 --train | grep -E "^(total|conv::)"
+            [ "$p" = small ] && "$B" profile --preset small --attn 1 --batch "$bs" --iters 5 | grep -E "^(total|spike_attention|conv::conv2d)"
             for tf in off on; do python3 "$G/ref/bench_torch.py" --device cuda --preset "$p" --batch "$bs" --tf32 "$tf" --iters 10; done
         done
     done

@@ -52,7 +52,7 @@ impl Sampler {
         sampler::advance(&mut g, step);
         g.mark_output(x);
         g.check().map_err(|e| too_large(e, &cfg, batch, size))?;
-        let plan = Plan::compile(ctx, &g)?;
+        let plan = crate::tune::compile(ctx, &g)?;
         unet.upload(ctx, &plan, ckpt)?;
         let table: Vec<f32> = rows.iter().flat_map(|r| r.row()).collect();
         plan.write(ctx, coef, &table)?;

@@ -182,7 +182,7 @@ impl Trainer {
             build_step(&cfg, batch, size, &opts)?;
         let entries = cfg.state_entries();
         let x_numel = g.info(x0).numel();
-        let plan = Plan::compile(ctx, &g)?;
+        let plan = crate::tune::compile(ctx, &g)?;
         plan.write(ctx, one, &[1f32])?;
         unet.upload(ctx, &plan, ckpt)?;
         let mut step = 0;

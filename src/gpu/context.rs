@@ -138,6 +138,33 @@ pub struct CounterSnapshot {
     pub pipelines: usize,
 }
 
+/// How kernel variants are chosen on this device (the tuner, crate::tune, does the choosing; the
+/// context only carries the policy and what was chosen, so every plan compiled on it agrees).
+#[derive(Debug, Clone, Default)]
+pub struct Tuning {
+    /// Time the candidates of each op family; false (`--no-tune`, SDDPM_NO_TUNE=1): every
+    /// family's default, its variant 0.
+    pub enabled: bool,
+    /// Where the tuning cache lives; None: $SDDPM_CACHE_DIR, else the platform cache folder.
+    pub cache_dir: Option<std::path::PathBuf>,
+    /// Variants to use whatever the cache or timing says, by tuning key (a resumed run's record).
+    pub pinned: std::collections::BTreeMap<String, String>,
+    /// Every variant chosen on this device so far, by tuning key (what a run records).
+    pub chosen: std::collections::BTreeMap<String, String>,
+}
+
+impl Tuning {
+    /// Tuning on unless SDDPM_NO_TUNE is set to something other than "" or "0".
+    pub fn from_env() -> Tuning {
+        let off = std::env::var("SDDPM_NO_TUNE").is_ok_and(|v| !v.is_empty() && v != "0");
+        Tuning { enabled: !off, ..Default::default() }
+    }
+}
+
+/// Pipeline cache key: shader, entry point, the override constants' values and whether workgroup
+/// memory is zero-initialised.
+type PipelineKey = (&'static str, &'static str, String, bool);
+
 /// A device, its queue, and the bookkeeping every other module needs.
 pub struct Context {
     pub device: wgpu::Device,
@@ -148,9 +175,11 @@ pub struct Context {
     /// Limits actually granted (the adapter's own, not wgpu's conservative defaults).
     pub limits: wgpu::Limits,
     pub counters: Counters,
+    /// Kernel variant policy and record (see [`Tuning`]).
+    pub tuning: Mutex<Tuning>,
     errors: Arc<Mutex<Vec<String>>>,
     lost: Arc<Mutex<Option<String>>>,
-    pipelines: Mutex<std::collections::HashMap<(&'static str, &'static str), Arc<wgpu::ComputePipeline>>>,
+    pipelines: Mutex<std::collections::HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
 }
 
 impl Context {
@@ -200,6 +229,7 @@ impl Context {
             features,
             limits,
             counters: Counters::default(),
+            tuning: Mutex::new(Tuning::from_env()),
             errors,
             lost,
             pipelines: Mutex::new(Default::default()),
@@ -297,7 +327,20 @@ impl Context {
 
     /// A compute pipeline for `entry` in `shader`, created once and cached by name.
     pub fn pipeline(&self, shader: &Shader, entry: &'static str) -> Result<Arc<wgpu::ComputePipeline>> {
-        let key = (shader.name, entry);
+        self.pipeline_with(shader, entry, &[], true)
+    }
+
+    /// As [`Context::pipeline`], with WGSL `override` constants filled in and, for kernels that
+    /// write their workgroup memory before reading it, without its zero-initialisation; cached
+    /// by all of these, so each variant of a kernel is its own pipeline.
+    pub fn pipeline_with(
+        &self,
+        shader: &Shader,
+        entry: &'static str,
+        constants: &[(&'static str, f64)],
+        zero_init_workgroup_memory: bool,
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        let key = (shader.name, entry, format!("{constants:?}"), zero_init_workgroup_memory);
         if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
             return Ok(p.clone());
         }
@@ -311,7 +354,10 @@ impl Context {
                 layout: None,
                 module: &module,
                 entry_point: Some(entry),
-                compilation_options: Default::default(),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants,
+                    zero_initialize_workgroup_memory: zero_init_workgroup_memory,
+                },
                 cache: None,
             })
         })?;

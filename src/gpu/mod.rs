@@ -2,4 +2,6 @@
 
 mod context;
 
-pub use context::{choose_adapter, list_adapters, AdapterSummary, Context, CounterSnapshot, Shader, WANTED_FEATURES};
+pub use context::{
+    choose_adapter, list_adapters, AdapterSummary, Context, CounterSnapshot, Shader, Tuning, WANTED_FEATURES,
+};

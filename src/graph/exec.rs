@@ -60,6 +60,8 @@ const QUERIES_PER_SET: u32 = wgpu::QUERY_SET_MAX_QUERIES;
 pub struct NodeInfo {
     /// "shader::entry".
     pub kernel: String,
+    /// The variant chosen for this dispatch; None for kernels that have no alternatives.
+    pub variant: Option<String>,
     /// The op / model layer it belongs to.
     pub label: String,
     pub cost: super::Cost,
@@ -70,6 +72,15 @@ pub struct NodeInfo {
 pub struct RunStats {
     pub dispatches: usize,
     pub submits: usize,
+}
+
+/// Offset of each node's parameter window in the shared uniform buffer. Every node binds a whole
+/// `PARAMS_WINDOW`, so offsets step by the larger of the window and the device's offset alignment:
+/// aligning only to the latter (32 B on lavapipe) would let a node's window overlap the next node's
+/// words, and a shader whose Params struct is longer than its node's words would read them.
+fn param_offsets(nodes: usize, min_align: u64) -> Vec<u64> {
+    let stride = PARAMS_WINDOW.div_ceil(min_align) * min_align;
+    (0..nodes as u64).map(|i| i * stride).collect()
 }
 
 /// A compiled graph: buffers, pipelines and bind groups, ready to replay.
@@ -111,13 +122,11 @@ impl Plan {
             .collect::<Result<Vec<_>>>()?;
 
         let align = ctx.limits.min_uniform_buffer_offset_alignment as u64;
-        let mut offsets = Vec::with_capacity(g.nodes.len());
-        let mut words: Vec<u32> = Vec::new();
-        for node in &g.nodes {
-            let start = (words.len() as u64 * 4).div_ceil(align) * align;
-            words.resize((start / 4) as usize, 0);
-            offsets.push(start);
-            words.extend_from_slice(&node.params);
+        let offsets = param_offsets(g.nodes.len(), align);
+        let mut words: Vec<u32> = vec![0; offsets.last().map_or(0, |&o| (o + PARAMS_WINDOW) as usize / 4)];
+        for (node, &start) in g.nodes.iter().zip(&offsets) {
+            let at = start as usize / 4;
+            words[at..at + node.params.len()].copy_from_slice(&node.params);
         }
         memory.params_bytes = offsets.last().map_or(0, |o| o + PARAMS_WINDOW).max(PARAMS_WINDOW);
         debug_assert_eq!(memory.params_bytes, super::planner::params_buffer_bytes(&g.nodes, align));
@@ -131,8 +140,11 @@ impl Plan {
         }
 
         let mut nodes = Vec::with_capacity(g.nodes.len());
-        for (node, &params_offset) in g.nodes.iter().zip(&offsets) {
-            let pipeline = ctx.pipeline(node.shader, node.entry)?;
+        for (i, (node, &params_offset)) in g.nodes.iter().zip(&offsets).enumerate() {
+            let variant = g.variants.get(&i).map(|t| t.variant());
+            let constants = variant.map_or(&[][..], |v| &v.constants[..]);
+            let zero_init = variant.is_none_or(|v| !v.writes_workgroup_memory_first);
+            let pipeline = ctx.pipeline_with(node.shader, node.entry, constants, zero_init)?;
             let layout = pipeline.get_bind_group_layout(0);
             let mut entries = vec![wgpu::BindGroupEntry {
                 binding: 0,
@@ -174,8 +186,10 @@ impl Plan {
         let info = g
             .nodes
             .iter()
-            .map(|n| NodeInfo {
+            .enumerate()
+            .map(|(i, n)| NodeInfo {
                 kernel: format!("{}::{}", n.shader.name, n.entry),
+                variant: g.variants.get(&i).map(|t| t.variant().name.clone()),
                 label: n.label.clone(),
                 cost: n.cost,
             })
@@ -407,5 +421,22 @@ impl Plan {
             DType::Spike => unpack_spikes(&words, info.numel()),
             DType::F32 | DType::U32 => words.into_iter().map(f32::from_bits).collect(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameter_windows_never_overlap_and_stay_aligned() {
+        for align in [16u64, 32, 64, 256] {
+            let offs = param_offsets(5, align);
+            assert_eq!(offs[0], 0);
+            for w in offs.windows(2) {
+                assert!(w[1] - w[0] >= PARAMS_WINDOW, "align {align}: windows at {w:?} overlap");
+                assert_eq!(w[1] % align, 0, "align {align}: offset {} unaligned", w[1]);
+            }
+        }
     }
 }

@@ -150,12 +150,41 @@ pub struct Node {
     pub cost: Cost,
 }
 
+/// One kernel an op family offers for a node: same bindings and parameters as the others, its
+/// own entry point, WGSL `override` constants (tile and workgroup sizes) and grid.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Variant {
+    /// Unique within the family, e.g. "wg16x16"; recorded in caches and run folders.
+    pub name: String,
+    pub entry: &'static str,
+    pub constants: Vec<(&'static str, f64)>,
+    pub workgroups: [u32; 3],
+    /// The kernel writes all the workgroup memory it reads before reading it, so the pipeline
+    /// may skip the zero-initialisation WebGPU otherwise requires (a pass over it per workgroup).
+    pub writes_workgroup_memory_first: bool,
+}
+
+/// The candidates of a node whose kernel is chosen at compile time (index 0 is the default).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tunable {
+    pub candidates: Vec<Variant>,
+    pub chosen: usize,
+}
+
+impl Tunable {
+    pub fn variant(&self) -> &Variant {
+        &self.candidates[self.chosen]
+    }
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct Graph {
     pub tensors: Vec<TensorInfo>,
     pub nodes: Vec<Node>,
     /// Differentiable ops in forward order, for [`backward`].
     pub tape: Vec<TapeEntry>,
+    /// Nodes with several candidate kernels, by node index (see crate::tune).
+    pub variants: std::collections::BTreeMap<usize, Tunable>,
     /// The first building error (see the module comment); [`Graph::check`] returns it.
     error: Option<String>,
 }
@@ -313,6 +342,41 @@ impl Graph {
 }
 
 impl Graph {
+    /// Push a node whose kernel is one of `candidates` (index 0, the default, until chosen
+    /// otherwise); `node.entry` and `node.workgroups` are taken from the chosen candidate.
+    pub fn push_variants(&mut self, node: Node, candidates: Vec<Variant>) {
+        let (r, w) = (vec![DType::F32; node.reads.len()], vec![DType::F32; node.writes.len()]);
+        self.push_variants_typed(node, &r, &w, candidates);
+    }
+
+    /// [`Graph::push_variants`] for a node whose bindings have the dtypes `reads` and `writes`
+    /// (see [`Graph::push_typed`]); every candidate reads and writes the same dtypes.
+    pub fn push_variants_typed(&mut self, mut node: Node, reads: &[DType], writes: &[DType], candidates: Vec<Variant>) {
+        assert!(!candidates.is_empty(), "node '{}' offers no kernel variant", node.label);
+        node.entry = candidates[0].entry;
+        node.workgroups = candidates[0].workgroups;
+        self.push_typed(node, reads, writes);
+        self.variants.insert(self.nodes.len() - 1, Tunable { candidates, chosen: 0 });
+    }
+
+    /// Use candidate `index` for tunable node `node`.
+    pub fn choose(&mut self, node: usize, index: usize) {
+        let t = self.variants.get_mut(&node).expect("choose() on a node without variants");
+        t.chosen = index;
+        let v = &t.candidates[index];
+        self.nodes[node].entry = v.entry;
+        self.nodes[node].workgroups = v.workgroups;
+    }
+
+    /// What a tuning result is valid for: the family, its default entry, the shapes bound and the
+    /// parameters (sizes, strides, flags). Nodes with equal keys share one measurement.
+    pub fn tuning_key(&self, node: usize) -> String {
+        let n = &self.nodes[node];
+        let shapes = |ts: &[TensorId]| ts.iter().map(|t| format!("{:?}", self.shape(*t))).collect::<Vec<_>>().join(",");
+        let default = self.variants.get(&node).map_or(n.entry, |t| t.candidates[0].entry);
+        format!("{}::{} in {} out {} p {:?}", n.shader.name, default, shapes(&n.reads), shapes(&n.writes), n.params)
+    }
+
     /// Record a differentiable op (see [`backward`]).
     pub fn record(
         &mut self,

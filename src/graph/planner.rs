@@ -100,19 +100,11 @@ pub fn plan_memory(g: &Graph) -> MemoryPlan {
     }
 }
 
-/// Size of the uniform buffer that holds `nodes`' parameters at offsets aligned to `align`, each
-/// bound as a window of [`super::MAX_PARAM_WORDS`] words.
+/// Size of the uniform buffer that holds `nodes`' parameters, each bound as a window of
+/// [`super::MAX_PARAM_WORDS`] words at offsets stepping by the larger of the window and `align`
+/// (windows never overlap; see exec.rs `param_offsets`).
 pub fn params_buffer_bytes(nodes: &[super::Node], align: u64) -> u64 {
     let window = 4 * super::MAX_PARAM_WORDS as u64;
-    let mut end = 0u64;
-    let mut last = 0u64;
-    for node in nodes {
-        last = end.div_ceil(align) * align;
-        end = last + 4 * node.params.len() as u64;
-    }
-    if nodes.is_empty() {
-        window
-    } else {
-        last + window
-    }
+    let stride = window.div_ceil(align) * align;
+    nodes.len().saturating_sub(1) as u64 * stride + window
 }

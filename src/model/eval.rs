@@ -32,7 +32,7 @@ impl EvalNet {
         let cfg = cfg.into();
         let (mut g, x, t, unet) = eval_graph(&cfg, batch, size, v_th)?;
         g.mark_output(unet.eps);
-        let plan = Plan::compile(ctx, &g)?;
+        let plan = crate::tune::compile(ctx, &g)?;
         unet.upload(ctx, &plan, ckpt)?;
         Ok(EvalNet { cfg, batch, size, graph: g, plan, x, t, eps: unet.eps })
     }

@@ -5,13 +5,83 @@
 //! paddings, and fuses a ReLU.
 
 use crate::gpu::Shader;
-use crate::graph::{grid_1d, Cost, DType, Graph, Node, Params, TensorId};
+use crate::graph::{grid_1d, Cost, DType, Graph, Node, Params, TensorId, Variant};
 use crate::shader;
 
 pub static SHADER: Shader = shader!("conv");
 
-/// Output positions one weight-gradient invocation sums (GRAD_W_CHUNK in shaders/conv.wgsl).
+/// Output positions one weight-gradient invocation sums; filled into the WGSL `override
+/// GRAD_W_CHUNK` of both weight-gradient kernels (see [`grad_weight_variants`]).
 pub const GRAD_W_CHUNK: usize = 2048;
+
+/// Output channels and output pixels of one `conv2d_igemm` workgroup tile (IG_TILE in conv.wgsl).
+pub const IGEMM_TILE: usize = 32;
+
+/// The forward kernels the tuner chooses from: the 8x4 register-tiled kernel (default; no
+/// workgroup memory, best on CPU adapters) and the workgroup-tiled implicit GEMM.
+pub fn forward_variants(n: usize, cout: usize, ho: usize, wo: usize) -> Vec<Variant> {
+    let wo_groups = wo.div_ceil(4);
+    vec![
+        Variant {
+            name: "r8x4".into(),
+            entry: "conv2d",
+            constants: vec![],
+            workgroups: [(ho * wo_groups).div_ceil(64) as u32, cout.div_ceil(8) as u32, n as u32],
+            writes_workgroup_memory_first: false,
+        },
+        Variant {
+            name: "igemm32".into(),
+            entry: "conv2d_igemm",
+            constants: vec![],
+            workgroups: [(ho * wo).div_ceil(IGEMM_TILE) as u32, cout.div_ceil(IGEMM_TILE) as u32, n as u32],
+            // Every invocation stores its 4 values of both tiles before the first barrier.
+            writes_workgroup_memory_first: true,
+        },
+    ]
+}
+
+/// The input-gradient kernels: the 8x4 register-tiled default and the implicit GEMM.
+pub fn grad_input_variants(n: usize, cin: usize, h: usize, w: usize) -> Vec<Variant> {
+    vec![
+        Variant {
+            name: "r8x4".into(),
+            entry: "conv2d_grad_input",
+            constants: vec![],
+            workgroups: [(h * w.div_ceil(4)).div_ceil(64) as u32, cin.div_ceil(8) as u32, n as u32],
+            writes_workgroup_memory_first: false,
+        },
+        Variant {
+            name: "igemm32".into(),
+            entry: "conv2d_grad_input_igemm",
+            constants: vec![],
+            workgroups: [(h * w).div_ceil(IGEMM_TILE) as u32, cin.div_ceil(IGEMM_TILE) as u32, n as u32],
+            // Every invocation stores its 4 values of both tiles before the first barrier.
+            writes_workgroup_memory_first: true,
+        },
+    ]
+}
+
+/// The weight-gradient (partial sums) kernels: 4 channels x all taps per invocation (default,
+/// K <= 3) and the implicit GEMM; both write the same [parts, Cout*Cin*K*K] partials.
+pub fn grad_weight_variants(cout: usize, cin: usize, k: usize, parts: usize) -> Vec<Variant> {
+    vec![
+        Variant {
+            name: "r4xkk".into(),
+            entry: "conv2d_grad_weight",
+            constants: vec![("GRAD_W_CHUNK", GRAD_W_CHUNK as f64)],
+            workgroups: [cin.div_ceil(64) as u32, cout.div_ceil(4) as u32, parts as u32],
+            writes_workgroup_memory_first: false,
+        },
+        Variant {
+            name: "igemm32".into(),
+            entry: "conv2d_grad_weight_igemm",
+            constants: vec![("GRAD_W_CHUNK", GRAD_W_CHUNK as f64)],
+            workgroups: [(cin * k * k).div_ceil(IGEMM_TILE) as u32, cout.div_ceil(IGEMM_TILE) as u32, parts as u32],
+            // Every invocation stores its 4 values of both tiles before the first barrier.
+            writes_workgroup_memory_first: true,
+        },
+    ]
+}
 
 /// Output size of a convolution along one axis.
 pub fn conv_out(size: usize, k: usize, stride: usize, pad: usize) -> usize {
@@ -110,20 +180,27 @@ fn conv_node(
     let macs = (n * cout * ho * wo * cin * k * kw) as u64;
     let bwd_params = params.clone();
     let bytes = x_bytes + 4 * (cout * cin * k * kw + n * cout * ho * wo) as u64;
-    g.push_typed(
+    let mut candidates = forward_variants(n, cout, ho, wo);
+    if relu || k != kw || pad != pad_w {
+        // The implicit GEMM takes square kernels without an epilogue; Inception's non-square
+        // ReLU convs run the register-tiled default.
+        candidates.truncate(1);
+    }
+    g.push_variants_typed(
         Node {
             shader: &SHADER,
-            entry: "conv2d",
+            entry: candidates[0].entry,
             params,
             // Without a bias the weight is bound in its slot; the shader never reads it then.
             reads: vec![x, w, b.unwrap_or(w)],
             writes: vec![y],
-            workgroups: [(ho * wo_groups).div_ceil(64) as u32, cout.div_ceil(8) as u32, n as u32],
+            workgroups: candidates[0].workgroups,
             label: name.to_string(),
             cost: Cost { flops: 2 * macs, bytes },
         },
         &[xd, DType::F32, DType::F32],
         &[DType::F32],
+        candidates,
     );
     if relu || k != kw || pad != pad_w {
         // Inference-only variants (the backward kernels assume square kernels and no ReLU).
@@ -139,35 +216,41 @@ fn conv_node(
         let grad_w_cost = Cost { flops: 2 * macs, bytes };
         let dx = needs[0].then(|| {
             let dx = g.intermediate(&format!("{label}.grad_input"), &[n, cin, h, wd]);
-            g.push(Node {
-                shader: &SHADER,
-                entry: "conv2d_grad_input",
-                params: bwd_params.clone(),
-                reads: vec![dy, w],
-                writes: vec![dx],
-                workgroups: [(h * wd.div_ceil(4)).div_ceil(64) as u32, cin.div_ceil(8) as u32, n as u32],
-                label: format!("{label}.grad_input"),
-                cost,
-            });
+            let candidates = grad_input_variants(n, cin, h, wd);
+            g.push_variants(
+                Node {
+                    shader: &SHADER,
+                    entry: candidates[0].entry,
+                    params: bwd_params.clone(),
+                    reads: vec![dy, w],
+                    writes: vec![dx],
+                    workgroups: candidates[0].workgroups,
+                    label: format!("{label}.grad_input"),
+                    cost,
+                },
+                candidates,
+            );
             dx
         });
         let dw = needs[1].then(|| {
             assert!(k <= 3, "{label}: weight gradients support kernels up to 3x3");
             let parts = (n * ho * wo).div_ceil(GRAD_W_CHUNK);
             let partial = g.intermediate(&format!("{label}.grad_weight_parts"), &[parts, cout * cin * k * k]);
-            g.push_typed(
+            let candidates = grad_weight_variants(cout, cin, k, parts);
+            g.push_variants_typed(
                 Node {
                     shader: &SHADER,
-                    entry: "conv2d_grad_weight",
+                    entry: candidates[0].entry,
                     params: bwd_params.clone(),
                     reads: vec![dy, x],
                     writes: vec![partial],
-                    workgroups: [cin.div_ceil(64) as u32, cout.div_ceil(4) as u32, parts as u32],
+                    workgroups: candidates[0].workgroups,
                     label: format!("{label}.grad_weight"),
                     cost: grad_w_cost,
                 },
                 &[DType::F32, xd],
                 &[DType::F32],
+                candidates,
             );
             let shape = g.shape(w).to_vec();
             let dw = g.intermediate(&format!("{label}.grad_weight"), &shape);

@@ -1,10 +1,45 @@
 //! Matrix products: nn.Linear (y = x W^T + b) and the general strided matmul it is built on.
 
+use bytemuck::{Pod, Zeroable};
+
 use crate::gpu::Shader;
-use crate::graph::{Cost, Graph, Node, Params, TensorId};
+use crate::graph::{Cost, Graph, Node, TensorId, Variant};
 use crate::shader;
 
 pub static SHADER: Shader = shader!("matmul");
+
+/// Uniform parameters of `matmul` (WGSL `Params`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct MatmulParams {
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+    pub has_bias: u32,
+    pub a_sm: u32,
+    pub a_sk: u32,
+    pub b_sk: u32,
+    pub b_sn: u32,
+}
+
+/// The kernels [`matmul`] offers the tuner: workgroup shapes (WG_X, WG_Y) of the 4x4
+/// register-tiled kernel. Index 0 is the default; square blocks suit large products, the wide
+/// one the thin [rows, out] products of the time embedding.
+pub const VARIANTS: [(&str, u32, u32); 3] = [("wg8x8", 8, 8), ("wg16x16", 16, 16), ("wg16x4", 16, 4)];
+
+/// The candidate kernels of an [M, N] product (see [`VARIANTS`]).
+pub fn variants(m: usize, n: usize) -> Vec<Variant> {
+    VARIANTS
+        .iter()
+        .map(|&(name, wx, wy)| Variant {
+            name: name.to_string(),
+            entry: "matmul",
+            constants: vec![("WG_X", wx as f64), ("WG_Y", wy as f64)],
+            workgroups: [n.div_ceil(4 * wx as usize) as u32, m.div_ceil(4 * wy as usize) as u32, 1],
+            writes_workgroup_memory_first: false,
+        })
+        .collect()
+}
 
 /// How A[M, K] and B[K, N] are laid out in memory: element strides along each axis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,26 +78,31 @@ pub fn matmul(
         assert_eq!(g.info(bias).numel(), n, "{name}: bias must hold N = {n} values");
     }
     let c = g.intermediate(name, &[m, n]);
-    let params = Params::new()
-        .u(m)
-        .u(n)
-        .u(k)
-        .u(bias.is_some() as usize)
-        .u(strides.a_m)
-        .u(strides.a_k)
-        .u(strides.b_k)
-        .u(strides.b_n)
-        .build();
-    g.push(Node {
-        shader: &SHADER,
-        entry: "matmul",
-        params,
-        reads: vec![a, b, bias.unwrap_or(b)],
-        writes: vec![c],
-        workgroups: [n.div_ceil(32) as u32, m.div_ceil(32) as u32, 1],
-        label: name.to_string(),
-        cost: Cost { flops: 2 * (m * n * k) as u64, bytes: 4 * (m * k + k * n + m * n) as u64 },
-    });
+    let u = |v: usize| u32::try_from(v).expect("matmul parameter exceeds u32");
+    let p = MatmulParams {
+        m: u(m),
+        n: u(n),
+        k: u(k),
+        has_bias: bias.is_some() as u32,
+        a_sm: u(strides.a_m),
+        a_sk: u(strides.a_k),
+        b_sk: u(strides.b_k),
+        b_sn: u(strides.b_n),
+    };
+    let candidates = variants(m, n);
+    g.push_variants(
+        Node {
+            shader: &SHADER,
+            entry: candidates[0].entry,
+            params: bytemuck::cast_slice(&[p]).to_vec(),
+            reads: vec![a, b, bias.unwrap_or(b)],
+            writes: vec![c],
+            workgroups: candidates[0].workgroups,
+            label: name.to_string(),
+            cost: Cost { flops: 2 * (m * n * k) as u64, bytes: 4 * (m * k + k * n + m * n) as u64 },
+        },
+        candidates,
+    );
     c
 }
 

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod batchnorm;
+pub mod calibrate;
 pub mod conv;
 pub mod dropout;
 pub mod elementwise;
@@ -28,10 +29,11 @@ pub(crate) fn pointwise_cost(outputs: usize, inputs: usize, flops_per: u64) -> C
 }
 
 /// Every shader the crate embeds, for validation and listings.
-pub fn all_shaders() -> [&'static crate::gpu::Shader; 17] {
+pub fn all_shaders() -> [&'static crate::gpu::Shader; 18] {
     [
         &attention::SHADER,
         &batchnorm::SHADER,
+        &calibrate::SHADER,
         &conv::SHADER,
         &dropout::SHADER,
         &elementwise::SHADER,

@@ -15,6 +15,10 @@ pub fn ctx() -> &'static Context {
     static CTX: OnceLock<Context> = OnceLock::new();
     CTX.get_or_init(|| {
         let c = Context::new(None).expect("a GPU adapter (on Linux without a GPU: apt install mesa-vulkan-drivers)");
+        // Op and model tests run every family's default kernel: timing the variants of each
+        // shape again in every test binary would cost more than the tests (tests/tune.rs checks
+        // every variant against the CPU reference and the tuner itself).
+        c.tuning.lock().unwrap().enabled = false;
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             assert_eq!(c.adapter.backend, wgpu::Backend::Vulkan, "CI expects Vulkan, got {}", c.describe());
         }
@@ -83,7 +87,10 @@ pub fn run_graph(mut g: Graph, inputs: &[(TensorId, Vec<u32>)], outputs: &[Tenso
 // ---- command-line helpers ---------------------------------------------------------------------
 
 pub fn bin() -> std::process::Command {
-    std::process::Command::new(env!("CARGO_BIN_EXE_sddpm-gpu"))
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sddpm-gpu"));
+    // Tuning results go to this binary's temp folder, not the user's cache.
+    cmd.env("SDDPM_CACHE_DIR", tmp("tune-cache"));
+    cmd
 }
 
 pub fn fixture(name: &str) -> std::path::PathBuf {

@@ -1,0 +1,155 @@
+//! The autotuner: picks one of the candidate kernels of every tunable node before a graph is
+//! compiled. It knows nothing about individual ops: an op family offers [`Variant`]s through
+//! [`Graph::push_variants`] (index 0 the default); the tuner times each distinct tuning key
+//! (family, shapes, parameters) on the adapter with GPU timestamps, a few runs per candidate within
+//! a time bound, keeps the fastest, and stores the choice and every candidate's time in the
+//! [`Cache`], so the next run on the same adapter and driver skips the timing.
+//!
+//! Choice order per key: a pinned choice (a resumed run's record) > tuning off (the default) >
+//! the cache > timing. Every choice is recorded in the context's [`Tuning::chosen`].
+//!
+//! Selection runs on the graph, before memory planning, so a variant's grid and constants are
+//! fixed when the plan is built.
+
+mod cache;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+
+pub use cache::{cache_dir, Cache, Entry, Timed};
+
+use crate::gpu::{Context, Tuning};
+use crate::graph::{Graph, Node, Plan, Variant};
+
+/// Profiled runs per candidate after one warm-up run (the best counts).
+const RUNS_PER_CANDIDATE: usize = 3;
+/// Past this much timing for one key, the remaining candidates get a single run each (no warm-up).
+const BUDGET_PER_KEY: Duration = Duration::from_millis(300);
+
+/// What [`select`] did, for notices and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Keys timed on the adapter in this call.
+    pub timed: usize,
+    /// Keys whose choice came from the cache.
+    pub cached: usize,
+    /// Keys given a pinned (recorded) choice.
+    pub pinned: usize,
+    /// Keys left at the default because tuning is off.
+    pub defaults: usize,
+}
+
+/// Choose the kernel of every tunable node of `g` (see the module documentation).
+pub fn select(ctx: &Context, g: &mut Graph) -> Result<Report> {
+    let mut report = Report::default();
+    if g.variants.is_empty() {
+        return Ok(report);
+    }
+    let policy: Tuning = ctx.tuning.lock().unwrap().clone();
+    let mut cache: Option<Cache> = None;
+    let mut decided: BTreeMap<String, usize> = BTreeMap::new();
+    let started = Instant::now();
+    let nodes: Vec<usize> = g.variants.keys().copied().collect();
+    for node in nodes {
+        let key = g.tuning_key(node);
+        let names: Vec<String> = g.variants[&node].candidates.iter().map(|v| v.name.clone()).collect();
+        let index_of = |name: &str| names.iter().position(|n| n == name);
+        let index = match decided.get(&key) {
+            Some(&i) => i,
+            None => {
+                let i = if let Some(name) = policy.pinned.get(&key) {
+                    report.pinned += 1;
+                    match index_of(name) {
+                        Some(i) => i,
+                        None => bail!(
+                            "the run recorded kernel variant '{name}' for {key}, which this build does not offer \
+                             (it offers {}); rerun without --resume or with the build that made the run",
+                            names.join(", ")
+                        ),
+                    }
+                } else if !policy.enabled {
+                    report.defaults += 1;
+                    0
+                } else {
+                    let cache = cache.get_or_insert_with(|| Cache::open(ctx));
+                    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+                    match cache.get(&key, &refs).and_then(|e| index_of(&e.choice)) {
+                        Some(i) => {
+                            report.cached += 1;
+                            i
+                        }
+                        None => {
+                            let timed = time_candidates(ctx, g, node)?;
+                            report.timed += 1;
+                            let best = (0..timed.len())
+                                .min_by(|&a, &b| timed[a].us.total_cmp(&timed[b].us))
+                                .expect("at least one candidate");
+                            cache.insert(key.clone(), Entry { choice: names[best].clone(), candidates: timed });
+                            best
+                        }
+                    }
+                };
+                decided.insert(key.clone(), i);
+                i
+            }
+        };
+        g.choose(node, index);
+        ctx.tuning.lock().unwrap().chosen.insert(key, names[index].clone());
+    }
+    if let Some(mut cache) = cache {
+        cache.save();
+        if report.timed > 0 {
+            eprintln!(
+                "note: tuned {} kernel shape(s) on {} in {:.0} ms{}",
+                report.timed,
+                ctx.adapter.name,
+                started.elapsed().as_secs_f64() * 1e3,
+                cache.path().map_or_else(String::new, |p| format!("; cached in {}", p.display()))
+            );
+        }
+    }
+    Ok(report)
+}
+
+/// Select kernels (see [`select`]) and compile.
+pub fn compile(ctx: &Context, g: &Graph) -> Result<Plan> {
+    if g.variants.is_empty() {
+        return Plan::compile(ctx, g);
+    }
+    let mut g = g.clone();
+    select(ctx, &mut g)?;
+    Plan::compile(ctx, &g)
+}
+
+/// Time every candidate of `node` alone, on zero-filled copies of the tensors it binds.
+fn time_candidates(ctx: &Context, g: &Graph, node: usize) -> Result<Vec<Timed>> {
+    let n = &g.nodes[node];
+    let started = Instant::now();
+    let mut out = Vec::new();
+    for v in &g.variants[&node].candidates {
+        let mut mini = Graph::new();
+        let mut bind = |ts: &[crate::graph::TensorId]| -> Vec<crate::graph::TensorId> {
+            ts.iter().map(|&t| mini.input(&g.info(t).name, g.shape(t))).collect()
+        };
+        let reads = bind(&n.reads);
+        let writes = bind(&n.writes);
+        let single: Vec<Variant> = vec![v.clone()];
+        mini.push_variants(Node { reads, writes, ..n.clone() }, single);
+        let plan = Plan::compile(ctx, &mini)?;
+        // Past the budget a candidate gets one cold run: enough to rank kernels that differ by
+        // multiples (what slow adapters and huge shapes show), and the time stays bounded.
+        let within = started.elapsed() < BUDGET_PER_KEY;
+        if within {
+            plan.run(ctx)?;
+        }
+        let runs = if within { RUNS_PER_CANDIDATE } else { 1 };
+        let mut best = f64::INFINITY;
+        for _ in 0..runs {
+            best = best.min(plan.profile(ctx)?.ns.iter().sum::<f64>());
+        }
+        out.push(Timed { variant: v.name.clone(), us: best * 1e-3 });
+    }
+    Ok(out)
+}
