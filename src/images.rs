@@ -7,6 +7,15 @@ use image::{ExtendedColorType, ImageEncoder};
 
 use crate::checkpoint::write_atomic;
 
+/// Decode an image file (PNG or JPEG), with a one-line error naming the file: decoders' messages
+/// may span lines, and every error the tool prints is one line.
+pub fn open(path: &Path) -> Result<image::DynamicImage> {
+    image::open(path).map_err(|e| {
+        let why = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+        anyhow::anyhow!("{}: cannot decode image ({why})", path.display())
+    })
+}
+
 /// [-1, 1] -> u8 as torchvision's save_image: floor(255 * (x + 1) / 2 + 0.5), clamped.
 pub fn to_u8(x: f32) -> u8 {
     (((x + 1.0) * 0.5) * 255.0 + 0.5).clamp(0.0, 255.0) as u8

@@ -1,5 +1,5 @@
 //! Untrusted files never crash or exhaust the tool: every loader (safetensors checkpoints, MNIST
-//! IDX, CIFAR-10 binary, PNG images, pytorch-fid .npz statistics, torch zip + pickle weights) is
+//! IDX (raw and gzipped), CIFAR-10 binary, PNG and JPEG images, pytorch-fid .npz statistics, torch zip + pickle weights) is
 //! fed truncated files, flipped bytes and absurd declared sizes. Each must return (an error or,
 //! rarely, a value) without panicking, and no single allocation may exceed a small multiple of
 //! the file's size (a counting global allocator watches): 8x for the binary formats (f16 -> f32
@@ -114,6 +114,40 @@ fn idx_images() {
     let absurd = vec![idx_bytes(u32::MAX, 28, 28, 3 * 784), idx_bytes(0x8000_0000, 0x8000_0000, 4, 16)];
     check("IDX", &good, &tmp("m-train-images-idx3-ubyte"), 8, absurd, &|p| {
         one_line(sddpm_gpu::data::load(Some(p), 28))
+    });
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(bytes).unwrap();
+    enc.finish().unwrap()
+}
+
+#[test]
+fn gzipped_idx_images() {
+    let good = tmp("m-good-idx3-ubyte.gz");
+    std::fs::write(&good, gzip(&idx_bytes(3, 28, 28, 3 * 784))).unwrap();
+    // A gzip bomb (50 MB of pixels behind a header that declares 3 images) and a header that
+    // declares more than the compressed file could ever expand to: both stop before allocating.
+    let bombs = vec![gzip(&idx_bytes(3, 28, 28, 50 << 20)), gzip(&idx_bytes(1 << 30, 28, 28, 3 * 784))];
+    check("gzipped IDX", &good, &tmp("m-gz-train-images-idx3-ubyte.gz"), 8, bombs, &|p| {
+        one_line(sddpm_gpu::data::load(Some(p), 28))
+    });
+}
+
+#[test]
+fn jpeg_images() {
+    let dir = tmp("m-jpeg");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixture("fid/images/rgb/000.png"), dir.join("000.png")).unwrap();
+    let good = tmp("m-good.jpg");
+    image::open(fixture("fid/images/rgb/001.png")).unwrap().to_rgb8().save(&good).unwrap();
+    check("JPEG", &good, &dir.join("001.jpg"), 2048, vec![], &|_| {
+        let Ok(sddpm_gpu::fid::inputs::Input::Images(images)) = sddpm_gpu::fid::inputs::Input::open(&dir) else {
+            panic!("two files make an image folder")
+        };
+        one_line(images.get(1))
     });
 }
 

@@ -89,7 +89,7 @@ fn list_dir(path: &Path) -> Result<Vec<PathBuf>> {
 /// Load a dataset (`None`: the embedded MNIST subset) at `size` x `size` pixels.
 pub fn load(path: Option<&Path>, size: usize) -> Result<Dataset> {
     let Some(path) = path else {
-        let raw = gunzip(EMBEDDED_MNIST).context("embedded MNIST")?;
+        let raw = gunzip_idx(EMBEDDED_MNIST).context("embedded MNIST")?;
         return idx_dataset("embedded MNIST (10,000 images)", &raw, Path::new("<embedded>"), size);
     };
     match detect(path)? {
@@ -104,7 +104,7 @@ pub fn load(path: Option<&Path>, size: usize) -> Result<Dataset> {
             };
             let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let raw = if bytes.starts_with(&[0x1f, 0x8b]) {
-                gunzip(&bytes).with_context(|| format!("{}: bad gzip data", file.display()))?
+                gunzip_idx(&bytes).with_context(|| format!("{}: bad gzip data", file.display()))?
             } else {
                 bytes
             };
@@ -115,9 +115,24 @@ pub fn load(path: Option<&Path>, size: usize) -> Result<Dataset> {
     }
 }
 
-fn gunzip(bytes: &[u8]) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    flate2::read::GzDecoder::new(bytes).read_to_end(&mut out)?;
+/// Decompress a gzipped IDX image file, reading no more than its header declares (plus one byte,
+/// so a longer file is still caught as a size mismatch): a gzip bomb stops there. The declared
+/// size itself must fit what DEFLATE can expand this file to (at most 1032x).
+fn gunzip_idx(bytes: &[u8]) -> Result<Vec<u8>> {
+    let mut dec = flate2::read::GzDecoder::new(bytes);
+    let mut header = [0u8; 16];
+    dec.read_exact(&mut header).map_err(|e| anyhow!("shorter than an IDX header ({e})"))?;
+    let word = |i: usize| u64::from(u32::from_be_bytes(header[4 * i..4 * i + 4].try_into().expect("4 bytes")));
+    if word(0) != 0x803 {
+        return Ok(header.to_vec()); // idx_dataset names the wrong magic number
+    }
+    let (n, h, w) = (word(1), word(2), word(3));
+    let body = n.checked_mul(h).and_then(|v| v.checked_mul(w)).filter(|&b| b <= 1032 * bytes.len() as u64);
+    let Some(body) = body else {
+        bail!("declares {n} images of {h}x{w}, more than a {}-byte gzip file can hold", bytes.len());
+    };
+    let mut out = header.to_vec();
+    dec.take(body + 1).read_to_end(&mut out)?;
     Ok(out)
 }
 
@@ -187,7 +202,7 @@ fn folder(path: &Path, size: usize) -> Result<Dataset> {
         .collect();
     let mut pixels = Vec::with_capacity(files.len() * 3 * size * size);
     for f in &files {
-        let img = image::open(f).with_context(|| format!("cannot decode image {}", f.display()))?.to_rgb8();
+        let img = crate::images::open(f)?.to_rgb8();
         // The reference's CelebA pipeline: CenterCrop(148) of the 178x218 aligned faces, then
         // Resize(64). For other image sizes the same fraction (148/178) of the short side.
         let short = img.width().min(img.height());

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use indicatif::ProgressBar;
 
 use super::inception::{Inception, Preprocess, DIM};
@@ -85,7 +85,7 @@ impl Images {
         match self {
             Images::Files(files) => {
                 let path = &files[i];
-                let img = image::open(path).map_err(|e| anyhow!("{}: cannot decode image ({e})", path.display()))?;
+                let img = crate::images::open(path)?;
                 let (w, h) = (img.width() as usize, img.height() as usize);
                 Ok(if img.color().has_color() {
                     (img.into_rgb8().into_raw(), [3, h, w])
