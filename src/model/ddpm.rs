@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::arch::{Entry, EntryKind, LayerMacs};
-use super::unet::{time_mlp, UNet};
+use super::unet::{time_mlp, UNet, TIME_MLP};
 use crate::checkpoint::{Tensor, TensorFile};
 use crate::graph::{Graph, TensorId};
 use crate::ops::embedding::timestep_table;
@@ -407,14 +407,7 @@ pub fn build_ddpm(g: &mut Graph, cfg: &DdpmConfig, x: TensorId, t: TensorId, tra
             b.p(&n);
         }
     }
-    let mlp = [
-        "time_embedding.timembedding.0.weight",
-        "time_embedding.timembedding.1.weight",
-        "time_embedding.timembedding.1.bias",
-        "time_embedding.timembedding.3.weight",
-        "time_embedding.timembedding.3.bias",
-    ]
-    .map(|n| b.p(n));
+    let mlp = TIME_MLP.map(|n| b.p(n));
     let temb_act = time_mlp(b.g, t, mlp);
 
     let mut h = b.conv(x, "head", 1);

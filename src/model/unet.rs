@@ -271,14 +271,7 @@ fn build(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neu
         }
     }
     // Time embedding, once per evaluation and shared by every block (it is the same for all T).
-    let mlp = [
-        "time_embedding.timembedding.0.weight",
-        "time_embedding.timembedding.1.weight",
-        "time_embedding.timembedding.1.bias",
-        "time_embedding.timembedding.3.weight",
-        "time_embedding.timembedding.3.bias",
-    ]
-    .map(|n| b.p(n));
+    let mlp = TIME_MLP.map(|n| b.p(n));
     let temb_act = time_mlp(b.g, t, mlp);
 
     // Stem. The input is repeated over T; the conv acts per image, so it runs once per image and
@@ -327,6 +320,15 @@ fn build(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neu
     let eps = readout::membrane_readout(b.g, h, b.t, readout::DECAY, "membrane_output");
     UNet { params: b.params, eps, spikes: b.spikes, folds: b.folds, dropout_key: None }
 }
+
+/// The parameters of [`time_mlp`], by official name, in its argument order.
+pub(crate) const TIME_MLP: [&str; 5] = [
+    "time_embedding.timembedding.0.weight",
+    "time_embedding.timembedding.1.weight",
+    "time_embedding.timembedding.1.bias",
+    "time_embedding.timembedding.3.weight",
+    "time_embedding.timembedding.3.bias",
+];
 
 /// The time embedding both U-Nets share: table lookup, Linear, Swish, Linear, and the Swish every
 /// temb_proj starts with (computed once). `[table, w1, b1, w3, b3]` are the
