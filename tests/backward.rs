@@ -9,48 +9,8 @@
 mod common;
 
 use common::*;
-use sddpm_gpu::graph::{backward, DType, Graph, Plan, TensorId};
+use sddpm_gpu::graph::{backward, DType, Graph, Plan};
 use sddpm_gpu::ops::{batchnorm, conv, elementwise, layout, matmul, neuron, optim, readout, reduce, spike_attention};
-
-/// Run `g`, whose output `y` gets upstream gradient `dy`, and return the gradients of `wrt`.
-fn gpu_grads(
-    mut g: Graph,
-    y: TensorId,
-    dy: &[f32],
-    inputs: &[(TensorId, Vec<f32>)],
-    wrt: &[TensorId],
-) -> Vec<Vec<f32>> {
-    let shape = g.shape(y).to_vec();
-    let seed = g.input("dy", &shape);
-    let grads = backward(&mut g, y, seed, wrt, elementwise::add);
-    let outs: Vec<TensorId> = wrt.iter().map(|t| grads[t]).collect();
-    // Spike inputs are uploaded bit-packed, as the neurons write them.
-    let upload = |t: TensorId, v: &[f32]| match g.info(t).dtype {
-        DType::Spike => sddpm_gpu::graph::pack_spikes(v),
-        _ => bits(v),
-    };
-    let mut all: Vec<(TensorId, Vec<u32>)> = inputs.iter().map(|(t, v)| (*t, upload(*t, v))).collect();
-    all.push((seed, bits(dy)));
-    run_graph(g, &all, &outs)
-}
-
-/// Check `grad` (analytic, of L = sum(dy * f(x))) against central differences at a few indices.
-fn fd_check(what: &str, f: impl Fn(&[f32]) -> Vec<f32>, x: &[f32], dy: &[f32], grad: &[f32], h: f32, rtol: f32) {
-    let loss = |x: &[f32]| f(x).iter().zip(dy).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
-    let scale = grad.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    let step = (x.len() / 7).max(1);
-    for i in (0..x.len()).step_by(step).chain([x.len() - 1]) {
-        let (mut xp, mut xm) = (x.to_vec(), x.to_vec());
-        xp[i] += h;
-        xm[i] -= h;
-        let num = ((loss(&xp) - loss(&xm)) / (2.0 * h as f64)) as f32;
-        assert!(
-            (num - grad[i]).abs() <= rtol * scale,
-            "{what}[{i}]: finite difference {num}, analytic {}, scale {scale}",
-            grad[i]
-        );
-    }
-}
 
 fn check_conv_backward(seed: u64, [n, cin, h, w]: [usize; 4], cout: usize, k: usize, stride: usize) {
     let pad = k / 2;
