@@ -7,7 +7,7 @@ use crate::gpu::Shader;
 use crate::graph::{Cost, Graph, Node, Params, TensorId};
 use crate::shader;
 
-pub static SHADER: Shader = shader!("attention");
+pub static SHADER: Shader = shader!(trusted "attention");
 
 /// Widest channel count the kernels hold in workgroup memory (MAX_C in shaders/attention.wgsl).
 pub const MAX_C: usize = 512;

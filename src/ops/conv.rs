@@ -8,7 +8,7 @@ use crate::gpu::Shader;
 use crate::graph::{grid_1d, Cost, DType, Graph, Node, Params, TensorId, Variant};
 use crate::shader;
 
-pub static SHADER: Shader = shader!("conv");
+pub static SHADER: Shader = shader!(trusted "conv");
 
 /// Output positions one weight-gradient invocation sums; filled into the WGSL `override
 /// GRAD_W_CHUNK` of both weight-gradient kernels (see [`grad_weight_variants`]).

@@ -6,7 +6,7 @@ use crate::graph::{grid_1d, Graph, Node, Params, TensorId};
 use crate::ops::pointwise_cost;
 use crate::shader;
 
-pub static SHADER: Shader = shader!("elementwise");
+pub static SHADER: Shader = shader!(trusted "elementwise");
 
 fn pointwise(
     g: &mut Graph,

@@ -7,7 +7,7 @@ use crate::graph::{grid_1d, Cost, Graph, Node, Params, TensorId};
 use crate::ops::pointwise_cost;
 use crate::shader;
 
-pub static SHADER: Shader = shader!("groupnorm", uses "tree_sum");
+pub static SHADER: Shader = shader!(trusted "groupnorm", uses "tree_sum");
 
 /// nn.GroupNorm's default.
 pub const EPS: f32 = 1e-5;

@@ -5,7 +5,7 @@ use crate::graph::{grid_1d, Cost, DType, Graph, Node, Params, TensorId};
 use crate::ops::pointwise_cost;
 use crate::shader;
 
-pub static SHADER: Shader = shader!("layout");
+pub static SHADER: Shader = shader!(trusted "layout");
 
 /// Nearest-neighbour x2 upsampling of [N, C, H, W] -> [N, C, 2H, 2W], of f32 values or of
 /// bit-packed spikes (the output has the input's dtype; the gradient is f32 either way).

@@ -6,7 +6,7 @@ use crate::gpu::Shader;
 use crate::graph::{Cost, Graph, Node, TensorId, Variant};
 use crate::shader;
 
-pub static SHADER: Shader = shader!("matmul");
+pub static SHADER: Shader = shader!(trusted "matmul");
 
 /// Uniform parameters of `matmul` (WGSL `Params`).
 #[repr(C)]

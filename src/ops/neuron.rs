@@ -5,7 +5,7 @@ use crate::gpu::Shader;
 use crate::graph::{grid_1d, Cost, DType, Graph, Node, Params, TensorId};
 use crate::shader;
 
-pub static SHADER: Shader = shader!("neuron");
+pub static SHADER: Shader = shader!(trusted "neuron");
 
 /// Neuron dynamics. The reference uses `Neuron::default()`: IF, threshold 1, reset to 0.
 /// Threshold-guided sampling changes `v_th` at inference only.

@@ -4,7 +4,7 @@ use crate::gpu::Shader;
 use crate::graph::{grid_1d, Cost, Graph, Node, Params, TensorId};
 use crate::shader;
 
-pub static SHADER: Shader = shader!("optim");
+pub static SHADER: Shader = shader!(trusted "optim");
 
 /// Adam's constants (PyTorch defaults as the reference uses them).
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -5,7 +5,7 @@ use crate::graph::{grid_1d, Graph, Node, Params, TensorId};
 use crate::ops::pointwise_cost;
 use crate::shader;
 
-pub static SHADER: Shader = shader!("readout");
+pub static SHADER: Shader = shader!(trusted "readout");
 
 /// The reference's decay (MembraneOutputLayer, from FSVAE).
 pub const DECAY: f32 = 0.8;

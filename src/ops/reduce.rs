@@ -5,7 +5,7 @@ use crate::gpu::Shader;
 use crate::graph::{grid_1d, Cost, DType, Graph, Node, Params, TensorId};
 use crate::shader;
 
-pub static SHADER: Shader = shader!("reduce", uses "tree_sum");
+pub static SHADER: Shader = shader!(trusted "reduce", uses "tree_sum");
 
 /// y[b, c] = sum over r, s of x[r*B + b, c, s]; x: [N, C, ...] with N a multiple of `groups` (B),
 /// f32 or bit-packed spikes (then y counts spikes).

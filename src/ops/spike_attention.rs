@@ -7,7 +7,7 @@ use crate::gpu::Shader;
 use crate::graph::{grid_1d, Cost, DType, Graph, Node, Params, TensorId};
 use crate::shader;
 
-pub static SHADER: Shader = shader!("spike_attention");
+pub static SHADER: Shader = shader!(trusted "spike_attention");
 
 /// Shape of one attention call: rows R = T*B, channels C, positions N = H*W, heads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,6 +12,7 @@
 //! fixed when the plan is built.
 
 mod cache;
+mod record;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 
 pub use cache::{cache_dir, Cache, Entry, Timed};
+pub use record::{adapter_id, pin_recorded, record_json, Record, METADATA_KEY};
 
 use crate::gpu::{Context, Tuning};
 use crate::graph::{Graph, Node, Plan, Variant};
