@@ -124,10 +124,13 @@ macro_rules! assert_params_layout {
 
 #[test]
 fn parameter_structs_match_their_wgsl_layout() {
-    use sddpm_gpu::ops::{calibrate, matmul};
+    use sddpm_gpu::ops::{calibrate, elementwise, layout, matmul, reduce};
     assert_params_layout!(calibrate::SHADER, "FmaParams", calibrate::FmaParams, [n, iters, a, b]);
-    assert_params_layout!(calibrate::SHADER, "CopyParams", calibrate::CopyParams, [n]);
+    assert_params_layout!(calibrate::SHADER, "CopyParams", calibrate::CopyParams, [n, pad0, pad1, pad2]);
     assert_params_layout!(matmul::SHADER, "Params", matmul::MatmulParams, [m, n, k, has_bias, a_sm, a_sk, b_sk, b_sn]);
+    assert_params_layout!(elementwise::SHADER, "Params", elementwise::ElementwiseParams, [numel, c, s, b]);
+    assert_params_layout!(layout::SHADER, "Params", layout::LayoutParams, [numel, c, h, w, ca, cb, s, _pad]);
+    assert_params_layout!(reduce::SHADER, "Params", reduce::ReduceParams, [n, c, s, b]);
 }
 
 #[test]
