@@ -124,13 +124,33 @@ macro_rules! assert_params_layout {
 
 #[test]
 fn parameter_structs_match_their_wgsl_layout() {
-    use sddpm_gpu::ops::{calibrate, elementwise, layout, matmul, reduce};
+    use sddpm_gpu::ops::{calibrate, dropout, elementwise, embedding, layout, matmul, optim, readout, reduce, sampler};
     assert_params_layout!(calibrate::SHADER, "FmaParams", calibrate::FmaParams, [n, iters, a, b]);
     assert_params_layout!(calibrate::SHADER, "CopyParams", calibrate::CopyParams, [n, pad0, pad1, pad2]);
     assert_params_layout!(matmul::SHADER, "Params", matmul::MatmulParams, [m, n, k, has_bias, a_sm, a_sk, b_sk, b_sn]);
     assert_params_layout!(elementwise::SHADER, "Params", elementwise::ElementwiseParams, [numel, c, s, b]);
     assert_params_layout!(layout::SHADER, "Params", layout::LayoutParams, [numel, c, h, w, ca, cb, s, _pad]);
     assert_params_layout!(reduce::SHADER, "Params", reduce::ReduceParams, [n, c, s, b]);
+    assert_params_layout!(
+        optim::SHADER,
+        "Params",
+        optim::OptimParams,
+        [n, _pad0, _pad1, _pad2, beta1, beta2, eps, _pad3]
+    );
+    assert_params_layout!(
+        sampler::SHADER,
+        "Params",
+        sampler::SamplerParams,
+        [numel, per_image, batch, image_base, seed_lo, seed_hi, z_source, _pad]
+    );
+    assert_params_layout!(embedding::SHADER, "Params", embedding::GatherParams, [rows, d, count, _pad]);
+    assert_params_layout!(readout::SHADER, "Params", readout::ReadoutParams, [m, t, decay, _pad]);
+    assert_params_layout!(
+        dropout::SHADER,
+        "Params",
+        dropout::DropoutParams,
+        [numel, layer, threshold, _pad, scale, _pad1, _pad2, _pad3]
+    );
 }
 
 #[test]
