@@ -3,7 +3,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::Shader;
-use crate::graph::{Cost, Graph, Node, TensorId, Variant};
+use crate::graph::{Cost, Graph, Node, Params, TensorId, Variant};
 use crate::shader;
 
 pub static SHADER: Shader = shader!(trusted "matmul");
@@ -94,7 +94,7 @@ pub fn matmul(
         Node {
             shader: &SHADER,
             entry: candidates[0].entry,
-            params: bytemuck::cast_slice(&[p]).to_vec(),
+            params: Params::of(&p),
             reads: vec![a, b, bias.unwrap_or(b)],
             writes: vec![c],
             workgroups: candidates[0].workgroups,
