@@ -124,9 +124,15 @@ macro_rules! assert_params_layout {
 
 #[test]
 fn parameter_structs_match_their_wgsl_layout() {
-    use sddpm_gpu::ops::{calibrate, matmul};
+    use sddpm_gpu::ops::{calibrate, conv, matmul};
     assert_params_layout!(calibrate::SHADER, "FmaParams", calibrate::FmaParams, [n, iters, a, b]);
     assert_params_layout!(calibrate::SHADER, "CopyParams", calibrate::CopyParams, [n]);
+    assert_params_layout!(
+        conv::SHADER,
+        "Params",
+        conv::ConvParams,
+        [n, cin, h, w, cout, ho, wo, k, stride, pad, wo_groups, x_spikes, kw, pad_w, epilogue, emb_rows]
+    );
     assert_params_layout!(matmul::SHADER, "Params", matmul::MatmulParams, [m, n, k, has_bias, a_sm, a_sk, b_sk, b_sn]);
 }
 
