@@ -149,9 +149,10 @@ pub fn conv2d(
     conv2d_fused(g, x, w, b, stride, pad, Epilogue::default(), name)
 }
 
-/// [`conv2d`] with the additions of `epilogue` done as the output is stored: y = ((conv2d(x, w)
-/// + b) + emb[n % B, co]) + residual[n, co, oy, ox], bit-identical to the conv followed by
-/// `elementwise::add_channel` and `elementwise::add`, in one pass over y instead of three.
+/// [`conv2d`] with the additions of `epilogue` done as the output is stored:
+/// `y = ((conv2d(x, w) + b) + emb[n % B, co]) + residual[n, co, oy, ox]`, bit-identical to the
+/// conv followed by `elementwise::add_channel` and `elementwise::add`, in one pass over y
+/// instead of three.
 /// Differentiable in every input: the residual's gradient is dy, emb's the sum of dy over pixels
 /// and the images sharing a row.
 #[allow(clippy::too_many_arguments)]
