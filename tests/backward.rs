@@ -94,6 +94,61 @@ fn conv2d_backward_stride2_and_1x1() {
     check_conv_backward(5, [2, 6, 5, 5], 10, 1, 1);
 }
 
+/// The conv with both epilogue addends: x, w and b get the plain conv's gradients, emb
+/// add_channel's (dy summed over pixels and over the images sharing a row), the residual dy.
+fn check_conv_epilogue_backward(
+    seed: u64,
+    [n, cin, h, w]: [usize; 4],
+    cout: usize,
+    k: usize,
+    stride: usize,
+    rows: usize,
+) {
+    let pad = k / 2;
+    let (ho, wo) = (conv::conv_out(h, k, stride, pad), conv::conv_out(w, k, stride, pad));
+    let mut r = rng(seed);
+    let xv = normalish(&mut r, n * cin * h * w, 1.0);
+    let wv = uniform(&mut r, cout * cin * k * k, -0.5, 0.5);
+    let bv = uniform(&mut r, cout, -0.5, 0.5);
+    let ev = normalish(&mut r, rows * cout, 1.0);
+    let rv = normalish(&mut r, n * cout * ho * wo, 1.0);
+    let dy = normalish(&mut r, n * cout * ho * wo, 1.0);
+    let mut g = Graph::new();
+    let x = g.input("x", &[n, cin, h, w]);
+    let wt = g.param("w", &[cout, cin, k, k]);
+    let b = g.param("b", &[cout]);
+    let e = g.input("emb", &[rows, cout]);
+    let res = g.input("residual", &[n, cout, ho, wo]);
+    let epilogue = conv::Epilogue { emb: Some(e), residual: Some(res) };
+    let y = conv::conv2d_fused(&mut g, x, wt, Some(b), stride, pad, epilogue, "conv");
+    let inputs = [(x, xv.clone()), (wt, wv.clone()), (b, bv.clone()), (e, ev.clone()), (res, rv.clone())];
+    let got = gpu_grads(g, y, &dy, &inputs, &[x, wt, b, e, res]);
+    let what = format!("fused conv {n}x{cin}x{h}x{w}->{cout} k{k} s{stride} emb rows {rows}");
+    let fwd = |xx: &[f32], ee: &[f32], rr: &[f32]| {
+        let (xs, ws) = ([n, cin, h, w], [cout, cin, k, k]);
+        conv::conv2d_fused_cpu(xx, xs, &wv, ws, Some(&bv), stride, pad, Some((ee, rows)), Some(rr))
+    };
+    let dx = conv::conv2d_grad_input_cpu(&dy, &wv, [n, cin, h, w], [cout, k], stride, pad);
+    assert_close(&format!("{what} dx"), &got[0], &dx, 1e-5, 1e-5);
+    fd_check(&format!("{what} dx"), |xx| fwd(xx, &ev, &rv), &xv, &dy, &dx, 1e-2, 2e-3);
+    let dw = conv::conv2d_grad_weight_cpu(&dy, &xv, [n, cin, h, w], [cout, k], stride, pad);
+    assert_close(&format!("{what} dw"), &got[1], &dw, 1e-5, 1e-4);
+    let db = reduce::group_sum_cpu(&dy, n, cout, ho * wo, 1);
+    assert_close(&format!("{what} db"), &got[2], &db, 1e-5, 1e-4);
+    let de = reduce::group_sum_cpu(&dy, n, cout, ho * wo, rows);
+    assert_close(&format!("{what} demb"), &got[3], &de, 1e-5, 1e-4);
+    fd_check(&format!("{what} demb"), |ee| fwd(&xv, ee, &rv), &ev, &dy, &de, 1e-2, 2e-3);
+    assert_eq!(bits(&got[4]), bits(&dy), "{what}: the residual's gradient is dy");
+    fd_check(&format!("{what} dresidual"), |rr| fwd(&xv, &ev, rr), &rv, &dy, &dy, 1e-2, 2e-3);
+}
+
+#[test]
+fn conv2d_epilogue_backward() {
+    check_conv_epilogue_backward(60, [8, 3, 7, 9], 5, 3, 1, 2);
+    check_conv_epilogue_backward(61, [6, 5, 9, 11], 37, 3, 2, 3);
+    check_conv_epilogue_backward(62, [4, 6, 5, 5], 10, 1, 1, 4);
+}
+
 #[test]
 fn linear_backward() {
     for (seed, (rows, inp, out)) in [(10u64, (2usize, 16usize, 12usize)), (11, (3, 7, 5)), (12, (5, 33, 9))] {

@@ -100,6 +100,77 @@ fn conv2d_reads_packed_spikes() {
     }
 }
 
+/// The conv with its epilogue (emb and/or residual added as the output is stored), in every
+/// forward variant, over f32 and packed spikes: against the CPU reference (1e-5 as above), and
+/// bit for bit against the same conv followed by the separate add_channel and add it replaces.
+#[test]
+fn conv2d_epilogue_matches_cpu_and_the_separate_adds_in_every_variant() {
+    // (x [N, Cin, H, W], Cout, K, stride, bias, emb rows B (0: none), residual, packed spikes):
+    // odd sizes, Cout below, above and not a multiple of the 32 tile, emb only, residual only, both.
+    let cases = [
+        ([8usize, 3, 7, 9], 5usize, 3usize, 1usize, true, 2usize, false, false),
+        ([6, 5, 9, 11], 37, 3, 2, false, 0, true, true),
+        ([4, 7, 3, 13], 9, 1, 1, true, 4, true, false),
+        ([3, 6, 5, 5], 33, 1, 2, true, 1, true, true),
+        ([8, 4, 6, 7], 70, 3, 1, true, 2, true, true),
+        ([6, 3, 7, 5], 10, 3, 2, true, 3, false, true),
+    ];
+    for (seed, &([n, cin, h, w], cout, k, stride, with_bias, rows, with_residual, packed)) in cases.iter().enumerate() {
+        let pad = k / 2;
+        let (ho, wo) = (conv::conv_out(h, k, stride, pad), conv::conv_out(w, k, stride, pad));
+        let mut r = rng(seed as u64 + 30);
+        let xv =
+            if packed { spike_values(&mut r, n * cin * h * w, 0.3) } else { normalish(&mut r, n * cin * h * w, 1.0) };
+        let wv = uniform(&mut r, cout * cin * k * k, -0.5, 0.5);
+        let bv = uniform(&mut r, cout, -0.5, 0.5);
+        let ev = normalish(&mut r, rows.max(1) * cout, 1.0);
+        let rv = normalish(&mut r, n * cout * ho * wo, 1.0);
+        let want = conv::conv2d_fused_cpu(
+            &xv,
+            [n, cin, h, w],
+            &wv,
+            [cout, cin, k, k],
+            with_bias.then_some(&bv[..]),
+            stride,
+            pad,
+            (rows > 0).then_some((&ev[..], rows)),
+            with_residual.then_some(&rv[..]),
+        );
+        for v in 0..conv::forward_variants(1, 1, 1, 1).len() {
+            let mut g = Graph::new();
+            let x = g.input_as("x", &[n, cin, h, w], if packed { DType::Spike } else { DType::F32 });
+            let wt = g.param("w", &[cout, cin, k, k]);
+            let b = g.param("b", &[cout]);
+            let e = g.input("emb", &[rows.max(1), cout]);
+            let res = g.input("residual", &[n, cout, ho, wo]);
+            let epilogue = conv::Epilogue { emb: (rows > 0).then_some(e), residual: with_residual.then_some(res) };
+            let bias = with_bias.then_some(b);
+            let fused_node = g.nodes.len();
+            let fused = conv::conv2d_fused(&mut g, x, wt, bias, stride, pad, epilogue, "fused");
+            g.choose(fused_node, v);
+            let plain_node = g.nodes.len();
+            let mut separate = conv::conv2d(&mut g, x, wt, bias, stride, pad, "conv");
+            g.choose(plain_node, v);
+            if rows > 0 {
+                separate = elementwise::add_channel(&mut g, separate, e, "temb_add");
+            }
+            if with_residual {
+                separate = elementwise::add(&mut g, separate, res, "residual");
+            }
+            let name = g.variants[&fused_node].variant().name.clone();
+            let xin = if packed { sddpm_gpu::graph::pack_spikes(&xv) } else { bits(&xv) };
+            let inputs = [(x, xin), (wt, bits(&wv)), (b, bits(&bv)), (e, bits(&ev)), (res, bits(&rv))];
+            let out = run_graph(g, &inputs, &[fused, separate]);
+            let what = format!(
+                "conv2d {name} {n}x{cin}x{h}x{w} -> {cout} k{k} s{stride} bias {with_bias} emb rows {rows} \
+                 residual {with_residual} spikes {packed}"
+            );
+            assert_eq!(bits(&out[0]), bits(&out[1]), "{what}: fused and separate adds must give the same bits");
+            assert_close(&what, &out[0], &want, 1e-5, 1e-5);
+        }
+    }
+}
+
 #[test]
 fn conv3d_331_matches_reference_layout() {
     // The reference permutes [T, B, C, H, W] -> [B, C, H, W, T], applies Conv3d (3,3,1), and

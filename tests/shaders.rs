@@ -125,11 +125,17 @@ macro_rules! assert_params_layout {
 #[test]
 fn parameter_structs_match_their_wgsl_layout() {
     use sddpm_gpu::ops::{
-        attention, calibrate, dropout, elementwise, embedding, groupnorm, layout, matmul, optim, pool, readout, reduce,
-        resize, sampler, spike_attention,
+        attention, calibrate, conv, dropout, elementwise, embedding, groupnorm, layout, matmul, optim, pool, readout,
+        reduce, resize, sampler, spike_attention,
     };
     assert_params_layout!(calibrate::SHADER, "FmaParams", calibrate::FmaParams, [n, iters, a, b]);
     assert_params_layout!(calibrate::SHADER, "CopyParams", calibrate::CopyParams, [n, pad0, pad1, pad2]);
+    assert_params_layout!(
+        conv::SHADER,
+        "Params",
+        conv::ConvParams,
+        [n, cin, h, w, cout, ho, wo, k, stride, pad, wo_groups, x_spikes, kw, pad_w, epilogue, emb_rows]
+    );
     assert_params_layout!(matmul::SHADER, "Params", matmul::MatmulParams, [m, n, k, has_bias, a_sm, a_sk, b_sk, b_sn]);
     assert_params_layout!(elementwise::SHADER, "Params", elementwise::ElementwiseParams, [numel, c, s, b]);
     assert_params_layout!(layout::SHADER, "Params", layout::LayoutParams, [numel, c, h, w, ca, cb, s, _pad]);

@@ -166,8 +166,38 @@ impl Builder<'_> {
         });
         let o = spike_attention::spike_attention(self.g, q, k, v, self.heads, name);
         let a = self.spikes(o, &format!("{name}.attn_neuron"));
-        let y = self.conv_bn(a, &format!("{name}.proj_conv"), &format!("{name}.proj_bn"), 1);
-        elementwise::add(self.g, x, y, &format!("{name}.residual"))
+        let (proj_conv, proj_bn) = (format!("{name}.proj_conv"), format!("{name}.proj_bn"));
+        if self.train {
+            let y = self.conv_bn(a, &proj_conv, &proj_bn, 1);
+            elementwise::add(self.g, x, y, &format!("{name}.residual"))
+        } else {
+            // proj_bn is folded into proj_conv, whose epilogue adds the residual.
+            self.conv_bn_add(a, &proj_conv, &proj_bn, x)
+        }
+    }
+
+    /// Inference: conv (BN folded) + `residual`, the add done in the conv's epilogue.
+    fn conv_bn_add(&mut self, x: TensorId, conv_name: &str, bn_name: &str, residual: TensorId) -> TensorId {
+        let (w, b) = self.conv_params(conv_name, bn_name);
+        let k = self.g.shape(w)[2];
+        let epilogue = conv::Epilogue { emb: None, residual: Some(residual) };
+        conv::conv2d_fused(self.g, x, w, Some(b), 1, k / 2, epilogue, conv_name)
+    }
+
+    /// temb_proj's Linear of the block `name` (its Swish is shared: see [`time_mlp`]).
+    fn temb_proj(&mut self, name: &str, temb_act: TensorId) -> TensorId {
+        let (pw, pb) = (self.p(&format!("{name}.temb_proj.1.weight")), self.p(&format!("{name}.temb_proj.1.bias")));
+        matmul::linear(self.g, temb_act, pw, Some(pb), &format!("{name}.temb_proj"))
+    }
+
+    /// The 1x1 shortcut conv of a ResBlock that changes width, else x.
+    fn shortcut(&mut self, name: &str, cin: usize, cout: usize, x: TensorId) -> TensorId {
+        if cin == cout {
+            return x;
+        }
+        let w = self.p(&format!("{name}.shortcut.weight"));
+        let b = self.p(&format!("{name}.shortcut.bias"));
+        conv::conv2d(self.g, x, w, Some(b), 1, 0, &format!("{name}.shortcut"))
     }
 
     fn block(&mut self, block: &Block, x: TensorId, temb_act: TensorId) -> TensorId {
@@ -176,46 +206,39 @@ impl Builder<'_> {
                 let s = self.spikes(x, &format!("{name}.neuron1"));
                 let (conv1, bn1) = (format!("{name}.conv1"), format!("{name}.bn1"));
                 let (w, b) = self.conv_params(&conv1, &bn1);
-                let c = conv::conv2d(self.g, s, w, Some(b), 1, 1, &conv1);
-                let (h, recompute) = if self.train {
-                    let bn = self.bn(&bn1);
-                    let (y, saved) = batchnorm::batchnorm_train(self.g, c, bn, &bn1);
-                    (y, Some((bn, saved)))
-                } else {
-                    (c, None)
-                };
-                let (pw, pb) =
-                    (self.p(&format!("{name}.temb_proj.1.weight")), self.p(&format!("{name}.temb_proj.1.bias")));
-                let proj = matmul::linear(self.g, temb_act, pw, Some(pb), &format!("{name}.temb_proj"));
-                let h = elementwise::add_channel(self.g, h, proj, &format!("{name}.temb_add"));
                 let neuron2 = format!("{name}.neuron2");
-                let s = match recompute {
+                let (conv2, bn2) = (format!("{name}.conv2"), format!("{name}.bn2"));
+                let h = if self.train {
+                    let c = conv::conv2d(self.g, s, w, Some(b), 1, 1, &conv1);
+                    let bn = self.bn(&bn1);
+                    let (h, saved) = batchnorm::batchnorm_train(self.g, c, bn, &bn1);
+                    let proj = self.temb_proj(name, temb_act);
+                    let h = elementwise::add_channel(self.g, h, proj, &format!("{name}.temb_add"));
                     // neuron2's backward reruns bn1 and the add from conv1's output, which bn1's
                     // backward keeps anyway, so the sum itself is not kept for backward.
-                    Some((bn, saved)) => {
-                        let input = neuron::AffineInput {
-                            c,
-                            weight: bn.weight,
-                            bias: bn.bias,
-                            mean: saved.mean,
-                            invstd: saved.invstd,
-                            emb: proj,
-                        };
-                        let s = neuron::neuron_forward_train_affine(self.g, h, input, self.t, self.neuron, &neuron2);
-                        self.spikes.push((neuron2, s));
-                        s
-                    }
-                    None => self.spikes(h, &neuron2),
-                };
-                let h = self.conv_bn(s, &format!("{name}.conv2"), &format!("{name}.bn2"), 1);
-                let shortcut = if cin != cout {
-                    let w = self.p(&format!("{name}.shortcut.weight"));
-                    let b = self.p(&format!("{name}.shortcut.bias"));
-                    conv::conv2d(self.g, x, w, Some(b), 1, 0, &format!("{name}.shortcut"))
+                    let input = neuron::AffineInput {
+                        c,
+                        weight: bn.weight,
+                        bias: bn.bias,
+                        mean: saved.mean,
+                        invstd: saved.invstd,
+                        emb: proj,
+                    };
+                    let s = neuron::neuron_forward_train_affine(self.g, h, input, self.t, self.neuron, &neuron2);
+                    self.spikes.push((neuron2, s));
+                    let h = self.conv_bn(s, &conv2, &bn2, 1);
+                    let shortcut = self.shortcut(name, *cin, *cout, x);
+                    elementwise::add(self.g, h, shortcut, &format!("{name}.residual"))
                 } else {
-                    x
+                    // bn1 and bn2 are folded into conv1 and conv2; conv1's epilogue adds the time
+                    // embedding, conv2's the shortcut.
+                    let proj = self.temb_proj(name, temb_act);
+                    let epilogue = conv::Epilogue { emb: Some(proj), residual: None };
+                    let h = conv::conv2d_fused(self.g, s, w, Some(b), 1, 1, epilogue, &conv1);
+                    let s = self.spikes(h, &neuron2);
+                    let shortcut = self.shortcut(name, *cin, *cout, x);
+                    self.conv_bn_add(s, &conv2, &bn2, shortcut)
                 };
-                let h = elementwise::add(self.g, h, shortcut, &format!("{name}.residual"));
                 if *attn {
                     self.attention(h, &format!("{name}.attn"))
                 } else {
