@@ -10,6 +10,9 @@
 //              running_mean = (1 - momentum) * running_mean + momentum * mean,
 //              running_var  = (1 - momentum) * running_var  + momentum * var * m / (m - 1).
 //   bn_train_apply: y = x * alpha + beta with alpha = weight * invstd, beta = bias - mean * alpha.
+//   bn_train_apply_add: y = (x * alpha + beta) + r, the apply fused with the residual add that
+//              follows it (same float operations as bn_train_apply then elementwise.wgsl's add, so
+//              the same bits; the BN output is never written). 12 bytes per element instead of 20.
 //
 // Backward of the training form (xhat = (x - mean) * invstd, m = N*H*W):
 //   bn_backward_reduce: dweight[c] = sum(dy * xhat), dbias[c] = sum(dy)   (one workgroup per channel)
@@ -62,6 +65,23 @@ fn bn_train_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     let alpha = weight[ch] * stat_var_or_invstd[ch];
     let beta = bias[ch] - stat_mean[ch] * alpha;
     y[i] = x[i] * alpha + beta;
+}
+
+@group(0) @binding(6) var<storage, read> residual: array<f32>;
+@group(0) @binding(7) var<storage, read_write> y_sum: array<f32>;
+
+@compute @workgroup_size(256)
+fn bn_train_apply_add(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n * p.c * p.hw) {
+        return;
+    }
+    let ch = (i / p.hw) % p.c;
+    let alpha = weight[ch] * stat_var_or_invstd[ch];
+    let beta = bias[ch] - stat_mean[ch] * alpha;
+    let bn = x[i] * alpha + beta;
+    y_sum[i] = bn + residual[i];
 }
 
 // ---- training statistics -------------------------------------------------------------------

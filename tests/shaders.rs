@@ -124,10 +124,17 @@ macro_rules! assert_params_layout {
 
 #[test]
 fn parameter_structs_match_their_wgsl_layout() {
-    use sddpm_gpu::ops::{calibrate, matmul};
+    use sddpm_gpu::ops::{batchnorm, calibrate, matmul, neuron};
     assert_params_layout!(calibrate::SHADER, "FmaParams", calibrate::FmaParams, [n, iters, a, b]);
     assert_params_layout!(calibrate::SHADER, "CopyParams", calibrate::CopyParams, [n]);
     assert_params_layout!(matmul::SHADER, "Params", matmul::MatmulParams, [m, n, k, has_bias, a_sm, a_sk, b_sk, b_sn]);
+    assert_params_layout!(batchnorm::SHADER, "Params", batchnorm::BatchnormParams, [n, c, hw, eps, momentum]);
+    assert_params_layout!(
+        neuron::SHADER,
+        "Params",
+        neuron::NeuronParams,
+        [n, t, lif, v_th, v_reset, inv_tau, c, hw, b, has_emb]
+    );
 }
 
 #[test]

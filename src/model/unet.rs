@@ -177,35 +177,22 @@ impl Builder<'_> {
                 let (conv1, bn1) = (format!("{name}.conv1"), format!("{name}.bn1"));
                 let (w, b) = self.conv_params(&conv1, &bn1);
                 let c = conv::conv2d(self.g, s, w, Some(b), 1, 1, &conv1);
-                let (h, recompute) = if self.train {
-                    let bn = self.bn(&bn1);
-                    let (y, saved) = batchnorm::batchnorm_train(self.g, c, bn, &bn1);
-                    (y, Some((bn, saved)))
-                } else {
-                    (c, None)
-                };
                 let (pw, pb) =
                     (self.p(&format!("{name}.temb_proj.1.weight")), self.p(&format!("{name}.temb_proj.1.bias")));
                 let proj = matmul::linear(self.g, temb_act, pw, Some(pb), &format!("{name}.temb_proj"));
-                let h = elementwise::add_channel(self.g, h, proj, &format!("{name}.temb_add"));
                 let neuron2 = format!("{name}.neuron2");
-                let s = match recompute {
-                    // neuron2's backward reruns bn1 and the add from conv1's output, which bn1's
-                    // backward keeps anyway, so the sum itself is not kept for backward.
-                    Some((bn, saved)) => {
-                        let input = neuron::AffineInput {
-                            c,
-                            weight: bn.weight,
-                            bias: bn.bias,
-                            mean: saved.mean,
-                            invstd: saved.invstd,
-                            emb: proj,
-                        };
-                        let s = neuron::neuron_forward_train_affine(self.g, h, input, self.t, self.neuron, &neuron2);
-                        self.spikes.push((neuron2, s));
-                        s
-                    }
-                    None => self.spikes(h, &neuron2),
+                let s = if self.train {
+                    // bn1's apply and the time-embedding add run inside neuron2's kernels: their
+                    // outputs are never stored.
+                    let bn = self.bn(&bn1);
+                    let saved = batchnorm::batchnorm_stats(self.g, c, bn, &bn1);
+                    let input = neuron::BnInput { c, bn, saved, emb: Some(proj), bn_name: bn1 };
+                    let s = neuron::neuron_forward_train_bn(self.g, input, self.t, self.neuron, &neuron2);
+                    self.spikes.push((neuron2, s));
+                    s
+                } else {
+                    let h = elementwise::add_channel(self.g, c, proj, &format!("{name}.temb_add"));
+                    self.spikes(h, &neuron2)
                 };
                 let h = self.conv_bn(s, &format!("{name}.conv2"), &format!("{name}.bn2"), 1);
                 let shortcut = if cin != cout {
