@@ -156,17 +156,64 @@ impl Builder<'_> {
         s
     }
 
+    /// Training: BatchNorm of `c` (plus the [B, C] term `emb`) straight into a neuron: BN's
+    /// statistics pass, then one kernel that applies BN, adds the term and fires, so neither sum
+    /// is stored. Only for a BN output that feeds nothing but this neuron.
+    fn bn_spikes(&mut self, c: TensorId, bn_name: &str, emb: Option<TensorId>, name: &str) -> TensorId {
+        let bn = self.bn(bn_name);
+        let saved = batchnorm::batchnorm_stats(self.g, c, bn, bn_name);
+        let input = neuron::BnInput { c, bn, saved, emb, bn_name: bn_name.to_string() };
+        let s = neuron::neuron_forward_train_bn(self.g, input, self.t, self.neuron, name);
+        self.spikes.push((name.to_string(), s));
+        s
+    }
+
+    /// The spikes of [`Self::conv_bn`] (stride 1), with BN fused into the neuron in training.
+    fn conv_bn_spikes(&mut self, x: TensorId, conv_name: &str, bn_name: &str, name: &str) -> TensorId {
+        if !self.train {
+            let h = self.conv_bn(x, conv_name, bn_name, 1);
+            return self.spikes(h, name);
+        }
+        let (w, b) = self.conv_params(conv_name, bn_name);
+        let k = self.g.shape(w)[2];
+        let c = conv::conv2d(self.g, x, w, Some(b), 1, k / 2, conv_name);
+        self.bn_spikes(c, bn_name, None, name)
+    }
+
+    /// Training: conv (stride 1), then BN with the residual `r` added in BN's apply kernel.
+    fn conv_bn_add_train(&mut self, x: TensorId, conv_name: &str, bn_name: &str, r: TensorId) -> TensorId {
+        let (w, b) = self.conv_params(conv_name, bn_name);
+        let k = self.g.shape(w)[2];
+        let c = conv::conv2d(self.g, x, w, Some(b), 1, k / 2, conv_name);
+        let bn = self.bn(bn_name);
+        batchnorm::batchnorm_train_add(self.g, c, bn, r, bn_name)
+    }
+
+    /// A ResBlock's shortcut: x itself, or a 1x1 conv where the channel count changes.
+    fn shortcut(&mut self, x: TensorId, name: &str, cin: usize, cout: usize) -> TensorId {
+        if cin == cout {
+            return x;
+        }
+        let w = self.p(&format!("{name}.shortcut.weight"));
+        let b = self.p(&format!("{name}.shortcut.bias"));
+        conv::conv2d(self.g, x, w, Some(b), 1, 0, &format!("{name}.shortcut"))
+    }
+
     /// SpikeSelfAttention (sddpm-spec.md section 10.1): s = IF(x); q, k, v = IF(BN(conv1x1(s)));
     /// o = (q k^T) v * scale per head; y = x + BN(conv1x1(IF(o))).
     fn attention(&mut self, x: TensorId, name: &str) -> TensorId {
         let s = self.spikes(x, &format!("{name}.neuron"));
         let [q, k, v] = ["q", "k", "v"].map(|part| {
-            let h = self.conv_bn(s, &format!("{name}.{part}_conv"), &format!("{name}.{part}_bn"), 1);
-            self.spikes(h, &format!("{name}.{part}_neuron"))
+            let (conv, bn) = (format!("{name}.{part}_conv"), format!("{name}.{part}_bn"));
+            self.conv_bn_spikes(s, &conv, &bn, &format!("{name}.{part}_neuron"))
         });
         let o = spike_attention::spike_attention(self.g, q, k, v, self.heads, name);
         let a = self.spikes(o, &format!("{name}.attn_neuron"));
-        let y = self.conv_bn(a, &format!("{name}.proj_conv"), &format!("{name}.proj_bn"), 1);
+        let (proj_conv, proj_bn) = (format!("{name}.proj_conv"), format!("{name}.proj_bn"));
+        if self.train {
+            return self.conv_bn_add_train(a, &proj_conv, &proj_bn, x);
+        }
+        let y = self.conv_bn(a, &proj_conv, &proj_bn, 1);
         elementwise::add(self.g, x, y, &format!("{name}.residual"))
     }
 
@@ -182,27 +229,22 @@ impl Builder<'_> {
                 let proj = matmul::linear(self.g, temb_act, pw, Some(pb), &format!("{name}.temb_proj"));
                 let neuron2 = format!("{name}.neuron2");
                 let s = if self.train {
-                    // bn1's apply and the time-embedding add run inside neuron2's kernels: their
-                    // outputs are never stored.
-                    let bn = self.bn(&bn1);
-                    let saved = batchnorm::batchnorm_stats(self.g, c, bn, &bn1);
-                    let input = neuron::BnInput { c, bn, saved, emb: Some(proj), bn_name: bn1 };
-                    let s = neuron::neuron_forward_train_bn(self.g, input, self.t, self.neuron, &neuron2);
-                    self.spikes.push((neuron2, s));
-                    s
+                    // bn1's apply and the time-embedding add run inside neuron2's kernels.
+                    self.bn_spikes(c, &bn1, Some(proj), &neuron2)
                 } else {
                     let h = elementwise::add_channel(self.g, c, proj, &format!("{name}.temb_add"));
                     self.spikes(h, &neuron2)
                 };
-                let h = self.conv_bn(s, &format!("{name}.conv2"), &format!("{name}.bn2"), 1);
-                let shortcut = if cin != cout {
-                    let w = self.p(&format!("{name}.shortcut.weight"));
-                    let b = self.p(&format!("{name}.shortcut.bias"));
-                    conv::conv2d(self.g, x, w, Some(b), 1, 0, &format!("{name}.shortcut"))
+                let (conv2, bn2) = (format!("{name}.conv2"), format!("{name}.bn2"));
+                let h = if self.train {
+                    // bn2's apply and the residual add are one kernel.
+                    let shortcut = self.shortcut(x, name, *cin, *cout);
+                    self.conv_bn_add_train(s, &conv2, &bn2, shortcut)
                 } else {
-                    x
+                    let h = self.conv_bn(s, &conv2, &bn2, 1);
+                    let shortcut = self.shortcut(x, name, *cin, *cout);
+                    elementwise::add(self.g, h, shortcut, &format!("{name}.residual"))
                 };
-                let h = elementwise::add(self.g, h, shortcut, &format!("{name}.residual"));
                 if *attn {
                     self.attention(h, &format!("{name}.attn"))
                 } else {
@@ -265,16 +307,16 @@ fn build(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neu
     // its output is repeated: identical numbers, T times less work. At inference BN (running
     // statistics) is per image too and runs before the repeat; in training it needs the batch
     // statistics over all T*B copies (they enter the unbiased running variance) and runs after.
-    let h = if train {
+    let s = if train {
         let (w, bias) = (b.p("conv.weight"), b.p("conv.bias"));
         let h = conv::conv2d(b.g, x, w, Some(bias), 1, 1, "conv");
         let h = layout::repeat_leading(b.g, h, b.t, "repeat_time");
-        b.batchnorm(h, "bn")
+        b.bn_spikes(h, "bn", None, "neuron")
     } else {
         let h = b.conv_bn(x, "conv", "bn", 1);
-        layout::repeat_leading(b.g, h, b.t, "repeat_time")
+        let h = layout::repeat_leading(b.g, h, b.t, "repeat_time");
+        b.spikes(h, "neuron")
     };
-    let s = b.spikes(h, "neuron");
     let mut h = b.conv_bn(s, "conv_identity", "bn_identity", 1);
 
     let a = arch(cfg);
