@@ -276,60 +276,86 @@ fn neuron_fused_with_batchnorm_backward() {
     }
 }
 
+/// BN with a residual add, Swish, or both fused into its apply kernel: gradients bit for bit those
+/// of the unfused ops, and the CPU references (Swish's backward, then BN's; dr = dy) against
+/// finite differences.
 #[test]
-fn batchnorm_train_add_backward() {
-    for (seed, (n, c, hw)) in [(23u64, (8usize, 3usize, 25usize)), (24, (4, 5, 1)), (25, (3, 2, 33))] {
-        let mut r = rng(seed);
-        let xv: Vec<f32> = normalish(&mut r, n * c * hw, 1.5).iter().map(|v| v + 0.3).collect();
-        let wv = uniform(&mut r, c, 0.5, 1.5);
-        let bv = uniform(&mut r, c, -0.5, 0.5);
-        let rv = normalish(&mut r, n * c * hw, 1.0);
-        let dy = normalish(&mut r, n * c * hw, 1.0);
-        let mut grads = Vec::new();
-        for fused in [false, true] {
-            let mut g = Graph::new();
-            let x = g.input("x", &[n, c, hw]);
-            let res = g.input("r", &[n, c, hw]);
-            let p = batchnorm::BnParams {
-                weight: g.param("bn.weight", &[c]),
-                bias: g.param("bn.bias", &[c]),
-                running_mean: g.param("bn.running_mean", &[c]),
-                running_var: g.param("bn.running_var", &[c]),
+fn batchnorm_train_fused_epilogues_backward() {
+    for (swish, add) in [(true, false), (false, true), (true, true)] {
+        for (seed, (n, c, hw)) in [(23u64, (8usize, 3usize, 25usize)), (24, (4, 5, 1)), (25, (3, 2, 33))] {
+            let mut r = rng(seed);
+            let xv: Vec<f32> = normalish(&mut r, n * c * hw, 1.5).iter().map(|v| v + 0.3).collect();
+            let wv = uniform(&mut r, c, 0.5, 1.5);
+            let bv = uniform(&mut r, c, -0.5, 0.5);
+            let rv = normalish(&mut r, n * c * hw, 1.0);
+            let dy = normalish(&mut r, n * c * hw, 1.0);
+            let mut grads = Vec::new();
+            for fused in [false, true] {
+                let mut g = Graph::new();
+                let x = g.input("x", &[n, c, hw]);
+                let res = g.input("r", &[n, c, hw]);
+                let p = batchnorm::BnParams {
+                    weight: g.param("bn.weight", &[c]),
+                    bias: g.param("bn.bias", &[c]),
+                    running_mean: g.param("bn.running_mean", &[c]),
+                    running_var: g.param("bn.running_var", &[c]),
+                };
+                let y = match (fused, swish) {
+                    (true, false) => batchnorm::batchnorm_train_add(&mut g, x, p, res, "bn"),
+                    (true, true) => batchnorm::batchnorm_train_swish(&mut g, x, p, add.then_some(res), "bn"),
+                    (false, _) => {
+                        let (y, _) = batchnorm::batchnorm_train(&mut g, x, p, "bn");
+                        let y = if swish { elementwise::swish(&mut g, y, "swish") } else { y };
+                        if add {
+                            elementwise::add(&mut g, y, res, "add")
+                        } else {
+                            y
+                        }
+                    }
+                };
+                let mut inputs = vec![
+                    (x, xv.clone()),
+                    (p.weight, wv.clone()),
+                    (p.bias, bv.clone()),
+                    (p.running_mean, vec![0.0; c]),
+                    (p.running_var, vec![1.0; c]),
+                ];
+                let mut wrt = vec![x, p.weight, p.bias];
+                if add {
+                    inputs.push((res, rv.clone()));
+                    wrt.push(res);
+                }
+                grads.push(gpu_grads(g, y, &dy, &inputs, &wrt));
+            }
+            let what = format!("BN + swish {swish} + add {add} N={n} C={c} HW={hw}");
+            for (i, (a, f)) in grads[0].iter().zip(&grads[1]).enumerate() {
+                assert_eq!(bits(a), bits(f), "{what}: gradient {i} fused vs unfused");
+            }
+            let fwd = |xx: &[f32], ww: &[f32], bb: &[f32], rr: &[f32]| {
+                let (mut rm, mut rvar) = (vec![0.0; c], vec![1.0; c]);
+                let r = add.then_some(rr);
+                if swish {
+                    batchnorm::batchnorm_train_swish_cpu(xx, c, hw, ww, bb, &mut rm, &mut rvar, r)
+                } else {
+                    batchnorm::batchnorm_train_add_cpu(xx, c, hw, ww, bb, &mut rm, &mut rvar, rr)
+                }
             };
-            let y = if fused {
-                batchnorm::batchnorm_train_add(&mut g, x, p, res, "bn")
-            } else {
-                let (y, _) = batchnorm::batchnorm_train(&mut g, x, p, "bn");
-                elementwise::add(&mut g, y, res, "add")
-            };
-            let inputs = [
-                (x, xv.clone()),
-                (p.weight, wv.clone()),
-                (p.bias, bv.clone()),
-                (p.running_mean, vec![0.0; c]),
-                (p.running_var, vec![1.0; c]),
-                (res, rv.clone()),
-            ];
-            grads.push(gpu_grads(g, y, &dy, &inputs, &[x, p.weight, p.bias, res]));
-        }
-        for (i, (a, f)) in grads[0].iter().zip(&grads[1]).enumerate() {
-            assert_eq!(bits(a), bits(f), "BN + residual gradient {i} fused vs unfused N={n} C={c} HW={hw}");
-        }
-        let fwd = |xx: &[f32], ww: &[f32], bb: &[f32], rr: &[f32]| {
             let (mut rm, mut rvar) = (vec![0.0; c], vec![1.0; c]);
-            batchnorm::batchnorm_train_add_cpu(xx, c, hw, ww, bb, &mut rm, &mut rvar, rr)
-        };
-        let (_, mean, invstd) = fwd(&xv, &wv, &bv, &rv);
-        let (dx, dw, db) = batchnorm::batchnorm_train_backward_cpu(&dy, &xv, c, hw, &wv, &mean, &invstd);
-        let got = &grads[1];
-        assert_close("bn + residual dx", &got[0], &dx, 1e-4, 1e-5);
-        assert_close("bn + residual dweight", &got[1], &dw, 1e-5, 1e-4);
-        assert_close("bn + residual dbias", &got[2], &db, 1e-5, 1e-4);
-        assert_eq!(bits(&got[3]), bits(&dy), "bn + residual dr");
-        fd_check("bn + residual dx", |xx| fwd(xx, &wv, &bv, &rv).0, &xv, &dy, &dx, 1e-2, 1e-2);
-        fd_check("bn + residual dweight", |ww| fwd(&xv, ww, &bv, &rv).0, &wv, &dy, &dw, 1e-2, 1e-2);
-        fd_check("bn + residual dbias", |bb| fwd(&xv, &wv, bb, &rv).0, &bv, &dy, &db, 1e-2, 1e-2);
-        fd_check("bn + residual dr", |rr| fwd(&xv, &wv, &bv, rr).0, &rv, &dy, &dy, 1e-2, 1e-3);
+            let (ybn, mean, invstd) = batchnorm::batchnorm_train_cpu(&xv, c, hw, &wv, &bv, &mut rm, &mut rvar);
+            let dv = if swish { elementwise::swish_backward_cpu(&ybn, &dy) } else { dy.clone() };
+            let (dx, dw, db) = batchnorm::batchnorm_train_backward_cpu(&dv, &xv, c, hw, &wv, &mean, &invstd);
+            let got = &grads[1];
+            assert_close(&format!("{what}: dx"), &got[0], &dx, 1e-4, 1e-5);
+            assert_close(&format!("{what}: dweight"), &got[1], &dw, 1e-4, 1e-4);
+            assert_close(&format!("{what}: dbias"), &got[2], &db, 1e-4, 1e-4);
+            fd_check(&format!("{what}: dx"), |xx| fwd(xx, &wv, &bv, &rv).0, &xv, &dy, &dx, 1e-2, 1e-2);
+            fd_check(&format!("{what}: dweight"), |ww| fwd(&xv, ww, &bv, &rv).0, &wv, &dy, &dw, 1e-2, 1e-2);
+            fd_check(&format!("{what}: dbias"), |bb| fwd(&xv, &wv, bb, &rv).0, &bv, &dy, &db, 1e-2, 1e-2);
+            if add {
+                assert_eq!(bits(&got[3]), bits(&dy), "{what}: dr");
+                fd_check(&format!("{what}: dr"), |rr| fwd(&xv, &wv, &bv, rr).0, &rv, &dy, &dy, 1e-2, 1e-3);
+            }
+        }
     }
 }
 

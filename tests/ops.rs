@@ -347,30 +347,74 @@ fn batchnorm_train_is_deterministic() {
     }
 }
 
+/// What follows training-mode BN in one kernel: a residual add, Swish, or Swish then an add.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum BnEpilogue {
+    Add,
+    Swish,
+    SwishAdd,
+}
+
+/// `BN(x)` with `epi` fused in, and the same ops unfused, into `g`: (fused y, unfused y).
+fn bn_epilogue_graph(
+    g: &mut Graph,
+    epi: BnEpilogue,
+    x: sddpm_gpu::graph::TensorId,
+    p: batchnorm::BnParams,
+    r: sddpm_gpu::graph::TensorId,
+) -> (sddpm_gpu::graph::TensorId, sddpm_gpu::graph::TensorId) {
+    let fused = match epi {
+        BnEpilogue::Add => batchnorm::batchnorm_train_add(g, x, p, r, "bn"),
+        BnEpilogue::Swish => batchnorm::batchnorm_train_swish(g, x, p, None, "bn"),
+        BnEpilogue::SwishAdd => batchnorm::batchnorm_train_swish(g, x, p, Some(r), "bn"),
+    };
+    let (y, _) = batchnorm::batchnorm_train(g, x, p, "bn.unfused");
+    let unfused = match epi {
+        BnEpilogue::Add => elementwise::add(g, y, r, "add"),
+        BnEpilogue::Swish => elementwise::swish(g, y, "swish"),
+        BnEpilogue::SwishAdd => {
+            let o = elementwise::swish(g, y, "swish");
+            elementwise::add(g, o, r, "add")
+        }
+    };
+    (fused, unfused)
+}
+
 #[test]
-fn batchnorm_train_add_matches_unfused_and_cpu() {
-    for (seed, (n, c, hw)) in [(48u64, (8usize, 5usize, 63usize)), (49, (4, 3, 1)), (57, (6, 16, 25))] {
-        let d = bn_data(seed, n, c, hw);
-        let rv = normalish(&mut rng(seed + 100), n * c * hw, 1.0);
-        let mut g = Graph::new();
-        let (x, p) = bn_graph(&mut g, n, c, hw);
-        let r = g.input("r", &[n, c, hw]);
-        let fused = batchnorm::batchnorm_train_add(&mut g, x, p, r, "bn");
-        let (y, _) = batchnorm::batchnorm_train(&mut g, x, p, "bn.unfused");
-        let unfused = elementwise::add(&mut g, y, r, "add");
-        let inputs = [
-            (x, bits(&d.x)),
-            (p.weight, bits(&d.w)),
-            (p.bias, bits(&d.b)),
-            (p.running_mean, bits(&d.rm)),
-            (p.running_var, bits(&d.rv)),
-            (r, bits(&rv)),
-        ];
-        let out = run_graph(g, &inputs, &[fused, unfused]);
-        assert_eq!(bits(&out[0]), bits(&out[1]), "BN + residual fused vs unfused N={n} C={c} HW={hw}");
-        let (mut rm_cpu, mut rv_cpu) = (d.rm.clone(), d.rv.clone());
-        let (want, _, _) = batchnorm::batchnorm_train_add_cpu(&d.x, c, hw, &d.w, &d.b, &mut rm_cpu, &mut rv_cpu, &rv);
-        assert_close("bn train + residual", &out[0], &want, 1e-5, 2e-5);
+fn batchnorm_train_fused_epilogues_match_unfused_and_cpu() {
+    for epi in [BnEpilogue::Add, BnEpilogue::Swish, BnEpilogue::SwishAdd] {
+        for (seed, (n, c, hw)) in [(48u64, (8usize, 5usize, 63usize)), (49, (4, 3, 1)), (57, (6, 16, 25))] {
+            let d = bn_data(seed, n, c, hw);
+            let rv = normalish(&mut rng(seed + 100), n * c * hw, 1.0);
+            let mut g = Graph::new();
+            let (x, p) = bn_graph(&mut g, n, c, hw);
+            let r = g.input("r", &[n, c, hw]);
+            let (fused, unfused) = bn_epilogue_graph(&mut g, epi, x, p, r);
+            let mut inputs = vec![
+                (x, bits(&d.x)),
+                (p.weight, bits(&d.w)),
+                (p.bias, bits(&d.b)),
+                (p.running_mean, bits(&d.rm)),
+                (p.running_var, bits(&d.rv)),
+            ];
+            if epi != BnEpilogue::Swish {
+                inputs.push((r, bits(&rv)));
+            }
+            let out = run_graph(g, &inputs, &[fused, unfused]);
+            let what = format!("BN + {epi:?} N={n} C={c} HW={hw}");
+            assert_eq!(bits(&out[0]), bits(&out[1]), "{what}: fused vs unfused");
+            let (mut rm_cpu, mut rv_cpu) = (d.rm.clone(), d.rv.clone());
+            let (want, _, _) = match epi {
+                BnEpilogue::Add => {
+                    batchnorm::batchnorm_train_add_cpu(&d.x, c, hw, &d.w, &d.b, &mut rm_cpu, &mut rv_cpu, &rv)
+                }
+                _ => {
+                    let r = (epi == BnEpilogue::SwishAdd).then_some(&rv[..]);
+                    batchnorm::batchnorm_train_swish_cpu(&d.x, c, hw, &d.w, &d.b, &mut rm_cpu, &mut rv_cpu, r)
+                }
+            };
+            assert_close(&what, &out[0], &want, 1e-5, 2e-5);
+        }
     }
 }
 

@@ -337,15 +337,25 @@ fn build(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neu
     }
 
     // Tail: BN -> Swish -> conv (per step), then the (3,3,1) conv3d branch added residually.
-    let h = b.batchnorm(h, "tail_bn");
-    let h = elementwise::swish(b.g, h, "tail_swish");
+    let h = if train {
+        // BN's apply, the Swish and (below) the residual add run as one kernel in training.
+        let bn = b.bn("tail_bn");
+        batchnorm::batchnorm_train_swish(b.g, h, bn, None, "tail_bn")
+    } else {
+        let h = b.batchnorm(h, "tail_bn");
+        elementwise::swish(b.g, h, "tail_swish")
+    };
     let (w, bias) = (b.p("tail_conv.weight"), b.p("tail_conv.bias"));
     let h = conv::conv2d(b.g, h, w, Some(bias), 1, 1, "tail_conv");
     let (w, bias) = b.conv_params("T_output_layer", "last_bn");
     let o = conv::conv3d_331(b.g, h, w, Some(bias), "T_output_layer");
-    let o = if train { b.batchnorm(o, "last_bn") } else { o };
-    let o = elementwise::swish(b.g, o, "last_swish");
-    let h = elementwise::add(b.g, o, h, "output_residual");
+    let h = if train {
+        let bn = b.bn("last_bn");
+        batchnorm::batchnorm_train_swish(b.g, o, bn, Some(h), "last_bn")
+    } else {
+        let o = elementwise::swish(b.g, o, "last_swish");
+        elementwise::add(b.g, o, h, "output_residual")
+    };
     let eps = readout::membrane_readout(b.g, h, b.t, readout::DECAY, "membrane_output");
     UNet { params: b.params, eps, spikes: b.spikes, folds: b.folds, dropout_key: None }
 }

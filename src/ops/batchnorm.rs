@@ -151,6 +151,56 @@ pub fn batchnorm_train_add(g: &mut Graph, x: TensorId, bn: BnParams, r: TensorId
     y
 }
 
+/// Training-mode BN followed by Swish, and by a residual add where `r` is given, in one pass
+/// over memory: y = swish(BN(x)) [+ r], rounded as `bn_train_apply`, `elementwise::swish` and
+/// `elementwise::add` round it. Backward recomputes BN's output from x (kept for BN's backward
+/// anyway) instead of keeping it for Swish's: `bn_swish_backward`, then BN's backward; dr = dy.
+pub fn batchnorm_train_swish(g: &mut Graph, x: TensorId, bn: BnParams, r: Option<TensorId>, name: &str) -> TensorId {
+    let (n, c, hw) = dims(g, x, name);
+    if let Some(r) = r {
+        assert_eq!(g.shape(x), g.shape(r), "{name}: the residual must have the BatchNorm input's shape");
+    }
+    let saved = batchnorm_stats(g, x, bn, name);
+    let shape = g.shape(x).to_vec();
+    let y = g.intermediate(name, &shape);
+    let mut reads = vec![x, bn.weight, bn.bias, saved.mean, saved.invstd];
+    reads.extend(r);
+    let numel = n * c * hw;
+    g.push(Node {
+        shader: &SHADER,
+        entry: if r.is_some() { "bn_train_apply_swish_add" } else { "bn_train_apply_swish" },
+        params: params(n, c, hw),
+        reads,
+        writes: vec![y],
+        workgroups: grid_1d(numel, 256),
+        label: name.to_string(),
+        cost: pointwise_cost(numel, numel * (1 + r.is_some() as usize) + 4 * c, 7),
+    });
+    let label = name.to_string();
+    let mut inputs = vec![x, bn.weight, bn.bias];
+    inputs.extend(r);
+    g.record(name, inputs, vec![y], move |g, go, needs| {
+        let Some(dy) = go[0] else { return vec![None; needs.len()] };
+        let dv = g.intermediate(&format!("{label}.swish_grad"), &shape);
+        g.push(Node {
+            shader: &SHADER,
+            entry: "bn_swish_backward",
+            params: params(n, c, hw),
+            reads: vec![dy, x, saved.mean, saved.invstd, bn.weight, bn.bias],
+            writes: vec![dv],
+            workgroups: grid_1d(numel, 256),
+            label: format!("{label}.backward"),
+            cost: pointwise_cost(numel, 2 * numel + 4 * c, 12),
+        });
+        let mut grads = batchnorm_train_backward(g, dv, x, bn, saved, [needs[0], needs[1], needs[2]], &label).to_vec();
+        if r.is_some() {
+            grads.push(needs[3].then_some(dy));
+        }
+        grads
+    });
+    y
+}
+
 /// The backward of training-mode BN (any op whose output is BN(x) plus terms that do not depend on
 /// x, weight or bias): from dy, the gradients of (x, weight, bias) where `needs` asks for them.
 /// Reads x and the saved statistics, never y, so an op that fuses the apply into its consumer
@@ -297,4 +347,25 @@ pub fn batchnorm_train_add_cpu(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (y, mean, invstd) = batchnorm_train_cpu(x, c, hw, w, b, rm, rv);
     (y.iter().zip(r).map(|(a, b)| a + b).collect(), mean, invstd)
+}
+
+/// CPU reference of [`batchnorm_train_swish`]: [`batchnorm_train_cpu`]'s y, Swish, then r if
+/// given. Returns (y, mean, invstd).
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm_train_swish_cpu(
+    x: &[f32],
+    c: usize,
+    hw: usize,
+    w: &[f32],
+    b: &[f32],
+    rm: &mut [f32],
+    rv: &mut [f32],
+    r: Option<&[f32]>,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (y, mean, invstd) = batchnorm_train_cpu(x, c, hw, w, b, rm, rv);
+    let mut y = crate::ops::elementwise::swish_cpu(&y);
+    if let Some(r) = r {
+        y = y.iter().zip(r).map(|(a, b)| a + b).collect();
+    }
+    (y, mean, invstd)
 }
