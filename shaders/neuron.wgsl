@@ -24,7 +24,9 @@
 //   dv[t]/dh[t] = (1 - s) + (v_reset - h) dS/dH,  dh[t]/dv[t-1] = 1 (IF) or 1 - 1/tau (LIF),
 //   dh[t]/dx[t] = 1 (IF) or 1/tau (LIF); gh = gs[t] dS/dH + gv dv/dh, gx[t] = gh dh/dx,
 //   gv <- gh dh/dv, from gv = 0 at t = T-1 (spikingjelly's multi-step BPTT). Each h[t] is read
-// before gx[t] overwrites it, by the invocation that wrote it.
+// before gx[t] overwrites it, by the invocation that wrote it. neuron_backward_acc is the same
+// for an input that other consumers already gave a gradient g0: it writes g0 + gx (the sum the
+// graph's gradient accumulation would add in a separate pass, same order, same bits).
 // The affine entries serve a neuron whose input is a training-mode BatchNorm of a saved tensor c,
 // optionally plus a per-(image, channel) term (BN, then the time-embedding add):
 //   x[e] = (c[e] * alpha + beta) [+ emb[(img % B) * C + ch]],  alpha = weight[ch] * invstd[ch],
@@ -185,6 +187,31 @@ fn neuron_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
         let e = (p.t - 1u - k) * p.n + i;
         let r = backward_step(grad_x[e], grad_spikes[e], gv);
         grad_x[e] = r.x;
+        gv = r.y;
+    }
+}
+
+@group(0) @binding(3) var<storage, read> grad_earlier: array<f32>;
+@group(0) @binding(4) var<storage, read_write> grad_x_total: array<f32>;
+
+@compute @workgroup_size(256)
+fn neuron_backward_acc(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n) {
+        return;
+    }
+    var v = p.v_reset;
+    for (var t = 0u; t < p.t; t++) {
+        let h = charge(v, x_in[t * p.n + i]);
+        grad_x_total[t * p.n + i] = h;
+        v = reset(h, fires(h));
+    }
+    var gv = 0.0;
+    for (var k = 0u; k < p.t; k++) {
+        let e = (p.t - 1u - k) * p.n + i;
+        let r = backward_step(grad_x_total[e], grad_spikes[e], gv);
+        grad_x_total[e] = grad_earlier[e] + r.x;
         gv = r.y;
     }
 }

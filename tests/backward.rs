@@ -359,6 +359,50 @@ fn batchnorm_train_fused_epilogues_backward() {
     }
 }
 
+/// A neuron whose input already has a gradient from a consumer recorded after it (here x + a 1x1
+/// conv of the spikes, as a ResBlock's residual) adds its own inside its backward kernel: the same
+/// bits as its gradient alone (same dL/ds) plus the earlier one summed apart, as the graph's
+/// accumulation did.
+fn check_neuron_backward_accumulates(seed: u64, [t, b, c, hw]: [usize; 4], cfg: neuron::Neuron) {
+    let n = t * b;
+    let mut r = rng(seed);
+    let xv: Vec<f32> = normalish(&mut r, n * c * hw, 1.2).iter().map(|v| v + 0.4).collect();
+    let wv = uniform(&mut r, c * c, -0.5, 0.5);
+    let dy = normalish(&mut r, n * c * hw, 1.0);
+    let mut g = Graph::new();
+    let x = g.input("x", &[n, c, hw, 1]);
+    let w = g.input("w", &[c, c, 1, 1]);
+    let (s, _) = neuron::neuron_forward_train(&mut g, x, t, cfg, "neuron");
+    let y1 = conv::conv2d(&mut g, s, w, None, 1, 0, "conv");
+    let y = elementwise::add(&mut g, y1, x, "residual");
+    let mut probe = g.clone();
+    let seed = probe.input("dy", &[n, c, hw, 1]);
+    backward(&mut probe, y, seed, &[x, s], elementwise::add);
+    assert!(probe.nodes.iter().any(|nd| nd.entry == "neuron_backward_acc"), "the neuron adds into dL/dx");
+    assert!(!probe.nodes.iter().any(|nd| nd.label.ends_with(".grad_sum")), "no separate sum pass");
+    let got = gpu_grads(g, y, &dy, &[(x, xv.clone()), (w, wv)], &[x, s]);
+    let (dx, ds) = (&got[0], &got[1]);
+    let mut g = Graph::new();
+    let x = g.input("x", &[n, c, hw, 1]);
+    let (s, _) = neuron::neuron_forward_train(&mut g, x, t, cfg, "neuron");
+    let alone = gpu_grads(g, s, ds, &[(x, xv.clone())], &[x]).remove(0);
+    let what = format!("neuron backward into an earlier gradient T={t} B={b} C={c} HW={hw} {cfg:?}");
+    assert_eq!(bits(dx), bits(&elementwise::add_cpu(&dy, &alone)), "{what}");
+    let (_, h) = neuron::neuron_cpu(&xv, t, cfg);
+    let want = elementwise::add_cpu(&dy, &neuron::neuron_backward_cpu(ds, &h, t, cfg));
+    assert_close(&what, dx, &want, 1e-5, 1e-6);
+}
+
+#[test]
+fn neuron_backward_adds_into_an_earlier_gradient() {
+    let lif = neuron::Neuron { tau: Some(2.0), ..Default::default() };
+    for (i, shape) in [[1, 2, 3, 5], [2, 3, 4, 8], [3, 1, 5, 7], [4, 2, 2, 16]].into_iter().enumerate() {
+        for cfg in [neuron::Neuron::default(), lif] {
+            check_neuron_backward_accumulates(80 + i as u64, shape, cfg);
+        }
+    }
+}
+
 #[test]
 fn neuron_backward_through_time() {
     check_neuron_backward(30, 4, 1000, neuron::Neuron::default());

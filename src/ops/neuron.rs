@@ -120,19 +120,25 @@ pub fn neuron_forward_train(g: &mut Graph, x: TensorId, t: usize, cfg: Neuron, n
     let n = neurons_per_step(g, x, t, name);
     let label = name.to_string();
     let shape = g.shape(x).to_vec();
-    g.record(name, vec![x], vec![s], move |g, go, _needs| {
+    // Where x's other consumers already gave it a gradient (a residual, a skip), the kernel adds
+    // its own to it instead of a separate sum pass.
+    g.record_into(name, vec![x], vec![s], move |g, go, _needs, prev| {
         let Some(gs) = go[0] else { return vec![None] };
         let dx = g.intermediate(&format!("{label}.grad_input"), &shape);
+        let (entry, reads) = match prev[0] {
+            Some(earlier) => ("neuron_backward_acc", vec![gs, x, earlier]),
+            None => ("neuron_backward", vec![gs, x]),
+        };
         g.push(Node {
             shader: &SHADER,
-            entry: "neuron_backward",
+            entry,
             params: cfg.params(n, t).words(),
-            reads: vec![gs, x],
-            writes: vec![dx],
             workgroups: grid_1d(n, 256),
             label: format!("{label}.backward"),
-            // gs and x read, h parked in dx and read back, dx written.
-            cost: Cost { flops: 16 * (n * t) as u64, bytes: 20 * (n * t) as u64 },
+            // gs, x (and the earlier gradient) read, h parked in dx and read back, dx written.
+            cost: Cost { flops: 16 * (n * t) as u64, bytes: 4 * (5 + reads.len() - 2) as u64 * (n * t) as u64 },
+            reads,
+            writes: vec![dx],
         });
         vec![Some(dx)]
     });
