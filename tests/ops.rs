@@ -550,6 +550,8 @@ fn neuron_fused_with_batchnorm_matches_unfused_and_cpu() {
         ([4, 3, 7, 1], true),
         ([4, 2, 8, 32], false),
         ([3, 1, 3, 11], true),
+        // Enough neurons that a 1% error in the added term flips spikes.
+        ([4, 4, 8, 256], true),
     ]
     .into_iter()
     .enumerate()
