@@ -418,6 +418,77 @@ fn batchnorm_train_is_deterministic() {
     }
 }
 
+/// What follows training-mode BN in one kernel: a residual add, Swish, or Swish then an add.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum BnEpilogue {
+    Add,
+    Swish,
+    SwishAdd,
+}
+
+/// `BN(x)` with `epi` fused in, and the same ops unfused, into `g`: (fused y, unfused y).
+fn bn_epilogue_graph(
+    g: &mut Graph,
+    epi: BnEpilogue,
+    x: sddpm_gpu::graph::TensorId,
+    p: batchnorm::BnParams,
+    r: sddpm_gpu::graph::TensorId,
+) -> (sddpm_gpu::graph::TensorId, sddpm_gpu::graph::TensorId) {
+    let fused = match epi {
+        BnEpilogue::Add => batchnorm::batchnorm_train_add(g, x, p, r, "bn"),
+        BnEpilogue::Swish => batchnorm::batchnorm_train_swish(g, x, p, None, "bn"),
+        BnEpilogue::SwishAdd => batchnorm::batchnorm_train_swish(g, x, p, Some(r), "bn"),
+    };
+    let (y, _) = batchnorm::batchnorm_train(g, x, p, "bn.unfused");
+    let unfused = match epi {
+        BnEpilogue::Add => elementwise::add(g, y, r, "add"),
+        BnEpilogue::Swish => elementwise::swish(g, y, "swish"),
+        BnEpilogue::SwishAdd => {
+            let o = elementwise::swish(g, y, "swish");
+            elementwise::add(g, o, r, "add")
+        }
+    };
+    (fused, unfused)
+}
+
+#[test]
+fn batchnorm_train_fused_epilogues_match_unfused_and_cpu() {
+    for epi in [BnEpilogue::Add, BnEpilogue::Swish, BnEpilogue::SwishAdd] {
+        for (seed, (n, c, hw)) in [(48u64, (8usize, 5usize, 63usize)), (49, (4, 3, 1)), (57, (6, 16, 25))] {
+            let d = bn_data(seed, n, c, hw);
+            let rv = normalish(&mut rng(seed + 100), n * c * hw, 1.0);
+            let mut g = Graph::new();
+            let (x, p) = bn_graph(&mut g, n, c, hw);
+            let r = g.input("r", &[n, c, hw]);
+            let (fused, unfused) = bn_epilogue_graph(&mut g, epi, x, p, r);
+            let mut inputs = vec![
+                (x, bits(&d.x)),
+                (p.weight, bits(&d.w)),
+                (p.bias, bits(&d.b)),
+                (p.running_mean, bits(&d.rm)),
+                (p.running_var, bits(&d.rv)),
+            ];
+            if epi != BnEpilogue::Swish {
+                inputs.push((r, bits(&rv)));
+            }
+            let out = run_graph(g, &inputs, &[fused, unfused]);
+            let what = format!("BN + {epi:?} N={n} C={c} HW={hw}");
+            assert_eq!(bits(&out[0]), bits(&out[1]), "{what}: fused vs unfused");
+            let (mut rm_cpu, mut rv_cpu) = (d.rm.clone(), d.rv.clone());
+            let (want, _, _) = match epi {
+                BnEpilogue::Add => {
+                    batchnorm::batchnorm_train_add_cpu(&d.x, c, hw, &d.w, &d.b, &mut rm_cpu, &mut rv_cpu, &rv)
+                }
+                _ => {
+                    let r = (epi == BnEpilogue::SwishAdd).then_some(&rv[..]);
+                    batchnorm::batchnorm_train_swish_cpu(&d.x, c, hw, &d.w, &d.b, &mut rm_cpu, &mut rv_cpu, r)
+                }
+            };
+            assert_close(&what, &out[0], &want, 1e-5, 2e-5);
+        }
+    }
+}
+
 // ---- neuron -----------------------------------------------------------------------------------
 
 fn check_neuron(seed: u64, t: usize, n: usize, cfg: neuron::Neuron) {
@@ -493,6 +564,73 @@ fn neuron_cpu_reference_semantics() {
     assert_eq!(h, [0.6, 1.2, 0.6, 1.2]);
     // Exactly at threshold fires (Heaviside of h - v_th >= 0).
     assert_eq!(neuron::neuron_cpu(&[1.0], 1, neuron::Neuron::default()).0, [1.0]);
+}
+
+/// BN-apply (+ the time-embedding term) fused into the neuron: the same spike words as BN, the add
+/// and the neuron run apart, and as the CPU reference on the statistics the GPU computed (the
+/// statistics pass is tested above).
+fn check_neuron_bn(seed: u64, [t, b, c, hw]: [usize; 4], with_emb: bool, cfg: neuron::Neuron) {
+    let n = t * b;
+    let mut r = rng(seed);
+    let cv = normalish(&mut r, n * c * hw, 1.0);
+    let wv = uniform(&mut r, c, 0.5, 1.5);
+    let bv = uniform(&mut r, c, 0.0, 0.8);
+    let ev = uniform(&mut r, b * c, -0.3, 0.3);
+    let mut g = Graph::new();
+    let (x, p) = bn_graph(&mut g, n, c, hw);
+    let emb = g.input("emb", &[b, c]);
+    let saved = batchnorm::batchnorm_stats(&mut g, x, p, "bn");
+    let input = neuron::BnInput { c: x, bn: p, saved, emb: with_emb.then_some(emb), bn_name: "bn".into() };
+    let fused = neuron::neuron_forward_train_bn(&mut g, input, t, cfg, "neuron");
+    let (y, _) = batchnorm::batchnorm_train(&mut g, x, p, "bn.unfused");
+    let z = if with_emb { elementwise::add_channel(&mut g, y, emb, "add") } else { y };
+    let unfused = neuron::neuron_forward(&mut g, z, t, cfg, "neuron.unfused");
+    for o in [fused, unfused, saved.mean, saved.invstd] {
+        g.mark_output(o);
+    }
+    let ctx = ctx();
+    let plan = sddpm_gpu::graph::Plan::compile(ctx, &g).unwrap();
+    let mut inputs = vec![(x, &cv), (p.weight, &wv), (p.bias, &bv)];
+    if with_emb {
+        inputs.push((emb, &ev));
+    }
+    for (tensor, data) in inputs {
+        plan.write(ctx, tensor, data).unwrap();
+    }
+    plan.write(ctx, p.running_mean, &vec![0f32; c]).unwrap();
+    plan.write(ctx, p.running_var, &vec![1f32; c]).unwrap();
+    plan.run(ctx).unwrap();
+    let what = format!("T={t} B={b} C={c} HW={hw} emb {with_emb} {cfg:?}");
+    let got = plan.read_u32(ctx, fused).unwrap();
+    assert_eq!(got, plan.read_u32(ctx, unfused).unwrap(), "fused vs unfused spike words {what}");
+    let (mean, invstd) = (plan.read(ctx, saved.mean).unwrap(), plan.read(ctx, saved.invstd).unwrap());
+    let xv = neuron::bn_input_cpu(&cv, c, hw, &wv, &bv, &mean, &invstd, with_emb.then_some((&ev[..], b)));
+    let (s_cpu, _) = neuron::neuron_cpu(&xv, t, cfg);
+    assert!(s_cpu.contains(&1.0) && s_cpu.contains(&0.0), "test input must both fire and not ({what})");
+    assert_eq!(got, sddpm_gpu::graph::pack_spikes(&s_cpu), "spike words vs CPU {what}");
+}
+
+#[test]
+fn neuron_fused_with_batchnorm_matches_unfused_and_cpu() {
+    let lif = neuron::Neuron { tau: Some(2.0), ..Default::default() };
+    // B*C*HW a multiple of 32 takes the per-neuron grid, any other the per-word grid.
+    for (i, (shape, emb)) in [
+        ([1, 2, 4, 16], true),
+        ([2, 3, 5, 9], true),
+        ([3, 2, 16, 4], false),
+        ([4, 3, 7, 1], true),
+        ([4, 2, 8, 32], false),
+        ([3, 1, 3, 11], true),
+        // Enough neurons that a 1% error in the added term flips spikes.
+        ([4, 4, 8, 256], true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for cfg in [neuron::Neuron::default(), lif] {
+            check_neuron_bn(70 + i as u64, shape, emb, cfg);
+        }
+    }
 }
 
 // ---- elementwise ------------------------------------------------------------------------------

@@ -125,8 +125,8 @@ macro_rules! assert_params_layout {
 #[test]
 fn parameter_structs_match_their_wgsl_layout() {
     use sddpm_gpu::ops::{
-        attention, calibrate, conv, dropout, elementwise, embedding, groupnorm, layout, matmul, optim, pool, readout,
-        reduce, resize, sampler, spike_attention,
+        attention, batchnorm, calibrate, conv, dropout, elementwise, embedding, groupnorm, layout, matmul, neuron,
+        optim, pool, readout, reduce, resize, sampler, spike_attention,
     };
     assert_params_layout!(calibrate::SHADER, "FmaParams", calibrate::FmaParams, [n, iters, a, b]);
     assert_params_layout!(calibrate::SHADER, "CopyParams", calibrate::CopyParams, [n, pad0, pad1, pad2]);
@@ -189,6 +189,13 @@ fn parameter_structs_match_their_wgsl_layout() {
         "Params",
         resize::ResizeParams,
         [numel, cin, h, w, cout, ho, wo, scale_h, scale_w, mul, add, _p0]
+    );
+    assert_params_layout!(batchnorm::SHADER, "Params", batchnorm::BatchnormParams, [n, c, hw, eps, momentum]);
+    assert_params_layout!(
+        neuron::SHADER,
+        "Params",
+        neuron::NeuronParams,
+        [n, t, lif, v_th, v_reset, inv_tau, c, hw, b, has_emb]
     );
 }
 

@@ -20,7 +20,7 @@ mod autodiff;
 mod exec;
 mod planner;
 
-pub use autodiff::{backward, Accumulate, BackwardFn, TapeEntry};
+pub use autodiff::{backward, Accumulate, BackwardFn, BackwardIntoFn, Rule, TapeEntry};
 pub use exec::{NodeInfo, NodeTimes, Plan, RunStats, Timing};
 pub use planner::{plan_memory, MemoryPlan};
 
@@ -389,7 +389,29 @@ impl Graph {
             label: label.to_string(),
             inputs,
             outputs,
-            backward: std::sync::Arc::new(backward),
+            backward: Rule::Plain(std::sync::Arc::new(backward)),
+        });
+    }
+
+    /// Record a differentiable op whose backward adds its input gradients to those the inputs
+    /// already received (see [`BackwardIntoFn`]); `inputs` must be distinct.
+    pub fn record_into(
+        &mut self,
+        label: &str,
+        inputs: Vec<TensorId>,
+        outputs: Vec<TensorId>,
+        backward: impl Fn(&mut Graph, &[Option<TensorId>], &[bool], &[Option<TensorId>]) -> Vec<Option<TensorId>>
+            + Send
+            + Sync
+            + 'static,
+    ) {
+        let distinct: std::collections::BTreeSet<_> = inputs.iter().collect();
+        assert_eq!(distinct.len(), inputs.len(), "'{label}': record_into needs distinct inputs");
+        self.tape.push(TapeEntry {
+            label: label.to_string(),
+            inputs,
+            outputs,
+            backward: Rule::Into(std::sync::Arc::new(backward)),
         });
     }
 }
