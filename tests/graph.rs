@@ -2,6 +2,7 @@
 
 mod common;
 
+use bytemuck::Zeroable;
 use common::*;
 use sddpm_gpu::graph::{pack_spikes, plan_memory, unpack_spikes, DType, Graph, Node, Params, Plan, TensorId};
 use sddpm_gpu::ops::{batchnorm, conv, elementwise, neuron, readout};
@@ -193,7 +194,7 @@ fn set_params_changes_a_replayed_node() {
     plan.run(c).unwrap();
     assert_eq!(plan.read(c, s).unwrap(), [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]);
     let guided = neuron::Neuron { v_th: 0.997, ..Default::default() };
-    let p = Params::new().u(3).u(4).u(0).u(0).f(guided.v_th).f(0.0).f(1.0).build();
+    let p = Params::of(&neuron::NeuronParams { n: 3, t: 4, v_th: guided.v_th, inv_tau: 1.0, ..Zeroable::zeroed() });
     plan.set_params(c, 0, &p);
     plan.run(c).unwrap();
     assert_eq!(plan.read(c, s).unwrap(), vec![1.0f32; 12]);
@@ -269,7 +270,7 @@ fn dtype_mismatch_is_a_graph_error_naming_node_and_tensor() {
         Node {
             shader: &neuron::SHADER,
             entry: "neuron_forward",
-            params: Params::new().u(40).u(1).build(),
+            params: Params::of(&neuron::NeuronParams { n: 40, t: 1, ..Zeroable::zeroed() }),
             reads: vec![x],
             writes: vec![s],
             workgroups: [1, 1, 1],

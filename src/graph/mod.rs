@@ -431,35 +431,17 @@ pub fn size_u32(v: usize) -> u32 {
     u32::try_from(v).unwrap_or(u32::MAX)
 }
 
-/// The uniform words of a node, padded to 16 bytes.
+/// The uniform words of a node.
 ///
-/// [`Params::of`] takes an op's `#[repr(C)]` parameter struct, which mirrors the shader's WGSL
-/// struct member for member (tests/shaders.rs checks each layout against naga's). The positional
-/// builder (`new().u(..).f(..).build()`) remains only for the families not converted yet.
-#[derive(Debug, Default, Clone)]
-pub struct Params(pub Vec<u32>);
+/// Every op passes a `#[repr(C)]` Pod parameter struct that mirrors its shader's WGSL struct
+/// member for member (tests/shaders.rs checks each layout against naga's reflection).
+pub struct Params;
 
 impl Params {
-    /// The words of parameter struct `p`.
+    /// The words of parameter struct `p`, padded to 16 bytes.
     pub fn of<P: bytemuck::Pod>(p: &P) -> Vec<u32> {
-        Params(bytemuck::cast_slice(std::slice::from_ref(p)).to_vec()).build()
-    }
-    pub fn new() -> Self {
-        Self::default()
-    }
-    /// A size or count (see [`size_u32`]).
-    pub fn u(mut self, v: usize) -> Self {
-        self.0.push(size_u32(v));
-        self
-    }
-    pub fn f(mut self, v: f32) -> Self {
-        self.0.push(v.to_bits());
-        self
-    }
-    pub fn build(mut self) -> Vec<u32> {
-        while self.0.is_empty() || !self.0.len().is_multiple_of(4) {
-            self.0.push(0);
-        }
-        self.0
+        let mut words: Vec<u32> = bytemuck::cast_slice(std::slice::from_ref(p)).to_vec();
+        words.resize(words.len().div_ceil(4).max(1) * 4, 0);
+        words
     }
 }

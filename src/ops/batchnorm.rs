@@ -4,7 +4,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::Shader;
-use crate::graph::{grid_1d, Cost, Graph, Node, TensorId};
+use crate::graph::{grid_1d, size_u32, Cost, Graph, Node, Params, TensorId};
 use crate::ops::pointwise_cost;
 use crate::shader;
 
@@ -48,16 +48,9 @@ pub struct BatchnormParams {
     pub pad1: [u32; 2],
 }
 
-/// A size as a kernel parameter. Sizes past u32 saturate: graph building has then already
-/// recorded a tensor too large to index (see [`Graph::check`]), so the node never runs.
-fn word(v: usize) -> u32 {
-    u32::try_from(v).unwrap_or(u32::MAX)
-}
-
 fn params(n: usize, c: usize, hw: usize) -> Vec<u32> {
-    let p =
-        BatchnormParams { n: word(n), c: word(c), hw: word(hw), pad0: 0, eps: EPS, momentum: MOMENTUM, pad1: [0; 2] };
-    bytemuck::cast_slice(&[p]).to_vec()
+    let u = size_u32;
+    Params::of(&BatchnormParams { n: u(n), c: u(c), hw: u(hw), pad0: 0, eps: EPS, momentum: MOMENTUM, pad1: [0; 2] })
 }
 
 /// y = (x - running_mean) / sqrt(running_var + eps) * weight + bias.

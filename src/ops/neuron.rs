@@ -4,7 +4,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::Shader;
-use crate::graph::{grid_1d, Cost, DType, Graph, Node, TensorId};
+use crate::graph::{grid_1d, size_u32, Cost, DType, Graph, Node, Params, TensorId};
 use crate::ops::batchnorm::{self, BnParams, BnSaved};
 use crate::ops::reduce;
 use crate::shader;
@@ -48,21 +48,15 @@ pub struct NeuronParams {
 
 impl NeuronParams {
     fn words(self) -> Vec<u32> {
-        bytemuck::cast_slice(&[self]).to_vec()
+        Params::of(&self)
     }
-}
-
-/// A size as a kernel parameter. Sizes past u32 saturate: graph building has then already
-/// recorded a tensor too large to index (see [`Graph::check`]), so the node never runs.
-fn word(v: usize) -> u32 {
-    u32::try_from(v).unwrap_or(u32::MAX)
 }
 
 impl Neuron {
     fn params(&self, n: usize, t: usize) -> NeuronParams {
         NeuronParams {
-            n: word(n),
-            t: word(t),
+            n: size_u32(n),
+            t: size_u32(t),
             lif: self.tau.is_some() as u32,
             v_th: self.v_th,
             v_reset: self.v_reset,
@@ -174,8 +168,13 @@ pub fn neuron_forward_train_bn(g: &mut Graph, input: BnInput, t: usize, cfg: Neu
     if let Some(emb) = input.emb {
         assert_eq!(g.shape(emb), [b, ch], "{name}: the added term must be [B, C] = [{b}, {ch}]");
     }
-    let params =
-        NeuronParams { c: word(ch), hw: word(hw), b: word(b), has_emb: input.emb.is_some() as u32, ..cfg.params(n, t) };
+    let params = NeuronParams {
+        c: size_u32(ch),
+        hw: size_u32(hw),
+        b: size_u32(b),
+        has_emb: input.emb.is_some() as u32,
+        ..cfg.params(n, t)
+    };
     // Without a term the emb binding is a placeholder the kernels do not read.
     let reads = vec![c, input.bn.weight, input.bn.bias, input.saved.mean, input.saved.invstd, input.emb.unwrap_or(c)];
     let s = g.intermediate_as(name, &shape, DType::Spike);
