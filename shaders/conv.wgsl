@@ -22,6 +22,9 @@
 // image); the K loop stages 8 reduction steps of weights and im2col'd inputs through workgroup
 // memory per barrier pair, each of the 64 invocations loads 4 of each and computes a 4x4 block.
 // Grid: x = ceil(Ho*Wo / 32), y = ceil(Cout / 32), z = N.
+// Variants "db64x64", "db128x128", "db128x128k16" (conv2d_igemm_db): the same implicit GEMM with
+// larger tiles, 8x8 outputs per invocation, two workgroup-memory stages and vec4 weight loads;
+// see its section below.
 // x (and the weight gradient's saved x) is either f32 or bit-packed spikes (graph dtype Spike:
 // element e at bit e % 32 of word e / 32), as p.x_spikes says; both are bound as u32 words, and a
 // spike reads as exactly 0.0 or 1.0, so a conv over packed spikes gives the same bits as over
@@ -246,6 +249,197 @@ fn conv2d_igemm(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id)
             let pix = px0 + tn + j;
             if (pix < npix) {
                 y[(n * p.cout + co) * npix + pix] = accs[i][j] + b;
+            }
+        }
+    }
+}
+
+// ---- forward, double-buffered implicit GEMM -----------------------------------------------------
+
+// Variants "db*" of the forward (conv2d_igemm_db): the implicit GEMM of conv2d_igemm with a
+// workgroup tile of DB_BM output channels x DB_BN output pixels, DB_WG = (DB_BM / 8) * (DB_BN / 8)
+// invocations computing 8 x 8 outputs each, and two workgroup-memory stages of DB_BK reduction
+// steps: each iteration issues the global loads of chunk c into registers, runs the FMAs of
+// chunk c - 1 from one stage, then stores chunk c into the other stage, with one barrier per
+// chunk. The sum runs over r = (ci, ky, kx) ascending as in conv2d. Weights are read as vec4
+// along r where a row of Cin*K*K is aligned (else scalar, at the edges too); inputs of 1x1
+// stride-1 convs over packed spikes come 4 pixels per word read. The four sizes are filled from
+// Rust (src/ops/conv.rs DB_TILES), with no defaults, so a pipeline without them fails to build.
+// Grid: x = ceil(Ho*Wo / DB_BN), y = ceil(Cout / DB_BM), z = N.
+override DB_BM: u32;
+override DB_BN: u32;
+override DB_BK: u32;
+override DB_WG: u32;
+// Two stages of [DB_BK][DB_BM] weights and [DB_BK][DB_BN] im2col'd inputs, vec4 along m and n.
+var<workgroup> db_w: array<vec4<f32>, DB_BK * DB_BM / 2u>;
+var<workgroup> db_x: array<vec4<f32>, DB_BK * DB_BN / 2u>;
+
+// The weights as vec4: the node offers the db variants only when Cout*Cin*K*K is a multiple of
+// 4, so the binding holds whole vec4s and every weight is reachable through wt4_at.
+@group(0) @binding(2) var<storage, read> wt4: array<vec4<f32>>;
+
+fn wt4_at(i: u32) -> f32 {
+    return wt4[i / 4u][i % 4u];
+}
+
+// Stores one output: y[n, co, pix] = acc + bias[co], then the ReLU when p.relu. Every output of
+// the forward kernels below goes through here (the place for an epilogue).
+fn store_y(n: u32, co: u32, pix: u32, acc: f32) {
+    var v = acc;
+    if (p.has_bias != 0u) {
+        v += bias[co];
+    }
+    y[(n * p.cout + co) * p.ho * p.wo + pix] = select(v, max(v, 0.0), p.relu != 0u);
+}
+
+// Weights w[co, r .. r + 3] (r a multiple of 4; 0 past Cin*K*K or Cout).
+fn db_fetch_w(co: u32, r: u32, kdim: u32) -> vec4<f32> {
+    if (co >= p.cout || r >= kdim) {
+        return vec4<f32>(0.0);
+    }
+    let i = co * kdim + r;
+    if (kdim % 4u == 0u) {
+        return wt4[i / 4u];
+    }
+    let last = arrayLength(&wt4) * 4u - 1u;
+    let v = vec4<f32>(wt4_at(i), wt4_at(min(i + 1u, last)), wt4_at(min(i + 2u, last)), wt4_at(min(i + 3u, last)));
+    return select(vec4<f32>(0.0), v, vec4<u32>(r) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(kdim));
+}
+
+// The im2col value of reduction step (ci, ky, kx) at output pixel pix of image n (0 in the padding
+// and past the last pixel).
+fn db_x1(plane: u32, ky: u32, kx: u32, pix: u32, npix: u32) -> f32 {
+    let iy = i32((pix / p.wo) * p.stride + ky) - i32(p.pad);
+    let ix = i32((pix % p.wo) * p.stride + kx) - i32(p.pad);
+    if (pix >= npix || iy < 0 || iy >= i32(p.h) || ix < 0 || ix >= i32(p.w)) {
+        return 0.0;
+    }
+    return x_at(plane + u32(iy) * p.w + u32(ix));
+}
+
+// The im2col values of reduction step r at output pixels pix .. pix + 3 of image n.
+fn db_fetch_x(n: u32, r: u32, pix: u32, kdim: u32, npix: u32) -> vec4<f32> {
+    if (r >= kdim) {
+        return vec4<f32>(0.0);
+    }
+    let kk = p.k * p.k;
+    let ci = r / kk;
+    let plane = (n * p.cin + ci) * p.h * p.w;
+    if (p.x_spikes != 0u && kk == 1u && p.stride == 1u && p.pad == 0u && pix + 3u < npix) {
+        // 1x1 stride 1: the 4 pixels are 4 consecutive bits, in one word when aligned.
+        let i = plane + pix;
+        if (i % 4u == 0u) {
+            let b = x[i / 32u] >> (i % 32u);
+            return vec4<f32>(vec4<u32>(b, b >> 1u, b >> 2u, b >> 3u) & vec4<u32>(1u));
+        }
+    }
+    let ky = (r % kk) / p.k;
+    let kx = r % p.k;
+    return vec4<f32>(db_x1(plane, ky, kx, pix, npix), db_x1(plane, ky, kx, pix + 1u, npix),
+                     db_x1(plane, ky, kx, pix + 2u, npix), db_x1(plane, ky, kx, pix + 3u, npix));
+}
+
+@compute @workgroup_size(DB_WG)
+fn conv2d_igemm_db(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let kdim = p.cin * p.k * p.k;
+    let npix = p.ho * p.wo;
+    let co0 = wid.y * DB_BM;
+    let px0 = wid.x * DB_BN;
+    let n = wid.z;
+    // vec4 groups each invocation loads per chunk (at most 2: see DB_TILES).
+    let groups_w = DB_BK * DB_BM / (4u * DB_WG);
+    let groups_x = DB_BK * DB_BN / (4u * DB_WG);
+    let tm = (li / (DB_BN / 8u)) * 8u;
+    let tn = (li % (DB_BN / 8u)) * 8u;
+    var pw: array<vec4<f32>, 2>;
+    var px: array<vec4<f32>, 2>;
+    var acc00 = vec4<f32>(0.0);
+    var acc01 = vec4<f32>(0.0);
+    var acc10 = vec4<f32>(0.0);
+    var acc11 = vec4<f32>(0.0);
+    var acc20 = vec4<f32>(0.0);
+    var acc21 = vec4<f32>(0.0);
+    var acc30 = vec4<f32>(0.0);
+    var acc31 = vec4<f32>(0.0);
+    var acc40 = vec4<f32>(0.0);
+    var acc41 = vec4<f32>(0.0);
+    var acc50 = vec4<f32>(0.0);
+    var acc51 = vec4<f32>(0.0);
+    var acc60 = vec4<f32>(0.0);
+    var acc61 = vec4<f32>(0.0);
+    var acc70 = vec4<f32>(0.0);
+    var acc71 = vec4<f32>(0.0);
+    let chunks = (kdim + DB_BK - 1u) / DB_BK;
+    for (var c = 0u; c <= chunks; c++) {
+        // Global loads of chunk c, into registers.
+        if (c < chunks) {
+            for (var q = 0u; q < groups_w; q++) {
+                let g = li + q * DB_WG;
+                pw[q] = db_fetch_w(co0 + g / (DB_BK / 4u), c * DB_BK + (g % (DB_BK / 4u)) * 4u, kdim);
+            }
+            for (var q = 0u; q < groups_x; q++) {
+                let g = li + q * DB_WG;
+                px[q] = db_fetch_x(n, c * DB_BK + g / (DB_BN / 4u), px0 + (g % (DB_BN / 4u)) * 4u, kdim, npix);
+            }
+        }
+        // FMAs of chunk c - 1 from its stage.
+        if (c > 0u) {
+            let sw = ((c - 1u) % 2u) * DB_BK * (DB_BM / 4u) + tm / 4u;
+            let sx = ((c - 1u) % 2u) * DB_BK * (DB_BN / 4u) + tn / 4u;
+            for (var kr = 0u; kr < DB_BK; kr++) {
+                let a0 = db_w[sw + kr * (DB_BM / 4u)];
+                let a1 = db_w[sw + kr * (DB_BM / 4u) + 1u];
+                let b0 = db_x[sx + kr * (DB_BN / 4u)];
+                let b1 = db_x[sx + kr * (DB_BN / 4u) + 1u];
+                acc00 += a0.x * b0;
+                acc01 += a0.x * b1;
+                acc10 += a0.y * b0;
+                acc11 += a0.y * b1;
+                acc20 += a0.z * b0;
+                acc21 += a0.z * b1;
+                acc30 += a0.w * b0;
+                acc31 += a0.w * b1;
+                acc40 += a1.x * b0;
+                acc41 += a1.x * b1;
+                acc50 += a1.y * b0;
+                acc51 += a1.y * b1;
+                acc60 += a1.z * b0;
+                acc61 += a1.z * b1;
+                acc70 += a1.w * b0;
+                acc71 += a1.w * b1;
+            }
+        }
+        // Chunk c into the other stage (read by the FMAs of the next iteration, after the barrier;
+        // its previous contents were read before the last one).
+        if (c < chunks) {
+            let stage = c % 2u;
+            for (var q = 0u; q < groups_w; q++) {
+                let g = li + q * DB_WG;
+                let m = g / (DB_BK / 4u);
+                let e = (stage * DB_BK + (g % (DB_BK / 4u)) * 4u) * DB_BM + m;
+                db_w[e / 4u][m % 4u] = pw[q].x;
+                db_w[(e + DB_BM) / 4u][m % 4u] = pw[q].y;
+                db_w[(e + 2u * DB_BM) / 4u][m % 4u] = pw[q].z;
+                db_w[(e + 3u * DB_BM) / 4u][m % 4u] = pw[q].w;
+            }
+            for (var q = 0u; q < groups_x; q++) {
+                let g = li + q * DB_WG;
+                db_x[(stage * DB_BK + g / (DB_BN / 4u)) * (DB_BN / 4u) + g % (DB_BN / 4u)] = px[q];
+            }
+        }
+        workgroupBarrier();
+    }
+    let accs = array<vec4<f32>, 16>(acc00, acc01, acc10, acc11, acc20, acc21, acc30, acc31, acc40, acc41, acc50,
+                                    acc51, acc60, acc61, acc70, acc71);
+    for (var i = 0u; i < 8u; i++) {
+        let co = co0 + tm + i;
+        if (co >= p.cout) {
+            break;
+        }
+        for (var j = 0u; j < 8u; j++) {
+            let pix = px0 + tn + j;
+            if (pix < npix) {
+                store_y(n, co, pix, accs[i * 2u + j / 4u][j % 4u]);
             }
         }
     }

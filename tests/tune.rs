@@ -459,3 +459,113 @@ fn every_conv_variant_reads_packed_spikes() {
         }
     }
 }
+
+// ---- double-buffered implicit-GEMM forward --------------------------------------------------------
+
+/// Index of the candidate named `name` of tunable node `node`.
+fn candidate(g: &Graph, node: usize, name: &str) -> usize {
+    let names: Vec<&str> = g.variants[&node].candidates.iter().map(|v| v.name.as_str()).collect();
+    names.iter().position(|&n| n == name).unwrap_or_else(|| panic!("{name} is not a candidate: {names:?}"))
+}
+
+/// Every `conv2d_igemm_db` tile against the CPU reference (1e-5 relative + 1e-5 absolute, as the
+/// other forward variants), f32 and packed spikes (the same bits either way): 3x3 and 1x1, stride
+/// 1 and 2, odd sizes, Cin*K*K aligned to the vec4 weight loads and not, Cout and pixel counts
+/// not multiples of the 64 and 128 tiles and larger than one tile, more chunks than one stage.
+#[test]
+fn every_double_buffered_conv_forward_matches_cpu() {
+    use sddpm_gpu::graph::{pack_spikes, DType};
+    let cases: [([usize; 4], usize, usize, usize, bool); 9] = [
+        ([2, 3, 7, 9], 4, 3, 1, true),
+        ([3, 4, 5, 6], 13, 3, 1, false),
+        ([2, 5, 9, 11], 36, 3, 2, true),
+        ([2, 6, 5, 5], 10, 1, 1, true),
+        ([3, 8, 3, 13], 9, 1, 1, false),
+        ([1, 4, 6, 9], 8, 1, 2, true),
+        ([2, 33, 10, 7], 72, 3, 1, true),
+        ([1, 20, 12, 12], 130, 3, 1, false),
+        ([2, 8, 4, 6], 12, 1, 1, true),
+    ];
+    for (seed, &([n, cin, h, w], cout, k, stride, with_bias)) in cases.iter().enumerate() {
+        let pad = k / 2;
+        let mut r = rng(seed as u64 + 300);
+        let xf = normalish(&mut r, n * cin * h * w, 1.0);
+        let xs: Vec<f32> = uniform(&mut r, n * cin * h * w, 0.0, 1.0).iter().map(|&u| (u < 0.3) as u8 as f32).collect();
+        let wv = uniform(&mut r, cout * cin * k * k, -0.5, 0.5);
+        let bv = uniform(&mut r, cout, -0.5, 0.5);
+        let bias = with_bias.then_some(&bv[..]);
+        for (dtype, xv) in [(DType::F32, &xf), (DType::Spike, &xs)] {
+            let want = conv::conv2d_cpu(xv, [n, cin, h, w], &wv, [cout, cin, k, k], bias, stride, pad);
+            for &(tile, ..) in &conv::DB_TILES {
+                let mut outs = Vec::new();
+                for as_dtype in [dtype, DType::F32] {
+                    let mut g = Graph::new();
+                    let x = g.input_as("x", &[n, cin, h, w], as_dtype);
+                    let wt = g.param("w", &[cout, cin, k, k]);
+                    let b = g.param("b", &[cout]);
+                    let y = conv::conv2d(&mut g, x, wt, with_bias.then_some(b), stride, pad, "conv");
+                    let i = candidate(&g, 0, tile);
+                    g.choose(0, i);
+                    let xin = if as_dtype == DType::Spike { pack_spikes(xv) } else { bits(xv) };
+                    let mut inputs = vec![(x, xin), (wt, bits(&wv))];
+                    if with_bias {
+                        inputs.push((b, bits(&bv)));
+                    }
+                    outs.push(run_graph(g, &inputs, &[y]).remove(0));
+                }
+                let what = format!("conv2d {tile} {} {n}x{cin}x{h}x{w} -> {cout} k{k} s{stride}", dtype.name());
+                assert_eq!(bits(&outs[0]), bits(&outs[1]), "{what}: packed vs f32");
+                assert_close(&what, &outs[0], &want, 1e-5, 1e-5);
+            }
+        }
+    }
+}
+
+/// The double-buffered kernels bind the weights as vec4, so a conv whose weight count is not a
+/// multiple of 4 does not offer them; one whose count is does.
+#[test]
+fn double_buffered_conv_needs_whole_vec4_weights() {
+    let names = |cin: usize, cout: usize| -> Vec<String> {
+        let mut g = Graph::new();
+        let x = g.input("x", &[1, cin, 5, 5]);
+        let wt = g.param("w", &[cout, cin, 3, 3]);
+        conv::conv2d(&mut g, x, wt, None, 1, 1, "conv");
+        g.variants[&0].candidates.iter().map(|v| v.name.clone()).collect()
+    };
+    assert!(!names(3, 5).iter().any(|n| n.starts_with("db")), "{:?}", names(3, 5));
+    for &(tile, ..) in &conv::DB_TILES {
+        assert!(names(3, 4).iter().any(|n| n == tile), "{tile} missing from {:?}", names(3, 4));
+    }
+}
+
+/// The tuner offers a conv every variant the adapter can run (on lavapipe: the double-buffered
+/// tiles, the 32 KiB one included where its workgroup memory allows) and none it cannot.
+#[test]
+fn the_tuner_offers_the_conv_variants_the_adapter_can_run() {
+    use sddpm_gpu::graph::backward;
+    let dir = tmp("tuner-offers");
+    let c = tuning_ctx(&dir, false);
+    let mut g = Graph::new();
+    let x = g.input("x", &[2, 16, 8, 8]);
+    let wt = g.param("w", &[32, 16, 3, 3]);
+    let y = conv::conv2d(&mut g, x, wt, None, 1, 1, "conv");
+    let seed_t = g.input("dy", &[2, 32, 8, 8]);
+    backward(&mut g, y, seed_t, &[x, wt], sddpm_gpu::ops::elementwise::add);
+    let all = g.variants.clone();
+    tune::select(&c, &mut g).unwrap();
+    for (node, t) in &all {
+        let offered: Vec<&str> = g.variants[node].candidates.iter().map(|v| v.name.as_str()).collect();
+        for v in &t.candidates {
+            let fits = v.needs.met_by(c.features, &c.limits);
+            assert_eq!(offered.contains(&v.name.as_str()), fits, "{} on {}: {offered:?}", v.name, c.describe());
+        }
+    }
+    let forward: Vec<&str> = g.variants[&0].candidates.iter().map(|v| v.name.as_str()).collect();
+    // WebGPU guarantees 16 KiB of workgroup memory and 256 invocations: these two always fit.
+    for name in ["r8x4", "igemm32", "db64x64", "db128x128"] {
+        assert!(forward.contains(&name), "{name} not offered on {}: {forward:?}", c.describe());
+    }
+    if c.limits.max_compute_workgroup_storage_size >= 32768 {
+        assert!(forward.contains(&"db128x128k16"), "{forward:?}");
+    }
+}

@@ -419,7 +419,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// A WGSL source file from shaders/, embedded in the binary.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct Shader {
     /// File stem in shaders/, e.g. "conv".
     pub name: &'static str,
