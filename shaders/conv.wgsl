@@ -39,6 +39,8 @@
 //                       layout, same reduce): rows = output channels, columns = r = (ci, ky, kx),
 //                       K = the chunk's (n, oy, ox) ascending, 8 staged per barrier pair.
 //                       Grid: x = ceil(Cin*K*K / 32), y = ceil(Cout / 32), z = parts.
+//   (variant "sg4xkk" of conv2d_grad_weight, with subgroup reductions, is in conv_subgroup.wgsl:
+//                       a module using subgroups does not compile on a device without them.)
 //   conv2d_grad_input:  dx[n, ci, iy, ix] = sum_{co, ky, kx} w[co, ci, ky, kx] * dy[n, co, oy, ox]
 //                       over the (oy, ox) with oy*s - p + ky = iy (the transposed convolution);
 //                       8 input channels x 4 input columns per invocation.

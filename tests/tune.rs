@@ -539,7 +539,8 @@ fn double_buffered_conv_needs_whole_vec4_weights() {
 }
 
 /// The tuner offers a conv every variant the adapter can run (on lavapipe: the double-buffered
-/// tiles, the 32 KiB one included where its workgroup memory allows) and none it cannot.
+/// tiles, the 32 KiB one included where its workgroup memory allows, and the subgroup weight
+/// gradient) and none it cannot.
 #[test]
 fn the_tuner_offers_the_conv_variants_the_adapter_can_run() {
     use sddpm_gpu::graph::backward;
@@ -567,5 +568,72 @@ fn the_tuner_offers_the_conv_variants_the_adapter_can_run() {
     }
     if c.limits.max_compute_workgroup_storage_size >= 32768 {
         assert!(forward.contains(&"db128x128k16"), "{forward:?}");
+    }
+    let grad_w = g.variants.keys().copied().find(|&i| g.nodes[i].label == "conv.grad_weight").unwrap();
+    let grad_w: Vec<&str> = g.variants[&grad_w].candidates.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(grad_w.contains(&"sg4xkk"), c.features.contains(wgpu::Features::SUBGROUP), "{grad_w:?}");
+}
+
+// ---- subgroup weight gradient -----------------------------------------------------------------
+
+/// The subgroup weight gradient "sg4xkk" against the CPU reference (1e-5 relative + 1e-4
+/// absolute, as the other weight-gradient variants: it sums each chunk in another order), over
+/// f32 and packed spikes (the same bits either way), 3x3 and 1x1, stride 1 and 2, odd sizes,
+/// more than one chunk; and twice over, bit for bit (subgroup reductions have a fixed order on
+/// one device). Where the adapter has no subgroups, the tuner must not offer it.
+#[test]
+fn subgroup_conv_grad_weight_matches_cpu_and_repeats_exactly() {
+    use sddpm_gpu::graph::{backward, pack_spikes, DType};
+    let build = |[n, cin, h, w]: [usize; 4], cout: usize, k: usize, stride: usize, dtype: DType| {
+        let pad = k / 2;
+        let (ho, wo) = (conv::conv_out(h, k, stride, pad), conv::conv_out(w, k, stride, pad));
+        let mut g = Graph::new();
+        let x = g.input_as("x", &[n, cin, h, w], dtype);
+        let wt = g.param("w", &[cout, cin, k, k]);
+        let y = conv::conv2d(&mut g, x, wt, None, stride, pad, "conv");
+        let seed_t = g.input("dy", &[n, cout, ho, wo]);
+        let dw = backward(&mut g, y, seed_t, &[wt], sddpm_gpu::ops::elementwise::add)[&wt];
+        let node = g.variants.keys().copied().find(|&i| g.nodes[i].label == "conv.grad_weight").unwrap();
+        (g, node, [x, wt, seed_t, dw])
+    };
+    if !ctx().features.contains(wgpu::Features::SUBGROUP) {
+        let (mut g, node, _) = build([1, 2, 4, 4], 3, 3, 1, DType::F32);
+        let c = tuning_ctx(&tmp("no-subgroups"), false);
+        tune::select(&c, &mut g).unwrap();
+        assert!(g.variants[&node].candidates.iter().all(|v| v.name != "sg4xkk"));
+        eprintln!("note: {} has no subgroups; sg4xkk is not offered and not run", ctx().describe());
+        return;
+    }
+    let cases: [([usize; 4], usize, usize, usize); 6] = [
+        ([2, 3, 7, 9], 5, 3, 1),
+        ([2, 5, 9, 11], 7, 3, 2),
+        ([2, 6, 5, 5], 10, 1, 1),
+        ([2, 13, 6, 7], 35, 3, 1),
+        ([1, 3, 6, 9], 4, 1, 2),
+        ([3, 2, 29, 31], 3, 3, 1),
+    ];
+    for (seed, &([n, cin, h, w], cout, k, stride)) in cases.iter().enumerate() {
+        let pad = k / 2;
+        let (ho, wo) = (conv::conv_out(h, k, stride, pad), conv::conv_out(w, k, stride, pad));
+        let mut r = rng(seed as u64 + 400);
+        let xf = normalish(&mut r, n * cin * h * w, 1.0);
+        let xs: Vec<f32> = uniform(&mut r, n * cin * h * w, 0.0, 1.0).iter().map(|&u| (u < 0.3) as u8 as f32).collect();
+        let dyv = normalish(&mut r, n * cout * ho * wo, 1.0);
+        for (dtype, xv) in [(DType::F32, &xf), (DType::Spike, &xs)] {
+            let want = conv::conv2d_grad_weight_cpu(&dyv, xv, [n, cin, h, w], [cout, k], stride, pad);
+            let mut outs = Vec::new();
+            for as_dtype in [dtype, DType::F32, dtype] {
+                let (mut g, node, [x, wt, seed_t, dw]) = build([n, cin, h, w], cout, k, stride, as_dtype);
+                let i = candidate(&g, node, "sg4xkk");
+                g.choose(node, i);
+                let xin = if as_dtype == DType::Spike { pack_spikes(xv) } else { bits(xv) };
+                let inputs = [(x, xin), (wt, bits(&vec![0.0; cout * cin * k * k])), (seed_t, bits(&dyv))];
+                outs.push(run_graph(g, &inputs, &[dw]).remove(0));
+            }
+            let what = format!("conv grad_weight sg4xkk {} {n}x{cin}x{h}x{w} -> {cout} k{k} s{stride}", dtype.name());
+            assert_eq!(bits(&outs[0]), bits(&outs[1]), "{what}: packed vs f32");
+            assert_eq!(bits(&outs[0]), bits(&outs[2]), "{what}: second run");
+            assert_close(&what, &outs[0], &want, 1e-5, 1e-4);
+        }
     }
 }

@@ -293,7 +293,8 @@ fn conv_node(
             assert!(k <= 3, "{label}: weight gradients support kernels up to 3x3");
             let parts = (n * ho * wo).div_ceil(GRAD_W_CHUNK);
             let partial = g.intermediate(&format!("{label}.grad_weight_parts"), &[parts, cout * cin * k * k]);
-            let candidates = grad_weight_variants(cout, cin, k, parts);
+            let mut candidates = grad_weight_variants(cout, cin, k, parts);
+            candidates.push(crate::ops::conv_subgroup::grad_weight_variant(cout, cin, parts));
             g.push_variants_typed(
                 Node {
                     shader: &SHADER,
