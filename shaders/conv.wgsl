@@ -35,6 +35,8 @@
 //                       input channels, columns = input pixels, r = (co, ky, kx) ascending (the
 //                       reference's order; taps that hit no output add exact zeros).
 //                       Grid: x = ceil(H*W / 32), y = ceil(Cin / 32), z = N.
+//   conv2d_grad_input_igemm_db: variants "db64x64", "db128x128", "db128x128k16" of
+//                       conv2d_grad_input: the forward's double-buffered tiles on that GEMM.
 //   conv2d_grad_weight_igemm: variant "igemm32" of conv2d_grad_weight (same chunks, same partial
 //                       layout, same reduce): rows = output channels, columns = r = (ci, ky, kx),
 //                       K = the chunk's (n, oy, ox) ascending, 8 staged per barrier pair.
@@ -341,6 +343,59 @@ fn db_fetch_x(n: u32, r: u32, pix: u32, kdim: u32, npix: u32) -> vec4<f32> {
                      db_x1(plane, ky, kx, pix + 2u, npix), db_x1(plane, ky, kx, pix + 3u, npix));
 }
 
+// The FMAs of one stage: acc[2 i + j / 4][j % 4] += w[m = tm + i] * x[n = tn + j] for each of
+// the DB_BK reduction steps; sw and sx are the stage's vec4 offsets plus tm / 4 and tn / 4.
+fn db_fma(acc: ptr<function, array<vec4<f32>, 16>>, sw: u32, sx: u32) {
+    for (var kr = 0u; kr < DB_BK; kr++) {
+        let a0 = db_w[sw + kr * (DB_BM / 4u)];
+        let a1 = db_w[sw + kr * (DB_BM / 4u) + 1u];
+        let b0 = db_x[sx + kr * (DB_BN / 4u)];
+        let b1 = db_x[sx + kr * (DB_BN / 4u) + 1u];
+        (*acc)[0] += a0.x * b0;
+        (*acc)[1] += a0.x * b1;
+        (*acc)[2] += a0.y * b0;
+        (*acc)[3] += a0.y * b1;
+        (*acc)[4] += a0.z * b0;
+        (*acc)[5] += a0.z * b1;
+        (*acc)[6] += a0.w * b0;
+        (*acc)[7] += a0.w * b1;
+        (*acc)[8] += a1.x * b0;
+        (*acc)[9] += a1.x * b1;
+        (*acc)[10] += a1.y * b0;
+        (*acc)[11] += a1.y * b1;
+        (*acc)[12] += a1.z * b0;
+        (*acc)[13] += a1.z * b1;
+        (*acc)[14] += a1.w * b0;
+        (*acc)[15] += a1.w * b1;
+    }
+}
+
+// Row m and reduction step k of weight group g (4 consecutive steps of one row per group).
+fn db_group_w(g: u32) -> vec2<u32> {
+    return vec2<u32>(g / (DB_BK / 4u), (g % (DB_BK / 4u)) * 4u);
+}
+
+// Reduction step k and column n of input group g (4 consecutive columns of one step per group).
+fn db_group_x(g: u32) -> vec2<u32> {
+    return vec2<u32>(g / (DB_BN / 4u), (g % (DB_BN / 4u)) * 4u);
+}
+
+// Stores weight group g (steps k .. k + 3 of row m) into stage `stage`.
+fn db_put_w(stage: u32, g: u32, v: vec4<f32>) {
+    let mk = db_group_w(g);
+    let e = (stage * DB_BK + mk.y) * DB_BM + mk.x;
+    db_w[e / 4u][mk.x % 4u] = v.x;
+    db_w[(e + DB_BM) / 4u][mk.x % 4u] = v.y;
+    db_w[(e + 2u * DB_BM) / 4u][mk.x % 4u] = v.z;
+    db_w[(e + 3u * DB_BM) / 4u][mk.x % 4u] = v.w;
+}
+
+// Stores input group g (columns n .. n + 3 of step k) into stage `stage`.
+fn db_put_x(stage: u32, g: u32, v: vec4<f32>) {
+    let kn = db_group_x(g);
+    db_x[(stage * DB_BK + kn.x) * (DB_BN / 4u) + kn.y / 4u] = v;
+}
+
 @compute @workgroup_size(DB_WG)
 fn conv2d_igemm_db(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     let kdim = p.cin * p.k * p.k;
@@ -355,84 +410,37 @@ fn conv2d_igemm_db(@builtin(local_invocation_index) li: u32, @builtin(workgroup_
     let tn = (li % (DB_BN / 8u)) * 8u;
     var pw: array<vec4<f32>, 2>;
     var px: array<vec4<f32>, 2>;
-    var acc00 = vec4<f32>(0.0);
-    var acc01 = vec4<f32>(0.0);
-    var acc10 = vec4<f32>(0.0);
-    var acc11 = vec4<f32>(0.0);
-    var acc20 = vec4<f32>(0.0);
-    var acc21 = vec4<f32>(0.0);
-    var acc30 = vec4<f32>(0.0);
-    var acc31 = vec4<f32>(0.0);
-    var acc40 = vec4<f32>(0.0);
-    var acc41 = vec4<f32>(0.0);
-    var acc50 = vec4<f32>(0.0);
-    var acc51 = vec4<f32>(0.0);
-    var acc60 = vec4<f32>(0.0);
-    var acc61 = vec4<f32>(0.0);
-    var acc70 = vec4<f32>(0.0);
-    var acc71 = vec4<f32>(0.0);
+    var acc: array<vec4<f32>, 16>;
     let chunks = (kdim + DB_BK - 1u) / DB_BK;
     for (var c = 0u; c <= chunks; c++) {
         // Global loads of chunk c, into registers.
         if (c < chunks) {
             for (var q = 0u; q < groups_w; q++) {
-                let g = li + q * DB_WG;
-                pw[q] = db_fetch_w(co0 + g / (DB_BK / 4u), c * DB_BK + (g % (DB_BK / 4u)) * 4u, kdim);
+                let mk = db_group_w(li + q * DB_WG);
+                pw[q] = db_fetch_w(co0 + mk.x, c * DB_BK + mk.y, kdim);
             }
             for (var q = 0u; q < groups_x; q++) {
-                let g = li + q * DB_WG;
-                px[q] = db_fetch_x(n, c * DB_BK + g / (DB_BN / 4u), px0 + (g % (DB_BN / 4u)) * 4u, kdim, npix);
+                let kn = db_group_x(li + q * DB_WG);
+                px[q] = db_fetch_x(n, c * DB_BK + kn.x, px0 + kn.y, kdim, npix);
             }
         }
         // FMAs of chunk c - 1 from its stage.
         if (c > 0u) {
-            let sw = ((c - 1u) % 2u) * DB_BK * (DB_BM / 4u) + tm / 4u;
-            let sx = ((c - 1u) % 2u) * DB_BK * (DB_BN / 4u) + tn / 4u;
-            for (var kr = 0u; kr < DB_BK; kr++) {
-                let a0 = db_w[sw + kr * (DB_BM / 4u)];
-                let a1 = db_w[sw + kr * (DB_BM / 4u) + 1u];
-                let b0 = db_x[sx + kr * (DB_BN / 4u)];
-                let b1 = db_x[sx + kr * (DB_BN / 4u) + 1u];
-                acc00 += a0.x * b0;
-                acc01 += a0.x * b1;
-                acc10 += a0.y * b0;
-                acc11 += a0.y * b1;
-                acc20 += a0.z * b0;
-                acc21 += a0.z * b1;
-                acc30 += a0.w * b0;
-                acc31 += a0.w * b1;
-                acc40 += a1.x * b0;
-                acc41 += a1.x * b1;
-                acc50 += a1.y * b0;
-                acc51 += a1.y * b1;
-                acc60 += a1.z * b0;
-                acc61 += a1.z * b1;
-                acc70 += a1.w * b0;
-                acc71 += a1.w * b1;
-            }
+            let stage = (c - 1u) % 2u;
+            db_fma(&acc, stage * DB_BK * (DB_BM / 4u) + tm / 4u, stage * DB_BK * (DB_BN / 4u) + tn / 4u);
         }
         // Chunk c into the other stage (read by the FMAs of the next iteration, after the barrier;
         // its previous contents were read before the last one).
         if (c < chunks) {
-            let stage = c % 2u;
             for (var q = 0u; q < groups_w; q++) {
-                let g = li + q * DB_WG;
-                let m = g / (DB_BK / 4u);
-                let e = (stage * DB_BK + (g % (DB_BK / 4u)) * 4u) * DB_BM + m;
-                db_w[e / 4u][m % 4u] = pw[q].x;
-                db_w[(e + DB_BM) / 4u][m % 4u] = pw[q].y;
-                db_w[(e + 2u * DB_BM) / 4u][m % 4u] = pw[q].z;
-                db_w[(e + 3u * DB_BM) / 4u][m % 4u] = pw[q].w;
+                db_put_w(c % 2u, li + q * DB_WG, pw[q]);
             }
             for (var q = 0u; q < groups_x; q++) {
-                let g = li + q * DB_WG;
-                db_x[(stage * DB_BK + g / (DB_BN / 4u)) * (DB_BN / 4u) + g % (DB_BN / 4u)] = px[q];
+                db_put_x(c % 2u, li + q * DB_WG, px[q]);
             }
         }
         workgroupBarrier();
     }
-    let accs = array<vec4<f32>, 16>(acc00, acc01, acc10, acc11, acc20, acc21, acc30, acc31, acc40, acc41, acc50,
-                                    acc51, acc60, acc61, acc70, acc71);
     for (var i = 0u; i < 8u; i++) {
         let co = co0 + tm + i;
         if (co >= p.cout) {
@@ -441,7 +449,7 @@ fn conv2d_igemm_db(@builtin(local_invocation_index) li: u32, @builtin(workgroup_
         for (var j = 0u; j < 8u; j++) {
             let pix = px0 + tn + j;
             if (pix < npix) {
-                store_y(n, co, pix, accs[i * 2u + j / 4u][j % 4u]);
+                store_y(n, co, pix, acc[i * 2u + j / 4u][j % 4u]);
             }
         }
     }
@@ -585,6 +593,104 @@ fn conv2d_grad_input_igemm(@builtin(local_invocation_index) li: u32, @builtin(wo
             let pix = px0 + tn + j;
             if (pix < npix) {
                 dx[(n * p.cin + ci) * npix + pix] = accs[i][j];
+            }
+        }
+    }
+}
+
+// Variants "db*" of conv2d_grad_input (conv2d_grad_input_igemm_db): conv2d_igemm_db's tiles,
+// stages and loop on the transposed GEMM of conv2d_grad_input_igemm: rows m = input channels,
+// columns n = input pixels, r = (co, ky, kx) ascending. Weights are gathered with scalar loads
+// (a row's steps stride over Cout); taps that hit no output add exact zeros.
+// Grid: x = ceil(H*W / DB_BN), y = ceil(Cin / DB_BM), z = N.
+
+// w[co, ci, ky, kx] of reduction step r = (co, ky, kx), 0 past Cout*K*K.
+fn db_wt1(ci: u32, r: u32, kdim: u32) -> f32 {
+    let kk = p.k * p.k;
+    if (r >= kdim) {
+        return 0.0;
+    }
+    return wt_b[((r / kk) * p.cin + ci) * kk + r % kk];
+}
+
+// dy[n, co, oy, ox] feeding input pixel pix through tap (ky, kx), 0 where none does.
+fn db_dy1(dyplane: u32, ky: u32, kx: u32, pix: u32, npix: u32) -> f32 {
+    let s = i32(p.stride);
+    let ty = i32(pix / p.w + p.pad) - i32(ky);
+    let tx = i32(pix % p.w + p.pad) - i32(kx);
+    if (pix >= npix || ty < 0 || tx < 0 || ty % s != 0 || tx % s != 0 || ty / s >= i32(p.ho) || tx / s >= i32(p.wo)) {
+        return 0.0;
+    }
+    return dy[dyplane + u32(ty / s) * p.wo + u32(tx / s)];
+}
+
+@compute @workgroup_size(DB_WG)
+fn conv2d_grad_input_igemm_db(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let kk = p.k * p.k;
+    let kdim = p.cout * kk;
+    let npix = p.h * p.w;
+    let ci0 = wid.y * DB_BM;
+    let px0 = wid.x * DB_BN;
+    let n = wid.z;
+    let groups_w = DB_BK * DB_BM / (4u * DB_WG);
+    let groups_x = DB_BK * DB_BN / (4u * DB_WG);
+    let tm = (li / (DB_BN / 8u)) * 8u;
+    let tn = (li % (DB_BN / 8u)) * 8u;
+    var pw: array<vec4<f32>, 2>;
+    var px: array<vec4<f32>, 2>;
+    var acc: array<vec4<f32>, 16>;
+    let chunks = (kdim + DB_BK - 1u) / DB_BK;
+    for (var c = 0u; c <= chunks; c++) {
+        if (c < chunks) {
+            for (var q = 0u; q < groups_w; q++) {
+                let mk = db_group_w(li + q * DB_WG);
+                let ci = ci0 + mk.x;
+                let r = c * DB_BK + mk.y;
+                if (ci < p.cin) {
+                    pw[q] = vec4<f32>(db_wt1(ci, r, kdim), db_wt1(ci, r + 1u, kdim), db_wt1(ci, r + 2u, kdim),
+                                      db_wt1(ci, r + 3u, kdim));
+                } else {
+                    pw[q] = vec4<f32>(0.0);
+                }
+            }
+            for (var q = 0u; q < groups_x; q++) {
+                let kn = db_group_x(li + q * DB_WG);
+                let r = c * DB_BK + kn.x;
+                let pix = px0 + kn.y;
+                if (r < kdim) {
+                    let dyplane = (n * p.cout + r / kk) * p.ho * p.wo;
+                    let ky = (r % kk) / p.k;
+                    let kx = r % p.k;
+                    px[q] = vec4<f32>(db_dy1(dyplane, ky, kx, pix, npix), db_dy1(dyplane, ky, kx, pix + 1u, npix),
+                                      db_dy1(dyplane, ky, kx, pix + 2u, npix), db_dy1(dyplane, ky, kx, pix + 3u, npix));
+                } else {
+                    px[q] = vec4<f32>(0.0);
+                }
+            }
+        }
+        if (c > 0u) {
+            let stage = (c - 1u) % 2u;
+            db_fma(&acc, stage * DB_BK * (DB_BM / 4u) + tm / 4u, stage * DB_BK * (DB_BN / 4u) + tn / 4u);
+        }
+        if (c < chunks) {
+            for (var q = 0u; q < groups_w; q++) {
+                db_put_w(c % 2u, li + q * DB_WG, pw[q]);
+            }
+            for (var q = 0u; q < groups_x; q++) {
+                db_put_x(c % 2u, li + q * DB_WG, px[q]);
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var i = 0u; i < 8u; i++) {
+        let ci = ci0 + tm + i;
+        if (ci >= p.cin) {
+            break;
+        }
+        for (var j = 0u; j < 8u; j++) {
+            let pix = px0 + tn + j;
+            if (pix < npix) {
+                dx[(n * p.cin + ci) * npix + pix] = acc[i * 2u + j / 4u][j % 4u];
             }
         }
     }

@@ -569,6 +569,9 @@ fn the_tuner_offers_the_conv_variants_the_adapter_can_run() {
     if c.limits.max_compute_workgroup_storage_size >= 32768 {
         assert!(forward.contains(&"db128x128k16"), "{forward:?}");
     }
+    let grad_x = g.variants.keys().copied().find(|&i| g.nodes[i].label == "conv.grad_input").unwrap();
+    let grad_x: Vec<&str> = g.variants[&grad_x].candidates.iter().map(|v| v.name.as_str()).collect();
+    assert!(grad_x.contains(&"db64x64") && grad_x.contains(&"db128x128"), "{grad_x:?}");
     let grad_w = g.variants.keys().copied().find(|&i| g.nodes[i].label == "conv.grad_weight").unwrap();
     let grad_w: Vec<&str> = g.variants[&grad_w].candidates.iter().map(|v| v.name.as_str()).collect();
     assert_eq!(grad_w.contains(&"sg4xkk"), c.features.contains(wgpu::Features::SUBGROUP), "{grad_w:?}");
@@ -634,6 +637,45 @@ fn subgroup_conv_grad_weight_matches_cpu_and_repeats_exactly() {
             assert_eq!(bits(&outs[0]), bits(&outs[1]), "{what}: packed vs f32");
             assert_eq!(bits(&outs[0]), bits(&outs[2]), "{what}: second run");
             assert_close(&what, &outs[0], &want, 1e-5, 1e-4);
+        }
+    }
+}
+
+/// Every `conv2d_grad_input_igemm_db` tile against the CPU reference (1e-5 relative + 1e-5
+/// absolute, as the other input-gradient variants): 3x3 and 1x1, stride 1 and 2, odd sizes,
+/// Cin and pixel counts not multiples of the tiles and larger than one 64 tile.
+#[test]
+fn every_double_buffered_conv_grad_input_matches_cpu() {
+    use sddpm_gpu::graph::backward;
+    let cases: [([usize; 4], usize, usize, usize); 6] = [
+        ([2, 3, 7, 9], 5, 3, 1),
+        ([2, 5, 9, 11], 7, 3, 2),
+        ([1, 4, 8, 8], 3, 3, 2),
+        ([2, 6, 5, 5], 10, 1, 1),
+        ([2, 70, 9, 8], 9, 3, 1),
+        ([1, 3, 6, 9], 35, 1, 2),
+    ];
+    for (seed, &([n, cin, h, w], cout, k, stride)) in cases.iter().enumerate() {
+        let pad = k / 2;
+        let (ho, wo) = (conv::conv_out(h, k, stride, pad), conv::conv_out(w, k, stride, pad));
+        let mut r = rng(seed as u64 + 500);
+        let wv = uniform(&mut r, cout * cin * k * k, -0.5, 0.5);
+        let dyv = normalish(&mut r, n * cout * ho * wo, 1.0);
+        let want = conv::conv2d_grad_input_cpu(&dyv, &wv, [n, cin, h, w], [cout, k], stride, pad);
+        for &(tile, ..) in &conv::DB_TILES {
+            let mut g = Graph::new();
+            let x = g.input("x", &[n, cin, h, w]);
+            let wt = g.param("w", &[cout, cin, k, k]);
+            let y = conv::conv2d(&mut g, x, wt, None, stride, pad, "conv");
+            let seed_t = g.input("dy", &[n, cout, ho, wo]);
+            let dx = backward(&mut g, y, seed_t, &[x], sddpm_gpu::ops::elementwise::add)[&x];
+            let node = g.variants.keys().copied().find(|&i| g.nodes[i].label == "conv.grad_input").unwrap();
+            let i = candidate(&g, node, tile);
+            g.choose(node, i);
+            let inputs = [(x, bits(&vec![0.0; n * cin * h * w])), (wt, bits(&wv)), (seed_t, bits(&dyv))];
+            let got = run_graph(g, &inputs, &[dx]).remove(0);
+            let what = format!("conv grad_input {tile} {n}x{cin}x{h}x{w} -> {cout} k{k} s{stride}");
+            assert_close(&what, &got, &want, 1e-5, 1e-5);
         }
     }
 }

@@ -59,6 +59,16 @@ pub fn forward_db_variants(n: usize, cout: usize, ho: usize, wo: usize, weights:
     if !weights.is_multiple_of(4) {
         return vec![];
     }
+    db_variants("conv2d_igemm_db", n, cout, ho * wo)
+}
+
+/// The double-buffered implicit-GEMM input-gradient kernels (see [`DB_TILES`]).
+pub fn grad_input_db_variants(n: usize, cin: usize, h: usize, w: usize) -> Vec<Variant> {
+    db_variants("conv2d_grad_input_igemm_db", n, cin, h * w)
+}
+
+/// The [`DB_TILES`] variants of `entry`, a GEMM of `rows` channels x `pixels` per image.
+fn db_variants(entry: &'static str, n: usize, rows: usize, pixels: usize) -> Vec<Variant> {
     DB_TILES
         .iter()
         .map(|&(name, bm, bn, bk)| {
@@ -66,14 +76,14 @@ pub fn forward_db_variants(n: usize, cout: usize, ho: usize, wo: usize, weights:
             debug_assert!(bk * bm <= 8 * invocations && bk * bn <= 8 * invocations && bk % 4 == 0);
             Variant {
                 name: name.into(),
-                entry: "conv2d_igemm_db",
+                entry,
                 constants: vec![
                     ("DB_BM", bm as f64),
                     ("DB_BN", bn as f64),
                     ("DB_BK", bk as f64),
                     ("DB_WG", invocations as f64),
                 ],
-                workgroups: [(ho * wo).div_ceil(bn) as u32, cout.div_ceil(bm) as u32, n as u32],
+                workgroups: [pixels.div_ceil(bn) as u32, rows.div_ceil(bm) as u32, n as u32],
                 // Every stage is written (chunk c at iteration c) before the barrier that precedes
                 // its first read.
                 writes_workgroup_memory_first: true,
@@ -273,7 +283,8 @@ fn conv_node(
         let grad_w_cost = Cost { flops: 2 * macs, bytes };
         let dx = needs[0].then(|| {
             let dx = g.intermediate(&format!("{label}.grad_input"), &[n, cin, h, wd]);
-            let candidates = grad_input_variants(n, cin, h, wd);
+            let mut candidates = grad_input_variants(n, cin, h, wd);
+            candidates.extend(grad_input_db_variants(n, cin, h, wd));
             g.push_variants(
                 Node {
                     shader: &SHADER,
