@@ -471,11 +471,13 @@ fn candidate(g: &Graph, node: usize, name: &str) -> usize {
 /// Every `conv2d_igemm_db` tile against the CPU reference (1e-5 relative + 1e-5 absolute, as the
 /// other forward variants), f32 and packed spikes (the same bits either way): 3x3 and 1x1, stride
 /// 1 and 2, odd sizes, Cin*K*K aligned to the vec4 weight loads and not, Cout and pixel counts
-/// not multiples of the 64 and 128 tiles and larger than one tile, more chunks than one stage.
+/// not multiples of the 64 and 128 tiles and larger than one tile, more chunks than one stage,
+/// and the 576 chunks of a Cin = 512 3x3 conv (the U-Net's deepest; lavapipe stops loops past
+/// 65535 iterations silently, so a long K loop must be checked, not assumed).
 #[test]
 fn every_double_buffered_conv_forward_matches_cpu() {
     use sddpm_gpu::graph::{pack_spikes, DType};
-    let cases: [([usize; 4], usize, usize, usize, bool); 9] = [
+    let cases: [([usize; 4], usize, usize, usize, bool); 10] = [
         ([2, 3, 7, 9], 4, 3, 1, true),
         ([3, 4, 5, 6], 13, 3, 1, false),
         ([2, 5, 9, 11], 36, 3, 2, true),
@@ -485,6 +487,7 @@ fn every_double_buffered_conv_forward_matches_cpu() {
         ([2, 33, 10, 7], 72, 3, 1, true),
         ([1, 20, 12, 12], 130, 3, 1, false),
         ([2, 8, 4, 6], 12, 1, 1, true),
+        ([1, 512, 4, 4], 66, 3, 1, false),
     ];
     for (seed, &([n, cin, h, w], cout, k, stride, with_bias)) in cases.iter().enumerate() {
         let pad = k / 2;
@@ -643,17 +646,19 @@ fn subgroup_conv_grad_weight_matches_cpu_and_repeats_exactly() {
 
 /// Every `conv2d_grad_input_igemm_db` tile against the CPU reference (1e-5 relative + 1e-5
 /// absolute, as the other input-gradient variants): 3x3 and 1x1, stride 1 and 2, odd sizes,
-/// Cin and pixel counts not multiples of the tiles and larger than one 64 tile.
+/// Cin and pixel counts not multiples of the tiles and larger than one 64 tile, and the 576 chunks
+/// of a Cout = 512 3x3 conv.
 #[test]
 fn every_double_buffered_conv_grad_input_matches_cpu() {
     use sddpm_gpu::graph::backward;
-    let cases: [([usize; 4], usize, usize, usize); 6] = [
+    let cases: [([usize; 4], usize, usize, usize); 7] = [
         ([2, 3, 7, 9], 5, 3, 1),
         ([2, 5, 9, 11], 7, 3, 2),
         ([1, 4, 8, 8], 3, 3, 2),
         ([2, 6, 5, 5], 10, 1, 1),
         ([2, 70, 9, 8], 9, 3, 1),
         ([1, 3, 6, 9], 35, 1, 2),
+        ([1, 8, 4, 4], 512, 3, 1),
     ];
     for (seed, &([n, cin, h, w], cout, k, stride)) in cases.iter().enumerate() {
         let pad = k / 2;
