@@ -572,6 +572,20 @@ fn the_tuner_offers_the_conv_variants_the_adapter_can_run() {
     if c.limits.max_compute_workgroup_storage_size >= 32768 {
         assert!(forward.contains(&"db128x128k16"), "{forward:?}");
     }
+    // And a candidate that needs more than the device has is dropped (the check can fail).
+    let mut h = Graph::new();
+    let x = h.input("x", &[2, 16, 8, 8]);
+    let wt = h.param("w", &[32, 16, 3, 3]);
+    conv::conv2d(&mut h, x, wt, None, 1, 1, "conv");
+    let cands = &mut h.variants.get_mut(&0).unwrap().candidates;
+    cands[2].needs.workgroup_bytes = c.limits.max_compute_workgroup_storage_size + 1;
+    cands[3].needs.invocations = c.limits.max_compute_invocations_per_workgroup + 1;
+    cands[4].needs.features = wgpu::Features::all() - c.features;
+    let kept: Vec<String> =
+        cands.iter().enumerate().filter(|(i, _)| ![2, 3, 4].contains(i)).map(|(_, v)| v.name.clone()).collect();
+    tune::select(&c, &mut h).unwrap();
+    let left: Vec<String> = h.variants[&0].candidates.iter().map(|v| v.name.clone()).collect();
+    assert_eq!(left, kept);
     let grad_x = g.variants.keys().copied().find(|&i| g.nodes[i].label == "conv.grad_input").unwrap();
     let grad_x: Vec<&str> = g.variants[&grad_x].candidates.iter().map(|v| v.name.as_str()).collect();
     assert!(grad_x.contains(&"db64x64") && grad_x.contains(&"db128x128"), "{grad_x:?}");

@@ -73,7 +73,8 @@ fn db_variants(entry: &'static str, n: usize, rows: usize, pixels: usize) -> Vec
         .iter()
         .map(|&(name, bm, bn, bk)| {
             let invocations = (bm / 8) * (bn / 8);
-            debug_assert!(bk * bm <= 8 * invocations && bk * bn <= 8 * invocations && bk % 4 == 0);
+            // The kernel holds 2 vec4 per operand and invocation between a chunk's load and store.
+            assert!(bk * bm <= 8 * invocations && bk * bn <= 8 * invocations && bk % 4 == 0, "{name} does not fit");
             Variant {
                 name: name.into(),
                 entry,

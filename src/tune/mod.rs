@@ -69,7 +69,8 @@ pub fn select(ctx: &Context, g: &mut Graph) -> Result<Report> {
                         Some(i) => i,
                         None => bail!(
                             "the run recorded kernel variant '{name}' for {key}, which this build does not offer \
-                             (it offers {}); rerun without --resume or with the build that made the run",
+                             on this adapter (it offers {}); rerun without --resume, or with the build and \
+                             adapter that made the run",
                             names.join(", ")
                         ),
                     }
