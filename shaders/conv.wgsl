@@ -396,6 +396,27 @@ fn db_put_x(stage: u32, g: u32, v: vec4<f32>) {
     db_x[(stage * DB_BK + kn.x) * (DB_BN / 4u) + kn.y / 4u] = v;
 }
 
+// The rest of iteration c of the double-buffered loop, once chunk c (if c < chunks) is in
+// registers pw, px: the FMAs of chunk c - 1 from its stage, then chunk c into the other stage
+// (read by the FMAs of the next iteration, after the barrier; its previous contents were read
+// before the last one), then the iteration's one barrier.
+fn db_advance(acc: ptr<function, array<vec4<f32>, 16>>, pw: array<vec4<f32>, 2>, px: array<vec4<f32>, 2>, c: u32,
+              chunks: u32, li: u32, tm: u32, tn: u32) {
+    if (c > 0u) {
+        let stage = (c - 1u) % 2u;
+        db_fma(acc, stage * DB_BK * (DB_BM / 4u) + tm / 4u, stage * DB_BK * (DB_BN / 4u) + tn / 4u);
+    }
+    if (c < chunks) {
+        for (var q = 0u; q < DB_BK * DB_BM / (4u * DB_WG); q++) {
+            db_put_w(c % 2u, li + q * DB_WG, pw[q]);
+        }
+        for (var q = 0u; q < DB_BK * DB_BN / (4u * DB_WG); q++) {
+            db_put_x(c % 2u, li + q * DB_WG, px[q]);
+        }
+    }
+    workgroupBarrier();
+}
+
 @compute @workgroup_size(DB_WG)
 fn conv2d_igemm_db(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) {
     let kdim = p.cin * p.k * p.k;
@@ -424,22 +445,7 @@ fn conv2d_igemm_db(@builtin(local_invocation_index) li: u32, @builtin(workgroup_
                 px[q] = db_fetch_x(n, c * DB_BK + kn.x, px0 + kn.y, kdim, npix);
             }
         }
-        // FMAs of chunk c - 1 from its stage.
-        if (c > 0u) {
-            let stage = (c - 1u) % 2u;
-            db_fma(&acc, stage * DB_BK * (DB_BM / 4u) + tm / 4u, stage * DB_BK * (DB_BN / 4u) + tn / 4u);
-        }
-        // Chunk c into the other stage (read by the FMAs of the next iteration, after the barrier;
-        // its previous contents were read before the last one).
-        if (c < chunks) {
-            for (var q = 0u; q < groups_w; q++) {
-                db_put_w(c % 2u, li + q * DB_WG, pw[q]);
-            }
-            for (var q = 0u; q < groups_x; q++) {
-                db_put_x(c % 2u, li + q * DB_WG, px[q]);
-            }
-        }
-        workgroupBarrier();
+        db_advance(&acc, pw, px, c, chunks, li, tm, tn);
     }
     for (var i = 0u; i < 8u; i++) {
         let co = co0 + tm + i;
@@ -668,19 +674,7 @@ fn conv2d_grad_input_igemm_db(@builtin(local_invocation_index) li: u32, @builtin
                 }
             }
         }
-        if (c > 0u) {
-            let stage = (c - 1u) % 2u;
-            db_fma(&acc, stage * DB_BK * (DB_BM / 4u) + tm / 4u, stage * DB_BK * (DB_BN / 4u) + tn / 4u);
-        }
-        if (c < chunks) {
-            for (var q = 0u; q < groups_w; q++) {
-                db_put_w(c % 2u, li + q * DB_WG, pw[q]);
-            }
-            for (var q = 0u; q < groups_x; q++) {
-                db_put_x(c % 2u, li + q * DB_WG, px[q]);
-            }
-        }
-        workgroupBarrier();
+        db_advance(&acc, pw, px, c, chunks, li, tm, tn);
     }
     for (var i = 0u; i < 8u; i++) {
         let ci = ci0 + tm + i;
