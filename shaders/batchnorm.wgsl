@@ -10,10 +10,20 @@
 //              running_mean = (1 - momentum) * running_mean + momentum * mean,
 //              running_var  = (1 - momentum) * running_var  + momentum * var * m / (m - 1).
 //   bn_train_apply: y = x * alpha + beta with alpha = weight * invstd, beta = bias - mean * alpha.
+//   bn_train_apply_add: y = (x * alpha + beta) + r, the apply fused with the residual add that
+//              follows it (same float operations as bn_train_apply then elementwise.wgsl's add, so
+//              the same bits; the BN output is never written). 12 bytes per element instead of 20.
+//   bn_train_apply_swish: y = swish(x * alpha + beta), swish(v) = v * (1 / (1 + exp(-v))) written
+//              as elementwise.wgsl's swish writes it (8 bytes per element instead of 16);
+//   bn_train_apply_swish_add: y = swish(x * alpha + beta) + r, then its residual add too.
 //
 // Backward of the training form (xhat = (x - mean) * invstd, m = N*H*W):
 //   bn_backward_reduce: dweight[c] = sum(dy * xhat), dbias[c] = sum(dy)   (one workgroup per channel)
 //   bn_backward_input:  dx = weight * invstd / m * (m * dy - dbias - xhat * dweight)
+//   bn_swish_backward:  the gradient at BN's output of the fused Swish: v = x * alpha + beta
+//              recomputed from x (which BN's backward keeps anyway), sg = 1 / (1 + exp(-v)),
+//              dv = dy * (sg + v * sg * (1 - sg)) as elementwise.wgsl's swish_backward; BN's own
+//              backward then runs on dv.
 //
 // Reductions are deterministic: one workgroup per channel, each invocation sums a fixed strided
 // subset in order, then a fixed-shape tree in workgroup memory. No atomics.
@@ -62,6 +72,54 @@ fn bn_train_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     let alpha = weight[ch] * stat_var_or_invstd[ch];
     let beta = bias[ch] - stat_mean[ch] * alpha;
     y[i] = x[i] * alpha + beta;
+}
+
+@group(0) @binding(6) var<storage, read> residual: array<f32>;
+@group(0) @binding(7) var<storage, read_write> y_sum: array<f32>;
+
+@compute @workgroup_size(256)
+fn bn_train_apply_add(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n * p.c * p.hw) {
+        return;
+    }
+    let ch = (i / p.hw) % p.c;
+    let alpha = weight[ch] * stat_var_or_invstd[ch];
+    let beta = bias[ch] - stat_mean[ch] * alpha;
+    let bn = x[i] * alpha + beta;
+    y_sum[i] = bn + residual[i];
+}
+
+fn swish(v: f32) -> f32 {
+    return v * (1.0 / (1.0 + exp(-v)));
+}
+
+@compute @workgroup_size(256)
+fn bn_train_apply_swish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                        @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n * p.c * p.hw) {
+        return;
+    }
+    let ch = (i / p.hw) % p.c;
+    let alpha = weight[ch] * stat_var_or_invstd[ch];
+    let beta = bias[ch] - stat_mean[ch] * alpha;
+    y[i] = swish(x[i] * alpha + beta);
+}
+
+@compute @workgroup_size(256)
+fn bn_train_apply_swish_add(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                            @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n * p.c * p.hw) {
+        return;
+    }
+    let ch = (i / p.hw) % p.c;
+    let alpha = weight[ch] * stat_var_or_invstd[ch];
+    let beta = bias[ch] - stat_mean[ch] * alpha;
+    let o = swish(x[i] * alpha + beta);
+    y_sum[i] = o + residual[i];
 }
 
 // ---- training statistics -------------------------------------------------------------------
@@ -147,4 +205,22 @@ fn bn_backward_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     let inv = invstd_b[ch];
     let xhat = (x_b[i] - mean_b[ch]) * inv;
     dx_b[i] = weight_b[ch] * inv / m * (m * dy_b[i] - dbias_in[ch] - xhat * dweight_in[ch]);
+}
+
+@group(0) @binding(6) var<storage, read> bias_b: array<f32>;
+@group(0) @binding(7) var<storage, read_write> dv_b: array<f32>;
+
+@compute @workgroup_size(256)
+fn bn_swish_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid);
+    if (i >= p.n * p.c * p.hw) {
+        return;
+    }
+    let ch = (i / p.hw) % p.c;
+    let alpha = weight_b[ch] * invstd_b[ch];
+    let beta = bias_b[ch] - mean_b[ch] * alpha;
+    let v = x_b[i] * alpha + beta;
+    let sg = 1.0 / (1.0 + exp(-v));
+    dv_b[i] = dy_b[i] * (sg + v * sg * (1.0 - sg));
 }

@@ -4,9 +4,16 @@
 //
 // with zero padding p and stride s; K is 1 or 3 in the SDDPM U-Net but any K works. The sum runs
 // over ci, then ky, then kx, and the bias is added last (the CPU reference uses the same order).
-// The forward also takes non-square kernels [Cout, Cin, KH = k, KW = kw] with padding (pad, pad_w)
-// and an optional ReLU epilogue y = max(y, 0) (Inception-v3); the backward kernels assume kw = k,
-// pad_w = pad and no ReLU.
+// The forward also takes non-square kernels [Cout, Cin, KH = k, KW = kw] with padding (pad, pad_w);
+// the backward kernels assume kw = k, pad_w = pad and no ReLU.
+//
+// Epilogue: every forward kernel stores through store_output, which adds and applies, in this
+// float order and each only where its bit of p.epilogue is set:
+//   y = relu((((conv + bias[co]) + emb[n % p.emb_rows, co]) + residual[n, co, oy, ox]))
+// emb [B, Cout] is a per-(image, channel) addend broadcast over pixels (the time embedding's
+// projection; images are time-major, N = T*B, so image n reads row n % B), residual
+// [N, Cout, Ho, Wo] an elementwise one; the ReLU is Inception-v3's. The order is that of the
+// separate add_channel and add passes they replace, so fusing them changes no bit.
 //
 // Register blocking: each invocation owns an 8x4 tile, 8 output channels x 4 consecutive output
 // columns of one output row, so every loaded input value feeds 8 FMAs and every loaded weight 4.
@@ -57,18 +64,50 @@
 //                       Grid: x = ceil(Cin / 64), y = ceil(Cout / 4), z = parts.
 // The bias gradient is a channel sum (reduce.wgsl).
 
+// src/ops/conv.rs ConvParams mirrors this struct (tests/shaders.rs checks the layout).
 struct Params {
     n: u32, cin: u32, h: u32, w: u32,
     cout: u32, ho: u32, wo: u32, k: u32,
-    stride: u32, pad: u32, has_bias: u32, wo_groups: u32,
-    x_spikes: u32, kw: u32, pad_w: u32, relu: u32,
+    stride: u32, pad: u32, wo_groups: u32, x_spikes: u32,
+    kw: u32, pad_w: u32, epilogue: u32, emb_rows: u32,
 }
+
+// Bits of p.epilogue (src/ops/conv.rs EPI_*).
+const EPI_BIAS: u32 = 1u;
+const EPI_EMB: u32 = 2u;
+const EPI_RESIDUAL: u32 = 4u;
+const EPI_RELU: u32 = 8u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<u32>;
 @group(0) @binding(2) var<storage, read> wt: array<f32>;
+// The epilogue's operands; a node without one binds a placeholder there, never read.
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+@group(0) @binding(4) var<storage, read> emb: array<f32>;
+@group(0) @binding(5) var<storage, read> residual: array<f32>;
+@group(0) @binding(6) var<storage, read_write> y: array<f32>;
+
+// The one place a forward kernel writes y: output `pixel` (oy * Wo + ox) of channel co of image
+// n, from its accumulated sum `acc` (see the header for the order of the additions).
+fn store_output(n: u32, co: u32, pixel: u32, acc: f32) {
+    let e = p.epilogue;
+    var b = 0.0;
+    if ((e & EPI_BIAS) != 0u) {
+        b = bias[co];
+    }
+    var v = acc + b;
+    if ((e & EPI_EMB) != 0u) {
+        v += emb[(n % p.emb_rows) * p.cout + co];
+    }
+    let i = (n * p.cout + co) * p.ho * p.wo + pixel;
+    if ((e & EPI_RESIDUAL) != 0u) {
+        v += residual[i];
+    }
+    if ((e & EPI_RELU) != 0u) {
+        v = max(v, 0.0);
+    }
+    y[i] = v;
+}
 
 // x[xrow + ix], or 0 in the padding. (The 4 loads of a tile are written out, not looped: lavapipe
 // caps an invocation at 65535 loop iterations in total, and Cin * K * K already counts.)
@@ -160,15 +199,9 @@ fn conv2d(@builtin(global_invocation_id) gid: vec3<u32>) {
         if (co >= p.cout) {
             break;
         }
-        var b = 0.0;
-        if (p.has_bias != 0u) {
-            b = bias[co];
-        }
-        let yrow = ((n * p.cout + co) * p.ho + oy) * p.wo;
         for (var q = 0u; q < 4u; q++) {
             if (ox0 + q < p.wo) {
-                let v = accs[j][q] + b;
-                y[yrow + ox0 + q] = select(v, max(v, 0.0), p.relu != 0u);
+                store_output(n, co, oy * p.wo + ox0 + q, accs[j][q]);
             }
         }
     }
@@ -245,14 +278,10 @@ fn conv2d_igemm(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id)
         if (co >= p.cout) {
             break;
         }
-        var b = 0.0;
-        if (p.has_bias != 0u) {
-            b = bias[co];
-        }
         for (var j = 0u; j < 4u; j++) {
             let pix = px0 + tn + j;
             if (pix < npix) {
-                y[(n * p.cout + co) * npix + pix] = accs[i][j] + b;
+                store_output(n, co, pix, accs[i][j]);
             }
         }
     }
@@ -267,8 +296,8 @@ fn conv2d_igemm(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id)
 // chunk c - 1 from one stage, then stores chunk c into the other stage, with one barrier per
 // chunk. The sum runs over r = (ci, ky, kx) ascending as in conv2d. Weights are read as vec4
 // along r where a row of Cin*K*K is aligned (else scalar, at the edges too); inputs of 1x1
-// stride-1 convs over packed spikes come 4 pixels per word read. The four sizes are filled from
-// Rust (src/ops/conv.rs DB_TILES), with no defaults, so a pipeline without them fails to build.
+// stride-1 convs over packed spikes come 4 pixels per word read; every output is stored through
+// store_output (the epilogue). The four sizes are filled from Rust (src/ops/conv.rs DB_TILES), with no defaults, so a pipeline without them fails to build.
 // Grid: x = ceil(Ho*Wo / DB_BN), y = ceil(Cout / DB_BM), z = N.
 override DB_BM: u32;
 override DB_BN: u32;
@@ -284,16 +313,6 @@ var<workgroup> db_x: array<vec4<f32>, DB_BK * DB_BN / 2u>;
 
 fn wt4_at(i: u32) -> f32 {
     return wt4[i / 4u][i % 4u];
-}
-
-// Stores one output: y[n, co, pix] = acc + bias[co], then the ReLU when p.relu. Every output of
-// the forward kernels below goes through here (the place for an epilogue).
-fn store_y(n: u32, co: u32, pix: u32, acc: f32) {
-    var v = acc;
-    if (p.has_bias != 0u) {
-        v += bias[co];
-    }
-    y[(n * p.cout + co) * p.ho * p.wo + pix] = select(v, max(v, 0.0), p.relu != 0u);
 }
 
 // Weights w[co, r .. r + 3] (r a multiple of 4; 0 past Cin*K*K or Cout).
@@ -455,7 +474,7 @@ fn conv2d_igemm_db(@builtin(local_invocation_index) li: u32, @builtin(workgroup_
         for (var j = 0u; j < 8u; j++) {
             let pix = px0 + tn + j;
             if (pix < npix) {
-                store_y(n, co, pix, acc[i * 2u + j / 4u][j % 4u]);
+                store_output(n, co, pix, acc[i * 2u + j / 4u][j % 4u]);
             }
         }
     }

@@ -19,8 +19,8 @@
 struct Params {
     n: u32, cin: u32, h: u32, w: u32,
     cout: u32, ho: u32, wo: u32, k: u32,
-    stride: u32, pad: u32, has_bias: u32, wo_groups: u32,
-    x_spikes: u32, kw: u32, pad_w: u32, relu: u32,
+    stride: u32, pad: u32, wo_groups: u32, x_spikes: u32,
+    kw: u32, pad_w: u32, epilogue: u32, emb_rows: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

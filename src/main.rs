@@ -391,6 +391,10 @@ fn devices(adapter: Option<&str>, bench: bool) -> Result<()> {
         );
     }
     println!("* = chosen (override with --adapter NAME or SDDPM_ADAPTER; WGPU_BACKEND limits the APIs)");
+    println!(
+        "shader bounds checks: {} (SDDPM_SHADER_CHECKS=1|0 turns them on|off)",
+        if gpu::shader_checks_from_env() { "on for every kernel" } else { "off for kernels in bounds by construction" }
+    );
     if bench {
         let ctx = Context::new(adapter)?;
         let p = sddpm_gpu::profile::measure_peak(&ctx, std::time::Duration::from_secs(4))?;
@@ -424,6 +428,7 @@ fn forward(
     let shape = x.shape.clone();
     let steps = inp.get_timesteps("t", shape[0], cfg.diffusion_steps())?;
     let ctx = Context::new(adapter)?;
+    sddpm_gpu::tune::pin_recorded(&ctx, &ckpt.metadata, &ckpt_path.display().to_string())?;
     let net = EvalNet::new(&ctx, &cfg, &ckpt, shape[0], shape[2], threshold)?;
     let eps = net.forward(&ctx, &x.data, &steps)?;
     checkpoint::save(output, vec![("eps".into(), shape, Data::F32(&eps))], HashMap::new())
@@ -459,6 +464,9 @@ fn sample(adapter: Option<&str>, a: &SampleArgs) -> Result<()> {
     };
     let rows = plan_steps(&Schedule::reference(cfg.diffusion_steps()), kind, a.steps.unwrap_or(default_steps))?;
     let ctx = Context::new(adapter)?;
+    if let Some(path) = &a.checkpoint {
+        sddpm_gpu::tune::pin_recorded(&ctx, &ckpt.metadata, &path.display().to_string())?;
+    }
     let sampler = Sampler::new(&ctx, &cfg, &ckpt, batch, size, a.threshold, &rows)?;
     let batches = count.div_ceil(batch);
     let bar = ProgressBar::new((batches * sampler.steps) as u64);

@@ -108,6 +108,7 @@ pub fn train(ctx: &Context, cfg: &RunConfig, dir: &Path, resume: bool) -> Result
     let mut cfg = cfg.clone();
     if resume {
         ctx.tuning.lock().unwrap().pinned.extend(cfg.variants.clone());
+        crate::tune::pin_recorded(ctx, &start.metadata, &ckpt_path.display().to_string())?;
     }
     let cfg = &mut cfg;
     let opts = TrainOptions { lr: cfg.lr, warmup: cfg.warmup, ema: cfg.ema, ..Default::default() };

@@ -94,6 +94,61 @@ fn conv2d_backward_stride2_and_1x1() {
     check_conv_backward(5, [2, 6, 5, 5], 10, 1, 1);
 }
 
+/// The conv with both epilogue addends: x, w and b get the plain conv's gradients, emb
+/// add_channel's (dy summed over pixels and over the images sharing a row), the residual dy.
+fn check_conv_epilogue_backward(
+    seed: u64,
+    [n, cin, h, w]: [usize; 4],
+    cout: usize,
+    k: usize,
+    stride: usize,
+    rows: usize,
+) {
+    let pad = k / 2;
+    let (ho, wo) = (conv::conv_out(h, k, stride, pad), conv::conv_out(w, k, stride, pad));
+    let mut r = rng(seed);
+    let xv = normalish(&mut r, n * cin * h * w, 1.0);
+    let wv = uniform(&mut r, cout * cin * k * k, -0.5, 0.5);
+    let bv = uniform(&mut r, cout, -0.5, 0.5);
+    let ev = normalish(&mut r, rows * cout, 1.0);
+    let rv = normalish(&mut r, n * cout * ho * wo, 1.0);
+    let dy = normalish(&mut r, n * cout * ho * wo, 1.0);
+    let mut g = Graph::new();
+    let x = g.input("x", &[n, cin, h, w]);
+    let wt = g.param("w", &[cout, cin, k, k]);
+    let b = g.param("b", &[cout]);
+    let e = g.input("emb", &[rows, cout]);
+    let res = g.input("residual", &[n, cout, ho, wo]);
+    let epilogue = conv::Epilogue { emb: Some(e), residual: Some(res) };
+    let y = conv::conv2d_fused(&mut g, x, wt, Some(b), stride, pad, epilogue, "conv");
+    let inputs = [(x, xv.clone()), (wt, wv.clone()), (b, bv.clone()), (e, ev.clone()), (res, rv.clone())];
+    let got = gpu_grads(g, y, &dy, &inputs, &[x, wt, b, e, res]);
+    let what = format!("fused conv {n}x{cin}x{h}x{w}->{cout} k{k} s{stride} emb rows {rows}");
+    let fwd = |xx: &[f32], ee: &[f32], rr: &[f32]| {
+        let (xs, ws) = ([n, cin, h, w], [cout, cin, k, k]);
+        conv::conv2d_fused_cpu(xx, xs, &wv, ws, Some(&bv), stride, pad, Some((ee, rows)), Some(rr))
+    };
+    let dx = conv::conv2d_grad_input_cpu(&dy, &wv, [n, cin, h, w], [cout, k], stride, pad);
+    assert_close(&format!("{what} dx"), &got[0], &dx, 1e-5, 1e-5);
+    fd_check(&format!("{what} dx"), |xx| fwd(xx, &ev, &rv), &xv, &dy, &dx, 1e-2, 2e-3);
+    let dw = conv::conv2d_grad_weight_cpu(&dy, &xv, [n, cin, h, w], [cout, k], stride, pad);
+    assert_close(&format!("{what} dw"), &got[1], &dw, 1e-5, 1e-4);
+    let db = reduce::group_sum_cpu(&dy, n, cout, ho * wo, 1);
+    assert_close(&format!("{what} db"), &got[2], &db, 1e-5, 1e-4);
+    let de = reduce::group_sum_cpu(&dy, n, cout, ho * wo, rows);
+    assert_close(&format!("{what} demb"), &got[3], &de, 1e-5, 1e-4);
+    fd_check(&format!("{what} demb"), |ee| fwd(&xv, ee, &rv), &ev, &dy, &de, 1e-2, 2e-3);
+    assert_eq!(bits(&got[4]), bits(&dy), "{what}: the residual's gradient is dy");
+    fd_check(&format!("{what} dresidual"), |rr| fwd(&xv, &ev, rr), &rv, &dy, &dy, 1e-2, 2e-3);
+}
+
+#[test]
+fn conv2d_epilogue_backward() {
+    check_conv_epilogue_backward(60, [8, 3, 7, 9], 5, 3, 1, 2);
+    check_conv_epilogue_backward(61, [6, 5, 9, 11], 37, 3, 2, 3);
+    check_conv_epilogue_backward(62, [4, 6, 5, 5], 10, 1, 1, 4);
+}
+
 #[test]
 fn linear_backward() {
     for (seed, (rows, inp, out)) in [(10u64, (2usize, 16usize, 12usize)), (11, (3, 7, 5)), (12, (5, 33, 9))] {
@@ -179,9 +234,12 @@ fn check_neuron_backward(seed: u64, t: usize, n: usize, cfg: neuron::Neuron) {
     assert_close(&format!("neuron backward T={t} {cfg:?}"), &got, &want, 1e-5, 1e-6);
 }
 
-/// The neuron backward that recomputes its input from BN's saved input and statistics and the
-/// added embedding must give the same bits as the one that keeps the input.
-fn check_neuron_backward_affine(seed: u64, t: usize, b: usize, c: usize, hw: usize, cfg: neuron::Neuron) {
+/// BN-apply (+ the time-embedding term) fused into the neuron: the gradients of BN's input,
+/// weight and bias and of the term are bit for bit those of BN, the add and the neuron run apart,
+/// and match the CPU chain (neuron backward, then BN's and the sum over T and pixels). The part
+/// below the neuron is checked against finite differences of the CPU forward (the neuron's
+/// surrogate against PyTorch, below).
+fn check_neuron_backward_bn(seed: u64, [t, b, c, hw]: [usize; 4], with_emb: bool, cfg: neuron::Neuron) {
     let n = t * b;
     let mut r = rng(seed);
     let cv: Vec<f32> = normalish(&mut r, n * c * hw, 1.0);
@@ -190,7 +248,7 @@ fn check_neuron_backward_affine(seed: u64, t: usize, b: usize, c: usize, hw: usi
     let ev = uniform(&mut r, b * c, -0.3, 0.3);
     let gs = normalish(&mut r, n * c * hw, 1.0);
     let mut grads = Vec::new();
-    for affine in [false, true] {
+    for fused in [false, true] {
         let mut g = Graph::new();
         let x = g.input("c", &[n, c, hw]);
         let p = batchnorm::BnParams {
@@ -200,45 +258,204 @@ fn check_neuron_backward_affine(seed: u64, t: usize, b: usize, c: usize, hw: usi
             running_var: g.param("bn.running_var", &[c]),
         };
         let emb = g.input("emb", &[b, c]);
-        let (y, saved) = batchnorm::batchnorm_train(&mut g, x, p, "bn");
-        let z = elementwise::add_channel(&mut g, y, emb, "add");
-        let s = if affine {
-            let input = neuron::AffineInput {
-                c: x,
-                weight: p.weight,
-                bias: p.bias,
-                mean: saved.mean,
-                invstd: saved.invstd,
-                emb,
-            };
-            neuron::neuron_forward_train_affine(&mut g, z, input, t, cfg, "neuron")
+        let s = if fused {
+            let saved = batchnorm::batchnorm_stats(&mut g, x, p, "bn");
+            let input = neuron::BnInput { c: x, bn: p, saved, emb: with_emb.then_some(emb), bn_name: "bn".into() };
+            neuron::neuron_forward_train_bn(&mut g, input, t, cfg, "neuron")
         } else {
+            let (y, _) = batchnorm::batchnorm_train(&mut g, x, p, "bn");
+            let z = if with_emb { elementwise::add_channel(&mut g, y, emb, "add") } else { y };
             neuron::neuron_forward_train(&mut g, z, t, cfg, "neuron").0
         };
-        let inputs = [
+        let mut inputs = vec![
             (x, cv.clone()),
             (p.weight, wv.clone()),
             (p.bias, bv.clone()),
             (p.running_mean, vec![0.0; c]),
             (p.running_var, vec![1.0; c]),
-            (emb, ev.clone()),
         ];
-        grads.push(gpu_grads(g, s, &gs, &inputs, &[z]).remove(0));
+        let mut wrt = vec![x, p.weight, p.bias];
+        if with_emb {
+            inputs.push((emb, ev.clone()));
+            wrt.push(emb);
+        }
+        grads.push(gpu_grads(g, s, &gs, &inputs, &wrt));
     }
-    let what = format!("neuron backward with recomputed input T={t} B={b} C={c} HW={hw} {cfg:?}");
-    assert_eq!(bits(&grads[0]), bits(&grads[1]), "{what}: recomputed vs kept input");
+    let what = format!("neuron fused with BN T={t} B={b} C={c} HW={hw} emb {with_emb} {cfg:?}");
+    for (i, (a, f)) in grads[0].iter().zip(&grads[1]).enumerate() {
+        assert_eq!(bits(a), bits(f), "{what}: gradient {i} fused vs unfused");
+    }
+    let emb_arg = with_emb.then_some((&ev[..], b));
     let (mut rm, mut rv) = (vec![0.0; c], vec![1.0; c]);
-    let (y, _, _) = batchnorm::batchnorm_train_cpu(&cv, c, hw, &wv, &bv, &mut rm, &mut rv);
-    let z = elementwise::add_channel_cpu(&y, &ev, c, hw, b);
+    let (_, mean, invstd) = batchnorm::batchnorm_train_cpu(&cv, c, hw, &wv, &bv, &mut rm, &mut rv);
+    let z = neuron::bn_input_cpu(&cv, c, hw, &wv, &bv, &mean, &invstd, emb_arg);
     let (_, h) = neuron::neuron_cpu(&z, t, cfg);
-    assert_close(&what, &grads[1], &neuron::neuron_backward_cpu(&gs, &h, t, cfg), 1e-4, 1e-5);
+    let dz = neuron::neuron_backward_cpu(&gs, &h, t, cfg);
+    let (dc, dw, db) = batchnorm::batchnorm_train_backward_cpu(&dz, &cv, c, hw, &wv, &mean, &invstd);
+    let got = &grads[1];
+    assert_close(&format!("{what}: dc"), &got[0], &dc, 1e-4, 1e-5);
+    assert_close(&format!("{what}: dweight"), &got[1], &dw, 1e-4, 1e-4);
+    assert_close(&format!("{what}: dbias"), &got[2], &db, 1e-4, 1e-4);
+    // The input of the neuron as a function of (c, weight, bias, emb), batch statistics included.
+    let fwd = |cc: &[f32], ww: &[f32], bb: &[f32], ee: &[f32]| {
+        let (mut rm, mut rv) = (vec![0.0; c], vec![1.0; c]);
+        let (_, mean, invstd) = batchnorm::batchnorm_train_cpu(cc, c, hw, ww, bb, &mut rm, &mut rv);
+        neuron::bn_input_cpu(cc, c, hw, ww, bb, &mean, &invstd, with_emb.then_some((ee, b)))
+    };
+    fd_check(&format!("{what}: dc"), |cc| fwd(cc, &wv, &bv, &ev), &cv, &dz, &dc, 1e-2, 1e-2);
+    fd_check(&format!("{what}: dweight"), |ww| fwd(&cv, ww, &bv, &ev), &wv, &dz, &dw, 1e-2, 1e-2);
+    fd_check(&format!("{what}: dbias"), |bb| fwd(&cv, &wv, bb, &ev), &bv, &dz, &db, 1e-2, 1e-2);
+    if with_emb {
+        let de = reduce::group_sum_cpu(&dz, n, c, hw, b);
+        assert_close(&format!("{what}: demb"), &got[3], &de, 1e-4, 1e-4);
+        fd_check(&format!("{what}: demb"), |ee| fwd(&cv, &wv, &bv, ee), &ev, &dz, &de, 1e-2, 1e-2);
+    }
 }
 
 #[test]
-fn neuron_backward_recomputes_bn_and_add() {
-    check_neuron_backward_affine(40, 4, 2, 5, 9, neuron::Neuron::default());
-    check_neuron_backward_affine(41, 3, 3, 4, 16, neuron::Neuron::default());
-    check_neuron_backward_affine(42, 2, 2, 3, 7, neuron::Neuron { tau: Some(2.0), ..Default::default() });
+fn neuron_fused_with_batchnorm_backward() {
+    let lif = neuron::Neuron { tau: Some(2.0), ..Default::default() };
+    for (i, (shape, emb)) in [
+        ([4, 2, 5, 9], true),
+        ([3, 3, 4, 16], true),
+        ([2, 2, 3, 7], false),
+        ([1, 2, 4, 8], true),
+        ([4, 1, 3, 5], false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for cfg in [neuron::Neuron::default(), lif] {
+            check_neuron_backward_bn(40 + i as u64, shape, emb, cfg);
+        }
+    }
+}
+
+/// BN with a residual add, Swish, or both fused into its apply kernel: gradients bit for bit those
+/// of the unfused ops, and the CPU references (Swish's backward, then BN's; dr = dy) against
+/// finite differences.
+#[test]
+fn batchnorm_train_fused_epilogues_backward() {
+    for (swish, add) in [(true, false), (false, true), (true, true)] {
+        for (seed, (n, c, hw)) in [(23u64, (8usize, 3usize, 25usize)), (24, (4, 5, 1)), (25, (3, 2, 33))] {
+            let mut r = rng(seed);
+            let xv: Vec<f32> = normalish(&mut r, n * c * hw, 1.5).iter().map(|v| v + 0.3).collect();
+            let wv = uniform(&mut r, c, 0.5, 1.5);
+            let bv = uniform(&mut r, c, -0.5, 0.5);
+            let rv = normalish(&mut r, n * c * hw, 1.0);
+            let dy = normalish(&mut r, n * c * hw, 1.0);
+            let mut grads = Vec::new();
+            for fused in [false, true] {
+                let mut g = Graph::new();
+                let x = g.input("x", &[n, c, hw]);
+                let res = g.input("r", &[n, c, hw]);
+                let p = batchnorm::BnParams {
+                    weight: g.param("bn.weight", &[c]),
+                    bias: g.param("bn.bias", &[c]),
+                    running_mean: g.param("bn.running_mean", &[c]),
+                    running_var: g.param("bn.running_var", &[c]),
+                };
+                let y = match (fused, swish) {
+                    (true, false) => batchnorm::batchnorm_train_add(&mut g, x, p, res, "bn"),
+                    (true, true) => batchnorm::batchnorm_train_swish(&mut g, x, p, add.then_some(res), "bn"),
+                    (false, _) => {
+                        let (y, _) = batchnorm::batchnorm_train(&mut g, x, p, "bn");
+                        let y = if swish { elementwise::swish(&mut g, y, "swish") } else { y };
+                        if add {
+                            elementwise::add(&mut g, y, res, "add")
+                        } else {
+                            y
+                        }
+                    }
+                };
+                let mut inputs = vec![
+                    (x, xv.clone()),
+                    (p.weight, wv.clone()),
+                    (p.bias, bv.clone()),
+                    (p.running_mean, vec![0.0; c]),
+                    (p.running_var, vec![1.0; c]),
+                ];
+                let mut wrt = vec![x, p.weight, p.bias];
+                if add {
+                    inputs.push((res, rv.clone()));
+                    wrt.push(res);
+                }
+                grads.push(gpu_grads(g, y, &dy, &inputs, &wrt));
+            }
+            let what = format!("BN + swish {swish} + add {add} N={n} C={c} HW={hw}");
+            for (i, (a, f)) in grads[0].iter().zip(&grads[1]).enumerate() {
+                assert_eq!(bits(a), bits(f), "{what}: gradient {i} fused vs unfused");
+            }
+            let fwd = |xx: &[f32], ww: &[f32], bb: &[f32], rr: &[f32]| {
+                let (mut rm, mut rvar) = (vec![0.0; c], vec![1.0; c]);
+                let r = add.then_some(rr);
+                if swish {
+                    batchnorm::batchnorm_train_swish_cpu(xx, c, hw, ww, bb, &mut rm, &mut rvar, r)
+                } else {
+                    batchnorm::batchnorm_train_add_cpu(xx, c, hw, ww, bb, &mut rm, &mut rvar, rr)
+                }
+            };
+            let (mut rm, mut rvar) = (vec![0.0; c], vec![1.0; c]);
+            let (ybn, mean, invstd) = batchnorm::batchnorm_train_cpu(&xv, c, hw, &wv, &bv, &mut rm, &mut rvar);
+            let dv = if swish { elementwise::swish_backward_cpu(&ybn, &dy) } else { dy.clone() };
+            let (dx, dw, db) = batchnorm::batchnorm_train_backward_cpu(&dv, &xv, c, hw, &wv, &mean, &invstd);
+            let got = &grads[1];
+            assert_close(&format!("{what}: dx"), &got[0], &dx, 1e-4, 1e-5);
+            assert_close(&format!("{what}: dweight"), &got[1], &dw, 1e-4, 1e-4);
+            assert_close(&format!("{what}: dbias"), &got[2], &db, 1e-4, 1e-4);
+            fd_check(&format!("{what}: dx"), |xx| fwd(xx, &wv, &bv, &rv).0, &xv, &dy, &dx, 1e-2, 1e-2);
+            fd_check(&format!("{what}: dweight"), |ww| fwd(&xv, ww, &bv, &rv).0, &wv, &dy, &dw, 1e-2, 1e-2);
+            fd_check(&format!("{what}: dbias"), |bb| fwd(&xv, &wv, bb, &rv).0, &bv, &dy, &db, 1e-2, 1e-2);
+            if add {
+                assert_eq!(bits(&got[3]), bits(&dy), "{what}: dr");
+                fd_check(&format!("{what}: dr"), |rr| fwd(&xv, &wv, &bv, rr).0, &rv, &dy, &dy, 1e-2, 1e-3);
+            }
+        }
+    }
+}
+
+/// A neuron whose input already has a gradient from a consumer recorded after it (here x + a 1x1
+/// conv of the spikes, as a ResBlock's residual) adds its own inside its backward kernel: the same
+/// bits as its gradient alone (same dL/ds) plus the earlier one summed apart, as the graph's
+/// accumulation did.
+fn check_neuron_backward_accumulates(seed: u64, [t, b, c, hw]: [usize; 4], cfg: neuron::Neuron) {
+    let n = t * b;
+    let mut r = rng(seed);
+    let xv: Vec<f32> = normalish(&mut r, n * c * hw, 1.2).iter().map(|v| v + 0.4).collect();
+    let wv = uniform(&mut r, c * c, -0.5, 0.5);
+    let dy = normalish(&mut r, n * c * hw, 1.0);
+    let mut g = Graph::new();
+    let x = g.input("x", &[n, c, hw, 1]);
+    let w = g.input("w", &[c, c, 1, 1]);
+    let (s, _) = neuron::neuron_forward_train(&mut g, x, t, cfg, "neuron");
+    let y1 = conv::conv2d(&mut g, s, w, None, 1, 0, "conv");
+    let y = elementwise::add(&mut g, y1, x, "residual");
+    let mut probe = g.clone();
+    let seed = probe.input("dy", &[n, c, hw, 1]);
+    backward(&mut probe, y, seed, &[x, s], elementwise::add);
+    assert!(probe.nodes.iter().any(|nd| nd.entry == "neuron_backward_acc"), "the neuron adds into dL/dx");
+    assert!(!probe.nodes.iter().any(|nd| nd.label.ends_with(".grad_sum")), "no separate sum pass");
+    let got = gpu_grads(g, y, &dy, &[(x, xv.clone()), (w, wv)], &[x, s]);
+    let (dx, ds) = (&got[0], &got[1]);
+    let mut g = Graph::new();
+    let x = g.input("x", &[n, c, hw, 1]);
+    let (s, _) = neuron::neuron_forward_train(&mut g, x, t, cfg, "neuron");
+    let alone = gpu_grads(g, s, ds, &[(x, xv.clone())], &[x]).remove(0);
+    let what = format!("neuron backward into an earlier gradient T={t} B={b} C={c} HW={hw} {cfg:?}");
+    assert_eq!(bits(dx), bits(&elementwise::add_cpu(&dy, &alone)), "{what}");
+    let (_, h) = neuron::neuron_cpu(&xv, t, cfg);
+    let want = elementwise::add_cpu(&dy, &neuron::neuron_backward_cpu(ds, &h, t, cfg));
+    assert_close(&what, dx, &want, 1e-5, 1e-6);
+}
+
+#[test]
+fn neuron_backward_adds_into_an_earlier_gradient() {
+    let lif = neuron::Neuron { tau: Some(2.0), ..Default::default() };
+    for (i, shape) in [[1, 2, 3, 5], [2, 3, 4, 8], [3, 1, 5, 7], [4, 2, 2, 16]].into_iter().enumerate() {
+        for cfg in [neuron::Neuron::default(), lif] {
+            check_neuron_backward_accumulates(80 + i as u64, shape, cfg);
+        }
+    }
 }
 
 #[test]

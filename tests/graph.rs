@@ -208,7 +208,7 @@ fn invalid_binding_is_an_error_not_a_panic() {
     g.push(Node {
         shader: &elementwise::SHADER,
         entry: "swish",
-        params: Params::new().u(16).build(),
+        params: Params::of(&elementwise::ElementwiseParams { numel: 16, c: 0, s: 0, b: 0 }),
         reads: vec![x, x],
         writes: vec![y],
         workgroups: [1, 1, 1],

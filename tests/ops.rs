@@ -100,6 +100,77 @@ fn conv2d_reads_packed_spikes() {
     }
 }
 
+/// The conv with its epilogue (emb and/or residual added as the output is stored), in every
+/// forward variant, over f32 and packed spikes: against the CPU reference (1e-5 as above), and
+/// bit for bit against the same conv followed by the separate add_channel and add it replaces.
+#[test]
+fn conv2d_epilogue_matches_cpu_and_the_separate_adds_in_every_variant() {
+    // (x [N, Cin, H, W], Cout, K, stride, bias, emb rows B (0: none), residual, packed spikes):
+    // odd sizes, Cout below, above and not a multiple of the 32 tile, emb only, residual only, both.
+    let cases = [
+        ([8usize, 3, 7, 9], 5usize, 3usize, 1usize, true, 2usize, false, false),
+        ([6, 5, 9, 11], 37, 3, 2, false, 0, true, true),
+        ([4, 7, 3, 13], 9, 1, 1, true, 4, true, false),
+        ([3, 6, 5, 5], 33, 1, 2, true, 1, true, true),
+        ([8, 4, 6, 7], 70, 3, 1, true, 2, true, true),
+        ([6, 3, 7, 5], 10, 3, 2, true, 3, false, true),
+    ];
+    for (seed, &([n, cin, h, w], cout, k, stride, with_bias, rows, with_residual, packed)) in cases.iter().enumerate() {
+        let pad = k / 2;
+        let (ho, wo) = (conv::conv_out(h, k, stride, pad), conv::conv_out(w, k, stride, pad));
+        let mut r = rng(seed as u64 + 30);
+        let xv =
+            if packed { spike_values(&mut r, n * cin * h * w, 0.3) } else { normalish(&mut r, n * cin * h * w, 1.0) };
+        let wv = uniform(&mut r, cout * cin * k * k, -0.5, 0.5);
+        let bv = uniform(&mut r, cout, -0.5, 0.5);
+        let ev = normalish(&mut r, rows.max(1) * cout, 1.0);
+        let rv = normalish(&mut r, n * cout * ho * wo, 1.0);
+        let want = conv::conv2d_fused_cpu(
+            &xv,
+            [n, cin, h, w],
+            &wv,
+            [cout, cin, k, k],
+            with_bias.then_some(&bv[..]),
+            stride,
+            pad,
+            (rows > 0).then_some((&ev[..], rows)),
+            with_residual.then_some(&rv[..]),
+        );
+        for v in 0..conv::forward_variants(1, 1, 1, 1).len() {
+            let mut g = Graph::new();
+            let x = g.input_as("x", &[n, cin, h, w], if packed { DType::Spike } else { DType::F32 });
+            let wt = g.param("w", &[cout, cin, k, k]);
+            let b = g.param("b", &[cout]);
+            let e = g.input("emb", &[rows.max(1), cout]);
+            let res = g.input("residual", &[n, cout, ho, wo]);
+            let epilogue = conv::Epilogue { emb: (rows > 0).then_some(e), residual: with_residual.then_some(res) };
+            let bias = with_bias.then_some(b);
+            let fused_node = g.nodes.len();
+            let fused = conv::conv2d_fused(&mut g, x, wt, bias, stride, pad, epilogue, "fused");
+            g.choose(fused_node, v);
+            let plain_node = g.nodes.len();
+            let mut separate = conv::conv2d(&mut g, x, wt, bias, stride, pad, "conv");
+            g.choose(plain_node, v);
+            if rows > 0 {
+                separate = elementwise::add_channel(&mut g, separate, e, "temb_add");
+            }
+            if with_residual {
+                separate = elementwise::add(&mut g, separate, res, "residual");
+            }
+            let name = g.variants[&fused_node].variant().name.clone();
+            let xin = if packed { sddpm_gpu::graph::pack_spikes(&xv) } else { bits(&xv) };
+            let inputs = [(x, xin), (wt, bits(&wv)), (b, bits(&bv)), (e, bits(&ev)), (res, bits(&rv))];
+            let out = run_graph(g, &inputs, &[fused, separate]);
+            let what = format!(
+                "conv2d {name} {n}x{cin}x{h}x{w} -> {cout} k{k} s{stride} bias {with_bias} emb rows {rows} \
+                 residual {with_residual} spikes {packed}"
+            );
+            assert_eq!(bits(&out[0]), bits(&out[1]), "{what}: fused and separate adds must give the same bits");
+            assert_close(&what, &out[0], &want, 1e-5, 1e-5);
+        }
+    }
+}
+
 #[test]
 fn conv3d_331_matches_reference_layout() {
     // The reference permutes [T, B, C, H, W] -> [B, C, H, W, T], applies Conv3d (3,3,1), and
@@ -347,6 +418,77 @@ fn batchnorm_train_is_deterministic() {
     }
 }
 
+/// What follows training-mode BN in one kernel: a residual add, Swish, or Swish then an add.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum BnEpilogue {
+    Add,
+    Swish,
+    SwishAdd,
+}
+
+/// `BN(x)` with `epi` fused in, and the same ops unfused, into `g`: (fused y, unfused y).
+fn bn_epilogue_graph(
+    g: &mut Graph,
+    epi: BnEpilogue,
+    x: sddpm_gpu::graph::TensorId,
+    p: batchnorm::BnParams,
+    r: sddpm_gpu::graph::TensorId,
+) -> (sddpm_gpu::graph::TensorId, sddpm_gpu::graph::TensorId) {
+    let fused = match epi {
+        BnEpilogue::Add => batchnorm::batchnorm_train_add(g, x, p, r, "bn"),
+        BnEpilogue::Swish => batchnorm::batchnorm_train_swish(g, x, p, None, "bn"),
+        BnEpilogue::SwishAdd => batchnorm::batchnorm_train_swish(g, x, p, Some(r), "bn"),
+    };
+    let (y, _) = batchnorm::batchnorm_train(g, x, p, "bn.unfused");
+    let unfused = match epi {
+        BnEpilogue::Add => elementwise::add(g, y, r, "add"),
+        BnEpilogue::Swish => elementwise::swish(g, y, "swish"),
+        BnEpilogue::SwishAdd => {
+            let o = elementwise::swish(g, y, "swish");
+            elementwise::add(g, o, r, "add")
+        }
+    };
+    (fused, unfused)
+}
+
+#[test]
+fn batchnorm_train_fused_epilogues_match_unfused_and_cpu() {
+    for epi in [BnEpilogue::Add, BnEpilogue::Swish, BnEpilogue::SwishAdd] {
+        for (seed, (n, c, hw)) in [(48u64, (8usize, 5usize, 63usize)), (49, (4, 3, 1)), (57, (6, 16, 25))] {
+            let d = bn_data(seed, n, c, hw);
+            let rv = normalish(&mut rng(seed + 100), n * c * hw, 1.0);
+            let mut g = Graph::new();
+            let (x, p) = bn_graph(&mut g, n, c, hw);
+            let r = g.input("r", &[n, c, hw]);
+            let (fused, unfused) = bn_epilogue_graph(&mut g, epi, x, p, r);
+            let mut inputs = vec![
+                (x, bits(&d.x)),
+                (p.weight, bits(&d.w)),
+                (p.bias, bits(&d.b)),
+                (p.running_mean, bits(&d.rm)),
+                (p.running_var, bits(&d.rv)),
+            ];
+            if epi != BnEpilogue::Swish {
+                inputs.push((r, bits(&rv)));
+            }
+            let out = run_graph(g, &inputs, &[fused, unfused]);
+            let what = format!("BN + {epi:?} N={n} C={c} HW={hw}");
+            assert_eq!(bits(&out[0]), bits(&out[1]), "{what}: fused vs unfused");
+            let (mut rm_cpu, mut rv_cpu) = (d.rm.clone(), d.rv.clone());
+            let (want, _, _) = match epi {
+                BnEpilogue::Add => {
+                    batchnorm::batchnorm_train_add_cpu(&d.x, c, hw, &d.w, &d.b, &mut rm_cpu, &mut rv_cpu, &rv)
+                }
+                _ => {
+                    let r = (epi == BnEpilogue::SwishAdd).then_some(&rv[..]);
+                    batchnorm::batchnorm_train_swish_cpu(&d.x, c, hw, &d.w, &d.b, &mut rm_cpu, &mut rv_cpu, r)
+                }
+            };
+            assert_close(&what, &out[0], &want, 1e-5, 2e-5);
+        }
+    }
+}
+
 // ---- neuron -----------------------------------------------------------------------------------
 
 fn check_neuron(seed: u64, t: usize, n: usize, cfg: neuron::Neuron) {
@@ -422,6 +564,73 @@ fn neuron_cpu_reference_semantics() {
     assert_eq!(h, [0.6, 1.2, 0.6, 1.2]);
     // Exactly at threshold fires (Heaviside of h - v_th >= 0).
     assert_eq!(neuron::neuron_cpu(&[1.0], 1, neuron::Neuron::default()).0, [1.0]);
+}
+
+/// BN-apply (+ the time-embedding term) fused into the neuron: the same spike words as BN, the add
+/// and the neuron run apart, and as the CPU reference on the statistics the GPU computed (the
+/// statistics pass is tested above).
+fn check_neuron_bn(seed: u64, [t, b, c, hw]: [usize; 4], with_emb: bool, cfg: neuron::Neuron) {
+    let n = t * b;
+    let mut r = rng(seed);
+    let cv = normalish(&mut r, n * c * hw, 1.0);
+    let wv = uniform(&mut r, c, 0.5, 1.5);
+    let bv = uniform(&mut r, c, 0.0, 0.8);
+    let ev = uniform(&mut r, b * c, -0.3, 0.3);
+    let mut g = Graph::new();
+    let (x, p) = bn_graph(&mut g, n, c, hw);
+    let emb = g.input("emb", &[b, c]);
+    let saved = batchnorm::batchnorm_stats(&mut g, x, p, "bn");
+    let input = neuron::BnInput { c: x, bn: p, saved, emb: with_emb.then_some(emb), bn_name: "bn".into() };
+    let fused = neuron::neuron_forward_train_bn(&mut g, input, t, cfg, "neuron");
+    let (y, _) = batchnorm::batchnorm_train(&mut g, x, p, "bn.unfused");
+    let z = if with_emb { elementwise::add_channel(&mut g, y, emb, "add") } else { y };
+    let unfused = neuron::neuron_forward(&mut g, z, t, cfg, "neuron.unfused");
+    for o in [fused, unfused, saved.mean, saved.invstd] {
+        g.mark_output(o);
+    }
+    let ctx = ctx();
+    let plan = sddpm_gpu::graph::Plan::compile(ctx, &g).unwrap();
+    let mut inputs = vec![(x, &cv), (p.weight, &wv), (p.bias, &bv)];
+    if with_emb {
+        inputs.push((emb, &ev));
+    }
+    for (tensor, data) in inputs {
+        plan.write(ctx, tensor, data).unwrap();
+    }
+    plan.write(ctx, p.running_mean, &vec![0f32; c]).unwrap();
+    plan.write(ctx, p.running_var, &vec![1f32; c]).unwrap();
+    plan.run(ctx).unwrap();
+    let what = format!("T={t} B={b} C={c} HW={hw} emb {with_emb} {cfg:?}");
+    let got = plan.read_u32(ctx, fused).unwrap();
+    assert_eq!(got, plan.read_u32(ctx, unfused).unwrap(), "fused vs unfused spike words {what}");
+    let (mean, invstd) = (plan.read(ctx, saved.mean).unwrap(), plan.read(ctx, saved.invstd).unwrap());
+    let xv = neuron::bn_input_cpu(&cv, c, hw, &wv, &bv, &mean, &invstd, with_emb.then_some((&ev[..], b)));
+    let (s_cpu, _) = neuron::neuron_cpu(&xv, t, cfg);
+    assert!(s_cpu.contains(&1.0) && s_cpu.contains(&0.0), "test input must both fire and not ({what})");
+    assert_eq!(got, sddpm_gpu::graph::pack_spikes(&s_cpu), "spike words vs CPU {what}");
+}
+
+#[test]
+fn neuron_fused_with_batchnorm_matches_unfused_and_cpu() {
+    let lif = neuron::Neuron { tau: Some(2.0), ..Default::default() };
+    // B*C*HW a multiple of 32 takes the per-neuron grid, any other the per-word grid.
+    for (i, (shape, emb)) in [
+        ([1, 2, 4, 16], true),
+        ([2, 3, 5, 9], true),
+        ([3, 2, 16, 4], false),
+        ([4, 3, 7, 1], true),
+        ([4, 2, 8, 32], false),
+        ([3, 1, 3, 11], true),
+        // Enough neurons that a 1% error in the added term flips spikes.
+        ([4, 4, 8, 256], true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for cfg in [neuron::Neuron::default(), lif] {
+            check_neuron_bn(70 + i as u64, shape, emb, cfg);
+        }
+    }
 }
 
 // ---- elementwise ------------------------------------------------------------------------------

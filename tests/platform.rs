@@ -88,3 +88,68 @@ fn devices_with_unknown_adapter_fails_with_one_line() {
     assert_eq!(ours.len(), 1, "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// Trusted modules compiled without runtime bounds checks compute the same bits as checked ones
+/// (a conv over spikes, BatchNorm with batch statistics, a neuron and a matmul, on odd shapes).
+#[test]
+fn trusted_kernels_without_bounds_checks_give_the_same_bits() {
+    use sddpm_gpu::graph::{Graph, Plan};
+    use sddpm_gpu::ops::{batchnorm, conv, matmul, neuron};
+    let (t, b, cin, cout, h, w) = (2, 3, 5, 7, 9, 11);
+    let mut g = Graph::new();
+    let x = g.input("x", &[t * b, cin, h, w]);
+    let cw = g.param("conv.weight", &[cout, cin, 3, 3]);
+    let cb = g.param("conv.bias", &[cout]);
+    let bn = batchnorm::BnParams {
+        weight: g.param("bn.weight", &[cout]),
+        bias: g.param("bn.bias", &[cout]),
+        running_mean: g.param("bn.running_mean", &[cout]),
+        running_var: g.param("bn.running_var", &[cout]),
+    };
+    let s = neuron::neuron_forward(&mut g, x, t, neuron::Neuron::default(), "neuron");
+    let y = conv::conv2d(&mut g, s, cw, Some(cb), 2, 1, "conv");
+    let (y, _) = batchnorm::batchnorm_train(&mut g, y, bn, "bn");
+    let ho = conv::conv_out(h, 3, 2, 1) * conv::conv_out(w, 3, 2, 1);
+    let flat = g.input("flat", &[t * b * cout, ho]);
+    let mw = g.param("m.weight", &[13, ho]);
+    let m = matmul::linear(&mut g, flat, mw, None, "m");
+    g.mark_output(y);
+    g.mark_output(m);
+    let values = |n: usize, k: u32| -> Vec<u32> {
+        (0..n).map(|i| ((((i as u32).wrapping_mul(2654435761) ^ k) % 1000) as f32 / 400.0 - 1.0).to_bits()).collect()
+    };
+    let mut outs = Vec::new();
+    for checks in [true, false] {
+        let mut ctx = Context::new(None).unwrap();
+        ctx.shader_checks = checks;
+        let plan = Plan::compile(&ctx, &g).unwrap();
+        for (i, id) in
+            [x, cw, cb, bn.weight, bn.bias, bn.running_mean, bn.running_var, flat, mw].into_iter().enumerate()
+        {
+            let n = g.info(id).numel();
+            let mut v = values(n, i as u32);
+            if id == bn.running_var {
+                v = vec![1f32.to_bits(); n];
+            }
+            plan.write(&ctx, id, &v).unwrap();
+        }
+        plan.run(&ctx).unwrap();
+        let read = |id| plan.read(&ctx, id).unwrap().iter().map(|v: &f32| v.to_bits()).collect::<Vec<u32>>();
+        outs.push((read(y), read(m)));
+    }
+    assert!(outs[0].0.iter().any(|&v| v != 0), "the conv output must not be all zeros");
+    assert_eq!(outs[0], outs[1], "checked and trusted modules disagree");
+}
+
+#[test]
+fn devices_reports_the_shader_bounds_check_policy() {
+    for (env, want) in [("1", "on for every kernel"), ("0", "off for kernels in bounds")] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sddpm-gpu"))
+            .arg("devices")
+            .env("SDDPM_SHADER_CHECKS", env)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(&format!("shader bounds checks: {want}")), "SDDPM_SHADER_CHECKS={env}: {text}");
+    }
+}

@@ -698,3 +698,76 @@ fn every_double_buffered_conv_grad_input_matches_cpu() {
         }
     }
 }
+
+// ---- variants recorded in checkpoints -----------------------------------------------------------
+
+/// Rewrite a checkpoint with its metadata field `key` set to `value`.
+fn set_metadata(path: &std::path::Path, key: &str, value: &str) {
+    use sddpm_gpu::checkpoint::{save, Data, TensorFile};
+    let f = TensorFile::load(path).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Data)> =
+        f.tensors.iter().map(|(n, t)| (n.clone(), t.shape.clone(), Data::F32(&t.data))).collect();
+    tensors.extend(f.ints.iter().map(|(n, t)| (n.clone(), t.shape.clone(), Data::I64(&t.data))));
+    let mut metadata = f.metadata.clone();
+    metadata.insert(key.into(), value.into());
+    save(path, tensors, metadata).unwrap();
+}
+
+#[test]
+fn a_checkpoint_records_its_variants_and_sampling_from_it_follows_them() {
+    use sddpm_gpu::checkpoint::TensorFile;
+    let dir = tmp("ckpt-variants");
+    let cache = tmp("ckpt-variants-cache");
+    let out = bin()
+        .env("SDDPM_CACHE_DIR", &cache)
+        .args(["train", "--steps", "1", "--size", "16", "--batch", "2", "--snn-steps", "2", "--sample-n", "0"])
+        .args(["--out", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ckpt = dir.join("ckpt.safetensors");
+    let meta = TensorFile::load(&ckpt).unwrap().metadata;
+    let record: tune::Record = serde_json::from_str(&meta[tune::METADATA_KEY]).expect("the checkpoint records kernels");
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let in_config: std::collections::BTreeMap<String, String> =
+        serde_json::from_value(config["variants"].clone()).unwrap();
+    assert_eq!(record.variants, in_config, "checkpoint and run folder record the same choices");
+
+    // On the adapter that made it the record is pinned; on another it is a notice; garbage is an error.
+    let here = tuning_ctx(&cache, true);
+    assert_eq!(record.adapter, tune::adapter_id(&here));
+    assert_eq!(tune::pin_recorded(&here, &meta, "ckpt").unwrap(), record.variants.len());
+    assert_eq!(here.tuning.lock().unwrap().pinned, record.variants);
+    let elsewhere = tuning_ctx(&cache, true);
+    let foreign = tune::Record { adapter: "some other GPU".into(), ..record.clone() };
+    let foreign_meta = [(tune::METADATA_KEY.to_string(), serde_json::to_string(&foreign).unwrap())].into();
+    assert_eq!(tune::pin_recorded(&elsewhere, &foreign_meta, "ckpt").unwrap(), 0);
+    assert!(elsewhere.tuning.lock().unwrap().pinned.is_empty());
+    let bad = [(tune::METADATA_KEY.to_string(), "{".to_string())].into();
+    let err = tune::pin_recorded(&elsewhere, &bad, "ckpt").unwrap_err().to_string();
+    assert!(err.contains("ckpt") && err.contains(tune::METADATA_KEY), "{err}");
+
+    // `sample` follows the record: same seed, same files; a recorded variant this build lacks fails.
+    let sample = |png: &str| {
+        let out = bin()
+            .env("SDDPM_CACHE_DIR", &cache)
+            .args(["sample", "--checkpoint", ckpt.to_str().unwrap(), "--n", "2", "--batch", "2", "--steps", "2"])
+            .args(["--out", dir.join(png).to_str().unwrap()])
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (ok, err) = sample("a.png");
+    assert!(ok, "{err}");
+    let (ok, err) = sample("b.png");
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read(dir.join("a.png")).unwrap(), std::fs::read(dir.join("b.png")).unwrap());
+    let broken = tune::Record {
+        variants: record.variants.keys().map(|k| (k.clone(), "wg99".to_string())).collect(),
+        ..record.clone()
+    };
+    set_metadata(&ckpt, tune::METADATA_KEY, &serde_json::to_string(&broken).unwrap());
+    let (ok, err) = sample("c.png");
+    assert!(!ok, "sampling must follow the checkpoint's record");
+    assert!(err.lines().any(|l| l.starts_with("error:") && l.contains("'wg99'")), "{err}");
+}

@@ -4,6 +4,8 @@
 # lavapipe; the run on a real GPU has not happened yet.
 #
 #   bash tools/gpu_check.sh prepare   # here: release build, Vulkan loader libraries, reference scripts -> gpu/
+#   BASE=<rev> bash tools/gpu_check.sh prepare   # also a baseline binary built from <rev> (gpu/sddpm-gpu-base),
+#                                                # timed beside the new one in the speed section
 #   bash tools/gpu_check.sh run       # there (device tool, carry ["gpu"]): prints one report
 #   PARITY_ONLY=1 bash tools/gpu_check.sh run   # adapter and parity only
 set -euo pipefail
@@ -14,6 +16,15 @@ prepare() {
     cargo build --release
     rm -rf "$G" && mkdir -p "$G/debs" "$G/root" "$G/ref"
     cp target/release/sddpm-gpu "$G/"
+    if [ -n "${BASE:-}" ]; then
+        # The baseline builds in a worktree of its own, reusing this checkout's compiled dependencies.
+        wt=$(mktemp -d)/base
+        git worktree add --detach "$wt" "$BASE"
+        [ -d "$wt/target" ] || cp -a target "$wt/target"
+        (cd "$wt" && cargo build --release)
+        cp "$wt/target/release/sddpm-gpu" "$G/sddpm-gpu-base"
+        git worktree remove --force "$wt"
+    fi
     cp ../shared/reference/sddpm_ref.py ../shared/reference/bench_torch.py "$G/ref/"
     # The GPU machine has the NVIDIA driver but no Vulkan loader.
     (cd "$G/debs" && apt-get download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
@@ -66,11 +77,15 @@ for f in pathlib.Path(sys.argv[1]).glob("tune-*.json"):
     for key, e in c["shapes"].items():
         print(f"  {e['choice']:>8}  " + "  ".join(f"{t['variant']} {t['us']:.1f}us" for t in e["candidates"]) + f"  {key[:90]}")
 PY
-    echo "== speed: sddpm-gpu (GPU timestamps) and PyTorch on the same card"
+    echo "== speed: sddpm-gpu (GPU timestamps; the baseline binary too if prepared) and PyTorch on the same card"
+    bins=("$B"); [ -x "$G/sddpm-gpu-base" ] && bins+=("$PWD/$G/sddpm-gpu-base")
     for p in tiny small cifar10; do
         for bs in 8 32; do
-            "$B" profile --preset "$p" --batch "$bs" --iters 5 | grep -E "^(total|conv::)"
-            "$B" profile --preset "$p" --batch "$bs" --iters 3 --train | grep -E "^(total|conv::)"
+            for b in "${bins[@]}"; do
+                echo "-- $(basename "$b") $p batch $bs"
+                "$b" profile --preset "$p" --batch "$bs" --iters 5 | grep -E "^(total|conv::)"
+                "$b" profile --preset "$p" --batch "$bs" --iters 3 --train | grep -E "^(total|conv::)"
+            done
             [ "$p" = small ] && "$B" profile --preset small --attn 1 --batch "$bs" --iters 5 | grep -E "^(total|spike_attention|conv::conv2d)"
             for tf in off on; do python3 "$G/ref/bench_torch.py" --device cuda --preset "$p" --batch "$bs" --tf32 "$tf" --iters 10; done
         done

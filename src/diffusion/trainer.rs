@@ -352,6 +352,9 @@ impl Trainer {
         }
         let mut metadata = meta;
         metadata.insert("config".into(), self.cfg.config_json());
+        if let Some(record) = crate::tune::record_json(ctx) {
+            metadata.insert(crate::tune::METADATA_KEY.into(), record);
+        }
         checkpoint::save(path, tensors, metadata)
     }
 }

@@ -177,6 +177,12 @@ pub struct Context {
     pub counters: Counters,
     /// Kernel variant policy and record (see [`Tuning`]).
     pub tuning: Mutex<Tuning>,
+    /// Compile every shader with wgpu's runtime bounds checks. When false, [`Shader::trusted`]
+    /// modules skip them (a few percent of ALU in index-heavy kernels on GPUs; the hot loops of
+    /// conv and matmul are all index arithmetic). Default: on in debug builds, off in release;
+    /// SDDPM_SHADER_CHECKS=1|0 overrides, and the op tests turn it on (see [`shader_checks_from_env`]).
+    /// Set it before the first pipeline is created: pipelines are cached.
+    pub shader_checks: bool,
     errors: Arc<Mutex<Vec<String>>>,
     lost: Arc<Mutex<Option<String>>>,
     pipelines: Mutex<std::collections::HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
@@ -230,6 +236,7 @@ impl Context {
             limits,
             counters: Counters::default(),
             tuning: Mutex::new(Tuning::from_env()),
+            shader_checks: shader_checks_from_env(),
             errors,
             lost,
             pipelines: Mutex::new(Default::default()),
@@ -345,10 +352,22 @@ impl Context {
             return Ok(p.clone());
         }
         let pipeline = self.scoped(&format!("compiling shaders/{}.wgsl entry '{entry}'", shader.name), || {
-            let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            let desc = wgpu::ShaderModuleDescriptor {
                 label: Some(shader.name),
                 source: wgpu::ShaderSource::Wgsl(shader.source.into()),
-            });
+            };
+            let module = if shader.trusted && !self.shader_checks {
+                // Only the bounds checks go: loops stay bounded and integer division stays
+                // guarded, so a zero-sized parameter cannot turn into undefined behaviour.
+                let mut checks = wgpu::ShaderRuntimeChecks::checked();
+                checks.bounds_checks = false;
+                // SAFETY: `trusted` shaders index only within the bindings their parameters
+                // describe (Shader::trusted); the op tests run them with checks on against CPU
+                // references on odd shapes, and the model parity tests run them without.
+                unsafe { self.device.create_shader_module_trusted(desc, checks) }
+            } else {
+                self.device.create_shader_module(desc)
+            };
             self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(&format!("{}::{entry}", shader.name)),
                 layout: None,
@@ -418,22 +437,42 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// Whether to keep wgpu's runtime bounds checks in [`Shader::trusted`] modules: SDDPM_SHADER_CHECKS
+/// set to 1/on or 0/off decides, else on in debug builds only.
+pub fn shader_checks_from_env() -> bool {
+    match std::env::var("SDDPM_SHADER_CHECKS").as_deref() {
+        Ok("1" | "on" | "true") => true,
+        Ok("0" | "off" | "false") => false,
+        _ => cfg!(debug_assertions),
+    }
+}
+
 /// A WGSL source file from shaders/, embedded in the binary.
 #[derive(Debug, PartialEq)]
 pub struct Shader {
     /// File stem in shaders/, e.g. "conv".
     pub name: &'static str,
     pub source: &'static str,
+    /// In bounds by construction: every entry guards each buffer index with the sizes in its
+    /// parameters, which the op derives from the very shapes the graph allocates, and indexes
+    /// nothing with values read from data. Such modules may run without wgpu's runtime bounds
+    /// checks (see [`Context::shader_checks`]).
+    pub trusted: bool,
 }
 
-/// Declare a `Shader` for shaders/NAME.wgsl (`shader!("NAME", uses "COMMON")` prepends
-/// shaders/common/COMMON.wgsl).
+/// Declare a `Shader` for shaders/NAME.wgsl. `shader!("NAME", uses "COMMON")` prepends
+/// shaders/common/COMMON.wgsl; a leading `trusted` marks it in bounds by construction
+/// ([`Shader::trusted`]).
 #[macro_export]
 macro_rules! shader {
+    (trusted $($rest:tt)*) => {
+        $crate::gpu::Shader { trusted: true, ..$crate::shader!($($rest)*) }
+    };
     ($name:literal) => {
         $crate::gpu::Shader {
             name: $name,
             source: include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $name, ".wgsl")),
+            trusted: false,
         }
     };
     // With shared WGSL from shaders/common/ prepended (WGSL has no includes).
@@ -444,6 +483,7 @@ macro_rules! shader {
                 include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/common/", $common, ".wgsl")),
                 include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $name, ".wgsl"))
             ),
+            trusted: false,
         }
     };
 }

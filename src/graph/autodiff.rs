@@ -4,8 +4,9 @@
 //! they read and produced, and a rule that appends their backward nodes given the gradients of
 //! their outputs. [`backward`] walks the tape in reverse, calls each rule whose outputs received a
 //! gradient, and sums gradients reaching a tensor more than once with the caller's `accumulate`
-//! (an op such as `ops::elementwise::add`: the graph knows no kernels). The result is more nodes
-//! in the same static graph, planned and replayed like the forward.
+//! (an op such as `ops::elementwise::add`: the graph knows no kernels), unless the op recorded
+//! with [`Graph::record_into`] adds them itself (one pass over memory less). The result is more
+//! nodes in the same static graph, planned and replayed like the forward.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -16,12 +17,27 @@ use super::{Graph, TensorId};
 /// a gradient, returns the gradient of each input (None where not needed or zero).
 pub type BackwardFn = Arc<dyn Fn(&mut Graph, &[Option<TensorId>], &[bool]) -> Vec<Option<TensorId>> + Send + Sync>;
 
+/// A [`BackwardFn`] that also receives the gradient each input has received so far (None = none)
+/// and returns each input's total: that gradient plus its own, summed as `accumulate` would sum
+/// them (earlier + own), inside its own kernels.
+pub type BackwardIntoFn =
+    Arc<dyn Fn(&mut Graph, &[Option<TensorId>], &[bool], &[Option<TensorId>]) -> Vec<Option<TensorId>> + Send + Sync>;
+
+/// How a tape entry's backward treats gradients its inputs already have.
+#[derive(Clone)]
+pub enum Rule {
+    /// Returns its own contribution; [`backward`] sums.
+    Plain(BackwardFn),
+    /// Returns the totals (see [`BackwardIntoFn`]).
+    Into(BackwardIntoFn),
+}
+
 #[derive(Clone)]
 pub struct TapeEntry {
     pub label: String,
     pub inputs: Vec<TensorId>,
     pub outputs: Vec<TensorId>,
-    pub backward: BackwardFn,
+    pub backward: Rule,
 }
 
 impl std::fmt::Debug for TapeEntry {
@@ -63,7 +79,13 @@ pub fn backward(
         if !needs.iter().any(|&n| n) {
             continue;
         }
-        let in_grads = (e.backward)(g, &out_grads, &needs);
+        let (in_grads, totals) = match &e.backward {
+            Rule::Plain(f) => (f(g, &out_grads, &needs), false),
+            Rule::Into(f) => {
+                let prev: Vec<Option<TensorId>> = e.inputs.iter().map(|i| grads.get(i).copied()).collect();
+                (f(g, &out_grads, &needs, &prev), true)
+            }
+        };
         assert_eq!(in_grads.len(), e.inputs.len(), "backward of '{}' returned a wrong number of gradients", e.label);
         for ((&input, grad), &need) in e.inputs.iter().zip(in_grads).zip(&needs) {
             let Some(grad) = grad else { continue };
@@ -71,8 +93,8 @@ pub fn backward(
                 continue;
             }
             let total = match grads.get(&input) {
-                None => grad,
-                Some(&prev) => accumulate(g, prev, grad, &format!("{}.grad_sum", g.info(input).name)),
+                Some(&prev) if !totals => accumulate(g, prev, grad, &format!("{}.grad_sum", g.info(input).name)),
+                _ => grad,
             };
             grads.insert(input, total);
         }

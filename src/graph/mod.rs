@@ -20,7 +20,7 @@ mod autodiff;
 mod exec;
 mod planner;
 
-pub use autodiff::{backward, Accumulate, BackwardFn, TapeEntry};
+pub use autodiff::{backward, Accumulate, BackwardFn, BackwardIntoFn, Rule, TapeEntry};
 pub use exec::{NodeInfo, NodeTimes, Plan, RunStats, Timing};
 pub use planner::{plan_memory, MemoryPlan};
 
@@ -435,7 +435,29 @@ impl Graph {
             label: label.to_string(),
             inputs,
             outputs,
-            backward: std::sync::Arc::new(backward),
+            backward: Rule::Plain(std::sync::Arc::new(backward)),
+        });
+    }
+
+    /// Record a differentiable op whose backward adds its input gradients to those the inputs
+    /// already received (see [`BackwardIntoFn`]); `inputs` must be distinct.
+    pub fn record_into(
+        &mut self,
+        label: &str,
+        inputs: Vec<TensorId>,
+        outputs: Vec<TensorId>,
+        backward: impl Fn(&mut Graph, &[Option<TensorId>], &[bool], &[Option<TensorId>]) -> Vec<Option<TensorId>>
+            + Send
+            + Sync
+            + 'static,
+    ) {
+        let distinct: std::collections::BTreeSet<_> = inputs.iter().collect();
+        assert_eq!(distinct.len(), inputs.len(), "'{label}': record_into needs distinct inputs");
+        self.tape.push(TapeEntry {
+            label: label.to_string(),
+            inputs,
+            outputs,
+            backward: Rule::Into(std::sync::Arc::new(backward)),
         });
     }
 }
@@ -449,18 +471,31 @@ pub fn grid_1d(n: usize, wg: usize) -> [u32; 3] {
     [x as u32, groups.div_ceil(x) as u32, 1]
 }
 
-/// Helper to build the uniform words of a node: u32s and f32s (as bits), padded to 16 bytes.
+/// A size or count as a u32 kernel parameter. Sizes past u32 saturate: graph building has then
+/// already recorded a tensor too large to index (see [`Graph::check`]), so the node never runs.
+pub fn size_u32(v: usize) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
+}
+
+/// The uniform words of a node, padded to 16 bytes.
+///
+/// [`Params::of`] takes an op's `#[repr(C)]` parameter struct, which mirrors the shader's WGSL
+/// struct member for member (tests/shaders.rs checks each layout against naga's). The positional
+/// builder (`new().u(..).f(..).build()`) remains only for the families not converted yet.
 #[derive(Debug, Default, Clone)]
 pub struct Params(pub Vec<u32>);
 
 impl Params {
+    /// The words of parameter struct `p`.
+    pub fn of<P: bytemuck::Pod>(p: &P) -> Vec<u32> {
+        Params(bytemuck::cast_slice(std::slice::from_ref(p)).to_vec()).build()
+    }
     pub fn new() -> Self {
         Self::default()
     }
-    /// A size or count. Sizes past u32 saturate: graph building has then already recorded a
-    /// tensor too large to index (see [`Graph::check`]), so the node never runs.
+    /// A size or count (see [`size_u32`]).
     pub fn u(mut self, v: usize) -> Self {
-        self.0.push(u32::try_from(v).unwrap_or(u32::MAX));
+        self.0.push(size_u32(v));
         self
     }
     pub fn f(mut self, v: f32) -> Self {

@@ -19,7 +19,7 @@ use super::unet::{time_mlp, UNet, TIME_MLP};
 use crate::checkpoint::{Tensor, TensorFile};
 use crate::graph::{Graph, TensorId};
 use crate::ops::embedding::timestep_table;
-use crate::ops::{attention, conv, dropout, elementwise, groupnorm, layout, matmul};
+use crate::ops::{attention, conv, dropout, groupnorm, layout, matmul};
 
 /// pytorch-ddpm's GroupNorm(32, C) everywhere.
 pub const GROUPS: usize = 32;
@@ -344,6 +344,13 @@ impl Builder<'_> {
         conv::conv2d(self.g, x, w, Some(b), stride, k / 2, name)
     }
 
+    /// A stride-1 conv whose epilogue adds a time embedding and/or a residual.
+    fn conv_add(&mut self, x: TensorId, name: &str, epilogue: conv::Epilogue) -> TensorId {
+        let (w, b) = (self.p(&format!("{name}.weight")), self.p(&format!("{name}.bias")));
+        let k = self.g.shape(w)[2];
+        conv::conv2d_fused(self.g, x, w, Some(b), 1, k / 2, epilogue, name)
+    }
+
     fn gn(&mut self, x: TensorId, name: &str, swish: bool) -> TensorId {
         let (w, b) = (self.p(&format!("{name}.weight")), self.p(&format!("{name}.bias")));
         groupnorm::groupnorm(self.g, x, w, b, GROUPS, swish, name)
@@ -352,20 +359,22 @@ impl Builder<'_> {
     fn block(&mut self, block: &DdpmBlock, x: TensorId, temb_act: TensorId) -> TensorId {
         match block {
             DdpmBlock::Res { name, cin, cout, attn } => {
+                // h = conv1(..) + temb_proj(temb) and h = conv2(..) + shortcut(x): both adds are
+                // done in the convs' epilogues, so the addends come first.
                 let h = self.gn(x, &format!("{name}.block1.0"), true);
-                let h = self.conv(h, &format!("{name}.block1.2"), 1);
                 let (pw, pb) =
                     (self.p(&format!("{name}.temb_proj.1.weight")), self.p(&format!("{name}.temb_proj.1.bias")));
                 let proj = matmul::linear(self.g, temb_act, pw, Some(pb), &format!("{name}.temb_proj"));
-                let h = elementwise::add_channel(self.g, h, proj, &format!("{name}.temb_add"));
+                let epilogue = conv::Epilogue { emb: Some(proj), residual: None };
+                let h = self.conv_add(h, &format!("{name}.block1.2"), epilogue);
                 let mut h = self.gn(h, &format!("{name}.block2.0"), true);
                 if let Some((p, key)) = self.dropout {
                     h = dropout::dropout(self.g, h, p, key, self.dropouts, &format!("{name}.block2.2"));
                     self.dropouts += 1;
                 }
-                let h = self.conv(h, &format!("{name}.block2.3"), 1);
                 let shortcut = if cin != cout { self.conv(x, &format!("{name}.shortcut"), 1) } else { x };
-                let h = elementwise::add(self.g, h, shortcut, &format!("{name}.residual"));
+                let epilogue = conv::Epilogue { emb: None, residual: Some(shortcut) };
+                let h = self.conv_add(h, &format!("{name}.block2.3"), epilogue);
                 if *attn {
                     self.attention(h, &format!("{name}.attn"))
                 } else {
@@ -387,8 +396,8 @@ impl Builder<'_> {
         let k = self.conv(h, &format!("{name}.proj_k"), 1);
         let v = self.conv(h, &format!("{name}.proj_v"), 1);
         let a = attention::attention(self.g, q, k, v, &format!("{name}.softmax"));
-        let o = self.conv(a, &format!("{name}.proj"), 1);
-        elementwise::add(self.g, x, o, &format!("{name}.residual"))
+        // x + proj(a), the add done in proj's epilogue (float addition commutes: same bits).
+        self.conv_add(a, &format!("{name}.proj"), conv::Epilogue { emb: None, residual: Some(x) })
     }
 }
 

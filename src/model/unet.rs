@@ -156,18 +156,73 @@ impl Builder<'_> {
         s
     }
 
+    /// Training: BatchNorm of `c` (plus the [B, C] term `emb`) straight into a neuron: BN's
+    /// statistics pass, then one kernel that applies BN, adds the term and fires, so neither sum
+    /// is stored. Only for a BN output that feeds nothing but this neuron.
+    fn bn_spikes(&mut self, c: TensorId, bn_name: &str, emb: Option<TensorId>, name: &str) -> TensorId {
+        let bn = self.bn(bn_name);
+        let saved = batchnorm::batchnorm_stats(self.g, c, bn, bn_name);
+        let input = neuron::BnInput { c, bn, saved, emb, bn_name: bn_name.to_string() };
+        let s = neuron::neuron_forward_train_bn(self.g, input, self.t, self.neuron, name);
+        self.spikes.push((name.to_string(), s));
+        s
+    }
+
+    /// The spikes of [`Self::conv_bn`] (stride 1), with BN fused into the neuron in training.
+    fn conv_bn_spikes(&mut self, x: TensorId, conv_name: &str, bn_name: &str, name: &str) -> TensorId {
+        if !self.train {
+            let h = self.conv_bn(x, conv_name, bn_name, 1);
+            return self.spikes(h, name);
+        }
+        let (w, b) = self.conv_params(conv_name, bn_name);
+        let k = self.g.shape(w)[2];
+        let c = conv::conv2d(self.g, x, w, Some(b), 1, k / 2, conv_name);
+        self.bn_spikes(c, bn_name, None, name)
+    }
+
+    /// conv (stride 1) + BN + the residual `r`: in training BN's apply kernel adds r; at
+    /// inference BN is folded into the conv, whose epilogue adds it.
+    fn conv_bn_add(&mut self, x: TensorId, conv_name: &str, bn_name: &str, r: TensorId) -> TensorId {
+        let (w, b) = self.conv_params(conv_name, bn_name);
+        let k = self.g.shape(w)[2];
+        if self.train {
+            let c = conv::conv2d(self.g, x, w, Some(b), 1, k / 2, conv_name);
+            let bn = self.bn(bn_name);
+            batchnorm::batchnorm_train_add(self.g, c, bn, r, bn_name)
+        } else {
+            let epilogue = conv::Epilogue { emb: None, residual: Some(r) };
+            conv::conv2d_fused(self.g, x, w, Some(b), 1, k / 2, epilogue, conv_name)
+        }
+    }
+
+    /// temb_proj's Linear of the block `name` (its Swish is shared: see [`time_mlp`]).
+    fn temb_proj(&mut self, name: &str, temb_act: TensorId) -> TensorId {
+        let (pw, pb) = (self.p(&format!("{name}.temb_proj.1.weight")), self.p(&format!("{name}.temb_proj.1.bias")));
+        matmul::linear(self.g, temb_act, pw, Some(pb), &format!("{name}.temb_proj"))
+    }
+
+    /// A ResBlock's shortcut: x itself, or a 1x1 conv where the channel count changes.
+    fn shortcut(&mut self, x: TensorId, name: &str, cin: usize, cout: usize) -> TensorId {
+        if cin == cout {
+            return x;
+        }
+        let w = self.p(&format!("{name}.shortcut.weight"));
+        let b = self.p(&format!("{name}.shortcut.bias"));
+        conv::conv2d(self.g, x, w, Some(b), 1, 0, &format!("{name}.shortcut"))
+    }
+
     /// SpikeSelfAttention (sddpm-spec.md section 10.1): s = IF(x); q, k, v = IF(BN(conv1x1(s)));
     /// o = (q k^T) v * scale per head; y = x + BN(conv1x1(IF(o))).
     fn attention(&mut self, x: TensorId, name: &str) -> TensorId {
         let s = self.spikes(x, &format!("{name}.neuron"));
         let [q, k, v] = ["q", "k", "v"].map(|part| {
-            let h = self.conv_bn(s, &format!("{name}.{part}_conv"), &format!("{name}.{part}_bn"), 1);
-            self.spikes(h, &format!("{name}.{part}_neuron"))
+            let (conv, bn) = (format!("{name}.{part}_conv"), format!("{name}.{part}_bn"));
+            self.conv_bn_spikes(s, &conv, &bn, &format!("{name}.{part}_neuron"))
         });
         let o = spike_attention::spike_attention(self.g, q, k, v, self.heads, name);
         let a = self.spikes(o, &format!("{name}.attn_neuron"));
-        let y = self.conv_bn(a, &format!("{name}.proj_conv"), &format!("{name}.proj_bn"), 1);
-        elementwise::add(self.g, x, y, &format!("{name}.residual"))
+        let (proj_conv, proj_bn) = (format!("{name}.proj_conv"), format!("{name}.proj_bn"));
+        self.conv_bn_add(a, &proj_conv, &proj_bn, x)
     }
 
     fn block(&mut self, block: &Block, x: TensorId, temb_act: TensorId) -> TensorId {
@@ -176,46 +231,21 @@ impl Builder<'_> {
                 let s = self.spikes(x, &format!("{name}.neuron1"));
                 let (conv1, bn1) = (format!("{name}.conv1"), format!("{name}.bn1"));
                 let (w, b) = self.conv_params(&conv1, &bn1);
-                let c = conv::conv2d(self.g, s, w, Some(b), 1, 1, &conv1);
-                let (h, recompute) = if self.train {
-                    let bn = self.bn(&bn1);
-                    let (y, saved) = batchnorm::batchnorm_train(self.g, c, bn, &bn1);
-                    (y, Some((bn, saved)))
-                } else {
-                    (c, None)
-                };
-                let (pw, pb) =
-                    (self.p(&format!("{name}.temb_proj.1.weight")), self.p(&format!("{name}.temb_proj.1.bias")));
-                let proj = matmul::linear(self.g, temb_act, pw, Some(pb), &format!("{name}.temb_proj"));
-                let h = elementwise::add_channel(self.g, h, proj, &format!("{name}.temb_add"));
+                let proj = self.temb_proj(name, temb_act);
                 let neuron2 = format!("{name}.neuron2");
-                let s = match recompute {
-                    // neuron2's backward reruns bn1 and the add from conv1's output, which bn1's
-                    // backward keeps anyway, so the sum itself is not kept for backward.
-                    Some((bn, saved)) => {
-                        let input = neuron::AffineInput {
-                            c,
-                            weight: bn.weight,
-                            bias: bn.bias,
-                            mean: saved.mean,
-                            invstd: saved.invstd,
-                            emb: proj,
-                        };
-                        let s = neuron::neuron_forward_train_affine(self.g, h, input, self.t, self.neuron, &neuron2);
-                        self.spikes.push((neuron2, s));
-                        s
-                    }
-                    None => self.spikes(h, &neuron2),
-                };
-                let h = self.conv_bn(s, &format!("{name}.conv2"), &format!("{name}.bn2"), 1);
-                let shortcut = if cin != cout {
-                    let w = self.p(&format!("{name}.shortcut.weight"));
-                    let b = self.p(&format!("{name}.shortcut.bias"));
-                    conv::conv2d(self.g, x, w, Some(b), 1, 0, &format!("{name}.shortcut"))
+                let s = if self.train {
+                    let c = conv::conv2d(self.g, s, w, Some(b), 1, 1, &conv1);
+                    // bn1's apply and the time-embedding add run inside neuron2's kernels.
+                    self.bn_spikes(c, &bn1, Some(proj), &neuron2)
                 } else {
-                    x
+                    // bn1 is folded into conv1, whose epilogue adds the time embedding.
+                    let epilogue = conv::Epilogue { emb: Some(proj), residual: None };
+                    let h = conv::conv2d_fused(self.g, s, w, Some(b), 1, 1, epilogue, &conv1);
+                    self.spikes(h, &neuron2)
                 };
-                let h = elementwise::add(self.g, h, shortcut, &format!("{name}.residual"));
+                // bn2 + the shortcut: one BN-apply kernel in training, conv2's epilogue at inference.
+                let shortcut = self.shortcut(x, name, *cin, *cout);
+                let h = self.conv_bn_add(s, &format!("{name}.conv2"), &format!("{name}.bn2"), shortcut);
                 if *attn {
                     self.attention(h, &format!("{name}.attn"))
                 } else {
@@ -278,16 +308,16 @@ fn build(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neu
     // its output is repeated: identical numbers, T times less work. At inference BN (running
     // statistics) is per image too and runs before the repeat; in training it needs the batch
     // statistics over all T*B copies (they enter the unbiased running variance) and runs after.
-    let h = if train {
+    let s = if train {
         let (w, bias) = (b.p("conv.weight"), b.p("conv.bias"));
         let h = conv::conv2d(b.g, x, w, Some(bias), 1, 1, "conv");
         let h = layout::repeat_leading(b.g, h, b.t, "repeat_time");
-        b.batchnorm(h, "bn")
+        b.bn_spikes(h, "bn", None, "neuron")
     } else {
         let h = b.conv_bn(x, "conv", "bn", 1);
-        layout::repeat_leading(b.g, h, b.t, "repeat_time")
+        let h = layout::repeat_leading(b.g, h, b.t, "repeat_time");
+        b.spikes(h, "neuron")
     };
-    let s = b.spikes(h, "neuron");
     let mut h = b.conv_bn(s, "conv_identity", "bn_identity", 1);
 
     let a = arch(cfg);
@@ -308,15 +338,25 @@ fn build(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neu
     }
 
     // Tail: BN -> Swish -> conv (per step), then the (3,3,1) conv3d branch added residually.
-    let h = b.batchnorm(h, "tail_bn");
-    let h = elementwise::swish(b.g, h, "tail_swish");
+    let h = if train {
+        // BN's apply, the Swish and (below) the residual add run as one kernel in training.
+        let bn = b.bn("tail_bn");
+        batchnorm::batchnorm_train_swish(b.g, h, bn, None, "tail_bn")
+    } else {
+        let h = b.batchnorm(h, "tail_bn");
+        elementwise::swish(b.g, h, "tail_swish")
+    };
     let (w, bias) = (b.p("tail_conv.weight"), b.p("tail_conv.bias"));
     let h = conv::conv2d(b.g, h, w, Some(bias), 1, 1, "tail_conv");
     let (w, bias) = b.conv_params("T_output_layer", "last_bn");
     let o = conv::conv3d_331(b.g, h, w, Some(bias), "T_output_layer");
-    let o = if train { b.batchnorm(o, "last_bn") } else { o };
-    let o = elementwise::swish(b.g, o, "last_swish");
-    let h = elementwise::add(b.g, o, h, "output_residual");
+    let h = if train {
+        let bn = b.bn("last_bn");
+        batchnorm::batchnorm_train_swish(b.g, o, bn, Some(h), "last_bn")
+    } else {
+        let o = elementwise::swish(b.g, o, "last_swish");
+        elementwise::add(b.g, o, h, "output_residual")
+    };
     let eps = readout::membrane_readout(b.g, h, b.t, readout::DECAY, "membrane_output");
     UNet { params: b.params, eps, spikes: b.spikes, folds: b.folds, dropout_key: None }
 }

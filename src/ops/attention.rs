@@ -3,17 +3,36 @@
 //! N x N attention matrix never goes to memory: the forward keeps an online softmax per query
 //! and saves only the log-sum-exp per query, from which the backward recomputes it.
 
+use bytemuck::{Pod, Zeroable};
+
 use crate::gpu::Shader;
-use crate::graph::{Cost, Graph, Node, Params, TensorId};
+use crate::graph::{size_u32, Cost, Graph, Node, Params, TensorId};
 use crate::shader;
 
-pub static SHADER: Shader = shader!("attention");
+pub static SHADER: Shader = shader!(trusted "attention");
 
 /// Widest channel count the kernels hold in workgroup memory (MAX_C in shaders/attention.wgsl).
 pub const MAX_C: usize = 512;
 
+/// Uniform parameters of every attention entry (WGSL `Params`): `b` images of `c` channels and
+/// `n` positions, the logit scale C^-0.5.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct AttentionParams {
+    pub b: u32,
+    pub c: u32,
+    pub n: u32,
+    pub _pad: u32,
+    pub scale: f32,
+    pub _pad1: u32,
+    pub _pad2: u32,
+    pub _pad3: u32,
+}
+
 fn params(b: usize, c: usize, n: usize) -> Vec<u32> {
-    Params::new().u(b).u(c).u(n).u(0).f((c as f32).powf(-0.5)).build()
+    let scale = (c as f32).powf(-0.5);
+    let [b, c, n] = [b, c, n].map(size_u32);
+    Params::of(&AttentionParams { b, c, n, _pad: 0, scale, _pad1: 0, _pad2: 0, _pad3: 0 })
 }
 
 /// o = softmax(q^T k * C^-0.5) v^T per image, laid out like the inputs: q, k, v [B, C, H, W] ->

@@ -1,12 +1,14 @@
 //! BatchNorm2d over [N, C, H, W] with N = T*B (the reference folds spiking time into the batch):
 //! inference with running statistics, and training with batch statistics and the running update.
 
+use bytemuck::{Pod, Zeroable};
+
 use crate::gpu::Shader;
-use crate::graph::{grid_1d, Cost, Graph, Node, Params, TensorId};
+use crate::graph::{grid_1d, Cost, Graph, Node, TensorId};
 use crate::ops::pointwise_cost;
 use crate::shader;
 
-pub static SHADER: Shader = shader!("batchnorm", uses "tree_sum");
+pub static SHADER: Shader = shader!(trusted "batchnorm", uses "tree_sum");
 
 pub const EPS: f32 = 1e-5;
 pub const MOMENTUM: f32 = 0.1;
@@ -33,8 +35,29 @@ fn dims(g: &Graph, x: TensorId, name: &str) -> (usize, usize, usize) {
     (s[0], s[1], s[2..].iter().product())
 }
 
-fn params(n: usize, c: usize, hw: usize, eps: f32, momentum: f32) -> Vec<u32> {
-    Params::new().u(n).u(c).u(hw).u(0).f(eps).f(momentum).build()
+/// Uniform parameters of every batchnorm.wgsl entry (WGSL `Params`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct BatchnormParams {
+    pub n: u32,
+    pub c: u32,
+    pub hw: u32,
+    pub pad0: u32,
+    pub eps: f32,
+    pub momentum: f32,
+    pub pad1: [u32; 2],
+}
+
+/// A size as a kernel parameter. Sizes past u32 saturate: graph building has then already
+/// recorded a tensor too large to index (see [`Graph::check`]), so the node never runs.
+fn word(v: usize) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
+}
+
+fn params(n: usize, c: usize, hw: usize) -> Vec<u32> {
+    let p =
+        BatchnormParams { n: word(n), c: word(c), hw: word(hw), pad0: 0, eps: EPS, momentum: MOMENTUM, pad1: [0; 2] };
+    bytemuck::cast_slice(&[p]).to_vec()
 }
 
 /// y = (x - running_mean) / sqrt(running_var + eps) * weight + bias.
@@ -45,7 +68,7 @@ pub fn batchnorm_eval(g: &mut Graph, x: TensorId, bn: BnParams, name: &str) -> T
     g.push(Node {
         shader: &SHADER,
         entry: "bn_eval",
-        params: params(n, c, hw, EPS, MOMENTUM),
+        params: params(n, c, hw),
         reads: vec![x, bn.weight, bn.bias, bn.running_mean, bn.running_var],
         writes: vec![y],
         workgroups: grid_1d(n * c * hw, 256),
@@ -55,68 +78,172 @@ pub fn batchnorm_eval(g: &mut Graph, x: TensorId, bn: BnParams, name: &str) -> T
     y
 }
 
-/// Training-mode BN: batch statistics over N*H*W, running statistics updated in place
-/// (momentum 0.1, unbiased variance). Returns y and the statistics backward needs.
-pub fn batchnorm_train(g: &mut Graph, x: TensorId, bn: BnParams, name: &str) -> (TensorId, BnSaved) {
+/// The statistics pass of training-mode BN: batch mean and invstd over N*H*W per channel (saved
+/// for backward and for whatever kernel applies them), running statistics updated in place
+/// (momentum 0.1, unbiased variance).
+pub fn batchnorm_stats(g: &mut Graph, x: TensorId, bn: BnParams, name: &str) -> BnSaved {
     let (n, c, hw) = dims(g, x, name);
     let mean = g.intermediate(&format!("{name}.mean"), &[c]);
     let invstd = g.intermediate(&format!("{name}.invstd"), &[c]);
     g.push(Node {
         shader: &SHADER,
         entry: "bn_stats",
-        params: params(n, c, hw, EPS, MOMENTUM),
+        params: params(n, c, hw),
         reads: vec![x],
         writes: vec![mean, invstd, bn.running_mean, bn.running_var],
         workgroups: [c as u32, 1, 1],
         label: format!("{name}.stats"),
         cost: Cost { flops: 3 * (n * c * hw) as u64, bytes: 4 * (2 * n * c * hw + 6 * c) as u64 },
     });
+    BnSaved { mean, invstd }
+}
+
+/// Training-mode BN: batch statistics over N*H*W, running statistics updated in place
+/// (momentum 0.1, unbiased variance). Returns y and the statistics backward needs.
+pub fn batchnorm_train(g: &mut Graph, x: TensorId, bn: BnParams, name: &str) -> (TensorId, BnSaved) {
+    let (n, c, hw) = dims(g, x, name);
+    let saved = batchnorm_stats(g, x, bn, name);
     let shape = g.shape(x).to_vec();
     let y = g.intermediate(name, &shape);
     g.push(Node {
         shader: &SHADER,
         entry: "bn_train_apply",
-        params: params(n, c, hw, EPS, MOMENTUM),
-        reads: vec![x, bn.weight, bn.bias, mean, invstd],
+        params: params(n, c, hw),
+        reads: vec![x, bn.weight, bn.bias, saved.mean, saved.invstd],
         writes: vec![y],
         workgroups: grid_1d(n * c * hw, 256),
         label: name.to_string(),
         cost: pointwise_cost(n * c * hw, n * c * hw + 4 * c, 2),
     });
     let label = name.to_string();
-    let params = params(n, c, hw, EPS, MOMENTUM);
     g.record(name, vec![x, bn.weight, bn.bias], vec![y], move |g, go, needs| {
         let Some(dy) = go[0] else { return vec![None; 3] };
-        let dweight = g.intermediate(&format!("{label}.grad_weight"), &[c]);
-        let dbias = g.intermediate(&format!("{label}.grad_bias"), &[c]);
+        batchnorm_train_backward(g, dy, x, bn, saved, [needs[0], needs[1], needs[2]], &label).to_vec()
+    });
+    (y, saved)
+}
+
+/// Training-mode BN followed by a residual add in one pass over memory: y = BN(x) + r, the sum
+/// rounded as `bn_train_apply` then `elementwise::add` round it. Backward: BN's, and dr = dy.
+pub fn batchnorm_train_add(g: &mut Graph, x: TensorId, bn: BnParams, r: TensorId, name: &str) -> TensorId {
+    let (n, c, hw) = dims(g, x, name);
+    assert_eq!(g.shape(x), g.shape(r), "{name}: the residual must have the BatchNorm input's shape");
+    let saved = batchnorm_stats(g, x, bn, name);
+    let shape = g.shape(x).to_vec();
+    let y = g.intermediate(name, &shape);
+    g.push(Node {
+        shader: &SHADER,
+        entry: "bn_train_apply_add",
+        params: params(n, c, hw),
+        reads: vec![x, bn.weight, bn.bias, saved.mean, saved.invstd, r],
+        writes: vec![y],
+        workgroups: grid_1d(n * c * hw, 256),
+        label: name.to_string(),
+        cost: pointwise_cost(n * c * hw, 2 * n * c * hw + 4 * c, 3),
+    });
+    let label = name.to_string();
+    g.record(name, vec![x, bn.weight, bn.bias, r], vec![y], move |g, go, needs| {
+        let Some(dy) = go[0] else { return vec![None; 4] };
+        let mut grads = batchnorm_train_backward(g, dy, x, bn, saved, [needs[0], needs[1], needs[2]], &label).to_vec();
+        grads.push(needs[3].then_some(dy));
+        grads
+    });
+    y
+}
+
+/// Training-mode BN followed by Swish, and by a residual add where `r` is given, in one pass
+/// over memory: y = swish(BN(x)) [+ r], rounded as `bn_train_apply`, `elementwise::swish` and
+/// `elementwise::add` round it. Backward recomputes BN's output from x (kept for BN's backward
+/// anyway) instead of keeping it for Swish's: `bn_swish_backward`, then BN's backward; dr = dy.
+pub fn batchnorm_train_swish(g: &mut Graph, x: TensorId, bn: BnParams, r: Option<TensorId>, name: &str) -> TensorId {
+    let (n, c, hw) = dims(g, x, name);
+    if let Some(r) = r {
+        assert_eq!(g.shape(x), g.shape(r), "{name}: the residual must have the BatchNorm input's shape");
+    }
+    let saved = batchnorm_stats(g, x, bn, name);
+    let shape = g.shape(x).to_vec();
+    let y = g.intermediate(name, &shape);
+    let mut reads = vec![x, bn.weight, bn.bias, saved.mean, saved.invstd];
+    reads.extend(r);
+    let numel = n * c * hw;
+    g.push(Node {
+        shader: &SHADER,
+        entry: if r.is_some() { "bn_train_apply_swish_add" } else { "bn_train_apply_swish" },
+        params: params(n, c, hw),
+        reads,
+        writes: vec![y],
+        workgroups: grid_1d(numel, 256),
+        label: name.to_string(),
+        cost: pointwise_cost(numel, numel * (1 + r.is_some() as usize) + 4 * c, 7),
+    });
+    let label = name.to_string();
+    let mut inputs = vec![x, bn.weight, bn.bias];
+    inputs.extend(r);
+    g.record(name, inputs, vec![y], move |g, go, needs| {
+        let Some(dy) = go[0] else { return vec![None; needs.len()] };
+        let dv = g.intermediate(&format!("{label}.swish_grad"), &shape);
         g.push(Node {
             shader: &SHADER,
-            entry: "bn_backward_reduce",
-            params: params.clone(),
-            reads: vec![dy, x, mean, invstd],
-            writes: vec![dweight, dbias],
-            workgroups: [c as u32, 1, 1],
-            label: format!("{label}.grad_stats"),
-            cost: Cost { flops: 4 * (n * c * hw) as u64, bytes: 8 * (n * c * hw) as u64 },
+            entry: "bn_swish_backward",
+            params: params(n, c, hw),
+            reads: vec![dy, x, saved.mean, saved.invstd, bn.weight, bn.bias],
+            writes: vec![dv],
+            workgroups: grid_1d(numel, 256),
+            label: format!("{label}.backward"),
+            cost: pointwise_cost(numel, 2 * numel + 4 * c, 12),
         });
-        let dx = needs[0].then(|| {
-            let shape = g.shape(x).to_vec();
-            let dx = g.intermediate(&format!("{label}.grad_input"), &shape);
-            g.push(Node {
-                shader: &SHADER,
-                entry: "bn_backward_input",
-                params: params.clone(),
-                reads: vec![dy, x, mean, invstd, bn.weight, dweight, dbias],
-                writes: vec![dx],
-                workgroups: grid_1d(n * c * hw, 256),
-                label: format!("{label}.grad_input"),
-                cost: pointwise_cost(n * c * hw, 2 * n * c * hw, 8),
-            });
-            dx
-        });
-        vec![dx, needs[1].then_some(dweight), needs[2].then_some(dbias)]
+        let mut grads = batchnorm_train_backward(g, dv, x, bn, saved, [needs[0], needs[1], needs[2]], &label).to_vec();
+        if r.is_some() {
+            grads.push(needs[3].then_some(dy));
+        }
+        grads
     });
-    (y, BnSaved { mean, invstd })
+    y
+}
+
+/// The backward of training-mode BN (any op whose output is BN(x) plus terms that do not depend on
+/// x, weight or bias): from dy, the gradients of (x, weight, bias) where `needs` asks for them.
+/// Reads x and the saved statistics, never y, so an op that fuses the apply into its consumer
+/// keeps only what BN alone keeps.
+pub fn batchnorm_train_backward(
+    g: &mut Graph,
+    dy: TensorId,
+    x: TensorId,
+    bn: BnParams,
+    saved: BnSaved,
+    needs: [bool; 3],
+    label: &str,
+) -> [Option<TensorId>; 3] {
+    let (n, c, hw) = dims(g, x, label);
+    let params = params(n, c, hw);
+    let dweight = g.intermediate(&format!("{label}.grad_weight"), &[c]);
+    let dbias = g.intermediate(&format!("{label}.grad_bias"), &[c]);
+    g.push(Node {
+        shader: &SHADER,
+        entry: "bn_backward_reduce",
+        params: params.clone(),
+        reads: vec![dy, x, saved.mean, saved.invstd],
+        writes: vec![dweight, dbias],
+        workgroups: [c as u32, 1, 1],
+        label: format!("{label}.grad_stats"),
+        cost: Cost { flops: 4 * (n * c * hw) as u64, bytes: 8 * (n * c * hw) as u64 },
+    });
+    let dx = needs[0].then(|| {
+        let shape = g.shape(x).to_vec();
+        let dx = g.intermediate(&format!("{label}.grad_input"), &shape);
+        g.push(Node {
+            shader: &SHADER,
+            entry: "bn_backward_input",
+            params,
+            reads: vec![dy, x, saved.mean, saved.invstd, bn.weight, dweight, dbias],
+            writes: vec![dx],
+            workgroups: grid_1d(n * c * hw, 256),
+            label: format!("{label}.grad_input"),
+            cost: pointwise_cost(n * c * hw, 2 * n * c * hw, 8),
+        });
+        dx
+    });
+    [dx, needs[1].then_some(dweight), needs[2].then_some(dbias)]
 }
 
 /// CPU reference of the training-mode BN backward: (dx, dweight, dbias), f64 sums.
@@ -202,5 +329,43 @@ pub fn batchnorm_train_cpu(
             v * alpha + beta
         })
         .collect();
+    (y, mean, invstd)
+}
+
+/// CPU reference of [`batchnorm_train_add`]: [`batchnorm_train_cpu`]'s y plus r, in that order.
+/// Returns (y, mean, invstd).
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm_train_add_cpu(
+    x: &[f32],
+    c: usize,
+    hw: usize,
+    w: &[f32],
+    b: &[f32],
+    rm: &mut [f32],
+    rv: &mut [f32],
+    r: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (y, mean, invstd) = batchnorm_train_cpu(x, c, hw, w, b, rm, rv);
+    (y.iter().zip(r).map(|(a, b)| a + b).collect(), mean, invstd)
+}
+
+/// CPU reference of [`batchnorm_train_swish`]: [`batchnorm_train_cpu`]'s y, Swish, then r if
+/// given. Returns (y, mean, invstd).
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm_train_swish_cpu(
+    x: &[f32],
+    c: usize,
+    hw: usize,
+    w: &[f32],
+    b: &[f32],
+    rm: &mut [f32],
+    rv: &mut [f32],
+    r: Option<&[f32]>,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (y, mean, invstd) = batchnorm_train_cpu(x, c, hw, w, b, rm, rv);
+    let mut y = crate::ops::elementwise::swish_cpu(&y);
+    if let Some(r) = r {
+        y = y.iter().zip(r).map(|(a, b)| a + b).collect();
+    }
     (y, mean, invstd)
 }

@@ -5,7 +5,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::Shader;
-use crate::graph::{grid_1d, Cost, Graph, Node, TensorId};
+use crate::graph::{grid_1d, Cost, Graph, Node, Params, TensorId};
 use crate::shader;
 
 pub static SHADER: Shader = shader!("calibrate");
@@ -28,7 +28,9 @@ pub struct FmaParams {
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
 pub struct CopyParams {
     pub n: u32,
-    pub pad: [u32; 3],
+    pub pad0: u32,
+    pub pad1: u32,
+    pub pad2: u32,
 }
 
 // Multiplier and addend keep every chain bounded (a fixed point near b / (1 - a)) whatever `iters`.
@@ -42,7 +44,7 @@ pub fn fma_rate(g: &mut Graph, n: usize, iters: usize, name: &str) -> TensorId {
     g.push(Node {
         shader: &SHADER,
         entry: "fma_rate",
-        params: bytemuck::cast_slice(&[p]).to_vec(),
+        params: Params::of(&p),
         reads: vec![],
         writes: vec![out],
         workgroups: grid_1d(n, 256),
@@ -58,11 +60,11 @@ pub fn copy_rate(g: &mut Graph, src: TensorId, name: &str) -> TensorId {
     assert!(numel.is_multiple_of(4), "{name}: copy_rate copies vec4s; {numel} values is not a multiple of 4");
     let dst = g.intermediate(name, &[numel]);
     let n = numel / 4;
-    let p = CopyParams { n: n as u32, pad: [0; 3] };
+    let p = CopyParams { n: n as u32, pad0: 0, pad1: 0, pad2: 0 };
     g.push(Node {
         shader: &SHADER,
         entry: "copy_rate",
-        params: bytemuck::cast_slice(&[p]).to_vec(),
+        params: Params::of(&p),
         reads: vec![src],
         writes: vec![dst],
         workgroups: grid_1d(n, 256),

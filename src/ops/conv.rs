@@ -2,13 +2,61 @@
 //! convolution, which has kernel depth 1 along time and is therefore a per-step 3x3 conv. The
 //! input may be f32 or bit-packed spikes; the output and all gradients are f32. For inference,
 //! [`conv2d_relu`] also takes non-square kernels (Inception's 1x7, 7x1, 1x3, 3x1) with separate
-//! paddings, and fuses a ReLU.
+//! paddings, and fuses a ReLU. [`conv2d_fused`] adds a time embedding and a residual in the
+//! epilogue, saving the two passes over the output that separate adds cost.
+
+use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::Shader;
 use crate::graph::{grid_1d, Cost, DType, Graph, Needs, Node, Params, TensorId, Variant};
 use crate::shader;
 
-pub static SHADER: Shader = shader!("conv");
+pub static SHADER: Shader = shader!(trusted "conv");
+
+/// Uniform parameters of every conv kernel (WGSL `Params`; the backward kernels read the same).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct ConvParams {
+    /// Images (the weight-gradient reduce reads its part count here).
+    pub n: u32,
+    pub cin: u32,
+    pub h: u32,
+    pub w: u32,
+    pub cout: u32,
+    pub ho: u32,
+    pub wo: u32,
+    /// Kernel height (and width, but for [`conv2d_relu`]'s non-square kernels).
+    pub k: u32,
+    pub stride: u32,
+    pub pad: u32,
+    /// ceil(Wo / 4): the register-tiled forward's column groups.
+    pub wo_groups: u32,
+    /// 1 when x is bit-packed spikes.
+    pub x_spikes: u32,
+    pub kw: u32,
+    pub pad_w: u32,
+    /// `EPI_*` bits: what the forward's epilogue (WGSL store_output) adds and applies.
+    pub epilogue: u32,
+    /// Rows B of the epilogue's `emb` [B, Cout] (0 without one).
+    pub emb_rows: u32,
+}
+
+/// [`ConvParams::epilogue`] bits (the WGSL EPI_* constants).
+pub const EPI_BIAS: u32 = 1;
+pub const EPI_EMB: u32 = 2;
+pub const EPI_RESIDUAL: u32 = 4;
+pub const EPI_RELU: u32 = 8;
+
+/// What a conv's forward adds to its output after the bias, in this float order:
+/// y = ((conv + bias) + emb) + residual, the order of the separate add passes it replaces.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Epilogue {
+    /// [B, Cout]: image n (of N = T*B, time-major) adds row n % B to every pixel of each channel
+    /// (the time embedding's projection, as `elementwise::add_channel`).
+    pub emb: Option<TensorId>,
+    /// [N, Cout, Ho, Wo], f32, added elementwise (a residual branch, as `elementwise::add`).
+    pub residual: Option<TensorId>,
+}
 
 /// Output positions one weight-gradient invocation sums; filled into the WGSL `override
 /// GRAD_W_CHUNK` of both weight-gradient kernels (see [`grad_weight_variants`]).
@@ -165,9 +213,29 @@ pub fn conv2d(
     pad: usize,
     name: &str,
 ) -> TensorId {
+    conv2d_fused(g, x, w, b, stride, pad, Epilogue::default(), name)
+}
+
+/// [`conv2d`] with the additions of `epilogue` done as the output is stored:
+/// `y = ((conv2d(x, w) + b) + emb[n % B, co]) + residual[n, co, oy, ox]`, bit-identical to the
+/// conv followed by `elementwise::add_channel` and `elementwise::add`, in one pass over y
+/// instead of three.
+/// Differentiable in every input: the residual's gradient is dy, emb's the sum of dy over pixels
+/// and the images sharing a row.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_fused(
+    g: &mut Graph,
+    x: TensorId,
+    w: TensorId,
+    b: Option<TensorId>,
+    stride: usize,
+    pad: usize,
+    epilogue: Epilogue,
+    name: &str,
+) -> TensorId {
     let ws = g.shape(w).to_vec();
     assert!(ws.len() == 4 && ws[2] == ws[3], "{name}: conv2d weight must be [Cout, Cin, K, K], got {ws:?}");
-    conv_node(g, x, w, b, [ws[0], ws[1], ws[2], ws[2]], stride, [pad, pad], false, name)
+    conv_node(g, x, w, b, [ws[0], ws[1], ws[2], ws[2]], stride, [pad, pad], false, epilogue, name)
 }
 
 /// y = relu(conv2d(x, w) + b) (or without the ReLU), w: [Cout, Cin, KH, KW], zero padding
@@ -185,7 +253,7 @@ pub fn conv2d_relu(
 ) -> TensorId {
     let ws = g.shape(w).to_vec();
     assert!(ws.len() == 4, "{name}: conv2d weight must be [Cout, Cin, KH, KW], got {ws:?}");
-    conv_node(g, x, w, b, [ws[0], ws[1], ws[2], ws[3]], stride, [ph, pw], relu, name)
+    conv_node(g, x, w, b, [ws[0], ws[1], ws[2], ws[3]], stride, [ph, pw], relu, Epilogue::default(), name)
 }
 
 /// The reference's `T_output_layer`: Conv3d(C, C, kernel (3,3,1), padding (1,1,0)) applied to
@@ -197,7 +265,7 @@ pub fn conv3d_331(g: &mut Graph, x: TensorId, w: TensorId, b: Option<TensorId>, 
         ws.len() == 5 && ws[2] == 3 && ws[3] == 3 && ws[4] == 1,
         "{name}: conv3d weight must be [Cout, Cin, 3, 3, 1], got {ws:?}"
     );
-    conv_node(g, x, w, b, [ws[0], ws[1], 3, 3], 1, [1, 1], false, name)
+    conv_node(g, x, w, b, [ws[0], ws[1], 3, 3], 1, [1, 1], false, Epilogue::default(), name)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -210,12 +278,22 @@ fn conv_node(
     stride: usize,
     [pad, pad_w]: [usize; 2],
     relu: bool,
+    epilogue: Epilogue,
     name: &str,
 ) -> TensorId {
     let xs = g.shape(x).to_vec();
     assert!(xs.len() == 4 && xs[1] == cin, "{name}: input {xs:?} does not match weight Cin {cin}");
     if let Some(b) = b {
         assert_eq!(g.shape(b), [cout], "{name}: bias must be [{cout}]");
+    }
+    let emb_rows = epilogue.emb.map(|e| g.shape(e)[0]);
+    if let Some(e) = epilogue.emb {
+        let es = g.shape(e).to_vec();
+        assert!(
+            es.len() == 2 && es[1] == cout && xs[0].is_multiple_of(es[0]),
+            "{name}: epilogue emb must be [B, {cout}] with B dividing {}, got {es:?}",
+            xs[0]
+        );
     }
     let (n, h, wd) = (xs[0], xs[2], xs[3]);
     let xd = g.dtype(x);
@@ -224,49 +302,64 @@ fn conv_node(
     assert!(xd != DType::Spike || stride <= 10, "{name}: a conv over packed spikes takes strides up to 10");
     let x_bytes = g.bytes_of(x);
     let (ho, wo) = (conv_out(h, k, stride, pad), conv_out(wd, kw, stride, pad_w));
+    if let Some(r) = epilogue.residual {
+        assert!(
+            g.shape(r) == [n, cout, ho, wo] && g.dtype(r) == DType::F32,
+            "{name}: epilogue residual must be f32 [{n}, {cout}, {ho}, {wo}], got {:?} {}",
+            g.shape(r),
+            g.dtype(r).name()
+        );
+    }
     let y = g.intermediate(name, &[n, cout, ho, wo]);
-    let wo_groups = wo.div_ceil(4);
-    let params = Params::new()
-        .u(n)
-        .u(cin)
-        .u(h)
-        .u(wd)
-        .u(cout)
-        .u(ho)
-        .u(wo)
-        .u(k)
-        .u(stride)
-        .u(pad)
-        .u(b.is_some() as usize)
-        .u(wo_groups)
-        .u((xd == DType::Spike) as usize)
-        .u(kw)
-        .u(pad_w)
-        .u(relu as usize)
-        .build();
+    let u = |v: usize| u32::try_from(v).unwrap_or(u32::MAX); // past u32, building has already failed
+    let flag = |on: bool, bit: u32| if on { bit } else { 0 };
+    let params = ConvParams {
+        n: u(n),
+        cin: u(cin),
+        h: u(h),
+        w: u(wd),
+        cout: u(cout),
+        ho: u(ho),
+        wo: u(wo),
+        k: u(k),
+        stride: u(stride),
+        pad: u(pad),
+        wo_groups: u(wo.div_ceil(4)),
+        x_spikes: (xd == DType::Spike) as u32,
+        kw: u(kw),
+        pad_w: u(pad_w),
+        epilogue: flag(b.is_some(), EPI_BIAS)
+            | flag(epilogue.emb.is_some(), EPI_EMB)
+            | flag(epilogue.residual.is_some(), EPI_RESIDUAL)
+            | flag(relu, EPI_RELU),
+        emb_rows: u(emb_rows.unwrap_or(0)),
+    };
+    let words = |p: ConvParams| Params::of(&p);
     let macs = (n * cout * ho * wo * cin * k * kw) as u64;
-    let bwd_params = params.clone();
-    let bytes = x_bytes + 4 * (cout * cin * k * kw + n * cout * ho * wo) as u64;
+    let out_elems = n * cout * ho * wo;
+    let epilogue_adds = (epilogue.emb.is_some() as usize + epilogue.residual.is_some() as usize) * out_elems;
+    let epilogue_elems = emb_rows.map_or(0, |r| r * cout) + epilogue.residual.map_or(0, |_| out_elems);
+    let bytes = x_bytes + 4 * (cout * cin * k * kw + out_elems) as u64;
     let mut candidates = forward_variants(n, cout, ho, wo);
     candidates.extend(forward_db_variants(n, cout, ho, wo, cout * cin * k * kw));
     if relu || k != kw || pad != pad_w {
-        // The implicit GEMM takes square kernels without an epilogue; Inception's non-square
-        // ReLU convs run the register-tiled default.
+        // The implicit GEMM takes square kernels; Inception's (non-square, ReLU) convs run the
+        // register-tiled default.
         candidates.truncate(1);
     }
     g.push_variants_typed(
         Node {
             shader: &SHADER,
             entry: candidates[0].entry,
-            params,
-            // Without a bias the weight is bound in its slot; the shader never reads it then.
-            reads: vec![x, w, b.unwrap_or(w)],
+            params: words(params),
+            // An absent epilogue operand binds the weight in its slot; the shader never reads it.
+            reads: vec![x, w, b.unwrap_or(w), epilogue.emb.unwrap_or(w), epilogue.residual.unwrap_or(w)],
             writes: vec![y],
             workgroups: candidates[0].workgroups,
             label: name.to_string(),
-            cost: Cost { flops: 2 * macs, bytes },
+            cost: Cost { flops: 2 * macs + epilogue_adds as u64, bytes: bytes + 4 * epilogue_elems as u64 },
         },
-        &[xd, DType::F32, DType::F32],
+        &[xd, DType::F32, DType::F32, DType::F32, DType::F32],
         &[DType::F32],
         candidates,
     );
@@ -274,9 +367,13 @@ fn conv_node(
         // Inference-only variants (the backward kernels assume square kernels and no ReLU).
         return y;
     }
+    let bwd_params = words(params);
     let label = name.to_string();
     let mut inputs = vec![x, w];
     inputs.extend(b);
+    inputs.extend(epilogue.emb);
+    inputs.extend(epilogue.residual);
+    let has_bias = b.is_some();
     g.record(name, inputs, vec![y], move |g, go, needs| {
         let Some(dy) = go[0] else { return vec![None; needs.len()] };
         let cost =
@@ -324,12 +421,12 @@ fn conv_node(
             );
             let shape = g.shape(w).to_vec();
             let dw = g.intermediate(&format!("{label}.grad_weight"), &shape);
-            let mut reduce_params = bwd_params.clone();
-            reduce_params[0] = parts as u32; // the reduce kernel reads the part count from `n`
+            // The reduce kernel reads the part count from `n`.
+            let reduce_params = ConvParams { n: parts as u32, ..params };
             g.push(Node {
                 shader: &SHADER,
                 entry: "conv2d_grad_weight_reduce",
-                params: reduce_params,
+                params: words(reduce_params),
                 reads: vec![partial],
                 writes: vec![dw],
                 workgroups: grid_1d(cout * cin * k * k, 256),
@@ -342,8 +439,18 @@ fn conv_node(
             dw
         });
         let mut grads = vec![dx, dw];
-        if needs.len() == 3 {
-            grads.push(needs[2].then(|| crate::ops::reduce::group_sum(g, dy, 1, &format!("{label}.grad_bias"))));
+        let mut need = needs[2..].iter().copied();
+        if has_bias {
+            let need = need.next().unwrap();
+            grads.push(need.then(|| crate::ops::reduce::group_sum(g, dy, 1, &format!("{label}.grad_bias"))));
+        }
+        if let Some(rows) = emb_rows {
+            // As elementwise::add_channel's backward: dy summed over pixels and the T images of a row.
+            let need = need.next().unwrap();
+            grads.push(need.then(|| crate::ops::reduce::group_sum(g, dy, rows, &format!("{label}.grad_emb"))));
+        }
+        if epilogue.residual.is_some() {
+            grads.push(need.next().unwrap().then_some(dy));
         }
         grads
     });
@@ -361,6 +468,35 @@ pub fn conv2d_cpu(
     pad: usize,
 ) -> Vec<f32> {
     conv2d_relu_cpu(x, xs, wt, ws, bias, stride, [pad, pad], false)
+}
+
+/// CPU reference of [`conv2d_fused`]: [`conv2d_cpu`], then `emb` ([rows, Cout], image n reading
+/// row n % rows), then `residual` added to each output.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_fused_cpu(
+    x: &[f32],
+    xs: [usize; 4],
+    wt: &[f32],
+    ws: [usize; 4],
+    bias: Option<&[f32]>,
+    stride: usize,
+    pad: usize,
+    emb: Option<(&[f32], usize)>,
+    residual: Option<&[f32]>,
+) -> Vec<f32> {
+    let mut y = conv2d_cpu(x, xs, wt, ws, bias, stride, pad);
+    let cout = ws[0];
+    let plane = y.len() / (xs[0] * cout);
+    for (i, v) in y.iter_mut().enumerate() {
+        let (n, co) = (i / (cout * plane), (i / plane) % cout);
+        if let Some((e, rows)) = emb {
+            *v += e[(n % rows) * cout + co];
+        }
+        if let Some(r) = residual {
+            *v += r[i];
+        }
+    }
+    y
 }
 
 /// CPU reference of [`conv2d_relu`]: same summation order (ci, ky, kx; bias, then the ReLU).

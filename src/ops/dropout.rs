@@ -2,13 +2,30 @@
 //! step, like the sampler's and q_sample's), so training stays deterministic and resumable and
 //! the backward recomputes the mask instead of storing it.
 
+use bytemuck::{Pod, Zeroable};
+
 use crate::gpu::Shader;
-use crate::graph::{grid_1d, Graph, Node, Params, TensorId};
+use crate::graph::{grid_1d, size_u32, Graph, Node, Params, TensorId};
 use crate::ops::pointwise_cost;
 use crate::ops::sampler::{philox4x32, STREAM_DROPOUT};
 use crate::shader;
 
 pub static SHADER: Shader = shader!("dropout", uses "philox");
+
+/// Uniform parameters of `dropout` (WGSL `Params`): `numel` values, the layer's index in the
+/// mask counter, the mask threshold and the survivors' scale 1 / (1 - p).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct DropoutParams {
+    pub numel: u32,
+    pub layer: u32,
+    pub threshold: u32,
+    pub _pad: u32,
+    pub scale: f32,
+    pub _pad1: u32,
+    pub _pad2: u32,
+    pub _pad3: u32,
+}
 
 /// The 4 words of a dropout key tensor: (seed_lo, seed_hi, step, 0).
 pub fn key_words(seed: u64, step: u32) -> [u32; 4] {
@@ -24,10 +41,20 @@ fn node(g: &mut Graph, x: TensorId, key: TensorId, p: f32, layer: usize, name: &
     let n = g.info(x).numel();
     let shape = g.shape(x).to_vec();
     let y = g.intermediate(name, &shape);
+    let params = DropoutParams {
+        numel: size_u32(n),
+        layer: size_u32(layer),
+        threshold: threshold(p),
+        _pad: 0,
+        scale: 1.0 / (1.0 - p),
+        _pad1: 0,
+        _pad2: 0,
+        _pad3: 0,
+    };
     g.push(Node {
         shader: &SHADER,
         entry: "dropout",
-        params: Params::new().u(n).u(layer).u(threshold(p) as usize).u(0).f(1.0 / (1.0 - p)).build(),
+        params: Params::of(&params),
         reads: vec![x, key],
         writes: vec![y],
         workgroups: grid_1d(n, 256),

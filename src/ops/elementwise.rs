@@ -1,18 +1,36 @@
 //! Pointwise ops: swish (SiLU), add, and the channel-broadcast add that injects the time
 //! embedding over spiking steps and pixels.
 
+use bytemuck::{Pod, Zeroable};
+
 use crate::gpu::Shader;
-use crate::graph::{grid_1d, Graph, Node, Params, TensorId};
+use crate::graph::{grid_1d, size_u32, Graph, Node, Params, TensorId};
 use crate::ops::pointwise_cost;
 use crate::shader;
 
-pub static SHADER: Shader = shader!("elementwise");
+pub static SHADER: Shader = shader!(trusted "elementwise");
+
+/// Uniform parameters of every elementwise entry (WGSL `Params`); `c`, `s`, `b` only for
+/// `add_channel`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct ElementwiseParams {
+    pub numel: u32,
+    pub c: u32,
+    pub s: u32,
+    pub b: u32,
+}
+
+/// Parameters of an entry that reads only `numel`.
+fn flat(numel: usize) -> ElementwiseParams {
+    ElementwiseParams { numel: size_u32(numel), c: 0, s: 0, b: 0 }
+}
 
 fn pointwise(
     g: &mut Graph,
     entry: &'static str,
     reads: Vec<TensorId>,
-    params: Vec<u32>,
+    params: ElementwiseParams,
     flops: u64,
     name: &str,
 ) -> TensorId {
@@ -23,7 +41,7 @@ fn pointwise(
     g.push(Node {
         shader: &SHADER,
         entry,
-        params,
+        params: Params::of(&params),
         reads,
         writes: vec![y],
         workgroups: grid_1d(numel, 256),
@@ -36,12 +54,11 @@ fn pointwise(
 /// y = x * sigmoid(x).
 pub fn swish(g: &mut Graph, x: TensorId, name: &str) -> TensorId {
     let n = g.info(x).numel();
-    let y = pointwise(g, "swish", vec![x], Params::new().u(n).build(), 4, name);
+    let y = pointwise(g, "swish", vec![x], flat(n), 4, name);
     let label = name.to_string();
     g.record(name, vec![x], vec![y], move |g, go, _| {
         let Some(dy) = go[0] else { return vec![None] };
-        let params = Params::new().u(n).build();
-        vec![Some(pointwise(g, "swish_backward", vec![x, dy], params, 8, &format!("{label}.backward")))]
+        vec![Some(pointwise(g, "swish_backward", vec![x, dy], flat(n), 8, &format!("{label}.backward")))]
     });
     y
 }
@@ -50,7 +67,7 @@ pub fn swish(g: &mut Graph, x: TensorId, name: &str) -> TensorId {
 pub fn add(g: &mut Graph, a: TensorId, b: TensorId, name: &str) -> TensorId {
     assert_eq!(g.shape(a), g.shape(b), "{name}: add needs equal shapes");
     let n = g.info(a).numel();
-    let y = pointwise(g, "add", vec![a, b], Params::new().u(n).build(), 1, name);
+    let y = pointwise(g, "add", vec![a, b], flat(n), 1, name);
     g.record(name, vec![a, b], vec![y], move |_, go, needs| {
         vec![go[0].filter(|_| needs[0]), go[0].filter(|_| needs[1])]
     });
@@ -67,7 +84,7 @@ pub fn add_channel(g: &mut Graph, x: TensorId, e: TensorId, name: &str) -> Tenso
     );
     let s: usize = xs[2..].iter().product();
     let n = g.info(x).numel();
-    let params = Params::new().u(n).u(xs[1]).u(s).u(es[0]).build();
+    let params = ElementwiseParams { numel: size_u32(n), c: size_u32(xs[1]), s: size_u32(s), b: size_u32(es[0]) };
     let y = pointwise(g, "add_channel", vec![x, e], params, 1, name);
     let (label, groups) = (name.to_string(), es[0]);
     g.record(name, vec![x, e], vec![y], move |g, go, needs| {

@@ -1,12 +1,24 @@
 //! The sinusoidal diffusion-time embedding: the table (host-built, exactly as the reference) and
 //! the per-sample row gather (GPU).
 
+use bytemuck::{Pod, Zeroable};
+
 use crate::gpu::Shader;
-use crate::graph::{DType, Graph, Node, Params, TensorId};
+use crate::graph::{size_u32, DType, Graph, Node, Params, TensorId};
 use crate::ops::pointwise_cost;
 use crate::shader;
 
 pub static SHADER: Shader = shader!("embedding");
+
+/// Uniform parameters of `gather_rows` (WGSL `Params`): a [rows, d] table, `count` indices.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct GatherParams {
+    pub rows: u32,
+    pub d: u32,
+    pub count: u32,
+    pub _pad: u32,
+}
 
 /// The reference's frozen table [steps, d]: freq_i = exp(-(2i / d) * ln 10000) and
 /// row t = [sin(t f_0), cos(t f_0), sin(t f_1), cos(t f_1), ...] (interleaved, not concatenated).
@@ -36,7 +48,12 @@ pub fn gather_rows(g: &mut Graph, table: TensorId, idx: TensorId, name: &str) ->
         Node {
             shader: &SHADER,
             entry: "gather_rows",
-            params: Params::new().u(ts[0]).u(ts[1]).u(count).build(),
+            params: Params::of(&GatherParams {
+                rows: size_u32(ts[0]),
+                d: size_u32(ts[1]),
+                count: size_u32(count),
+                _pad: 0,
+            }),
             reads: vec![table, idx],
             writes: vec![out],
             workgroups: crate::graph::grid_1d(count * ts[1], 256),

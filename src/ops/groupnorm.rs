@@ -2,12 +2,29 @@
 //! statistics: training and inference are the same op), with an optional Swish fused into the
 //! apply, since pytorch-ddpm follows every GroupNorm but the attention block's with one.
 
+use bytemuck::{Pod, Zeroable};
+
 use crate::gpu::Shader;
-use crate::graph::{grid_1d, Cost, Graph, Node, Params, TensorId};
+use crate::graph::{grid_1d, size_u32, Cost, Graph, Node, Params, TensorId};
 use crate::ops::pointwise_cost;
 use crate::shader;
 
-pub static SHADER: Shader = shader!("groupnorm", uses "tree_sum");
+pub static SHADER: Shader = shader!(trusted "groupnorm", uses "tree_sum");
+
+/// Uniform parameters of every GroupNorm entry (WGSL `Params`): [b, c, s] in `groups` groups,
+/// eps, and whether the apply (and its backward) includes the Swish.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct GroupNormParams {
+    pub b: u32,
+    pub c: u32,
+    pub s: u32,
+    pub groups: u32,
+    pub eps: f32,
+    pub swish: u32,
+    pub _pad1: u32,
+    pub _pad2: u32,
+}
 
 /// nn.GroupNorm's default.
 pub const EPS: f32 = 1e-5;
@@ -30,7 +47,8 @@ impl GnShape {
         self.c / self.groups * self.s
     }
     fn params(&self, swish: bool) -> Vec<u32> {
-        Params::new().u(self.b).u(self.c).u(self.s).u(self.groups).f(EPS).u(swish as usize).build()
+        let [b, c, s, groups] = [self.b, self.c, self.s, self.groups].map(size_u32);
+        Params::of(&GroupNormParams { b, c, s, groups, eps: EPS, swish: swish as u32, _pad1: 0, _pad2: 0 })
     }
 }
 

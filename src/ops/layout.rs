@@ -1,11 +1,48 @@
 //! Data movement between U-Net stages: nearest 2x upsampling and channel concatenation.
 
+use bytemuck::{Pod, Zeroable};
+
 use crate::gpu::Shader;
-use crate::graph::{grid_1d, Cost, DType, Graph, Node, Params, TensorId};
+use crate::graph::{grid_1d, size_u32, Cost, DType, Graph, Node, Params, TensorId};
 use crate::ops::pointwise_cost;
 use crate::shader;
 
-pub static SHADER: Shader = shader!("layout");
+pub static SHADER: Shader = shader!(trusted "layout");
+
+/// Uniform parameters of every layout entry (WGSL `Params`): `numel` elements; the upsamples
+/// read `c`, `h`, `w`; concat and slice read `c`, `ca`, `cb`, `s`; repeat and sum read `s`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct LayoutParams {
+    pub numel: u32,
+    pub c: u32,
+    pub h: u32,
+    pub w: u32,
+    pub ca: u32,
+    pub cb: u32,
+    pub s: u32,
+    pub _pad: u32,
+}
+
+/// Parameters of the upsamples: `numel` elements (per the entry's doc) of [N, C, H, W] = `shape`,
+/// the input's.
+fn upsample_params(numel: usize, shape: &[usize]) -> LayoutParams {
+    let [c, h, w] = [shape[1], shape[2], shape[3]].map(size_u32);
+    LayoutParams { numel: size_u32(numel), c, h, w, ca: 0, cb: 0, s: 0, _pad: 0 }
+}
+
+/// Parameters of concat and slice along channels: `numel` outputs, `c` channels in the source
+/// (slice only), channel parts `ca` and `cb`, `s` positions per channel.
+fn channel_params(numel: usize, c: usize, ca: usize, cb: usize, s: usize) -> LayoutParams {
+    let [numel, c, ca, cb, s] = [numel, c, ca, cb, s].map(size_u32);
+    LayoutParams { numel, c, h: 0, w: 0, ca, cb, s, _pad: 0 }
+}
+
+/// Parameters of repeat_leading and sum_leading: `numel` elements of the repeated tensor, blocks
+/// of `m`.
+fn leading_params(numel: usize, m: usize) -> LayoutParams {
+    LayoutParams { numel: size_u32(numel), c: 0, h: 0, w: 0, ca: 0, cb: 0, s: size_u32(m), _pad: 0 }
+}
 
 /// Nearest-neighbour x2 upsampling of [N, C, H, W] -> [N, C, 2H, 2W], of f32 values or of
 /// bit-packed spikes (the output has the input's dtype; the gradient is f32 either way).
@@ -24,8 +61,7 @@ pub fn upsample2x(g: &mut Graph, x: TensorId, name: &str) -> TensorId {
         Node {
             shader: &SHADER,
             entry,
-            // The shader's Params struct is 8 words (shared with concat_channels).
-            params: Params::new().u(numel).u(s[1]).u(s[2]).u(s[3]).u(0).u(0).u(0).u(0).build(),
+            params: Params::of(&upsample_params(numel, &s)),
             reads: vec![x],
             writes: vec![y],
             workgroups: grid_1d(invocations, 256),
@@ -42,7 +78,7 @@ pub fn upsample2x(g: &mut Graph, x: TensorId, name: &str) -> TensorId {
         g.push(Node {
             shader: &SHADER,
             entry: "upsample2x_backward",
-            params: Params::new().u(numel / 4).u(s[1]).u(s[2]).u(s[3]).build(),
+            params: Params::of(&upsample_params(numel / 4, &s)),
             reads: vec![dy],
             writes: vec![dx],
             workgroups: grid_1d(numel / 4, 256),
@@ -70,7 +106,7 @@ pub fn concat_channels(g: &mut Graph, a: TensorId, b: TensorId, name: &str) -> T
     g.push(Node {
         shader: &SHADER,
         entry: "concat_channels",
-        params: Params::new().u(numel).u(0).u(0).u(0).u(sa[1]).u(sb[1]).u(s).build(),
+        params: Params::of(&channel_params(numel, 0, sa[1], sb[1], s)),
         reads: vec![a, b],
         writes: vec![y],
         workgroups: grid_1d(numel, 256),
@@ -87,7 +123,7 @@ pub fn concat_channels(g: &mut Graph, a: TensorId, b: TensorId, name: &str) -> T
             g.push(Node {
                 shader: &SHADER,
                 entry: "slice_channels",
-                params: Params::new().u(m).u(ct).u(0).u(0).u(c0).u(shape[1]).u(s).build(),
+                params: Params::of(&channel_params(m, ct, c0, shape[1], s)),
                 reads: vec![dy],
                 writes: vec![out],
                 workgroups: grid_1d(m, 256),
@@ -112,7 +148,7 @@ pub fn repeat_leading(g: &mut Graph, x: TensorId, reps: usize, name: &str) -> Te
     g.push(Node {
         shader: &SHADER,
         entry: "repeat_leading",
-        params: Params::new().u(m * reps).u(0).u(0).u(0).u(0).u(0).u(m).build(),
+        params: Params::of(&leading_params(m * reps, m)),
         reads: vec![x],
         writes: vec![y],
         workgroups: grid_1d(m * reps, 256),
@@ -127,7 +163,7 @@ pub fn repeat_leading(g: &mut Graph, x: TensorId, reps: usize, name: &str) -> Te
         g.push(Node {
             shader: &SHADER,
             entry: "sum_leading",
-            params: Params::new().u(m * reps).u(0).u(0).u(0).u(0).u(0).u(m).build(),
+            params: Params::of(&leading_params(m * reps, m)),
             reads: vec![dy],
             writes: vec![dx],
             workgroups: grid_1d(m, 256),

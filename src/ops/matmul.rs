@@ -3,10 +3,10 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::Shader;
-use crate::graph::{Cost, Graph, Needs, Node, TensorId, Variant};
+use crate::graph::{Cost, Graph, Needs, Node, Params, TensorId, Variant};
 use crate::shader;
 
-pub static SHADER: Shader = shader!("matmul");
+pub static SHADER: Shader = shader!(trusted "matmul");
 
 /// Uniform parameters of `matmul` (WGSL `Params`).
 #[repr(C)]
@@ -96,7 +96,7 @@ pub fn matmul(
         Node {
             shader: &SHADER,
             entry: candidates[0].entry,
-            params: bytemuck::cast_slice(&[p]).to_vec(),
+            params: Params::of(&p),
             reads: vec![a, b, bias.unwrap_or(b)],
             writes: vec![c],
             workgroups: candidates[0].workgroups,

@@ -1,11 +1,15 @@
 //! The multi-step spiking neuron fused over T: integrate-and-fire (the reference's IFNode) or
 //! leaky integrate-and-fire, hard reset, reset not detached. Spikes leave it bit-packed.
 
+use bytemuck::{Pod, Zeroable};
+
 use crate::gpu::Shader;
-use crate::graph::{grid_1d, Cost, DType, Graph, Node, Params, TensorId};
+use crate::graph::{grid_1d, Cost, DType, Graph, Node, TensorId};
+use crate::ops::batchnorm::{self, BnParams, BnSaved};
+use crate::ops::reduce;
 use crate::shader;
 
-pub static SHADER: Shader = shader!("neuron");
+pub static SHADER: Shader = shader!(trusted "neuron");
 
 /// Neuron dynamics. The reference uses `Neuron::default()`: IF, threshold 1, reset to 0.
 /// Threshold-guided sampling changes `v_th` at inference only.
@@ -23,17 +27,48 @@ impl Default for Neuron {
     }
 }
 
+/// Uniform parameters of every neuron.wgsl entry (WGSL `Params`); `c`, `hw`, `b` and `has_emb`
+/// describe the input of the affine entries and are 0 for the others.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct NeuronParams {
+    pub n: u32,
+    pub t: u32,
+    pub lif: u32,
+    pub pad0: u32,
+    pub v_th: f32,
+    pub v_reset: f32,
+    pub inv_tau: f32,
+    pub pad1: u32,
+    pub c: u32,
+    pub hw: u32,
+    pub b: u32,
+    pub has_emb: u32,
+}
+
+impl NeuronParams {
+    fn words(self) -> Vec<u32> {
+        bytemuck::cast_slice(&[self]).to_vec()
+    }
+}
+
+/// A size as a kernel parameter. Sizes past u32 saturate: graph building has then already
+/// recorded a tensor too large to index (see [`Graph::check`]), so the node never runs.
+fn word(v: usize) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
+}
+
 impl Neuron {
-    fn params(&self, n: usize, t: usize) -> Vec<u32> {
-        Params::new()
-            .u(n)
-            .u(t)
-            .u(self.tau.is_some() as usize)
-            .u(0)
-            .f(self.v_th)
-            .f(self.v_reset)
-            .f(1.0 / self.tau.unwrap_or(1.0))
-            .build()
+    fn params(&self, n: usize, t: usize) -> NeuronParams {
+        NeuronParams {
+            n: word(n),
+            t: word(t),
+            lif: self.tau.is_some() as u32,
+            v_th: self.v_th,
+            v_reset: self.v_reset,
+            inv_tau: 1.0 / self.tau.unwrap_or(1.0),
+            ..NeuronParams::zeroed()
+        }
     }
 }
 
@@ -59,7 +94,7 @@ fn forward_node(g: &mut Graph, x: TensorId, t: usize, cfg: Neuron, name: &str) -
         Node {
             shader: &SHADER,
             entry,
-            params: cfg.params(n, t),
+            params: cfg.params(n, t).words(),
             reads: vec![x],
             writes: vec![s],
             workgroups,
@@ -85,76 +120,140 @@ pub fn neuron_forward_train(g: &mut Graph, x: TensorId, t: usize, cfg: Neuron, n
     let n = neurons_per_step(g, x, t, name);
     let label = name.to_string();
     let shape = g.shape(x).to_vec();
-    g.record(name, vec![x], vec![s], move |g, go, _needs| {
+    // Where x's other consumers already gave it a gradient (a residual, a skip), the kernel adds
+    // its own to it instead of a separate sum pass.
+    g.record_into(name, vec![x], vec![s], move |g, go, _needs, prev| {
         let Some(gs) = go[0] else { return vec![None] };
         let dx = g.intermediate(&format!("{label}.grad_input"), &shape);
+        let (entry, reads) = match prev[0] {
+            Some(earlier) => ("neuron_backward_acc", vec![gs, x, earlier]),
+            None => ("neuron_backward", vec![gs, x]),
+        };
         g.push(Node {
             shader: &SHADER,
-            entry: "neuron_backward",
-            params: cfg.params(n, t),
-            reads: vec![gs, x],
-            writes: vec![dx],
+            entry,
+            params: cfg.params(n, t).words(),
             workgroups: grid_1d(n, 256),
             label: format!("{label}.backward"),
-            // gs and x read, h parked in dx and read back, dx written.
-            cost: Cost { flops: 16 * (n * t) as u64, bytes: 20 * (n * t) as u64 },
+            // gs, x (and the earlier gradient) read, h parked in dx and read back, dx written.
+            cost: Cost { flops: 16 * (n * t) as u64, bytes: 4 * (5 + reads.len() - 2) as u64 * (n * t) as u64 },
+            reads,
+            writes: vec![dx],
         });
         vec![Some(dx)]
     });
     (s, x)
 }
 
-/// A neuron input that training-mode BatchNorm and a broadcast add computed from a saved tensor:
-/// x = (c * alpha + beta) + emb[n % B, ch] with alpha = weight * invstd, beta = bias - mean * alpha
-/// per channel, c: [N, C, ...], emb: [B, C]. Backward recomputes x from these instead of keeping it.
-#[derive(Debug, Clone, Copy)]
-pub struct AffineInput {
+/// A neuron input that training-mode BatchNorm computes from a saved tensor, plus optionally a
+/// per-(image, channel) term: x = (c * alpha + beta) [+ emb[n % B, ch]] with alpha = weight *
+/// invstd, beta = bias - mean * alpha per channel, c: [N, C, ...], emb: [B, C]. `saved` comes from
+/// [`batchnorm::batchnorm_stats`] of c; `bn_name` labels BN's backward nodes.
+#[derive(Debug, Clone)]
+pub struct BnInput {
     pub c: TensorId,
-    pub weight: TensorId,
-    pub bias: TensorId,
-    pub mean: TensorId,
-    pub invstd: TensorId,
-    pub emb: TensorId,
+    pub bn: BnParams,
+    pub saved: BnSaved,
+    pub emb: Option<TensorId>,
+    pub bn_name: String,
 }
 
-/// [`neuron_forward_train`] of `x`, which must equal what `input` describes (the caller computed
-/// it so); backward keeps nothing of x and reruns BN-apply, the add and the charge inside the
-/// backward kernel. Returns the spikes.
-pub fn neuron_forward_train_affine(
-    g: &mut Graph,
-    x: TensorId,
-    input: AffineInput,
-    t: usize,
-    cfg: Neuron,
-    name: &str,
-) -> TensorId {
-    let s = forward_node(g, x, t, cfg, name);
-    let n = neurons_per_step(g, x, t, name);
-    let shape = g.shape(x).to_vec();
-    assert_eq!(g.shape(input.c), &shape[..], "{name}: the BN input must have the neuron input's shape");
-    let (c, hw) = (shape[1], shape[2..].iter().product::<usize>());
-    let b = g.shape(input.emb)[0];
-    assert_eq!(g.shape(input.emb), [b, c], "{name}: the added term must be [B, C]");
-    let mut params = cfg.params(n, t);
-    params.truncate(8);
-    params.extend(Params::new().u(c).u(hw).u(b).build());
+/// [`neuron_forward_train`] of the x that `input` describes, without x ever being stored: the
+/// forward computes it in registers from c (the same float operations as `bn_train_apply` and
+/// `elementwise::add_channel`, so the same spikes), and the backward recomputes it from c, which
+/// BN's backward keeps anyway. One tape entry: its backward is the neuron's (to dL/dx), then BN's
+/// ([`batchnorm::batchnorm_train_backward`]) and the term's (a sum over T and pixels) from dL/dx.
+/// Returns the spikes.
+pub fn neuron_forward_train_bn(g: &mut Graph, input: BnInput, t: usize, cfg: Neuron, name: &str) -> TensorId {
+    let c = input.c;
+    let n = neurons_per_step(g, c, t, name);
+    let shape = g.shape(c).to_vec();
+    assert!(shape.len() >= 2, "{name}: the BN input must be [N, C, ...], got {shape:?}");
+    let (ch, hw) = (shape[1], shape[2..].iter().product::<usize>());
+    let b = shape[0] / t;
+    if let Some(emb) = input.emb {
+        assert_eq!(g.shape(emb), [b, ch], "{name}: the added term must be [B, C] = [{b}, {ch}]");
+    }
+    let params =
+        NeuronParams { c: word(ch), hw: word(hw), b: word(b), has_emb: input.emb.is_some() as u32, ..cfg.params(n, t) };
+    // Without a term the emb binding is a placeholder the kernels do not read.
+    let reads = vec![c, input.bn.weight, input.bn.bias, input.saved.mean, input.saved.invstd, input.emb.unwrap_or(c)];
+    let s = g.intermediate_as(name, &shape, DType::Spike);
+    let (entry, workgroups) = if n.is_multiple_of(32) {
+        ("neuron_forward_affine_aligned", grid_1d(n, 32))
+    } else {
+        ("neuron_forward_affine", grid_1d((n * t).div_ceil(32), 256))
+    };
+    let per_channel = 4 * ch + input.emb.map_or(0, |_| b * ch);
+    g.push_typed(
+        Node {
+            shader: &SHADER,
+            entry,
+            params: params.words(),
+            reads: reads.clone(),
+            writes: vec![s],
+            workgroups,
+            label: name.to_string(),
+            cost: Cost {
+                flops: (6 + input.emb.is_some() as u64) * (n * t) as u64,
+                bytes: g.bytes_of(c) + 4 * per_channel as u64 + g.bytes_of(s),
+            },
+        },
+        &[DType::F32; 6],
+        &[DType::Spike],
+    );
     let label = name.to_string();
-    g.record(name, vec![x], vec![s], move |g, go, _needs| {
-        let Some(gs) = go[0] else { return vec![None] };
+    let mut inputs = vec![c, input.bn.weight, input.bn.bias];
+    inputs.extend(input.emb);
+    g.record(name, inputs, vec![s], move |g, go, needs| {
+        let Some(gs) = go[0] else { return vec![None; needs.len()] };
         let dx = g.intermediate(&format!("{label}.grad_input"), &shape);
+        let mut backward_reads = reads.clone();
+        backward_reads.push(gs);
         g.push(Node {
             shader: &SHADER,
             entry: "neuron_backward_affine",
-            params: params.clone(),
-            reads: vec![gs, input.c, input.weight, input.bias, input.mean, input.invstd, input.emb],
+            params: params.words(),
+            reads: backward_reads,
             writes: vec![dx],
             workgroups: grid_1d(n, 256),
             label: format!("{label}.backward"),
+            // gs and c read, h parked in dx and read back, dx written.
             cost: Cost { flops: 20 * (n * t) as u64, bytes: 20 * (n * t) as u64 },
         });
-        vec![Some(dx)]
+        let bn_needs = [needs[0], needs[1], needs[2]];
+        let mut grads =
+            batchnorm::batchnorm_train_backward(g, dx, c, input.bn, input.saved, bn_needs, &input.bn_name).to_vec();
+        if input.emb.is_some() {
+            grads.push(needs[3].then(|| reduce::group_sum(g, dx, b, &format!("{label}.grad_bias"))));
+        }
+        grads
     });
     s
+}
+
+/// CPU reference of the input [`neuron_forward_train_bn`] computes: BN-apply with the batch
+/// statistics (mean, invstd), then the term, in the kernels' order.
+#[allow(clippy::too_many_arguments)]
+pub fn bn_input_cpu(
+    cv: &[f32],
+    c: usize,
+    hw: usize,
+    w: &[f32],
+    bias: &[f32],
+    mean: &[f32],
+    invstd: &[f32],
+    emb: Option<(&[f32], usize)>,
+) -> Vec<f32> {
+    cv.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let ch = (i / hw) % c;
+            let alpha = w[ch] * invstd[ch];
+            let y = v * alpha + (bias[ch] - mean[ch] * alpha);
+            emb.map_or(y, |(e, b)| y + e[((i / (hw * c)) % b) * c + ch])
+        })
+        .collect()
 }
 
 /// CPU reference of the backward through time: grad_x from grad_spikes and the saved h.

@@ -1,10 +1,32 @@
 //! The optimizer step: global gradient-norm clip and Adam, fused per parameter tensor.
 
+use bytemuck::{Pod, Zeroable};
+
 use crate::gpu::Shader;
-use crate::graph::{grid_1d, Cost, Graph, Node, Params, TensorId};
+use crate::graph::{grid_1d, size_u32, Cost, Graph, Node, Params, TensorId};
 use crate::shader;
 
-pub static SHADER: Shader = shader!("optim");
+pub static SHADER: Shader = shader!(trusted "optim");
+
+/// Uniform parameters of `adam` and `ema_update` (WGSL `Params`): `n` values; Adam's betas and
+/// eps, or the EMA decay in `beta1`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct OptimParams {
+    pub n: u32,
+    pub _pad0: u32,
+    pub _pad1: u32,
+    pub _pad2: u32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub _pad3: u32,
+}
+
+/// Parameters over `n` values, constants zero.
+fn flat(n: usize) -> OptimParams {
+    OptimParams { n: size_u32(n), _pad0: 0, _pad1: 0, _pad2: 0, beta1: 0.0, beta2: 0.0, eps: 0.0, _pad3: 0 }
+}
 
 /// Adam's constants (PyTorch defaults as the reference uses them).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -46,7 +68,7 @@ pub fn adam_step(
     g.push(Node {
         shader: &SHADER,
         entry: "adam",
-        params: Params::new().u(n).u(0).u(0).u(0).f(adam.beta1).f(adam.beta2).f(adam.eps).build(),
+        params: Params::of(&OptimParams { beta1: adam.beta1, beta2: adam.beta2, eps: adam.eps, ..flat(n) }),
         reads: vec![grad, sumsq, hyper],
         writes: vec![param, m, v],
         workgroups: grid_1d(n, 256),
@@ -82,7 +104,7 @@ pub fn ema_update(g: &mut Graph, param: TensorId, ema: TensorId, decay: f32, nam
     g.push(Node {
         shader: &SHADER,
         entry: "ema_update",
-        params: Params::new().u(n).u(0).u(0).u(0).f(decay).build(),
+        params: Params::of(&OptimParams { beta1: decay, ..flat(n) }),
         reads: vec![param],
         writes: vec![ema],
         workgroups: grid_1d(n, 256),

@@ -1,12 +1,33 @@
 //! 2-D max and average pooling (Inception-v3's stem, branch pools and final pool). Inference
 //! only: no backward rule is recorded.
 
+use bytemuck::{Pod, Zeroable};
+
 use crate::gpu::Shader;
-use crate::graph::{grid_1d, Cost, Graph, Node, Params, TensorId};
+use crate::graph::{grid_1d, size_u32, Cost, Graph, Node, Params, TensorId};
 use crate::ops::conv::conv_out;
 use crate::shader;
 
 pub static SHADER: Shader = shader!("pool");
+
+/// Uniform parameters of both pools (WGSL `Params`): `numel` outputs, input and output planes,
+/// the kh x kw window, stride and padding.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct PoolParams {
+    pub numel: u32,
+    pub h: u32,
+    pub w: u32,
+    pub ho: u32,
+    pub wo: u32,
+    pub kh: u32,
+    pub kw: u32,
+    pub stride: u32,
+    pub pad: u32,
+    pub _p0: u32,
+    pub _p1: u32,
+    pub _p2: u32,
+}
 
 /// Which reduction a pool applies over its window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,10 +49,24 @@ pub fn pool2d(g: &mut Graph, x: TensorId, kind: Pool, k: usize, stride: usize, p
         Pool::Max => "max_pool2d",
         Pool::Avg => "avg_pool2d",
     };
+    let params = PoolParams {
+        numel: size_u32(numel),
+        h: size_u32(s[2]),
+        w: size_u32(s[3]),
+        ho: size_u32(ho),
+        wo: size_u32(wo),
+        kh: size_u32(k),
+        kw: size_u32(k),
+        stride: size_u32(stride),
+        pad: size_u32(pad),
+        _p0: 0,
+        _p1: 0,
+        _p2: 0,
+    };
     g.push(Node {
         shader: &SHADER,
         entry,
-        params: Params::new().u(numel).u(s[2]).u(s[3]).u(ho).u(wo).u(k).u(k).u(stride).u(pad).build(),
+        params: Params::of(&params),
         reads: vec![x],
         writes: vec![y],
         workgroups: grid_1d(numel, 256),

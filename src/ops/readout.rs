@@ -1,11 +1,24 @@
 //! The membrane output layer: eps_hat = sum_t decay^(T-1-t) h[t] (decay 0.8 in the reference).
 
+use bytemuck::{Pod, Zeroable};
+
 use crate::gpu::Shader;
-use crate::graph::{grid_1d, Graph, Node, Params, TensorId};
+use crate::graph::{grid_1d, size_u32, Graph, Node, Params, TensorId};
 use crate::ops::pointwise_cost;
 use crate::shader;
 
-pub static SHADER: Shader = shader!("readout");
+pub static SHADER: Shader = shader!(trusted "readout");
+
+/// Uniform parameters of `membrane_readout` and its backward (WGSL `Params`): `m` outputs,
+/// `t` spiking steps, the membrane decay.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct ReadoutParams {
+    pub m: u32,
+    pub t: u32,
+    pub decay: f32,
+    pub _pad: u32,
+}
 
 /// The reference's decay (MembraneOutputLayer, from FSVAE).
 pub const DECAY: f32 = 0.8;
@@ -18,10 +31,11 @@ pub fn membrane_readout(g: &mut Graph, h: TensorId, t: usize, decay: f32, name: 
     out_shape[0] = s[0] / t;
     let y = g.intermediate(name, &out_shape);
     let m = g.info(y).numel();
+    let params = ReadoutParams { m: size_u32(m), t: size_u32(t), decay, _pad: 0 };
     g.push(Node {
         shader: &SHADER,
         entry: "membrane_readout",
-        params: Params::new().u(m).u(t).f(decay).build(),
+        params: Params::of(&params),
         reads: vec![h],
         writes: vec![y],
         workgroups: grid_1d(m, 256),
@@ -35,7 +49,7 @@ pub fn membrane_readout(g: &mut Graph, h: TensorId, t: usize, decay: f32, name: 
         g.push(Node {
             shader: &SHADER,
             entry: "readout_backward",
-            params: Params::new().u(m).u(t).f(decay).build(),
+            params: Params::of(&params),
             reads: vec![dy],
             writes: vec![dh],
             workgroups: grid_1d(m, 256),

@@ -1,11 +1,29 @@
 //! Deterministic reductions: grouped channel sums (bias and time-embedding gradients), the
 //! running sum of squares behind the global gradient norm, and the eps-MSE loss.
 
+use bytemuck::{Pod, Zeroable};
+
 use crate::gpu::Shader;
-use crate::graph::{grid_1d, Cost, DType, Graph, Node, Params, TensorId};
+use crate::graph::{grid_1d, size_u32, Cost, DType, Graph, Node, Params, TensorId};
 use crate::shader;
 
-pub static SHADER: Shader = shader!("reduce", uses "tree_sum");
+pub static SHADER: Shader = shader!(trusted "reduce", uses "tree_sum");
+
+/// Uniform parameters of every reduction (WGSL `Params`): `n` values, or `n` rows of `c`
+/// channels and `s` positions summed into `b` groups; `sumsq_acc` reads `b` = 1 as "first".
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct ReduceParams {
+    pub n: u32,
+    pub c: u32,
+    pub s: u32,
+    pub b: u32,
+}
+
+/// Parameters of a reduction over `n` flat values.
+fn flat(n: usize) -> ReduceParams {
+    ReduceParams { n: size_u32(n), c: 0, s: 0, b: 0 }
+}
 
 /// y[b, c] = sum over r, s of x[r*B + b, c, s]; x: [N, C, ...] with N a multiple of `groups` (B),
 /// f32 or bit-packed spikes (then y counts spikes).
@@ -22,7 +40,7 @@ pub fn group_sum(g: &mut Graph, x: TensorId, groups: usize, name: &str) -> Tenso
         Node {
             shader: &SHADER,
             entry,
-            params: Params::new().u(n).u(c).u(sp).u(groups).build(),
+            params: Params::of(&ReduceParams { n: size_u32(n), c: size_u32(c), s: size_u32(sp), b: size_u32(groups) }),
             reads: vec![x],
             writes: vec![y],
             workgroups: [(groups * c) as u32, 1, 1],
@@ -42,7 +60,7 @@ pub fn sumsq_acc(g: &mut Graph, x: TensorId, acc: TensorId, first: bool, name: &
     g.push(Node {
         shader: &SHADER,
         entry: "sumsq_acc",
-        params: Params::new().u(n).u(0).u(0).u(first as usize).build(),
+        params: Params::of(&ReduceParams { b: first as u32, ..flat(n) }),
         reads: vec![x],
         writes: vec![acc],
         workgroups: [1, 1, 1],
@@ -59,7 +77,7 @@ pub fn mse_loss(g: &mut Graph, a: TensorId, b: TensorId, name: &str) -> TensorId
     g.push(Node {
         shader: &SHADER,
         entry: "mse_loss",
-        params: Params::new().u(n).build(),
+        params: Params::of(&flat(n)),
         reads: vec![a, b],
         writes: vec![loss],
         workgroups: [1, 1, 1],
@@ -74,7 +92,7 @@ pub fn mse_loss(g: &mut Graph, a: TensorId, b: TensorId, name: &str) -> TensorId
         g.push(Node {
             shader: &SHADER,
             entry: "mse_grad",
-            params: Params::new().u(n).build(),
+            params: Params::of(&flat(n)),
             reads: vec![a, b, gl],
             writes: vec![d],
             workgroups: grid_1d(n, 256),

@@ -1,11 +1,32 @@
 //! Bilinear resize (torch's align_corners=False, no antialias) fused with an affine map and
 //! channel repetition: the FID network's input preprocessing. Inference only.
 
+use bytemuck::{Pod, Zeroable};
+
 use crate::gpu::Shader;
-use crate::graph::{grid_1d, Cost, Graph, Node, Params, TensorId};
+use crate::graph::{grid_1d, size_u32, Cost, Graph, Node, Params, TensorId};
 use crate::shader;
 
 pub static SHADER: Shader = shader!("resize");
+
+/// Uniform parameters of `resize_bilinear` (WGSL `Params`): `numel` outputs, [cin, h, w] in,
+/// [cout, ho, wo] out, the source scales in / out and the affine map `mul`, `add`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct ResizeParams {
+    pub numel: u32,
+    pub cin: u32,
+    pub h: u32,
+    pub w: u32,
+    pub cout: u32,
+    pub ho: u32,
+    pub wo: u32,
+    pub scale_h: f32,
+    pub scale_w: f32,
+    pub mul: f32,
+    pub add: f32,
+    pub _p0: u32,
+}
 
 /// y = mul * bilinear_resize(x, [ho, wo]) + add, [N, Cin, H, W] -> [N, cout, ho, wo], output
 /// channel c reading input channel c % Cin.
@@ -23,23 +44,24 @@ pub fn resize_bilinear(
     assert!(s.len() == 4 && ho > 0 && wo > 0 && cout > 0, "{name}: cannot resize {s:?} to {cout}x{ho}x{wo}");
     let y = g.intermediate(name, &[s[0], cout, ho, wo]);
     let numel = g.info(y).numel();
-    let params = Params::new()
-        .u(numel)
-        .u(s[1])
-        .u(s[2])
-        .u(s[3])
-        .u(cout)
-        .u(ho)
-        .u(wo)
-        .f(scale(s[2], ho))
-        .f(scale(s[3], wo))
-        .f(mul)
-        .f(add)
-        .build();
+    let params = ResizeParams {
+        numel: size_u32(numel),
+        cin: size_u32(s[1]),
+        h: size_u32(s[2]),
+        w: size_u32(s[3]),
+        cout: size_u32(cout),
+        ho: size_u32(ho),
+        wo: size_u32(wo),
+        scale_h: scale(s[2], ho),
+        scale_w: scale(s[3], wo),
+        mul,
+        add,
+        _p0: 0,
+    };
     g.push(Node {
         shader: &SHADER,
         entry: "resize_bilinear",
-        params,
+        params: Params::of(&params),
         reads: vec![x],
         writes: vec![y],
         workgroups: grid_1d(numel, 256),

@@ -1,8 +1,10 @@
 //! The on-GPU sampling loop's kernels (begin step, fused update, advance) and the counter-based
 //! Gaussian generator they use, with CPU references.
 
+use bytemuck::{Pod, Zeroable};
+
 use crate::gpu::Shader;
-use crate::graph::{grid_1d, Cost, DType, Graph, Node, Params, TensorId};
+use crate::graph::{grid_1d, size_u32, Cost, DType, Graph, Node, Params, TensorId};
 use crate::shader;
 
 pub static SHADER: Shader = shader!("sampler", uses "philox");
@@ -53,16 +55,33 @@ pub struct NoiseKey {
     pub image_base: u32,
 }
 
+/// Uniform parameters of every sampler entry (WGSL `Params`): `numel` elements of
+/// `per_image` each, `batch` images (the noise step in `gaussian_fill` and `q_sample`), the first
+/// image's global index and the seed; `z_source` 1 reads the noise from a buffer.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct SamplerParams {
+    pub numel: u32,
+    pub per_image: u32,
+    pub batch: u32,
+    pub image_base: u32,
+    pub seed_lo: u32,
+    pub seed_hi: u32,
+    pub z_source: u32,
+    pub _pad: u32,
+}
+
 fn params(numel: usize, per_image: usize, batch: usize, key: NoiseKey, z_from_buffer: bool) -> Vec<u32> {
-    Params::new()
-        .u(numel)
-        .u(per_image)
-        .u(batch)
-        .u(key.image_base as usize)
-        .u((key.seed & 0xffff_ffff) as usize)
-        .u((key.seed >> 32) as usize)
-        .u(z_from_buffer as usize)
-        .build()
+    Params::of(&SamplerParams {
+        numel: size_u32(numel),
+        per_image: size_u32(per_image),
+        batch: size_u32(batch),
+        image_base: key.image_base,
+        seed_lo: key.seed as u32,
+        seed_hi: (key.seed >> 32) as u32,
+        z_source: z_from_buffer as u32,
+        _pad: 0,
+    })
 }
 
 /// Parameters of `begin_step` and `update` for a new batch (same length as compiled).
@@ -127,7 +146,7 @@ pub fn advance(g: &mut Graph, step: TensorId) {
         Node {
             shader: &SHADER,
             entry: "advance",
-            params: Params::new().build(),
+            params: Params::of(&SamplerParams::zeroed()), // advance reads none
             reads: vec![],
             writes: vec![step],
             workgroups: [1, 1, 1],

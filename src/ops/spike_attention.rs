@@ -3,11 +3,28 @@
 //! as q (k^T v) so only the [d, d] matrix k^T v is materialised. The 1x1 convs, BatchNorms and
 //! neurons around it are ordinary ops; the model wires them (sddpm-spec.md section 10.1).
 
+use bytemuck::{Pod, Zeroable};
+
 use crate::gpu::Shader;
-use crate::graph::{grid_1d, Cost, DType, Graph, Node, Params, TensorId};
+use crate::graph::{grid_1d, size_u32, Cost, DType, Graph, Node, Params, TensorId};
 use crate::shader;
 
-pub static SHADER: Shader = shader!("spike_attention");
+pub static SHADER: Shader = shader!(trusted "spike_attention");
+
+/// Uniform parameters of every spiking-attention entry (WGSL `Params`): see [`Dims`]; `d` is
+/// the head width C / heads and `scale` 1 / sqrt(N d).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct SpikeAttentionParams {
+    pub rows: u32,
+    pub c: u32,
+    pub n: u32,
+    pub heads: u32,
+    pub d: u32,
+    pub scale: f32,
+    pub _pad0: u32,
+    pub _pad1: u32,
+}
 
 /// Shape of one attention call: rows R = T*B, channels C, positions N = H*W, heads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,7 +70,8 @@ impl Dims {
         }
     }
     fn params(&self) -> Vec<u32> {
-        Params::new().u(self.rows).u(self.c).u(self.n).u(self.heads).u(self.d()).f(self.scale()).build()
+        let [rows, c, n, heads, d] = [self.rows, self.c, self.n, self.heads, self.d()].map(size_u32);
+        Params::of(&SpikeAttentionParams { rows, c, n, heads, d, scale: self.scale(), _pad0: 0, _pad1: 0 })
     }
     fn sq_len(&self) -> usize {
         self.rows * self.heads * self.side() * self.side()

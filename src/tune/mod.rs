@@ -13,6 +13,7 @@
 //! are dropped first.
 
 mod cache;
+mod record;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 
 pub use cache::{cache_dir, Cache, Entry, Timed};
+pub use record::{adapter_id, pin_recorded, record_json, Record, METADATA_KEY};
 
 use crate::gpu::{Context, Tuning};
 use crate::graph::{Graph, Node, Plan, Variant};

@@ -14,7 +14,13 @@ use sddpm_gpu::graph::{Graph, Plan, TensorId};
 pub fn ctx() -> &'static Context {
     static CTX: OnceLock<Context> = OnceLock::new();
     CTX.get_or_init(|| {
-        let c = Context::new(None).expect("a GPU adapter (on Linux without a GPU: apt install mesa-vulkan-drivers)");
+        let mut c =
+            Context::new(None).expect("a GPU adapter (on Linux without a GPU: apt install mesa-vulkan-drivers)");
+        // Kernels run with wgpu's bounds checks here, so an out-of-bounds access shows up as a
+        // mismatch against the CPU reference instead of undefined behaviour. The release binary
+        // runs trusted kernels without them; the CLI tests (train/sample parity through the
+        // binary) and tests/platform.rs cover that path.
+        c.shader_checks = true;
         // Op and model tests run every family's default kernel: timing the variants of each
         // shape again in every test binary would cost more than the tests (tests/tune.rs checks
         // every variant against the CPU reference and the tuner itself).
