@@ -9,7 +9,7 @@ use crate::graph::{Needs, Variant};
 use crate::ops::conv::GRAD_W_CHUNK;
 use crate::shader;
 
-pub static SHADER: Shader = shader!("conv_subgroup");
+pub static SHADER: Shader = shader!(trusted "conv_subgroup");
 
 /// The weight-gradient (partial sums) variant "sg4xkk": 4 output channels x all taps of one
 /// input channel per workgroup, positions split over its 64 invocations and summed with
