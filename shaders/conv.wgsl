@@ -29,6 +29,9 @@
 // image); the K loop stages 8 reduction steps of weights and im2col'd inputs through workgroup
 // memory per barrier pair, each of the 64 invocations loads 4 of each and computes a 4x4 block.
 // Grid: x = ceil(Ho*Wo / 32), y = ceil(Cout / 32), z = N.
+// Variants "db64x64", "db128x128", "db128x128k16" (conv2d_igemm_db): the same implicit GEMM with
+// larger tiles, 8x8 outputs per invocation, two workgroup-memory stages and vec4 weight loads;
+// see its section below.
 // x (and the weight gradient's saved x) is either f32 or bit-packed spikes (graph dtype Spike:
 // element e at bit e % 32 of word e / 32), as p.x_spikes says; both are bound as u32 words, and a
 // spike reads as exactly 0.0 or 1.0, so a conv over packed spikes gives the same bits as over
@@ -39,10 +42,14 @@
 //                       input channels, columns = input pixels, r = (co, ky, kx) ascending (the
 //                       reference's order; taps that hit no output add exact zeros).
 //                       Grid: x = ceil(H*W / 32), y = ceil(Cin / 32), z = N.
+//   conv2d_grad_input_igemm_db: variants "db64x64", "db128x128", "db128x128k16" of
+//                       conv2d_grad_input: the forward's double-buffered tiles on that GEMM.
 //   conv2d_grad_weight_igemm: variant "igemm32" of conv2d_grad_weight (same chunks, same partial
 //                       layout, same reduce): rows = output channels, columns = r = (ci, ky, kx),
 //                       K = the chunk's (n, oy, ox) ascending, 8 staged per barrier pair.
 //                       Grid: x = ceil(Cin*K*K / 32), y = ceil(Cout / 32), z = parts.
+//   (variant "sg4xkk" of conv2d_grad_weight, with subgroup reductions, is in conv_subgroup.wgsl:
+//                       a module using subgroups does not compile on a device without them.)
 //   conv2d_grad_input:  dx[n, ci, iy, ix] = sum_{co, ky, kx} w[co, ci, ky, kx] * dy[n, co, oy, ox]
 //                       over the (oy, ox) with oy*s - p + ky = iy (the transposed convolution);
 //                       8 input channels x 4 input columns per invocation.
@@ -280,6 +287,199 @@ fn conv2d_igemm(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id)
     }
 }
 
+// ---- forward, double-buffered implicit GEMM -----------------------------------------------------
+
+// Variants "db*" of the forward (conv2d_igemm_db): the implicit GEMM of conv2d_igemm with a
+// workgroup tile of DB_BM output channels x DB_BN output pixels, DB_WG = (DB_BM / 8) * (DB_BN / 8)
+// invocations computing 8 x 8 outputs each, and two workgroup-memory stages of DB_BK reduction
+// steps: each iteration issues the global loads of chunk c into registers, runs the FMAs of
+// chunk c - 1 from one stage, then stores chunk c into the other stage, with one barrier per
+// chunk. The sum runs over r = (ci, ky, kx) ascending as in conv2d. Weights are read as vec4
+// along r where a row of Cin*K*K is aligned (else scalar, at the edges too); inputs of 1x1
+// stride-1 convs over packed spikes come 4 pixels per word read; every output is stored through
+// store_output (the epilogue). The four sizes are filled from Rust (src/ops/conv.rs DB_TILES), with no defaults, so a pipeline without them fails to build.
+// Grid: x = ceil(Ho*Wo / DB_BN), y = ceil(Cout / DB_BM), z = N.
+override DB_BM: u32;
+override DB_BN: u32;
+override DB_BK: u32;
+override DB_WG: u32;
+// Two stages of [DB_BK][DB_BM] weights and [DB_BK][DB_BN] im2col'd inputs, vec4 along m and n.
+var<workgroup> db_w: array<vec4<f32>, DB_BK * DB_BM / 2u>;
+var<workgroup> db_x: array<vec4<f32>, DB_BK * DB_BN / 2u>;
+
+// The weights as vec4: the node offers the db variants only when Cout*Cin*K*K is a multiple of
+// 4, so the binding holds whole vec4s and every weight is reachable through wt4_at.
+@group(0) @binding(2) var<storage, read> wt4: array<vec4<f32>>;
+
+fn wt4_at(i: u32) -> f32 {
+    return wt4[i / 4u][i % 4u];
+}
+
+// Weights w[co, r .. r + 3] (r a multiple of 4; 0 past Cin*K*K or Cout).
+fn db_fetch_w(co: u32, r: u32, kdim: u32) -> vec4<f32> {
+    if (co >= p.cout || r >= kdim) {
+        return vec4<f32>(0.0);
+    }
+    let i = co * kdim + r;
+    if (kdim % 4u == 0u) {
+        return wt4[i / 4u];
+    }
+    let last = arrayLength(&wt4) * 4u - 1u;
+    let v = vec4<f32>(wt4_at(i), wt4_at(min(i + 1u, last)), wt4_at(min(i + 2u, last)), wt4_at(min(i + 3u, last)));
+    return select(vec4<f32>(0.0), v, vec4<u32>(r) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(kdim));
+}
+
+// The im2col value of reduction step (ci, ky, kx) at output pixel pix of image n (0 in the padding
+// and past the last pixel).
+fn db_x1(plane: u32, ky: u32, kx: u32, pix: u32, npix: u32) -> f32 {
+    let iy = i32((pix / p.wo) * p.stride + ky) - i32(p.pad);
+    let ix = i32((pix % p.wo) * p.stride + kx) - i32(p.pad);
+    if (pix >= npix || iy < 0 || iy >= i32(p.h) || ix < 0 || ix >= i32(p.w)) {
+        return 0.0;
+    }
+    return x_at(plane + u32(iy) * p.w + u32(ix));
+}
+
+// The im2col values of reduction step r at output pixels pix .. pix + 3 of image n.
+fn db_fetch_x(n: u32, r: u32, pix: u32, kdim: u32, npix: u32) -> vec4<f32> {
+    if (r >= kdim) {
+        return vec4<f32>(0.0);
+    }
+    let kk = p.k * p.k;
+    let ci = r / kk;
+    let plane = (n * p.cin + ci) * p.h * p.w;
+    if (p.x_spikes != 0u && kk == 1u && p.stride == 1u && p.pad == 0u && pix + 3u < npix) {
+        // 1x1 stride 1: the 4 pixels are 4 consecutive bits, in one word when aligned.
+        let i = plane + pix;
+        if (i % 4u == 0u) {
+            let b = x[i / 32u] >> (i % 32u);
+            return vec4<f32>(vec4<u32>(b, b >> 1u, b >> 2u, b >> 3u) & vec4<u32>(1u));
+        }
+    }
+    let ky = (r % kk) / p.k;
+    let kx = r % p.k;
+    return vec4<f32>(db_x1(plane, ky, kx, pix, npix), db_x1(plane, ky, kx, pix + 1u, npix),
+                     db_x1(plane, ky, kx, pix + 2u, npix), db_x1(plane, ky, kx, pix + 3u, npix));
+}
+
+// The FMAs of one stage: acc[2 i + j / 4][j % 4] += w[m = tm + i] * x[n = tn + j] for each of
+// the DB_BK reduction steps; sw and sx are the stage's vec4 offsets plus tm / 4 and tn / 4.
+fn db_fma(acc: ptr<function, array<vec4<f32>, 16>>, sw: u32, sx: u32) {
+    for (var kr = 0u; kr < DB_BK; kr++) {
+        let a0 = db_w[sw + kr * (DB_BM / 4u)];
+        let a1 = db_w[sw + kr * (DB_BM / 4u) + 1u];
+        let b0 = db_x[sx + kr * (DB_BN / 4u)];
+        let b1 = db_x[sx + kr * (DB_BN / 4u) + 1u];
+        (*acc)[0] += a0.x * b0;
+        (*acc)[1] += a0.x * b1;
+        (*acc)[2] += a0.y * b0;
+        (*acc)[3] += a0.y * b1;
+        (*acc)[4] += a0.z * b0;
+        (*acc)[5] += a0.z * b1;
+        (*acc)[6] += a0.w * b0;
+        (*acc)[7] += a0.w * b1;
+        (*acc)[8] += a1.x * b0;
+        (*acc)[9] += a1.x * b1;
+        (*acc)[10] += a1.y * b0;
+        (*acc)[11] += a1.y * b1;
+        (*acc)[12] += a1.z * b0;
+        (*acc)[13] += a1.z * b1;
+        (*acc)[14] += a1.w * b0;
+        (*acc)[15] += a1.w * b1;
+    }
+}
+
+// Row m and reduction step k of weight group g (4 consecutive steps of one row per group).
+fn db_group_w(g: u32) -> vec2<u32> {
+    return vec2<u32>(g / (DB_BK / 4u), (g % (DB_BK / 4u)) * 4u);
+}
+
+// Reduction step k and column n of input group g (4 consecutive columns of one step per group).
+fn db_group_x(g: u32) -> vec2<u32> {
+    return vec2<u32>(g / (DB_BN / 4u), (g % (DB_BN / 4u)) * 4u);
+}
+
+// Stores weight group g (steps k .. k + 3 of row m) into stage `stage`.
+fn db_put_w(stage: u32, g: u32, v: vec4<f32>) {
+    let mk = db_group_w(g);
+    let e = (stage * DB_BK + mk.y) * DB_BM + mk.x;
+    db_w[e / 4u][mk.x % 4u] = v.x;
+    db_w[(e + DB_BM) / 4u][mk.x % 4u] = v.y;
+    db_w[(e + 2u * DB_BM) / 4u][mk.x % 4u] = v.z;
+    db_w[(e + 3u * DB_BM) / 4u][mk.x % 4u] = v.w;
+}
+
+// Stores input group g (columns n .. n + 3 of step k) into stage `stage`.
+fn db_put_x(stage: u32, g: u32, v: vec4<f32>) {
+    let kn = db_group_x(g);
+    db_x[(stage * DB_BK + kn.x) * (DB_BN / 4u) + kn.y / 4u] = v;
+}
+
+// The rest of iteration c of the double-buffered loop, once chunk c (if c < chunks) is in
+// registers pw, px: the FMAs of chunk c - 1 from its stage, then chunk c into the other stage
+// (read by the FMAs of the next iteration, after the barrier; its previous contents were read
+// before the last one), then the iteration's one barrier.
+fn db_advance(acc: ptr<function, array<vec4<f32>, 16>>, pw: array<vec4<f32>, 2>, px: array<vec4<f32>, 2>, c: u32,
+              chunks: u32, li: u32, tm: u32, tn: u32) {
+    if (c > 0u) {
+        let stage = (c - 1u) % 2u;
+        db_fma(acc, stage * DB_BK * (DB_BM / 4u) + tm / 4u, stage * DB_BK * (DB_BN / 4u) + tn / 4u);
+    }
+    if (c < chunks) {
+        for (var q = 0u; q < DB_BK * DB_BM / (4u * DB_WG); q++) {
+            db_put_w(c % 2u, li + q * DB_WG, pw[q]);
+        }
+        for (var q = 0u; q < DB_BK * DB_BN / (4u * DB_WG); q++) {
+            db_put_x(c % 2u, li + q * DB_WG, px[q]);
+        }
+    }
+    workgroupBarrier();
+}
+
+@compute @workgroup_size(DB_WG)
+fn conv2d_igemm_db(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let kdim = p.cin * p.k * p.k;
+    let npix = p.ho * p.wo;
+    let co0 = wid.y * DB_BM;
+    let px0 = wid.x * DB_BN;
+    let n = wid.z;
+    // vec4 groups each invocation loads per chunk (at most 2: see DB_TILES).
+    let groups_w = DB_BK * DB_BM / (4u * DB_WG);
+    let groups_x = DB_BK * DB_BN / (4u * DB_WG);
+    let tm = (li / (DB_BN / 8u)) * 8u;
+    let tn = (li % (DB_BN / 8u)) * 8u;
+    var pw: array<vec4<f32>, 2>;
+    var px: array<vec4<f32>, 2>;
+    var acc: array<vec4<f32>, 16>;
+    let chunks = (kdim + DB_BK - 1u) / DB_BK;
+    for (var c = 0u; c <= chunks; c++) {
+        // Global loads of chunk c, into registers.
+        if (c < chunks) {
+            for (var q = 0u; q < groups_w; q++) {
+                let mk = db_group_w(li + q * DB_WG);
+                pw[q] = db_fetch_w(co0 + mk.x, c * DB_BK + mk.y, kdim);
+            }
+            for (var q = 0u; q < groups_x; q++) {
+                let kn = db_group_x(li + q * DB_WG);
+                px[q] = db_fetch_x(n, c * DB_BK + kn.x, px0 + kn.y, kdim, npix);
+            }
+        }
+        db_advance(&acc, pw, px, c, chunks, li, tm, tn);
+    }
+    for (var i = 0u; i < 8u; i++) {
+        let co = co0 + tm + i;
+        if (co >= p.cout) {
+            break;
+        }
+        for (var j = 0u; j < 8u; j++) {
+            let pix = px0 + tn + j;
+            if (pix < npix) {
+                store_output(n, co, pix, acc[i * 2u + j / 4u][j % 4u]);
+            }
+        }
+    }
+}
+
 // ---- backward ---------------------------------------------------------------------------------
 
 @group(0) @binding(1) var<storage, read> dy: array<f32>;
@@ -418,6 +618,92 @@ fn conv2d_grad_input_igemm(@builtin(local_invocation_index) li: u32, @builtin(wo
             let pix = px0 + tn + j;
             if (pix < npix) {
                 dx[(n * p.cin + ci) * npix + pix] = accs[i][j];
+            }
+        }
+    }
+}
+
+// Variants "db*" of conv2d_grad_input (conv2d_grad_input_igemm_db): conv2d_igemm_db's tiles,
+// stages and loop on the transposed GEMM of conv2d_grad_input_igemm: rows m = input channels,
+// columns n = input pixels, r = (co, ky, kx) ascending. Weights are gathered with scalar loads
+// (a row's steps stride over Cout); taps that hit no output add exact zeros.
+// Grid: x = ceil(H*W / DB_BN), y = ceil(Cin / DB_BM), z = N.
+
+// w[co, ci, ky, kx] of reduction step r = (co, ky, kx), 0 past Cout*K*K.
+fn db_wt1(ci: u32, r: u32, kdim: u32) -> f32 {
+    let kk = p.k * p.k;
+    if (r >= kdim) {
+        return 0.0;
+    }
+    return wt_b[((r / kk) * p.cin + ci) * kk + r % kk];
+}
+
+// dy[n, co, oy, ox] feeding input pixel pix through tap (ky, kx), 0 where none does.
+fn db_dy1(dyplane: u32, ky: u32, kx: u32, pix: u32, npix: u32) -> f32 {
+    let s = i32(p.stride);
+    let ty = i32(pix / p.w + p.pad) - i32(ky);
+    let tx = i32(pix % p.w + p.pad) - i32(kx);
+    if (pix >= npix || ty < 0 || tx < 0 || ty % s != 0 || tx % s != 0 || ty / s >= i32(p.ho) || tx / s >= i32(p.wo)) {
+        return 0.0;
+    }
+    return dy[dyplane + u32(ty / s) * p.wo + u32(tx / s)];
+}
+
+@compute @workgroup_size(DB_WG)
+fn conv2d_grad_input_igemm_db(@builtin(local_invocation_index) li: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let kk = p.k * p.k;
+    let kdim = p.cout * kk;
+    let npix = p.h * p.w;
+    let ci0 = wid.y * DB_BM;
+    let px0 = wid.x * DB_BN;
+    let n = wid.z;
+    let groups_w = DB_BK * DB_BM / (4u * DB_WG);
+    let groups_x = DB_BK * DB_BN / (4u * DB_WG);
+    let tm = (li / (DB_BN / 8u)) * 8u;
+    let tn = (li % (DB_BN / 8u)) * 8u;
+    var pw: array<vec4<f32>, 2>;
+    var px: array<vec4<f32>, 2>;
+    var acc: array<vec4<f32>, 16>;
+    let chunks = (kdim + DB_BK - 1u) / DB_BK;
+    for (var c = 0u; c <= chunks; c++) {
+        if (c < chunks) {
+            for (var q = 0u; q < groups_w; q++) {
+                let mk = db_group_w(li + q * DB_WG);
+                let ci = ci0 + mk.x;
+                let r = c * DB_BK + mk.y;
+                if (ci < p.cin) {
+                    pw[q] = vec4<f32>(db_wt1(ci, r, kdim), db_wt1(ci, r + 1u, kdim), db_wt1(ci, r + 2u, kdim),
+                                      db_wt1(ci, r + 3u, kdim));
+                } else {
+                    pw[q] = vec4<f32>(0.0);
+                }
+            }
+            for (var q = 0u; q < groups_x; q++) {
+                let kn = db_group_x(li + q * DB_WG);
+                let r = c * DB_BK + kn.x;
+                let pix = px0 + kn.y;
+                if (r < kdim) {
+                    let dyplane = (n * p.cout + r / kk) * p.ho * p.wo;
+                    let ky = (r % kk) / p.k;
+                    let kx = r % p.k;
+                    px[q] = vec4<f32>(db_dy1(dyplane, ky, kx, pix, npix), db_dy1(dyplane, ky, kx, pix + 1u, npix),
+                                      db_dy1(dyplane, ky, kx, pix + 2u, npix), db_dy1(dyplane, ky, kx, pix + 3u, npix));
+                } else {
+                    px[q] = vec4<f32>(0.0);
+                }
+            }
+        }
+        db_advance(&acc, pw, px, c, chunks, li, tm, tn);
+    }
+    for (var i = 0u; i < 8u; i++) {
+        let ci = ci0 + tm + i;
+        if (ci >= p.cin) {
+            break;
+        }
+        for (var j = 0u; j < 8u; j++) {
+            let pix = px0 + tn + j;
+            if (pix < npix) {
+                dx[(n * p.cin + ci) * npix + pix] = acc[i * 2u + j / 4u][j % 4u];
             }
         }
     }

@@ -207,3 +207,13 @@ fn a_parameter_struct_mismatch_is_caught() {
     assert!(check_layout(src, "FmaParams", &swapped, 16).is_err());
     assert!(check_layout(src, "FmaParams", &[("n".to_string(), 0)], 12).is_err());
 }
+
+#[test]
+fn conv_subgroup_params_match_conv() {
+    // conv_subgroup.wgsl is a variant of conv's weight gradient bound with conv's parameter words.
+    use sddpm_gpu::ops::{conv, conv_subgroup};
+    assert_eq!(
+        wgsl_struct_layout(conv_subgroup::SHADER.source, "Params"),
+        wgsl_struct_layout(conv::SHADER.source, "Params")
+    );
+}

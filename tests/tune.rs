@@ -460,6 +460,245 @@ fn every_conv_variant_reads_packed_spikes() {
     }
 }
 
+// ---- double-buffered implicit-GEMM forward --------------------------------------------------------
+
+/// Index of the candidate named `name` of tunable node `node`.
+fn candidate(g: &Graph, node: usize, name: &str) -> usize {
+    let names: Vec<&str> = g.variants[&node].candidates.iter().map(|v| v.name.as_str()).collect();
+    names.iter().position(|&n| n == name).unwrap_or_else(|| panic!("{name} is not a candidate: {names:?}"))
+}
+
+/// Every `conv2d_igemm_db` tile against the CPU reference (1e-5 relative + 1e-5 absolute, as the
+/// other forward variants), f32 and packed spikes (the same bits either way): 3x3 and 1x1, stride
+/// 1 and 2, odd sizes, Cin*K*K aligned to the vec4 weight loads and not, Cout and pixel counts
+/// not multiples of the 64 and 128 tiles and larger than one tile, more chunks than one stage,
+/// and the 576 chunks of a Cin = 512 3x3 conv (the U-Net's deepest; lavapipe stops loops past
+/// 65535 iterations silently, so a long K loop must be checked, not assumed).
+#[test]
+fn every_double_buffered_conv_forward_matches_cpu() {
+    use sddpm_gpu::graph::{pack_spikes, DType};
+    let cases: [([usize; 4], usize, usize, usize, bool); 10] = [
+        ([2, 3, 7, 9], 4, 3, 1, true),
+        ([3, 4, 5, 6], 13, 3, 1, false),
+        ([2, 5, 9, 11], 36, 3, 2, true),
+        ([2, 6, 5, 5], 10, 1, 1, true),
+        ([3, 8, 3, 13], 9, 1, 1, false),
+        ([1, 4, 6, 9], 8, 1, 2, true),
+        ([2, 33, 10, 7], 72, 3, 1, true),
+        ([1, 20, 12, 12], 130, 3, 1, false),
+        ([2, 8, 4, 6], 12, 1, 1, true),
+        ([1, 512, 4, 4], 66, 3, 1, false),
+    ];
+    for (seed, &([n, cin, h, w], cout, k, stride, with_bias)) in cases.iter().enumerate() {
+        let pad = k / 2;
+        let mut r = rng(seed as u64 + 300);
+        let xf = normalish(&mut r, n * cin * h * w, 1.0);
+        let xs: Vec<f32> = uniform(&mut r, n * cin * h * w, 0.0, 1.0).iter().map(|&u| (u < 0.3) as u8 as f32).collect();
+        let wv = uniform(&mut r, cout * cin * k * k, -0.5, 0.5);
+        let bv = uniform(&mut r, cout, -0.5, 0.5);
+        let bias = with_bias.then_some(&bv[..]);
+        for (dtype, xv) in [(DType::F32, &xf), (DType::Spike, &xs)] {
+            let want = conv::conv2d_cpu(xv, [n, cin, h, w], &wv, [cout, cin, k, k], bias, stride, pad);
+            for &(tile, ..) in &conv::DB_TILES {
+                let mut outs = Vec::new();
+                for as_dtype in [dtype, DType::F32] {
+                    let mut g = Graph::new();
+                    let x = g.input_as("x", &[n, cin, h, w], as_dtype);
+                    let wt = g.param("w", &[cout, cin, k, k]);
+                    let b = g.param("b", &[cout]);
+                    let y = conv::conv2d(&mut g, x, wt, with_bias.then_some(b), stride, pad, "conv");
+                    let i = candidate(&g, 0, tile);
+                    g.choose(0, i);
+                    let xin = if as_dtype == DType::Spike { pack_spikes(xv) } else { bits(xv) };
+                    let mut inputs = vec![(x, xin), (wt, bits(&wv))];
+                    if with_bias {
+                        inputs.push((b, bits(&bv)));
+                    }
+                    outs.push(run_graph(g, &inputs, &[y]).remove(0));
+                }
+                let what = format!("conv2d {tile} {} {n}x{cin}x{h}x{w} -> {cout} k{k} s{stride}", dtype.name());
+                assert_eq!(bits(&outs[0]), bits(&outs[1]), "{what}: packed vs f32");
+                assert_close(&what, &outs[0], &want, 1e-5, 1e-5);
+            }
+        }
+    }
+}
+
+/// The double-buffered kernels bind the weights as vec4, so a conv whose weight count is not a
+/// multiple of 4 does not offer them; one whose count is does.
+#[test]
+fn double_buffered_conv_needs_whole_vec4_weights() {
+    let names = |cin: usize, cout: usize| -> Vec<String> {
+        let mut g = Graph::new();
+        let x = g.input("x", &[1, cin, 5, 5]);
+        let wt = g.param("w", &[cout, cin, 3, 3]);
+        conv::conv2d(&mut g, x, wt, None, 1, 1, "conv");
+        g.variants[&0].candidates.iter().map(|v| v.name.clone()).collect()
+    };
+    assert!(!names(3, 5).iter().any(|n| n.starts_with("db")), "{:?}", names(3, 5));
+    for &(tile, ..) in &conv::DB_TILES {
+        assert!(names(3, 4).iter().any(|n| n == tile), "{tile} missing from {:?}", names(3, 4));
+    }
+}
+
+/// The tuner offers a conv every variant the adapter can run (on lavapipe: the double-buffered
+/// tiles, the 32 KiB one included where its workgroup memory allows, and the subgroup weight
+/// gradient) and none it cannot.
+#[test]
+fn the_tuner_offers_the_conv_variants_the_adapter_can_run() {
+    use sddpm_gpu::graph::backward;
+    let dir = tmp("tuner-offers");
+    let c = tuning_ctx(&dir, false);
+    let mut g = Graph::new();
+    let x = g.input("x", &[2, 16, 8, 8]);
+    let wt = g.param("w", &[32, 16, 3, 3]);
+    let y = conv::conv2d(&mut g, x, wt, None, 1, 1, "conv");
+    let seed_t = g.input("dy", &[2, 32, 8, 8]);
+    backward(&mut g, y, seed_t, &[x, wt], sddpm_gpu::ops::elementwise::add);
+    let all = g.variants.clone();
+    tune::select(&c, &mut g).unwrap();
+    for (node, t) in &all {
+        let offered: Vec<&str> = g.variants[node].candidates.iter().map(|v| v.name.as_str()).collect();
+        for v in &t.candidates {
+            let fits = v.needs.met_by(c.features, &c.limits);
+            assert_eq!(offered.contains(&v.name.as_str()), fits, "{} on {}: {offered:?}", v.name, c.describe());
+        }
+    }
+    let forward: Vec<&str> = g.variants[&0].candidates.iter().map(|v| v.name.as_str()).collect();
+    // WebGPU guarantees 16 KiB of workgroup memory and 256 invocations: these two always fit.
+    for name in ["r8x4", "igemm32", "db64x64", "db128x128"] {
+        assert!(forward.contains(&name), "{name} not offered on {}: {forward:?}", c.describe());
+    }
+    if c.limits.max_compute_workgroup_storage_size >= 32768 {
+        assert!(forward.contains(&"db128x128k16"), "{forward:?}");
+    }
+    // And a candidate that needs more than the device has is dropped (the check can fail).
+    let mut h = Graph::new();
+    let x = h.input("x", &[2, 16, 8, 8]);
+    let wt = h.param("w", &[32, 16, 3, 3]);
+    conv::conv2d(&mut h, x, wt, None, 1, 1, "conv");
+    let cands = &mut h.variants.get_mut(&0).unwrap().candidates;
+    cands[2].needs.workgroup_bytes = c.limits.max_compute_workgroup_storage_size + 1;
+    cands[3].needs.invocations = c.limits.max_compute_invocations_per_workgroup + 1;
+    cands[4].needs.features = wgpu::Features::all() - c.features;
+    let kept: Vec<String> =
+        cands.iter().enumerate().filter(|(i, _)| ![2, 3, 4].contains(i)).map(|(_, v)| v.name.clone()).collect();
+    tune::select(&c, &mut h).unwrap();
+    let left: Vec<String> = h.variants[&0].candidates.iter().map(|v| v.name.clone()).collect();
+    assert_eq!(left, kept);
+    let grad_x = g.variants.keys().copied().find(|&i| g.nodes[i].label == "conv.grad_input").unwrap();
+    let grad_x: Vec<&str> = g.variants[&grad_x].candidates.iter().map(|v| v.name.as_str()).collect();
+    assert!(grad_x.contains(&"db64x64") && grad_x.contains(&"db128x128"), "{grad_x:?}");
+    let grad_w = g.variants.keys().copied().find(|&i| g.nodes[i].label == "conv.grad_weight").unwrap();
+    let grad_w: Vec<&str> = g.variants[&grad_w].candidates.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(grad_w.contains(&"sg4xkk"), c.features.contains(wgpu::Features::SUBGROUP), "{grad_w:?}");
+}
+
+// ---- subgroup weight gradient -----------------------------------------------------------------
+
+/// The subgroup weight gradient "sg4xkk" against the CPU reference (1e-5 relative + 1e-4
+/// absolute, as the other weight-gradient variants: it sums each chunk in another order), over
+/// f32 and packed spikes (the same bits either way), 3x3 and 1x1, stride 1 and 2, odd sizes,
+/// more than one chunk; and twice over, bit for bit (subgroup reductions have a fixed order on
+/// one device). Where the adapter has no subgroups, the tuner must not offer it.
+#[test]
+fn subgroup_conv_grad_weight_matches_cpu_and_repeats_exactly() {
+    use sddpm_gpu::graph::{backward, pack_spikes, DType};
+    let build = |[n, cin, h, w]: [usize; 4], cout: usize, k: usize, stride: usize, dtype: DType| {
+        let pad = k / 2;
+        let (ho, wo) = (conv::conv_out(h, k, stride, pad), conv::conv_out(w, k, stride, pad));
+        let mut g = Graph::new();
+        let x = g.input_as("x", &[n, cin, h, w], dtype);
+        let wt = g.param("w", &[cout, cin, k, k]);
+        let y = conv::conv2d(&mut g, x, wt, None, stride, pad, "conv");
+        let seed_t = g.input("dy", &[n, cout, ho, wo]);
+        let dw = backward(&mut g, y, seed_t, &[wt], sddpm_gpu::ops::elementwise::add)[&wt];
+        let node = g.variants.keys().copied().find(|&i| g.nodes[i].label == "conv.grad_weight").unwrap();
+        (g, node, [x, wt, seed_t, dw])
+    };
+    if !ctx().features.contains(wgpu::Features::SUBGROUP) {
+        let (mut g, node, _) = build([1, 2, 4, 4], 3, 3, 1, DType::F32);
+        let c = tuning_ctx(&tmp("no-subgroups"), false);
+        tune::select(&c, &mut g).unwrap();
+        assert!(g.variants[&node].candidates.iter().all(|v| v.name != "sg4xkk"));
+        eprintln!("note: {} has no subgroups; sg4xkk is not offered and not run", ctx().describe());
+        return;
+    }
+    let cases: [([usize; 4], usize, usize, usize); 6] = [
+        ([2, 3, 7, 9], 5, 3, 1),
+        ([2, 5, 9, 11], 7, 3, 2),
+        ([2, 6, 5, 5], 10, 1, 1),
+        ([2, 13, 6, 7], 35, 3, 1),
+        ([1, 3, 6, 9], 4, 1, 2),
+        ([3, 2, 29, 31], 3, 3, 1),
+    ];
+    for (seed, &([n, cin, h, w], cout, k, stride)) in cases.iter().enumerate() {
+        let pad = k / 2;
+        let (ho, wo) = (conv::conv_out(h, k, stride, pad), conv::conv_out(w, k, stride, pad));
+        let mut r = rng(seed as u64 + 400);
+        let xf = normalish(&mut r, n * cin * h * w, 1.0);
+        let xs: Vec<f32> = uniform(&mut r, n * cin * h * w, 0.0, 1.0).iter().map(|&u| (u < 0.3) as u8 as f32).collect();
+        let dyv = normalish(&mut r, n * cout * ho * wo, 1.0);
+        for (dtype, xv) in [(DType::F32, &xf), (DType::Spike, &xs)] {
+            let want = conv::conv2d_grad_weight_cpu(&dyv, xv, [n, cin, h, w], [cout, k], stride, pad);
+            let mut outs = Vec::new();
+            for as_dtype in [dtype, DType::F32, dtype] {
+                let (mut g, node, [x, wt, seed_t, dw]) = build([n, cin, h, w], cout, k, stride, as_dtype);
+                let i = candidate(&g, node, "sg4xkk");
+                g.choose(node, i);
+                let xin = if as_dtype == DType::Spike { pack_spikes(xv) } else { bits(xv) };
+                let inputs = [(x, xin), (wt, bits(&vec![0.0; cout * cin * k * k])), (seed_t, bits(&dyv))];
+                outs.push(run_graph(g, &inputs, &[dw]).remove(0));
+            }
+            let what = format!("conv grad_weight sg4xkk {} {n}x{cin}x{h}x{w} -> {cout} k{k} s{stride}", dtype.name());
+            assert_eq!(bits(&outs[0]), bits(&outs[1]), "{what}: packed vs f32");
+            assert_eq!(bits(&outs[0]), bits(&outs[2]), "{what}: second run");
+            assert_close(&what, &outs[0], &want, 1e-5, 1e-4);
+        }
+    }
+}
+
+/// Every `conv2d_grad_input_igemm_db` tile against the CPU reference (1e-5 relative + 1e-5
+/// absolute, as the other input-gradient variants): 3x3 and 1x1, stride 1 and 2, odd sizes,
+/// Cin and pixel counts not multiples of the tiles and larger than one 64 tile, and the 576 chunks
+/// of a Cout = 512 3x3 conv.
+#[test]
+fn every_double_buffered_conv_grad_input_matches_cpu() {
+    use sddpm_gpu::graph::backward;
+    let cases: [([usize; 4], usize, usize, usize); 7] = [
+        ([2, 3, 7, 9], 5, 3, 1),
+        ([2, 5, 9, 11], 7, 3, 2),
+        ([1, 4, 8, 8], 3, 3, 2),
+        ([2, 6, 5, 5], 10, 1, 1),
+        ([2, 70, 9, 8], 9, 3, 1),
+        ([1, 3, 6, 9], 35, 1, 2),
+        ([1, 8, 4, 4], 512, 3, 1),
+    ];
+    for (seed, &([n, cin, h, w], cout, k, stride)) in cases.iter().enumerate() {
+        let pad = k / 2;
+        let (ho, wo) = (conv::conv_out(h, k, stride, pad), conv::conv_out(w, k, stride, pad));
+        let mut r = rng(seed as u64 + 500);
+        let wv = uniform(&mut r, cout * cin * k * k, -0.5, 0.5);
+        let dyv = normalish(&mut r, n * cout * ho * wo, 1.0);
+        let want = conv::conv2d_grad_input_cpu(&dyv, &wv, [n, cin, h, w], [cout, k], stride, pad);
+        for &(tile, ..) in &conv::DB_TILES {
+            let mut g = Graph::new();
+            let x = g.input("x", &[n, cin, h, w]);
+            let wt = g.param("w", &[cout, cin, k, k]);
+            let y = conv::conv2d(&mut g, x, wt, None, stride, pad, "conv");
+            let seed_t = g.input("dy", &[n, cout, ho, wo]);
+            let dx = backward(&mut g, y, seed_t, &[x], sddpm_gpu::ops::elementwise::add)[&x];
+            let node = g.variants.keys().copied().find(|&i| g.nodes[i].label == "conv.grad_input").unwrap();
+            let i = candidate(&g, node, tile);
+            g.choose(node, i);
+            let inputs = [(x, bits(&vec![0.0; n * cin * h * w])), (wt, bits(&wv)), (seed_t, bits(&dyv))];
+            let got = run_graph(g, &inputs, &[dx]).remove(0);
+            let what = format!("conv grad_input {tile} {n}x{cin}x{h}x{w} -> {cout} k{k} s{stride}");
+            assert_close(&what, &got, &want, 1e-5, 1e-5);
+        }
+    }
+}
+
 // ---- variants recorded in checkpoints -----------------------------------------------------------
 
 /// Rewrite a checkpoint with its metadata field `key` set to `value`.

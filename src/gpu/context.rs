@@ -448,7 +448,7 @@ pub fn shader_checks_from_env() -> bool {
 }
 
 /// A WGSL source file from shaders/, embedded in the binary.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct Shader {
     /// File stem in shaders/, e.g. "conv".
     pub name: &'static str,

@@ -162,6 +162,31 @@ pub struct Variant {
     /// The kernel writes all the workgroup memory it reads before reading it, so the pipeline
     /// may skip the zero-initialisation WebGPU otherwise requires (a pass over it per workgroup).
     pub writes_workgroup_memory_first: bool,
+    /// The module holding `entry` when it is not the node's (kernels that need a device feature
+    /// live in a module of their own: a module that uses a feature fails to compile without it).
+    pub shader: Option<&'static Shader>,
+    /// What the adapter must offer for this variant to be a candidate (crate::tune drops the
+    /// candidates it cannot run).
+    pub needs: Needs,
+}
+
+/// Device capabilities a [`Variant`] needs beyond WebGPU's guaranteed minimum.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Needs {
+    pub features: wgpu::Features,
+    /// Workgroup memory of one workgroup (the limit is `max_compute_workgroup_storage_size`).
+    pub workgroup_bytes: u32,
+    /// Invocations per workgroup (the limit is `max_compute_invocations_per_workgroup`).
+    pub invocations: u32,
+}
+
+impl Needs {
+    /// Whether a device with `features` and `limits` can run the variant.
+    pub fn met_by(&self, features: wgpu::Features, limits: &wgpu::Limits) -> bool {
+        features.contains(self.features)
+            && self.workgroup_bytes <= limits.max_compute_workgroup_storage_size
+            && self.invocations <= limits.max_compute_invocations_per_workgroup
+    }
 }
 
 /// The candidates of a node whose kernel is chosen at compile time (index 0 is the default).
@@ -169,6 +194,8 @@ pub struct Variant {
 pub struct Tunable {
     pub candidates: Vec<Variant>,
     pub chosen: usize,
+    /// The node's own module (candidates without [`Variant::shader`] use it).
+    pub shader: &'static Shader,
 }
 
 impl Tunable {
@@ -353,10 +380,27 @@ impl Graph {
     /// (see [`Graph::push_typed`]); every candidate reads and writes the same dtypes.
     pub fn push_variants_typed(&mut self, mut node: Node, reads: &[DType], writes: &[DType], candidates: Vec<Variant>) {
         assert!(!candidates.is_empty(), "node '{}' offers no kernel variant", node.label);
+        let shader = node.shader;
+        node.shader = candidates[0].shader.unwrap_or(shader);
         node.entry = candidates[0].entry;
         node.workgroups = candidates[0].workgroups;
         self.push_typed(node, reads, writes);
-        self.variants.insert(self.nodes.len() - 1, Tunable { candidates, chosen: 0 });
+        self.variants.insert(self.nodes.len() - 1, Tunable { candidates, chosen: 0, shader });
+    }
+
+    /// Keep only the candidates `keep` accepts (the default, index 0, always stays: it is what
+    /// runs untuned on every adapter), and go back to the default on every tunable node.
+    pub fn retain_candidates(&mut self, keep: impl Fn(&Variant) -> bool) {
+        let nodes: Vec<usize> = self.variants.keys().copied().collect();
+        for node in nodes {
+            let t = self.variants.get_mut(&node).expect("a tunable node");
+            let mut i = 0;
+            t.candidates.retain(|v| {
+                i += 1;
+                i == 1 || keep(v)
+            });
+            self.choose(node, 0);
+        }
     }
 
     /// Use candidate `index` for tunable node `node`.
@@ -364,6 +408,7 @@ impl Graph {
         let t = self.variants.get_mut(&node).expect("choose() on a node without variants");
         t.chosen = index;
         let v = &t.candidates[index];
+        self.nodes[node].shader = v.shader.unwrap_or(t.shader);
         self.nodes[node].entry = v.entry;
         self.nodes[node].workgroups = v.workgroups;
     }
@@ -373,8 +418,9 @@ impl Graph {
     pub fn tuning_key(&self, node: usize) -> String {
         let n = &self.nodes[node];
         let shapes = |ts: &[TensorId]| ts.iter().map(|t| format!("{:?}", self.shape(*t))).collect::<Vec<_>>().join(",");
-        let default = self.variants.get(&node).map_or(n.entry, |t| t.candidates[0].entry);
-        format!("{}::{} in {} out {} p {:?}", n.shader.name, default, shapes(&n.reads), shapes(&n.writes), n.params)
+        let (shader, default) =
+            self.variants.get(&node).map_or((n.shader, n.entry), |t| (t.shader, t.candidates[0].entry));
+        format!("{}::{} in {} out {} p {:?}", shader.name, default, shapes(&n.reads), shapes(&n.writes), n.params)
     }
 
     /// Record a differentiable op (see [`backward`]).

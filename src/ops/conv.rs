@@ -8,7 +8,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::Shader;
-use crate::graph::{grid_1d, Cost, DType, Graph, Node, Params, TensorId, Variant};
+use crate::graph::{grid_1d, Cost, DType, Graph, Needs, Node, Params, TensorId, Variant};
 use crate::shader;
 
 pub static SHADER: Shader = shader!(trusted "conv");
@@ -76,6 +76,8 @@ pub fn forward_variants(n: usize, cout: usize, ho: usize, wo: usize) -> Vec<Vari
             constants: vec![],
             workgroups: [(ho * wo_groups).div_ceil(64) as u32, cout.div_ceil(8) as u32, n as u32],
             writes_workgroup_memory_first: false,
+            shader: None,
+            needs: Needs { invocations: 64, ..Needs::default() },
         },
         Variant {
             name: "igemm32".into(),
@@ -84,8 +86,65 @@ pub fn forward_variants(n: usize, cout: usize, ho: usize, wo: usize) -> Vec<Vari
             workgroups: [(ho * wo).div_ceil(IGEMM_TILE) as u32, cout.div_ceil(IGEMM_TILE) as u32, n as u32],
             // Every invocation stores its 4 values of both tiles before the first barrier.
             writes_workgroup_memory_first: true,
+            shader: None,
+            needs: Needs { invocations: 64, workgroup_bytes: 2048, ..Needs::default() },
         },
     ]
+}
+
+/// Workgroup tiles of the double-buffered implicit GEMM `conv2d_igemm_db` (variants named
+/// after them): (name, output channels DB_BM, output pixels DB_BN, reduction steps per stage
+/// DB_BK). Each invocation computes 8 x 8 outputs and loads at most 2 vec4 of each operand per
+/// chunk (DB_BK * DB_BM and DB_BK * DB_BN at most 8 per invocation). The 32 KiB one runs only
+/// where the adapter allows that much workgroup memory (see [`Needs`]).
+pub const DB_TILES: [(&str, usize, usize, usize); 3] =
+    [("db64x64", 64, 64, 8), ("db128x128", 128, 128, 8), ("db128x128k16", 128, 128, 16)];
+
+/// The double-buffered implicit-GEMM forward kernels (see [`DB_TILES`]) of a conv whose weight
+/// has `weights` elements: none unless that is a multiple of 4, since they bind the weights as
+/// vec4.
+pub fn forward_db_variants(n: usize, cout: usize, ho: usize, wo: usize, weights: usize) -> Vec<Variant> {
+    if !weights.is_multiple_of(4) {
+        return vec![];
+    }
+    db_variants("conv2d_igemm_db", n, cout, ho * wo)
+}
+
+/// The double-buffered implicit-GEMM input-gradient kernels (see [`DB_TILES`]).
+pub fn grad_input_db_variants(n: usize, cin: usize, h: usize, w: usize) -> Vec<Variant> {
+    db_variants("conv2d_grad_input_igemm_db", n, cin, h * w)
+}
+
+/// The [`DB_TILES`] variants of `entry`, a GEMM of `rows` channels x `pixels` per image.
+fn db_variants(entry: &'static str, n: usize, rows: usize, pixels: usize) -> Vec<Variant> {
+    DB_TILES
+        .iter()
+        .map(|&(name, bm, bn, bk)| {
+            let invocations = (bm / 8) * (bn / 8);
+            // The kernel holds 2 vec4 per operand and invocation between a chunk's load and store.
+            assert!(bk * bm <= 8 * invocations && bk * bn <= 8 * invocations && bk % 4 == 0, "{name} does not fit");
+            Variant {
+                name: name.into(),
+                entry,
+                constants: vec![
+                    ("DB_BM", bm as f64),
+                    ("DB_BN", bn as f64),
+                    ("DB_BK", bk as f64),
+                    ("DB_WG", invocations as f64),
+                ],
+                workgroups: [pixels.div_ceil(bn) as u32, rows.div_ceil(bm) as u32, n as u32],
+                // Every stage is written (chunk c at iteration c) before the barrier that precedes
+                // its first read.
+                writes_workgroup_memory_first: true,
+                shader: None,
+                needs: Needs {
+                    invocations: invocations as u32,
+                    workgroup_bytes: (2 * bk * (bm + bn) * 4) as u32,
+                    ..Needs::default()
+                },
+            }
+        })
+        .collect()
 }
 
 /// The input-gradient kernels: the 8x4 register-tiled default and the implicit GEMM.
@@ -97,6 +156,8 @@ pub fn grad_input_variants(n: usize, cin: usize, h: usize, w: usize) -> Vec<Vari
             constants: vec![],
             workgroups: [(h * w.div_ceil(4)).div_ceil(64) as u32, cin.div_ceil(8) as u32, n as u32],
             writes_workgroup_memory_first: false,
+            shader: None,
+            needs: Needs { invocations: 64, ..Needs::default() },
         },
         Variant {
             name: "igemm32".into(),
@@ -105,6 +166,8 @@ pub fn grad_input_variants(n: usize, cin: usize, h: usize, w: usize) -> Vec<Vari
             workgroups: [(h * w).div_ceil(IGEMM_TILE) as u32, cin.div_ceil(IGEMM_TILE) as u32, n as u32],
             // Every invocation stores its 4 values of both tiles before the first barrier.
             writes_workgroup_memory_first: true,
+            shader: None,
+            needs: Needs { invocations: 64, workgroup_bytes: 2048, ..Needs::default() },
         },
     ]
 }
@@ -119,6 +182,8 @@ pub fn grad_weight_variants(cout: usize, cin: usize, k: usize, parts: usize) -> 
             constants: vec![("GRAD_W_CHUNK", GRAD_W_CHUNK as f64)],
             workgroups: [cin.div_ceil(64) as u32, cout.div_ceil(4) as u32, parts as u32],
             writes_workgroup_memory_first: false,
+            shader: None,
+            needs: Needs { invocations: 64, ..Needs::default() },
         },
         Variant {
             name: "igemm32".into(),
@@ -127,6 +192,8 @@ pub fn grad_weight_variants(cout: usize, cin: usize, k: usize, parts: usize) -> 
             workgroups: [(cin * k * k).div_ceil(IGEMM_TILE) as u32, cout.div_ceil(IGEMM_TILE) as u32, parts as u32],
             // Every invocation stores its 4 values of both tiles before the first barrier.
             writes_workgroup_memory_first: true,
+            shader: None,
+            needs: Needs { invocations: 64, workgroup_bytes: 2048, ..Needs::default() },
         },
     ]
 }
@@ -274,6 +341,7 @@ fn conv_node(
     let epilogue_elems = emb_rows.map_or(0, |r| r * cout) + epilogue.residual.map_or(0, |_| out_elems);
     let bytes = x_bytes + 4 * (cout * cin * k * kw + out_elems) as u64;
     let mut candidates = forward_variants(n, cout, ho, wo);
+    candidates.extend(forward_db_variants(n, cout, ho, wo, cout * cin * k * kw));
     if relu || k != kw || pad != pad_w {
         // The implicit GEMM takes square kernels; Inception's (non-square, ReLU) convs run the
         // register-tiled default.
@@ -313,7 +381,8 @@ fn conv_node(
         let grad_w_cost = Cost { flops: 2 * macs, bytes };
         let dx = needs[0].then(|| {
             let dx = g.intermediate(&format!("{label}.grad_input"), &[n, cin, h, wd]);
-            let candidates = grad_input_variants(n, cin, h, wd);
+            let mut candidates = grad_input_variants(n, cin, h, wd);
+            candidates.extend(grad_input_db_variants(n, cin, h, wd));
             g.push_variants(
                 Node {
                     shader: &SHADER,
@@ -333,7 +402,8 @@ fn conv_node(
             assert!(k <= 3, "{label}: weight gradients support kernels up to 3x3");
             let parts = (n * ho * wo).div_ceil(GRAD_W_CHUNK);
             let partial = g.intermediate(&format!("{label}.grad_weight_parts"), &[parts, cout * cin * k * k]);
-            let candidates = grad_weight_variants(cout, cin, k, parts);
+            let mut candidates = grad_weight_variants(cout, cin, k, parts);
+            candidates.push(crate::ops::conv_subgroup::grad_weight_variant(cout, cin, parts));
             g.push_variants_typed(
                 Node {
                     shader: &SHADER,

@@ -3,7 +3,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::Shader;
-use crate::graph::{Cost, Graph, Node, Params, TensorId, Variant};
+use crate::graph::{Cost, Graph, Needs, Node, Params, TensorId, Variant};
 use crate::shader;
 
 pub static SHADER: Shader = shader!(trusted "matmul");
@@ -37,6 +37,8 @@ pub fn variants(m: usize, n: usize) -> Vec<Variant> {
             constants: vec![("WG_X", wx as f64), ("WG_Y", wy as f64)],
             workgroups: [n.div_ceil(4 * wx as usize) as u32, m.div_ceil(4 * wy as usize) as u32, 1],
             writes_workgroup_memory_first: false,
+            shader: None,
+            needs: Needs::default(),
         })
         .collect()
 }

@@ -6,6 +6,7 @@ pub mod attention;
 pub mod batchnorm;
 pub mod calibrate;
 pub mod conv;
+pub mod conv_subgroup;
 pub mod dropout;
 pub mod elementwise;
 pub mod embedding;
@@ -29,12 +30,13 @@ pub(crate) fn pointwise_cost(outputs: usize, inputs: usize, flops_per: u64) -> C
 }
 
 /// Every shader the crate embeds, for validation and listings.
-pub fn all_shaders() -> [&'static crate::gpu::Shader; 18] {
+pub fn all_shaders() -> [&'static crate::gpu::Shader; 19] {
     [
         &attention::SHADER,
         &batchnorm::SHADER,
         &calibrate::SHADER,
         &conv::SHADER,
+        &conv_subgroup::SHADER,
         &dropout::SHADER,
         &elementwise::SHADER,
         &embedding::SHADER,

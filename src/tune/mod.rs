@@ -9,7 +9,8 @@
 //! the cache > timing. Every choice is recorded in the context's [`Tuning::chosen`].
 //!
 //! Selection runs on the graph, before memory planning, so a variant's grid and constants are
-//! fixed when the plan is built.
+//! fixed when the plan is built. Candidates whose [`crate::graph::Needs`] the device does not meet
+//! are dropped first.
 
 mod cache;
 mod record;
@@ -49,6 +50,9 @@ pub fn select(ctx: &Context, g: &mut Graph) -> Result<Report> {
     if g.variants.is_empty() {
         return Ok(report);
     }
+    // Candidates the device cannot run (a feature it lacks, more workgroup memory or invocations
+    // than it allows) are not offered at all, so caches and records name only runnable kernels.
+    g.retain_candidates(|v| v.needs.met_by(ctx.features, &ctx.limits));
     let policy: Tuning = ctx.tuning.lock().unwrap().clone();
     let mut cache: Option<Cache> = None;
     let mut decided: BTreeMap<String, usize> = BTreeMap::new();
@@ -67,7 +71,8 @@ pub fn select(ctx: &Context, g: &mut Graph) -> Result<Report> {
                         Some(i) => i,
                         None => bail!(
                             "the run recorded kernel variant '{name}' for {key}, which this build does not offer \
-                             (it offers {}); rerun without --resume or with the build that made the run",
+                             on this adapter (it offers {}); rerun without --resume, or with the build and \
+                             adapter that made the run",
                             names.join(", ")
                         ),
                     }
@@ -138,7 +143,8 @@ fn time_candidates(ctx: &Context, g: &Graph, node: usize) -> Result<Vec<Timed>> 
         let reads = bind(&n.reads);
         let writes = bind(&n.writes);
         let single: Vec<Variant> = vec![v.clone()];
-        mini.push_variants(Node { reads, writes, ..n.clone() }, single);
+        let shader = g.variants[&node].shader;
+        mini.push_variants(Node { reads, writes, shader, ..n.clone() }, single);
         let plan = Plan::compile(ctx, &mini)?;
         // Past the budget a candidate gets one cold run: enough to rank kernels that differ by
         // multiples (what slow adapters and huge shapes show), and the time stays bounded.
