@@ -119,84 +119,131 @@ macro_rules! assert_params_layout {
         if let Err(e) = check_layout($shader.source, $wgsl, &rust, size) {
             panic!("{e}");
         }
+        ($shader.name, $wgsl)
     }};
 }
 
 #[test]
 fn parameter_structs_match_their_wgsl_layout() {
     use sddpm_gpu::ops::{
-        attention, batchnorm, calibrate, conv, dropout, elementwise, embedding, groupnorm, layout, matmul, neuron,
-        optim, pool, readout, reduce, resize, sampler, spike_attention,
+        attention, batchnorm, calibrate, conv, conv_subgroup, dropout, elementwise, embedding, groupnorm, layout,
+        matmul, neuron, optim, pool, readout, reduce, resize, sampler, spike_attention,
     };
-    assert_params_layout!(calibrate::SHADER, "FmaParams", calibrate::FmaParams, [n, iters, a, b]);
-    assert_params_layout!(calibrate::SHADER, "CopyParams", calibrate::CopyParams, [n, pad0, pad1, pad2]);
-    assert_params_layout!(
+    let mut checked = std::collections::BTreeSet::new();
+    checked.insert(assert_params_layout!(calibrate::SHADER, "FmaParams", calibrate::FmaParams, [n, iters, a, b]));
+    checked.insert(assert_params_layout!(
+        calibrate::SHADER,
+        "CopyParams",
+        calibrate::CopyParams,
+        [n, pad0, pad1, pad2]
+    ));
+    checked.insert(assert_params_layout!(
         conv::SHADER,
         "Params",
         conv::ConvParams,
         [n, cin, h, w, cout, ho, wo, k, stride, pad, wo_groups, x_spikes, kw, pad_w, epilogue, emb_rows]
-    );
-    assert_params_layout!(matmul::SHADER, "Params", matmul::MatmulParams, [m, n, k, has_bias, a_sm, a_sk, b_sk, b_sn]);
-    assert_params_layout!(elementwise::SHADER, "Params", elementwise::ElementwiseParams, [numel, c, s, b]);
-    assert_params_layout!(layout::SHADER, "Params", layout::LayoutParams, [numel, c, h, w, ca, cb, s, _pad]);
-    assert_params_layout!(reduce::SHADER, "Params", reduce::ReduceParams, [n, c, s, b]);
-    assert_params_layout!(
+    ));
+    checked.insert(assert_params_layout!(
+        matmul::SHADER,
+        "Params",
+        matmul::MatmulParams,
+        [m, n, k, has_bias, a_sm, a_sk, b_sk, b_sn]
+    ));
+    checked.insert(assert_params_layout!(
+        elementwise::SHADER,
+        "Params",
+        elementwise::ElementwiseParams,
+        [numel, c, s, b]
+    ));
+    checked.insert(assert_params_layout!(
+        layout::SHADER,
+        "Params",
+        layout::LayoutParams,
+        [numel, c, h, w, ca, cb, s, _pad]
+    ));
+    checked.insert(assert_params_layout!(reduce::SHADER, "Params", reduce::ReduceParams, [n, c, s, b]));
+    checked.insert(assert_params_layout!(
         optim::SHADER,
         "Params",
         optim::OptimParams,
         [n, _pad0, _pad1, _pad2, beta1, beta2, eps, _pad3]
-    );
-    assert_params_layout!(
+    ));
+    checked.insert(assert_params_layout!(
         sampler::SHADER,
         "Params",
         sampler::SamplerParams,
         [numel, per_image, batch, image_base, seed_lo, seed_hi, z_source, _pad]
-    );
-    assert_params_layout!(embedding::SHADER, "Params", embedding::GatherParams, [rows, d, count, _pad]);
-    assert_params_layout!(readout::SHADER, "Params", readout::ReadoutParams, [m, t, decay, _pad]);
-    assert_params_layout!(
+    ));
+    checked.insert(assert_params_layout!(embedding::SHADER, "Params", embedding::GatherParams, [rows, d, count, _pad]));
+    checked.insert(assert_params_layout!(readout::SHADER, "Params", readout::ReadoutParams, [m, t, decay, _pad]));
+    checked.insert(assert_params_layout!(
         dropout::SHADER,
         "Params",
         dropout::DropoutParams,
         [numel, layer, threshold, _pad, scale, _pad1, _pad2, _pad3]
-    );
-    assert_params_layout!(
+    ));
+    checked.insert(assert_params_layout!(
         groupnorm::SHADER,
         "Params",
         groupnorm::GroupNormParams,
         [b, c, s, groups, eps, swish, _pad1, _pad2]
-    );
-    assert_params_layout!(
+    ));
+    checked.insert(assert_params_layout!(
         attention::SHADER,
         "Params",
         attention::AttentionParams,
         [b, c, n, _pad, scale, _pad1, _pad2, _pad3]
-    );
-    assert_params_layout!(
+    ));
+    checked.insert(assert_params_layout!(
         spike_attention::SHADER,
         "Params",
         spike_attention::SpikeAttentionParams,
         [rows, c, n, heads, d, scale, _pad0, _pad1]
-    );
-    assert_params_layout!(
+    ));
+    checked.insert(assert_params_layout!(
         pool::SHADER,
         "Params",
         pool::PoolParams,
         [numel, h, w, ho, wo, kh, kw, stride, pad, _p0, _p1, _p2]
-    );
-    assert_params_layout!(
+    ));
+    checked.insert(assert_params_layout!(
         resize::SHADER,
         "Params",
         resize::ResizeParams,
         [numel, cin, h, w, cout, ho, wo, scale_h, scale_w, mul, add, _p0]
-    );
-    assert_params_layout!(batchnorm::SHADER, "Params", batchnorm::BatchnormParams, [n, c, hw, eps, momentum]);
-    assert_params_layout!(
+    ));
+    checked.insert(assert_params_layout!(
+        batchnorm::SHADER,
+        "Params",
+        batchnorm::BatchnormParams,
+        [n, c, hw, eps, momentum]
+    ));
+    checked.insert(assert_params_layout!(
         neuron::SHADER,
         "Params",
         neuron::NeuronParams,
         [n, t, lif, v_th, v_reset, inv_tau, c, hw, b, has_emb]
-    );
+    ));
+    checked.insert(assert_params_layout!(
+        conv_subgroup::SHADER,
+        "Params",
+        conv::ConvParams,
+        [n, cin, h, w, cout, ho, wo, k, stride, pad, wo_groups, x_spikes, kw, pad_w, epilogue, emb_rows]
+    ));
+    // Every uniform struct of every embedded shader has its Rust mirror checked above.
+    for shader in sddpm_gpu::ops::all_shaders() {
+        let module = naga::front::wgsl::parse_str(shader.source).unwrap();
+        for (_, var) in module.global_variables.iter() {
+            if var.space == naga::AddressSpace::Uniform {
+                let ty = module.types[var.ty].name.clone().unwrap_or_default();
+                assert!(
+                    checked.contains(&(shader.name, ty.as_str())),
+                    "shaders/{}.wgsl's uniform struct {ty} has no Rust parameter struct checked here",
+                    shader.name
+                );
+            }
+        }
+    }
 }
 
 #[test]
