@@ -308,3 +308,76 @@ fn sizes_past_u32_are_a_graph_error_not_a_panic() {
     let msg = format!("{:#}", g.check().unwrap_err());
     assert!(msg.contains("wide conv") && msg.contains("70000 workgroups"), "{msg}");
 }
+
+/// A kernel with an off-by-one bounds check (`i > n` where `i >= n` is meant), and one that reads
+/// its neighbour (`x[i + 1]`), for the guarded plans below.
+static OFF_BY_ONE: sddpm_gpu::gpu::Shader = sddpm_gpu::gpu::Shader {
+    name: "off_by_one (test)",
+    source: "
+struct Params { n: u32, _p0: u32, _p1: u32, _p2: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@compute @workgroup_size(64)
+fn writes_one_past(@builtin(global_invocation_id) gid: vec3<u32>) {
+    if (gid.x > p.n) { return; }
+    y[gid.x] = x[min(gid.x, p.n - 1u)] + 1.0;
+}
+@compute @workgroup_size(64)
+fn reads_one_past(@builtin(global_invocation_id) gid: vec3<u32>) {
+    if (gid.x >= p.n) { return; }
+    y[gid.x] = x[gid.x + 1u];
+}
+",
+    trusted: true,
+};
+
+#[test]
+fn guarded_plans_catch_out_of_bounds_kernels() {
+    #[repr(C)]
+    #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+    struct P {
+        n: u32,
+        pad: [u32; 3],
+    }
+    let n = 40;
+    let graph = |entry: &'static str| {
+        let mut g = Graph::new();
+        let x = g.input("x", &[n]);
+        let y = g.intermediate("y", &[n]);
+        g.push(Node {
+            shader: &OFF_BY_ONE,
+            entry,
+            params: Params::of(&P { n: n as u32, pad: [0; 3] }),
+            reads: vec![x],
+            writes: vec![y],
+            workgroups: [1, 1, 1],
+            label: entry.into(),
+            cost: Default::default(),
+        });
+        g.mark_output(y);
+        (g, x, y)
+    };
+    let c = ctx();
+    for checks in [true, false] {
+        // Checked modules (the op tests) and trusted ones (the release binary): the guard is part
+        // of the binding, so neither wgpu nor the driver clamps the stray access away.
+        let mut own = sddpm_gpu::gpu::Context::new(None).unwrap();
+        own.shader_checks = checks;
+        let c = if checks { c } else { &own };
+        let (g, x, _) = graph("writes_one_past");
+        let plan = Plan::compile_guarded(c, &g).unwrap();
+        plan.write(c, x, &[0f32; 40]).unwrap();
+        plan.run(c).unwrap();
+        let err = plan.check_guards(c).unwrap_err().to_string();
+        assert!(err.contains("past the end of tensor 'y'"), "{err}");
+
+        let (g, x, y) = graph("reads_one_past");
+        let plan = Plan::compile_guarded(c, &g).unwrap();
+        plan.write(c, x, &[2f32; 40]).unwrap();
+        plan.run(c).unwrap();
+        plan.check_guards(c).unwrap();
+        let got = plan.read(c, y).unwrap();
+        assert!(got[..n - 1].iter().all(|&v| v == 2.0) && got[n - 1].is_nan(), "the stray read sees poison: {got:?}");
+    }
+}

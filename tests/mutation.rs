@@ -56,11 +56,16 @@ fn mutants(bytes: &[u8], seed: u64, extra: Vec<Vec<u8>>) -> Vec<(String, Vec<u8>
     out
 }
 
+/// One test at a time: the peak is process-wide and tests run on parallel threads, so a test
+/// building a large mutant (the gzip bomb) must not run while another measures. Every test holds
+/// this for its whole body.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Run `load` on every mutant of `original` written to `path`; check no panic and the peak allocation.
 fn check(what: &str, original: &Path, path: &Path, factor: usize, extra: Vec<Vec<u8>>, load: &dyn Fn(&Path) -> bool) {
-    // One loader at a time: the peak is process-wide, and tests run on parallel threads.
-    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let bytes = std::fs::read(original).unwrap();
     let mut errors = 0;
     for (how, m) in mutants(&bytes, bytes.len() as u64, extra) {
@@ -90,6 +95,7 @@ fn one_line<T>(r: anyhow::Result<T>) -> bool {
 
 #[test]
 fn safetensors_checkpoints() {
+    let _one = serial();
     let mut absurd = std::fs::read(fixture("weights.safetensors")).unwrap();
     absurd[..8].copy_from_slice(&u64::MAX.to_le_bytes());
     check("safetensors", &fixture("weights.safetensors"), &tmp("m.safetensors"), 8, vec![absurd], &|p| {
@@ -108,6 +114,7 @@ fn idx_bytes(n: u32, h: u32, w: u32, body: usize) -> Vec<u8> {
 
 #[test]
 fn idx_images() {
+    let _one = serial();
     let good = tmp("m-good-idx3-ubyte");
     std::fs::write(&good, idx_bytes(3, 28, 28, 3 * 784)).unwrap();
     // Declared sizes far beyond the file, and a product that wraps around 2^64.
@@ -126,6 +133,7 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
 
 #[test]
 fn gzipped_idx_images() {
+    let _one = serial();
     let good = tmp("m-good-idx3-ubyte.gz");
     std::fs::write(&good, gzip(&idx_bytes(3, 28, 28, 3 * 784))).unwrap();
     // A gzip bomb (50 MB of pixels behind a header that declares 3 images) and a header that
@@ -138,6 +146,7 @@ fn gzipped_idx_images() {
 
 #[test]
 fn jpeg_images() {
+    let _one = serial();
     let dir = tmp("m-jpeg");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(fixture("fid/images/rgb/000.png"), dir.join("000.png")).unwrap();
@@ -153,6 +162,7 @@ fn jpeg_images() {
 
 #[test]
 fn cifar10_binary() {
+    let _one = serial();
     let dir = tmp("m-cifar");
     std::fs::create_dir_all(&dir).unwrap();
     let good = tmp("m-cifar-good.bin");
@@ -164,6 +174,7 @@ fn cifar10_binary() {
 
 #[test]
 fn png_images() {
+    let _one = serial();
     let dir = tmp("m-images");
     std::fs::create_dir_all(&dir).unwrap();
     let other = dir.join("000.png");
@@ -196,6 +207,7 @@ fn npz_with_header(header: &str) -> Vec<u8> {
 
 #[test]
 fn npz_statistics() {
+    let _one = serial();
     let absurd = vec![
         npz_with_header("{'descr': '<f8', 'fortran_order': False, 'shape': (1000000000000,), }"),
         npz_with_header("{'descr': '<f8', 'fortran_order': False, 'shape': (4294967296, 4294967296, 16), }"),
@@ -207,6 +219,7 @@ fn npz_statistics() {
 
 #[test]
 fn torch_zip_and_pickle() {
+    let _one = serial();
     for name in ["tiny_script.pt", "tiny_state.pth"] {
         let original: PathBuf = fixture(&format!("fid/{name}"));
         check(name, &original, &tmp(&format!("m-{name}")), 8, vec![], &|p| one_line(sddpm_gpu::fid::torchzip::load(p)));

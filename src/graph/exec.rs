@@ -21,6 +21,11 @@ const DISPATCHES_PER_SUBMIT: usize = 1024;
 const PARAMS_WINDOW: u64 = 4 * super::MAX_PARAM_WORDS as u64;
 const MAX_IN_FLIGHT: usize = 3;
 
+/// Bytes of poison after every tensor of a guarded plan ([`Plan::compile_guarded`]).
+pub const GUARD_BYTES: u64 = 1024;
+/// The guard word: a quiet NaN as f32, a scatter of set bits as spikes, a huge u32 index.
+const POISON: u32 = 0x7fc0_dead;
+
 struct CompiledNode {
     pipeline: Arc<wgpu::ComputePipeline>,
     bind_group: wgpu::BindGroup,
@@ -93,12 +98,37 @@ pub struct Plan {
     staging: HashMap<TensorId, wgpu::Buffer>,
     queries: std::sync::Mutex<Option<QueryPool>>,
     info: Vec<NodeInfo>,
+    /// Poisoned bytes bound after every tensor (0 unless [`Plan::compile_guarded`]).
+    guard: u64,
 }
 
 impl Plan {
     pub fn compile(ctx: &Context, g: &Graph) -> Result<Plan> {
+        Self::compile_with_guard(ctx, g, 0)
+    }
+
+    /// As [`Plan::compile`], for tests that hunt out-of-bounds kernels: every tensor gets a buffer
+    /// of its own with [`GUARD_BYTES`] of poison after it, bound together with the tensor, so
+    /// neither wgpu's bounds checks nor the driver's robust buffer access hide an access past the
+    /// end. A read past the end sees NaN (or stray spikes); a write past the end shows in
+    /// [`Plan::check_guards`]. Kernels that size themselves with `arrayLength` see the guard too.
+    pub fn compile_guarded(ctx: &Context, g: &Graph) -> Result<Plan> {
+        Self::compile_with_guard(ctx, g, GUARD_BYTES)
+    }
+
+    fn compile_with_guard(ctx: &Context, g: &Graph, guard: u64) -> Result<Plan> {
         g.check()?;
         let mut memory = plan_memory(g);
+        if guard > 0 {
+            let mut slot_bytes = Vec::new();
+            for (slot, t) in memory.slot.iter_mut().zip(&g.tensors) {
+                if slot.is_some() {
+                    *slot = Some(slot_bytes.len());
+                    slot_bytes.push(t.bytes() + guard);
+                }
+            }
+            memory.slot_bytes = slot_bytes;
+        }
         let max_binding = ctx.max_binding_bytes();
         for t in &g.tensors {
             if t.bytes() > max_binding {
@@ -120,6 +150,14 @@ impl Plan {
             .enumerate()
             .map(|(i, &bytes)| ctx.create_buffer(&format!("slot{i}"), bytes, usage))
             .collect::<Result<Vec<_>>>()?;
+        if guard > 0 {
+            let poison = vec![POISON; guard as usize / 4];
+            for (slot, t) in memory.slot.iter().zip(&g.tensors) {
+                if let Some(slot) = slot {
+                    ctx.queue.write_buffer(&buffers[*slot], t.bytes(), bytemuck::cast_slice(&poison));
+                }
+            }
+        }
 
         let align = ctx.limits.min_uniform_buffer_offset_alignment as u64;
         let offsets = param_offsets(g.nodes.len(), align);
@@ -160,7 +198,7 @@ impl Plan {
                     resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                         buffer: &buffers[memory.slot_of(*t)],
                         offset: 0,
-                        size: std::num::NonZeroU64::new(g.tensors[t.0].bytes()),
+                        size: std::num::NonZeroU64::new(g.tensors[t.0].bytes() + guard),
                     }),
                 });
             }
@@ -203,7 +241,29 @@ impl Plan {
             staging,
             queries: Default::default(),
             info,
+            guard,
         })
+    }
+
+    /// For a plan from [`Plan::compile_guarded`]: fail, naming the tensor, if any kernel wrote
+    /// past the end of a tensor into its poisoned guard.
+    pub fn check_guards(&self, ctx: &Context) -> Result<()> {
+        if self.guard == 0 {
+            bail!("check_guards needs a plan from Plan::compile_guarded");
+        }
+        for (slot, t) in self.memory.slot.iter().zip(&self.tensors) {
+            let Some(slot) = slot else { continue };
+            let words = ctx.read_buffer(&self.buffers[*slot], t.bytes() + self.guard)?;
+            if let Some(k) = words[t.bytes() as usize / 4..].iter().position(|&w| w != POISON) {
+                bail!(
+                    "a kernel wrote past the end of tensor '{}' {:?} ({} bytes): guard word {k} changed",
+                    t.name,
+                    t.shape,
+                    t.bytes()
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Kernel, label and cost of every dispatch, in order.

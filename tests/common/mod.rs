@@ -82,11 +82,13 @@ pub fn run_graph(mut g: Graph, inputs: &[(TensorId, Vec<u32>)], outputs: &[Tenso
     for &o in outputs {
         g.mark_output(o);
     }
-    let plan = Plan::compile(c, &g).expect("compile");
+    // Guarded: a kernel reading past a tensor's end sees NaN, one writing past it fails here.
+    let plan = Plan::compile_guarded(c, &g).expect("compile");
     for (t, data) in inputs {
         plan.write(c, *t, data).expect("upload");
     }
     plan.run(c).expect("run");
+    plan.check_guards(c).expect("no kernel writes out of bounds");
     outputs.iter().map(|&o| plan.read(c, o).expect("read")).collect()
 }
 
