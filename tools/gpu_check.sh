@@ -8,6 +8,8 @@
 #                                                # timed beside the new one in the speed section
 #   bash tools/gpu_check.sh run       # there (device tool, carry ["gpu"]): prints one report
 #   PARITY_ONLY=1 bash tools/gpu_check.sh run   # adapter and parity only
+#   QUICK=1 bash tools/gpu_check.sh run         # every section at toy sizes (tiny, batch 2, torch on
+#                                               # CPU): checks the script itself on lavapipe
 set -euo pipefail
 cd "$(dirname "$0")/.."
 G=gpu
@@ -68,7 +70,12 @@ PY
     done
     [ -n "${PARITY_ONLY:-}" ] && return 0
     echo "== kernel variants chosen by the tuner (every candidate's time is in the cache file)"
-    "$B" profile --preset cifar10 --batch 8 --iters 1 --train | grep -E "^(total|peak)|@"
+    if [ -n "${QUICK:-}" ]; then
+        presets=(tiny); batches=(2); dev=cpu; size=(--size 16); runs=(1 1 1); tunenet=(--preset tiny --batch 2)
+    else
+        presets=(tiny small cifar10); batches=(8 32); dev=cuda; size=(); runs=(5 3 10); tunenet=(--preset cifar10 --batch 8)
+    fi
+    "$B" profile "${tunenet[@]}" "${size[@]}" --iters 1 --train | grep -E "^(total|peak)|@"
     python3 - "$SDDPM_CACHE_DIR" <<'PY'
 import json, pathlib, sys
 for f in pathlib.Path(sys.argv[1]).glob("tune-*.json"):
@@ -79,15 +86,15 @@ for f in pathlib.Path(sys.argv[1]).glob("tune-*.json"):
 PY
     echo "== speed: sddpm-gpu (GPU timestamps; the baseline binary too if prepared) and PyTorch on the same card"
     bins=("$B"); [ -x "$G/sddpm-gpu-base" ] && bins+=("$PWD/$G/sddpm-gpu-base")
-    for p in tiny small cifar10; do
-        for bs in 8 32; do
+    for p in "${presets[@]}"; do
+        for bs in "${batches[@]}"; do
             for b in "${bins[@]}"; do
                 echo "-- $(basename "$b") $p batch $bs"
-                "$b" profile --preset "$p" --batch "$bs" --iters 5 | grep -E "^(total|conv::)"
-                "$b" profile --preset "$p" --batch "$bs" --iters 3 --train | grep -E "^(total|conv::)"
+                "$b" profile --preset "$p" --batch "$bs" "${size[@]}" --iters "${runs[0]}" | grep -E "^(total|conv::)"
+                "$b" profile --preset "$p" --batch "$bs" "${size[@]}" --iters "${runs[1]}" --train | grep -E "^(total|conv::)"
             done
             [ "$p" = small ] && "$B" profile --preset small --attn 1 --batch "$bs" --iters 5 | grep -E "^(total|spike_attention|conv::conv2d)"
-            for tf in off on; do python3 "$G/ref/bench_torch.py" --device cuda --preset "$p" --batch "$bs" --tf32 "$tf" --iters 10; done
+            for tf in off on; do python3 "$G/ref/bench_torch.py" --device "$dev" --preset "$p" --batch "$bs" --tf32 "$tf" --iters "${runs[2]}"; done
         done
     done
 }
