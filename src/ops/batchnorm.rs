@@ -94,54 +94,50 @@ pub fn batchnorm_stats(g: &mut Graph, x: TensorId, bn: BnParams, name: &str) -> 
 /// Training-mode BN: batch statistics over N*H*W, running statistics updated in place
 /// (momentum 0.1, unbiased variance). Returns y and the statistics backward needs.
 pub fn batchnorm_train(g: &mut Graph, x: TensorId, bn: BnParams, name: &str) -> (TensorId, BnSaved) {
-    let (n, c, hw) = dims(g, x, name);
-    let saved = batchnorm_stats(g, x, bn, name);
-    let shape = g.shape(x).to_vec();
-    let y = g.intermediate(name, &shape);
-    g.push(Node {
-        shader: &SHADER,
-        entry: "bn_train_apply",
-        params: params(n, c, hw),
-        reads: vec![x, bn.weight, bn.bias, saved.mean, saved.invstd],
-        writes: vec![y],
-        workgroups: grid_1d(n * c * hw, 256),
-        label: name.to_string(),
-        cost: pointwise_cost(n * c * hw, n * c * hw + 4 * c, 2),
-    });
-    let label = name.to_string();
-    g.record(name, vec![x, bn.weight, bn.bias], vec![y], move |g, go, needs| {
-        let Some(dy) = go[0] else { return vec![None; 3] };
-        batchnorm_train_backward(g, dy, x, bn, saved, [needs[0], needs[1], needs[2]], &label).to_vec()
-    });
-    (y, saved)
+    train_apply(g, x, bn, None, name)
 }
 
 /// Training-mode BN followed by a residual add in one pass over memory: y = BN(x) + r, the sum
 /// rounded as `bn_train_apply` then `elementwise::add` round it. Backward: BN's, and dr = dy.
 pub fn batchnorm_train_add(g: &mut Graph, x: TensorId, bn: BnParams, r: TensorId, name: &str) -> TensorId {
+    train_apply(g, x, bn, Some(r), name).0
+}
+
+/// The statistics pass, then y = BN(x) [+ r] in one kernel, recorded for backward.
+fn train_apply(g: &mut Graph, x: TensorId, bn: BnParams, r: Option<TensorId>, name: &str) -> (TensorId, BnSaved) {
     let (n, c, hw) = dims(g, x, name);
-    assert_eq!(g.shape(x), g.shape(r), "{name}: the residual must have the BatchNorm input's shape");
+    if let Some(r) = r {
+        assert_eq!(g.shape(x), g.shape(r), "{name}: the residual must have the BatchNorm input's shape");
+    }
     let saved = batchnorm_stats(g, x, bn, name);
     let shape = g.shape(x).to_vec();
     let y = g.intermediate(name, &shape);
+    let mut reads = vec![x, bn.weight, bn.bias, saved.mean, saved.invstd];
+    reads.extend(r);
+    let numel = n * c * hw;
+    let adds = r.is_some() as usize;
     g.push(Node {
         shader: &SHADER,
-        entry: "bn_train_apply_add",
+        entry: if r.is_some() { "bn_train_apply_add" } else { "bn_train_apply" },
         params: params(n, c, hw),
-        reads: vec![x, bn.weight, bn.bias, saved.mean, saved.invstd, r],
+        reads,
         writes: vec![y],
-        workgroups: grid_1d(n * c * hw, 256),
+        workgroups: grid_1d(numel, 256),
         label: name.to_string(),
-        cost: pointwise_cost(n * c * hw, 2 * n * c * hw + 4 * c, 3),
+        cost: pointwise_cost(numel, numel * (1 + adds) + 4 * c, 2 + adds as u64),
     });
     let label = name.to_string();
-    g.record(name, vec![x, bn.weight, bn.bias, r], vec![y], move |g, go, needs| {
-        let Some(dy) = go[0] else { return vec![None; 4] };
+    let mut inputs = vec![x, bn.weight, bn.bias];
+    inputs.extend(r);
+    g.record(name, inputs, vec![y], move |g, go, needs| {
+        let Some(dy) = go[0] else { return vec![None; needs.len()] };
         let mut grads = batchnorm_train_backward(g, dy, x, bn, saved, [needs[0], needs[1], needs[2]], &label).to_vec();
-        grads.push(needs[3].then_some(dy));
+        if r.is_some() {
+            grads.push(needs[3].then_some(dy));
+        }
         grads
     });
-    y
+    (y, saved)
 }
 
 /// Training-mode BN followed by Swish, and by a residual add where `r` is given, in one pass

@@ -68,22 +68,28 @@ pub const IGEMM_TILE: usize = 32;
 /// The forward kernels the tuner chooses from: the 8x4 register-tiled kernel (default; no
 /// workgroup memory, best on CPU adapters) and the workgroup-tiled implicit GEMM.
 pub fn forward_variants(n: usize, cout: usize, ho: usize, wo: usize) -> Vec<Variant> {
-    let wo_groups = wo.div_ceil(4);
+    tiled_variants(["conv2d", "conv2d_igemm"], n, cout, ho, wo)
+}
+
+/// `r8x4` and `igemm32` of a direct-conv-shaped kernel pair (`entries`) writing `rows` channels
+/// of h x w pixels per image: 8 channels x 4 pixels of a row per invocation, 64 per workgroup;
+/// or IGEMM_TILE x IGEMM_TILE tiles through workgroup memory.
+fn tiled_variants(entries: [&'static str; 2], n: usize, rows: usize, h: usize, w: usize) -> Vec<Variant> {
     vec![
         Variant {
             name: "r8x4".into(),
-            entry: "conv2d",
+            entry: entries[0],
             constants: vec![],
-            workgroups: [(ho * wo_groups).div_ceil(64) as u32, cout.div_ceil(8) as u32, n as u32],
+            workgroups: [(h * w.div_ceil(4)).div_ceil(64) as u32, rows.div_ceil(8) as u32, n as u32],
             writes_workgroup_memory_first: false,
             shader: None,
             needs: Needs { invocations: 64, ..Needs::default() },
         },
         Variant {
             name: "igemm32".into(),
-            entry: "conv2d_igemm",
+            entry: entries[1],
             constants: vec![],
-            workgroups: [(ho * wo).div_ceil(IGEMM_TILE) as u32, cout.div_ceil(IGEMM_TILE) as u32, n as u32],
+            workgroups: [(h * w).div_ceil(IGEMM_TILE) as u32, rows.div_ceil(IGEMM_TILE) as u32, n as u32],
             // Every invocation stores its 4 values of both tiles before the first barrier.
             writes_workgroup_memory_first: true,
             shader: None,
@@ -149,27 +155,7 @@ fn db_variants(entry: &'static str, n: usize, rows: usize, pixels: usize) -> Vec
 
 /// The input-gradient kernels: the 8x4 register-tiled default and the implicit GEMM.
 pub fn grad_input_variants(n: usize, cin: usize, h: usize, w: usize) -> Vec<Variant> {
-    vec![
-        Variant {
-            name: "r8x4".into(),
-            entry: "conv2d_grad_input",
-            constants: vec![],
-            workgroups: [(h * w.div_ceil(4)).div_ceil(64) as u32, cin.div_ceil(8) as u32, n as u32],
-            writes_workgroup_memory_first: false,
-            shader: None,
-            needs: Needs { invocations: 64, ..Needs::default() },
-        },
-        Variant {
-            name: "igemm32".into(),
-            entry: "conv2d_grad_input_igemm",
-            constants: vec![],
-            workgroups: [(h * w).div_ceil(IGEMM_TILE) as u32, cin.div_ceil(IGEMM_TILE) as u32, n as u32],
-            // Every invocation stores its 4 values of both tiles before the first barrier.
-            writes_workgroup_memory_first: true,
-            shader: None,
-            needs: Needs { invocations: 64, workgroup_bytes: 2048, ..Needs::default() },
-        },
-    ]
+    tiled_variants(["conv2d_grad_input", "conv2d_grad_input_igemm"], n, cin, h, w)
 }
 
 /// The weight-gradient (partial sums) kernels: 4 channels x all taps per invocation (default,
