@@ -83,6 +83,9 @@ pub struct Trainer {
     pub grads: BTreeMap<String, TensorId>,
     /// EMA weights by parameter name (when `ema` is on).
     pub ema: BTreeMap<String, TensorId>,
+    /// Where parameters, gradients and moments live (see ops::optim): gradient order and
+    /// all-reduce buckets for data-parallel training.
+    pub arenas: optim::Arenas,
 }
 
 /// The tensors of a built training-step graph.
@@ -101,12 +104,19 @@ struct TrainGraph {
     moments: BTreeMap<String, (TensorId, TensorId)>,
     grads: BTreeMap<String, TensorId>,
     ema: BTreeMap<String, TensorId>,
+    arenas: optim::Arenas,
 }
 
 /// The graph of one training step for batches of `batch` images of `size` px, without compiling
 /// it (memory plans and dry runs). Fails on sizes too large to build, naming the flags.
 pub fn train_graph(cfg: &Net, batch: usize, size: usize, opts: &TrainOptions) -> Result<Graph> {
     Ok(build_step(cfg, batch, size, opts)?.g)
+}
+
+/// [`train_graph`] with its optimizer arenas (layout, gradient order, all-reduce buckets).
+pub fn train_graph_arenas(cfg: &Net, batch: usize, size: usize, opts: &TrainOptions) -> Result<(Graph, optim::Arenas)> {
+    let s = build_step(cfg, batch, size, opts)?;
+    Ok((s.g, s.arenas))
 }
 
 fn build_step(cfg: &Net, batch: usize, size: usize, opts: &TrainOptions) -> Result<TrainGraph> {
@@ -131,30 +141,28 @@ fn build_step(cfg: &Net, batch: usize, size: usize, opts: &TrainOptions) -> Resu
         .collect();
     let wrt: Vec<TensorId> = trainable.iter().map(|&(_, id)| id).collect();
     let grad_of = backward(&mut g, loss, one, &wrt, elementwise::add);
-    let sumsq = g.intermediate("grad_norm.sumsq", &[1]);
-    let mut grads = BTreeMap::new();
-    for (i, &(name, id)) in trainable.iter().enumerate() {
-        let grad = *grad_of.get(&id).unwrap_or_else(|| panic!("no gradient reaches {name}"));
-        reduce::sumsq_acc(&mut g, grad, sumsq, i == 0, &format!("grad_norm.{name}"));
-        grads.insert(name.to_string(), grad);
-    }
-    let mut moments = BTreeMap::new();
-    for &(name, id) in &trainable {
-        let shape = g.shape(id).to_vec();
-        let m = g.param(&format!("optim.{name}.exp_avg"), &shape);
-        let v = g.param(&format!("optim.{name}.exp_avg_sq"), &shape);
-        optim::adam_step(&mut g, &opts.adam, id, grads[name], m, v, sumsq, hyper, &format!("adam.{name}"));
-        moments.insert(name.to_string(), (m, v));
-    }
-    let mut ema = BTreeMap::new();
+    let params: Vec<(String, TensorId, TensorId)> = trainable
+        .iter()
+        .map(|&(name, id)| {
+            let grad = *grad_of.get(&id).unwrap_or_else(|| panic!("no gradient reaches {name}"));
+            (name.to_string(), id, grad)
+        })
+        .collect();
+    // Parameters, gradients and moments in arenas (see ops::optim): the norm and the update are
+    // a few wide dispatches instead of two per tensor.
+    let arenas = optim::arenas(&mut g, &params, opts.ema.is_some());
+    let norm_inputs: Vec<(TensorId, TensorId)> = arenas.arenas.iter().map(|a| (a.grad, a.chunks)).collect();
+    let sumsq = reduce::sumsq_arenas(&mut g, &norm_inputs, "grad_norm");
+    optim::adam_arenas(&mut g, &opts.adam, &arenas, sumsq, hyper, "adam");
     if let Some(decay) = opts.ema {
-        for &(name, id) in &trainable {
-            let shape = g.shape(id).to_vec();
-            let e = g.param(&format!("ema.{name}"), &shape);
-            optim::ema_update(&mut g, id, e, decay, &format!("ema.{name}"));
-            ema.insert(name.to_string(), e);
-        }
+        optim::ema_arenas(&mut g, &arenas, decay, "ema");
     }
+    let by_name = |f: fn(&optim::Member) -> TensorId| -> BTreeMap<String, TensorId> {
+        arenas.members.iter().map(|m| (m.name.clone(), f(m))).collect()
+    };
+    let grads = by_name(|m| m.grad);
+    let moments = arenas.members.iter().map(|m| (m.name.clone(), (m.exp_avg, m.exp_avg_sq))).collect();
+    let ema = arenas.members.iter().filter_map(|m| Some((m.name.clone(), m.ema?))).collect();
     g.mark_output(loss);
     g.mark_output(sumsq);
     if opts.keep_grads {
@@ -163,7 +171,7 @@ fn build_step(cfg: &Net, batch: usize, size: usize, opts: &TrainOptions) -> Resu
         }
     }
     g.check().map_err(|e| too_large(e, cfg, batch, size))?;
-    Ok(TrainGraph { g, x0, qcoef, t, noise, hyper, one, loss, sumsq, q_node, unet, moments, grads, ema })
+    Ok(TrainGraph { g, x0, qcoef, t, noise, hyper, one, loss, sumsq, q_node, unet, moments, grads, ema, arenas })
 }
 
 impl Trainer {
@@ -178,7 +186,7 @@ impl Trainer {
         opts: TrainOptions,
     ) -> Result<Trainer> {
         let cfg: Net = cfg.into();
-        let TrainGraph { g, x0, qcoef, t, noise, hyper, one, loss, sumsq, q_node, unet, moments, grads, ema } =
+        let TrainGraph { g, x0, qcoef, t, noise, hyper, one, loss, sumsq, q_node, unet, moments, grads, ema, arenas } =
             build_step(&cfg, batch, size, &opts)?;
         let entries = cfg.state_entries();
         let x_numel = g.info(x0).numel();
@@ -237,6 +245,7 @@ impl Trainer {
             moments,
             grads,
             ema,
+            arenas,
         })
     }
 

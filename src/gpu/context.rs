@@ -394,15 +394,21 @@ impl Context {
 
     /// Copy `src` into a fresh mappable buffer and read it back as 32-bit words.
     pub fn read_buffer(&self, src: &wgpu::Buffer, bytes: u64) -> Result<Vec<u32>> {
-        let staging =
-            self.create_buffer("readback", bytes, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?;
-        self.read_via(src, &staging, bytes)
+        self.read_buffer_range(src, 0, bytes)
     }
 
-    /// Copy `bytes` of `src` into `staging` (MAP_READ | COPY_DST) and read them back.
-    pub fn read_via(&self, src: &wgpu::Buffer, staging: &wgpu::Buffer, bytes: u64) -> Result<Vec<u32>> {
+    /// [`Context::read_buffer`] of the `bytes` of `src` from byte `offset` (a multiple of 4).
+    pub fn read_buffer_range(&self, src: &wgpu::Buffer, offset: u64, bytes: u64) -> Result<Vec<u32>> {
+        let staging =
+            self.create_buffer("readback", bytes, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?;
+        self.read_via(src, offset, &staging, bytes)
+    }
+
+    /// Copy `bytes` of `src` from byte `offset` into `staging` (MAP_READ | COPY_DST) and read them
+    /// back.
+    pub fn read_via(&self, src: &wgpu::Buffer, offset: u64, staging: &wgpu::Buffer, bytes: u64) -> Result<Vec<u32>> {
         let mut enc = self.device.create_command_encoder(&Default::default());
-        enc.copy_buffer_to_buffer(src, 0, staging, 0, bytes);
+        enc.copy_buffer_to_buffer(src, offset, staging, 0, bytes);
         self.queue.submit([enc.finish()]);
         let slice = staging.slice(0..bytes);
         let (tx, rx) = std::sync::mpsc::channel();

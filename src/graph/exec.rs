@@ -100,6 +100,33 @@ pub struct Plan {
     info: Vec<NodeInfo>,
     /// Poisoned bytes bound after every tensor (0 unless [`Plan::compile_guarded`]).
     guard: u64,
+    /// Bytes from each arena member's start to the next member (or the arena's end).
+    extents: Vec<u64>,
+}
+
+/// For each arena member, the bytes from its offset to the next member's (or its arena's end):
+/// itself and the padding after it. 0 for tensors outside arenas.
+fn member_extents(tensors: &[TensorInfo]) -> Vec<u64> {
+    let mut starts: HashMap<usize, Vec<u64>> = HashMap::new();
+    for t in tensors {
+        if let Some(v) = t.view {
+            starts.entry(v.base.0).or_default().push(v.offset);
+        }
+    }
+    for (base, offs) in starts.iter_mut() {
+        offs.push(tensors[*base].bytes());
+        offs.sort_unstable();
+    }
+    tensors
+        .iter()
+        .map(|t| {
+            t.view.map_or(0, |v| {
+                let offs = &starts[&v.base.0];
+                let k = offs.partition_point(|&o| o <= v.offset);
+                offs[k] - v.offset
+            })
+        })
+        .collect()
 }
 
 impl Plan {
@@ -120,11 +147,17 @@ impl Plan {
         g.check()?;
         let mut memory = plan_memory(g);
         if guard > 0 {
+            // Every tensor outside an arena gets a buffer of its own; members share their arena's.
             let mut slot_bytes = Vec::new();
-            for (slot, t) in memory.slot.iter_mut().zip(&g.tensors) {
-                if slot.is_some() {
-                    *slot = Some(slot_bytes.len());
+            for (i, t) in g.tensors.iter().enumerate() {
+                if memory.slot[i].is_some() && t.view.is_none() {
+                    memory.slot[i] = Some(slot_bytes.len());
                     slot_bytes.push(t.bytes() + guard);
+                }
+            }
+            for (i, t) in g.tensors.iter().enumerate() {
+                if let Some(v) = t.view {
+                    memory.slot[i] = memory.slot[v.base.0];
                 }
             }
             memory.slot_bytes = slot_bytes;
@@ -150,12 +183,28 @@ impl Plan {
             .enumerate()
             .map(|(i, &bytes)| ctx.create_buffer(&format!("slot{i}"), bytes, usage))
             .collect::<Result<Vec<_>>>()?;
+        let extents = member_extents(&g.tensors);
         if guard > 0 {
             let poison = vec![POISON; guard as usize / 4];
             for (slot, t) in memory.slot.iter().zip(&g.tensors) {
-                if let Some(slot) = slot {
+                if let (Some(slot), None) = (slot, t.view) {
                     ctx.queue.write_buffer(&buffers[*slot], t.bytes(), bytemuck::cast_slice(&poison));
                 }
+            }
+            // An arena's padding (between members, after the last) is poisoned like a guard.
+            for (i, t) in g.tensors.iter().enumerate() {
+                if let (Some(v), Some(slot)) = (t.view, memory.slot[i]) {
+                    let pad = extents[i] - t.bytes();
+                    if pad > 0 {
+                        let words = vec![POISON; pad as usize / 4];
+                        ctx.queue.write_buffer(&buffers[slot], v.offset + t.bytes(), bytemuck::cast_slice(&words));
+                    }
+                }
+            }
+        }
+        for (i, t) in g.tensors.iter().enumerate() {
+            if let (Some(init), Some(slot)) = (&t.init, memory.slot[i]) {
+                ctx.queue.write_buffer(&buffers[slot], 0, bytemuck::cast_slice(init));
             }
         }
 
@@ -193,12 +242,20 @@ impl Plan {
                 }),
             }];
             for (k, t) in node.reads.iter().chain(&node.writes).enumerate() {
+                // A guarded plan binds the poison after a tensor too: the guard, or for an arena
+                // member its padding up to the next member.
+                let info = &g.tensors[t.0];
+                let size = match (guard, info.view) {
+                    (0, _) => info.bytes(),
+                    (_, Some(_)) => extents[t.0],
+                    _ => info.bytes() + guard,
+                };
                 entries.push(wgpu::BindGroupEntry {
                     binding: k as u32 + 1,
                     resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                         buffer: &buffers[memory.slot_of(*t)],
-                        offset: 0,
-                        size: std::num::NonZeroU64::new(g.tensors[t.0].bytes() + guard),
+                        offset: info.view.map_or(0, |v| v.offset),
+                        size: std::num::NonZeroU64::new(size),
                     }),
                 });
             }
@@ -242,6 +299,7 @@ impl Plan {
             queries: Default::default(),
             info,
             guard,
+            extents,
         })
     }
 
@@ -251,15 +309,20 @@ impl Plan {
         if self.guard == 0 {
             bail!("check_guards needs a plan from Plan::compile_guarded");
         }
-        for (slot, t) in self.memory.slot.iter().zip(&self.tensors) {
+        for (i, (slot, t)) in self.memory.slot.iter().zip(&self.tensors).enumerate() {
             let Some(slot) = slot else { continue };
-            let words = ctx.read_buffer(&self.buffers[*slot], t.bytes() + self.guard)?;
+            let (start, end) = match t.view {
+                Some(v) => (v.offset, v.offset + self.extents[i]),
+                None => (0, t.bytes() + self.guard),
+            };
+            let words = ctx.read_buffer_range(&self.buffers[*slot], start, end - start)?;
             if let Some(k) = words[t.bytes() as usize / 4..].iter().position(|&w| w != POISON) {
                 bail!(
-                    "a kernel wrote past the end of tensor '{}' {:?} ({} bytes): guard word {k} changed",
+                    "a kernel wrote past the end of tensor '{}' {:?} ({} bytes): {} word {k} changed",
                     t.name,
                     t.shape,
-                    t.bytes()
+                    t.bytes(),
+                    if t.view.is_some() { "arena padding" } else { "guard" }
                 );
             }
         }
@@ -293,7 +356,7 @@ impl Plan {
                 bytes.len() / 4
             );
         }
-        ctx.queue.write_buffer(&self.buffers[self.memory.slot_of(t)], 0, bytes);
+        ctx.queue.write_buffer(&self.buffers[self.memory.slot_of(t)], info.view.map_or(0, |v| v.offset), bytes);
         Ok(())
     }
 
@@ -466,9 +529,10 @@ impl Plan {
             bail!("tensor '{}' is an intermediate whose buffer is reused; mark it as output to read it", info.name);
         }
         let src = &self.buffers[self.memory.slot_of(t)];
+        let offset = info.view.map_or(0, |v| v.offset);
         match self.staging.get(&t) {
-            Some(staging) => ctx.read_via(src, staging, info.bytes()),
-            None => ctx.read_buffer(src, info.bytes()),
+            Some(staging) => ctx.read_via(src, offset, staging, info.bytes()),
+            None => ctx.read_buffer_range(src, offset, info.bytes()),
         }
     }
 

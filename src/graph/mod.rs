@@ -16,10 +16,12 @@
 //! kernel indices, a dispatch wider than 65535 workgroups or a dtype mismatch is recorded, building goes on, and [`Graph::check`] (also
 //! run by [`Plan::compile`]) returns the first such error. Callers add which flag to change.
 
+mod arena;
 mod autodiff;
 mod exec;
 mod planner;
 
+pub use arena::{split_members, Layout, View, ARENA_ALIGN, ARENA_CHUNK, ARENA_MAX_BYTES};
 pub use autodiff::{backward, Accumulate, BackwardFn, BackwardIntoFn, Rule, TapeEntry};
 pub use exec::{NodeInfo, NodeTimes, Plan, RunStats, Timing};
 pub use planner::{plan_memory, MemoryPlan};
@@ -110,6 +112,10 @@ pub struct TensorInfo {
     pub dtype: DType,
     /// Read back by the host after a run: kept alive to the end and given a staging buffer.
     pub output: bool,
+    /// Set when the tensor lives inside an arena's buffer (see [`Graph::arena`]).
+    pub view: Option<View>,
+    /// Words uploaded when the plan is compiled (tables: see [`Graph::constant_u32`]).
+    pub init: Option<std::sync::Arc<[u32]>>,
 }
 
 impl TensorInfo {
@@ -214,6 +220,8 @@ pub struct Graph {
     pub variants: std::collections::BTreeMap<usize, Tunable>,
     /// The first building error (see the module comment); [`Graph::check`] returns it.
     error: Option<String>,
+    /// Tensors made by [`Graph::arena`].
+    arenas: std::collections::BTreeSet<TensorId>,
 }
 
 impl Graph {
@@ -227,7 +235,7 @@ impl Graph {
 
     /// The first error recorded while building (tensor too large, dtype mismatch), if any.
     pub fn check(&self) -> Result<()> {
-        match &self.error {
+        match self.error.clone().or_else(|| self.arena_conflict()) {
             Some(e) => bail!("{e}"),
             None => Ok(()),
         }
@@ -242,7 +250,15 @@ impl Graph {
                 "tensor '{name}' {shape:?} has {n} elements, more than the {MAX_ELEMENTS} a kernel can index"
             ));
         }
-        self.tensors.push(TensorInfo { name, shape: shape.to_vec(), role, dtype, output: false });
+        self.tensors.push(TensorInfo {
+            name,
+            shape: shape.to_vec(),
+            role,
+            dtype,
+            output: false,
+            view: None,
+            init: None,
+        });
         TensorId(self.tensors.len() - 1)
     }
 

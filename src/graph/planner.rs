@@ -2,7 +2,8 @@
 //!
 //! A tensor is live from the first node that touches it to the last (outputs to the end); two
 //! tensors share a slot only if their lifetimes do not meet, so a node never reads and writes
-//! the same buffer. Slots are assigned greedily by size (see [`plan_memory`]).
+//! the same buffer. Slots are assigned greedily by size (see [`plan_memory`]). A tensor in an arena
+//! shares its arena's slot, and the arena lives from the first use of any member to the last.
 
 use super::{Graph, Role, TensorId};
 
@@ -38,12 +39,15 @@ impl MemoryPlan {
 
 pub fn plan_memory(g: &Graph) -> MemoryPlan {
     let n = g.tensors.len();
+    // A tensor in an arena has no buffer of its own: its uses are the arena's uses.
+    let root = |t: TensorId| g.storage(t).0 .0;
     let mut first = vec![usize::MAX; n];
     let mut last = vec![0usize; n];
     for (i, node) in g.nodes.iter().enumerate() {
-        for t in node.reads.iter().chain(&node.writes) {
-            first[t.0] = first[t.0].min(i);
-            last[t.0] = last[t.0].max(i);
+        for &t in node.reads.iter().chain(&node.writes) {
+            let r = root(t);
+            first[r] = first[r].min(i);
+            last[r] = last[r].max(i);
         }
     }
     let mut slot = vec![None; n];
@@ -51,15 +55,20 @@ pub fn plan_memory(g: &Graph) -> MemoryPlan {
     let mut fixed_bytes = 0;
     let mut naive = 0;
     for (i, t) in g.tensors.iter().enumerate() {
+        if t.output && first[root(TensorId(i))] != usize::MAX {
+            last[root(TensorId(i))] = usize::MAX;
+        }
+    }
+    for (i, t) in g.tensors.iter().enumerate() {
+        if t.view.is_some() {
+            continue;
+        }
         if t.role != Role::Intermediate {
             slot[i] = Some(slot_bytes.len());
             slot_bytes.push(t.bytes());
             fixed_bytes += t.bytes();
         } else if first[i] != usize::MAX {
             naive += t.bytes();
-            if t.output {
-                last[i] = usize::MAX;
-            }
         }
     }
     let fixed_slots = slot_bytes.len();
@@ -68,8 +77,9 @@ pub fn plan_memory(g: &Graph) -> MemoryPlan {
     // inference", 2020, shared objects): largest tensors first, each into the smallest slot
     // whose tensors' lifetimes it does not touch, else a new slot of its size. Slots never grow,
     // so a long-lived small tensor cannot pin a large buffer it was grown into.
-    let mut order: Vec<usize> =
-        (0..n).filter(|&i| g.tensors[i].role == Role::Intermediate && first[i] != usize::MAX).collect();
+    let mut order: Vec<usize> = (0..n)
+        .filter(|&i| g.tensors[i].role == Role::Intermediate && g.tensors[i].view.is_none() && first[i] != usize::MAX)
+        .collect();
     order.sort_by_key(|&i| (std::cmp::Reverse(g.tensors[i].bytes()), first[i], i));
     let mut lifetimes: Vec<Vec<(usize, usize)>> = Vec::new();
     for i in order {
@@ -86,6 +96,11 @@ pub fn plan_memory(g: &Graph) -> MemoryPlan {
         });
         lifetimes[k].push((lo, hi));
         slot[i] = Some(fixed_slots + k);
+    }
+    for (i, t) in g.tensors.iter().enumerate() {
+        if t.view.is_some() {
+            slot[i] = slot[root(TensorId(i))];
+        }
     }
     let planned = slot_bytes[fixed_slots..].iter().sum();
     let staging_bytes = g.tensors.iter().filter(|t| t.output).map(|t| t.bytes()).sum();

@@ -1,5 +1,6 @@
-//! Deterministic reductions: grouped channel sums (bias and time-embedding gradients), the
-//! running sum of squares behind the global gradient norm, and the eps-MSE loss.
+//! Deterministic reductions: grouped channel sums (bias and time-embedding gradients), the sum of
+//! squares behind the global gradient norm (over gradient arenas, or one tensor at a time), and
+//! the eps-MSE loss.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -25,32 +26,109 @@ fn flat(n: usize) -> ReduceParams {
     ReduceParams { n: size_u32(n), c: 0, s: 0, b: 0 }
 }
 
+/// Workgroups a bandwidth-bound reduction aims for: about 8 per SM of a 132-SM GPU, which also
+/// clears the two per SM a dispatch moving megabytes must launch (tests/bandwidth.rs).
+pub const WIDE_WORKGROUPS: usize = 1024;
+
+/// Fewest values one workgroup of a sliced reduction sums: below that a second pass costs more
+/// than the width it buys.
+pub const MIN_SLICE: usize = 4096;
+
+/// How many slices group_sum splits each output's `m` values into, for `outputs` outputs: enough
+/// for [`WIDE_WORKGROUPS`] workgroups, none shorter than [`MIN_SLICE`].
+pub fn group_slices(outputs: usize, m: usize) -> usize {
+    (WIDE_WORKGROUPS / outputs.max(1)).min(m.div_ceil(MIN_SLICE)).max(1)
+}
+
 /// y[b, c] = sum over r, s of x[r*B + b, c, s]; x: [N, C, ...] with N a multiple of `groups` (B),
-/// f32 or bit-packed spikes (then y counts spikes).
+/// f32 or bit-packed spikes (then y counts spikes). Where B*C workgroups are too few for the data
+/// ([`group_slices`]), each output's values are summed in P slices and a final pass adds the P
+/// partials in order: the same bits every run.
 pub fn group_sum(g: &mut Graph, x: TensorId, groups: usize, name: &str) -> TensorId {
     let s = g.shape(x).to_vec();
     assert!(s.len() >= 2 && s[0].is_multiple_of(groups), "{name}: cannot group {s:?} into {groups}");
     let (n, c) = (s[0], s[1]);
     let sp: usize = s[2..].iter().product();
+    let outputs = groups * c;
     let y = g.intermediate(name, &[groups, c]);
     let xd = g.dtype(x);
-    let entry = if xd == DType::Spike { "group_sum_spikes" } else { "group_sum" };
-    let bytes = g.bytes_of(x) + 4 * (groups * c) as u64;
+    let slices = if xd == DType::Spike { 1 } else { group_slices(outputs, n / groups * sp) };
+    let entry = match xd {
+        DType::Spike => "group_sum_spikes",
+        _ if sp.is_multiple_of(4) => "group_sum_vec4",
+        _ => "group_sum",
+    };
+    let params = ReduceParams { n: size_u32(n), c: size_u32(c), s: size_u32(sp), b: size_u32(groups) };
+    let part = if slices > 1 { g.intermediate(&format!("{name}.partials"), &[outputs, slices]) } else { y };
     g.push_typed(
         Node {
             shader: &SHADER,
             entry,
-            params: Params::of(&ReduceParams { n: size_u32(n), c: size_u32(c), s: size_u32(sp), b: size_u32(groups) }),
+            params: Params::of(&params),
             reads: vec![x],
-            writes: vec![y],
-            workgroups: [(groups * c) as u32, 1, 1],
-            label: name.to_string(),
-            cost: Cost { flops: (n * c * sp) as u64, bytes },
+            writes: vec![part],
+            workgroups: [size_u32(outputs), size_u32(slices), 1],
+            label: if slices > 1 { format!("{name}.partials") } else { name.to_string() },
+            cost: Cost { flops: (n * c * sp) as u64, bytes: g.bytes_of(x) + g.bytes_of(part) },
         },
         &[xd],
         &[DType::F32],
     );
+    if slices > 1 {
+        let (o, q) = (size_u32(outputs), size_u32(slices));
+        g.push(Node {
+            shader: &SHADER,
+            entry: "group_sum_final",
+            params: Params::of(&ReduceParams { n: o, c: 0, s: q, b: 0 }),
+            reads: vec![part],
+            writes: vec![y],
+            workgroups: grid_1d(outputs, 256),
+            label: name.to_string(),
+            cost: Cost { flops: (outputs * slices) as u64, bytes: g.bytes_of(part) + g.bytes_of(y) },
+        });
+    }
     y
+}
+
+/// The sum of squares of every member of the arenas `arenas` (each with its chunk table, as
+/// [`crate::graph::Layout::chunks`] at [`crate::graph::ARENA_CHUNK`] makes it): one workgroup per
+/// chunk writes its partial, then one workgroup adds the partials in order. Returns the [1] sum.
+pub fn sumsq_arenas(g: &mut Graph, arenas: &[(TensorId, TensorId)], name: &str) -> TensorId {
+    let counts: Vec<usize> = arenas.iter().map(|&(_, chunks)| g.shape(chunks)[0]).collect();
+    let total: usize = counts.iter().sum();
+    let part = g.intermediate(&format!("{name}.partials"), &[total.max(1)]);
+    let mut first = 0;
+    for (k, (&(arena, chunks), &count)) in arenas.iter().zip(&counts).enumerate() {
+        assert_eq!(g.shape(chunks), [count, 2], "{name}: a chunk table is [chunks, 2]");
+        let numel = g.info(arena).numel();
+        g.push_typed(
+            Node {
+                shader: &SHADER,
+                entry: "sumsq_partials",
+                params: Params::of(&ReduceParams { n: size_u32(count), c: 0, s: 0, b: size_u32(first) }),
+                reads: vec![arena, chunks],
+                writes: vec![part],
+                workgroups: grid_1d(count, 1),
+                label: format!("{name}.partials.{k}"),
+                cost: Cost { flops: 2 * numel as u64, bytes: g.bytes_of(arena) + 12 * count as u64 },
+            },
+            &[DType::F32, DType::U32],
+            &[DType::F32],
+        );
+        first += count;
+    }
+    let sumsq = g.intermediate(name, &[1]);
+    g.push(Node {
+        shader: &SHADER,
+        entry: "sumsq_final",
+        params: Params::of(&flat(total)),
+        reads: vec![part],
+        writes: vec![sumsq],
+        workgroups: [1, 1, 1],
+        label: format!("{name}.final"),
+        cost: Cost { flops: total as u64, bytes: 4 * total as u64 + 4 },
+    });
+    sumsq
 }
 
 /// acc[0] += sum(x^2) (acc[0] = sum(x^2) when `first`); nodes appended in a fixed order give a
@@ -115,6 +193,11 @@ pub fn group_sum_cpu(x: &[f32], n: usize, c: usize, s: usize, groups: usize) -> 
         }
     }
     y.into_iter().map(|v| v as f32).collect()
+}
+
+/// CPU reference of [`sumsq_arenas`] and [`sumsq_acc`]: the sum of squares of every value (f64).
+pub fn sumsq_cpu<'a>(tensors: impl IntoIterator<Item = &'a [f32]>) -> f32 {
+    tensors.into_iter().flatten().map(|&v| (v as f64).powi(2)).sum::<f64>() as f32
 }
 
 /// CPU reference of [`mse_loss`] and its gradient (f64 accumulation).
