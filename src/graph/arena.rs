@@ -78,23 +78,39 @@ impl Layout {
     }
 }
 
-/// Split members of `lens` elements, in order, into consecutive groups whose packed arenas hold
-/// at most `max_bytes` each (a member larger than that gets an arena of its own).
+/// Split members of `lens` elements, in order, into as few consecutive groups as packed arenas of
+/// at most `max_bytes` allow (a member larger than that gets an arena of its own), balanced: the
+/// largest group is as small as that many groups allow.
 pub fn split_members(lens: &[usize], max_bytes: u64) -> Vec<Range<usize>> {
-    let mut groups = Vec::new();
-    let (mut start, mut bytes) = (0, 0u64);
-    for (i, &n) in lens.iter().enumerate() {
-        let b = 4 * (n.div_ceil(ARENA_ALIGN) * ARENA_ALIGN) as u64;
-        if i > start && bytes + b > max_bytes {
-            groups.push(start..i);
-            (start, bytes) = (i, 0);
+    let sizes: Vec<u64> = lens.iter().map(|&n| 4 * (n.div_ceil(ARENA_ALIGN) * ARENA_ALIGN) as u64).collect();
+    // Greedy packing under `cap`: fewest groups for that cap.
+    let greedy = |cap: u64| {
+        let mut groups = Vec::new();
+        let (mut start, mut bytes) = (0, 0u64);
+        for (i, &b) in sizes.iter().enumerate() {
+            if i > start && bytes + b > cap {
+                groups.push(start..i);
+                (start, bytes) = (i, 0);
+            }
+            bytes += b;
         }
-        bytes += b;
+        if start < sizes.len() {
+            groups.push(start..sizes.len());
+        }
+        groups
+    };
+    let k = greedy(max_bytes).len();
+    // The smallest cap that still needs no more than k groups (fewer groups as the cap grows).
+    let (mut lo, mut hi) = (1u64, max_bytes.max(1));
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if greedy(mid).len() <= k {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
     }
-    if start < lens.len() {
-        groups.push(start..lens.len());
-    }
-    groups
+    greedy(lo)
 }
 
 impl Graph {
@@ -194,6 +210,8 @@ mod tests {
         // 64-element members are 256 bytes each: three fit 768 bytes.
         assert_eq!(split_members(&[64; 7], 768), [0..3, 3..6, 6..7]);
         assert_eq!(split_members(&[10_000, 1], 256), [0..1, 1..2], "an oversized member stands alone");
+        // Balanced: nine 256-byte members under a 1 KiB cap make 3 + 3 + 3, not 4 + 4 + 1.
+        assert_eq!(split_members(&[64; 9], 1024), [0..3, 3..6, 6..9]);
         assert_eq!(split_members(&[], 256), Vec::<Range<usize>>::new());
     }
 }

@@ -15,7 +15,7 @@
 //! - Each member starts at a multiple of 256 bytes; the padding up to the next member holds no
 //!   data (kernels never read it as data; it may hold anything).
 //! - A new arena starts where one would pass [`crate::graph::ARENA_MAX_BYTES`] (128 MiB): the
-//!   cifar10 net's 66.6 M weights take 2 arenas of each kind.
+//!   cifar10 net's 66.6 M weights (254 MiB) take 3 arenas of each kind, split evenly.
 //! - The gradient arena is an intermediate (planned by liveness: it lives from the first
 //!   gradient written to the optimizer step); parameters, moments and EMA weights persist.
 //!
