@@ -9,8 +9,10 @@
 //               of ceil(R*S / P) values, in order), into y[o] when P = 1, else into
 //               part[o * P + q]; group_sum_vec4 is the same over vec4s when S % 4 == 0 (four
 //               running sums per invocation, one per lane, added x + y + z + w at the end).
-//   group_sum_final: y[o] = sum_{q < P} part[o * P + q] in order (P = p.s), one invocation per
-//               output.
+//   group_sum_final: y[o] = sum_{j < J} (sum_{q < P} part[(j * O + o) * P + q]), each row's P in
+//               order, then the J rows in order (O = p.n outputs, P = p.s, J = p.b), one
+//               invocation per output: group_sum's partials (J = 1), or channel partials a
+//               producer wrote per block of images (J blocks feeding each output).
 //   group_sum_spikes: group_sum (P = 1) over bit-packed spikes (element e at bit e % 32 of word
 //               e / 32): spike counts, exact while a channel's count stays below 2^24
 //   sumsq_acc:  acc[0] = acc[0] + sum_i x[i]^2 (or = when p.b = 1)                (one node per
@@ -100,8 +102,12 @@ fn group_sum_final(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
         return;
     }
     var acc = 0.0;
-    for (var q = 0u; q < p.s; q++) {
-        acc += x[o * p.s + q];
+    for (var j = 0u; j < p.b; j++) {
+        var row = 0.0;
+        for (var q = 0u; q < p.s; q++) {
+            row += x[(j * p.n + o) * p.s + q];
+        }
+        acc += row;
     }
     y[o] = acc;
 }

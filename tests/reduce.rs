@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use sddpm_gpu::graph::{Graph, Plan};
+use sddpm_gpu::graph::{Graph, PartialSums, Plan};
 use sddpm_gpu::ops::reduce;
 
 #[test]
@@ -51,4 +51,53 @@ fn group_sum_slices_fill_a_large_gpu_only_when_the_data_is_large() {
     assert_eq!(reduce::group_slices(32 * 128, 4 * 1024), 1);
     assert_eq!(reduce::group_slices(512, 128 * 16), 1);
     assert_eq!(reduce::group_slices(3, 10), 1);
+}
+
+/// Channel partials as a producer would write them: per row (a block of `B / rows` images of
+/// every step) and channel, `slices` consecutive pixel blocks summed over the steps.
+fn partials_cpu(x: &[f32], [t, b, c, hw]: [usize; 4], rows: usize, slices: usize) -> Vec<f32> {
+    let per = hw.div_ceil(slices);
+    let mut part = vec![0f32; rows * c * slices];
+    for step in 0..t {
+        for img in 0..b {
+            let r = img / (b / rows);
+            for ch in 0..c {
+                for px in 0..hw {
+                    part[(r * c + ch) * slices + px / per] += x[((step * b + img) * c + ch) * hw + px];
+                }
+            }
+        }
+    }
+    part
+}
+
+#[test]
+fn group_sum_finishes_partials_its_producer_left() {
+    let (t, b, c, hw) = (3, 4, 5, 12);
+    let mut r = rng(71);
+    let xv = normalish(&mut r, t * b * c * hw, 1.0);
+    // Rows of single images serve every grouping; blocks of two images only the plain sum.
+    for (rows, groupings) in [(b, vec![1, 2, b]), (2, vec![1])] {
+        for groups in groupings {
+            let slices = 3;
+            let mut g = Graph::new();
+            let x = g.input("x", &[t * b, c, hw]);
+            let part = g.input("part", &[rows * c * slices]);
+            g.partial_sums.insert(x, PartialSums { part, rows, slices, images: b });
+            let y = reduce::group_sum(&mut g, x, groups, "sum");
+            assert_eq!(g.nodes.len(), 1, "only the final pass");
+            assert_eq!(g.nodes[0].entry, "group_sum_final");
+            let pv = partials_cpu(&xv, [t, b, c, hw], rows, slices);
+            let got = run_graph(g, &[(x, bits(&xv)), (part, bits(&pv))], &[y]).remove(0);
+            let want = reduce::group_sum_cpu(&xv, t * b, c, hw, groups);
+            assert_close(&format!("rows {rows}, groups {groups}"), &got, &want, 1e-5, 1e-5);
+        }
+    }
+    // Blocks of images cannot be regrouped: group_sum sums x itself.
+    let mut g = Graph::new();
+    let x = g.input("x", &[t * b, c, hw]);
+    let part = g.input("part", &[2 * c]);
+    g.partial_sums.insert(x, PartialSums { part, rows: 2, slices: 1, images: b });
+    reduce::group_sum(&mut g, x, b, "sum");
+    assert_eq!(g.nodes[0].reads, [x]);
 }

@@ -141,6 +141,20 @@ pub struct Cost {
     pub bytes: u64,
 }
 
+/// Per-channel partial sums of a tensor x [N, C, ...] (N = T*B: T spiking steps of B images) that
+/// the kernel producing x wrote as a by-product, so that a channel reduction of x
+/// (`ops::reduce::group_sum`) only has to add them: `part[(r * C + c) * slices + q]` is the sum
+/// of slice q of the values of channel c in row r, where the rows cut every step's B images into
+/// `rows` blocks of consecutive images (image b of a step is in row b / (B / rows)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartialSums {
+    pub part: TensorId,
+    pub rows: usize,
+    pub slices: usize,
+    /// B: images per spiking step.
+    pub images: usize,
+}
+
 /// One kernel dispatch. Binding 0 is the uniform `params`; then `reads` (read-only storage) in
 /// order, then `writes` (read_write storage) in order.
 #[derive(Debug, Clone)]
@@ -218,6 +232,8 @@ pub struct Graph {
     pub tape: Vec<TapeEntry>,
     /// Nodes with several candidate kernels, by node index (see crate::tune).
     pub variants: std::collections::BTreeMap<usize, Tunable>,
+    /// Channel sums of tensors that the kernels producing them wrote on the side, by tensor.
+    pub partial_sums: std::collections::BTreeMap<TensorId, PartialSums>,
     /// The first building error (see the module comment); [`Graph::check`] returns it.
     error: Option<String>,
     /// Tensors made by [`Graph::arena`].

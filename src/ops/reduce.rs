@@ -43,7 +43,8 @@ pub fn group_slices(outputs: usize, m: usize) -> usize {
 /// y[b, c] = sum over r, s of x[r*B + b, c, s]; x: [N, C, ...] with N a multiple of `groups` (B),
 /// f32 or bit-packed spikes (then y counts spikes). Where B*C workgroups are too few for the data
 /// ([`group_slices`]), each output's values are summed in P slices and a final pass adds the P
-/// partials in order: the same bits every run.
+/// partials in order: the same bits every run. Where the kernel that wrote x left its channel
+/// sums ([`crate::graph::PartialSums`]) and they fit this grouping, only that final pass runs.
 pub fn group_sum(g: &mut Graph, x: TensorId, groups: usize, name: &str) -> TensorId {
     let s = g.shape(x).to_vec();
     assert!(s.len() >= 2 && s[0].is_multiple_of(groups), "{name}: cannot group {s:?} into {groups}");
@@ -51,6 +52,13 @@ pub fn group_sum(g: &mut Graph, x: TensorId, groups: usize, name: &str) -> Tenso
     let sp: usize = s[2..].iter().product();
     let outputs = groups * c;
     let y = g.intermediate(name, &[groups, c]);
+    // Rows of single images map onto any grouping of them; blocks of images only onto one group.
+    if let Some(ps) =
+        g.partial_sums.get(&x).copied().filter(|ps| groups == 1 || (ps.rows == ps.images && ps.rows % groups == 0))
+    {
+        push_final(g, ps.part, y, outputs, ps.rows / groups, ps.slices, name);
+        return y;
+    }
     let xd = g.dtype(x);
     let slices = if xd == DType::Spike { 1 } else { group_slices(outputs, n / groups * sp) };
     let entry = match xd {
@@ -75,19 +83,26 @@ pub fn group_sum(g: &mut Graph, x: TensorId, groups: usize, name: &str) -> Tenso
         &[DType::F32],
     );
     if slices > 1 {
-        let (o, q) = (size_u32(outputs), size_u32(slices));
-        g.push(Node {
-            shader: &SHADER,
-            entry: "group_sum_final",
-            params: Params::of(&ReduceParams { n: o, c: 0, s: q, b: 0 }),
-            reads: vec![part],
-            writes: vec![y],
-            workgroups: grid_1d(outputs, 256),
-            label: name.to_string(),
-            cost: Cost { flops: (outputs * slices) as u64, bytes: g.bytes_of(part) + g.bytes_of(y) },
-        });
+        push_final(g, part, y, outputs, 1, slices, name);
     }
     y
+}
+
+/// y[o] = sum over j < rows of (sum over q < slices of part[(j * outputs + o) * slices + q]): each
+/// row's slices in order, then the rows in order.
+fn push_final(g: &mut Graph, part: TensorId, y: TensorId, outputs: usize, rows: usize, slices: usize, name: &str) {
+    assert_eq!(g.info(part).numel(), rows * outputs * slices, "{name}: partials do not match the outputs");
+    let u = size_u32;
+    g.push(Node {
+        shader: &SHADER,
+        entry: "group_sum_final",
+        params: Params::of(&ReduceParams { n: u(outputs), c: 0, s: u(slices), b: u(rows) }),
+        reads: vec![part],
+        writes: vec![y],
+        workgroups: grid_1d(outputs, 256),
+        label: name.to_string(),
+        cost: Cost { flops: (outputs * rows * slices) as u64, bytes: g.bytes_of(part) + g.bytes_of(y) },
+    });
 }
 
 /// The sum of squares of every member of the arenas `arenas` (each with its chunk table, as
