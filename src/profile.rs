@@ -181,6 +181,9 @@ pub fn layer_of(label: &str) -> String {
             ".backward",
             ".stats",
             ".spike_count",
+            ".partials",
+            ".final",
+            ".channel_sums",
         ] {
             l = l.strip_suffix(suffix).unwrap_or(l);
         }

@@ -9,14 +9,14 @@ use sddpm_gpu::ops::reduce;
 
 #[test]
 fn group_sum_in_slices_matches_cpu_and_repeats_bit_for_bit() {
-    // [N, C, S], groups, slices expected: single pass and sliced, S a multiple of 4 (vec4 loads)
-    // and not, one group and several.
+    // [N, C, S], groups, slices expected: single pass (small) and sliced (over 1 MiB, few
+    // outputs), S a multiple of 4 (vec4 loads) and not, one group and several.
     let cases = [
         ([8, 5, 33], 1, 1),
-        ([64, 3, 100], 1, 2),
-        ([130, 3, 37], 1, 2),
-        ([300, 2, 45], 2, 2),
-        ([260, 3, 64], 2, 3),
+        ([400, 3, 252], 1, 99),
+        ([300, 3, 301], 1, 89),
+        ([600, 2, 225], 2, 66),
+        ([520, 2, 256], 4, 33),
         ([12, 5, 64], 4, 1),
     ];
     let mut r = rng(70);
@@ -45,11 +45,14 @@ fn group_sum_in_slices_matches_cpu_and_repeats_bit_for_bit() {
 
 #[test]
 fn group_sum_slices_fill_a_large_gpu_only_when_the_data_is_large() {
-    // The cifar10 conv bias gradient at 32x32 (N = T*B = 128, 128 channels): 8 slices of 16384.
+    // The cifar10 conv bias gradient at 32x32 (N = T*B = 128, 128 channels): 8 slices of 16384;
+    // at 4x4 with 256 channels (2048 values each) 2 slices, none shorter than 1024.
     assert_eq!(reduce::group_slices(128, 128 * 1024), 8);
-    // Already wide (the time-embedding gradient: B*C outputs) or small: one pass.
+    assert_eq!(reduce::group_slices(256, 128 * 16), 2);
+    // Already wide (the time-embedding gradient: B*C outputs; 512 channels) or small: one pass.
     assert_eq!(reduce::group_slices(32 * 128, 4 * 1024), 1);
     assert_eq!(reduce::group_slices(512, 128 * 16), 1);
+    assert_eq!(reduce::group_slices(16, 8 * 1024), 1);
     assert_eq!(reduce::group_slices(3, 10), 1);
 }
 
@@ -83,7 +86,7 @@ fn group_sum_finishes_partials_its_producer_left() {
             let mut g = Graph::new();
             let x = g.input("x", &[t * b, c, hw]);
             let part = g.input("part", &[rows * c * slices]);
-            g.partial_sums.insert(x, PartialSums { part, rows, slices, images: b });
+            g.partial_sums.insert(x, PartialSums { part, rows, slices, per_image: rows == b });
             let y = reduce::group_sum(&mut g, x, groups, "sum");
             assert_eq!(g.nodes.len(), 1, "only the final pass");
             assert_eq!(g.nodes[0].entry, "group_sum_final");
@@ -97,7 +100,7 @@ fn group_sum_finishes_partials_its_producer_left() {
     let mut g = Graph::new();
     let x = g.input("x", &[t * b, c, hw]);
     let part = g.input("part", &[2 * c]);
-    g.partial_sums.insert(x, PartialSums { part, rows: 2, slices: 1, images: b });
+    g.partial_sums.insert(x, PartialSums { part, rows: 2, slices: 1, per_image: false });
     reduce::group_sum(&mut g, x, b, "sum");
     assert_eq!(g.nodes[0].reads, [x]);
 }

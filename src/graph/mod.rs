@@ -151,8 +151,8 @@ pub struct PartialSums {
     pub part: TensorId,
     pub rows: usize,
     pub slices: usize,
-    /// B: images per spiking step.
-    pub images: usize,
+    /// Each row is one image (rows = B): then the sums serve any grouping of the images.
+    pub per_image: bool,
 }
 
 /// One kernel dispatch. Binding 0 is the uniform `params`; then `reads` (read-only storage) in

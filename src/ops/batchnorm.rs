@@ -4,8 +4,8 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::Shader;
-use crate::graph::{grid_1d, size_u32, Cost, Graph, Node, Params, TensorId};
-use crate::ops::pointwise_cost;
+use crate::graph::{grid_1d, size_u32, Cost, Graph, Layout, Node, Params, PartialSums, Role, TensorId};
+use crate::ops::{pointwise_cost, reduce};
 use crate::shader;
 
 pub static SHADER: Shader = shader!(trusted "batchnorm", uses "tree_sum");
@@ -22,11 +22,13 @@ pub struct BnParams {
     pub running_var: TensorId,
 }
 
-/// What training-mode BN saves for backward.
+/// What training-mode BN saves for backward: the batch mean and invstd per channel, and weight *
+/// invstd, the three members of one arena `stats` (the backward binds them as one).
 #[derive(Debug, Clone, Copy)]
 pub struct BnSaved {
     pub mean: TensorId,
     pub invstd: TensorId,
+    pub stats: TensorId,
 }
 
 fn dims(g: &Graph, x: TensorId, name: &str) -> (usize, usize, usize) {
@@ -35,22 +37,53 @@ fn dims(g: &Graph, x: TensorId, name: &str) -> (usize, usize, usize) {
     (s[0], s[1], s[2..].iter().product())
 }
 
-/// Uniform parameters of every batchnorm.wgsl entry (WGSL `Params`).
+/// Uniform parameters of every batchnorm.wgsl entry (WGSL `Params`): `n` samples of `c` channels
+/// of `hw` values; `groups` BatchNorm groups of `batch` images per spiking step (1 and n: plain
+/// BatchNorm); `slices` of the training reductions (see shaders/batchnorm.wgsl).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
 pub struct BatchnormParams {
     pub n: u32,
     pub c: u32,
     pub hw: u32,
-    pub pad0: u32,
+    pub groups: u32,
     pub eps: f32,
     pub momentum: f32,
-    pub pad1: [u32; 2],
+    pub batch: u32,
+    pub slices: u32,
 }
 
 fn params(n: usize, c: usize, hw: usize) -> Vec<u32> {
+    sliced_params(n, c, hw, 1)
+}
+
+fn sliced_params(n: usize, c: usize, hw: usize, slices: usize) -> Vec<u32> {
     let u = size_u32;
-    Params::of(&BatchnormParams { n: u(n), c: u(c), hw: u(hw), pad0: 0, eps: EPS, momentum: MOMENTUM, pad1: [0; 2] })
+    Params::of(&BatchnormParams {
+        n: u(n),
+        c: u(c),
+        hw: u(hw),
+        groups: 1,
+        eps: EPS,
+        momentum: MOMENTUM,
+        batch: u(n),
+        slices: u(slices),
+    })
+}
+
+/// Slices per channel of the training reductions over [N, C, HW]: as `reduce::group_sum` cuts
+/// the same values (so that BN's backward can leave channel sums group_sum would have computed).
+pub fn slices(n: usize, c: usize, hw: usize) -> usize {
+    reduce::group_slices(c, n * hw)
+}
+
+/// The entry for `hw` values per row: vec4 loads where rows are whole vec4s.
+fn entry(scalar: &'static str, vec4: &'static str, hw: usize) -> &'static str {
+    if hw.is_multiple_of(4) {
+        vec4
+    } else {
+        scalar
+    }
 }
 
 /// y = (x - running_mean) / sqrt(running_var + eps) * weight + bias.
@@ -73,22 +106,54 @@ pub fn batchnorm_eval(g: &mut Graph, x: TensorId, bn: BnParams, name: &str) -> T
 
 /// The statistics pass of training-mode BN: batch mean and invstd over N*H*W per channel (saved
 /// for backward and for whatever kernel applies them), running statistics updated in place
-/// (momentum 0.1, unbiased variance).
+/// (momentum 0.1, unbiased variance). One workgroup per channel where that is wide enough (the
+/// same bits as ever), else per-slice partials ([`slices`]) and a pass merging them. Scalar
+/// loads, unlike the backward's: the spikes downstream flip on the statistics' last bits, and
+/// vec4 sums round differently (the 32x32 train-step fixture's loss moves by 0.6%).
 pub fn batchnorm_stats(g: &mut Graph, x: TensorId, bn: BnParams, name: &str) -> BnSaved {
     let (n, c, hw) = dims(g, x, name);
     let mean = g.intermediate(&format!("{name}.mean"), &[c]);
     let invstd = g.intermediate(&format!("{name}.invstd"), &[c]);
-    g.push(Node {
-        shader: &SHADER,
-        entry: "bn_stats",
-        params: params(n, c, hw),
-        reads: vec![x],
-        writes: vec![mean, invstd, bn.running_mean, bn.running_var],
-        workgroups: [c as u32, 1, 1],
-        label: format!("{name}.stats"),
-        cost: Cost { flops: 3 * (n * c * hw) as u64, bytes: 4 * (2 * n * c * hw + 6 * c) as u64 },
-    });
-    BnSaved { mean, invstd }
+    let winv = g.intermediate(&format!("{name}.weight_invstd"), &[c]);
+    let stats = g.arena(&format!("{name}.stats"), Role::Intermediate, &[mean, invstd, winv], &Layout::packed(&[c; 3]));
+    let p = slices(n, c, hw);
+    let numel = n * c * hw;
+    let writes = vec![stats, bn.running_mean, bn.running_var];
+    if p == 1 {
+        g.push(Node {
+            shader: &SHADER,
+            entry: "bn_stats",
+            params: params(n, c, hw),
+            reads: vec![x, bn.weight],
+            writes,
+            workgroups: [size_u32(c), 1, 1],
+            label: format!("{name}.stats"),
+            cost: Cost { flops: 3 * numel as u64, bytes: 4 * (2 * numel + 7 * c) as u64 },
+        });
+    } else {
+        let parts = g.intermediate(&format!("{name}.stats.partials"), &[c, p, 2]);
+        g.push(Node {
+            shader: &SHADER,
+            entry: "bn_stats_partials",
+            params: sliced_params(n, c, hw, p),
+            reads: vec![x],
+            writes: vec![parts],
+            workgroups: [size_u32(c), size_u32(p), 1],
+            label: format!("{name}.stats.partials"),
+            cost: Cost { flops: 3 * numel as u64, bytes: 4 * (2 * numel + 2 * c * p) as u64 },
+        });
+        g.push(Node {
+            shader: &SHADER,
+            entry: "bn_stats_final",
+            params: sliced_params(n, c, hw, p),
+            reads: vec![parts, bn.weight],
+            writes,
+            workgroups: grid_1d(c, 256),
+            label: format!("{name}.stats"),
+            cost: Cost { flops: 10 * (c * p) as u64, bytes: 4 * (2 * c * p + 6 * c) as u64 },
+        });
+    }
+    BnSaved { mean, invstd, stats }
 }
 
 /// Training-mode BN: batch statistics over N*H*W, running statistics updated in place
@@ -193,7 +258,9 @@ pub fn batchnorm_train_swish(g: &mut Graph, x: TensorId, bn: BnParams, r: Option
 /// The backward of training-mode BN (any op whose output is BN(x) plus terms that do not depend on
 /// x, weight or bias): from dy, the gradients of (x, weight, bias) where `needs` asks for them.
 /// Reads x and the saved statistics, never y, so an op that fuses the apply into its consumer
-/// keeps only what BN alone keeps.
+/// keeps only what BN alone keeps. Two passes over (dy, x) in (channel x slice) workgroups: the
+/// slice sums of dy and dy * xhat, then dx, which adds the slice sums up itself, writes the
+/// parameter gradients, and leaves dx's channel sums for `reduce::group_sum` (a conv bias).
 pub fn batchnorm_train_backward(
     g: &mut Graph,
     dy: TensorId,
@@ -204,34 +271,53 @@ pub fn batchnorm_train_backward(
     label: &str,
 ) -> [Option<TensorId>; 3] {
     let (n, c, hw) = dims(g, x, label);
-    let params = params(n, c, hw);
-    let dweight = g.intermediate(&format!("{label}.grad_weight"), &[c]);
-    let dbias = g.intermediate(&format!("{label}.grad_bias"), &[c]);
+    assert_eq!(g.shape(bn.weight), [c], "{label}: BatchNorm weight for {c} channels");
+    let p = slices(n, c, hw);
+    let params = sliced_params(n, c, hw, p);
+    let numel = n * c * hw;
+    let grid = [size_u32(c), size_u32(p), 1];
+    let parts = g.intermediate(&format!("{label}.grad_stats.partials"), &[c, p, 2]);
     g.push(Node {
         shader: &SHADER,
-        entry: "bn_backward_reduce",
+        entry: entry("bn_backward_reduce", "bn_backward_reduce_vec4", hw),
         params: params.clone(),
-        reads: vec![dy, x, saved.mean, saved.invstd],
-        writes: vec![dweight, dbias],
-        workgroups: [c as u32, 1, 1],
+        reads: vec![dy, x, saved.stats],
+        writes: vec![parts],
+        workgroups: grid,
         label: format!("{label}.grad_stats"),
-        cost: Cost { flops: 4 * (n * c * hw) as u64, bytes: 8 * (n * c * hw) as u64 },
+        cost: Cost { flops: 4 * numel as u64, bytes: 8 * numel as u64 + 8 * (c * p) as u64 },
     });
-    let dx = needs[0].then(|| {
+    let dweight = g.intermediate(&format!("{label}.grad_weight"), &[c]);
+    let dbias = g.intermediate(&format!("{label}.grad_bias"), &[c]);
+    let dx = if needs[0] {
         let shape = g.shape(x).to_vec();
         let dx = g.intermediate(&format!("{label}.grad_input"), &shape);
+        let dx_parts = g.intermediate(&format!("{label}.grad_input.channel_sums"), &[c, p]);
         g.push(Node {
             shader: &SHADER,
-            entry: "bn_backward_input",
+            entry: entry("bn_backward_input", "bn_backward_input_vec4", hw),
             params,
-            reads: vec![dy, x, saved.mean, saved.invstd, bn.weight, dweight, dbias],
-            writes: vec![dx],
-            workgroups: grid_1d(n * c * hw, 256),
+            reads: vec![dy, x, saved.stats, parts],
+            writes: vec![dx, dx_parts, dweight, dbias],
+            workgroups: grid,
             label: format!("{label}.grad_input"),
-            cost: pointwise_cost(n * c * hw, 2 * n * c * hw, 8),
+            cost: pointwise_cost(numel, 2 * numel + 2 * c * p, 9),
         });
-        dx
-    });
+        g.partial_sums.insert(dx, PartialSums { part: dx_parts, rows: 1, slices: p, per_image: false });
+        Some(dx)
+    } else {
+        g.push(Node {
+            shader: &SHADER,
+            entry: "bn_backward_final",
+            params,
+            reads: vec![parts],
+            writes: vec![dweight, dbias],
+            workgroups: grid_1d(c, 256),
+            label: format!("{label}.grad_stats.final"),
+            cost: Cost { flops: 2 * (c * p) as u64, bytes: 8 * (c * p) as u64 + 8 * c as u64 },
+        });
+        None
+    };
     [dx, needs[1].then_some(dweight), needs[2].then_some(dbias)]
 }
 

@@ -26,18 +26,30 @@ fn flat(n: usize) -> ReduceParams {
     ReduceParams { n: size_u32(n), c: 0, s: 0, b: 0 }
 }
 
-/// Workgroups a bandwidth-bound reduction aims for: about 8 per SM of a 132-SM GPU, which also
-/// clears the two per SM a dispatch moving megabytes must launch (tests/bandwidth.rs).
+/// Workgroups a sliced reduction aims for: about 8 per SM of a 132-SM GPU.
 pub const WIDE_WORKGROUPS: usize = 1024;
 
-/// Fewest values one workgroup of a sliced reduction sums: below that a second pass costs more
-/// than the width it buys.
-pub const MIN_SLICE: usize = 4096;
+/// A reduction with this many outputs (one workgroup each) is wide enough in one pass: two
+/// workgroups per SM of a 132-SM card (an H100 SXM; an A100 has 108 SMs, an RTX 4090 128).
+pub const NARROW_WORKGROUPS: usize = 264;
 
-/// How many slices group_sum splits each output's `m` values into, for `outputs` outputs: enough
-/// for [`WIDE_WORKGROUPS`] workgroups, none shorter than [`MIN_SLICE`].
+/// A reduction over at most this many bytes stays in one pass: a second dispatch would cost more
+/// than the width buys (and small nets keep the summation order, and the bits, they always had).
+pub const SMALL_BYTES: usize = 1 << 20;
+
+/// Fewest values one workgroup of a sliced reduction sums (4 per invocation).
+pub const MIN_SLICE: usize = 1024;
+
+/// How many slices a channel reduction cuts each of its `outputs` outputs' `m` f32 values into:
+/// one where the outputs alone fill a large GPU or the data is small, else enough for
+/// [`WIDE_WORKGROUPS`] workgroups with none shorter than [`MIN_SLICE`]. group_sum and BatchNorm's
+/// training reductions cut alike (so BN's backward can leave the channel sums group_sum would
+/// compute).
 pub fn group_slices(outputs: usize, m: usize) -> usize {
-    (WIDE_WORKGROUPS / outputs.max(1)).min(m.div_ceil(MIN_SLICE)).max(1)
+    if outputs >= NARROW_WORKGROUPS || 4 * outputs * m <= SMALL_BYTES {
+        return 1;
+    }
+    WIDE_WORKGROUPS.div_ceil(outputs).min(m.div_ceil(MIN_SLICE)).max(1)
 }
 
 /// y[b, c] = sum over r, s of x[r*B + b, c, s]; x: [N, C, ...] with N a multiple of `groups` (B),
@@ -54,7 +66,7 @@ pub fn group_sum(g: &mut Graph, x: TensorId, groups: usize, name: &str) -> Tenso
     let y = g.intermediate(name, &[groups, c]);
     // Rows of single images map onto any grouping of them; blocks of images only onto one group.
     if let Some(ps) =
-        g.partial_sums.get(&x).copied().filter(|ps| groups == 1 || (ps.rows == ps.images && ps.rows % groups == 0))
+        g.partial_sums.get(&x).copied().filter(|ps| groups == 1 || (ps.per_image && ps.rows.is_multiple_of(groups)))
     {
         push_final(g, ps.part, y, outputs, ps.rows / groups, ps.slices, name);
         return y;
