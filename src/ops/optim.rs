@@ -10,12 +10,15 @@
 //!
 //! - Members are ordered by when the backward completes their gradient (the index of the last
 //!   node writing it), earliest first: a prefix of the gradient arena is final while the
-//!   backward still runs ([`Arenas::grad_buckets`] cuts it into ranges to all-reduce, each with
-//!   the node after which it is complete).
+//!   backward still runs ([`Arenas::grad_buckets`] cuts it into byte ranges to all-reduce, each
+//!   with the node after which it is complete; node indices are the graph's, which a compiled
+//!   [`crate::graph::Plan`] keeps).
 //! - Each member starts at a multiple of 256 bytes; the padding up to the next member holds no
-//!   data (kernels never read it as data; it may hold anything).
-//! - A new arena starts where one would pass [`crate::graph::ARENA_MAX_BYTES`] (128 MiB): the
-//!   cifar10 net's 66.6 M weights (254 MiB) take 3 arenas of each kind, split evenly.
+//!   data (kernels never read it as data; it may hold anything, and summing it over ranks with a
+//!   bucket is harmless).
+//! - An arena holds at most [`crate::graph::ARENA_MAX_BYTES`] (128 MiB, what every adapter binds):
+//!   as few arenas as that allows, split evenly; the cifar10 net's 66.6 M weights (254 MiB) take
+//!   3 of each kind.
 //! - The gradient arena is an intermediate (planned by liveness: it lives from the first
 //!   gradient written to the optimizer step); parameters, moments and EMA weights persist.
 //!
