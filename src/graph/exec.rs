@@ -139,6 +139,8 @@ impl Plan {
     /// neither wgpu's bounds checks nor the driver's robust buffer access hide an access past the
     /// end. A read past the end sees NaN (or stray spikes); a write past the end shows in
     /// [`Plan::check_guards`]. Kernels that size themselves with `arrayLength` see the guard too.
+    /// Tensors in an arena share the arena's buffer (with the guard after the arena); the padding
+    /// between members is poisoned and bound after each member the same way.
     pub fn compile_guarded(ctx: &Context, g: &Graph) -> Result<Plan> {
         Self::compile_with_guard(ctx, g, GUARD_BYTES)
     }
@@ -204,7 +206,8 @@ impl Plan {
         }
         for (i, t) in g.tensors.iter().enumerate() {
             if let (Some(init), Some(slot)) = (&t.init, memory.slot[i]) {
-                ctx.queue.write_buffer(&buffers[slot], 0, bytemuck::cast_slice(init));
+                let offset = t.view.map_or(0, |v| v.offset);
+                ctx.queue.write_buffer(&buffers[slot], offset, bytemuck::cast_slice(init));
             }
         }
 
