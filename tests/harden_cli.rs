@@ -75,7 +75,8 @@ fn empty_int(f: &mut TensorFile, name: &str) {
 #[test]
 fn bad_counters_are_one_line_errors() {
     // Item 3 and 15: an empty, float or negative optim.step, an empty BatchNorm counter.
-    let edits: [(&str, Box<dyn Fn(&mut TensorFile)>, &str); 4] = [
+    type Edit = Box<dyn Fn(&mut TensorFile)>;
+    let edits: [(&str, Edit, &str); 4] = [
         ("empty", Box::new(|f| empty_int(f, "optim.step")), "exactly one"),
         (
             "float",
@@ -115,7 +116,8 @@ fn bad_counters_are_one_line_errors() {
 #[test]
 fn resume_refuses_edited_configs_naming_the_field() {
     // Items 4 and 15: config.json no longer matches the checkpoint, or is not a config at all.
-    let cases: [(&str, fn(&mut serde_json::Value), &str); 6] = [
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(&str, Edit, &str); 6] = [
         ("img-size-0", |v| v["model"]["img_size"] = 0.into(), "image size 0"),
         ("timestep", |v| v["model"]["timestep"] = 8.into(), "'model.timestep' is 8"),
         ("batch", |v| v["batch"] = 3.into(), "'batch' is 3"),

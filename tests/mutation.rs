@@ -376,8 +376,11 @@ fn many_views_of_one_storage_are_refused() {
     assert_eq!(f.tensors.len(), 2);
 }
 
+/// Writes an array's data.
+type Body<'a> = &'a dyn Fn(&mut dyn std::io::Write);
+
 /// A stored (uncompressed, like np.savez) or deflated `.npz` of `arrays` (name, shape, f64s).
-fn npz(arrays: &[(&str, Vec<usize>, &dyn Fn(&mut dyn std::io::Write))], deflate: bool) -> Vec<u8> {
+fn npz(arrays: &[(&str, Vec<usize>, Body)], deflate: bool) -> Vec<u8> {
     let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     let method = if deflate { zip::CompressionMethod::Deflated } else { zip::CompressionMethod::Stored };
     let opts = zip::write::SimpleFileOptions::default().compression_method(method).large_file(true);

@@ -90,7 +90,7 @@ fn finish_entry<R: Read>(mut r: Crc<R>, want: u64, crc: u32, name: &str, path: &
         bail!("{}: entry {name} is truncated ({} of {want} bytes)", path.display(), bytes.len());
     }
     let mut rest = [0u8; 1];
-    if (&mut r).read(&mut rest).map_err(corrupt)? != 0 {
+    if r.read(&mut rest).map_err(corrupt)? != 0 {
         bail!("{}: entry {name} is longer than it declares", path.display());
     }
     if r.hasher.finalize() != crc {
