@@ -216,8 +216,12 @@ fn non_finite_checkpoints_are_refused() {
 #[test]
 fn sample_checks_its_model_and_index_range_even_for_empty_shards() {
     // Item 10: noise is keyed by a 32-bit image index; an empty shard still opens the checkpoint.
-    let out =
-        run(&["sample", "--preset", "tiny", "--n", "8589934592", "--shard", "1/100000", "--out-dir", p(&tmp("s"))]);
+    // (Two images per share, so a binary without the check finishes quickly, wrongly.)
+    let out = bin()
+        .args(["--no-tune", "sample", "--preset", "tiny", "--size", "16", "--sampler", "ddim", "--steps", "1"])
+        .args(["--n", "8589934592", "--shard", "4294967296/4294967296", "--out-dir", p(&tmp("s"))])
+        .output()
+        .unwrap();
     assert_one_line_error(&out, "--n 8589934592");
     let out = run(&[
         "sample",
@@ -260,6 +264,23 @@ fn outputs_are_replaced_never_written_through_links() {
     image::open(&grid).unwrap();
     let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(names, vec![std::ffi::OsString::from("grid.png")], "temporary files left behind");
+    // Another user of a shared folder plants a link where a predictable temporary file
+    // (`.NAME.<pid>.tmp`) would go: random, exclusively created names never open it.
+    let shared = tmp("links-shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    let out = shared.join("grid.png");
+    let child = bin()
+        .args(["--no-tune", "sample", "--preset", "tiny", "--sampler", "ddim", "--steps", "1", "--size", "16"])
+        .args(["--n", "1", "--out", p(&out)])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let planted = shared.join(format!(".grid.png.{}.tmp", child.id()));
+    std::os::unix::fs::symlink(&victim, &planted).unwrap();
+    ok(&child.wait_with_output().unwrap());
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious", "wrote through the planted link");
+    assert!(std::fs::symlink_metadata(&out).unwrap().file_type().is_file());
+    std::fs::remove_file(&planted).unwrap();
 }
 
 #[test]
