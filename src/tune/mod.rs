@@ -88,7 +88,15 @@ pub fn select(ctx: &Context, g: &mut Graph) -> Result<Report> {
                             i
                         }
                         None => {
-                            let timed = time_candidates(ctx, g, node)?;
+                            let timed = match time_candidates(ctx, g, node) {
+                                Ok(t) => t,
+                                Err(e) => {
+                                    // Keep what was tuned so far (an interrupt is not a reason to
+                                    // time those shapes again).
+                                    cache.save();
+                                    return Err(e);
+                                }
+                            };
                             report.timed += 1;
                             let best = (0..timed.len())
                                 .min_by(|&a, &b| timed[a].us.total_cmp(&timed[b].us))
@@ -136,6 +144,8 @@ fn time_candidates(ctx: &Context, g: &Graph, node: usize) -> Result<Vec<Timed>> 
     let started = Instant::now();
     let mut out = Vec::new();
     for v in &g.variants[&node].candidates {
+        // Tuning can take minutes on a slow adapter: an interrupt stops it here (crate::signal).
+        crate::signal::check()?;
         let mut mini = Graph::new();
         let mut bind = |ts: &[crate::graph::TensorId]| -> Vec<crate::graph::TensorId> {
             ts.iter().map(|&t| mini.input(&g.info(t).name, g.shape(t))).collect()
