@@ -11,12 +11,14 @@
 //
 // Numerics. Each operand enters as override CM_A_MODE / CM_B_MODE says:
 //   CM_EXACT (0): the value is exact in f16 (spikes, 0 or 1): one part, hi = f16(x).
-//   CM_SPLIT (1): hi = x rounded to 11 significant bits, lo = f16((x - hi) * 2^11) (x - hi is
-//       exact in f32). hi carries f16's 11 bits, lo the next 11 (scaled by 2^11 so that it stays
-//       a normal f16), so hi + lo * 2^-11 is x to about 2^-22 relative: a few f32 ulps. Valid
-//       for |x| < 2^15; below 2^-14, where f16 is subnormal, hi loses bits (at most 2^-25
-//       absolute); the caller's loader applies a power-of-two pre-scale where magnitudes need it
-//       (coop_matmul.wgsl: CM_SCALED), see cm_prescale_exponent.
+//   CM_SPLIT (1): hi = x rounded to f16, lo = f16((x - hi) * 2^11) (x - hi is exact in f32).
+//       hi carries f16's 11 bits, lo the next 11 (scaled by 2^11 so that it stays a normal f16),
+//       so hi + lo * 2^-11 is x to about 2^-22 relative, a few f32 ulps, for |x| in f16's normal
+//       range [2^-14, 2^15). Below it the error is at most 2^-36 absolute (lo's own subnormal
+//       step): fine for weights and activations, whose values that small add nothing to a sum,
+//       but not for gradients, which sit there (max |dy| 2^-3 .. 2^-14 on the presets, most
+//       values far smaller); their loader applies a power-of-two pre-scale first
+//       (coop_matmul.wgsl: CM_SCALED; see cm_prescale_exponent).
 // The products: f16 x f16 products are exact in f32, the accumulators are f32.
 //   cm_hi += a_hi * b_hi
 //   cm_lo += a_lo * b_hi  (if A is split)  +  a_hi * b_lo  (if B is split)
@@ -64,10 +66,14 @@ fn cm_begin() {
     }
 }
 
-/// x rounded to f16's 11 significant bits (to nearest, ties to even), still as an f32: what f16(x)
-/// holds for |x| in f16's normal range. Done on the bits: compilers may fold f32(f16(x)) into x
-/// (lavapipe does), which would make every lo part zero.
+/// x rounded to the nearest f16 (ties to even), still as an f32: what f16(x) holds, for |x| below
+/// f16's largest value. Computed without f16 conversions: compilers may fold f32(f16(x)) into x
+/// (lavapipe does), which would make every lo part zero. Normal range: 11 significant bits, on
+/// the bits; below 2^-14 (f16 subnormals): the multiples of 2^-24 (exact f32 steps).
 fn cm_round_f16(x: f32) -> f32 {
+    if (abs(x) < 6.103515625e-5) {
+        return round(x * 16777216.0) * 5.9604644775390625e-8;
+    }
     let bits = bitcast<u32>(x);
     return bitcast<f32>((bits + 0x0fffu + ((bits >> 13u) & 1u)) & 0xffffe000u);
 }
