@@ -15,10 +15,10 @@
 //       hi carries f16's 11 bits, lo the next 11 (scaled by 2^11 so that it stays a normal f16),
 //       so hi + lo * 2^-11 is x to about 2^-22 relative, a few f32 ulps, for |x| in f16's normal
 //       range [2^-14, 2^15). Below it the error is at most 2^-36 absolute (lo's own subnormal
-//       step): fine for weights and activations, whose values that small add nothing to a sum,
-//       but not for gradients, which sit there (max |dy| 2^-3 .. 2^-14 on the presets, most
-//       values far smaller); their loader applies a power-of-two pre-scale first
-//       (coop_matmul.wgsl: CM_SCALED; see cm_prescale_exponent).
+//       step), too much for the presets' gradients (max |dy| per conv 2^-23 .. 2^-2, most values
+//       far smaller), a zero-initialised layer's weights (2^-20) or its successor's input
+//       (README, "Cooperative matrices"), so loaders pre-scale real operands by a power of two
+//       first (coop_matmul.wgsl: CM_SCALED; see cm_prescale_exponent).
 // The products: f16 x f16 products are exact in f32, the accumulators are f32.
 //   cm_hi += a_hi * b_hi
 //   cm_lo += a_lo * b_hi  (if A is split)  +  a_hi * b_lo  (if B is split)

@@ -125,11 +125,11 @@ pub static SHADERS: [Shader; 4] = [
 pub enum Operand {
     /// Exact in f16 (spikes: 0 or 1): one f16 part.
     Exact,
-    /// hi + lo f16 parts; for values inside f16's range whose small entries may lose relative
-    /// precision (below 2^-14) without changing the sum (weights, images).
+    /// hi + lo f16 parts as they are: for values known to lie in f16's normal range
+    /// [2^-14, 2^15) (entries below it are kept to 2^-36 absolute only).
     Split,
-    /// hi + lo after a power-of-two pre-scale of each workgroup's block (gradients, whose
-    /// magnitudes sit far below f16's normal range).
+    /// hi + lo after a power-of-two pre-scale of each workgroup's block: any real operand (the
+    /// presets' gradients, and some of their weights and activations, sit below 2^-14).
     Scaled,
 }
 

@@ -190,18 +190,26 @@ fn run_self_checks(ctx: &Context, g: &Graph, cache: &mut Option<Cache>, report: 
                     None => {
                         report.checks_run += 1;
                         let check = v.needs.check.expect("filtered on a check");
-                        let verdict = match (check.0)(ctx, v) {
-                            Ok(o) if o.passed() => {
-                                Verdict { passed: true, detail: format!("relative error {:.1e}", o.error) }
+                        match (check.0)(ctx, v) {
+                            Ok(o) => {
+                                let verdict = Verdict {
+                                    passed: o.passed(),
+                                    detail: if o.passed() {
+                                        format!("relative error {:.1e}", o.error)
+                                    } else {
+                                        format!("relative error {:.1e} > {:.0e}", o.error, o.limit)
+                                    },
+                                };
+                                cache.insert_check(key.clone(), verdict.clone());
+                                verdict
                             }
-                            Ok(o) => Verdict {
-                                passed: false,
-                                detail: format!("relative error {:.1e} > {:.0e}", o.error, o.limit),
-                            },
-                            Err(e) => Verdict { passed: false, detail: format!("{e:#}") },
-                        };
-                        cache.insert_check(key.clone(), verdict.clone());
-                        verdict
+                            // A check that could not run (the driver rejected the module, memory
+                            // ran out) disables the variant in this context but is not cached.
+                            Err(e) => {
+                                let why = format!("{e:#}").split_whitespace().collect::<Vec<_>>().join(" ");
+                                Verdict { passed: false, detail: format!("the check failed to run: {why}") }
+                            }
+                        }
                     }
                 };
                 if !verdict.passed {
