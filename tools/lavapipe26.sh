@@ -37,9 +37,8 @@ WORK="$(mktemp -d "$DIR.partial.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/apt/lists/partial" "$WORK/apt/cache/archives/partial" "$WORK/apt/state" "$WORK/debs" "$WORK/root"
 
-# sid's Release file is signed with the current archive keys; the host's keyring package may be
-# older than them, so the folder verifies against the keyring the host has plus sid's own
-# debian-archive-keyring once fetched (a second update, verified by the first).
+# sid's Release file is verified with the host's Debian archive keyring (Debian 12's holds the
+# keys sid is signed with as of 2026-12).
 echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $MIRROR sid main" >"$WORK/apt/sources.list"
 APT=(
     -o "Dir::Etc::SourceList=$WORK/apt/sources.list"
@@ -58,13 +57,19 @@ APT=(
 )
 
 echo "lavapipe26: resolving Debian sid's mesa-vulkan-drivers ($MIRROR) into $DIR" >&2
-apt-get "${APT[@]}" -qq update >&2
+apt-get "${APT[@]}" -qq update >&2 || {
+    echo "error: apt could not fetch or verify Debian sid's package lists from $MIRROR (a newer debian-archive-keyring, or SDDPM_DEBIAN_MIRROR=<mirror>, may help)" >&2
+    exit 1
+}
 # The dependency closure of the driver and the Vulkan loader (depends and pre-depends only; the
 # loader too, so nothing of the host's is mixed in), one package name a line; virtual
 # packages (<name>) are provided by a real one the closure also lists.
 mapfile -t PKGS < <(apt-cache "${APT[@]}" depends --recurse --no-recommends --no-suggests --no-conflicts \
     --no-breaks --no-replaces --no-enhances mesa-vulkan-drivers libvulkan1 | grep -v '^ ' | grep -v '^<' | sort -u)
-[ "${#PKGS[@]}" -gt 5 ] || { echo "error: resolving mesa-vulkan-drivers in sid gave only: ${PKGS[*]}" >&2; exit 1; }
+[ "${#PKGS[@]}" -gt 5 ] || {
+    echo "error: no usable mesa-vulkan-drivers in Debian sid at $MIRROR (resolved: ${PKGS[*]:-nothing}); is the mirror reachable (apt's warnings above)? SDDPM_DEBIAN_MIRROR picks another" >&2
+    exit 1
+}
 echo "lavapipe26: downloading ${#PKGS[@]} packages" >&2
 (cd "$WORK/debs" && apt-get "${APT[@]}" -qq download "${PKGS[@]}" >&2)
 for deb in "$WORK"/debs/*.deb; do
