@@ -181,7 +181,7 @@ impl Cache {
             return;
         }
         let json = serde_json::to_string_pretty(&self.file).expect("the cache serialises");
-        match crate::checkpoint::write_atomic(path, json.as_bytes()) {
+        match crate::fsutil::write_atomic(path, json.as_bytes()) {
             Ok(()) => self.dirty = false,
             Err(e) => eprintln!(
                 "note: cannot write tuning cache ({e:#}); set SDDPM_CACHE_DIR to a writable folder to keep tuning results"

@@ -71,7 +71,16 @@ pub fn select(ctx: &Context, g: &mut Graph) -> Result<Report> {
     // A checked variant may serve only if tuning may pick it, the policy forces it or a record
     // pins it; otherwise every node runs its default and nothing needs checking.
     if policy.enabled || policy.kernels == KernelPolicy::Coop || !policy.pinned.is_empty() {
-        let failed = run_self_checks(ctx, g, &mut cache, &mut report);
+        let failed = match run_self_checks(ctx, g, &mut cache, &mut report) {
+            Ok(f) => f,
+            Err(e) => {
+                // An interrupt: keep the verdicts reached so far.
+                if let Some(c) = cache.as_mut() {
+                    c.save();
+                }
+                return Err(e);
+            }
+        };
         if !failed.is_empty() {
             g.retain_candidates(|v| v.needs.check.is_none() || !failed.iter().any(|k| k == &check_key_of(v)));
         }
@@ -112,7 +121,15 @@ pub fn select(ctx: &Context, g: &mut Graph) -> Result<Report> {
                             i
                         }
                         None => {
-                            let timed = time_candidates(ctx, g, node)?;
+                            let timed = match time_candidates(ctx, g, node) {
+                                Ok(t) => t,
+                                Err(e) => {
+                                    // Keep what was tuned so far (an interrupt is not a reason to
+                                    // time those shapes again).
+                                    cache.save();
+                                    return Err(e);
+                                }
+                            };
                             report.timed += 1;
                             let best = (0..timed.len())
                                 .min_by(|&a, &b| timed[a].us.total_cmp(&timed[b].us))
@@ -171,7 +188,7 @@ fn check_key_of(v: &Variant) -> String {
 
 /// Run (or recall) the self-check of every distinct checked candidate of `g`; returns the keys of
 /// those that failed, each announced once per context with one notice line.
-fn run_self_checks(ctx: &Context, g: &Graph, cache: &mut Option<Cache>, report: &mut Report) -> Vec<String> {
+fn run_self_checks(ctx: &Context, g: &Graph, cache: &mut Option<Cache>, report: &mut Report) -> Result<Vec<String>> {
     let mut seen: BTreeMap<String, &Variant> = BTreeMap::new();
     for t in g.variants.values() {
         for v in t.candidates.iter().filter(|v| v.needs.check.is_some()) {
@@ -188,6 +205,8 @@ fn run_self_checks(ctx: &Context, g: &Graph, cache: &mut Option<Cache>, report: 
                 let verdict = match cache.check(&key) {
                     Some(verdict) => verdict,
                     None => {
+                        // Like tuning, checking stops at an interrupt (crate::signal).
+                        crate::signal::check()?;
                         report.checks_run += 1;
                         let check = v.needs.check.expect("filtered on a check");
                         match (check.0)(ctx, v) {
@@ -235,7 +254,7 @@ fn run_self_checks(ctx: &Context, g: &Graph, cache: &mut Option<Cache>, report: 
             failed.push(key);
         }
     }
-    failed
+    Ok(failed)
 }
 
 /// Select kernels (see [`select`]) and compile.
@@ -254,6 +273,8 @@ fn time_candidates(ctx: &Context, g: &Graph, node: usize) -> Result<Vec<Timed>> 
     let started = Instant::now();
     let mut out = Vec::new();
     for v in &g.variants[&node].candidates {
+        // Tuning can take minutes on a slow adapter: an interrupt stops it here (crate::signal).
+        crate::signal::check()?;
         let mut mini = Graph::new();
         let mut bind = |ts: &[crate::graph::TensorId]| -> Vec<crate::graph::TensorId> {
             ts.iter().map(|&t| mini.input(&g.info(t).name, g.shape(t))).collect()
