@@ -307,15 +307,39 @@ fn sample_out_dir_is_checked_before_sampling_and_stale_pngs_are_refused() {
 }
 
 /// Start a long training run into `dir`; returns once it has logged a step.
-fn start_long_run(dir: &Path) -> std::process::Child {
-    let child = bin()
-        .args(["train", "--steps", "100000", "--ckpt-every", "100000"])
-        .args(QUICK)
-        .arg("--out")
-        .arg(dir)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+/// A child process killed when dropped, so a failing assertion never leaves a training run
+/// behind (these runs train for 100000 steps unless told to stop).
+struct Running(Option<std::process::Child>);
+
+impl Running {
+    fn id(&self) -> u32 {
+        self.0.as_ref().expect("running").id()
+    }
+    fn finish(mut self) -> Output {
+        self.0.take().expect("running").wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn start_long_run(dir: &Path) -> Running {
+    let child = Running(Some(
+        bin()
+            .args(["train", "--steps", "100000", "--ckpt-every", "100000"])
+            .args(QUICK)
+            .arg("--out")
+            .arg(dir)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
     let csv = dir.join("loss.csv");
     let deadline = Instant::now() + Duration::from_secs(180);
     while std::fs::read_to_string(&csv).map_or(0, |t| t.lines().count()) < 2 {
@@ -335,7 +359,7 @@ fn a_run_folder_has_one_run_and_sigterm_saves_it() {
     let fresh = bin().args(["train", "--steps", "3"]).args(QUICK).arg("--out").arg(&dir).output().unwrap();
     assert!(!fresh.status.success());
     assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
-    let out = child.wait_with_output().unwrap();
+    let out = child.finish();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(143), "SIGTERM exits 143: {err}");
     assert!(err.contains("interrupted (SIGTERM)") && err.contains("--resume"), "{err}");
@@ -349,15 +373,17 @@ fn an_interrupt_during_tuning_leaves_nothing() {
     // Issue 21 item 2: a fresh run stopped before its first step removes what it wrote; a
     // folder with only config.json (a run killed during tuning) starts from step 0 on --resume.
     let dir = tmp("tuning-interrupted");
-    let child = bin()
-        .args(["train", "--steps", "2"])
-        .args(QUICK)
-        .arg("--out")
-        .arg(&dir)
-        .env("SDDPM_CACHE_DIR", tmp("cold-cache"))
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = Running(Some(
+        bin()
+            .args(["train", "--steps", "2"])
+            .args(QUICK)
+            .arg("--out")
+            .arg(&dir)
+            .env("SDDPM_CACHE_DIR", tmp("cold-cache"))
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
     // config.json is written before tuning starts.
     let deadline = Instant::now() + Duration::from_secs(60);
     while !dir.join("config.json").exists() {
@@ -365,7 +391,7 @@ fn an_interrupt_during_tuning_leaves_nothing() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
-    let out = child.wait_with_output().unwrap();
+    let out = child.finish();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(err.contains("interrupted (SIGINT)") && err.contains("nothing to resume"), "{err}");
