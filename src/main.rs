@@ -387,6 +387,7 @@ fn main() -> ExitCode {
 }
 
 fn devices(adapter: Option<&str>, bench: bool) -> Result<()> {
+    let kernels = gpu::KernelPolicy::from_env()?;
     let (list, chosen) = gpu::list_adapters(adapter)?;
     for (i, a) in list.iter().enumerate() {
         let mark = if i == chosen { "*" } else { " " };
@@ -408,8 +409,29 @@ fn devices(adapter: Option<&str>, bench: bool) -> Result<()> {
             a.subgroup_sizes.0,
             a.subgroup_sizes.1,
         );
+        let coop = a.coop_descriptions();
+        if !coop.is_empty() {
+            let sizes = a.coop_sizes();
+            println!(
+                "      cooperative matrices: {}; our kernels use {}",
+                coop.join(", "),
+                if sizes.is_empty() {
+                    "none of them (they need f16 x f16 -> f32, f16 and subgroups)".to_string()
+                } else {
+                    sizes.iter().map(|f| format!("{f}x{f}x{f}")).collect::<Vec<_>>().join(", ")
+                }
+            );
+        }
     }
     println!("* = chosen (override with --adapter NAME or SDDPM_ADAPTER; WGPU_BACKEND limits the APIs)");
+    println!(
+        "cooperative-matrix kernels: {} (SDDPM_KERNELS=auto|coop|f32)",
+        match kernels {
+            gpu::KernelPolicy::Auto => "where the adapter has them, the tuner chooses",
+            gpu::KernelPolicy::Coop => "forced wherever a pass has one",
+            gpu::KernelPolicy::F32 => "off",
+        }
+    );
     println!(
         "shader bounds checks: {} (SDDPM_SHADER_CHECKS=1|0 turns them on|off)",
         if gpu::shader_checks_from_env() { "on for every kernel" } else { "off for kernels in bounds by construction" }

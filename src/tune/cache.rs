@@ -27,6 +27,14 @@ pub struct Entry {
     pub candidates: Vec<Timed>,
 }
 
+/// The verdict of a variant's self-check on this adapter (crate::graph::Needs::check).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    pub passed: bool,
+    /// The measured error, or why the check could not run.
+    pub detail: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct File {
     format: String,
@@ -38,6 +46,9 @@ struct File {
     peak: Option<Peak>,
     #[serde(default)]
     shapes: BTreeMap<String, Entry>,
+    /// Self-check verdicts by check key.
+    #[serde(default)]
+    checks: BTreeMap<String, Verdict>,
 }
 
 /// The cache of one adapter, loaded (or started empty) and saved whole.
@@ -86,6 +97,7 @@ impl Cache {
             driver_info: a.driver_info.clone(),
             peak: None,
             shapes: BTreeMap::new(),
+            checks: BTreeMap::new(),
         };
         let Some(dir) = dir else {
             eprintln!("note: no cache folder on this platform; set SDDPM_CACHE_DIR to keep tuning results");
@@ -139,6 +151,16 @@ impl Cache {
 
     pub fn insert(&mut self, key: String, entry: Entry) {
         self.file.shapes.insert(key, entry);
+        self.dirty = true;
+    }
+
+    /// The cached self-check verdict of check key `key`.
+    pub fn check(&self, key: &str) -> Option<Verdict> {
+        self.file.checks.get(key).cloned()
+    }
+
+    pub fn insert_check(&mut self, key: String, verdict: Verdict) {
+        self.file.checks.insert(key, verdict);
         self.dirty = true;
     }
 

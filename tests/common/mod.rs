@@ -95,7 +95,16 @@ pub fn run_graph(mut g: Graph, inputs: &[(TensorId, Vec<u32>)], outputs: &[Tenso
 // ---- command-line helpers ---------------------------------------------------------------------
 
 pub fn bin() -> std::process::Command {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sddpm-gpu"));
+    // Under tools/lavapipe26-run (the cooperative-matrix tests) the binary runs through it too:
+    // only the test binary itself was started with sid's loader and driver.
+    let mut cmd = match std::env::var_os("SDDPM_LAVAPIPE26_RUN") {
+        Some(runner) => {
+            let mut c = std::process::Command::new(runner);
+            c.arg(env!("CARGO_BIN_EXE_sddpm-gpu"));
+            c
+        }
+        None => std::process::Command::new(env!("CARGO_BIN_EXE_sddpm-gpu")),
+    };
     // Tuning results go to this binary's temp folder, not the user's cache.
     cmd.env("SDDPM_CACHE_DIR", tmp("tune-cache"));
     cmd
