@@ -16,6 +16,8 @@ pub mod model;
 pub mod ops;
 pub mod plot;
 pub mod profile;
+pub mod progress;
 pub mod run;
 pub mod shard;
 pub mod tune;
+pub mod weights;

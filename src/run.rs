@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{write_atomic, Checkpoint};
@@ -18,6 +17,7 @@ use crate::diffusion::{plan_steps, Sampler, SamplerKind, Schedule, TrainOptions,
 use crate::gpu::Context;
 use crate::images;
 use crate::model::Net;
+use crate::progress::Progress;
 
 /// Everything that defines a run; written to RUN/config.json and read back by --resume.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -81,7 +81,40 @@ fn record_variants(ctx: &Context, cfg: &mut RunConfig, dir: &Path) -> Result<()>
 
 pub const CKPT: &str = "ckpt.safetensors";
 
+/// The model of a run in a few words, for the banner and the plot titles: preset, and the
+/// extensions that make it differ from the reference (attention, LIF neurons, T).
+pub fn describe(cfg: &RunConfig) -> String {
+    let mut out = match &cfg.model {
+        Net::Sddpm(_) => cfg.preset.clone(),
+        Net::Ddpm(_) => format!("{} {}", cfg.model.kind(), cfg.preset),
+    };
+    if let Net::Sddpm(m) = &cfg.model {
+        if !m.attn.is_empty() {
+            let levels: Vec<String> = m.attn.iter().map(|l| l.to_string()).collect();
+            out.push_str(&format!(
+                ", attention at level{} {}{}",
+                if levels.len() == 1 { "" } else { "s" },
+                levels.join(","),
+                if m.heads > 1 { format!(" ({} heads)", m.heads) } else { String::new() }
+            ));
+        }
+        if m.neuron == crate::model::NeuronKind::Lif {
+            out.push_str(&format!(", LIF neurons (tau {})", m.tau));
+        }
+        if m.snn_steps != 4 {
+            out.push_str(&format!(", T = {}", m.snn_steps));
+        }
+    }
+    out
+}
+
 /// Train `cfg` into `dir` (resuming from its checkpoint when `resume`).
+///
+/// Everything that can refuse the run is checked before anything slow or lasting: the data, the
+/// checkpoint, the FID reference, whether the adapter can hold every graph the run will compile;
+/// then every kernel shape the run needs (training step, sample grids, FID samples) is tuned
+/// under one progress bar, the step is compiled, and only then is the run folder written, so a
+/// run that cannot start leaves nothing behind.
 pub fn train(ctx: &Context, cfg: &RunConfig, dir: &Path, resume: bool) -> Result<()> {
     let data = Arc::new(data::load(cfg.data.as_deref(), cfg.model.img_size())?);
     if data.channels != cfg.model.img_ch() {
@@ -96,41 +129,46 @@ pub fn train(ctx: &Context, cfg: &RunConfig, dir: &Path, resume: bool) -> Result
     if data.len() < cfg.batch {
         bail!("{} holds {} images, fewer than one batch of {}", data.name, data.len(), cfg.batch);
     }
-    std::fs::create_dir_all(dir.join("samples")).with_context(|| format!("cannot create {}", dir.display()))?;
-    write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(cfg)?.as_bytes())?;
-
     let ckpt_path = dir.join(CKPT);
     let start = if resume {
         Checkpoint::load(&ckpt_path).with_context(|| format!("resuming {}", dir.display()))?
     } else {
         cfg.model.init_weights(cfg.seed)
     };
-    let mut cfg = cfg.clone();
-    if resume {
-        ctx.tuning.lock().unwrap().pinned.extend(cfg.variants.clone());
-        crate::tune::pin_recorded(ctx, &start.metadata, &ckpt_path.display().to_string())?;
-    }
-    let cfg = &mut cfg;
-    let opts = TrainOptions { lr: cfg.lr, warmup: cfg.warmup, ema: cfg.ema, ..Default::default() };
-    let mut trainer = Trainer::new(ctx, &cfg.model, &start, cfg.batch, cfg.model.img_size(), opts)?;
-    record_variants(ctx, cfg, dir)?;
-    let first = trainer.step;
+    let first = start.ints.get("optim.step").map_or(0, |s| s.data.first().copied().unwrap_or(0).max(0) as u64);
     if first >= cfg.steps {
-        println!("{} is already at step {first} of {}; nothing to do", dir.display(), cfg.steps);
+        println!("{} is already at step {first} of {}; nothing to do (raise --steps)", dir.display(), cfg.steps);
         return Ok(());
     }
-    let mut log = LossLog::open(&dir.join("loss.csv"), first)?;
-    let mut fid = if cfg.fid_every > 0 { Some(FidEval::new(ctx, cfg, dir, first)?) } else { None };
+    let fid_ref = if cfg.fid_every > 0 { Some(FidRef::load(cfg)?) } else { None };
+    let mut cfg = cfg.clone();
+    let cfg = &mut cfg;
     eprintln!(
         "training {} {} ({} parameters) on {}, batch {}, steps {first}..{}, adapter {}",
         cfg.model.kind(),
-        cfg.preset,
+        describe(cfg),
         cfg.model.parameter_count(),
         data.name,
         cfg.batch,
         cfg.steps,
         ctx.describe()
     );
+    if resume {
+        ctx.tuning.lock().unwrap().pinned.extend(cfg.variants.clone());
+        crate::tune::pin_recorded(ctx, &start.metadata, &ckpt_path.display().to_string())?;
+    }
+    let opts = TrainOptions { lr: cfg.lr, warmup: cfg.warmup, ema: cfg.ema, ..Default::default() };
+    tune_run(ctx, cfg, &opts)?;
+    let mut trainer = Trainer::new(ctx, &cfg.model, &start, cfg.batch, cfg.model.img_size(), opts)?;
+    let mut fid = fid_ref.map(|r| FidEval::new(ctx, r, cfg.fid.n)).transpose()?;
+
+    std::fs::create_dir_all(dir.join("samples")).with_context(|| format!("cannot create {}", dir.display()))?;
+    write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(cfg)?.as_bytes())?;
+    record_variants(ctx, cfg, dir)?;
+    let mut log = LossLog::open(&dir.join("loss.csv"), first)?;
+    if let Some(f) = fid.as_mut() {
+        f.open_log(dir, first)?;
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
@@ -138,27 +176,28 @@ pub fn train(ctx: &Context, cfg: &RunConfig, dir: &Path, resume: bool) -> Result
     let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
 
     let loader = Loader::start(data.clone(), cfg.batch, cfg.seed, first, cfg.steps, cfg.model.diffusion_steps());
-    let bar = ProgressBar::new(cfg.steps);
-    bar.set_position(first);
-    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  eta {eta}").expect("template"));
+    let bar = Progress::with_template("train", cfg.steps, "steps", "{bar:30} {pos}/{len} steps  {msg}  eta {eta}");
+    bar.start_at(first);
+    let title = format!("sddpm-gpu: {}", describe(cfg));
     let mut last = Instant::now();
     while trainer.step < cfg.steps {
         let batch = loader.next().context("the data loader stopped")?;
         let stats = trainer.step(ctx, &batch.x0, &batch.t, None, cfg.seed)?;
         if !stats.loss.is_finite() {
             trainer.save(ctx, &dir.join("ckpt_diverged.safetensors"), HashMap::new())?;
+            bar.abandon();
             bail!("loss became {} at step {}; state saved to ckpt_diverged.safetensors", stats.loss, trainer.step);
         }
         let ips = cfg.batch as f64 / last.elapsed().as_secs_f64();
         last = Instant::now();
         log.push(trainer.step, stats.loss, trainer.lr(), ips)?;
-        bar.set_position(trainer.step);
         bar.set_message(format!("loss {:.4}  |g| {:.3}  {:.2} img/s", stats.loss, stats.grad_norm, ips));
+        bar.set_position(trainer.step);
         let step = trainer.step;
         let interrupted = stop.load(Ordering::SeqCst);
         if interrupted || (cfg.ckpt_every > 0 && step % cfg.ckpt_every == 0) || step == cfg.steps {
             trainer.save(ctx, &ckpt_path, HashMap::new())?;
-            log.flush_plot(&dir.join("loss.png"), &cfg.preset)?;
+            log.flush_plot(&dir.join("loss.png"), &title)?;
         }
         if cfg.sample_n > 0 && ((cfg.sample_every > 0 && step % cfg.sample_every == 0) || step == cfg.steps) {
             bar.suspend(|| sample_grid(ctx, &trainer, cfg, &dir.join("samples").join(format!("step_{step:07}.png"))))?;
@@ -173,7 +212,44 @@ pub fn train(ctx: &Context, cfg: &RunConfig, dir: &Path, resume: bool) -> Result
             return Ok(());
         }
     }
-    bar.finish_with_message(format!("done: {}", dir.display()));
+    bar.finish(format!("done: {}", dir.display()));
+    Ok(())
+}
+
+/// The batch of the samplers a run builds (grids, FID samples): the grid's, else the FID one's.
+fn sampling_batch(cfg: &RunConfig) -> Option<usize> {
+    if cfg.sample_n > 0 {
+        Some(cfg.sample_n)
+    } else if cfg.fid_every > 0 {
+        Some(cfg.fid.n.min(FID_SAMPLE_BATCH))
+    } else {
+        None
+    }
+}
+
+/// Check that the adapter holds every graph the run compiles and tune them all before the first
+/// step: the training step and, when the run samples, the U-Net its samplers evaluate (the keys
+/// hold for every batch, so grids and FID samples of any size reuse them).
+fn tune_run(ctx: &Context, cfg: &RunConfig, opts: &TrainOptions) -> Result<()> {
+    let (size, batch) = (cfg.model.img_size(), cfg.batch);
+    let train = crate::diffusion::train_graph(&cfg.model, batch, size, opts)?;
+    let (train_other, train_other_batch) = crate::diffusion::train_graph_other(&cfg.model, batch, size, opts)?;
+    let mut graphs = vec![(train, batch, train_other, train_other_batch)];
+    if let Some(n) = sampling_batch(cfg) {
+        let (g, ..) = crate::model::eval_graph(cfg.model.clone(), n, size, 1.0)?;
+        let (other, other_batch) = crate::model::eval_graph_other(&cfg.model, n, size, 1.0)?;
+        graphs.push((g, n, other, other_batch));
+    }
+    let pairs: Vec<crate::tune::Batched> = graphs
+        .iter()
+        .map(|(graph, batch, other, other_batch)| crate::tune::Batched {
+            graph,
+            batch: *batch,
+            other,
+            other_batch: *other_batch,
+        })
+        .collect();
+    crate::tune::tune_ahead(ctx, &pairs)?;
     Ok(())
 }
 
@@ -226,22 +302,23 @@ impl LossLog {
 
     fn flush_plot(&mut self, png: &Path, title: &str) -> Result<()> {
         self.file.flush()?;
-        crate::plot::loss_plot(png, &self.points, &format!("sddpm-gpu: {title}"))
+        crate::plot::loss_plot(png, &self.points, title)
     }
 }
 
-/// FID/KID of `fid.n` DDIM samples of the current weights against the reference statistics,
-/// logged to fid.csv (step, fid, kid, kid_std) and plotted to fid.png.
-struct FidEval {
-    net: crate::fid::inception::Inception,
+/// Images per batch of the FID samples during training.
+const FID_SAMPLE_BATCH: usize = 16;
+
+/// What FID during training needs from disk, read before the run starts: the reference
+/// statistics and the Inception weights.
+struct FidRef {
     reference: crate::fid::Stats,
-    log: LossLog,
-    png: PathBuf,
+    weights: crate::fid::inception::Weights,
 }
 
-impl FidEval {
-    fn new(ctx: &Context, cfg: &RunConfig, dir: &Path, first: u64) -> Result<FidEval> {
-        use crate::fid::inception::{self, Inception, Weights};
+impl FidRef {
+    fn load(cfg: &RunConfig) -> Result<FidRef> {
+        use crate::fid::inception::{self, Weights};
         let f = &cfg.fid;
         let Some(reference) = &f.reference else {
             bail!("--fid-every needs --fid-ref STATS.npz (reference statistics)")
@@ -258,21 +335,43 @@ impl FidEval {
             );
         }
         let weights = Weights::load(&inception::locate_weights(f.weights.as_deref())?)?;
-        let net = Inception::new(ctx, &weights, f.n.min(8))?;
+        Ok(FidRef { reference, weights })
+    }
+}
+
+/// FID/KID of `fid.n` DDIM samples of the current weights against the reference statistics,
+/// logged to fid.csv (step, fid, kid, kid_std) and plotted to fid.png.
+struct FidEval {
+    net: crate::fid::inception::Inception,
+    reference: crate::fid::Stats,
+    log: Option<LossLog>,
+    png: PathBuf,
+}
+
+impl FidEval {
+    fn new(ctx: &Context, r: FidRef, n: usize) -> Result<FidEval> {
+        let net = crate::fid::inception::Inception::new(ctx, &r.weights, n.min(8))?;
+        Ok(FidEval { net, reference: r.reference, log: None, png: PathBuf::new() })
+    }
+
+    /// Start (or, resuming, keep up to `first`) RUN/fid.csv.
+    fn open_log(&mut self, dir: &Path, first: u64) -> Result<()> {
         // LossLog keeps the rows up to a resumed step; only the header differs.
         let mut log = LossLog::open(&dir.join("fid.csv"), first)?;
         let kept = std::fs::read_to_string(&log.path)?;
         let rows = kept.split_once('\n').map_or("", |(_, rows)| rows);
         write_atomic(&log.path, format!("step,fid,kid,kid_std\n{rows}").as_bytes())?;
         log.file = std::fs::OpenOptions::new().append(true).open(&log.path)?;
-        Ok(FidEval { net, reference, log, png: dir.join("fid.png") })
+        self.log = Some(log);
+        self.png = dir.join("fid.png");
+        Ok(())
     }
 
     fn evaluate(&mut self, ctx: &Context, trainer: &Trainer, cfg: &RunConfig, step: u64) -> Result<()> {
         let (n, size, c) = (cfg.fid.n, cfg.model.img_size(), cfg.model.img_ch());
         let weights = trainer.weights(ctx, cfg.ema.is_some())?;
         let rows = plan_steps(&Schedule::reference(cfg.model.diffusion_steps()), SamplerKind::Ddim, cfg.fid.steps)?;
-        let batch = n.min(16);
+        let batch = n.min(FID_SAMPLE_BATCH);
         let sampler = Sampler::new(ctx, &cfg.model, &weights, batch, size, 1.0, &rows)?;
         let per = c * size * size;
         let mut pixels = Vec::with_capacity(n * per);
@@ -283,7 +382,7 @@ impl FidEval {
             pixels.extend(x[..keep * per].iter().map(|&v| images::to_u8(v)));
         }
         let samples = crate::fid::inputs::Images::Dataset { pixels, channels: c, size };
-        let feats = samples.features(ctx, &self.net, &ProgressBar::hidden())?;
+        let feats = samples.features(ctx, &self.net, &mut |_| {})?;
         let stats = crate::fid::Stats::from_features(feats, crate::fid::inception::DIM)?;
         let fid = crate::fid::fid(&stats, &self.reference)?;
         let kid = match (&stats.features, &self.reference.features) {
@@ -291,11 +390,12 @@ impl FidEval {
             _ => None,
         };
         let (k, ks) = kid.map_or((f64::NAN, f64::NAN), |k| (k.mean, k.std));
-        writeln!(self.log.file, "{step},{fid},{k},{ks}")
-            .with_context(|| format!("writing {}", self.log.path.display()))?;
-        self.log.points.push((step, fid as f32));
+        let log = self.log.as_mut().expect("the log is opened before training");
+        writeln!(log.file, "{step},{fid},{k},{ks}").with_context(|| format!("writing {}", log.path.display()))?;
+        log.points.push((step, fid as f32));
         eprintln!("step {step}: FID {fid:.3}, KID {k:.5} ({n} samples, {} DDIM steps)", cfg.fid.steps);
-        self.log.file.flush()?;
-        crate::plot::series_plot(&self.png, &self.log.points, &format!("{}: FID of {n} samples", cfg.preset), "FID")
+        log.file.flush()?;
+        let title = format!("sddpm-gpu: {}: FID of {n} samples", describe(cfg));
+        crate::plot::series_plot(&self.png, &log.points, &title, "FID")
     }
 }

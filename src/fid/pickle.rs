@@ -346,6 +346,10 @@ pub fn load(data: &[u8]) -> Result<Value> {
                     let new_state = pop(&mut stack)?;
                     match stack.last_mut() {
                         Some(Value::Object { state, .. }) => *state = Rc::new(new_state),
+                        // A module's state_dict is an OrderedDict whose instance attributes
+                        // (torch's `_metadata` of module versions) follow its items; they are not
+                        // tensors, so they are dropped.
+                        Some(Value::Dict(_)) => {}
                         Some(other) => bail!("BUILD of {}", kind(other)),
                         None => bail!("stack underflow"),
                     }

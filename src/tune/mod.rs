@@ -5,14 +5,22 @@
 //! a time bound, keeps the fastest, and stores the choice and every candidate's time in the
 //! [`Cache`], so the next run on the same adapter and driver skips the timing.
 //!
-//! Choice order per key: a pinned choice (a resumed run's record) > tuning off (the default) >
-//! the cache > timing. Every choice is recorded in the context's [`Tuning::chosen`].
+//! Keys hold for every batch size when the caller also gives the graph built for another batch
+//! ([`Batched`], see [`key`]): then training, its sample grids, `sample`, `fid` and `profile` of
+//! one model share their measurements, and [`tune_ahead`] times everything a run will need before
+//! it starts, under one progress bar.
+//!
+//! Choice order per key: a pinned choice (a resumed run's record) > a choice already made on this
+//! context > tuning off (the default) > the cache > timing. Every choice is recorded in the
+//! context's [`Tuning::chosen`].
 //!
 //! Selection runs on the graph, before memory planning, so a variant's grid and constants are
 //! fixed when the plan is built. Candidates whose [`crate::graph::Needs`] the device does not meet
-//! are dropped first.
+//! are dropped first, and a graph the adapter cannot hold at all (a tensor larger than a storage
+//! binding may be) is refused before anything is timed.
 
 mod cache;
+mod key;
 mod record;
 
 use std::collections::BTreeMap;
@@ -21,10 +29,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 
 pub use cache::{cache_dir, Cache, Entry, Timed};
+pub use key::{general_key, other_batch};
 pub use record::{adapter_id, pin_recorded, record_json, Record, METADATA_KEY};
 
 use crate::gpu::{Context, Tuning};
 use crate::graph::{Graph, Node, Plan, Variant};
+use crate::progress::Progress;
 
 /// Profiled runs per candidate after one warm-up run (the best counts).
 const RUNS_PER_CANDIDATE: usize = 3;
@@ -36,7 +46,7 @@ const BUDGET_PER_KEY: Duration = Duration::from_millis(300);
 pub struct Report {
     /// Keys timed on the adapter in this call.
     pub timed: usize,
-    /// Keys whose choice came from the cache.
+    /// Keys whose choice came from the cache (or an earlier choice on this context).
     pub cached: usize,
     /// Keys given a pinned (recorded) choice.
     pub pinned: usize,
@@ -44,83 +54,32 @@ pub struct Report {
     pub defaults: usize,
 }
 
-/// Choose the kernel of every tunable node of `g` (see the module documentation).
-pub fn select(ctx: &Context, g: &mut Graph) -> Result<Report> {
-    let mut report = Report::default();
-    if g.variants.is_empty() {
-        return Ok(report);
-    }
-    // Candidates the device cannot run (a feature it lacks, more workgroup memory or invocations
-    // than it allows) are not offered at all, so caches and records name only runnable kernels.
-    g.retain_candidates(|v| v.needs.met_by(ctx.features, &ctx.limits));
-    let policy: Tuning = ctx.tuning.lock().unwrap().clone();
-    let mut cache: Option<Cache> = None;
-    let mut decided: BTreeMap<String, usize> = BTreeMap::new();
-    let started = Instant::now();
-    let nodes: Vec<usize> = g.variants.keys().copied().collect();
-    for node in nodes {
-        let key = g.tuning_key(node);
-        let names: Vec<String> = g.variants[&node].candidates.iter().map(|v| v.name.clone()).collect();
-        let index_of = |name: &str| names.iter().position(|n| n == name);
-        let index = match decided.get(&key) {
-            Some(&i) => i,
-            None => {
-                let i = if let Some(name) = policy.pinned.get(&key) {
-                    report.pinned += 1;
-                    match index_of(name) {
-                        Some(i) => i,
-                        None => bail!(
-                            "the run recorded kernel variant '{name}' for {key}, which this build does not offer \
-                             on this adapter (it offers {}); rerun without --resume, or with the build and \
-                             adapter that made the run",
-                            names.join(", ")
-                        ),
-                    }
-                } else if !policy.enabled {
-                    report.defaults += 1;
-                    0
-                } else {
-                    let cache = cache.get_or_insert_with(|| Cache::open(ctx));
-                    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-                    match cache.get(&key, &refs).and_then(|e| index_of(&e.choice)) {
-                        Some(i) => {
-                            report.cached += 1;
-                            i
-                        }
-                        None => {
-                            let timed = time_candidates(ctx, g, node)?;
-                            report.timed += 1;
-                            let best = (0..timed.len())
-                                .min_by(|&a, &b| timed[a].us.total_cmp(&timed[b].us))
-                                .expect("at least one candidate");
-                            cache.insert(key.clone(), Entry { choice: names[best].clone(), candidates: timed });
-                            best
-                        }
-                    }
-                };
-                decided.insert(key.clone(), i);
-                i
-            }
-        };
-        g.choose(node, index);
-        ctx.tuning.lock().unwrap().chosen.insert(key, names[index].clone());
-    }
-    if let Some(mut cache) = cache {
-        cache.save();
-        if report.timed > 0 {
-            eprintln!(
-                "note: tuned {} kernel shape(s) on {} in {:.0} ms{}",
-                report.timed,
-                ctx.adapter.name,
-                started.elapsed().as_secs_f64() * 1e3,
-                cache.path().map_or_else(String::new, |p| format!("; cached in {}", p.display()))
-            );
-        }
-    }
-    Ok(report)
+/// A graph built for `batch` images, with the same graph built for `other_batch` (see
+/// [`other_batch`]): the pair from which tuning keys learn which numbers follow the batch.
+#[derive(Clone, Copy)]
+pub struct Batched<'a> {
+    pub graph: &'a Graph,
+    pub batch: usize,
+    pub other: &'a Graph,
+    pub other_batch: usize,
 }
 
-/// Select kernels (see [`select`]) and compile.
+/// A graph being selected, and its batch pair if it has one.
+struct Job<'a> {
+    g: Graph,
+    other: Option<(&'a Graph, usize, usize)>,
+}
+
+/// Choose the kernel of every tunable node of `g` (see the module documentation), with keys
+/// exact in every shape.
+pub fn select(ctx: &Context, g: &mut Graph) -> Result<Report> {
+    let mut jobs = [Job { g: std::mem::take(g), other: None }];
+    let report = select_jobs(ctx, &mut jobs);
+    *g = std::mem::take(&mut jobs[0].g);
+    report
+}
+
+/// Select kernels with keys exact in every shape (see [`select`]) and compile.
 pub fn compile(ctx: &Context, g: &Graph) -> Result<Plan> {
     if g.variants.is_empty() {
         return Plan::compile(ctx, g);
@@ -128,6 +87,180 @@ pub fn compile(ctx: &Context, g: &Graph) -> Result<Plan> {
     let mut g = g.clone();
     select(ctx, &mut g)?;
     Plan::compile(ctx, &g)
+}
+
+/// Select kernels with keys that hold for every batch size (see [`Batched`]) and compile
+/// `b.graph`.
+pub fn compile_batched(ctx: &Context, b: Batched) -> Result<Plan> {
+    let mut jobs = [Job { g: b.graph.clone(), other: Some((b.other, b.batch, b.other_batch)) }];
+    select_jobs(ctx, &mut jobs)?;
+    Plan::compile(ctx, &jobs[0].g)
+}
+
+/// Time, before a long job starts, every kernel shape its graphs will need (a training step,
+/// the sampler of its grids and FID samples), under one progress bar, so nothing is timed
+/// mid-run; the choices are recorded on `ctx` for the plans compiled later.
+pub fn tune_ahead(ctx: &Context, graphs: &[Batched]) -> Result<Report> {
+    let mut jobs: Vec<Job> =
+        graphs.iter().map(|b| Job { g: b.graph.clone(), other: Some((b.other, b.batch, b.other_batch)) }).collect();
+    select_jobs(ctx, &mut jobs)
+}
+
+/// Every tensor of `g` fits a storage binding of the adapter; else one line naming the tensor,
+/// its size and the limit. Checked before anything is timed: a model the adapter cannot hold is
+/// refused at once, not after minutes of tuning.
+pub fn check_fits(ctx: &Context, g: &Graph) -> Result<()> {
+    g.check()?;
+    Plan::check_limits(ctx, g)
+}
+
+/// The key of every tunable node of `job`, in node order: (node, key, exact key). Keys generalise
+/// over the batch where the job has its batch pair and the i-th tunable nodes of both line up.
+fn job_keys(job: &Job) -> Vec<(usize, String, String)> {
+    let nodes: Vec<usize> = job.g.variants.keys().copied().collect();
+    let others: Vec<usize> = job.other.map_or_else(Vec::new, |(o, _, _)| o.variants.keys().copied().collect());
+    nodes
+        .iter()
+        .enumerate()
+        .map(|(i, &node)| {
+            let exact = job.g.tuning_key(node);
+            let general = match job.other {
+                Some((other, batch, other_batch)) if others.len() == nodes.len() => {
+                    general_key(&exact, batch, &other.tuning_key(others[i]), other_batch)
+                }
+                _ => None,
+            };
+            (node, general.unwrap_or_else(|| exact.clone()), exact)
+        })
+        .collect()
+}
+
+/// What was decided for a key: the candidates it was decided over and the choice.
+struct Decided {
+    names: Vec<String>,
+    choice: String,
+}
+
+fn select_jobs(ctx: &Context, jobs: &mut [Job]) -> Result<Report> {
+    let mut report = Report::default();
+    for job in jobs.iter() {
+        check_fits(ctx, &job.g)?;
+    }
+    // Candidates the device cannot run (a feature it lacks, more workgroup memory or invocations
+    // than it allows) are not offered at all, so caches and records name only runnable kernels.
+    for job in jobs.iter_mut() {
+        job.g.retain_candidates(|v| v.needs.met_by(ctx.features, &ctx.limits));
+    }
+    let policy: Tuning = ctx.tuning.lock().unwrap().clone();
+    let mut cache: Option<Cache> = None;
+    let mut decided: BTreeMap<String, Decided> = BTreeMap::new();
+    // (job, node, key): nodes whose key was decided here, in order; keys left to time.
+    let mut assigned: Vec<(usize, usize, String)> = Vec::new();
+    let mut to_time: Vec<(usize, usize, String, String)> = Vec::new();
+    for (j, job) in jobs.iter().enumerate() {
+        for (node, general, exact) in job_keys(job) {
+            let names: Vec<String> = job.g.variants[&node].candidates.iter().map(|v| v.name.clone()).collect();
+            // Nodes that share a key share a decision, over the same candidates; a node offering
+            // other candidates under a general key falls back to its exact one.
+            let key = match decided.get(&general) {
+                Some(d) if d.names != names => exact.clone(),
+                _ => general,
+            };
+            if let Some(d) = decided.get(&key) {
+                if d.names != names {
+                    bail!(
+                        "kernel shape {key} offers different candidates in two nodes ({} and {})",
+                        d.names.join(", "),
+                        names.join(", ")
+                    );
+                }
+                assigned.push((j, node, key));
+                continue;
+            }
+            let offered = |name: &String| names.contains(name);
+            let choice = if let Some(name) = policy.pinned.get(&key).or_else(|| policy.pinned.get(&exact)) {
+                report.pinned += 1;
+                if !offered(name) {
+                    bail!(
+                        "the run recorded kernel variant '{name}' for {key}, which this build does not offer \
+                         on this adapter (it offers {}); rerun without --resume, or with the build and \
+                         adapter that made the run",
+                        names.join(", ")
+                    );
+                }
+                Some(name.clone())
+            } else if let Some(name) = policy.chosen.get(&key).filter(|n| offered(n)) {
+                report.cached += 1;
+                Some(name.clone())
+            } else if !policy.enabled {
+                report.defaults += 1;
+                Some(names[0].clone())
+            } else {
+                let cache = cache.get_or_insert_with(|| Cache::open(ctx));
+                let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+                match cache.get(&key, &refs).or_else(|| cache.get(&exact, &refs)) {
+                    Some(e) => {
+                        report.cached += 1;
+                        Some(e.choice.clone())
+                    }
+                    None => {
+                        to_time.push((j, node, key.clone(), exact));
+                        None
+                    }
+                }
+            };
+            // Keys to time are decided below; the placeholder keeps later nodes of the key waiting.
+            decided.insert(key.clone(), Decided { names, choice: choice.unwrap_or_default() });
+            assigned.push((j, node, key));
+        }
+    }
+    if !to_time.is_empty() {
+        let started = Instant::now();
+        let cache = cache.get_or_insert_with(|| Cache::open(ctx));
+        let n = to_time.len();
+        eprintln!(
+            "tuning {n} kernel shape{} on {} (once per adapter and model; cached{}; --no-tune skips it)",
+            if n == 1 { "" } else { "s" },
+            ctx.adapter.name,
+            cache.path().map_or_else(String::new, |p| format!(" in {}", p.display()))
+        );
+        let bar = Progress::with_template(
+            "tuning",
+            n as u64,
+            "kernel shapes",
+            &format!("tuning {n} kernel shapes {{bar:30}} {{pos}}/{{len}}, eta {{eta}}"),
+        );
+        for (j, node, key, exact) in to_time {
+            let timed = time_candidates(ctx, &jobs[j].g, node)?;
+            let best =
+                (0..timed.len()).min_by(|&a, &b| timed[a].us.total_cmp(&timed[b].us)).expect("at least one candidate");
+            let choice = timed[best].variant.clone();
+            let timed_on = (exact != key).then_some(exact);
+            cache.insert(key.clone(), Entry { choice: choice.clone(), candidates: timed, timed_on });
+            decided.get_mut(&key).expect("decided above").choice = choice;
+            report.timed += 1;
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        cache.save();
+        eprintln!(
+            "note: tuned {} kernel shape(s) on {} in {:.0} ms{}",
+            report.timed,
+            ctx.adapter.name,
+            started.elapsed().as_secs_f64() * 1e3,
+            cache.path().map_or_else(String::new, |p| format!("; cached in {}", p.display()))
+        );
+    } else if let Some(cache) = cache.as_mut() {
+        cache.save();
+    }
+    let mut tuning = ctx.tuning.lock().unwrap();
+    for (j, node, key) in assigned {
+        let d = &decided[&key];
+        let index = d.names.iter().position(|n| *n == d.choice).expect("the choice is a candidate");
+        jobs[j].g.choose(node, index);
+        tuning.chosen.insert(key, d.choice.clone());
+    }
+    Ok(report)
 }
 
 /// Time every candidate of `node` alone, on zero-filled copies of the tensors it binds.

@@ -2,6 +2,8 @@
 //! one-call "build graph, upload, run, read" for op tests.
 #![allow(dead_code)]
 
+pub mod torch;
+
 use std::sync::OnceLock;
 
 use rand::rngs::StdRng;
@@ -96,8 +98,9 @@ pub fn run_graph(mut g: Graph, inputs: &[(TensorId, Vec<u32>)], outputs: &[Tenso
 
 pub fn bin() -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sddpm-gpu"));
-    // Tuning results go to this binary's temp folder, not the user's cache.
-    cmd.env("SDDPM_CACHE_DIR", tmp("tune-cache"));
+    // Tuning results go to one cache under target/ that every CLI test shares (the suite tunes
+    // each shape once, and leaves nothing in the user's cache or in /tmp).
+    cmd.env("SDDPM_CACHE_DIR", std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("tune-cache"));
     cmd
 }
 
@@ -110,11 +113,16 @@ pub fn fixture_in(dir: &str, name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(dir).join(name)
 }
 
-/// A path in this test binary's own temporary folder.
+thread_local! {
+    /// This test's temporary folder. libtest runs every test on a thread of its own, and a
+    /// thread's locals are dropped when it ends, pass or fail: the folder goes with the test.
+    static TEST_DIR: tempfile::TempDir =
+        tempfile::Builder::new().prefix("sddpm-test-").tempdir().expect("a temporary folder");
+}
+
+/// A path in this test's own temporary folder, removed when the test ends.
 pub fn tmp(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("sddpm-tests-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+    TEST_DIR.with(|d| d.path().join(name))
 }
 
 pub fn run(args: &[&str]) -> std::process::Output {
