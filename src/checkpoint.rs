@@ -1,8 +1,8 @@
 //! Checkpoints in safetensors: tensors under the official state_dict names, the model config as
 //! JSON in the metadata key `config` (the reference's field names), optimizer state under
 //! `optim.*`. Files converted from the official PyTorch code (no metadata) load when the config
-//! can be inferred from tensor shapes. Writes go to a temporary file that is renamed into place,
-//! so a crash never leaves half a checkpoint.
+//! can be inferred from tensor shapes. Writes are atomic ([`crate::fsutil`]): a crash never leaves
+//! half a checkpoint, and a link at the destination is replaced, never written through.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -82,11 +82,17 @@ impl TensorFile {
         Ok(TensorFile { path: path.to_path_buf(), tensors, ints, metadata })
     }
 
+    /// Diffusion steps T, the rows of the sinusoidal time-embedding table [T, ch].
+    fn table_rows(&self) -> Result<usize> {
+        let name = "time_embedding.timembedding.0.weight";
+        match self.shape(name)? {
+            &[t, _] => Ok(t),
+            other => bail!("{}: '{name}' must be [T, ch], got {other:?}", self.path.display()),
+        }
+    }
+
     fn shape(&self, name: &str) -> Result<&[usize]> {
-        self.tensors
-            .get(name)
-            .map(|t| &t.shape[..])
-            .ok_or_else(|| anyhow!("{}: missing tensor '{name}'", self.path.display()))
+        self.get(name).map(|t| &t.shape[..])
     }
 
     /// The model config of an SDDPM checkpoint (see [`TensorFile::net`]); a DDPM checkpoint is
@@ -121,8 +127,49 @@ impl TensorFile {
             ddpm => ddpm,
         };
         net.validate_run(net.img_size(), 1).map_err(|e| anyhow!("{}: {e}", self.path.display()))?;
-        self.check_entry_list(&net.state_entries(), &net.config_json())?;
+        let entries = net.state_entries();
+        self.check_entry_list(&entries, &net.config_json())?;
+        for e in entries.iter().filter(|e| e.kind == EntryKind::Counter) {
+            self.counter(&e.name)?;
+        }
+        self.counter("optim.step")?;
+        self.check_finite()?;
         Ok(net)
+    }
+
+    /// Every float tensor is finite: a checkpoint holding NaN or infinity (a corrupt file, or the
+    /// state of a diverged run) would sample black images or train on silently.
+    pub fn check_finite(&self) -> Result<()> {
+        for (name, t) in &self.tensors {
+            if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
+                bail!(
+                    "{}: tensor '{name}' holds {} at element {i}; the checkpoint is corrupt or from a diverged run \
+                     (use an earlier checkpoint)",
+                    self.path.display(),
+                    t.data[i]
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A counter (`optim.step`, BatchNorm `num_batches_tracked`): one non-negative integer, or
+    /// None when the file has none.
+    pub fn counter(&self, name: &str) -> Result<Option<u64>> {
+        if self.tensors.contains_key(name) {
+            bail!("{}: '{name}' is a float tensor; a counter is one int64 value", self.path.display());
+        }
+        let Some(t) = self.ints.get(name) else { return Ok(None) };
+        match t.data[..] {
+            [v] if v >= 0 => Ok(Some(v as u64)),
+            [v] => bail!("{}: counter '{name}' is {v}; it must be at least 0", self.path.display()),
+            _ => bail!(
+                "{}: counter '{name}' has shape {:?} ({} values); it must hold exactly one int64 value",
+                self.path.display(),
+                t.shape,
+                t.data.len()
+            ),
+        }
     }
 
     /// pytorch-ddpm's config from shapes: ch and img_ch from `head.weight`, T from the table,
@@ -134,12 +181,12 @@ impl TensorFile {
             bail!("{}: 'head.weight' must be [ch, img_ch, 3, 3], got {head:?}", self.path.display());
         }
         let (ch, img_ch) = (head[0], head[1]);
-        let table = self.shape("time_embedding.timembedding.0.weight")?;
+        let table = self.table_rows()?;
         let (mut ch_mult, mut attn) = (Vec::new(), Vec::new());
         let (mut num_res_blocks, mut in_level, mut last_cout, mut level_attn) = (None, 0, ch, false);
         for i in 0.. {
             if let Some(t) = self.tensors.get(&format!("downblocks.{i}.block1.2.weight")) {
-                last_cout = t.shape[0];
+                last_cout = t.shape.first().copied().unwrap_or(0);
                 in_level += 1;
                 level_attn |= self.tensors.contains_key(&format!("downblocks.{i}.attn.proj_q.weight"));
             } else if self.tensors.contains_key(&format!("downblocks.{i}.main.weight")) {
@@ -164,7 +211,7 @@ impl TensorFile {
         }
         ch_mult.push(last_cout / ch.max(1));
         Ok(DdpmConfig {
-            diffusion_steps: table[0],
+            diffusion_steps: table,
             ch,
             ch_mult,
             attn,
@@ -181,18 +228,18 @@ impl TensorFile {
             bail!("{}: 'conv.weight' must be [ch, img_ch, 3, 3], got {stem:?}", self.path.display());
         }
         let (ch, img_ch) = (stem[0], stem[1]);
-        let table = self.shape("time_embedding.timembedding.0.weight")?;
+        let table = self.table_rows()?;
         let mut ch_mult = Vec::new();
         let mut num_res_blocks = None;
         let mut in_level = 0;
         let mut last_cout = ch;
         for i in 0.. {
             if let Some(t) = self.tensors.get(&format!("downblocks.{i}.conv1.weight")) {
-                last_cout = t.shape[0];
+                last_cout = t.shape.first().copied().unwrap_or(0);
                 in_level += 1;
             } else if self.tensors.contains_key(&format!("downblocks.{i}.conv.weight")) {
                 num_res_blocks.get_or_insert(in_level);
-                ch_mult.push(last_cout / ch);
+                ch_mult.push(last_cout / ch.max(1));
                 in_level = 0;
             } else {
                 break;
@@ -201,9 +248,9 @@ impl TensorFile {
         if in_level == 0 {
             bail!("{}: no downblocks.*.conv1.weight found; not an SDDPM U-Net checkpoint", self.path.display());
         }
-        ch_mult.push(last_cout / ch);
+        ch_mult.push(last_cout / ch.max(1));
         Ok(ModelConfig {
-            diffusion_steps: table[0],
+            diffusion_steps: table,
             ch,
             ch_mult,
             num_res_blocks: num_res_blocks.unwrap_or(in_level),
@@ -227,8 +274,10 @@ impl TensorFile {
     pub fn check_entry_list(&self, expected: &[Entry], config: &str) -> Result<()> {
         let mut missing = Vec::new();
         let mut wrong = Vec::new();
+        let mut integer = Vec::new();
         for e in expected.iter().filter(|e| e.kind != EntryKind::Counter) {
             match self.tensors.get(&e.name) {
+                None if self.ints.contains_key(&e.name) => integer.push(e.name.clone()),
                 None => missing.push(e.name.clone()),
                 Some(t) if t.shape != e.shape => {
                     wrong.push(format!("{} is {:?}, expected {:?}", e.name, t.shape, e.shape))
@@ -254,6 +303,9 @@ impl TensorFile {
         if !missing.is_empty() {
             problems.push(format!("missing {}", list(&missing)));
         }
+        if !integer.is_empty() {
+            problems.push(format!("integer tensors where floats belong (save them as float32): {}", list(&integer)));
+        }
         if !wrong.is_empty() {
             problems.push(format!("wrong shape: {}", list(&wrong)));
         }
@@ -269,6 +321,13 @@ impl TensorFile {
 
     /// An integer tensor (e.g. timesteps), as i64.
     pub fn get_ints(&self, name: &str) -> Result<&IntTensor> {
+        if let Some(t) = self.tensors.get(name) {
+            bail!(
+                "{}: '{name}' is a float tensor {:?}; it must be int64 or int32 (e.g. torch.long)",
+                self.path.display(),
+                t.shape
+            );
+        }
         self.ints
             .get(name)
             .ok_or_else(|| anyhow!("{}: missing integer tensor '{name}' (int64 or int32)", self.path.display()))
@@ -318,6 +377,9 @@ impl TensorFile {
     }
 
     pub fn get(&self, name: &str) -> Result<&Tensor> {
+        if self.ints.contains_key(name) {
+            bail!("{}: '{name}' is an integer tensor; it must be a float tensor (float32)", self.path.display());
+        }
         self.tensors.get(name).ok_or_else(|| anyhow!("{}: missing tensor '{name}'", self.path.display()))
     }
 }
@@ -350,16 +412,8 @@ pub fn save(path: &Path, tensors: Vec<(String, Vec<usize>, Data)>, metadata: Has
         .collect::<Result<Vec<_>>>()?;
     let bytes = safetensors::tensor::serialize(views, Some(metadata))
         .map_err(|e| anyhow!("serializing {}: {e}", path.display()))?;
-    write_atomic(path, &bytes)
+    crate::fsutil::write_atomic_synced(path, &bytes)
 }
 
-/// Write `bytes` to `path` through a temporary file in the same directory and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
-    let name = path.file_name().ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
-    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
-    Ok(())
-}
+/// Kept for callers that write through the checkpoint module; see [`crate::fsutil`].
+pub use crate::fsutil::write_atomic;

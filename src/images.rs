@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{bail, Context as _, Result};
 use image::{ExtendedColorType, ImageEncoder};
 
-use crate::checkpoint::write_atomic;
+use crate::fsutil::write_atomic;
 
 /// Decode an image file (PNG or JPEG), with a one-line error naming the file: decoders' messages
 /// may span lines, and every error the tool prints is one line.
@@ -14,6 +14,33 @@ pub fn open(path: &Path) -> Result<image::DynamicImage> {
         let why = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
         anyhow::anyhow!("{}: cannot decode image ({why})", path.display())
     })
+}
+
+/// The pixels of `img` as PIL's `Image.open(f).convert("RGB")` gives them (pytorch-fid and the
+/// reference's datasets read images so), interleaved, with 1 channel for grayscale (repeated to
+/// RGB by the caller) or 3: alpha is dropped; 16-bit grayscale is clipped to 255 (PIL opens it as
+/// mode I;16 and clips on conversion); 16-bit color keeps the high byte (PIL's RGB;16B unpacker).
+pub fn pil_pixels(img: image::DynamicImage) -> (Vec<u8>, usize) {
+    use image::DynamicImage as D;
+    match img {
+        D::ImageLuma16(b) => (b.into_raw().into_iter().map(|v| v.min(255) as u8).collect(), 1),
+        D::ImageLumaA16(b) => (b.into_raw().chunks_exact(2).map(|p| (p[0] >> 8) as u8).collect(), 1),
+        D::ImageRgb16(b) => (b.into_raw().into_iter().map(|v| (v >> 8) as u8).collect(), 3),
+        D::ImageRgba16(b) => {
+            (b.into_raw().chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).map(|v| (v >> 8) as u8).collect(), 3)
+        }
+        img if img.color().has_color() => (img.into_rgb8().into_raw(), 3),
+        img => (img.into_luma8().into_raw(), 1),
+    }
+}
+
+/// [`open`] as 8-bit RGB with PIL's conversion ([`pil_pixels`]).
+pub fn open_rgb8(path: &Path) -> Result<image::RgbImage> {
+    let img = open(path)?;
+    let (w, h) = (img.width(), img.height());
+    let (pixels, c) = pil_pixels(img);
+    let rgb = if c == 3 { pixels } else { pixels.iter().flat_map(|&v| [v, v, v]).collect() };
+    image::RgbImage::from_raw(w, h, rgb).ok_or_else(|| anyhow::anyhow!("{}: inconsistent image size", path.display()))
 }
 
 /// [-1, 1] -> u8 as torchvision's save_image: floor(255 * (x + 1) / 2 + 0.5), clamped.

@@ -396,6 +396,10 @@ struct SampleArgs {
     /// into --out-dir, named by global index: the files one unsharded run writes for them.
     #[arg(long, value_name = "K/N")]
     shard: Option<String>,
+    /// Write into an --out-dir that already holds PNGs this run would replace, or PNGs of
+    /// another run (refused without it: a later `fid` would mix them in).
+    #[arg(long)]
+    overwrite: bool,
 }
 
 fn main() -> ExitCode {
@@ -408,6 +412,13 @@ fn main() -> ExitCode {
     if cli.no_tune {
         // Every context reads this (gpu::Tuning::from_env); set before any thread starts.
         std::env::set_var("SDDPM_NO_TUNE", "1");
+    }
+    if matches!(cli.command, Command::Train(_)) {
+        // Before any work (tuning included): an interrupt from now on stops the run where its
+        // state is consistent, instead of killing it (sddpm_gpu::signal).
+        if let Err(e) = sddpm_gpu::signal::install() {
+            eprintln!("warning: {e:#}; Ctrl-C and SIGTERM will kill the run without a checkpoint");
+        }
     }
     let result = match cli.command {
         Command::Devices { bench } => devices(cli.adapter.as_deref(), bench),
@@ -432,14 +443,23 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => match sddpm_gpu::signal::interrupted(&e) {
+            // Not an error: the run stopped as asked and says what it kept; 130 / 143 tell a
+            // scheduler it did not finish.
+            Some(i) => {
+                eprintln!("{i}");
+                ExitCode::from(i.signal.exit_code())
+            }
+            None => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
 fn devices(adapter: Option<&str>, bench: bool) -> Result<()> {
+    let kernels = gpu::KernelPolicy::from_env()?;
     let (list, chosen) = gpu::list_adapters(adapter)?;
     for (i, a) in list.iter().enumerate() {
         let mark = if i == chosen { "*" } else { " " };
@@ -461,8 +481,29 @@ fn devices(adapter: Option<&str>, bench: bool) -> Result<()> {
             a.subgroup_sizes.0,
             a.subgroup_sizes.1,
         );
+        let coop = a.coop_descriptions();
+        if !coop.is_empty() {
+            let sizes = a.coop_sizes();
+            println!(
+                "      cooperative matrices: {}; our kernels use {}",
+                coop.join(", "),
+                if sizes.is_empty() {
+                    "none of them (they need f16 x f16 -> f32, f16 and subgroups)".to_string()
+                } else {
+                    sizes.iter().map(|f| format!("{f}x{f}x{f}")).collect::<Vec<_>>().join(", ")
+                }
+            );
+        }
     }
     println!("* = chosen (override with --adapter NAME or SDDPM_ADAPTER; WGPU_BACKEND limits the APIs)");
+    println!(
+        "cooperative-matrix kernels: {} (SDDPM_KERNELS=auto|coop|f32)",
+        match kernels {
+            gpu::KernelPolicy::Auto => "where the adapter has them, the tuner chooses",
+            gpu::KernelPolicy::Coop => "forced wherever a pass has one",
+            gpu::KernelPolicy::F32 => "off",
+        }
+    );
     println!(
         "shader bounds checks: {} (SDDPM_SHADER_CHECKS=1|0 turns them on|off)",
         if gpu::shader_checks_from_env() { "on for every kernel" } else { "off for kernels in bounds by construction" }
@@ -493,6 +534,7 @@ fn forward(
     threshold: f32,
     snn_steps: Option<usize>,
 ) -> Result<()> {
+    check_threshold_value(threshold)?;
     let (ckpt, cfg) = weights::open(ckpt_path, which, snn_steps)?;
     check_threshold(&cfg, threshold)?;
     let inp = TensorFile::load(input)?;
@@ -518,11 +560,10 @@ fn sample(adapter: Option<&str>, a: &SampleArgs) -> Result<()> {
         }
         None => 0..a.n,
     };
+    check_threshold_value(a.threshold)?;
+    check_sample_outputs(a, &images)?;
     let count = images.len();
-    if count == 0 {
-        println!("shard {} of {} images is empty: nothing to write", a.shard.as_deref().unwrap_or(""), a.n);
-        return Ok(());
-    }
+    // The model is checked even when this shard is empty: a bad --checkpoint fails every shard.
     let (ckpt, cfg) = load_model(
         a.checkpoint.as_deref(),
         WeightsArg::which(a.weights),
@@ -532,6 +573,10 @@ fn sample(adapter: Option<&str>, a: &SampleArgs) -> Result<()> {
         a.seed,
     )?;
     check_threshold(&cfg, a.threshold)?;
+    if count == 0 {
+        println!("shard {} of {} images is empty: nothing to write", a.shard.as_deref().unwrap_or(""), a.n);
+        return Ok(());
+    }
     let size = a.size.unwrap_or(cfg.img_size());
     // More per batch than there are images would only sample padding.
     let batch = a.batch.unwrap_or(16).min(count);
@@ -593,6 +638,65 @@ fn load_model(
     Ok((cfg.init_weights(seed), cfg))
 }
 
+/// --threshold is a firing threshold: positive and finite (the paper's guidance uses ~0.99).
+fn check_threshold_value(threshold: f32) -> Result<()> {
+    if !(threshold.is_finite() && threshold > 0.0) {
+        bail!("--threshold must be a positive finite firing threshold (1.0 as trained; 0.997 for guidance), got {threshold}");
+    }
+    Ok(())
+}
+
+/// --lr of `train` and `train-step`: a positive finite learning rate.
+fn check_lr(lr: f32) -> Result<()> {
+    if !(lr.is_finite() && lr > 0.0) {
+        bail!("--lr must be a positive finite learning rate (the reference: 2e-4), got {lr}");
+    }
+    Ok(())
+}
+
+/// `sample`'s checks that need no model: the image count fits the 32-bit noise key, and the
+/// output folder is writable and holds no PNGs this run would silently mix with (unless
+/// --overwrite). Runs before the checkpoint is loaded or any GPU work.
+fn check_sample_outputs(a: &SampleArgs, images: &std::ops::Range<usize>) -> Result<()> {
+    // Noise is keyed by a u32 image index (ops::sampler): more images would repeat noise.
+    if a.n as u64 > 1 << 32 {
+        bail!("--n {} is more than 4294967296 images, the most one seed can draw distinct noise for; use several --seed values", a.n);
+    }
+    let Some(dir) = &a.out_dir else { return Ok(()) };
+    sddpm_gpu::fsutil::check_dir_writable(dir, "--out-dir")?;
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+    // Another shard's images (indices in 0..n outside ours) belong to the same job; anything
+    // else (ours to overwrite, or PNGs of another run) would mix into a later `fid`.
+    let theirs = |name: &str| {
+        let index = name.strip_suffix(".png").filter(|s| s.len() >= 6).and_then(|s| s.parse::<usize>().ok());
+        index.is_some_and(|i| i < a.n && !images.contains(&i))
+    };
+    let stale: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.to_lowercase().ends_with(".png") && !theirs(n))
+        .collect();
+    if !stale.is_empty() && !a.overwrite {
+        let mut shown = stale.clone();
+        shown.sort();
+        bail!(
+            "--out-dir {} already holds {} PNG image(s) (e.g. {}) that this run would overwrite or that are not \
+             part of it (a later `fid` reads every PNG there); use an empty folder, or --overwrite",
+            dir.display(),
+            stale.len(),
+            shown[0]
+        );
+    }
+    if !stale.is_empty() {
+        eprintln!(
+            "note: --overwrite: {} PNG image(s) already in {} are replaced or kept beside this run's",
+            stale.len(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// Threshold guidance moves spiking thresholds; an ANN has none.
 fn check_threshold(cfg: &Net, threshold: f32) -> Result<()> {
     if cfg.snn_steps().is_none() && threshold != 1.0 {
@@ -610,9 +714,7 @@ fn check_train_args(a: &TrainArgs) -> Result<()> {
     if a.steps == Some(0) {
         bail!("--steps 0 trains nothing; --steps is the run's total number of optimizer steps (at least 1)");
     }
-    if !(a.lr.is_finite() && a.lr > 0.0) {
-        bail!("--lr must be a positive learning rate (the reference: 2e-4), got {}", a.lr);
-    }
+    check_lr(a.lr)?;
     if a.tau.is_some() && !matches!(a.neuron, NeuronArg::Lif) {
         bail!("--tau is the LIF neurons' time constant; add --neuron lif (IF neurons, the default, have none)");
     }
@@ -682,6 +784,8 @@ fn train(adapter: Option<&str>, a: &TrainArgs) -> Result<()> {
             let mut cfg: RunConfig =
                 serde_json::from_str(&text).map_err(|e| anyhow!("{}: not a run config ({e})", path.display()))?;
             cfg.steps = a.steps.unwrap_or(cfg.steps);
+            // Edited or damaged settings fail here, before any work, naming the file.
+            cfg.validate().map_err(|e| anyhow!("{}: {e}", path.display()))?;
             (cfg, dir.clone(), true)
         }
         None => {
@@ -748,17 +852,42 @@ fn train(adapter: Option<&str>, a: &TrainArgs) -> Result<()> {
             let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
             let prefix = if a.model == "sddpm" { String::new() } else { format!("{}-", a.model) };
             let dir = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{prefix}{name}-{secs}")));
-            if dir.join(run::CKPT).exists() {
-                bail!("{} already holds a run; continue it with --resume {0} or pick another --out", dir.display());
-            }
-            if dir.exists() && !dir.is_dir() {
-                bail!("--out {} is a file; the run folder must be a folder", dir.display());
-            }
+            check_new_run(&cfg, &dir)?;
             (cfg, dir, false)
         }
     };
     let ctx = Context::new(adapter)?;
     run::train(&ctx, &cfg, &dir, resume)
+}
+
+/// A new run's settings and folder, checked before any folder is made or GPU work starts.
+fn check_new_run(cfg: &RunConfig, dir: &std::path::Path) -> Result<()> {
+    check_lr(cfg.lr)?;
+    if let Some(e) = cfg.ema {
+        if !(0.0..1.0).contains(&e) {
+            bail!("--ema must be a decay in [0, 1), e.g. 0.9999, got {e}");
+        }
+    }
+    if cfg.sample_n > 0 {
+        plan_steps(&Schedule::reference(cfg.model.diffusion_steps()), SamplerKind::Ddim, cfg.sample_steps)
+            .map_err(|e| anyhow!("--sample-steps {}: {e} (or --sample-n 0 for no sample grids)", cfg.sample_steps))?;
+    }
+    cfg.validate()?;
+    if dir.join(run::CKPT).exists() || dir.join("config.json").exists() {
+        bail!("{} already holds a run; continue it with --resume {0} or pick another --out", dir.display());
+    }
+    if dir.exists() {
+        sddpm_gpu::fsutil::check_dir_writable(dir, "--out")
+    } else {
+        // Only the nearest existing folder above can be checked without creating anything.
+        let above = dir.ancestors().skip(1).find(|p| p.as_os_str().is_empty() || p.exists());
+        match above {
+            Some(p) if !p.as_os_str().is_empty() && !p.is_dir() => {
+                bail!("--out {}: {} is not a folder", dir.display(), p.display())
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 fn train_step(
@@ -769,6 +898,7 @@ fn train_step(
     snn_steps: Option<usize>,
     lr: f32,
 ) -> Result<()> {
+    check_lr(lr)?;
     // A training step continues the trained weights, never their EMA.
     let (ckpt, cfg) = weights::open(ckpt_path, Some(Which::Raw), snn_steps)?;
     let inp = TensorFile::load(input)?;
@@ -908,13 +1038,14 @@ fn profile(adapter: Option<&str>, a: &ProfileArgs) -> Result<()> {
     );
     print!("{}", report.render());
     if let Some(path) = &a.trace {
-        checkpoint::write_atomic(path, serde_json::to_string(&report.trace)?.as_bytes())?;
+        sddpm_gpu::fsutil::write_atomic(path, serde_json::to_string(&report.trace)?.as_bytes())?;
         println!("wrote {} ({} events)", path.display(), report.dispatches_per_iter * report.iters);
     }
     Ok(())
 }
 
 fn energy(adapter: Option<&str>, a: &EnergyArgs) -> Result<()> {
+    check_threshold_value(a.threshold)?;
     if a.checkpoint.is_none() && a.model.as_deref() == Some("ddpm") {
         if a.snn_steps.is_some() {
             bail!("--snn-steps does not apply to --model ddpm (an ANN has no spiking steps)");
@@ -1008,6 +1139,10 @@ fn fid(adapter: Option<&str>, a: &FidArgs) -> Result<()> {
     if a.b.is_none() && a.save_stats.is_none() {
         bail!("fid needs a second set B to compare with, or --save-stats OUT.npz to only write A's statistics");
     }
+    if let Some(out) = &a.save_stats {
+        // Before the (long) feature extraction, not after it.
+        sddpm_gpu::fsutil::check_file_writable(out, "--save-stats")?;
+    }
     let ia = Input::open(&a.a)?;
     let ib = a.b.as_deref().map(Input::open).transpose()?;
     // No padded batch slots when the sets are smaller than --batch.
@@ -1017,31 +1152,36 @@ fn fid(adapter: Option<&str>, a: &FidArgs) -> Result<()> {
         .filter_map(|i| if let Input::Images(im) = i { Some(im.len()) } else { None })
         .max();
     let batch = a.batch.min(most.unwrap_or(1));
-    let total: usize = [Some(&ia), ib.as_ref()]
+    let image_sets: Vec<&sddpm_gpu::fid::inputs::Images> = [Some(&ia), ib.as_ref()]
         .into_iter()
         .flatten()
-        .map(|i| if let Input::Images(im) = i { im.len() } else { 0 })
-        .sum();
-    let mut net = None;
+        .filter_map(|i| if let Input::Images(im) = i { Some(im) } else { None })
+        .collect();
+    let total: usize = image_sets.iter().map(|im| im.len()).sum();
+    // The network only when images are to be read; every image checked to fit before it runs.
+    let net = if image_sets.is_empty() {
+        None
+    } else {
+        let wpath = sddpm_gpu::fid::inception::locate_weights(a.weights.as_deref())?;
+        eprintln!("loading the FID Inception-v3 weights from {}", wpath.display());
+        let w = Weights::load(&wpath)?;
+        let ctx = Context::new(adapter)?;
+        for images in &image_sets {
+            images.check_fits(ctx.max_binding_bytes())?;
+        }
+        eprintln!("building the FID Inception-v3 on {} (batch {batch})", ctx.describe());
+        let n = Inception::new(&ctx, &w, batch)?;
+        Some((ctx, n))
+    };
+    // One bar over every image of both sets: what is measured is what is done.
+    let bar = net.as_ref().map(|_| Progress::new("fid", total as u64, "images"));
     let mut stats = Vec::new();
-    let mut bar = None;
     let inputs = [Some((ia, a.a.clone())), ib.zip(a.b.clone())];
     for (input, path) in inputs.into_iter().flatten() {
         let s = match input {
             Input::Stats(s) => s,
             Input::Images(images) => {
-                if net.is_none() {
-                    let wpath = sddpm_gpu::fid::inception::locate_weights(a.weights.as_deref())?;
-                    eprintln!("loading the FID Inception-v3 weights from {}", wpath.display());
-                    let w = Weights::load(&wpath)?;
-                    let ctx = Context::new(adapter)?;
-                    eprintln!("building the FID Inception-v3 on {} (batch {batch})", ctx.describe());
-                    let n = Inception::new(&ctx, &w, batch)?;
-                    net = Some((ctx, n));
-                    // One bar over every image of both sets: what is measured is what is done.
-                    bar = Some(Progress::new("fid", total as u64, "images"));
-                }
-                let (ctx, n) = net.as_ref().expect("built above");
+                let (ctx, n) = net.as_ref().expect("built for image sets");
                 let bar = bar.as_ref().expect("made with the network");
                 bar.set_message(path.display().to_string());
                 let base = bar.position();
@@ -1055,27 +1195,36 @@ fn fid(adapter: Option<&str>, a: &FidArgs) -> Result<()> {
         bar.finish_and_clear();
     }
     let sa = &stats[0];
+    // The comparison is printed before the statistics are written: a failed write (disk full)
+    // does not lose a result that took minutes.
+    if let (Some(sb), Some(b)) = (stats.get(1), &a.b) {
+        let comparing = || format!("comparing {} with {}", a.a.display(), b.display());
+        let value = metrics::fid(sa, sb).with_context(comparing)?;
+        // KID needs features on both sides (pytorch-fid .npz files have none) and at least 2
+        // rows of each; without them it is n/a, and the FID still stands.
+        let kid = match (&sa.features, &sb.features) {
+            (Some(fa), Some(fb)) => metrics::kid(fa, fb, sa.dim).with_context(comparing).map_err(|e| format!("{e:#}")),
+            (None, _) => Err(format!("{} holds no features (statistics without feats)", a.a.display())),
+            (_, None) => Err(format!("{} holds no features (statistics without feats)", b.display())),
+        };
+        if a.json {
+            let k = kid.as_ref().ok();
+            let j = serde_json::json!({
+                "fid": value, "kid": k.map(|k| k.mean), "kid_std": k.map(|k| k.std), "n_a": sa.n, "n_b": sb.n,
+                "kid_note": kid.as_ref().err(),
+            });
+            println!("{j}");
+        } else {
+            println!("FID {value:.4}");
+            match kid {
+                Ok(k) => println!("KID {:.6} +- {:.6} ({} subsets of {})", k.mean, k.std, k.subsets, k.subset_size),
+                Err(why) => println!("KID n/a ({why})"),
+            }
+        }
+    }
     if let Some(out) = &a.save_stats {
         npz::write_stats(out, sa)?;
         eprintln!("wrote statistics of {} to {}", a.a.display(), out.display());
-    }
-    let (Some(sb), Some(b)) = (stats.get(1), &a.b) else { return Ok(()) };
-    let value = metrics::fid(sa, sb).with_context(|| format!("comparing {} with {}", a.a.display(), b.display()))?;
-    let kid = match (&sa.features, &sb.features) {
-        (Some(fa), Some(fb)) => Some(metrics::kid(fa, fb, sa.dim)?),
-        _ => None,
-    };
-    if a.json {
-        let j = serde_json::json!({
-            "fid": value, "kid": kid.map(|k| k.mean), "kid_std": kid.map(|k| k.std), "n_a": sa.n, "n_b": sb.n,
-        });
-        println!("{j}");
-    } else {
-        println!("FID {value:.4}");
-        match kid {
-            Some(k) => println!("KID {:.6} +- {:.6} ({} subsets of {})", k.mean, k.std, k.subsets, k.subset_size),
-            None => println!("KID n/a (statistics without features)"),
-        }
     }
     Ok(())
 }

@@ -6,7 +6,7 @@ use anyhow::{anyhow, Result};
 use image::ImageEncoder;
 use plotters::prelude::*;
 
-use crate::checkpoint::write_atomic;
+use crate::fsutil::write_atomic;
 
 const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 

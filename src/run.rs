@@ -1,23 +1,24 @@
 //! A training run: its folder (config.json, loss.csv, loss.png, samples/, ckpt.safetensors),
-//! the loop with progress, periodic checkpoints and sample grids, resume and Ctrl-C.
+//! the loop with progress, periodic checkpoints and sample grids, resume, the folder's lock and
+//! interrupts (SIGINT, SIGTERM).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{write_atomic, Checkpoint};
+use crate::checkpoint::Checkpoint;
 use crate::data::{self, Loader};
-use crate::diffusion::{plan_steps, Sampler, SamplerKind, Schedule, TrainOptions, Trainer};
+use crate::diffusion::{plan_steps, NonFinite, Sampler, SamplerKind, Schedule, TrainOptions, Trainer};
 use crate::gpu::Context;
 use crate::images;
 use crate::model::Net;
 use crate::progress::Progress;
+use crate::{fsutil, signal};
 
 /// Everything that defines a run; written to RUN/config.json and read back by --resume.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,20 +67,98 @@ pub struct FidConfig {
     pub weights: Option<PathBuf>,
 }
 
-/// Add the variants chosen on `ctx` so far to `cfg` and rewrite RUN/config.json if that changed.
-fn record_variants(ctx: &Context, cfg: &mut RunConfig, dir: &Path) -> Result<()> {
+/// The settings a resumed run must keep to stay bit-identical (besides the model, which the
+/// checkpoint stores as `config`): stored in every checkpoint's metadata key `run`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Identity {
+    batch: usize,
+    lr: f32,
+    warmup: u64,
+    ema: Option<f32>,
+    seed: u64,
+}
+
+impl RunConfig {
+    fn identity(&self) -> Identity {
+        Identity { batch: self.batch, lr: self.lr, warmup: self.warmup, ema: self.ema, seed: self.seed }
+    }
+
+    /// Check every number before any work: the model builds at its size, and the optimizer and
+    /// sampling settings are usable. Errors name the setting (the flag of the same name).
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate_run(self.model.img_size(), self.batch.max(1))?;
+        if self.batch == 0 {
+            bail!("batch must be at least 1 (--batch)");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("lr (--lr) must be a positive finite learning rate, got {}", self.lr);
+        }
+        if let Some(e) = self.ema {
+            if !(0.0..1.0).contains(&e) {
+                bail!("ema (--ema) must be a decay in [0, 1), e.g. 0.9999, got {e}");
+            }
+        }
+        if self.sample_n > 0 {
+            plan_steps(&Schedule::reference(self.model.diffusion_steps()), SamplerKind::Ddim, self.sample_steps)
+                .map_err(|e| anyhow!("sample_steps (--sample-steps) {}: {e}", self.sample_steps))?;
+        }
+        Ok(())
+    }
+
+    /// The fields of this config that differ from what `ckpt` was trained with, as
+    /// "field: config.json has A, the checkpoint B" (empty: it may be resumed).
+    fn differences(&self, ckpt: &Checkpoint) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        // Both sides compared as JSON text parsed back, so an f32 compares as it is written
+        // (0.0002), not widened to f64 (0.000199999...).
+        let json = |text: String| -> serde_json::Value { serde_json::from_str(&text).unwrap_or_default() };
+        let mut compare = |prefix: &str, ours: String, theirs: String| {
+            let (ours, theirs) = (json(ours), json(theirs));
+            let (Some(a), Some(b)) = (ours.as_object(), theirs.as_object()) else { return };
+            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            for k in keys {
+                let (x, y) = (a.get(k), b.get(k));
+                if x != y {
+                    let show = |v: Option<&serde_json::Value>| v.map_or("nothing".to_string(), |v| v.to_string());
+                    out.push(format!("'{prefix}{k}' is {} but the checkpoint has {}", show(x), show(y)));
+                }
+            }
+        };
+        if let Some(json) = ckpt.metadata.get("config") {
+            let theirs = Net::from_json(json)
+                .map_err(|e| anyhow!("{}: metadata 'config' is not a model config: {e}", ckpt.path.display()))?;
+            compare("model.", serde_json::to_string(&self.model)?, serde_json::to_string(&theirs)?);
+        }
+        if let Some(json) = ckpt.metadata.get(RUN_METADATA) {
+            let theirs: Identity = serde_json::from_str(json).map_err(|e| {
+                anyhow!("{}: metadata '{RUN_METADATA}' is not a run's settings: {e}", ckpt.path.display())
+            })?;
+            compare("", serde_json::to_string(&self.identity())?, serde_json::to_string(&theirs)?);
+        }
+        Ok(out)
+    }
+}
+
+/// Metadata key of the run settings in a run's checkpoints.
+const RUN_METADATA: &str = "run";
+
+/// Add the variants chosen on `ctx` so far to `cfg`; true if that changed anything.
+fn record_variants(ctx: &Context, cfg: &mut RunConfig) -> bool {
     let chosen = ctx.tuning.lock().unwrap().chosen.clone();
     let before = cfg.variants.len();
     for (key, name) in chosen {
         cfg.variants.entry(key).or_insert(name);
     }
-    if cfg.variants.len() != before {
-        write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(cfg)?.as_bytes())?;
-    }
-    Ok(())
+    cfg.variants.len() != before
+}
+
+fn write_config(cfg: &RunConfig, dir: &Path) -> Result<()> {
+    fsutil::write_atomic_synced(&dir.join("config.json"), serde_json::to_string_pretty(cfg)?.as_bytes())
 }
 
 pub const CKPT: &str = "ckpt.safetensors";
+/// Where a diverged run's state goes (never over the last good checkpoint).
+pub const DIVERGED: &str = "ckpt_diverged.safetensors";
 
 /// The model of a run in a few words, for the banner and the plot titles: preset, and the
 /// extensions that make it differ from the reference (attention, LIF neurons, T).
@@ -108,14 +187,107 @@ pub fn describe(cfg: &RunConfig) -> String {
     out
 }
 
-/// Train `cfg` into `dir` (resuming from its checkpoint when `resume`).
+/// The files a run writes into its folder (besides the checkpoints and samples/).
+const RUN_FILES: &[&str] = &["config.json", "loss.csv", "loss.png", "fid.csv", "fid.png"];
+
+/// Remove what a fresh run wrote before its first checkpoint, so an interrupted or failed start
+/// leaves nothing behind (the folder too, if the run made it). Returns what it says to the user.
+fn remove_unstarted(dir: &Path, made_dir: bool) -> String {
+    for f in RUN_FILES {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    let samples = dir.join("samples");
+    if let Ok(entries) = std::fs::read_dir(&samples) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with("step_") && name.ends_with(".png") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(&samples);
+    let _ = std::fs::remove_file(dir.join(fsutil::LOCK_FILE));
+    if made_dir && std::fs::remove_dir(dir).is_ok() {
+        format!("removed {} (nothing to resume)", dir.display())
+    } else {
+        format!("removed this run's files from {} (nothing to resume)", dir.display())
+    }
+}
+
+/// Train `cfg` into `dir` (resuming from its checkpoint when `resume`). The folder is locked for
+/// the whole run. Interrupts (see [`crate::signal`]; `main` installs the handlers before any
+/// work) stop it at the next tuning candidate or training step: a run with a checkpoint saves one
+/// and says how to resume; a new run stopped before its first checkpoint removes what it wrote.
+/// Either way the error is a [`signal::Interrupted`].
 ///
-/// Everything that can refuse the run is checked before anything slow or lasting: the data, the
-/// checkpoint, the FID reference, whether the adapter can hold every graph the run will compile;
-/// then every kernel shape the run needs (training step, sample grids, FID samples) is tuned
-/// under one progress bar, the step is compiled, and only then is the run folder written, so a
-/// run that cannot start leaves nothing behind.
+/// Everything that can refuse the run comes before anything slow: the data, the checkpoint, the
+/// FID reference, whether the adapter can hold every graph the run compiles; then the banner, and
+/// every kernel shape the run needs (training step, sample grids, FID samples) is tuned under one
+/// progress bar before the first step.
 pub fn train(ctx: &Context, cfg: &RunConfig, dir: &Path, resume: bool) -> Result<()> {
+    let made_dir = !dir.exists();
+    let _lock = fsutil::DirLock::acquire(dir, "training run")?;
+    if !resume && (dir.join(CKPT).exists() || dir.join("config.json").exists()) {
+        bail!("{} already holds a run; continue it with --resume {0} or pick another --out", dir.display());
+    }
+    let mut cfg = cfg.clone();
+    let mut started = false;
+    let result = train_locked(ctx, &mut cfg, dir, resume, &mut started);
+    let Err(e) = result else { return Ok(()) };
+    // An interrupt in the loop says what it saved; one during setup (tuning) is said here.
+    let unsaid = signal::interrupted(&e).filter(|i| i.outcome.is_empty()).map(|i| i.signal);
+    if !resume && !started && !dir.join(CKPT).exists() && !dir.join(DIVERGED).exists() {
+        let removed = remove_unstarted(dir, made_dir);
+        return Err(match unsaid {
+            Some(signal) => {
+                signal::Interrupted { signal, outcome: format!("stopped before the first step; {removed}") }.into()
+            }
+            None => {
+                eprintln!("note: {removed}");
+                e
+            }
+        });
+    }
+    Err(match unsaid {
+        Some(signal) => {
+            let outcome = if dir.join(CKPT).exists() {
+                format!("nothing changed; continue with `sddpm-gpu train --resume {}`", dir.display())
+            } else {
+                format!("no checkpoint yet; `sddpm-gpu train --resume {}` starts it from step 0", dir.display())
+            };
+            signal::Interrupted { signal, outcome }.into()
+        }
+        None => e,
+    })
+}
+
+fn train_locked(ctx: &Context, cfg: &mut RunConfig, dir: &Path, resume: bool, started: &mut bool) -> Result<()> {
+    let config_path = dir.join("config.json");
+    cfg.validate().map_err(|e| anyhow!("{}: {e}", config_path.display()))?;
+    let ckpt_path = dir.join(CKPT);
+    let start = if resume && ckpt_path.exists() {
+        let ckpt = Checkpoint::load(&ckpt_path).with_context(|| format!("resuming {}", dir.display()))?;
+        // Entries, counters and finiteness, as every command that reads a checkpoint checks them.
+        ckpt.net(None)?;
+        if ckpt.counter("optim.step")?.is_none() {
+            bail!("{}: has no optim.step; not a checkpoint of a training run", ckpt_path.display());
+        }
+        let diff = cfg.differences(&ckpt)?;
+        if !diff.is_empty() {
+            bail!(
+                "{}: {} ({}); restore config.json: a resumed run keeps its settings (only --steps may change)",
+                config_path.display(),
+                diff.join("; "),
+                ckpt_path.display()
+            );
+        }
+        ckpt
+    } else {
+        if resume {
+            eprintln!("note: {} has no checkpoint yet; starting the run from step 0", dir.display());
+        }
+        cfg.model.init_weights(cfg.seed)
+    };
     let data = Arc::new(data::load(cfg.data.as_deref(), cfg.model.img_size())?);
     if data.channels != cfg.model.img_ch() {
         bail!(
@@ -129,20 +301,12 @@ pub fn train(ctx: &Context, cfg: &RunConfig, dir: &Path, resume: bool) -> Result
     if data.len() < cfg.batch {
         bail!("{} holds {} images, fewer than one batch of {}", data.name, data.len(), cfg.batch);
     }
-    let ckpt_path = dir.join(CKPT);
-    let start = if resume {
-        Checkpoint::load(&ckpt_path).with_context(|| format!("resuming {}", dir.display()))?
-    } else {
-        cfg.model.init_weights(cfg.seed)
-    };
-    let first = start.ints.get("optim.step").map_or(0, |s| s.data.first().copied().unwrap_or(0).max(0) as u64);
+    let first = start.counter("optim.step")?.unwrap_or(0);
     if first >= cfg.steps {
         println!("{} is already at step {first} of {}; nothing to do (raise --steps)", dir.display(), cfg.steps);
         return Ok(());
     }
     let fid_ref = if cfg.fid_every > 0 { Some(FidRef::load(cfg)?) } else { None };
-    let mut cfg = cfg.clone();
-    let cfg = &mut cfg;
     eprintln!(
         "training {} {} ({} parameters) on {}, batch {}, steps {first}..{}, adapter {}",
         cfg.model.kind(),
@@ -153,6 +317,11 @@ pub fn train(ctx: &Context, cfg: &RunConfig, dir: &Path, resume: bool) -> Result
         cfg.steps,
         ctx.describe()
     );
+    std::fs::create_dir_all(dir.join("samples")).with_context(|| format!("cannot create {}", dir.display()))?;
+    if !resume {
+        // Written before tuning, so even a killed run leaves a folder --resume can start.
+        write_config(cfg, dir)?;
+    }
     if resume {
         ctx.tuning.lock().unwrap().pinned.extend(cfg.variants.clone());
         crate::tune::pin_recorded(ctx, &start.metadata, &ckpt_path.display().to_string())?;
@@ -160,62 +329,72 @@ pub fn train(ctx: &Context, cfg: &RunConfig, dir: &Path, resume: bool) -> Result
     let opts = TrainOptions { lr: cfg.lr, warmup: cfg.warmup, ema: cfg.ema, ..Default::default() };
     tune_run(ctx, cfg, &opts)?;
     let mut trainer = Trainer::new(ctx, &cfg.model, &start, cfg.batch, cfg.model.img_size(), opts)?;
-    let mut fid = fid_ref.map(|r| FidEval::new(ctx, r, cfg.fid.n)).transpose()?;
-
-    std::fs::create_dir_all(dir.join("samples")).with_context(|| format!("cannot create {}", dir.display()))?;
-    write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(cfg)?.as_bytes())?;
-    record_variants(ctx, cfg, dir)?;
-    let mut log = LossLog::open(&dir.join("loss.csv"), first)?;
-    if let Some(f) = fid.as_mut() {
-        f.open_log(dir, first)?;
+    signal::check()?;
+    // A resumed run's config.json changes only now that it is sure to run (--steps, variants).
+    if record_variants(ctx, cfg) || resume {
+        write_config(cfg, dir)?;
     }
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    // A second handler cannot be installed in the same process (tests): then Ctrl-C just kills.
-    let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+    let mut log = LossLog::open(&dir.join("loss.csv"), first, "step,loss,lr,images_per_s")?;
+    let mut fid = fid_ref.map(|r| FidEval::new(ctx, r, cfg.fid.n, dir, first)).transpose()?;
+    let mut meta = HashMap::new();
+    meta.insert(RUN_METADATA.to_string(), serde_json::to_string(&cfg.identity())?);
 
     let loader = Loader::start(data.clone(), cfg.batch, cfg.seed, first, cfg.steps, cfg.model.diffusion_steps());
     let bar = Progress::with_template("train", cfg.steps, "steps", "{bar:30} {pos}/{len} steps  {msg}  eta {eta}");
     bar.start_at(first);
-    let title = format!("sddpm-gpu: {}", describe(cfg));
+    let title = describe(cfg);
     let mut last = Instant::now();
+    let diverged = |trainer: &Trainer, why: String| -> Result<()> {
+        trainer.save_diverged(ctx, &dir.join(DIVERGED), meta.clone())?;
+        bail!("{why} at step {}; state saved to {}", trainer.step, dir.join(DIVERGED).display())
+    };
     while trainer.step < cfg.steps {
         let batch = loader.next().context("the data loader stopped")?;
         let stats = trainer.step(ctx, &batch.x0, &batch.t, None, cfg.seed)?;
-        if !stats.loss.is_finite() {
-            trainer.save(ctx, &dir.join("ckpt_diverged.safetensors"), HashMap::new())?;
+        *started = true;
+        if !stats.loss.is_finite() || !stats.grad_norm.is_finite() {
             bar.abandon();
-            bail!("loss became {} at step {}; state saved to ckpt_diverged.safetensors", stats.loss, trainer.step);
+            return diverged(&trainer, format!("loss became {} (gradient norm {})", stats.loss, stats.grad_norm));
         }
         let ips = cfg.batch as f64 / last.elapsed().as_secs_f64();
         last = Instant::now();
-        log.push(trainer.step, stats.loss, trainer.lr(), ips)?;
+        log.push(&format!("{},{},{},{ips:.3}", trainer.step, stats.loss, trainer.lr()), trainer.step, stats.loss)?;
         bar.set_message(format!("loss {:.4}  |g| {:.3}  {:.2} img/s", stats.loss, stats.grad_norm, ips));
         bar.set_position(trainer.step);
         let step = trainer.step;
-        let interrupted = stop.load(Ordering::SeqCst);
-        if interrupted || (cfg.ckpt_every > 0 && step % cfg.ckpt_every == 0) || step == cfg.steps {
-            trainer.save(ctx, &ckpt_path, HashMap::new())?;
+        let interrupted = signal::pending();
+        if interrupted.is_some() || (cfg.ckpt_every > 0 && step % cfg.ckpt_every == 0) || step == cfg.steps {
+            match trainer.save(ctx, &ckpt_path, meta.clone()) {
+                Err(e) if e.is::<NonFinite>() => {
+                    bar.abandon();
+                    return diverged(&trainer, e.to_string());
+                }
+                r => r?,
+            }
             log.flush_plot(&dir.join("loss.png"), &title)?;
+        }
+        if let Some(signal) = interrupted {
+            bar.abandon();
+            let outcome = format!(
+                "checkpoint of step {step} saved to {}; continue with `sddpm-gpu train --resume {}`",
+                ckpt_path.display(),
+                dir.display()
+            );
+            return Err(signal::Interrupted { signal, outcome }.into());
         }
         if cfg.sample_n > 0 && ((cfg.sample_every > 0 && step % cfg.sample_every == 0) || step == cfg.steps) {
             bar.suspend(|| sample_grid(ctx, &trainer, cfg, &dir.join("samples").join(format!("step_{step:07}.png"))))?;
-            record_variants(ctx, cfg, dir)?;
+            if record_variants(ctx, cfg) {
+                write_config(cfg, dir)?;
+            }
         }
         if let Some(f) = fid.as_mut().filter(|_| step % cfg.fid_every == 0) {
             bar.suspend(|| f.evaluate(ctx, &trainer, cfg, step))?;
-        }
-        if interrupted {
-            bar.abandon();
-            eprintln!("interrupted at step {step}: checkpoint saved to {}", ckpt_path.display());
-            return Ok(());
         }
     }
     bar.finish(format!("done: {}", dir.display()));
     Ok(())
 }
-
 /// The batch of the samplers a run builds (grids, FID samples): the grid's, else the FID one's.
 fn sampling_batch(cfg: &RunConfig) -> Option<usize> {
     if cfg.sample_n > 0 {
@@ -263,7 +442,8 @@ fn sample_grid(ctx: &Context, trainer: &Trainer, cfg: &RunConfig, path: &Path) -
     images::save_grid(path, &x, [cfg.sample_n, cfg.model.img_ch(), size, size], cols)
 }
 
-/// loss.csv (step, loss, lr, images_per_s), kept consistent with the checkpoint on resume.
+/// A CSV log (loss.csv, fid.csv) kept consistent with the checkpoint on resume: rows after the
+/// resumed step are dropped.
 struct LossLog {
     path: PathBuf,
     file: std::fs::File,
@@ -271,8 +451,8 @@ struct LossLog {
 }
 
 impl LossLog {
-    fn open(path: &Path, resume_step: u64) -> Result<LossLog> {
-        let mut kept = String::from("step,loss,lr,images_per_s\n");
+    fn open(path: &Path, resume_step: u64, header: &str) -> Result<LossLog> {
+        let mut kept = format!("{header}\n");
         let mut points = Vec::new();
         if resume_step > 0 {
             if let Ok(text) = std::fs::read_to_string(path) {
@@ -288,21 +468,20 @@ impl LossLog {
                 }
             }
         }
-        write_atomic(path, kept.as_bytes())?;
-        let file = std::fs::OpenOptions::new().append(true).open(path)?;
+        let file = fsutil::create_atomic(path, kept.as_bytes())?;
         Ok(LossLog { path: path.to_path_buf(), file, points })
     }
 
-    fn push(&mut self, step: u64, loss: f32, lr: f32, ips: f64) -> Result<()> {
-        writeln!(self.file, "{step},{loss},{lr},{ips:.3}")
-            .with_context(|| format!("writing {}", self.path.display()))?;
-        self.points.push((step, loss));
+    /// Append `row` (already formatted) and remember (step, value) for the plot.
+    fn push(&mut self, row: &str, step: u64, value: f32) -> Result<()> {
+        writeln!(self.file, "{row}").with_context(|| format!("writing {}", self.path.display()))?;
+        self.points.push((step, value));
         Ok(())
     }
 
     fn flush_plot(&mut self, png: &Path, title: &str) -> Result<()> {
         self.file.flush()?;
-        crate::plot::loss_plot(png, &self.points, title)
+        crate::plot::loss_plot(png, &self.points, &format!("sddpm-gpu: {title}"))
     }
 }
 
@@ -344,29 +523,16 @@ impl FidRef {
 struct FidEval {
     net: crate::fid::inception::Inception,
     reference: crate::fid::Stats,
-    log: Option<LossLog>,
+    log: LossLog,
     png: PathBuf,
 }
 
 impl FidEval {
-    fn new(ctx: &Context, r: FidRef, n: usize) -> Result<FidEval> {
+    fn new(ctx: &Context, r: FidRef, n: usize, dir: &Path, first: u64) -> Result<FidEval> {
         let net = crate::fid::inception::Inception::new(ctx, &r.weights, n.min(8))?;
-        Ok(FidEval { net, reference: r.reference, log: None, png: PathBuf::new() })
+        let log = LossLog::open(&dir.join("fid.csv"), first, "step,fid,kid,kid_std")?;
+        Ok(FidEval { net, reference: r.reference, log, png: dir.join("fid.png") })
     }
-
-    /// Start (or, resuming, keep up to `first`) RUN/fid.csv.
-    fn open_log(&mut self, dir: &Path, first: u64) -> Result<()> {
-        // LossLog keeps the rows up to a resumed step; only the header differs.
-        let mut log = LossLog::open(&dir.join("fid.csv"), first)?;
-        let kept = std::fs::read_to_string(&log.path)?;
-        let rows = kept.split_once('\n').map_or("", |(_, rows)| rows);
-        write_atomic(&log.path, format!("step,fid,kid,kid_std\n{rows}").as_bytes())?;
-        log.file = std::fs::OpenOptions::new().append(true).open(&log.path)?;
-        self.log = Some(log);
-        self.png = dir.join("fid.png");
-        Ok(())
-    }
-
     fn evaluate(&mut self, ctx: &Context, trainer: &Trainer, cfg: &RunConfig, step: u64) -> Result<()> {
         let (n, size, c) = (cfg.fid.n, cfg.model.img_size(), cfg.model.img_ch());
         let weights = trainer.weights(ctx, cfg.ema.is_some())?;
@@ -390,12 +556,14 @@ impl FidEval {
             _ => None,
         };
         let (k, ks) = kid.map_or((f64::NAN, f64::NAN), |k| (k.mean, k.std));
-        let log = self.log.as_mut().expect("the log is opened before training");
-        writeln!(log.file, "{step},{fid},{k},{ks}").with_context(|| format!("writing {}", log.path.display()))?;
-        log.points.push((step, fid as f32));
+        self.log.push(&format!("{step},{fid},{k},{ks}"), step, fid as f32)?;
         eprintln!("step {step}: FID {fid:.3}, KID {k:.5} ({n} samples, {} DDIM steps)", cfg.fid.steps);
-        log.file.flush()?;
-        let title = format!("sddpm-gpu: {}: FID of {n} samples", describe(cfg));
-        crate::plot::series_plot(&self.png, &log.points, &title, "FID")
+        self.log.file.flush()?;
+        crate::plot::series_plot(
+            &self.png,
+            &self.log.points,
+            &format!("sddpm-gpu: {}: FID of {n} samples", describe(cfg)),
+            "FID",
+        )
     }
 }

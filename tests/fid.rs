@@ -115,3 +115,86 @@ fn datasets_enter_at_their_own_size() {
     let rec = &records[3073 + 1..];
     assert_eq!((pixels[0], pixels[1], pixels[2], pixels[3]), (rec[0], rec[1024], rec[2048], rec[1]));
 }
+
+/// Statistics of dimension `d` with `sigma` (row-major) and zero means.
+fn with_sigma(sigma: Vec<f64>) -> Stats {
+    let dim = (sigma.len() as f64).sqrt() as usize;
+    Stats { dim, n: None, mu: vec![0.0; dim], sigma, features: None }
+}
+
+#[test]
+fn invalid_statistics_are_errors_not_numbers() {
+    let eye = |s: f64| (0..9).map(|i| if i % 4 == 0 { s } else { 0.0 }).collect::<Vec<f64>>();
+    let good = with_sigma(eye(1.0));
+    let mut nan_off = eye(1.0);
+    nan_off[1] = f64::NAN;
+    nan_off[3] = f64::NAN;
+    // Indefinite: symmetric with a positive diagonal but eigenvalues 3 and -1.
+    let indefinite = vec![1.0, 2.0, 0.0, 2.0, 1.0, 0.0, 0.0, 0.0, 1.0];
+    let asymmetric = vec![2.0, 1.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 2.0];
+    for (what, sigma, needle) in [
+        ("NaN off the diagonal", nan_off, "NaN"),
+        ("indefinite", indefinite, "positive semi-definite"),
+        ("-I", eye(-1.0), "negative variance"),
+        ("asymmetric", asymmetric, "not symmetric"),
+    ] {
+        let bad = with_sigma(sigma);
+        for (a, b) in [(&bad, &good), (&good, &bad)] {
+            let e = fid::fid(a, b).map(|v| format!("FID {v}")).unwrap_err().to_string();
+            assert!(e.contains(needle), "{what}: {e}");
+        }
+    }
+    assert!(fid::fid(&good, &good).unwrap().abs() < 1e-12);
+    // KID of features holding NaN is no number either.
+    let (mut fa, d) = features("a");
+    let (fb, _) = features("b");
+    fa[3] = f32::NAN;
+    assert!(fid::kid(&fa, &fb, d).is_err());
+}
+
+#[test]
+fn statistics_files_are_validated_when_read() {
+    let good = stats("a");
+    let path = tmp("valid.npz");
+    let write = |s: &Stats| npz::write_stats(&path, s).unwrap();
+    let read_err = || format!("{:#}", npz::read_stats(&path).unwrap_err());
+    let mut nan = good.clone();
+    nan.sigma[1] = f64::NAN;
+    write(&nan);
+    assert!(read_err().contains("valid.npz") && read_err().contains("NaN"), "{}", read_err());
+    let mut asym = good.clone();
+    asym.sigma[1] += 1.0;
+    write(&asym);
+    assert!(read_err().contains("not symmetric"), "{}", read_err());
+    // n = 1e300 (what a float64 'n' can hold) is not a count of images; rewritten through the
+    // zip crate so the CRC stays right.
+    write(&good);
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let mut src = zip::ZipArchive::new(std::fs::File::open(&path).unwrap()).unwrap();
+    for i in 0..src.len() {
+        let mut f = src.by_index(i).unwrap();
+        let name = f.name().to_string();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut data).unwrap();
+        if name == "n.npy" {
+            let len = data.len();
+            data[len - 8..].copy_from_slice(&1e300f64.to_le_bytes());
+        }
+        zip.start_file(name, zip::write::SimpleFileOptions::default()).unwrap();
+        std::io::Write::write_all(&mut zip, &data).unwrap();
+    }
+    std::fs::write(&path, zip.finish().unwrap().into_inner()).unwrap();
+    assert!(read_err().contains("'n'"), "{}", read_err());
+}
+
+#[test]
+fn sixteen_bit_pngs_convert_as_pil_does() {
+    // pytorch-fid opens images with PIL and .convert("RGB"): 16-bit grayscale (mode I;16) is
+    // clipped to 255, 16-bit color keeps the high byte.
+    let gray = image::ImageBuffer::<image::Luma<u16>, _>::from_raw(3, 1, vec![100u16, 255, 40000]).unwrap();
+    let (px, c) = sddpm_gpu::images::pil_pixels(image::DynamicImage::ImageLuma16(gray));
+    assert_eq!((px, c), (vec![100, 255, 255], 1));
+    let rgb = image::ImageBuffer::<image::Rgb<u16>, _>::from_raw(1, 1, vec![0x1234u16, 0xff00, 0x00ff]).unwrap();
+    let (px, c) = sddpm_gpu::images::pil_pixels(image::DynamicImage::ImageRgb16(rgb));
+    assert_eq!((px, c), (vec![0x12, 0xff, 0x00], 3));
+}

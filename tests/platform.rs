@@ -12,6 +12,7 @@ fn fake(name: &str, backend: wgpu::Backend, device_type: wgpu::DeviceType) -> Ad
         features: wgpu::Features::empty(),
         limits: wgpu::Limits::default(),
         subgroup_sizes: (0, 0),
+        coop_matrices: Vec::new(),
     }
 }
 

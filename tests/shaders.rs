@@ -1,6 +1,8 @@
 //! Every WGSL file parses and validates with naga (the compiler wgpu uses, same version), with the
-//! capabilities the device may enable (f16 and subgroups when the adapter has them: see
-//! gpu::WANTED_FEATURES), so a broken shader fails `cargo test` rather than a user's run.
+//! capabilities the device may enable (f16, subgroups and cooperative matrices when the adapter
+//! has them: see gpu::WANTED_FEATURES), so a broken shader fails `cargo test` rather than a user's
+//! run (the cooperative-matrix modules of every shape included, though no adapter here runs the
+//! 16x16 ones).
 
 use std::path::Path;
 
@@ -18,7 +20,7 @@ fn shader_files() -> Vec<std::path::PathBuf> {
 /// What wgpu lets shaders use on a device with every feature of gpu::WANTED_FEATURES.
 fn device_capabilities() -> naga::valid::Capabilities {
     use naga::valid::Capabilities as C;
-    C::SHADER_FLOAT16 | C::SUBGROUP | C::SUBGROUP_BARRIER
+    C::SHADER_FLOAT16 | C::SUBGROUP | C::SUBGROUP_BARRIER | C::COOPERATIVE_MATRIX
 }
 
 #[test]
@@ -149,6 +151,15 @@ fn parameter_structs_match_their_wgsl_layout() {
         matmul::MatmulParams,
         [m, n, k, has_bias, a_sm, a_sk, b_sk, b_sn]
     ));
+    // Its cooperative-matrix variants bind matmul's parameter words (every instance).
+    for shader in &sddpm_gpu::ops::coop_matmul::SHADERS {
+        checked.insert(assert_params_layout!(
+            shader,
+            "Params",
+            matmul::MatmulParams,
+            [m, n, k, has_bias, a_sm, a_sk, b_sk, b_sn]
+        ));
+    }
     checked.insert(assert_params_layout!(
         elementwise::SHADER,
         "Params",

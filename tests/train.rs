@@ -195,3 +195,23 @@ fn resume_is_bit_identical() {
     }
     assert_eq!(straight.counters, resumed.counters);
 }
+
+#[test]
+fn a_non_finite_state_is_never_saved_as_a_checkpoint() {
+    // Issue 19 item 9: a NaN learning rate poisons the weights after one step while the loss of
+    // that step is still finite; the checkpoint of that step must not be written.
+    let cfg = toy_config();
+    let ckpt = init_weights(&cfg, 1);
+    let opts = TrainOptions { lr: f32::NAN, ..Default::default() };
+    let mut tr = Trainer::new(ctx(), &cfg, &ckpt, 1, 16, opts).unwrap();
+    let (x0, t) = (toy_batch(1, 16), vec![7u32]);
+    let stats = tr.step(ctx(), &x0, &t, None, 0).unwrap();
+    assert!(stats.loss.is_finite(), "the loss of the poisoning step is finite: {}", stats.loss);
+    let path = tmp("poisoned.safetensors");
+    let e = tr.save(ctx(), &path, HashMap::new()).unwrap_err();
+    assert!(e.is::<sddpm_gpu::diffusion::NonFinite>(), "{e:#}");
+    assert!(!path.exists());
+    tr.save_diverged(ctx(), &path, HashMap::new()).unwrap();
+    let e = Checkpoint::load(&path).unwrap().config(None).unwrap_err().to_string();
+    assert!(e.contains("diverged"), "{e}");
+}

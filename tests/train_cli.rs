@@ -182,7 +182,7 @@ fn bad_data_gives_one_line_errors() {
 }
 
 #[test]
-fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
+fn ctrl_c_saves_a_checkpoint_and_exits_130() {
     let dir = tmp("interrupted");
     let child = bin()
         .args(["train", "--steps", "100000", "--size", "16", "--batch", "2", "--snn-steps", "2", "--sample-n", "0"])
@@ -200,8 +200,9 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
     assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    assert!(err.contains("interrupted at step"), "{err}");
+    // Interrupted is not finished: a scheduler must see the difference (128 + SIGINT).
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted (SIGINT): checkpoint of step"), "{err}");
     let ckpt = TensorFile::load(&dir.join("ckpt.safetensors")).unwrap();
     let step = ckpt.get_ints("optim.step").unwrap().data[0];
     assert!((1..100000).contains(&step), "step {step}");

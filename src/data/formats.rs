@@ -34,7 +34,7 @@ pub struct Dataset {
 
 impl Dataset {
     pub fn len(&self) -> usize {
-        self.pixels.len() / (self.channels * self.size * self.size)
+        self.pixels.len().checked_div(self.channels * self.size * self.size).unwrap_or(0)
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -88,6 +88,9 @@ fn list_dir(path: &Path) -> Result<Vec<PathBuf>> {
 
 /// Load a dataset (`None`: the embedded MNIST subset) at `size` x `size` pixels.
 pub fn load(path: Option<&Path>, size: usize) -> Result<Dataset> {
+    if size == 0 || size > MAX_SIZE {
+        bail!("image size {size} is not a training size (1 to {MAX_SIZE} px; --size)");
+    }
     let Some(path) = path else {
         let raw = gunzip_idx(EMBEDDED_MNIST).context("embedded MNIST")?;
         return idx_dataset("embedded MNIST (10,000 images)", &raw, Path::new("<embedded>"), size);
@@ -113,6 +116,28 @@ pub fn load(path: Option<&Path>, size: usize) -> Result<Dataset> {
         Format::Cifar10 => cifar10(path, size),
         Format::Folder => folder(path, size),
     }
+}
+
+/// Largest image side a dataset is resized to (the paper's largest is 64; a 4096 px side already
+/// needs 16 MiB per grayscale image).
+const MAX_SIZE: usize = 4096;
+
+/// Most a dataset may grow when resized: stored images smaller than a quarter of the side they
+/// are resized to are refused, so a small file cannot make the loader allocate without bound.
+const MAX_UPSCALE: usize = 4;
+
+/// Err unless images of `h` x `w` (from `file`) may be resized to `size` x `size`.
+fn check_resize(file: &Path, h: usize, w: usize, size: usize) -> Result<()> {
+    if h == 0 || w == 0 {
+        bail!("{}: images of {h}x{w} pixels; an image has at least one pixel", file.display());
+    }
+    if h * MAX_UPSCALE < size || w * MAX_UPSCALE < size {
+        bail!(
+            "{}: {h}x{w} images are too small to train at {size}x{size} (at most {MAX_UPSCALE}x upscaling); use a smaller --size",
+            file.display()
+        );
+    }
+    Ok(())
 }
 
 /// Decompress a gzipped IDX image file, reading no more than its header declares (plus one byte,
@@ -150,6 +175,10 @@ fn idx_dataset(name: &str, raw: &[u8], file: &Path, size: usize) -> Result<Datas
     if n.checked_mul(h).and_then(|v| v.checked_mul(w)).and_then(|v| v.checked_add(16)) != Some(raw.len()) {
         return Err(err(&format!("header says {n} images of {h}x{w} but the file holds {} bytes", raw.len() - 16)));
     }
+    if n == 0 {
+        return Err(err("header says 0 images"));
+    }
+    check_resize(file, h, w, size)?;
     let mut pixels = Vec::with_capacity(n * size * size);
     for i in 0..n {
         let img = image::GrayImage::from_raw(w as u32, h as u32, raw[16 + i * h * w..16 + (i + 1) * h * w].to_vec())
@@ -202,11 +231,12 @@ fn folder(path: &Path, size: usize) -> Result<Dataset> {
         .collect();
     let mut pixels = Vec::with_capacity(files.len() * 3 * size * size);
     for f in &files {
-        let img = crate::images::open(f)?.to_rgb8();
+        let img = crate::images::open_rgb8(f)?;
         // The reference's CelebA pipeline: CenterCrop(148) of the 178x218 aligned faces, then
         // Resize(64). For other image sizes the same fraction (148/178) of the short side.
         let short = img.width().min(img.height());
         let crop = ((short as f64) * 148.0 / 178.0).round().max(1.0) as u32;
+        check_resize(f, crop as usize, crop as usize, size)?;
         let (x0, y0) = ((img.width() - crop) / 2, (img.height() - crop) / 2);
         let cropped = image::imageops::crop_imm(&img, x0, y0, crop, crop).to_image();
         let resized = image::imageops::resize(&cropped, size as u32, size as u32, FilterType::Triangle);

@@ -194,14 +194,19 @@ impl Trainer {
             crate::tune::compile_batched(ctx, crate::tune::Batched { graph: &g, batch, other: &other, other_batch })?;
         plan.write(ctx, one, &[1f32])?;
         unet.upload(ctx, &plan, ckpt)?;
-        let mut step = 0;
-        if let Some(s) = ckpt.ints.get("optim.step") {
-            step = s.data[0] as u64;
-        }
+        let step = ckpt.counter("optim.step")?.unwrap_or(0);
         for (name, &(m, v)) in &moments {
             let (mk, vk) = (format!("optim.{name}.exp_avg"), format!("optim.{name}.exp_avg_sq"));
             match (ckpt.tensors.get(&mk), ckpt.tensors.get(&vk)) {
                 (Some(mt), Some(vt)) if step > 0 => {
+                    let want = g.shape(m);
+                    if let Some((k, t)) = [(&mk, mt), (&vk, vt)].into_iter().find(|(_, t)| t.shape != want) {
+                        bail!(
+                            "{}: '{k}' is {:?} but the model's '{name}' is {want:?}; the optimizer state is not this model's",
+                            ckpt.path.display(),
+                            t.shape
+                        );
+                    }
                     plan.write(ctx, m, &mt.data)?;
                     plan.write(ctx, v, &vt.data)?;
                 }
@@ -215,13 +220,16 @@ impl Trainer {
         }
         for (name, &e) in &ema {
             let src = ckpt.tensors.get(&format!("ema.{name}")).unwrap_or(ckpt.get(name)?);
+            if src.shape != g.shape(e) {
+                bail!("{}: 'ema.{name}' is {:?}, expected {:?}", ckpt.path.display(), src.shape, g.shape(e));
+            }
             plan.write(ctx, e, &src.data)?;
         }
-        let counters = entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::Counter)
-            .map(|e| (e.name.clone(), ckpt.ints.get(&e.name).map_or(0, |v| v.data[0])))
-            .collect();
+        let mut counters = BTreeMap::new();
+        for e in entries.iter().filter(|e| e.kind == EntryKind::Counter) {
+            // counter() checked the value is a non-negative i64.
+            counters.insert(e.name.clone(), ckpt.counter(&e.name)?.unwrap_or(0) as i64);
+        }
         let schedule = Schedule::reference(cfg.diffusion_steps());
         Ok(Trainer {
             cfg,
@@ -331,8 +339,24 @@ impl Trainer {
     }
 
     /// Write the full training state (weights, running statistics, counters, Adam moments and
-    /// step) as a checkpoint, atomically. `meta` adds metadata entries.
+    /// step) as a checkpoint, atomically. `meta` adds metadata entries. A state holding NaN or
+    /// infinity is not written: the error is a [`NonFinite`] (see [`Trainer::save_diverged`]).
     pub fn save(&self, ctx: &Context, path: &std::path::Path, meta: HashMap<String, String>) -> Result<()> {
+        self.write_state(ctx, path, meta, true)
+    }
+
+    /// [`Trainer::save`] whatever the state holds (a diverged run's state, for inspection).
+    pub fn save_diverged(&self, ctx: &Context, path: &std::path::Path, meta: HashMap<String, String>) -> Result<()> {
+        self.write_state(ctx, path, meta, false)
+    }
+
+    fn write_state(
+        &self,
+        ctx: &Context,
+        path: &std::path::Path,
+        meta: HashMap<String, String>,
+        finite: bool,
+    ) -> Result<()> {
         let mut floats: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
         for e in self.cfg.state_entries() {
             if e.kind != EntryKind::Counter {
@@ -346,6 +370,12 @@ impl Trainer {
         }
         for (name, &e) in &self.ema {
             floats.push((format!("ema.{name}"), e_shape(&self.cfg, name), self.plan.read(ctx, e)?));
+        }
+        if finite {
+            if let Some((name, _, data)) = floats.iter().find(|(_, _, d)| d.iter().any(|v| !v.is_finite())) {
+                let bad = data.iter().find(|v| !v.is_finite()).expect("found above");
+                return Err(NonFinite(format!("'{name}' holds {bad} after step {}", self.step)).into());
+            }
         }
         let ints: Vec<(String, [i64; 1])> = self
             .counters
@@ -367,6 +397,18 @@ impl Trainer {
         checkpoint::save(path, tensors, metadata)
     }
 }
+
+/// The training state holds NaN or infinity (the message names a tensor): the run diverged.
+#[derive(Debug)]
+pub struct NonFinite(pub String);
+
+impl std::fmt::Display for NonFinite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the training state is not finite: {}", self.0)
+    }
+}
+
+impl std::error::Error for NonFinite {}
 
 fn e_shape(cfg: &Net, name: &str) -> Vec<usize> {
     cfg.state_entries().into_iter().find(|e| e.name == name).map(|e| e.shape).unwrap_or_default()

@@ -45,7 +45,9 @@ pub fn locate_weights(flag: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = flag {
         return Ok(p.to_path_buf());
     }
-    if let Some(p) = std::env::var_os(WEIGHTS_ENV) {
+    // Empty counts as unset (as for SDDPM_CACHE_DIR): `SDDPM_FID_WEIGHTS= cmd` is a common way
+    // to clear a variable, not a path.
+    if let Some(p) = std::env::var_os(WEIGHTS_ENV).filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(p));
     }
     let cache = cache_path();

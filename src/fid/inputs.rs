@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 
 use super::inception::{Inception, Preprocess, DIM};
 use super::{npz, Stats};
@@ -34,7 +34,7 @@ fn is_image(p: &Path) -> bool {
 
 impl Input {
     pub fn open(path: &Path) -> Result<Input> {
-        if path.is_file() && path.extension().is_some_and(|e| e == "npz") {
+        if path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("npz")) {
             return Ok(Input::Stats(npz::read_stats(path)?));
         }
         if !path.exists() {
@@ -86,11 +86,8 @@ impl Images {
                 let path = &files[i];
                 let img = crate::images::open(path)?;
                 let (w, h) = (img.width() as usize, img.height() as usize);
-                Ok(if img.color().has_color() {
-                    (img.into_rgb8().into_raw(), [3, h, w])
-                } else {
-                    (img.into_luma8().into_raw(), [1, h, w])
-                })
+                let (pixels, c) = crate::images::pil_pixels(img);
+                Ok((pixels, [c, h, w]))
             }
             Images::Dataset { pixels, channels, size } => {
                 let (c, s) = (*channels, *size);
@@ -104,6 +101,36 @@ impl Images {
         }
     }
 
+    /// Err, naming the file, if an image is too large to go to the GPU in one binding of
+    /// `max_bytes` (it is uploaded whole before the resize to 299). Reads only the files' headers,
+    /// so it runs before the network is built.
+    pub fn check_fits(&self, max_bytes: u64) -> Result<()> {
+        let Images::Files(files) = self else { return Ok(()) };
+        for f in files {
+            // An unreadable header is the decoder's to report, with the file, when it is read.
+            let Ok((w, h)) = image::image_dimensions(f) else { continue };
+            let bytes = 3 * w as u64 * h as u64 * 4;
+            if bytes > max_bytes {
+                bail!(
+                    "{}: a {w}x{h} image needs {} MiB on the GPU, more than one binding allows ({} MiB); \
+                     downscale it (pytorch-fid resizes every image to 299x299 anyway)",
+                    f.display(),
+                    bytes >> 20,
+                    max_bytes >> 20
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// What image `i` is called in messages: its file, or its index in the dataset.
+    fn name(&self, i: usize) -> String {
+        match self {
+            Images::Files(f) => f[i].display().to_string(),
+            Images::Dataset { .. } => format!("image {i} of the dataset"),
+        }
+    }
+
     /// Features [n, 2048] of every image, `net.batch` at a time; `done(images)` after each batch.
     pub fn features(&self, ctx: &Context, net: &Inception, done: &mut dyn FnMut(u64)) -> Result<Vec<f32>> {
         let mut pre = Preprocess::default();
@@ -111,7 +138,8 @@ impl Images {
         let mut batch = Vec::new();
         for i in 0..self.len() {
             let (pixels, shape) = self.get(i)?;
-            batch.extend(pre.run(ctx, &pixels, shape)?);
+            // Errors of an image's own graph (too large for the adapter) name the image.
+            batch.extend(pre.run(ctx, &pixels, shape).map_err(|e| anyhow!("{}: {e:#}", self.name(i)))?);
             if (i + 1) % net.batch == 0 || i + 1 == self.len() {
                 feats.extend(net.features(ctx, &batch)?);
                 batch.clear();

@@ -7,7 +7,8 @@
 //!
 //! The file is untrusted. Every read is bounds-checked, the stack and memo grow at most one entry
 //! per opcode byte, shared objects are reference-counted (a memo entry fetched many times costs
-//! nothing), and callers walk the result with a node budget.
+//! nothing), copies of shared containers are budgeted, nesting is bounded ([`MAX_DEPTH`]), and
+//! callers walk the result with a node budget.
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -210,23 +211,63 @@ fn persistent(pid: &Value) -> Result<Value> {
     }
 }
 
+/// Deepest nesting of containers a pickle may build. A state_dict nests a few levels (a
+/// TorchScript module tree a few dozen); dropping or walking a value recurses once per level, so
+/// a bound here is what keeps a crafted 1,000,000-deep tuple from overflowing the stack.
+pub const MAX_DEPTH: u32 = 200;
+
+/// Most opcodes a pickle may run. Each makes at most one value (tens of bytes), so this bounds
+/// the reader's memory whatever a deflated data.pkl expands to; a state_dict needs about 20 per
+/// tensor (2^21: some 100,000 tensors).
+pub const MAX_OPS: usize = 1 << 21;
+
+/// A value on the stack or in the memo, with its nesting depth (0 for scalars).
+#[derive(Clone)]
+struct Item {
+    v: Value,
+    depth: u32,
+}
+
 /// Run the pickle in `data`; errors say what was wrong and where.
+///
+/// Memory stays proportional to the pickle and bounded: every opcode adds at most one stack or
+/// memo entry, at most [`MAX_OPS`] run, and copies made when a shared (memoised) list or dict is
+/// changed are counted against a budget of about one element per pickle byte.
 pub fn load(data: &[u8]) -> Result<Value> {
     let mut r = Reader { data, pos: 0 };
-    let mut stack: Vec<Value> = Vec::new();
+    let mut stack: Vec<Item> = Vec::new();
     let mut marks: Vec<usize> = Vec::new();
-    let mut memo: HashMap<u32, Value> = HashMap::new();
-    loop {
+    let mut memo: HashMap<u32, Item> = HashMap::new();
+    let mut copy_budget = data.len() + (1 << 16);
+    for _ in 0..MAX_OPS {
         let at = r.pos;
         let op = r.u8()?;
         let step = (|| -> Result<bool> {
-            let pop = |stack: &mut Vec<Value>| stack.pop().ok_or_else(|| anyhow!("stack underflow"));
-            let pop_mark = |stack: &mut Vec<Value>, marks: &mut Vec<usize>| -> Result<Vec<Value>> {
+            let pop = |stack: &mut Vec<Item>| stack.pop().ok_or_else(|| anyhow!("stack underflow"));
+            let pop_mark = |stack: &mut Vec<Item>, marks: &mut Vec<usize>| -> Result<Vec<Item>> {
                 let m = marks.pop().ok_or_else(|| anyhow!("no MARK"))?;
                 if m > stack.len() {
                     bail!("MARK beyond the stack");
                 }
                 Ok(stack.split_off(m))
+            };
+            let deeper = |items: &[Item]| -> Result<u32> {
+                let d = 1 + items.iter().map(|i| i.depth).max().unwrap_or(0);
+                if d > MAX_DEPTH {
+                    bail!("the pickle nests containers more than {MAX_DEPTH} deep; not a state_dict");
+                }
+                Ok(d)
+            };
+            let scalar = |v: Value| Item { v, depth: 0 };
+            // Changing a list or dict the memo also holds copies it (values are immutable and
+            // shared); charge the copy so repeated MEMOIZE + APPEND cannot grow memory quadratically.
+            let mut charge = |len: usize, shared: bool| -> Result<()> {
+                if shared {
+                    copy_budget = copy_budget
+                        .checked_sub(len)
+                        .ok_or_else(|| anyhow!("the pickle copies shared lists too often"))?;
+                }
+                Ok(())
             };
             match op {
                 0x80 => {
@@ -236,12 +277,14 @@ pub fn load(data: &[u8]) -> Result<Value> {
                 }
                 b'c' => {
                     let (module, name) = (r.line()?, r.line()?);
-                    stack.push(Value::Global(Rc::new(global(module, name)?)));
+                    stack.push(scalar(Value::Global(Rc::new(global(module, name)?))));
                 }
                 0x93 => {
                     let (name, module) = (pop(&mut stack)?, pop(&mut stack)?);
-                    let (Value::Str(m), Value::Str(n)) = (&module, &name) else { bail!("STACK_GLOBAL of non-strings") };
-                    stack.push(Value::Global(Rc::new(global(m, n)?)));
+                    let (Value::Str(m), Value::Str(n)) = (&module.v, &name.v) else {
+                        bail!("STACK_GLOBAL of non-strings")
+                    };
+                    stack.push(scalar(Value::Global(Rc::new(global(m, n)?))));
                 }
                 b'q' | b'r' | 0x94 => {
                     let key = match op {
@@ -257,15 +300,15 @@ pub fn load(data: &[u8]) -> Result<Value> {
                     stack.push(memo.get(&key).ok_or_else(|| anyhow!("memo {key} is not set"))?.clone());
                 }
                 b'(' => marks.push(stack.len()),
-                b')' => stack.push(Value::Tuple(Rc::new(Vec::new()))),
-                b']' => stack.push(Value::List(Rc::new(Vec::new()))),
-                b'}' => stack.push(Value::Dict(Rc::new(Vec::new()))),
-                b'N' => stack.push(Value::None),
-                0x88 => stack.push(Value::Bool(true)),
-                0x89 => stack.push(Value::Bool(false)),
-                b'K' => stack.push(Value::Int(r.u8()? as i64)),
-                b'M' => stack.push(Value::Int(r.u16()? as i64)),
-                b'J' => stack.push(Value::Int(r.u32()? as i32 as i64)),
+                b')' => stack.push(Item { v: Value::Tuple(Rc::new(Vec::new())), depth: 1 }),
+                b']' => stack.push(Item { v: Value::List(Rc::new(Vec::new())), depth: 1 }),
+                b'}' => stack.push(Item { v: Value::Dict(Rc::new(Vec::new())), depth: 1 }),
+                b'N' => stack.push(scalar(Value::None)),
+                0x88 => stack.push(scalar(Value::Bool(true))),
+                0x89 => stack.push(scalar(Value::Bool(false))),
+                b'K' => stack.push(scalar(Value::Int(r.u8()? as i64))),
+                b'M' => stack.push(scalar(Value::Int(r.u16()? as i64))),
+                b'J' => stack.push(scalar(Value::Int(r.u32()? as i32 as i64))),
                 0x8a => {
                     let n = r.u8()? as usize;
                     if n > 8 {
@@ -274,20 +317,23 @@ pub fn load(data: &[u8]) -> Result<Value> {
                     let bytes = r.take(n)?;
                     let mut buf = [if bytes.last().is_some_and(|&b| b & 0x80 != 0) { 0xff } else { 0 }; 8];
                     buf[..n].copy_from_slice(bytes);
-                    stack.push(Value::Int(i64::from_le_bytes(buf)));
+                    stack.push(scalar(Value::Int(i64::from_le_bytes(buf))));
                 }
-                b'G' => stack.push(Value::Float(f64::from_be_bytes(r.take(8)?.try_into().unwrap()))),
+                b'G' => stack.push(scalar(Value::Float(f64::from_be_bytes(r.take(8)?.try_into().unwrap())))),
                 b'X' => {
                     let n = r.u32()? as usize;
-                    stack.push(r.string(n)?);
+                    stack.push(scalar(r.string(n)?));
                 }
                 0x8c => {
                     let n = r.u8()? as usize;
-                    stack.push(r.string(n)?);
+                    stack.push(scalar(r.string(n)?));
                 }
-                b't' => {
+                b't' | b'l' => {
                     let items = pop_mark(&mut stack, &mut marks)?;
-                    stack.push(Value::Tuple(Rc::new(items)));
+                    let depth = deeper(&items)?;
+                    let values = items.into_iter().map(|i| i.v).collect();
+                    let v = if op == b't' { Value::Tuple(Rc::new(values)) } else { Value::List(Rc::new(values)) };
+                    stack.push(Item { v, depth });
                 }
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
@@ -295,16 +341,18 @@ pub fn load(data: &[u8]) -> Result<Value> {
                         bail!("stack underflow");
                     }
                     let items = stack.split_off(stack.len() - n);
-                    stack.push(Value::Tuple(Rc::new(items)));
-                }
-                b'l' => {
-                    let items = pop_mark(&mut stack, &mut marks)?;
-                    stack.push(Value::List(Rc::new(items)));
+                    let depth = deeper(&items)?;
+                    stack.push(Item { v: Value::Tuple(Rc::new(items.into_iter().map(|i| i.v).collect())), depth });
                 }
                 b'a' | b'e' => {
                     let items = if op == b'a' { vec![pop(&mut stack)?] } else { pop_mark(&mut stack, &mut marks)? };
+                    let depth = deeper(&items)?;
                     match stack.last_mut() {
-                        Some(Value::List(l)) => Rc::make_mut(l).extend(items),
+                        Some(Item { v: Value::List(l), depth: d }) => {
+                            charge(l.len(), Rc::strong_count(l) > 1)?;
+                            Rc::make_mut(l).extend(items.into_iter().map(|i| i.v));
+                            *d = (*d).max(depth);
+                        }
                         _ => bail!("APPEND to a non-list"),
                     }
                 }
@@ -318,39 +366,51 @@ pub fn load(data: &[u8]) -> Result<Value> {
                     if items.len() % 2 != 0 {
                         bail!("odd number of dict items");
                     }
-                    let Some(Value::Dict(d)) = stack.last_mut() else { bail!("SETITEMS on a non-dict") };
+                    let depth = deeper(&items)?;
+                    let Some(Item { v: Value::Dict(d), depth: dd }) = stack.last_mut() else {
+                        bail!("SETITEMS on a non-dict")
+                    };
+                    charge(d.len(), Rc::strong_count(d) > 1)?;
+                    *dd = (*dd).max(depth);
                     let d = Rc::make_mut(d);
-                    let mut it = items.into_iter();
+                    let mut it = items.into_iter().map(|i| i.v);
                     while let (Some(k), Some(v)) = (it.next(), it.next()) {
                         d.push((k, v));
                     }
                 }
                 b'Q' => {
                     let pid = pop(&mut stack)?;
-                    stack.push(persistent(&pid)?);
+                    stack.push(Item { v: persistent(&pid.v)?, depth: pid.depth });
                 }
                 b'R' => {
                     let args = pop(&mut stack)?;
                     let f = pop(&mut stack)?;
-                    let (Value::Global(f), Value::Tuple(args)) = (&f, &args) else { bail!("REDUCE of {}", kind(&f)) };
-                    stack.push(call(f, args)?);
+                    let (Value::Global(g), Value::Tuple(a)) = (&f.v, &args.v) else {
+                        bail!("REDUCE of {}", kind(&f.v))
+                    };
+                    stack.push(Item { v: call(g, a)?, depth: args.depth });
                 }
                 0x81 => {
                     let _args = pop(&mut stack)?;
                     let cls = pop(&mut stack)?;
-                    let Value::Global(g) = &cls else { bail!("NEWOBJ of {}", kind(&cls)) };
+                    let Value::Global(g) = &cls.v else { bail!("NEWOBJ of {}", kind(&cls.v)) };
                     let Global::Class(name) = &**g else { bail!("NEWOBJ of {g:?}") };
-                    stack.push(Value::Object { class: name.clone(), state: Rc::new(Value::None) });
+                    stack
+                        .push(Item { v: Value::Object { class: name.clone(), state: Rc::new(Value::None) }, depth: 1 });
                 }
                 b'b' => {
                     let new_state = pop(&mut stack)?;
+                    let depth = deeper(std::slice::from_ref(&new_state))?;
                     match stack.last_mut() {
-                        Some(Value::Object { state, .. }) => *state = Rc::new(new_state),
+                        Some(Item { v: Value::Object { state, .. }, depth: d }) => {
+                            *state = Rc::new(new_state.v);
+                            *d = (*d).max(depth);
+                        }
                         // A module's state_dict is an OrderedDict whose instance attributes
                         // (torch's `_metadata` of module versions) follow its items; they are not
                         // tensors, so they are dropped.
-                        Some(Value::Dict(_)) => {}
-                        Some(other) => bail!("BUILD of {}", kind(other)),
+                        Some(Item { v: Value::Dict(_), .. }) => {}
+                        Some(other) => bail!("BUILD of {}", kind(&other.v)),
                         None => bail!("stack underflow"),
                     }
                 }
@@ -361,9 +421,10 @@ pub fn load(data: &[u8]) -> Result<Value> {
         })()
         .map_err(|e| anyhow!("{e} (pickle byte {at})"))?;
         if step {
-            return stack.pop().ok_or_else(|| anyhow!("empty pickle"));
+            return stack.pop().map(|i| i.v).ok_or_else(|| anyhow!("empty pickle"));
         }
     }
+    bail!("the pickle runs more than {MAX_OPS} opcodes; not a state_dict")
 }
 
 /// Everything a state_dict-like value holds, by dotted path: tensors and integer attributes
@@ -384,7 +445,9 @@ pub fn entries(v: &Value, budget: usize) -> Result<Entries> {
 }
 
 fn walk(v: &Value, path: &str, out: &mut Entries, left: &mut usize) -> Result<()> {
-    *left = left.checked_sub(1).ok_or_else(|| anyhow!("the pickle's object graph is too large"))?;
+    // A long path costs more: the paths of shared sub-objects are built anew at every visit.
+    let cost = 1 + path.len() / 16;
+    *left = left.checked_sub(cost).ok_or_else(|| anyhow!("the pickle's object graph is too large"))?;
     let join = |k: &str| if path.is_empty() { k.to_string() } else { format!("{path}.{k}") };
     match v {
         Value::Tensor(t) => out.tensors.push((path.to_string(), t.clone())),

@@ -13,6 +13,9 @@ use super::npz::entry;
 use super::pickle::{self, DType, TensorRef};
 use crate::checkpoint::Tensor;
 
+/// Largest data.pkl read.
+const MAX_PICKLE: u64 = 64 << 20;
+
 /// Tensors (as f32) and integer attributes of a torch file, by dotted path.
 #[derive(Debug, Default)]
 pub struct TorchFile {
@@ -86,12 +89,21 @@ pub fn load(path: &Path) -> Result<TorchFile> {
         .min()
         .ok_or_else(|| anyhow!("{}: no data.pkl in the archive; not a torch file", path.display()))?;
     let prefix = pkl.trim_end_matches("data.pkl").to_string();
+    // A state_dict's pickle is kilobytes (megabytes for huge models); a deflated one may not
+    // expand to whatever it likes.
+    if zip.by_name(&pkl).is_ok_and(|f| f.size() > MAX_PICKLE) {
+        bail!("{}: {pkl} declares more than {} MiB; not a state_dict", path.display(), MAX_PICKLE >> 20);
+    }
     let data =
         entry(&mut zip, &pkl, file_len, path)?.ok_or_else(|| anyhow!("{}: cannot read {pkl}", path.display()))?;
     let value = pickle::load(&data).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     let found = pickle::entries(&value, 1 << 20).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     let mut storages: HashMap<String, Vec<f32>> = HashMap::new();
     let mut out = TorchFile::default();
+    // What the tensors copy out of their storages, against what the storages hold: a state_dict's
+    // tensors each view their own storage (tied weights: a few share one), so many views of one
+    // large storage are an attack on memory, not a model.
+    let (mut viewed, mut stored) = (0u64, 0u64);
     for (name, t) in found.tensors {
         let s = &t.storage;
         if !storages.contains_key(&s.key) {
@@ -107,7 +119,16 @@ pub fn load(path: &Path) -> Result<TorchFile> {
                     raw.len()
                 );
             }
+            stored += s.numel;
             storages.insert(s.key.clone(), convert(&raw, s.dtype));
+        }
+        viewed = viewed.saturating_add(t.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).unwrap_or(u64::MAX));
+        if viewed > 2 * stored + (1 << 20) {
+            bail!(
+                "{}: its tensors view {viewed} elements of storages holding {stored} (tensor '{name}'); a state_dict's \
+                 tensors do not overlap like that",
+                path.display()
+            );
         }
         let tensor = gather(&t, &storages[&s.key]).map_err(|e| anyhow!("{}: tensor '{name}': {e}", path.display()))?;
         out.tensors.insert(name, tensor);

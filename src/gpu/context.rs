@@ -10,12 +10,45 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
-/// Features we use when the adapter has them; none is required.
+/// Features we use when the adapter has them; none is required. The cooperative-matrix feature
+/// is requested only together with the rest of [`COOP_FEATURES`], where the adapter also lists a
+/// configuration our kernels use (see [`AdapterSummary::coop_sizes`]) and SDDPM_KERNELS allows it.
 pub const WANTED_FEATURES: wgpu::Features = wgpu::Features::TIMESTAMP_QUERY
     .union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS)
     .union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES)
     .union(wgpu::Features::SHADER_F16)
-    .union(wgpu::Features::SUBGROUP);
+    .union(wgpu::Features::SUBGROUP)
+    .union(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
+
+/// What the cooperative-matrix (tensor-core) kernels need: the matrices, f16 fragments, and
+/// subgroups (each subgroup of a workgroup owns some of its tile's fragments).
+pub const COOP_FEATURES: wgpu::Features =
+    wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX.union(wgpu::Features::SHADER_F16).union(wgpu::Features::SUBGROUP);
+
+/// Which kernels may serve where a pass offers a cooperative-matrix variant (SDDPM_KERNELS).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KernelPolicy {
+    /// The tuner chooses among all candidates, cooperative-matrix ones included.
+    #[default]
+    Auto,
+    /// Every pass that has a cooperative-matrix variant runs it (an error where the adapter has
+    /// none); a variant that fails its self-check still falls back, with a notice.
+    Coop,
+    /// No cooperative-matrix kernel runs, and the device is opened without the feature.
+    F32,
+}
+
+impl KernelPolicy {
+    /// SDDPM_KERNELS: unset or empty means auto.
+    pub fn from_env() -> Result<KernelPolicy> {
+        match std::env::var("SDDPM_KERNELS").as_deref() {
+            Err(_) | Ok("") | Ok("auto") => Ok(KernelPolicy::Auto),
+            Ok("coop") => Ok(KernelPolicy::Coop),
+            Ok("f32") => Ok(KernelPolicy::F32),
+            Ok(other) => bail!("SDDPM_KERNELS is '{other}'; set it to auto, coop or f32 (or unset it)"),
+        }
+    }
+}
 
 /// What a user or test needs to know about one adapter.
 #[derive(Debug, Clone)]
@@ -28,6 +61,8 @@ pub struct AdapterSummary {
     pub features: wgpu::Features,
     pub limits: wgpu::Limits,
     pub subgroup_sizes: (u32, u32),
+    /// The cooperative-matrix configurations the adapter lists (empty without the feature).
+    pub coop_matrices: Vec<wgpu::CooperativeMatrixProperties>,
 }
 
 impl AdapterSummary {
@@ -42,7 +77,52 @@ impl AdapterSummary {
             features: adapter.features(),
             limits: adapter.limits(),
             subgroup_sizes: (info.subgroup_min_size, info.subgroup_max_size),
+            coop_matrices: if adapter.features().contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+                adapter.cooperative_matrix_properties()
+            } else {
+                Vec::new()
+            },
         }
+    }
+
+    /// Fragment sides F of the square F x F x F configurations with f16 inputs and f32
+    /// accumulation that the adapter lists, ascending: the shapes our cooperative-matrix kernels
+    /// are instantiated for (8: lavapipe 26, Apple; 16: NVIDIA and AMD through Vulkan). Empty
+    /// unless the adapter also has the rest of [`COOP_FEATURES`].
+    pub fn coop_sizes(&self) -> Vec<u32> {
+        use wgpu::CooperativeScalarType as T;
+        if !self.features.contains(COOP_FEATURES) {
+            return Vec::new();
+        }
+        let mut sizes: Vec<u32> = self
+            .coop_matrices
+            .iter()
+            .filter(|c| c.m_size == c.n_size && c.n_size == c.k_size && c.ab_type == T::F16 && c.cr_type == T::F32)
+            .map(|c| c.m_size)
+            .collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        sizes
+    }
+
+    /// One line per listed cooperative-matrix configuration, e.g. "8x8x8 f16 x f16 -> f32".
+    pub fn coop_descriptions(&self) -> Vec<String> {
+        self.coop_matrices
+            .iter()
+            .map(|c| {
+                let t = |t: wgpu::CooperativeScalarType| format!("{t:?}").to_lowercase();
+                format!(
+                    "{}x{}x{} {} x {} -> {}{}",
+                    c.m_size,
+                    c.n_size,
+                    c.k_size,
+                    t(c.ab_type),
+                    t(c.ab_type),
+                    t(c.cr_type),
+                    if c.saturating_accumulation { " (saturating)" } else { "" }
+                )
+            })
+            .collect()
     }
 
     /// Short names of the wanted features this adapter has.
@@ -53,6 +133,7 @@ impl AdapterSummary {
             (wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES, "timestamps-in-passes"),
             (wgpu::Features::SHADER_F16, "f16"),
             (wgpu::Features::SUBGROUP, "subgroups"),
+            (wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX, "cooperative-matrix"),
         ] {
             if self.features.contains(flag) {
                 out.push(name);
@@ -169,10 +250,15 @@ pub struct Tuning {
     pub enabled: bool,
     /// Where the tuning cache lives; None: $SDDPM_CACHE_DIR, else the platform cache folder.
     pub cache_dir: Option<std::path::PathBuf>,
+    /// Which kernels may serve where cooperative-matrix variants exist (SDDPM_KERNELS).
+    pub kernels: KernelPolicy,
     /// Variants to use whatever the cache or timing says, by tuning key (a resumed run's record).
     pub pinned: std::collections::BTreeMap<String, String>,
     /// Every variant chosen on this device so far, by tuning key (what a run records).
     pub chosen: std::collections::BTreeMap<String, String>,
+    /// Self-check verdicts (passed or not) of the variants that have one, by check key: each is
+    /// announced once per context (crate::tune).
+    pub checks: std::collections::BTreeMap<String, bool>,
 }
 
 impl Tuning {
@@ -183,9 +269,10 @@ impl Tuning {
     }
 }
 
-/// Pipeline cache key: shader, entry point, the override constants' values and whether workgroup
-/// memory is zero-initialised.
-type PipelineKey = (&'static str, &'static str, String, bool);
+/// Pipeline cache key: shader (name and source: one file may be built into several modules, e.g.
+/// per cooperative-matrix shape), entry point, the override constants' values and whether
+/// workgroup memory is zero-initialised.
+type PipelineKey = (&'static str, usize, &'static str, String, bool);
 
 /// A device, its queue, and the bookkeeping every other module needs.
 pub struct Context {
@@ -196,6 +283,9 @@ pub struct Context {
     pub features: wgpu::Features,
     /// Limits actually granted (the adapter's own, not wgpu's conservative defaults).
     pub limits: wgpu::Limits,
+    /// Fragment sides of the cooperative-matrix kernels this device can run (see
+    /// [`AdapterSummary::coop_sizes`]); empty where the feature is not enabled.
+    pub coop_sizes: Vec<u32>,
     pub counters: Counters,
     /// Kernel variant policy and record (see [`Tuning`]).
     pub tuning: Mutex<Tuning>,
@@ -220,6 +310,12 @@ impl Context {
     /// As [`Context::new`], but never enabling the features in `without` (e.g. timestamps, to
     /// exercise the host-timer fallback of the profiler).
     pub fn with_features(adapter_name: Option<&str>, without: wgpu::Features) -> Result<Context> {
+        Self::open(adapter_name, without, KernelPolicy::from_env()?)
+    }
+
+    /// As [`Context::with_features`], with the cooperative-matrix policy `kernels` instead of
+    /// SDDPM_KERNELS's.
+    pub fn open(adapter_name: Option<&str>, without: wgpu::Features, kernels: KernelPolicy) -> Result<Context> {
         let env_name = std::env::var("SDDPM_ADAPTER").ok();
         let name = adapter_name.or(env_name.as_deref()).filter(|s| !s.is_empty());
         let inst = instance();
@@ -227,13 +323,35 @@ impl Context {
         let list: Vec<AdapterSummary> = adapters.iter().map(AdapterSummary::of).collect();
         let idx = choose_adapter(&list, name)?;
         let adapter = &adapters[idx];
-        let features = WANTED_FEATURES & adapter.features() & !without;
+        let mut features = WANTED_FEATURES & adapter.features() & !without;
+        let coop_sizes = list[idx].coop_sizes();
+        let coop = kernels != KernelPolicy::F32 && !coop_sizes.is_empty() && !without.intersects(COOP_FEATURES);
+        if kernels == KernelPolicy::Coop && !coop {
+            let listed = list[idx].coop_descriptions();
+            bail!(
+                "SDDPM_KERNELS=coop, but adapter '{}' has no cooperative matrices with f16 inputs and f32 accumulation \
+                 (it lists {}); set SDDPM_KERNELS=auto or f32",
+                list[idx].name,
+                if listed.is_empty() { "none".to_string() } else { listed.join(", ") }
+            );
+        }
+        if !coop {
+            features.remove(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
+        }
         let limits = adapter.limits();
+        // SAFETY: experimental features may be unsound in wgpu (its documentation's warning);
+        // the only experimental one we request is cooperative matrices, used only by kernels
+        // that pass a self-check against the f32 path on this adapter first (crate::tune).
+        let experimental_features = if coop {
+            unsafe { wgpu::ExperimentalFeatures::enabled() }
+        } else {
+            wgpu::ExperimentalFeatures::disabled()
+        };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("sddpm-gpu"),
             required_features: features,
             required_limits: limits.clone(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            experimental_features,
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
@@ -256,8 +374,9 @@ impl Context {
             adapter: list[idx].clone(),
             features,
             limits,
+            coop_sizes: if coop { coop_sizes } else { Vec::new() },
             counters: Counters::default(),
-            tuning: Mutex::new(Tuning::from_env()),
+            tuning: Mutex::new(Tuning { kernels, ..Tuning::from_env() }),
             shader_checks: shader_checks_from_env(),
             errors,
             lost,
@@ -369,7 +488,8 @@ impl Context {
         constants: &[(&'static str, f64)],
         zero_init_workgroup_memory: bool,
     ) -> Result<Arc<wgpu::ComputePipeline>> {
-        let key = (shader.name, entry, format!("{constants:?}"), zero_init_workgroup_memory);
+        let key =
+            (shader.name, shader.source.as_ptr() as usize, entry, format!("{constants:?}"), zero_init_workgroup_memory);
         if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
             return Ok(p.clone());
         }

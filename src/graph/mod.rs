@@ -170,6 +170,35 @@ pub struct Variant {
     pub needs: Needs,
 }
 
+/// A check that a variant computes what the family's default does on this adapter, on a small
+/// problem of the family's choosing (see [`Needs::check`]).
+#[derive(Debug, Clone, Copy)]
+pub struct SelfCheck(pub fn(&crate::gpu::Context, &Variant) -> Result<CheckOutcome>);
+
+impl PartialEq for SelfCheck {
+    fn eq(&self, other: &Self) -> bool {
+        // Variants compare equal when they would run the same check; an address is all a
+        // function pointer offers to compare.
+        std::ptr::fn_addr_eq(self.0, other.0)
+    }
+}
+
+impl Eq for SelfCheck {}
+
+/// What a [`SelfCheck`] measured: the variant passes if `error` is finite and at most `limit`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CheckOutcome {
+    /// Relative L2 error against the family's default kernel.
+    pub error: f64,
+    pub limit: f64,
+}
+
+impl CheckOutcome {
+    pub fn passed(&self) -> bool {
+        self.error <= self.limit
+    }
+}
+
 /// Device capabilities a [`Variant`] needs beyond WebGPU's guaranteed minimum.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Needs {
@@ -178,14 +207,37 @@ pub struct Needs {
     pub workgroup_bytes: u32,
     /// Invocations per workgroup (the limit is `max_compute_invocations_per_workgroup`).
     pub invocations: u32,
+    /// Side F of the F x F x F f16 x f16 -> f32 cooperative-matrix configuration the variant
+    /// multiplies with (0: none). The adapter must list it (`Context::coop_sizes`): a driver
+    /// asked for a shape it does not list may run it and return garbage without an error.
+    pub coop: u32,
+    /// Subgroup widths (lowest, highest) the variant computes correctly for: the adapter's whole
+    /// reported range must lie inside (None: any). The cooperative-matrix kernels hand their
+    /// tile's fragments to subgroups in a fixed number of slots.
+    pub subgroups: Option<(u32, u32)>,
+    /// A check the variant must pass on an adapter before it may serve there (crate::tune runs
+    /// it once per adapter and kernel, caches the verdict with the tuning results, and drops a
+    /// variant that fails with a one-line notice). Cooperative-matrix variants have one: a
+    /// driver can accept a shape and compute zeros.
+    pub check: Option<SelfCheck>,
 }
 
 impl Needs {
-    /// Whether a device with `features` and `limits` can run the variant.
+    /// Whether a device with `features` and `limits` can run the variant (the cooperative-matrix
+    /// shape aside: see [`Needs::met_on`]).
     pub fn met_by(&self, features: wgpu::Features, limits: &wgpu::Limits) -> bool {
         features.contains(self.features)
             && self.workgroup_bytes <= limits.max_compute_workgroup_storage_size
             && self.invocations <= limits.max_compute_invocations_per_workgroup
+    }
+
+    /// Whether `ctx`'s device can run the variant: [`Needs::met_by`], its cooperative-matrix
+    /// shape, if any, among those the device has, and the adapter's subgroup widths.
+    pub fn met_on(&self, ctx: &crate::gpu::Context) -> bool {
+        let (lo, hi) = ctx.adapter.subgroup_sizes;
+        self.met_by(ctx.features, &ctx.limits)
+            && (self.coop == 0 || ctx.coop_sizes.contains(&self.coop))
+            && self.subgroups.is_none_or(|(min, max)| min <= lo && hi <= max)
     }
 }
 

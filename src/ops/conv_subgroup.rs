@@ -23,6 +23,11 @@ pub fn grad_weight_variant(cout: usize, cin: usize, parts: usize) -> Variant {
         // The subgroups' slots are written before the barrier and only those are read after it.
         writes_workgroup_memory_first: true,
         shader: Some(&SHADER),
-        needs: Needs { features: wgpu::Features::SUBGROUP, workgroup_bytes: 576 * 16, invocations: 64 },
+        needs: Needs {
+            features: wgpu::Features::SUBGROUP,
+            workgroup_bytes: 576 * 16,
+            invocations: 64,
+            ..Needs::default()
+        },
     }
 }

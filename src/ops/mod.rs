@@ -7,6 +7,7 @@ pub mod batchnorm;
 pub mod calibrate;
 pub mod conv;
 pub mod conv_subgroup;
+pub mod coop_matmul;
 pub mod dropout;
 pub mod elementwise;
 pub mod embedding;
@@ -30,13 +31,17 @@ pub(crate) fn pointwise_cost(outputs: usize, inputs: usize, flops_per: u64) -> C
 }
 
 /// Every shader the crate embeds, for validation and listings.
-pub fn all_shaders() -> [&'static crate::gpu::Shader; 19] {
+pub fn all_shaders() -> [&'static crate::gpu::Shader; 23] {
     [
         &attention::SHADER,
         &batchnorm::SHADER,
         &calibrate::SHADER,
         &conv::SHADER,
         &conv_subgroup::SHADER,
+        &coop_matmul::SHADERS[0],
+        &coop_matmul::SHADERS[1],
+        &coop_matmul::SHADERS[2],
+        &coop_matmul::SHADERS[3],
         &dropout::SHADER,
         &elementwise::SHADER,
         &embedding::SHADER,

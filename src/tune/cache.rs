@@ -32,6 +32,14 @@ pub struct Entry {
     pub timed_on: Option<String>,
 }
 
+/// The verdict of a variant's self-check on this adapter (crate::graph::Needs::check).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    pub passed: bool,
+    /// The measured error, or why the check could not run.
+    pub detail: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct File {
     format: String,
@@ -43,6 +51,9 @@ struct File {
     peak: Option<Peak>,
     #[serde(default)]
     shapes: BTreeMap<String, Entry>,
+    /// Self-check verdicts by check key.
+    #[serde(default)]
+    checks: BTreeMap<String, Verdict>,
 }
 
 /// The cache of one adapter, loaded (or started empty) and saved whole.
@@ -91,6 +102,7 @@ impl Cache {
             driver_info: a.driver_info.clone(),
             peak: None,
             shapes: BTreeMap::new(),
+            checks: BTreeMap::new(),
         };
         let Some(dir) = dir else {
             eprintln!("note: no cache folder on this platform; set SDDPM_CACHE_DIR to keep tuning results");
@@ -147,6 +159,16 @@ impl Cache {
         self.dirty = true;
     }
 
+    /// The cached self-check verdict of check key `key`.
+    pub fn check(&self, key: &str) -> Option<Verdict> {
+        self.file.checks.get(key).cloned()
+    }
+
+    pub fn insert_check(&mut self, key: String, verdict: Verdict) {
+        self.file.checks.insert(key, verdict);
+        self.dirty = true;
+    }
+
     pub fn peak(&self) -> Option<Peak> {
         self.file.peak
     }
@@ -164,7 +186,7 @@ impl Cache {
             return;
         }
         let json = serde_json::to_string_pretty(&self.file).expect("the cache serialises");
-        match crate::checkpoint::write_atomic(path, json.as_bytes()) {
+        match crate::fsutil::write_atomic(path, json.as_bytes()) {
             Ok(()) => self.dirty = false,
             Err(e) => eprintln!(
                 "note: cannot write tuning cache ({e:#}); set SDDPM_CACHE_DIR to a writable folder to keep tuning results"

@@ -16,8 +16,16 @@
 //!
 //! Selection runs on the graph, before memory planning, so a variant's grid and constants are
 //! fixed when the plan is built. Candidates whose [`crate::graph::Needs`] the device does not meet
-//! are dropped first, and a graph the adapter cannot hold at all (a tensor larger than a storage
-//! binding may be) is refused before anything is timed.
+//! are dropped first, then those whose self-check ([`crate::graph::Needs::check`]: the
+//! cooperative-matrix kernels') fails on this adapter: each check runs once per adapter and
+//! kernel (entry, variant, constants, module source), and its verdict is cached with the tuning
+//! results; a failure is one notice line and the node falls back to its other candidates. A graph
+//! the adapter cannot hold at all (a tensor larger than a storage binding may be) is refused
+//! before anything is checked or timed.
+//!
+//! SDDPM_KERNELS ([`KernelPolicy`]): `coop` puts every node that still has a cooperative-matrix
+//! candidate on it (after a pinned choice, before everything else), `f32` opens the device
+//! without the feature so that none is offered, `auto` lets the choice order below decide.
 
 mod cache;
 mod key;
@@ -28,11 +36,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
-pub use cache::{cache_dir, Cache, Entry, Timed};
+pub use cache::{cache_dir, Cache, Entry, Timed, Verdict};
 pub use key::{general_key, other_batch};
 pub use record::{adapter_id, pin_recorded, record_json, Record, METADATA_KEY};
 
-use crate::gpu::{Context, Tuning};
+use crate::gpu::{Context, KernelPolicy, Tuning};
 use crate::graph::{Graph, Node, Plan, Variant};
 use crate::progress::Progress;
 
@@ -52,6 +60,12 @@ pub struct Report {
     pub pinned: usize,
     /// Keys left at the default because tuning is off.
     pub defaults: usize,
+    /// Keys put on a cooperative-matrix variant by SDDPM_KERNELS=coop.
+    pub forced: usize,
+    /// Self-checks run on the adapter in this call (the others' verdicts came from the cache).
+    pub checks_run: usize,
+    /// One notice per variant disabled by a failed self-check.
+    pub rejected: Vec<String>,
 }
 
 /// A graph built for `batch` images, with the same graph built for `other_batch` (see
@@ -149,10 +163,29 @@ fn select_jobs(ctx: &Context, jobs: &mut [Job]) -> Result<Report> {
     // Candidates the device cannot run (a feature it lacks, more workgroup memory or invocations
     // than it allows) are not offered at all, so caches and records name only runnable kernels.
     for job in jobs.iter_mut() {
-        job.g.retain_candidates(|v| v.needs.met_by(ctx.features, &ctx.limits));
+        job.g.retain_candidates(|v| v.needs.met_on(ctx));
     }
     let policy: Tuning = ctx.tuning.lock().unwrap().clone();
     let mut cache: Option<Cache> = None;
+    // A checked variant may serve only if tuning may pick it, the policy forces it or a record
+    // pins it; otherwise every node runs its default and nothing needs checking.
+    if policy.enabled || policy.kernels == KernelPolicy::Coop || !policy.pinned.is_empty() {
+        for job in jobs.iter_mut() {
+            let failed = match run_self_checks(ctx, &job.g, &mut cache, &mut report) {
+                Ok(f) => f,
+                Err(e) => {
+                    // An interrupt: keep the verdicts reached so far.
+                    if let Some(c) = cache.as_mut() {
+                        c.save();
+                    }
+                    return Err(e);
+                }
+            };
+            if !failed.is_empty() {
+                job.g.retain_candidates(|v| v.needs.check.is_none() || !failed.iter().any(|k| k == &check_key_of(v)));
+            }
+        }
+    }
     let mut decided: BTreeMap<String, Decided> = BTreeMap::new();
     // (job, node, key): nodes whose key was decided here, in order; keys left to time.
     let mut assigned: Vec<(usize, usize, String)> = Vec::new();
@@ -189,6 +222,9 @@ fn select_jobs(ctx: &Context, jobs: &mut [Job]) -> Result<Report> {
                     );
                 }
                 Some(name.clone())
+            } else if let Some(i) = forced_coop(&policy, &job.g.variants[&node].candidates) {
+                report.forced += 1;
+                Some(names[i].clone())
             } else if let Some(name) = policy.chosen.get(&key).filter(|n| offered(n)) {
                 report.cached += 1;
                 Some(name.clone())
@@ -231,7 +267,16 @@ fn select_jobs(ctx: &Context, jobs: &mut [Job]) -> Result<Report> {
             &format!("tuning {n} kernel shapes {{bar:30}} {{pos}}/{{len}}, eta {{eta}}"),
         );
         for (j, node, key, exact) in to_time {
-            let timed = time_candidates(ctx, &jobs[j].g, node)?;
+            let timed = match time_candidates(ctx, &jobs[j].g, node) {
+                Ok(t) => t,
+                Err(e) => {
+                    // Keep what was tuned so far (an interrupt is not a reason to time those
+                    // shapes again).
+                    bar.abandon();
+                    cache.save();
+                    return Err(e);
+                }
+            };
             let best =
                 (0..timed.len()).min_by(|&a, &b| timed[a].us.total_cmp(&timed[b].us)).expect("at least one candidate");
             let choice = timed[best].variant.clone();
@@ -253,6 +298,17 @@ fn select_jobs(ctx: &Context, jobs: &mut [Job]) -> Result<Report> {
     } else if let Some(cache) = cache.as_mut() {
         cache.save();
     }
+    if report.checks_run > 0 {
+        eprintln!(
+            "note: checked {} cooperative-matrix kernel(s) against the f32 path on {}{}",
+            report.checks_run,
+            ctx.adapter.name,
+            cache
+                .as_ref()
+                .and_then(|c| c.path())
+                .map_or_else(String::new, |p| format!("; verdicts cached in {}", p.display()))
+        );
+    }
     let mut tuning = ctx.tuning.lock().unwrap();
     for (j, node, key) in assigned {
         let d = &decided[&key];
@@ -263,12 +319,102 @@ fn select_jobs(ctx: &Context, jobs: &mut [Job]) -> Result<Report> {
     Ok(report)
 }
 
+/// Under SDDPM_KERNELS=coop, the cooperative-matrix candidate to force (the largest fragment).
+fn forced_coop(policy: &Tuning, candidates: &[Variant]) -> Option<usize> {
+    if policy.kernels != KernelPolicy::Coop {
+        return None;
+    }
+    (0..candidates.len()).filter(|&i| candidates[i].needs.coop != 0).max_by_key(|&i| candidates[i].needs.coop)
+}
+
+/// What a self-check verdict is valid for: module, entry, variant and constants, and the module's
+/// source (a changed kernel is checked again).
+fn check_key_of(v: &Variant) -> String {
+    let shader = v.shader.expect("a checked variant names its module");
+    // FNV-1a: stable across builds and platforms, unlike std's hasher.
+    let hash = shader.source.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    format!("{}::{} {} {:?} source {hash:016x}", shader.name, v.entry, v.name, v.constants)
+}
+
+/// Run (or recall) the self-check of every distinct checked candidate of `g`; returns the keys of
+/// those that failed, each announced once per context with one notice line.
+fn run_self_checks(ctx: &Context, g: &Graph, cache: &mut Option<Cache>, report: &mut Report) -> Result<Vec<String>> {
+    let mut seen: BTreeMap<String, &Variant> = BTreeMap::new();
+    for t in g.variants.values() {
+        for v in t.candidates.iter().filter(|v| v.needs.check.is_some()) {
+            seen.entry(check_key_of(v)).or_insert(v);
+        }
+    }
+    let mut failed = Vec::new();
+    for (key, v) in seen {
+        let known = ctx.tuning.lock().unwrap().checks.get(&key).copied();
+        let passed = match known {
+            Some(passed) => passed,
+            None => {
+                let cache = cache.get_or_insert_with(|| Cache::open(ctx));
+                let verdict = match cache.check(&key) {
+                    Some(verdict) => verdict,
+                    None => {
+                        // Like tuning, checking stops at an interrupt (crate::signal).
+                        crate::signal::check()?;
+                        report.checks_run += 1;
+                        let check = v.needs.check.expect("filtered on a check");
+                        match (check.0)(ctx, v) {
+                            Ok(o) => {
+                                let verdict = Verdict {
+                                    passed: o.passed(),
+                                    detail: if o.passed() {
+                                        format!("relative error {:.1e}", o.error)
+                                    } else {
+                                        format!("relative error {:.1e} > {:.0e}", o.error, o.limit)
+                                    },
+                                };
+                                cache.insert_check(key.clone(), verdict.clone());
+                                verdict
+                            }
+                            // A check that could not run (the driver rejected the module, memory
+                            // ran out) disables the variant in this context but is not cached.
+                            Err(e) => {
+                                let why = format!("{e:#}").split_whitespace().collect::<Vec<_>>().join(" ");
+                                Verdict { passed: false, detail: format!("the check failed to run: {why}") }
+                            }
+                        }
+                    }
+                };
+                if !verdict.passed {
+                    let constants: Vec<String> = v.constants.iter().map(|(c, x)| format!("{c}={x}")).collect();
+                    let notice = format!(
+                        "note: cooperative-matrix kernel {}::{} {} ({}) disagrees with the f32 path on {} ({}); \
+                         not used, the f32 kernels run instead",
+                        v.shader.map_or("?", |s| s.name),
+                        v.entry,
+                        v.name,
+                        constants.join(" "),
+                        ctx.adapter.name,
+                        verdict.detail
+                    );
+                    eprintln!("{notice}");
+                    report.rejected.push(notice);
+                }
+                ctx.tuning.lock().unwrap().checks.insert(key.clone(), verdict.passed);
+                verdict.passed
+            }
+        };
+        if !passed {
+            failed.push(key);
+        }
+    }
+    Ok(failed)
+}
+
 /// Time every candidate of `node` alone, on zero-filled copies of the tensors it binds.
 fn time_candidates(ctx: &Context, g: &Graph, node: usize) -> Result<Vec<Timed>> {
     let n = &g.nodes[node];
     let started = Instant::now();
     let mut out = Vec::new();
     for v in &g.variants[&node].candidates {
+        // Tuning can take minutes on a slow adapter: an interrupt stops it here (crate::signal).
+        crate::signal::check()?;
         let mut mini = Graph::new();
         let mut bind = |ts: &[crate::graph::TensorId]| -> Vec<crate::graph::TensorId> {
             ts.iter().map(|&t| mini.input(&g.info(t).name, g.shape(t))).collect()

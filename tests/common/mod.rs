@@ -97,7 +97,16 @@ pub fn run_graph(mut g: Graph, inputs: &[(TensorId, Vec<u32>)], outputs: &[Tenso
 // ---- command-line helpers ---------------------------------------------------------------------
 
 pub fn bin() -> std::process::Command {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sddpm-gpu"));
+    // Under tools/lavapipe26-run (the cooperative-matrix tests) the binary runs through it too:
+    // only the test binary itself was started with sid's loader and driver.
+    let mut cmd = match std::env::var_os("SDDPM_LAVAPIPE26_RUN") {
+        Some(runner) => {
+            let mut c = std::process::Command::new(runner);
+            c.arg(env!("CARGO_BIN_EXE_sddpm-gpu"));
+            c
+        }
+        None => std::process::Command::new(env!("CARGO_BIN_EXE_sddpm-gpu")),
+    };
     // Tuning results go to one cache under target/ that every CLI test shares (the suite tunes
     // each shape once, and leaves nothing in the user's cache or in /tmp).
     cmd.env("SDDPM_CACHE_DIR", std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("tune-cache"));
@@ -123,6 +132,21 @@ thread_local! {
 /// A path in this test's own temporary folder, removed when the test ends.
 pub fn tmp(name: &str) -> std::path::PathBuf {
     TEST_DIR.with(|d| d.path().join(name))
+}
+
+/// A path in a folder this test binary's tests share (something made once, e.g. a trained run
+/// several tests copy): `target/tmp/shared-<test binary>/`, emptied when the binary first asks
+/// for it, so each binary keeps one copy under target/ and nothing piles up in /tmp.
+pub fn shared_tmp(name: &str) -> std::path::PathBuf {
+    static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir =
+            std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("shared-{}", env!("CARGO_CRATE_NAME")));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    })
+    .join(name)
 }
 
 pub fn run(args: &[&str]) -> std::process::Output {
