@@ -61,13 +61,8 @@ impl TensorFile {
     /// Read a safetensors file; any problem is one error line naming the file.
     pub fn load(path: &Path) -> Result<TensorFile> {
         let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| {
-            anyhow!(
-                "{}: not a valid safetensors file ({e}); is it truncated, or a PyTorch .pt file \
-                 (convert it with tools/convert_checkpoint.py)?",
-                path.display()
-            )
-        })?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| anyhow!("{}: not a valid safetensors file ({e}); is it truncated?", path.display()))?;
         let (_, meta) =
             SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: bad header: {e}", path.display()))?;
         let metadata = meta.metadata().clone().unwrap_or_default();

@@ -91,7 +91,9 @@ impl SpikeCounter {
             }
             layers.push((name.clone(), *s, sums, g.info(*s).numel()));
         }
-        let plan = crate::tune::compile(ctx, &g)?;
+        let (other, other_batch) = crate::model::eval_graph_other(&cfg.clone().into(), batch, size, v_th)?;
+        let plan =
+            crate::tune::compile_batched(ctx, crate::tune::Batched { graph: &g, batch, other: &other, other_batch })?;
         unet.upload(ctx, &plan, ckpt)?;
         Ok(SpikeCounter { cfg: cfg.clone(), size, batch, v_th, plan, x, t, layers })
     }

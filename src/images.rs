@@ -62,8 +62,27 @@ fn png_bytes(pixels: &[u8], width: usize, height: usize, channels: usize) -> Res
     Ok(out)
 }
 
+/// Encode interleaved u8 pixels as JPEG (quality 95) bytes.
+fn jpeg_bytes(pixels: &[u8], width: usize, height: usize, channels: usize) -> Result<Vec<u8>> {
+    let color = match channels {
+        1 => ExtendedColorType::L8,
+        3 => ExtendedColorType::Rgb8,
+        c => bail!("cannot write a {c}-channel image as JPEG (1 or 3 channels)"),
+    };
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 95)
+        .write_image(pixels, width as u32, height as u32, color)
+        .context("encoding JPEG")?;
+    Ok(out)
+}
+
+/// Whether `path` names a JPEG file (.jpg, .jpeg); everything else is written as PNG.
+fn is_jpeg(path: &Path) -> bool {
+    path.extension().is_some_and(|e| matches!(e.to_string_lossy().to_lowercase().as_str(), "jpg" | "jpeg"))
+}
+
 /// Images [n, C, H, W] in [-1, 1] as a grid (`cols` wide, 2 px black padding, like
-/// torchvision.utils.make_grid) written to `path`.
+/// torchvision.utils.make_grid) written to `path`: JPEG for a .jpg/.jpeg name, else PNG.
 pub fn save_grid(path: &Path, images: &[f32], [n, c, h, w]: [usize; 4], cols: usize) -> Result<()> {
     let cols = cols.clamp(1, n.max(1));
     let rows = n.div_ceil(cols);
@@ -81,7 +100,8 @@ pub fn save_grid(path: &Path, images: &[f32], [n, c, h, w]: [usize; 4], cols: us
             }
         }
     }
-    write_atomic(path, &png_bytes(&pixels, gw, gh, c)?)
+    let bytes = if is_jpeg(path) { jpeg_bytes(&pixels, gw, gh, c)? } else { png_bytes(&pixels, gw, gh, c)? };
+    write_atomic(path, &bytes)
 }
 
 /// One PNG per image into `dir`, named by global index (000000.png, ...), for FID tools.

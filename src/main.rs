@@ -6,14 +6,15 @@ use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
 
 use sddpm_gpu::checkpoint::{self, Checkpoint, Data, TensorFile};
 use sddpm_gpu::diffusion::{plan_steps, Sampler, SamplerKind, Schedule, TrainOptions, Trainer};
 use sddpm_gpu::gpu::{self, Context};
 use sddpm_gpu::images;
 use sddpm_gpu::model::{EvalNet, Net, NeuronKind};
+use sddpm_gpu::progress::Progress;
 use sddpm_gpu::run::{self, RunConfig};
+use sddpm_gpu::weights::{self, Which};
 
 #[derive(Parser)]
 #[command(name = "sddpm-gpu", version, about = "Spiking DDPMs on any GPU wgpu reaches (Vulkan, Metal, DX12)")]
@@ -42,15 +43,19 @@ enum Command {
     /// One network evaluation, for parity checks against PyTorch: IN holds `x` [B,C,H,W] f32 and
     /// `t` [B] int64/int32; OUT gets `eps` [B,C,H,W] f32.
     Forward {
-        /// Model weights (safetensors; official state_dict names).
+        /// Model weights: a safetensors checkpoint (official state_dict names) or an official
+        /// SDDPM / pytorch-ddpm PyTorch checkpoint (.pt).
         #[arg(long)]
         checkpoint: PathBuf,
+        /// ema or raw [default: ema when the checkpoint has EMA weights].
+        #[arg(long, value_enum)]
+        weights: Option<WeightsArg>,
         #[arg(long)]
         input: PathBuf,
         #[arg(long)]
         output: PathBuf,
         /// Firing threshold of every spiking neuron (threshold-guided sampling; trained at 1.0).
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
         threshold: f32,
         /// Spiking time steps T (default: the checkpoint's, else 4).
         #[arg(long)]
@@ -72,6 +77,7 @@ enum Command {
     /// writes the updated checkpoint (weights, BN statistics, Adam state) and prints one JSON
     /// line with `loss` and `grad_norm` (before clipping).
     TrainStep {
+        /// Training state (safetensors), or the trained weights of a PyTorch checkpoint (.pt).
         #[arg(long)]
         checkpoint: PathBuf,
         #[arg(long)]
@@ -80,16 +86,62 @@ enum Command {
         output: PathBuf,
         #[arg(long)]
         snn_steps: Option<usize>,
-        #[arg(long, default_value_t = 2e-4)]
+        #[arg(long, default_value_t = 2e-4, allow_negative_numbers = true)]
         lr: f32,
     },
+    /// Convert a checkpoint (an official SDDPM or pytorch-ddpm .pt, or ours) into a safetensors
+    /// checkpoint with its config in the metadata; no Python needed.
+    Convert(ConvertArgs),
+}
+
+/// Which weights of a checkpoint a command evaluates.
+#[derive(Clone, Copy, ValueEnum)]
+enum WeightsArg {
+    /// The exponential moving average (`ema.*` of `train --ema`; pytorch-ddpm's `ema_model`).
+    Ema,
+    /// The trained weights themselves (`net_model` of a PyTorch checkpoint).
+    Raw,
+}
+
+impl WeightsArg {
+    fn which(w: Option<WeightsArg>) -> Option<Which> {
+        w.map(|w| match w {
+            WeightsArg::Ema => Which::Ema,
+            WeightsArg::Raw => Which::Raw,
+        })
+    }
+}
+
+#[derive(clap::Args)]
+struct ConvertArgs {
+    /// The checkpoint to read: an official SDDPM or pytorch-ddpm training checkpoint (.pt; its
+    /// `net_model` or `ema_model`), a bare state_dict, or a safetensors checkpoint.
+    input: PathBuf,
+    /// The safetensors file to write.
+    output: PathBuf,
+    /// ema or raw [default: ema when the checkpoint has EMA weights].
+    #[arg(long, value_enum)]
+    weights: Option<WeightsArg>,
+    /// Spiking time steps T of the model (not in the weights; SDDPM's CIFAR-10 model uses 4).
+    #[arg(long)]
+    snn_steps: Option<usize>,
+    /// Image side the model samples at (stored in the config; default 32).
+    #[arg(long)]
+    size: Option<usize>,
+    /// pytorch-ddpm models only: dropout stored for further training (not in the weights;
+    /// pytorch-ddpm's CIFAR-10 model uses 0.1) [default: 0.1].
+    #[arg(long)]
+    dropout: Option<f32>,
 }
 
 #[derive(clap::Args)]
 struct ProfileArgs {
-    /// Model weights (safetensors); or use --preset for untrained weights.
+    /// Model weights (safetensors or an official .pt); or use --preset for untrained weights.
     #[arg(long, conflicts_with_all = ["preset", "model"])]
     checkpoint: Option<PathBuf>,
+    /// With --checkpoint: ema or raw [default: ema when the checkpoint has EMA weights].
+    #[arg(long, value_enum, requires = "checkpoint")]
+    weights: Option<WeightsArg>,
     /// Preset with untrained weights: cifar10, celeba64, mnist, fashion, small, tiny (default tiny;
     /// with --model ddpm: cifar10, pytorch-ddpm-cifar10, mnist, small, tiny).
     #[arg(long)]
@@ -151,11 +203,14 @@ struct FidArgs {
 }
 
 #[derive(clap::Args)]
-#[command(group(clap::ArgGroup::new("weights").required(true).args(["checkpoint", "preset"])))]
+#[command(group(clap::ArgGroup::new("model_source").required(true).args(["checkpoint", "preset"])))]
 struct EnergyArgs {
-    /// Model weights (safetensors).
+    /// Model weights (safetensors or an official .pt).
     #[arg(long, conflicts_with = "model")]
     checkpoint: Option<PathBuf>,
+    /// With --checkpoint: ema or raw [default: ema when the checkpoint has EMA weights].
+    #[arg(long, value_enum, requires = "checkpoint")]
+    weights: Option<WeightsArg>,
     /// Untrained weights of a preset instead of a checkpoint (firing rates of untrained weights;
     /// for --model ddpm the estimate needs no weights at all).
     #[arg(long)]
@@ -173,7 +228,7 @@ struct EnergyArgs {
     #[arg(long, default_value_t = 4)]
     n: usize,
     /// Firing threshold of every neuron (threshold guidance).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     threshold: f32,
     #[arg(long)]
     snn_steps: Option<usize>,
@@ -200,19 +255,19 @@ struct TrainArgs {
     #[arg(long)]
     data: Option<PathBuf>,
     /// Total optimizer steps of the run [default: 300; with --resume: the run's own].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     steps: Option<u64>,
     /// Images per step (default: 8 for tiny/small, 32 for the paper's nets as the reference).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     batch: Option<usize>,
     /// Adam learning rate (the reference: 2e-4).
-    #[arg(long, default_value_t = 2e-4)]
+    #[arg(long, default_value_t = 2e-4, allow_negative_numbers = true)]
     lr: f32,
     /// Linear learning-rate warmup steps (the reference: none).
     #[arg(long, default_value_t = 0)]
     warmup: u64,
     /// Keep an EMA of the weights with this decay, e.g. 0.9999 (the reference: off).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     ema: Option<f32>,
     /// Spiking time steps T (default 4).
     #[arg(long)]
@@ -227,9 +282,9 @@ struct TrainArgs {
     /// Spiking neuron: if (the reference) or lif (leaky, time constant --tau).
     #[arg(long, value_enum, default_value = "if")]
     neuron: NeuronArg,
-    /// LIF membrane time constant (with --neuron lif).
-    #[arg(long, default_value_t = 2.0, requires = "neuron")]
-    tau: f32,
+    /// LIF membrane time constant, at least 1 (with --neuron lif) [default: 2].
+    #[arg(long, allow_negative_numbers = true)]
+    tau: Option<f32>,
     /// Image side in pixels (default: the preset's).
     #[arg(long)]
     size: Option<usize>,
@@ -291,11 +346,15 @@ enum SamplerArg {
 }
 
 #[derive(clap::Args)]
-#[command(group(clap::ArgGroup::new("weights").required(true).args(["checkpoint", "preset"])))]
+#[command(group(clap::ArgGroup::new("model_source").required(true).args(["checkpoint", "preset"])))]
 struct SampleArgs {
-    /// Model weights (safetensors).
+    /// Model weights: a safetensors checkpoint or an official SDDPM / pytorch-ddpm .pt.
     #[arg(long)]
     checkpoint: Option<PathBuf>,
+    /// With --checkpoint: ema or raw [default: ema when the checkpoint has EMA weights, as
+    /// pytorch-ddpm samples].
+    #[arg(long, value_enum, requires = "checkpoint")]
+    weights: Option<WeightsArg>,
     /// Untrained weights of a preset instead of a checkpoint (for timing; images are noise):
     /// cifar10, celeba64, mnist, fashion, small, tiny.
     #[arg(long)]
@@ -304,10 +363,10 @@ struct SampleArgs {
     #[arg(long, conflicts_with = "checkpoint")]
     model: Option<String>,
     /// Number of images.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true)]
     n: usize,
     /// Images per GPU batch (default: min(n, 16)).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     batch: Option<usize>,
     #[arg(long, value_enum, default_value = "ddpm")]
     sampler: SamplerArg,
@@ -315,7 +374,7 @@ struct SampleArgs {
     #[arg(long)]
     steps: Option<usize>,
     /// Firing threshold of every neuron (threshold guidance; the paper's best is 0.997).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     threshold: f32,
     /// Noise seed: the same seed on the same adapter gives identical files.
     #[arg(long, default_value_t = 0)]
@@ -326,7 +385,8 @@ struct SampleArgs {
     /// Image side in pixels (default: the checkpoint's config, else 32).
     #[arg(long)]
     size: Option<usize>,
-    /// Write a PNG grid of all images here (default samples.png unless --out-dir is given).
+    /// Write a grid of all images here, PNG or JPEG by the name's extension (default
+    /// samples.png unless --out-dir is given); the folder must exist.
     #[arg(long)]
     out: Option<PathBuf>,
     /// Also write one PNG per image into this folder (for FID tools).
@@ -344,6 +404,11 @@ struct SampleArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // WGPU_BACKEND decides which adapters exist at all: a misspelt one is named at once.
+    if let Err(e) = gpu::check_backend_env() {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     if cli.no_tune {
         // Every context reads this (gpu::Tuning::from_env); set before any thread starts.
         std::env::set_var("SDDPM_NO_TUNE", "1");
@@ -357,9 +422,15 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Devices { bench } => devices(cli.adapter.as_deref(), bench),
-        Command::Forward { checkpoint, input, output, threshold, snn_steps } => {
-            forward(cli.adapter.as_deref(), &checkpoint, &input, &output, threshold, snn_steps)
-        }
+        Command::Forward { checkpoint, weights, input, output, threshold, snn_steps } => forward(
+            cli.adapter.as_deref(),
+            &checkpoint,
+            WeightsArg::which(weights),
+            &input,
+            &output,
+            threshold,
+            snn_steps,
+        ),
         Command::Sample(args) => sample(cli.adapter.as_deref(), &args),
         Command::Train(args) => train(cli.adapter.as_deref(), &args),
         Command::Profile(args) => profile(cli.adapter.as_deref(), &args),
@@ -368,6 +439,7 @@ fn main() -> ExitCode {
         Command::TrainStep { checkpoint, input, output, snn_steps, lr } => {
             train_step(cli.adapter.as_deref(), &checkpoint, &input, &output, snn_steps, lr)
         }
+        Command::Convert(args) => convert(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -456,14 +528,14 @@ fn devices(adapter: Option<&str>, bench: bool) -> Result<()> {
 fn forward(
     adapter: Option<&str>,
     ckpt_path: &std::path::Path,
+    which: Option<Which>,
     input: &std::path::Path,
     output: &std::path::Path,
     threshold: f32,
     snn_steps: Option<usize>,
 ) -> Result<()> {
     check_threshold_value(threshold)?;
-    let ckpt = Checkpoint::load(ckpt_path)?;
-    let cfg = ckpt.net(snn_steps)?;
+    let (ckpt, cfg) = weights::open(ckpt_path, which, snn_steps)?;
     check_threshold(&cfg, threshold)?;
     let inp = TensorFile::load(input)?;
     let x = inp.get_images("x", cfg.img_ch())?;
@@ -477,9 +549,7 @@ fn forward(
 }
 
 fn sample(adapter: Option<&str>, a: &SampleArgs) -> Result<()> {
-    if a.n == 0 {
-        bail!("--n must be at least 1");
-    }
+    check_sample_args(a)?;
     let images = match &a.shard {
         Some(spec) => {
             let (k, shards) = sddpm_gpu::shard::parse(spec)?;
@@ -494,15 +564,23 @@ fn sample(adapter: Option<&str>, a: &SampleArgs) -> Result<()> {
     check_sample_outputs(a, &images)?;
     let count = images.len();
     // The model is checked even when this shard is empty: a bad --checkpoint fails every shard.
-    let (ckpt, cfg) =
-        load_model(a.checkpoint.as_deref(), a.model.as_deref(), a.preset.as_deref(), a.snn_steps, a.seed)?;
+    let (ckpt, cfg) = load_model(
+        a.checkpoint.as_deref(),
+        WeightsArg::which(a.weights),
+        a.model.as_deref(),
+        a.preset.as_deref(),
+        a.snn_steps,
+        a.seed,
+    )?;
     check_threshold(&cfg, a.threshold)?;
     if count == 0 {
         println!("shard {} of {} images is empty: nothing to write", a.shard.as_deref().unwrap_or(""), a.n);
         return Ok(());
     }
     let size = a.size.unwrap_or(cfg.img_size());
-    let batch = a.batch.unwrap_or(16).clamp(1, count);
+    // More per batch than there are images would only sample padding.
+    let batch = a.batch.unwrap_or(16).min(count);
+    cfg.validate_run(size, batch)?;
     let (kind, default_steps) = match a.sampler {
         SamplerArg::Ddpm => (SamplerKind::Ddpm, cfg.diffusion_steps()),
         SamplerArg::Ddim => (SamplerKind::Ddim, 100.min(cfg.diffusion_steps())),
@@ -514,11 +592,7 @@ fn sample(adapter: Option<&str>, a: &SampleArgs) -> Result<()> {
     }
     let sampler = Sampler::new(&ctx, &cfg, &ckpt, batch, size, a.threshold, &rows)?;
     let batches = count.div_ceil(batch);
-    let bar = ProgressBar::new((batches * sampler.steps) as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} network evals, {per_sec}, eta {eta} {msg}")
-            .expect("valid template"),
-    );
+    let bar = Progress::new("sample", (batches * sampler.steps) as u64, "network evals");
     let per_image = cfg.img_ch() * size * size;
     let mut all = Vec::with_capacity(count * per_image);
     for k in 0..batches {
@@ -529,7 +603,7 @@ fn sample(adapter: Option<&str>, a: &SampleArgs) -> Result<()> {
         let keep = batch.min(count - k * batch);
         all.extend_from_slice(&x[..keep * per_image]);
     }
-    bar.finish_with_message(format!("images {count}/{count}"));
+    bar.finish(format!("images {count}/{count}"));
     let shape = [count, cfg.img_ch(), size, size];
     let grid = a.out.clone().or_else(|| a.out_dir.is_none().then(|| PathBuf::from("samples.png")));
     if let Some(path) = &grid {
@@ -547,15 +621,14 @@ fn sample(adapter: Option<&str>, a: &SampleArgs) -> Result<()> {
 /// default), with a notice.
 fn load_model(
     ckpt: Option<&std::path::Path>,
+    which: Option<Which>,
     model: Option<&str>,
     preset: Option<&str>,
     snn_steps: Option<usize>,
     seed: u64,
 ) -> Result<(Checkpoint, Net)> {
     if let Some(path) = ckpt {
-        let ckpt = Checkpoint::load(path)?;
-        let cfg = ckpt.net(snn_steps)?;
-        return Ok((ckpt, cfg));
+        return weights::open(path, which, snn_steps);
     }
     let mut cfg = Net::preset(model.unwrap_or("sddpm"), preset.unwrap_or("tiny"))?;
     if let Some(t) = snn_steps {
@@ -632,7 +705,78 @@ fn check_threshold(cfg: &Net, threshold: f32) -> Result<()> {
     Ok(())
 }
 
+/// `train`'s arguments that need no file and no GPU, checked before anything is read, created or
+/// started, so a bad command leaves nothing behind.
+fn check_train_args(a: &TrainArgs) -> Result<()> {
+    if a.batch == Some(0) {
+        bail!("--batch must be at least 1 (images per step)");
+    }
+    if a.steps == Some(0) {
+        bail!("--steps 0 trains nothing; --steps is the run's total number of optimizer steps (at least 1)");
+    }
+    check_lr(a.lr)?;
+    if a.tau.is_some() && !matches!(a.neuron, NeuronArg::Lif) {
+        bail!("--tau is the LIF neurons' time constant; add --neuron lif (IF neurons, the default, have none)");
+    }
+    if a.fid_every > 0 && a.fid_ref.is_none() && a.resume.is_none() {
+        bail!(
+            "--fid-every needs --fid-ref STATS.npz (reference statistics: `sddpm-gpu fid DATA --save-stats STATS.npz`)"
+        );
+    }
+    if a.fid_ref.is_some() && a.fid_every == 0 {
+        bail!("--fid-ref is only read with --fid-every N (FID every N steps); add it or leave --fid-ref out");
+    }
+    if let Some(r) = &a.fid_ref {
+        if !r.is_file() || r.extension().is_none_or(|e| e != "npz") {
+            bail!(
+                "--fid-ref {} must be a .npz statistics file; make one with `sddpm-gpu fid {0} --save-stats STATS.npz`",
+                r.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `sample`'s arguments that need no file and no GPU (see [`check_train_args`]).
+fn check_sample_args(a: &SampleArgs) -> Result<()> {
+    if a.n == 0 {
+        bail!("--n must be at least 1");
+    }
+    if a.batch == Some(0) {
+        bail!("--batch must be at least 1 (images per GPU batch)");
+    }
+    if let Some(out) = &a.out {
+        check_image_out("--out", out)?;
+    }
+    if let Some(dir) = a.out_dir.as_ref().filter(|d| d.exists() && !d.is_dir()) {
+        bail!("--out-dir {} is a file; give a folder (it is created if missing)", dir.display());
+    }
+    Ok(())
+}
+
+/// An image file to write: a PNG or JPEG name (or none: PNG) in a folder that exists (nothing is created on
+/// the way, and nothing is computed for a path that cannot be written).
+fn check_image_out(flag: &str, path: &std::path::Path) -> Result<()> {
+    // JPEG for .jpg/.jpeg, PNG for .png or no extension; any other would get bytes it does not name.
+    let ext = path.extension().map(|e| e.to_string_lossy().to_lowercase());
+    if !matches!(ext.as_deref(), None | Some("png" | "jpg" | "jpeg")) {
+        bail!("{flag} {}: the file is written as PNG or JPEG; name it .png, .jpg or .jpeg", path.display());
+    }
+    if path.is_dir() {
+        bail!("{flag} {} is a folder; give a file name, e.g. {}", path.display(), path.join("grid.png").display());
+    }
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    if !parent.exists() {
+        bail!("{flag} {}: folder {} does not exist; create it first", path.display(), parent.display());
+    }
+    if !parent.is_dir() {
+        bail!("{flag} {}: {} is a file, not a folder", path.display(), parent.display());
+    }
+    Ok(())
+}
+
 fn train(adapter: Option<&str>, a: &TrainArgs) -> Result<()> {
+    check_train_args(a)?;
     let (cfg, dir, resume) = match &a.resume {
         Some(dir) => {
             let path = dir.join("config.json");
@@ -669,10 +813,10 @@ fn train(adapter: Option<&str>, a: &TrainArgs) -> Result<()> {
                         NeuronArg::If => NeuronKind::If,
                         NeuronArg::Lif => NeuronKind::Lif,
                     };
-                    c.tau = a.tau;
+                    c.tau = a.tau.unwrap_or(c.tau);
                 }
                 Net::Ddpm(_) => {
-                    if !a.attn.is_empty() || matches!(a.neuron, NeuronArg::Lif) {
+                    if !a.attn.is_empty() || matches!(a.neuron, NeuronArg::Lif) || a.tau.is_some() {
                         bail!("--attn, --heads, --neuron and --tau apply to --model sddpm only (the ANN's attention levels come from its preset)");
                     }
                 }
@@ -755,8 +899,8 @@ fn train_step(
     lr: f32,
 ) -> Result<()> {
     check_lr(lr)?;
-    let ckpt = Checkpoint::load(ckpt_path)?;
-    let cfg = ckpt.net(snn_steps)?;
+    // A training step continues the trained weights, never their EMA.
+    let (ckpt, cfg) = weights::open(ckpt_path, Some(Which::Raw), snn_steps)?;
     let inp = TensorFile::load(input)?;
     let x0 = inp.get_images("x0", cfg.img_ch())?;
     let shape = x0.shape.clone();
@@ -791,7 +935,7 @@ fn profile_net(cfg: &mut Net, a: &ProfileArgs) -> Result<()> {
 
 fn profile_dry_run(a: &ProfileArgs) -> Result<()> {
     let mut cfg = match &a.checkpoint {
-        Some(path) => Checkpoint::load(path)?.net(a.snn_steps)?,
+        Some(path) => weights::open(path, WeightsArg::which(a.weights), a.snn_steps)?.1,
         None => {
             let mut cfg = Net::preset(a.model.as_deref().unwrap_or("sddpm"), a.preset.as_deref().unwrap_or("tiny"))?;
             if let Some(t) = a.snn_steps {
@@ -829,8 +973,14 @@ fn profile(adapter: Option<&str>, a: &ProfileArgs) -> Result<()> {
         return profile_dry_run(a);
     }
     let seed = 0;
-    let (mut weights, mut cfg) =
-        load_model(a.checkpoint.as_deref(), a.model.as_deref(), a.preset.as_deref(), a.snn_steps, seed)?;
+    let (mut weights, mut cfg) = load_model(
+        a.checkpoint.as_deref(),
+        WeightsArg::which(a.weights),
+        a.model.as_deref(),
+        a.preset.as_deref(),
+        a.snn_steps,
+        seed,
+    )?;
     profile_net(&mut cfg, a)?;
     if !a.attn.is_empty() {
         weights = cfg.init_weights(seed);
@@ -902,7 +1052,14 @@ fn energy(adapter: Option<&str>, a: &EnergyArgs) -> Result<()> {
         }
         return ann_energy(a, &sddpm_gpu::model::DdpmConfig::preset(a.preset.as_deref().unwrap_or("tiny"))?);
     }
-    let (ckpt, net) = load_model(a.checkpoint.as_deref(), a.model.as_deref(), a.preset.as_deref(), a.snn_steps, 0)?;
+    let (ckpt, net) = load_model(
+        a.checkpoint.as_deref(),
+        WeightsArg::which(a.weights),
+        a.model.as_deref(),
+        a.preset.as_deref(),
+        a.snn_steps,
+        0,
+    )?;
     let cfg = match net {
         Net::Sddpm(cfg) => cfg,
         Net::Ddpm(cfg) => return ann_energy(a, &cfg),
@@ -1000,19 +1157,24 @@ fn fid(adapter: Option<&str>, a: &FidArgs) -> Result<()> {
         .flatten()
         .filter_map(|i| if let Input::Images(im) = i { Some(im) } else { None })
         .collect();
+    let total: usize = image_sets.iter().map(|im| im.len()).sum();
     // The network only when images are to be read; every image checked to fit before it runs.
     let net = if image_sets.is_empty() {
         None
     } else {
         let wpath = sddpm_gpu::fid::inception::locate_weights(a.weights.as_deref())?;
+        eprintln!("loading the FID Inception-v3 weights from {}", wpath.display());
         let w = Weights::load(&wpath)?;
         let ctx = Context::new(adapter)?;
         for images in &image_sets {
             images.check_fits(ctx.max_binding_bytes())?;
         }
+        eprintln!("building the FID Inception-v3 on {} (batch {batch})", ctx.describe());
         let n = Inception::new(&ctx, &w, batch)?;
         Some((ctx, n))
     };
+    // One bar over every image of both sets: what is measured is what is done.
+    let bar = net.as_ref().map(|_| Progress::new("fid", total as u64, "images"));
     let mut stats = Vec::new();
     let inputs = [Some((ia, a.a.clone())), ib.zip(a.b.clone())];
     for (input, path) in inputs.into_iter().flatten() {
@@ -1020,18 +1182,17 @@ fn fid(adapter: Option<&str>, a: &FidArgs) -> Result<()> {
             Input::Stats(s) => s,
             Input::Images(images) => {
                 let (ctx, n) = net.as_ref().expect("built for image sets");
-                let bar = ProgressBar::new(images.len() as u64);
-                bar.set_style(
-                    ProgressStyle::with_template("{bar:40} {pos}/{len} images, {per_sec}, eta {eta} {msg}")
-                        .expect("valid template"),
-                );
+                let bar = bar.as_ref().expect("made with the network");
                 bar.set_message(path.display().to_string());
-                let f = images.features(ctx, n, &bar)?;
-                bar.finish_and_clear();
+                let base = bar.position();
+                let f = images.features(ctx, n, &mut |done| bar.set_position(base + done))?;
                 Stats::from_features(f, DIM)?
             }
         };
         stats.push(s);
+    }
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
     }
     let sa = &stats[0];
     // The comparison is printed before the statistics are written: a failed write (disk full)
@@ -1064,6 +1225,50 @@ fn fid(adapter: Option<&str>, a: &FidArgs) -> Result<()> {
     if let Some(out) = &a.save_stats {
         npz::write_stats(out, sa)?;
         eprintln!("wrote statistics of {} to {}", a.a.display(), out.display());
+    }
+    Ok(())
+}
+
+fn convert(a: &ConvertArgs) -> Result<()> {
+    check_convert_args(a)?;
+    let (ckpt, mut net) = weights::open(&a.input, WeightsArg::which(a.weights), a.snn_steps)?;
+    if let Some(size) = a.size {
+        net.validate_run(size, 1)?;
+        net.set_img_size(size);
+    }
+    match &mut net {
+        // pytorch-ddpm's own default; the weights cannot tell.
+        Net::Ddpm(c) => c.dropout = a.dropout.unwrap_or(0.1),
+        Net::Sddpm(_) if a.dropout.is_some() => bail!("--dropout applies to pytorch-ddpm models; this is an SDDPM one"),
+        Net::Sddpm(_) => {}
+    }
+    let mut tensors: Vec<(String, Vec<usize>, Data)> = Vec::new();
+    for e in net.state_entries() {
+        if let Some(t) = ckpt.tensors.get(&e.name) {
+            tensors.push((e.name.clone(), t.shape.clone(), Data::F32(&t.data)));
+        } else if let Some(t) = ckpt.ints.get(&e.name) {
+            tensors.push((e.name.clone(), t.shape.clone(), Data::I64(&t.data)));
+        }
+    }
+    let count = tensors.len();
+    let config = net.config_json();
+    checkpoint::save(&a.output, tensors, HashMap::from([("config".to_string(), config.clone())]))?;
+    println!("wrote {}: {count} tensors, config {config}", a.output.display());
+    Ok(())
+}
+
+/// `convert`'s arguments that need no file (see [`check_train_args`]).
+fn check_convert_args(a: &ConvertArgs) -> Result<()> {
+    if a.output.extension().is_none_or(|e| e != "safetensors") {
+        bail!("convert writes safetensors; name the output {}", a.output.with_extension("safetensors").display());
+    }
+    if a.output == a.input {
+        bail!("convert would overwrite its input {}; name another output", a.input.display());
+    }
+    if let Some(d) = a.dropout {
+        if !(0.0..1.0).contains(&d) {
+            bail!("--dropout must be in [0, 1), got {d}");
+        }
     }
     Ok(())
 }

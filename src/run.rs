@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::Checkpoint;
@@ -18,6 +17,7 @@ use crate::diffusion::{plan_steps, NonFinite, Sampler, SamplerKind, Schedule, Tr
 use crate::gpu::Context;
 use crate::images;
 use crate::model::Net;
+use crate::progress::Progress;
 use crate::{fsutil, signal};
 
 /// Everything that defines a run; written to RUN/config.json and read back by --resume.
@@ -160,6 +160,33 @@ pub const CKPT: &str = "ckpt.safetensors";
 /// Where a diverged run's state goes (never over the last good checkpoint).
 pub const DIVERGED: &str = "ckpt_diverged.safetensors";
 
+/// The model of a run in a few words, for the banner and the plot titles: preset, and the
+/// extensions that make it differ from the reference (attention, LIF neurons, T).
+pub fn describe(cfg: &RunConfig) -> String {
+    let mut out = match &cfg.model {
+        Net::Sddpm(_) => cfg.preset.clone(),
+        Net::Ddpm(_) => format!("{} {}", cfg.model.kind(), cfg.preset),
+    };
+    if let Net::Sddpm(m) = &cfg.model {
+        if !m.attn.is_empty() {
+            let levels: Vec<String> = m.attn.iter().map(|l| l.to_string()).collect();
+            out.push_str(&format!(
+                ", attention at level{} {}{}",
+                if levels.len() == 1 { "" } else { "s" },
+                levels.join(","),
+                if m.heads > 1 { format!(" ({} heads)", m.heads) } else { String::new() }
+            ));
+        }
+        if m.neuron == crate::model::NeuronKind::Lif {
+            out.push_str(&format!(", LIF neurons (tau {})", m.tau));
+        }
+        if m.snn_steps != 4 {
+            out.push_str(&format!(", T = {}", m.snn_steps));
+        }
+    }
+    out
+}
+
 /// The files a run writes into its folder (besides the checkpoints and samples/).
 const RUN_FILES: &[&str] = &["config.json", "loss.csv", "loss.png", "fid.csv", "fid.png"];
 
@@ -192,6 +219,11 @@ fn remove_unstarted(dir: &Path, made_dir: bool) -> String {
 /// work) stop it at the next tuning candidate or training step: a run with a checkpoint saves one
 /// and says how to resume; a new run stopped before its first checkpoint removes what it wrote.
 /// Either way the error is a [`signal::Interrupted`].
+///
+/// Everything that can refuse the run comes before anything slow: the data, the checkpoint, the
+/// FID reference, whether the adapter can hold every graph the run compiles; then the banner, and
+/// every kernel shape the run needs (training step, sample grids, FID samples) is tuned under one
+/// progress bar before the first step.
 pub fn train(ctx: &Context, cfg: &RunConfig, dir: &Path, resume: bool) -> Result<()> {
     let made_dir = !dir.exists();
     let _lock = fsutil::DirLock::acquire(dir, "training run")?;
@@ -269,6 +301,22 @@ fn train_locked(ctx: &Context, cfg: &mut RunConfig, dir: &Path, resume: bool, st
     if data.len() < cfg.batch {
         bail!("{} holds {} images, fewer than one batch of {}", data.name, data.len(), cfg.batch);
     }
+    let first = start.counter("optim.step")?.unwrap_or(0);
+    if first >= cfg.steps {
+        println!("{} is already at step {first} of {}; nothing to do (raise --steps)", dir.display(), cfg.steps);
+        return Ok(());
+    }
+    let fid_ref = if cfg.fid_every > 0 { Some(FidRef::load(cfg)?) } else { None };
+    eprintln!(
+        "training {} {} ({} parameters) on {}, batch {}, steps {first}..{}, adapter {}",
+        cfg.model.kind(),
+        describe(cfg),
+        cfg.model.parameter_count(),
+        data.name,
+        cfg.batch,
+        cfg.steps,
+        ctx.describe()
+    );
     std::fs::create_dir_all(dir.join("samples")).with_context(|| format!("cannot create {}", dir.display()))?;
     if !resume {
         // Written before tuning, so even a killed run leaves a folder --resume can start.
@@ -279,36 +327,22 @@ fn train_locked(ctx: &Context, cfg: &mut RunConfig, dir: &Path, resume: bool, st
         crate::tune::pin_recorded(ctx, &start.metadata, &ckpt_path.display().to_string())?;
     }
     let opts = TrainOptions { lr: cfg.lr, warmup: cfg.warmup, ema: cfg.ema, ..Default::default() };
+    tune_run(ctx, cfg, &opts)?;
     let mut trainer = Trainer::new(ctx, &cfg.model, &start, cfg.batch, cfg.model.img_size(), opts)?;
     signal::check()?;
     // A resumed run's config.json changes only now that it is sure to run (--steps, variants).
     if record_variants(ctx, cfg) || resume {
         write_config(cfg, dir)?;
     }
-    let first = trainer.step;
-    if first >= cfg.steps {
-        println!("{} is already at step {first} of {}; nothing to do", dir.display(), cfg.steps);
-        return Ok(());
-    }
     let mut log = LossLog::open(&dir.join("loss.csv"), first, "step,loss,lr,images_per_s")?;
-    let mut fid = if cfg.fid_every > 0 { Some(FidEval::new(ctx, cfg, dir, first)?) } else { None };
-    eprintln!(
-        "training {} {} ({} parameters) on {}, batch {}, steps {first}..{}, adapter {}",
-        cfg.model.kind(),
-        cfg.preset,
-        cfg.model.parameter_count(),
-        data.name,
-        cfg.batch,
-        cfg.steps,
-        ctx.describe()
-    );
+    let mut fid = fid_ref.map(|r| FidEval::new(ctx, r, cfg.fid.n, dir, first)).transpose()?;
     let mut meta = HashMap::new();
     meta.insert(RUN_METADATA.to_string(), serde_json::to_string(&cfg.identity())?);
 
     let loader = Loader::start(data.clone(), cfg.batch, cfg.seed, first, cfg.steps, cfg.model.diffusion_steps());
-    let bar = ProgressBar::new(cfg.steps);
-    bar.set_position(first);
-    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  eta {eta}").expect("template"));
+    let bar = Progress::with_template("train", cfg.steps, "steps", "{bar:30} {pos}/{len} steps  {msg}  eta {eta}");
+    bar.start_at(first);
+    let title = describe(cfg);
     let mut last = Instant::now();
     let diverged = |trainer: &Trainer, why: String| -> Result<()> {
         trainer.save_diverged(ctx, &dir.join(DIVERGED), meta.clone())?;
@@ -325,8 +359,8 @@ fn train_locked(ctx: &Context, cfg: &mut RunConfig, dir: &Path, resume: bool, st
         let ips = cfg.batch as f64 / last.elapsed().as_secs_f64();
         last = Instant::now();
         log.push(&format!("{},{},{},{ips:.3}", trainer.step, stats.loss, trainer.lr()), trainer.step, stats.loss)?;
-        bar.set_position(trainer.step);
         bar.set_message(format!("loss {:.4}  |g| {:.3}  {:.2} img/s", stats.loss, stats.grad_norm, ips));
+        bar.set_position(trainer.step);
         let step = trainer.step;
         let interrupted = signal::pending();
         if interrupted.is_some() || (cfg.ckpt_every > 0 && step % cfg.ckpt_every == 0) || step == cfg.steps {
@@ -337,7 +371,7 @@ fn train_locked(ctx: &Context, cfg: &mut RunConfig, dir: &Path, resume: bool, st
                 }
                 r => r?,
             }
-            log.flush_plot(&dir.join("loss.png"), &cfg.preset)?;
+            log.flush_plot(&dir.join("loss.png"), &title)?;
         }
         if let Some(signal) = interrupted {
             bar.abandon();
@@ -358,7 +392,43 @@ fn train_locked(ctx: &Context, cfg: &mut RunConfig, dir: &Path, resume: bool, st
             bar.suspend(|| f.evaluate(ctx, &trainer, cfg, step))?;
         }
     }
-    bar.finish_with_message(format!("done: {}", dir.display()));
+    bar.finish(format!("done: {}", dir.display()));
+    Ok(())
+}
+/// The batch of the samplers a run builds (grids, FID samples): the grid's, else the FID one's.
+fn sampling_batch(cfg: &RunConfig) -> Option<usize> {
+    if cfg.sample_n > 0 {
+        Some(cfg.sample_n)
+    } else if cfg.fid_every > 0 {
+        Some(cfg.fid.n.min(FID_SAMPLE_BATCH))
+    } else {
+        None
+    }
+}
+
+/// Check that the adapter holds every graph the run compiles and tune them all before the first
+/// step: the training step and, when the run samples, the U-Net its samplers evaluate (the keys
+/// hold for every batch, so grids and FID samples of any size reuse them).
+fn tune_run(ctx: &Context, cfg: &RunConfig, opts: &TrainOptions) -> Result<()> {
+    let (size, batch) = (cfg.model.img_size(), cfg.batch);
+    let train = crate::diffusion::train_graph(&cfg.model, batch, size, opts)?;
+    let (train_other, train_other_batch) = crate::diffusion::train_graph_other(&cfg.model, batch, size, opts)?;
+    let mut graphs = vec![(train, batch, train_other, train_other_batch)];
+    if let Some(n) = sampling_batch(cfg) {
+        let (g, ..) = crate::model::eval_graph(cfg.model.clone(), n, size, 1.0)?;
+        let (other, other_batch) = crate::model::eval_graph_other(&cfg.model, n, size, 1.0)?;
+        graphs.push((g, n, other, other_batch));
+    }
+    let pairs: Vec<crate::tune::Batched> = graphs
+        .iter()
+        .map(|(graph, batch, other, other_batch)| crate::tune::Batched {
+            graph,
+            batch: *batch,
+            other,
+            other_batch: *other_batch,
+        })
+        .collect();
+    crate::tune::tune_ahead(ctx, &pairs)?;
     Ok(())
 }
 
@@ -415,18 +485,19 @@ impl LossLog {
     }
 }
 
-/// FID/KID of `fid.n` DDIM samples of the current weights against the reference statistics,
-/// logged to fid.csv (step, fid, kid, kid_std) and plotted to fid.png.
-struct FidEval {
-    net: crate::fid::inception::Inception,
+/// Images per batch of the FID samples during training.
+const FID_SAMPLE_BATCH: usize = 16;
+
+/// What FID during training needs from disk, read before the run starts: the reference
+/// statistics and the Inception weights.
+struct FidRef {
     reference: crate::fid::Stats,
-    log: LossLog,
-    png: PathBuf,
+    weights: crate::fid::inception::Weights,
 }
 
-impl FidEval {
-    fn new(ctx: &Context, cfg: &RunConfig, dir: &Path, first: u64) -> Result<FidEval> {
-        use crate::fid::inception::{self, Inception, Weights};
+impl FidRef {
+    fn load(cfg: &RunConfig) -> Result<FidRef> {
+        use crate::fid::inception::{self, Weights};
         let f = &cfg.fid;
         let Some(reference) = &f.reference else {
             bail!("--fid-every needs --fid-ref STATS.npz (reference statistics)")
@@ -443,16 +514,30 @@ impl FidEval {
             );
         }
         let weights = Weights::load(&inception::locate_weights(f.weights.as_deref())?)?;
-        let net = Inception::new(ctx, &weights, f.n.min(8))?;
-        let log = LossLog::open(&dir.join("fid.csv"), first, "step,fid,kid,kid_std")?;
-        Ok(FidEval { net, reference, log, png: dir.join("fid.png") })
+        Ok(FidRef { reference, weights })
     }
+}
 
+/// FID/KID of `fid.n` DDIM samples of the current weights against the reference statistics,
+/// logged to fid.csv (step, fid, kid, kid_std) and plotted to fid.png.
+struct FidEval {
+    net: crate::fid::inception::Inception,
+    reference: crate::fid::Stats,
+    log: LossLog,
+    png: PathBuf,
+}
+
+impl FidEval {
+    fn new(ctx: &Context, r: FidRef, n: usize, dir: &Path, first: u64) -> Result<FidEval> {
+        let net = crate::fid::inception::Inception::new(ctx, &r.weights, n.min(8))?;
+        let log = LossLog::open(&dir.join("fid.csv"), first, "step,fid,kid,kid_std")?;
+        Ok(FidEval { net, reference: r.reference, log, png: dir.join("fid.png") })
+    }
     fn evaluate(&mut self, ctx: &Context, trainer: &Trainer, cfg: &RunConfig, step: u64) -> Result<()> {
         let (n, size, c) = (cfg.fid.n, cfg.model.img_size(), cfg.model.img_ch());
         let weights = trainer.weights(ctx, cfg.ema.is_some())?;
         let rows = plan_steps(&Schedule::reference(cfg.model.diffusion_steps()), SamplerKind::Ddim, cfg.fid.steps)?;
-        let batch = n.min(16);
+        let batch = n.min(FID_SAMPLE_BATCH);
         let sampler = Sampler::new(ctx, &cfg.model, &weights, batch, size, 1.0, &rows)?;
         let per = c * size * size;
         let mut pixels = Vec::with_capacity(n * per);
@@ -463,7 +548,7 @@ impl FidEval {
             pixels.extend(x[..keep * per].iter().map(|&v| images::to_u8(v)));
         }
         let samples = crate::fid::inputs::Images::Dataset { pixels, channels: c, size };
-        let feats = samples.features(ctx, &self.net, &ProgressBar::hidden())?;
+        let feats = samples.features(ctx, &self.net, &mut |_| {})?;
         let stats = crate::fid::Stats::from_features(feats, crate::fid::inception::DIM)?;
         let fid = crate::fid::fid(&stats, &self.reference)?;
         let kid = match (&stats.features, &self.reference.features) {
@@ -474,6 +559,11 @@ impl FidEval {
         self.log.push(&format!("{step},{fid},{k},{ks}"), step, fid as f32)?;
         eprintln!("step {step}: FID {fid:.3}, KID {k:.5} ({n} samples, {} DDIM steps)", cfg.fid.steps);
         self.log.file.flush()?;
-        crate::plot::series_plot(&self.png, &self.log.points, &format!("{}: FID of {n} samples", cfg.preset), "FID")
+        crate::plot::series_plot(
+            &self.png,
+            &self.log.points,
+            &format!("sddpm-gpu: {}: FID of {n} samples", describe(cfg)),
+            "FID",
+        )
     }
 }

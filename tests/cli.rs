@@ -293,3 +293,55 @@ fn bad_shard_specs_are_one_line_errors() {
     assert_one_line_error(&out, "--out-dir");
     assert!(!dir.exists() || std::fs::read_dir(&dir).unwrap().next().is_none());
 }
+
+// ---- the first hour (issue 21) -------------------------------------------------------------
+
+#[test]
+fn sample_arguments_are_checked_before_sampling() {
+    let ck = fixture("weights.safetensors");
+    let sample = |extra: &[&str]| {
+        let mut args =
+            vec!["sample", "--checkpoint", p(&ck), "--n", "2", "--sampler", "ddim", "--steps", "1", "--size", "16"];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let file = tmp("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let inside = file.join("grid.png");
+    assert_one_line_error(&sample(&["--out", p(&inside)]), "is a file");
+    let nowhere = tmp("no/such/dir/grid.png");
+    assert_one_line_error(&sample(&["--out", p(&nowhere)]), "does not exist");
+    assert!(!tmp("no").exists(), "no folder is created on the way");
+    assert_one_line_error(&sample(&["--out", p(&tmp("grid.gif"))]), ".png");
+    assert_one_line_error(&sample(&["--batch", "0"]), "--batch");
+    assert_one_line_error(&sample(&["--out-dir", p(&file)]), "--out-dir");
+    // A .jpg name gets a JPEG.
+    let jpg = tmp("grid.jpg");
+    let out = sample(&["--out", p(&jpg)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(&std::fs::read(&jpg).unwrap()[..3], &[0xff, 0xd8, 0xff], "JPEG bytes");
+    // The bar counts finished network evaluations; in a pipe, its last line says all were done.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.lines().any(|l| l.starts_with("sample: 1/1 network evals (100%)")), "{err}");
+}
+
+#[test]
+fn an_unknown_wgpu_backend_is_named() {
+    for cmd in [&["devices"][..], &["sample", "--preset", "tiny", "--n", "1"]] {
+        let out = bin().env("WGPU_BACKEND", "bogus").args(cmd).output().unwrap();
+        assert_one_line_error(&out, "WGPU_BACKEND=bogus");
+    }
+}
+
+#[test]
+fn a_test_folder_goes_with_its_test() {
+    let dir = std::thread::spawn(|| {
+        let f = tmp("kept-while-running");
+        std::fs::write(&f, b"x").unwrap();
+        assert!(f.exists());
+        f.parent().unwrap().to_path_buf()
+    })
+    .join()
+    .unwrap();
+    assert!(!dir.exists(), "{} outlived its test", dir.display());
+}

@@ -70,6 +70,9 @@ fn fid_of_folders_and_saved_statistics_agree() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((v["n_a"].as_u64(), v["n_b"].as_u64()), (Some(3), Some(4)));
+    // One progress count over both folders' images (in a pipe: lines, the last at 7 of 7).
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.lines().any(|l| l.starts_with("fid: 7/7 images (100%)")), "{err}");
     let again = run(&["fid", p(&saved), p(&rgb), "--weights", &w, "--json"]);
     assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
     let v2: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();

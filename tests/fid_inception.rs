@@ -9,7 +9,6 @@
 mod common;
 
 use common::{ctx, fixture, rel_l2};
-use indicatif::ProgressBar;
 use sddpm_gpu::checkpoint::TensorFile;
 use sddpm_gpu::fid::inception::{Inception, Weights, DIM, WEIGHTS_ENV};
 use sddpm_gpu::fid::inputs::Input;
@@ -25,7 +24,7 @@ fn weights() -> Option<Weights> {
 
 fn features(net: &Inception, set: &str) -> Vec<f32> {
     let Input::Images(images) = Input::open(&fixture(&format!("fid/images/{set}"))).unwrap() else { panic!() };
-    images.features(ctx(), net, &ProgressBar::hidden()).unwrap()
+    images.features(ctx(), net, &mut |_| {}).unwrap()
 }
 
 #[test]

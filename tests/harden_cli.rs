@@ -28,7 +28,8 @@ const QUICK: &[&str] = &["--size", "16", "--batch", "2", "--snn-steps", "2", "--
 fn trained_run() -> &'static Path {
     static RUN: OnceLock<PathBuf> = OnceLock::new();
     RUN.get_or_init(|| {
-        let dir = tmp("trained");
+        // Shared by the tests of this binary, so it outlives the test that made it.
+        let dir = common::shared_tmp("trained");
         ok(&bin().args(["train", "--steps", "2"]).args(QUICK).arg("--out").arg(&dir).output().unwrap());
         dir
     })

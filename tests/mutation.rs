@@ -262,6 +262,18 @@ fn torch_zip_and_pickle() {
     }
 }
 
+#[test]
+fn official_pytorch_checkpoints() {
+    let _one = serial();
+    // An SDDPM training checkpoint as torch.save writes it (tests/common/torch.rs), read as every
+    // `--checkpoint` reads a .pt: zip, pickle, state_dict choice, config inferred from shapes.
+    let ckpt = sddpm_gpu::checkpoint::TensorFile::load(&fixture("weights.safetensors")).unwrap();
+    let original = tmp("sddpm.pt");
+    let top = common::torch::Obj::Dict(vec![("net_model".into(), common::torch::state_dict(&ckpt, "module.", |v| v))]);
+    common::torch::save(&original, &top);
+    check("sddpm .pt", &original, &tmp("m.pt"), 8, vec![], &|p| one_line(sddpm_gpu::weights::open(p, None, None)));
+}
+
 // ---- crafted files (issue 19 items 1, 2, 5, 6, 8) ----------------------------------------------
 
 /// A torch zip archive (`archive/data.pkl` deflated, plus `extra` entries) around `pickle`.

@@ -21,7 +21,7 @@ fn shares(stdout: &str, header: &str) -> Vec<f64> {
 
 #[test]
 fn profile_prints_tables_that_add_up_and_a_trace() {
-    let trace = std::env::temp_dir().join(format!("sddpm-trace-{}.json", std::process::id()));
+    let trace = common::tmp("trace.json");
     let out = bin()
         .args(["profile", "--preset", "tiny", "--batch", "1", "--size", "16", "--iters", "2", "--trace"])
         .arg(&trace)

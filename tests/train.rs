@@ -180,7 +180,7 @@ fn resume_is_bit_identical() {
     for k in 0..2 {
         first.step(ctx(), &x0, &ts(k), None, 9).unwrap();
     }
-    let path = std::env::temp_dir().join(format!("sddpm-resume-{}.safetensors", std::process::id()));
+    let path = common::tmp("resume.safetensors");
     first.save(ctx(), &path, HashMap::new()).unwrap();
     let ckpt = Checkpoint::load(&path).unwrap();
     let mut resumed = Trainer::new(ctx(), ckpt.config(None).unwrap(), &ckpt, 2, 16, TrainOptions::default()).unwrap();

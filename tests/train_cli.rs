@@ -209,3 +209,139 @@ fn ctrl_c_saves_a_checkpoint_and_exits_130() {
     // ... and the run resumes from there.
     ok(&run(&["train", "--steps", &(step + 1).to_string(), "--resume", dir.to_str().unwrap()]));
 }
+
+// ---- the first hour (issue 21) -------------------------------------------------------------
+
+/// `train` args with a fresh tuning cache of its own: (stderr, success).
+fn train_fresh(cache: &Path, args: &[&str]) -> (String, bool) {
+    let out = bin().env("SDDPM_CACHE_DIR", cache).arg("train").args(args).output().unwrap();
+    (String::from_utf8_lossy(&out.stderr).to_string(), out.status.success())
+}
+
+#[test]
+fn banner_comes_first_then_tuning_progress_then_training_lines() {
+    let dir = tmp("first");
+    let args = ["--steps", "3", "--size", "16", "--batch", "2", "--snn-steps", "2", "--sample-n", "2"];
+    let (err, ok) = train_fresh(
+        &tmp("first-cache"),
+        &[&args[..], &["--sample-steps", "1", "--out", dir.to_str().unwrap()]].concat(),
+    );
+    assert!(ok, "{err}");
+    let at = |needle: &str| err.find(needle).unwrap_or_else(|| panic!("'{needle}' missing:\n{err}"));
+    let (banner, tuning, tuned) = (at("training sddpm tiny"), at("kernel shapes on"), at("note: tuned"));
+    assert!(banner < tuning && tuning < tuned, "banner, then the tuning progress:\n{err}");
+    assert!(err.lines().any(|l| l.starts_with("tuning: ") && l.contains(" kernel shapes (")), "{err}");
+    assert_eq!(err.matches("note: tuned").count(), 1, "the sample grid is tuned with the training step:\n{err}");
+    // stderr is a pipe here, as in a job log: one line per step of this short run, and a final line.
+    for step in 1..=3 {
+        assert!(err.contains(&format!("train: {step}/3 steps")), "step {step}:\n{err}");
+    }
+    assert!(err.lines().any(|l| l.starts_with("train: 3/3 steps (100%)") && l.contains("done")), "{err}");
+}
+
+/// A CIFAR-10 binary folder of `n` black images.
+fn cifar_folder(name: &str, n: usize) -> std::path::PathBuf {
+    let dir = tmp(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("data_batch_1.bin"), vec![0u8; 3073 * n]).unwrap();
+    dir
+}
+
+#[test]
+fn a_model_the_adapter_cannot_hold_is_refused_before_tuning() {
+    // The paper's CIFAR-10 net at batch 32 needs 192 MiB bindings (lavapipe allows 128); on an
+    // adapter that allows more, a batch that needs more than it allows.
+    let limit = common::ctx().max_binding_bytes();
+    let per_image = 4 * 384 * 32 * 32 * 4; // 'upblocks.12.concat' [T * B, 384, 32, 32] f32
+    let batch = (limit / per_image + 1).max(32) as usize;
+    let data = cifar_folder("cifar-big", batch);
+    let (dir, cache) = (tmp("refused"), tmp("refused-cache"));
+    let (b, d) = (batch.to_string(), data.to_str().unwrap().to_string());
+    let (err, ok) =
+        train_fresh(&cache, &["--preset", "cifar10", "--data", &d, "--batch", &b, "--out", dir.to_str().unwrap()]);
+    assert!(!ok, "{err}");
+    let line = err.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("{err}"));
+    assert!(
+        line.contains("tensor 'upblocks.") && line.contains("per storage binding") && line.contains("allows"),
+        "{line}"
+    );
+    assert!(err.contains("training sddpm cifar10"), "the banner still comes first:\n{err}");
+    assert!(!err.contains("tuning"), "nothing was tuned:\n{err}");
+    assert!(!dir.exists(), "no run folder");
+    assert!(!cache.exists() || std::fs::read_dir(&cache).unwrap().next().is_none(), "no tuning cache written");
+}
+
+#[test]
+fn train_arguments_are_checked_before_any_folder_or_work() {
+    let stats = common::fixture("fid/stats_a.npz");
+    let folder = tmp("not-stats");
+    std::fs::create_dir_all(&folder).unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--batch", "0"], "--batch"),
+        (vec!["--steps", "0"], "--steps"),
+        (vec!["--lr", "-1"], "--lr"),
+        (vec!["--lr", "nan"], "--lr"),
+        (vec!["--neuron", "if", "--tau", "3"], "--tau"),
+        (vec!["--tau", "3"], "--tau"),
+        (vec!["--fid-every", "5"], "--fid-ref"),
+        (vec!["--fid-every", "5", "--fid-ref", folder.to_str().unwrap()], "--fid-ref"),
+        (vec!["--fid-ref", stats.to_str().unwrap()], "--fid-every"),
+    ];
+    for (i, (extra, needle)) in cases.iter().enumerate() {
+        let dir = tmp(&format!("checked-{i}"));
+        let out = bin().args(["train", "--out", dir.to_str().unwrap()]).args(extra).output().unwrap();
+        assert_one_line_error(&out, needle);
+        assert!(!dir.exists(), "{extra:?} created {}", dir.display());
+    }
+    // Resuming past the end does nothing and writes nothing.
+    let dir = tmp("ended");
+    ok(&quick_train(&dir, "1", &[]));
+    let config = std::fs::read(dir.join("config.json")).unwrap();
+    let out = run(&["train", "--steps", "1", "--resume", dir.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to do"), "{}", ok(&out));
+    assert_eq!(std::fs::read(dir.join("config.json")).unwrap(), config);
+}
+
+#[test]
+fn one_tuning_serves_sample_and_resume_at_other_batch_sizes() {
+    let (dir, cache) = (tmp("tune-once"), tmp("tune-once-cache"));
+    let args = ["--steps", "2", "--size", "16", "--batch", "2", "--snn-steps", "2", "--sample-n", "3"];
+    let (err, ok) =
+        train_fresh(&cache, &[&args[..], &["--sample-steps", "1", "--out", dir.to_str().unwrap()]].concat());
+    assert!(ok && err.contains("note: tuned"), "{err}");
+    let ckpt = dir.join("ckpt.safetensors");
+    for extra in [["--n", "5", "--batch", "5"], ["--n", "1", "--batch", "1"], ["--n", "9", "--batch", "4"]] {
+        let out = bin()
+            .env("SDDPM_CACHE_DIR", &cache)
+            .args(["sample", "--checkpoint", ckpt.to_str().unwrap(), "--sampler", "ddim", "--steps", "1"])
+            .args(extra)
+            .args(["--out", tmp("once.png").to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        assert!(!err.contains("tuning") && !err.contains("note: tuned"), "{extra:?} tuned again:\n{err}");
+    }
+    let (err, ok) = train_fresh(&cache, &["--steps", "3", "--resume", dir.to_str().unwrap()]);
+    assert!(ok && !err.contains("note: tuned"), "resume tuned again:\n{err}");
+    // The cache reads as a report: keys that hold for every batch say so, with the shapes timed.
+    let file = std::fs::read_dir(&cache).unwrap().next().unwrap().unwrap().path();
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
+    let general: Vec<(&String, &serde_json::Value)> =
+        json["shapes"].as_object().unwrap().iter().filter(|(k, _)| k.contains("2B")).collect();
+    assert!(!general.is_empty(), "{json:#}");
+    for (key, e) in general {
+        assert!(e["timed_on"].as_str().is_some_and(|t| !t.contains('B')), "{key}: {e}");
+    }
+}
+
+#[test]
+fn plot_titles_name_attention_and_lif() {
+    let dir = tmp("titled");
+    let extra = ["--attn", "1", "--heads", "2", "--neuron", "lif", "--tau", "1.5"];
+    ok(&quick_train(&dir, "1", &extra));
+    let cfg: sddpm_gpu::run::RunConfig =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let title = sddpm_gpu::run::describe(&cfg);
+    assert_eq!(title, "tiny, attention at level 1 (2 heads), LIF neurons (tau 1.5), T = 2");
+}

@@ -195,6 +195,63 @@ fn no_tune_uses_defaults_and_pinned_choices_win() {
     assert!(err.contains("'wg99'") && err.contains("wg8x8"), "{err}");
 }
 
+/// One linear layer on a batch of `b` rows of 24 features.
+fn linear_at(b: usize) -> Graph {
+    let mut g = Graph::new();
+    let x = g.input("x", &[b, 24]);
+    let w = g.input("w", &[40, 24]);
+    matmul::linear(&mut g, x, w, None, "l");
+    g
+}
+
+fn pair<'a>(g: &'a Graph, b: usize, other: &'a Graph) -> tune::Batched<'a> {
+    tune::Batched { graph: g, batch: b, other, other_batch: tune::other_batch(b) }
+}
+
+#[test]
+fn batch_free_keys_share_one_measurement_and_exact_records_still_pin() {
+    let dir = tmp("tuner-batched");
+    let (g5, g4) = (linear_at(5), linear_at(4));
+    let c = tuning_ctx(&dir, true);
+    assert_eq!(tune::tune_ahead(&c, &[pair(&g5, 5, &g4)]).unwrap(), tune::Report { timed: 1, ..Default::default() });
+    let key = c.tuning.lock().unwrap().chosen.keys().next().unwrap().clone();
+    assert!(key.starts_with("matmul::matmul in [B, 24]"), "{key}");
+    // Another process at another batch: the same key, from the cache, nothing timed.
+    let (g9, g8) = (linear_at(9), linear_at(8));
+    let c2 = tuning_ctx(&dir, true);
+    assert_eq!(tune::tune_ahead(&c2, &[pair(&g9, 9, &g8)]).unwrap(), tune::Report { cached: 1, ..Default::default() });
+    assert_eq!(c2.tuning.lock().unwrap().chosen, c.tuning.lock().unwrap().chosen);
+    // A plan compiled later on the same context reuses the choice even without a cache file.
+    std::fs::remove_dir_all(&dir).unwrap();
+    let plan = tune::compile_batched(&c2, pair(&g9, 9, &g8)).unwrap();
+    assert_eq!(plan.nodes()[0].variant.as_deref(), Some(c2.tuning.lock().unwrap().chosen[&key].as_str()));
+    assert!(!dir.exists(), "nothing was timed, so nothing was written");
+    // A record written with exact keys (before keys held for every batch) still pins its choice.
+    let c3 = tuning_ctx(&dir, true);
+    c3.tuning.lock().unwrap().pinned.insert(g9.tuning_key(*g9.variants.keys().next().unwrap()), "wg16x4".into());
+    assert_eq!(tune::tune_ahead(&c3, &[pair(&g9, 9, &g8)]).unwrap(), tune::Report { pinned: 1, ..Default::default() });
+    assert_eq!(c3.tuning.lock().unwrap().chosen[&key], "wg16x4");
+}
+
+#[test]
+fn a_graph_the_adapter_cannot_hold_is_refused_before_timing() {
+    let dir = tmp("tuner-too-big");
+    let c = tuning_ctx(&dir, true);
+    // x [B, K] larger than a binding, the weight [1, K] and the dispatch small on any adapter.
+    let k = (c.max_binding_bytes() / (4 * 5) + 1) as usize;
+    let wide = |b: usize| {
+        let mut g = Graph::new();
+        let x = g.input("x", &[b, k]);
+        let w = g.input("w", &[1, k]);
+        matmul::linear(&mut g, x, w, None, "l");
+        g
+    };
+    let (big, other) = (wide(5), wide(4));
+    let err = tune::tune_ahead(&c, &[pair(&big, 5, &other)]).unwrap_err().to_string();
+    assert!(err.contains("tensor 'x'") && err.contains("per storage binding"), "{err}");
+    assert!(!dir.exists(), "nothing timed, no cache written");
+}
+
 // ---- the command line ---------------------------------------------------------------------------
 
 /// `profile` with its own cache folder; returns (stdout, stderr).

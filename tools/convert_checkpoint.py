@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Convert an official SDDPM PyTorch checkpoint, or a pytorch-ddpm one (the ANN counterpart,
-w86763777/pytorch-ddpm), to a sddpm-gpu safetensors checkpoint.
+w86763777/pytorch-ddpm), to a sddpm-gpu safetensors checkpoint. `sddpm-gpu convert` does the same
+without Python (and every sddpm-gpu command reads the .pt directly); this script, which needs
+torch, is kept to check the two against each other.
 
 usage: python3 tools/convert_checkpoint.py CKPT.pt OUT.safetensors [--snn-steps 4] [--img-size 32] [--key net_model]
        python3 tools/convert_checkpoint.py CKPT.pt OUT.safetensors --key ema_model [--dropout 0.1] [--img-size 32]

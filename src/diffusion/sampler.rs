@@ -52,7 +52,9 @@ impl Sampler {
         sampler::advance(&mut g, step);
         g.mark_output(x);
         g.check().map_err(|e| too_large(e, &cfg, batch, size))?;
-        let plan = crate::tune::compile(ctx, &g)?;
+        let (other, other_batch) = crate::model::eval_graph_other(&cfg, batch, size, v_th)?;
+        let plan =
+            crate::tune::compile_batched(ctx, crate::tune::Batched { graph: &g, batch, other: &other, other_batch })?;
         unet.upload(ctx, &plan, ckpt)?;
         let table: Vec<f32> = rows.iter().flat_map(|r| r.row()).collect();
         plan.write(ctx, coef, &table)?;
@@ -70,7 +72,7 @@ impl Sampler {
     }
 
     /// Sample one batch: images `image_base ..` of the run keyed by `seed`. Returns x0 in
-    /// [-1, 1], [B, C, H, W]. `progress(steps_submitted)` is called after each submit.
+    /// [-1, 1], [B, C, H, W]. `progress(steps_done)` is called as the GPU finishes steps.
     pub fn sample_batch(
         &self,
         ctx: &Context,

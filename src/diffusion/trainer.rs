@@ -119,6 +119,13 @@ pub fn train_graph_arenas(cfg: &Net, batch: usize, size: usize, opts: &TrainOpti
     Ok((s.g, s.arenas))
 }
 
+/// The training step's graph for another batch than `batch` (and that batch), from which tuning
+/// keys learn which numbers follow the batch (crate::tune::Batched).
+pub fn train_graph_other(cfg: &Net, batch: usize, size: usize, opts: &TrainOptions) -> Result<(Graph, usize)> {
+    let other = crate::tune::other_batch(batch);
+    Ok((build_step(cfg, other, size, opts)?.g, other))
+}
+
 fn build_step(cfg: &Net, batch: usize, size: usize, opts: &TrainOptions) -> Result<TrainGraph> {
     cfg.validate_run(size, batch)?;
     let mut g = Graph::new();
@@ -190,7 +197,9 @@ impl Trainer {
             build_step(&cfg, batch, size, &opts)?;
         let entries = cfg.state_entries();
         let x_numel = g.info(x0).numel();
-        let plan = crate::tune::compile(ctx, &g)?;
+        let (other, other_batch) = train_graph_other(&cfg, batch, size, &opts)?;
+        let plan =
+            crate::tune::compile_batched(ctx, crate::tune::Batched { graph: &g, batch, other: &other, other_batch })?;
         plan.write(ctx, one, &[1f32])?;
         unet.upload(ctx, &plan, ckpt)?;
         let step = ckpt.counter("optim.step")?.unwrap_or(0);

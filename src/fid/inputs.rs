@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use indicatif::ProgressBar;
 
 use super::inception::{Inception, Preprocess, DIM};
 use super::{npz, Stats};
@@ -132,8 +131,8 @@ impl Images {
         }
     }
 
-    /// Features [n, 2048] of every image, `net.batch` at a time.
-    pub fn features(&self, ctx: &Context, net: &Inception, bar: &ProgressBar) -> Result<Vec<f32>> {
+    /// Features [n, 2048] of every image, `net.batch` at a time; `done(images)` after each batch.
+    pub fn features(&self, ctx: &Context, net: &Inception, done: &mut dyn FnMut(u64)) -> Result<Vec<f32>> {
         let mut pre = Preprocess::default();
         let mut feats = Vec::with_capacity(self.len() * DIM);
         let mut batch = Vec::new();
@@ -144,7 +143,7 @@ impl Images {
             if (i + 1) % net.batch == 0 || i + 1 == self.len() {
                 feats.extend(net.features(ctx, &batch)?);
                 batch.clear();
-                bar.set_position(i as u64 + 1);
+                done(i as u64 + 1);
             }
         }
         Ok(feats)

@@ -406,6 +406,10 @@ pub fn load(data: &[u8]) -> Result<Value> {
                             *state = Rc::new(new_state.v);
                             *d = (*d).max(depth);
                         }
+                        // A module's state_dict is an OrderedDict whose instance attributes
+                        // (torch's `_metadata` of module versions) follow its items; they are not
+                        // tensors, so they are dropped.
+                        Some(Item { v: Value::Dict(_), .. }) => {}
                         Some(other) => bail!("BUILD of {}", kind(&other.v)),
                         None => bail!("stack underflow"),
                     }

@@ -169,11 +169,33 @@ fn all_adapters(instance: &wgpu::Instance) -> Vec<wgpu::Adapter> {
     pollster::block_on(instance.enumerate_adapters(backends))
 }
 
+/// The API names WGPU_BACKEND may list (comma-separated), as wgpu reads them.
+const BACKEND_NAMES: &[&str] =
+    &["vulkan", "vk", "metal", "mtl", "dx12", "d3d12", "gl", "gles", "opengl", "webgpu", "noop"];
+
+/// WGPU_BACKEND, if set, names only APIs wgpu knows (wgpu itself skips unknown names with a log
+/// line nobody sees, and then finds no adapter): else one line naming the variable and the fix.
+pub fn check_backend_env() -> Result<()> {
+    let Ok(value) = std::env::var("WGPU_BACKEND") else { return Ok(()) };
+    let bad: Vec<&str> =
+        value.split(',').map(str::trim).filter(|b| !BACKEND_NAMES.contains(&b.to_lowercase().as_str())).collect();
+    if !bad.is_empty() {
+        bail!(
+            "WGPU_BACKEND={value}: unknown API {}; set it to vulkan, metal, dx12 or gl (comma-separated), or unset it",
+            bad.iter().map(|b| format!("'{b}'")).collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// Index of the adapter we would choose among `list`, given an optional name substring.
 pub fn choose_adapter(list: &[AdapterSummary], name: Option<&str>) -> Result<usize> {
     if list.is_empty() {
+        check_backend_env()?;
+        let limited = std::env::var("WGPU_BACKEND")
+            .map_or_else(|_| String::new(), |v| format!(" among the APIs WGPU_BACKEND={v} allows"));
         bail!(
-            "no GPU adapter found: install a Vulkan, Metal or DX12 driver \
+            "no GPU adapter found{limited}: install a Vulkan, Metal or DX12 driver \
              (on a headless Linux box: apt install mesa-vulkan-drivers)"
         );
     }

@@ -145,6 +145,25 @@ impl Plan {
         Self::compile_with_guard(ctx, g, GUARD_BYTES)
     }
 
+    /// Every tensor of `g` fits one storage binding of the adapter; else one line naming the
+    /// first that does not, its size and the limit. Cheap (no GPU work), so callers run it before
+    /// anything slow (crate::tune checks it before timing kernels).
+    pub fn check_limits(ctx: &Context, g: &Graph) -> Result<()> {
+        let max_binding = ctx.max_binding_bytes();
+        if let Some(t) = g.tensors.iter().find(|t| t.bytes() > max_binding) {
+            bail!(
+                "tensor '{}' {:?} needs {} MiB but {} allows {} MiB per storage binding; \
+                 use a smaller batch, image size or width",
+                t.name,
+                t.shape,
+                t.bytes() >> 20,
+                ctx.adapter.name,
+                max_binding >> 20
+            );
+        }
+        Ok(())
+    }
+
     fn compile_with_guard(ctx: &Context, g: &Graph, guard: u64) -> Result<Plan> {
         g.check()?;
         let mut memory = plan_memory(g);
@@ -164,20 +183,7 @@ impl Plan {
             }
             memory.slot_bytes = slot_bytes;
         }
-        let max_binding = ctx.max_binding_bytes();
-        for t in &g.tensors {
-            if t.bytes() > max_binding {
-                bail!(
-                    "tensor '{}' {:?} needs {} MiB but {} allows {} MiB per storage binding; \
-                     use a smaller batch, image size or width",
-                    t.name,
-                    t.shape,
-                    t.bytes() >> 20,
-                    ctx.adapter.name,
-                    max_binding >> 20
-                );
-            }
-        }
+        Self::check_limits(ctx, g)?;
         let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
         let buffers = memory
             .slot_bytes
@@ -370,34 +376,49 @@ impl Plan {
 
     /// Record and submit every dispatch; returns without waiting for the last submission.
     pub fn run(&self, ctx: &Context) -> Result<RunStats> {
-        self.run_repeated(ctx, 1, &mut |_| {})
+        self.replay(ctx, 1, None)
     }
 
     /// Replay the whole node list `reps` times back to back (the sampling loop: GPU-side state
     /// such as a step counter advances between replays). Dispatches are packed into command
     /// buffers of at most `DISPATCHES_PER_SUBMIT` (whole replays share one when they fit), one
-    /// compute pass per replay chunk; `progress(replays_submitted)` is called after each submit.
-    /// Returns without waiting for the last submission.
+    /// compute pass per replay chunk. `progress(replays_done)` counts replays the GPU has
+    /// finished, not merely submitted: it is called as each submission completes (the host waits
+    /// for the oldest one whenever `MAX_IN_FLIGHT` are queued, and for the rest at the end), so a
+    /// progress bar fed from it shows real work and a real rate. Returns when all are done.
     pub fn run_repeated(&self, ctx: &Context, reps: usize, progress: &mut dyn FnMut(usize)) -> Result<RunStats> {
+        self.replay(ctx, reps, Some(progress))
+    }
+
+    fn replay(&self, ctx: &Context, reps: usize, mut progress: Option<&mut dyn FnMut(usize)>) -> Result<RunStats> {
         let mut stats = RunStats::default();
-        let mut in_flight: VecDeque<wgpu::SubmissionIndex> = VecDeque::new();
+        let wait_all = progress.is_some();
+        // Each submission with the number of replays complete once it is done.
+        let mut in_flight: VecDeque<(wgpu::SubmissionIndex, usize)> = VecDeque::new();
         ctx.scoped("running a compiled graph", || -> Result<()> {
             let mut enc = ctx.device.create_command_encoder(&Default::default());
             let mut pending = 0usize;
-            let mut submit = |enc: wgpu::CommandEncoder, stats: &mut RunStats| -> Result<()> {
-                in_flight.push_back(ctx.queue.submit([enc.finish()]));
-                stats.submits += 1;
-                if in_flight.len() > MAX_IN_FLIGHT {
-                    ctx.wait_for(in_flight.pop_front().unwrap())?;
+            let mut done = |in_flight: &mut VecDeque<(wgpu::SubmissionIndex, usize)>, keep: usize| -> Result<()> {
+                while in_flight.len() > keep {
+                    let (index, reps_done) = in_flight.pop_front().expect("a submission in flight");
+                    ctx.wait_for(index)?;
+                    if let Some(p) = progress.as_mut() {
+                        p(reps_done);
+                    }
                 }
                 Ok(())
+            };
+            let mut submit = |enc: wgpu::CommandEncoder, reps_done: usize, stats: &mut RunStats| -> Result<()> {
+                in_flight.push_back((ctx.queue.submit([enc.finish()]), reps_done));
+                stats.submits += 1;
+                done(&mut in_flight, MAX_IN_FLIGHT)
             };
             for rep in 0..reps {
                 for chunk in self.nodes.chunks(DISPATCHES_PER_SUBMIT) {
                     if pending > 0 && pending + chunk.len() > DISPATCHES_PER_SUBMIT {
                         let full = std::mem::replace(&mut enc, ctx.device.create_command_encoder(&Default::default()));
-                        submit(full, &mut stats)?;
-                        progress(rep);
+                        // Replays before `rep` are whole in what was recorded so far.
+                        submit(full, rep, &mut stats)?;
                         pending = 0;
                     }
                     let mut pass = enc.begin_compute_pass(&Default::default());
@@ -412,9 +433,11 @@ impl Plan {
                 }
             }
             if pending > 0 {
-                submit(enc, &mut stats)?;
+                submit(enc, reps, &mut stats)?;
             }
-            progress(reps);
+            if wait_all {
+                done(&mut in_flight, 0)?;
+            }
             Ok(())
         })??;
         Ok(stats)

@@ -6,6 +6,7 @@ use super::{Net, UNet};
 use crate::checkpoint::Checkpoint;
 use crate::gpu::Context;
 use crate::graph::{DType, Graph, Plan, TensorId};
+use crate::tune::Batched;
 
 pub struct EvalNet {
     pub cfg: Net,
@@ -32,7 +33,8 @@ impl EvalNet {
         let cfg = cfg.into();
         let (mut g, x, t, unet) = eval_graph(&cfg, batch, size, v_th)?;
         g.mark_output(unet.eps);
-        let plan = crate::tune::compile(ctx, &g)?;
+        let (other, other_batch) = eval_graph_other(&cfg, batch, size, v_th)?;
+        let plan = crate::tune::compile_batched(ctx, Batched { graph: &g, batch, other: &other, other_batch })?;
         unet.upload(ctx, &plan, ckpt)?;
         Ok(EvalNet { cfg, batch, size, graph: g, plan, x, t, eps: unet.eps })
     }
@@ -66,6 +68,14 @@ pub fn eval_graph(
     let unet = cfg.build_eval(&mut g, x, t, v_th);
     g.check().map_err(|e| too_large(e, &cfg, batch, size))?;
     Ok((g, x, t, unet))
+}
+
+/// The inference U-Net's graph for another batch than `batch` (and that batch), from which tuning
+/// keys learn which numbers follow the batch (crate::tune::Batched): every graph holding the
+/// U-Net (sampler, spike counter) tunes its kernels with it, so they share their measurements.
+pub fn eval_graph_other(cfg: &Net, batch: usize, size: usize, v_th: f32) -> Result<(Graph, usize)> {
+    let other = crate::tune::other_batch(batch);
+    Ok((eval_graph(cfg.clone(), other, size, v_th)?.0, other))
 }
 
 /// A graph-building error of a net too large for `batch` images of `size` px, with the flags

@@ -15,7 +15,7 @@ pub use ddpm::{
     build_ddpm, ddpm_arch, ddpm_init_weights, ddpm_layer_macs, ddpm_parameter_count, ddpm_state_entries, DdpmArch,
     DdpmBlock, DdpmConfig, DDPM_PRESETS,
 };
-pub use eval::{eval_graph, too_large, EvalNet};
+pub use eval::{eval_graph, eval_graph_other, too_large, EvalNet};
 pub use init::init_weights;
 pub use net::{Net, MODELS};
 pub use unet::{build_eval, build_train, Fold, UNet};

@@ -1,6 +1,7 @@
 //! The persistent tuning cache: one JSON file per adapter and driver under $SDDPM_CACHE_DIR
 //! (default: the platform cache folder + sddpm-gpu/), readable as a report: for every tuning key
-//! the choice and every candidate's time, plus the adapter's measured peak.
+//! the choice, every candidate's time and (for keys that hold for every batch size) the shapes it
+//! was timed on, plus the adapter's measured peak.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,10 @@ pub struct Timed {
 pub struct Entry {
     pub choice: String,
     pub candidates: Vec<Timed>,
+    /// The exact shapes the candidates were timed on, when the key holds for every batch size
+    /// (`4B` in the key: see crate::tune::general_key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timed_on: Option<String>,
 }
 
 /// The verdict of a variant's self-check on this adapter (crate::graph::Needs::check).

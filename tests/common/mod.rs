@@ -2,6 +2,8 @@
 //! one-call "build graph, upload, run, read" for op tests.
 #![allow(dead_code)]
 
+pub mod torch;
+
 use std::sync::OnceLock;
 
 use rand::rngs::StdRng;
@@ -105,8 +107,9 @@ pub fn bin() -> std::process::Command {
         }
         None => std::process::Command::new(env!("CARGO_BIN_EXE_sddpm-gpu")),
     };
-    // Tuning results go to this binary's temp folder, not the user's cache.
-    cmd.env("SDDPM_CACHE_DIR", tmp("tune-cache"));
+    // Tuning results go to one cache under target/ that every CLI test shares (the suite tunes
+    // each shape once, and leaves nothing in the user's cache or in /tmp).
+    cmd.env("SDDPM_CACHE_DIR", std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("tune-cache"));
     cmd
 }
 
@@ -119,11 +122,31 @@ pub fn fixture_in(dir: &str, name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(dir).join(name)
 }
 
-/// A path in this test binary's own temporary folder.
+thread_local! {
+    /// This test's temporary folder. libtest runs every test on a thread of its own, and a
+    /// thread's locals are dropped when it ends, pass or fail: the folder goes with the test.
+    static TEST_DIR: tempfile::TempDir =
+        tempfile::Builder::new().prefix("sddpm-test-").tempdir().expect("a temporary folder");
+}
+
+/// A path in this test's own temporary folder, removed when the test ends.
 pub fn tmp(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("sddpm-tests-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+    TEST_DIR.with(|d| d.path().join(name))
+}
+
+/// A path in a folder this test binary's tests share (something made once, e.g. a trained run
+/// several tests copy): `target/tmp/shared-<test binary>/`, emptied when the binary first asks
+/// for it, so each binary keeps one copy under target/ and nothing piles up in /tmp.
+pub fn shared_tmp(name: &str) -> std::path::PathBuf {
+    static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir =
+            std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("shared-{}", env!("CARGO_CRATE_NAME")));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    })
+    .join(name)
 }
 
 pub fn run(args: &[&str]) -> std::process::Output {
