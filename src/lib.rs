@@ -11,6 +11,7 @@ pub mod energy;
 pub mod fid;
 pub mod fsutil;
 pub mod gpu;
+pub mod gpu_model;
 pub mod graph;
 pub mod images;
 pub mod model;

@@ -178,6 +178,13 @@ struct ProfileArgs {
     /// bindings): any preset and batch, whether or not this adapter could hold it.
     #[arg(long, conflicts_with_all = ["trace", "host_timers"])]
     dry_run: bool,
+    /// With --dry-run: ESTIMATE each dispatch's time on this card (h100, a100, rtx4090, m2) with
+    /// the GPU model (src/gpu_model.rs), each node running the variant the model predicts fastest.
+    #[arg(long, requires = "dry_run")]
+    gpu_model: Option<String>,
+    /// With --gpu-model: print the estimate as one JSON object.
+    #[arg(long, requires = "gpu_model")]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -934,6 +941,7 @@ fn profile_net(cfg: &mut Net, a: &ProfileArgs) -> Result<()> {
 }
 
 fn profile_dry_run(a: &ProfileArgs) -> Result<()> {
+    let gpu = a.gpu_model.as_deref().map(sddpm_gpu::gpu_model::spec).transpose()?;
     let mut cfg = match &a.checkpoint {
         Some(path) => weights::open(path, WeightsArg::which(a.weights), a.snn_steps)?.1,
         None => {
@@ -946,13 +954,17 @@ fn profile_dry_run(a: &ProfileArgs) -> Result<()> {
     };
     profile_net(&mut cfg, a)?;
     let size = cfg.img_size();
-    let g = if a.train {
+    let mut g = if a.train {
         sddpm_gpu::diffusion::train_graph(&cfg, a.batch, size, &TrainOptions::default())?
     } else {
         let (mut g, _, _, unet) = sddpm_gpu::model::eval_graph(&cfg, a.batch, size, 1.0)?;
         g.mark_output(unet.eps);
         g
     };
+    if let (Some(gpu), true) = (gpu, a.json) {
+        print!("{}", sddpm_gpu::gpu_model::dry_run(&mut g, gpu, true)?);
+        return Ok(());
+    }
     println!(
         "dry run (planned, not run; no GPU): {} {}, batch {}, {}, {}x{}\n",
         if a.train { "training steps of" } else { "network evaluations of" },
@@ -964,7 +976,10 @@ fn profile_dry_run(a: &ProfileArgs) -> Result<()> {
         size,
         size
     );
-    print!("{}", sddpm_gpu::profile::dry_run(&g));
+    match gpu {
+        Some(gpu) => print!("{}", sddpm_gpu::gpu_model::dry_run(&mut g, gpu, false)?),
+        None => print!("{}", sddpm_gpu::profile::dry_run(&g)),
+    }
     Ok(())
 }
 

@@ -10,7 +10,7 @@
 use anyhow::Result;
 
 use crate::gpu::{Context, Shader, COOP_FEATURES};
-use crate::graph::{Cost, Graph, Needs, Node, Params, TensorId, Variant};
+use crate::graph::{Cost, Graph, Needs, Node, Params, TensorId, TileWork, Variant};
 use crate::ops::matmul::{self, MatmulParams, Strides};
 
 /// One cooperative-matrix instance: fragment side and workgroup tile (the prelude's consts).
@@ -150,11 +150,12 @@ pub fn variants(m: usize, n: usize, operands: [Operand; 2]) -> Vec<Variant> {
 
 /// The variant of `inst` running `shader` (a module built for `inst`).
 pub fn variant(inst: &Instance, shader: &'static Shader, m: usize, n: usize, [a, b]: [Operand; 2]) -> Variant {
+    let workgroups = [n.div_ceil(inst.bn as usize) as u32, m.div_ceil(inst.bm as usize) as u32, 1];
     Variant {
         name: inst.name.into(),
         entry: "coop_matmul",
         constants: vec![("CM_A_MODE", a.mode()), ("CM_B_MODE", b.mode())],
-        workgroups: [n.div_ceil(inst.bn as usize) as u32, m.div_ceil(inst.bm as usize) as u32, 1],
+        workgroups,
         // Every staged element is written before the barrier that precedes its reads, the result
         // tile by cm_finish before the epilogue's, the reduction array before its tree.
         writes_workgroup_memory_first: true,
@@ -167,6 +168,7 @@ pub fn variant(inst: &Instance, shader: &'static Shader, m: usize, n: usize, [a,
             subgroups: Some(inst.subgroups()),
             check: Some(crate::graph::SelfCheck(self_check)),
         },
+        tile: Some(TileWork::of_grid(m * n, workgroups, (inst.bm * inst.bn) as usize)),
     }
 }
 
