@@ -68,7 +68,7 @@ pub struct GpuSpec {
 }
 
 /// The cards the model knows (`--gpu-model NAME`).
-pub const GPUS: [GpuSpec; 4] = [
+pub const GPUS: [GpuSpec; 5] = [
     // NVIDIA H100 SXM5 80 GB. NVIDIA H100 Tensor Core GPU Architecture whitepaper (2022) and
     // datasheet: 132 SMs, 66.9 TFLOP/s fp32, 989.4 TFLOP/s dense FP16 tensor (1979 with
     // sparsity), 3.35 TB/s HBM3, shared memory configurable up to 228 KB per SM, 256 KB register
@@ -82,6 +82,26 @@ pub const GPUS: [GpuSpec; 4] = [
         fp32_tflops: 66.9,
         f16_tensor_tflops: 989.4,
         bandwidth_gbs: 3350.0,
+        workgroup_memory_per_sm: 228 * 1024,
+        workgroup_memory_per_workgroup: 48 * 1024,
+        max_threads_per_sm: 2048,
+        max_workgroups_per_sm: 32,
+        registers_per_sm: 65536,
+        simd_width: 32,
+        subgroups: true,
+        coop_sizes: &[16],
+        launch_us: 3.0,
+    },
+    // NVIDIA H200 SXM 141 GB: the H100's GH100 at the same clocks (NVIDIA H200 datasheet: the
+    // same 67 TFLOP/s fp32 and 989 TFLOP/s dense FP16 tensor) with 4.8 TB/s HBM3e; the borrowed
+    // GPU machines are H100s or H200s (shared/notes/gpu-machine.md), so calibration runs there.
+    GpuSpec {
+        name: "h200",
+        full_name: "NVIDIA H200 SXM 141GB",
+        sms: 132,
+        fp32_tflops: 66.9,
+        f16_tensor_tflops: 989.4,
+        bandwidth_gbs: 4800.0,
         workgroup_memory_per_sm: 228 * 1024,
         workgroup_memory_per_workgroup: 48 * 1024,
         max_threads_per_sm: 2048,
@@ -334,6 +354,21 @@ pub struct DispatchEstimate {
     pub kind: String,
     /// Estimated time (microseconds), launch included.
     pub est_us: f64,
+    /// Every candidate of a node with several kernels, with its estimate (empty for a node with
+    /// one kernel): tools compare a measured run's variants with the model's estimate of them.
+    pub candidates: Vec<CandidateEstimate>,
+}
+
+/// The model's estimate of one candidate kernel of a tunable node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CandidateEstimate {
+    pub variant: String,
+    /// "shader::entry" of the candidate.
+    pub kernel: String,
+    /// Whether the card can run it (features, workgroup memory); the model chooses among these.
+    pub runs: bool,
+    pub tile_utilization: f64,
+    pub est_us: f64,
 }
 
 impl DispatchEstimate {
@@ -412,6 +447,7 @@ pub fn estimate_node(
         fill: f,
         kind: kind.name.to_string(),
         est_us: time_us(gpu, &kind, n.cost.flops, n.cost.bytes, utilization, f),
+        candidates: vec![],
     }
 }
 
@@ -454,8 +490,23 @@ pub fn report(g: &mut Graph, gpu: &GpuSpec) -> Report {
     choose(g, gpu, &mut reflect);
     let dispatches: Vec<DispatchEstimate> = (0..g.nodes.len())
         .map(|i| {
-            let v = g.variants.get(&i).map(|t| t.variant().clone());
-            estimate_node(gpu, &mut reflect, g, i, v.as_ref())
+            let Some(t) = g.variants.get(&i) else { return estimate_node(gpu, &mut reflect, g, i, None) };
+            let candidates = t
+                .candidates
+                .iter()
+                .map(|v| {
+                    let e = estimate_node(gpu, &mut reflect, g, i, Some(v));
+                    CandidateEstimate {
+                        variant: v.name.clone(),
+                        kernel: e.kernel,
+                        runs: runs_on(gpu, v),
+                        tile_utilization: e.tile_utilization,
+                        est_us: e.est_us,
+                    }
+                })
+                .collect();
+            let chosen = t.variant().clone();
+            DispatchEstimate { candidates, ..estimate_node(gpu, &mut reflect, g, i, Some(&chosen)) }
         })
         .collect();
     Report {

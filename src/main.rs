@@ -178,7 +178,7 @@ struct ProfileArgs {
     /// bindings): any preset and batch, whether or not this adapter could hold it.
     #[arg(long, conflicts_with_all = ["trace", "host_timers"])]
     dry_run: bool,
-    /// With --dry-run: ESTIMATE each dispatch's time on this card (h100, a100, rtx4090, m2) with
+    /// With --dry-run: ESTIMATE each dispatch's time on this card (h100, h200, a100, rtx4090, m2) with
     /// the GPU model (src/gpu_model.rs), each node running the variant the model predicts fastest.
     #[arg(long, requires = "dry_run")]
     gpu_model: Option<String>,
