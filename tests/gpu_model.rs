@@ -290,3 +290,37 @@ fn every_large_non_conv_dispatch_fills_a_large_gpu() {
         assert!(bad.is_empty(), "{what}: {} narrow dispatches:\n{}", bad.len(), bad.join("\n"));
     }
 }
+
+/// The conv lints of issue 16 (the GEMM core's "done when"): every large conv dispatch is wide,
+/// the conv dispatches' FLOP-weighted tile utilisation is at least 85%, and none carrying more
+/// than 1% of the step's FLOPs is under 75%. All violations of both graphs are reported at once.
+/// Expected to fail until the core folds the batch into the GEMM's N (tile utilisation at 4x4)
+/// and the weight-gradient reduce is wide.
+#[test]
+fn conv_dispatches_fill_a_large_gpu_with_useful_tiles() {
+    let mut failures = Vec::new();
+    for (what, _, r) in cifar10_graphs() {
+        for n in narrow(&r, true) {
+            failures.push(format!("{what}: narrow: {n}"));
+        }
+        let t = r.totals();
+        if t.conv_utilization < 0.85 {
+            failures
+                .push(format!("{what}: FLOP-weighted conv tile utilisation {:.1}% < 85%", 100.0 * t.conv_utilization));
+        }
+        for d in r.dispatches.iter().filter(|d| gpu_model::is_conv(d)) {
+            let share = d.flops as f64 / t.flops as f64;
+            if share > 0.01 && d.tile_utilization < 0.75 {
+                failures.push(format!(
+                    "{what}: {}@{} '{}' carries {:.2}% of the FLOPs at {:.1}% tile utilisation",
+                    d.kernel,
+                    d.variant.as_deref().unwrap_or("-"),
+                    d.label,
+                    100.0 * share,
+                    100.0 * d.tile_utilization
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} conv lint failures:\n{}", failures.len(), failures.join("\n"));
+}
