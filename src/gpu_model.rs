@@ -367,6 +367,7 @@ pub struct CandidateEstimate {
     pub kernel: String,
     /// Whether the card can run it (features, workgroup memory); the model chooses among these.
     pub runs: bool,
+    pub kind: String,
     pub tile_utilization: f64,
     pub est_us: f64,
 }
@@ -500,6 +501,7 @@ pub fn report(g: &mut Graph, gpu: &GpuSpec) -> Report {
                         variant: v.name.clone(),
                         kernel: e.kernel,
                         runs: runs_on(gpu, v),
+                        kind: e.kind,
                         tile_utilization: e.tile_utilization,
                         est_us: e.est_us,
                     }
@@ -715,9 +717,13 @@ impl Sum {
 }
 
 /// What `profile --dry-run --gpu-model` prints for `g`: the variants chosen by the model, then
-/// the estimate as tables and the memory line, or (`json`) one JSON object
-/// `{"gpu_model", "gpu", "est_total_ms", "dispatches": [..]}`.
-pub fn dry_run(g: &mut Graph, gpu: &GpuSpec, json: bool) -> Result<String> {
+/// the estimate as tables and the memory line; or (`json`) one JSON object
+/// `{"gpu_model", "gpu", "est_total_ms", "dispatches": [..]}`; or, given a measured trace, the
+/// model beside it ([`compare`]).
+pub fn dry_run(g: &mut Graph, gpu: &GpuSpec, json: bool, compare_trace: Option<&std::path::Path>) -> Result<String> {
+    if let Some(trace) = compare_trace {
+        return compare(g, gpu, trace);
+    }
     let r = report(g, gpu);
     if json {
         return Ok(serde_json::to_string(&r)? + "\n");
@@ -725,5 +731,137 @@ pub fn dry_run(g: &mut Graph, gpu: &GpuSpec, json: bool) -> Result<String> {
     let mut out = r.render();
     out.push_str(&crate::profile::memory_line(&crate::graph::plan_memory(g)));
     out.push('\n');
+    Ok(out)
+}
+
+/// One dispatch of a measured trace (`profile --trace`): "shader::entry[@variant]", its label
+/// and its time.
+struct Measured {
+    name: String,
+    label: String,
+    us: f64,
+    /// The cost model's work as the measured run recorded it (None in a trace without it).
+    work: Option<(u64, u64)>,
+}
+
+/// The first profiled iteration of a Chrome trace written by `profile --trace`.
+fn read_trace(path: &std::path::Path) -> Result<Vec<Measured>> {
+    use anyhow::Context as _;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading the trace {}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not JSON; pass the file `profile --trace` wrote", path.display()))?;
+    let Some(events) = v["traceEvents"].as_array() else {
+        bail!("{}: no traceEvents array; pass the file `profile --trace` wrote", path.display());
+    };
+    let first = events.iter().filter_map(|e| e["args"]["iteration"].as_u64()).min().unwrap_or(0);
+    let mut out = Vec::new();
+    for e in events.iter().filter(|e| e["args"]["iteration"].as_u64() == Some(first)) {
+        let (Some(name), Some(label), Some(us)) = (e["name"].as_str(), e["args"]["label"].as_str(), e["dur"].as_f64())
+        else {
+            bail!("{}: an event lacks name, args.label or dur: {e}", path.display());
+        };
+        let work = e["args"]["flops"].as_u64().zip(e["args"]["bytes"].as_u64());
+        out.push(Measured { name: name.into(), label: label.into(), us, work });
+    }
+    Ok(out)
+}
+
+/// The model beside a measured run: `trace` (from `profile --trace` on a real card, same preset,
+/// batch, size and --train as `g`) paired dispatch by dispatch with `g`'s nodes; the model
+/// estimates each node on the variant the measured run used (so its efficiencies can be
+/// calibrated), summed per measured kernel and per kernel kind, with the totals and the model's
+/// own choices' total. What `tools/gpu_check.sh` prints on the GPU machine.
+pub fn compare(g: &Graph, gpu: &GpuSpec, trace: &std::path::Path) -> Result<String> {
+    let measured = read_trace(trace)?;
+    if measured.len() != g.nodes.len() {
+        bail!(
+            "{}: {} dispatches per iteration, the planned graph has {}: profile the same --preset, --batch, --size and --train",
+            trace.display(),
+            measured.len(),
+            g.nodes.len()
+        );
+    }
+    let mut reflect = Reflector::new();
+    // (calls, measured us, model us) per measured kernel and per kind.
+    let mut kernels: BTreeMap<String, (usize, f64, f64)> = BTreeMap::new();
+    let mut kinds: BTreeMap<String, (usize, f64, f64)> = BTreeMap::new();
+    for (i, m) in measured.iter().enumerate() {
+        let cost = g.nodes[i].cost;
+        if m.work.is_some_and(|w| w != (cost.flops, cost.bytes)) {
+            bail!(
+                "{}: dispatch {i} '{}' did other work than the planned graph's ({:?} FLOPs and bytes, planned ({}, {})): profile the same --preset, --batch, --size and --train",
+                trace.display(),
+                m.label,
+                m.work.unwrap_or_default(),
+                cost.flops,
+                cost.bytes
+            );
+        }
+        if m.label != g.nodes[i].label {
+            bail!(
+                "{}: dispatch {i} is '{}', the planned graph's is '{}': profile the same --preset, --batch, --size and --train",
+                trace.display(),
+                m.label,
+                g.nodes[i].label
+            );
+        }
+        let variant = match (m.name.split_once('@'), g.variants.get(&i)) {
+            (Some((_, name)), Some(t)) => match t.candidates.iter().find(|v| v.name == name) {
+                Some(v) => Some(v.clone()),
+                None => bail!(
+                    "{}: dispatch {i} '{}' ran variant '{name}', which the graph does not offer",
+                    trace.display(),
+                    m.label
+                ),
+            },
+            (None, None) => None,
+            _ => bail!(
+                "{}: dispatch {i} '{}' ({}) does not match the planned node's variants",
+                trace.display(),
+                m.label,
+                m.name
+            ),
+        };
+        let e = estimate_node(gpu, &mut reflect, g, i, variant.as_ref());
+        for (map, key) in [(&mut kernels, m.name.clone()), (&mut kinds, e.kind.clone())] {
+            let r = map.entry(key).or_insert((0, 0.0, 0.0));
+            r.0 += 1;
+            r.1 += m.us;
+            r.2 += e.est_us;
+        }
+    }
+    let own = report(&mut g.clone(), gpu).est_total_ms;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "GPU MODEL ({}, an ESTIMATE) beside the MEASURED trace {}: the model estimates the variants the measured run chose\n",
+        gpu.name,
+        trace.display()
+    );
+    let table = |out: &mut String, title: &str, rows: BTreeMap<String, (usize, f64, f64)>| {
+        let _ = writeln!(
+            out,
+            "{title:<60} {:>6} {:>12} {:>12} {:>15}",
+            "calls", "measured ms", "model ms", "measured/model"
+        );
+        let mut rows: Vec<_> = rows.into_iter().collect();
+        rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+        for (name, (calls, m, e)) in rows {
+            let _ =
+                writeln!(out, "{name:<60} {calls:>6} {:>12.3} {:>12.3} {:>15.3}", m * 1e-3, e * 1e-3, m / e.max(1e-12));
+        }
+        out.push('\n');
+    };
+    let (m_total, e_total) = kernels.values().fold((0.0, 0.0), |(a, b), r| (a + r.1, b + r.2));
+    table(&mut out, "kernel (measured)", kernels);
+    table(&mut out, "kind (divide its efficiency by measured/model to calibrate)", kinds);
+    let _ = writeln!(
+        out,
+        "total: measured {:.3} ms, model {:.3} ms for the same variants (measured/model {:.3}), model {:.3} ms with its own choices",
+        m_total * 1e-3,
+        e_total * 1e-3,
+        m_total / e_total.max(1e-12),
+        own
+    );
     Ok(out)
 }

@@ -185,6 +185,10 @@ struct ProfileArgs {
     /// With --gpu-model: print the estimate as one JSON object.
     #[arg(long, requires = "gpu_model")]
     json: bool,
+    /// With --gpu-model: print the model beside this measured trace (`profile --trace` of the
+    /// same preset, batch, size and --train on a real card), per kernel and kernel kind.
+    #[arg(long, requires = "gpu_model", conflicts_with = "json")]
+    compare_trace: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -961,8 +965,9 @@ fn profile_dry_run(a: &ProfileArgs) -> Result<()> {
         g.mark_output(unet.eps);
         g
     };
-    if let (Some(gpu), true) = (gpu, a.json) {
-        print!("{}", sddpm_gpu::gpu_model::dry_run(&mut g, gpu, true)?);
+    if let Some(gpu) = gpu.filter(|_| a.json || a.compare_trace.is_some()) {
+        // Machine-read outputs: no banner.
+        print!("{}", sddpm_gpu::gpu_model::dry_run(&mut g, gpu, a.json, a.compare_trace.as_deref())?);
         return Ok(());
     }
     println!(
@@ -977,7 +982,7 @@ fn profile_dry_run(a: &ProfileArgs) -> Result<()> {
         size
     );
     match gpu {
-        Some(gpu) => print!("{}", sddpm_gpu::gpu_model::dry_run(&mut g, gpu, false)?),
+        Some(gpu) => print!("{}", sddpm_gpu::gpu_model::dry_run(&mut g, gpu, false, None)?),
         None => print!("{}", sddpm_gpu::profile::dry_run(&g)),
     }
     Ok(())

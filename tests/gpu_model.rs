@@ -324,3 +324,72 @@ fn conv_dispatches_fill_a_large_gpu_with_useful_tiles() {
     }
     assert!(failures.is_empty(), "{} conv lint failures:\n{}", failures.len(), failures.join("\n"));
 }
+
+#[test]
+fn compare_pairs_a_measured_trace_with_the_model() {
+    // The model half of tools/gpu_check.sh, on lavapipe: a measured trace beside the model.
+    let trace = tmp("gpu-model-trace.json");
+    let net = ["--preset", "tiny", "--batch", "1", "--size", "16"];
+    let out = bin().args(["profile", "--iters", "1"]).args(net).arg("--trace").arg(&trace).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let events: Vec<&serde_json::Value> =
+        v["traceEvents"].as_array().unwrap().iter().filter(|e| e["args"]["iteration"] == 0).collect();
+    let want_ms: f64 = events.iter().map(|e| e["dur"].as_f64().unwrap()).sum::<f64>() * 1e-3;
+
+    let out = bin()
+        .args(["profile", "--dry-run", "--gpu-model", "h100"])
+        .args(net)
+        .arg("--compare-trace")
+        .arg(&trace)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("an ESTIMATE") && s.contains("MEASURED"), "{s}");
+    // The kernel table: its calls are the trace's events, its measured column their times.
+    let rows: Vec<Vec<&str>> = s
+        .lines()
+        .skip_while(|l| !l.starts_with("kernel (measured)"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert!(rows.len() > 5, "{s}");
+    let calls: usize = rows.iter().map(|r| r[1].parse::<usize>().unwrap()).sum();
+    assert_eq!(calls, events.len());
+    let measured: f64 = rows.iter().map(|r| r[2].parse::<f64>().unwrap()).sum();
+    assert!((measured - want_ms).abs() <= 5e-4 * rows.len() as f64, "{measured} vs {want_ms}");
+    assert!(rows.iter().any(|r| r[0] == "conv::conv2d@r8x4" || r[0].starts_with("conv::conv2d_igemm")), "{s}");
+    let total = s.lines().find(|l| l.starts_with("total: measured")).expect("total line");
+    let ms: f64 = total.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!((ms - want_ms).abs() < 1e-3, "{total} vs {want_ms}");
+
+    // A trace of another batch does other work per dispatch: a one-line error, not a table.
+    let out = run(&[
+        "profile",
+        "--dry-run",
+        "--gpu-model",
+        "h100",
+        "--preset",
+        "tiny",
+        "--batch",
+        "2",
+        "--size",
+        "16",
+        "--compare-trace",
+        trace.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&out, "--batch");
+    let out = run(&[
+        "profile",
+        "--dry-run",
+        "--gpu-model",
+        "h100",
+        "--preset",
+        "tiny",
+        "--compare-trace",
+        "/nonexistent/trace.json",
+    ]);
+    assert_one_line_error(&out, "/nonexistent/trace.json");
+}

@@ -10,6 +10,13 @@
 #   PARITY_ONLY=1 bash tools/gpu_check.sh run   # adapter and parity only
 #   QUICK=1 bash tools/gpu_check.sh run         # every section at toy sizes (tiny, batch 2, torch on
 #                                               # CPU): checks the script itself on lavapipe
+#   bash tools/gpu_check.sh model     # here, no GPU or gpu/ needed: the GPU model beside a
+#                                     # lavapipe trace (the pairing and tables `run` prints)
+#
+# The speed section prints, after each measured profile, the GPU model's estimate of the same
+# dispatches on the same variants beside the measured times, per kernel and per kernel kind
+# (`profile --dry-run --gpu-model M --compare-trace`, src/gpu_model.rs): the first GPU session
+# calibrates the model's efficiencies from it. M is GPU_MODEL, else guessed from nvidia-smi.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 G=gpu
@@ -33,6 +40,23 @@ prepare() {
     for d in "$G"/debs/*.deb; do dpkg -x "$d" "$G/root"; done
     rm -rf "$G/debs"
     du -sh "$G"
+}
+
+# The GPU model ($3) beside a measured profile of binary $1: $2 is "train" or "eval", the rest
+# are the net's profile arguments. The trace and the table go under $O.
+model_beside() {
+    local b=$1 what=$2 m=$3; shift 3
+    local train=(); [ "$what" = train ] && train=(--train)
+    local t; t=$(mktemp -p "$O" "trace-$what-XXXX.json")
+    "$b" profile "$@" "${train[@]}" --iters 1 --trace "$t" > /dev/null
+    "$b" profile --dry-run --gpu-model "$m" "$@" "${train[@]}" --compare-trace "$t"
+}
+
+model() {
+    B="$PWD/target/release/sddpm-gpu"
+    [ -x "$B" ] || cargo build --release
+    O="${OUT:-$(mktemp -d)}"
+    for what in eval train; do model_beside "$B" "$what" "${GPU_MODEL:-h100}" --preset tiny --batch 2 --size 16; done
 }
 
 run() {
@@ -84,7 +108,13 @@ for f in pathlib.Path(sys.argv[1]).glob("tune-*.json"):
     for key, e in c["shapes"].items():
         print(f"  {e['choice']:>8}  " + "  ".join(f"{t['variant']} {t['us']:.1f}us" for t in e["candidates"]) + f"  {key[:90]}")
 PY
-    echo "== speed: sddpm-gpu (GPU timestamps; the baseline binary too if prepared) and PyTorch on the same card"
+    M="${GPU_MODEL:-}"
+    if [ -z "$M" ]; then
+        case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)" in
+            *H200*) M=h200 ;; *A100*) M=a100 ;; *4090*) M=rtx4090 ;; *) M=h100 ;;
+        esac
+    fi
+    echo "== speed: sddpm-gpu (GPU timestamps; the baseline binary too if prepared) and PyTorch on the same card; GPU model $M beside sddpm-gpu's"
     bins=("$B"); [ -x "$G/sddpm-gpu-base" ] && bins+=("$PWD/$G/sddpm-gpu-base")
     for p in "${presets[@]}"; do
         for bs in "${batches[@]}"; do
@@ -93,10 +123,14 @@ PY
                 "$b" profile --preset "$p" --batch "$bs" "${size[@]}" --iters "${runs[0]}" | grep -E "^(total|conv::)"
                 "$b" profile --preset "$p" --batch "$bs" "${size[@]}" --iters "${runs[1]}" --train | grep -E "^(total|conv::)"
             done
+            for what in eval train; do
+                echo "-- GPU model $M beside the measured $what dispatches, $p batch $bs"
+                model_beside "$B" "$what" "$M" --preset "$p" --batch "$bs" "${size[@]}"
+            done
             [ "$p" = small ] && "$B" profile --preset small --attn 1 --batch "$bs" --iters 5 | grep -E "^(total|spike_attention|conv::conv2d)"
             for tf in off on; do python3 "$G/ref/bench_torch.py" --device "$dev" --preset "$p" --batch "$bs" --tf32 "$tf" --iters "${runs[2]}"; done
         done
     done
 }
 
-"${1:?usage: tools/gpu_check.sh prepare|run}"
+"${1:?usage: tools/gpu_check.sh prepare|run|model}"
