@@ -535,6 +535,8 @@ pub struct Totals {
     pub conv_utilization: f64,
     /// Lowest tile utilisation of a conv dispatch carrying more than 1% of the FLOPs.
     pub worst_conv_utilization: f64,
+    /// Lowest tile utilisation of any conv dispatch.
+    pub lowest_conv_utilization: f64,
 }
 
 impl Report {
@@ -553,6 +555,7 @@ impl Report {
                 .filter(|d| d.flops as f64 > 0.01 * flops as f64)
                 .map(|d| d.tile_utilization)
                 .fold(1.0, f64::min),
+            lowest_conv_utilization: convs().map(|d| d.tile_utilization).fold(1.0, f64::min),
         }
     }
 
@@ -618,14 +621,15 @@ impl Report {
         let _ = writeln!(
             out,
             "\nestimated step total on {} (MODEL ESTIMATE, not measured): {:.3} ms; {} dispatches, {:.3} GFLOP, {:.3} GB moved; \
-             conv tile utilisation {:.1}% FLOP-weighted, worst {:.1}% (conv dispatches over 1% of the FLOPs)",
+             conv tile utilisation {:.1}% FLOP-weighted, worst {:.1}% among conv dispatches over 1% of the FLOPs, lowest {:.1}% of any",
             self.gpu,
             t.est_ms,
             t.dispatches,
             t.flops as f64 * 1e-9,
             t.bytes as f64 * 1e-9,
             100.0 * t.conv_utilization,
-            100.0 * t.worst_conv_utilization
+            100.0 * t.worst_conv_utilization,
+            100.0 * t.lowest_conv_utilization
         );
         let _ = writeln!(
             out,
@@ -744,7 +748,8 @@ struct Measured {
     work: Option<(u64, u64)>,
 }
 
-/// The first profiled iteration of a Chrome trace written by `profile --trace`.
+/// The dispatches of one iteration of a Chrome trace written by `profile --trace`, each with its
+/// mean time over the trace's iterations.
 fn read_trace(path: &std::path::Path) -> Result<Vec<Measured>> {
     use anyhow::Context as _;
     let text = std::fs::read_to_string(path).with_context(|| format!("reading the trace {}", path.display()))?;
@@ -753,15 +758,29 @@ fn read_trace(path: &std::path::Path) -> Result<Vec<Measured>> {
     let Some(events) = v["traceEvents"].as_array() else {
         bail!("{}: no traceEvents array; pass the file `profile --trace` wrote", path.display());
     };
-    let first = events.iter().filter_map(|e| e["args"]["iteration"].as_u64()).min().unwrap_or(0);
-    let mut out = Vec::new();
-    for e in events.iter().filter(|e| e["args"]["iteration"].as_u64() == Some(first)) {
-        let (Some(name), Some(label), Some(us)) = (e["name"].as_str(), e["args"]["label"].as_str(), e["dur"].as_f64())
+    let mut iterations: BTreeMap<u64, Vec<Measured>> = BTreeMap::new();
+    for e in events {
+        let (Some(name), Some(label), Some(us), Some(iter)) =
+            (e["name"].as_str(), e["args"]["label"].as_str(), e["dur"].as_f64(), e["args"]["iteration"].as_u64())
         else {
-            bail!("{}: an event lacks name, args.label or dur: {e}", path.display());
+            bail!("{}: an event lacks name, args.label, args.iteration or dur: {e}", path.display());
         };
         let work = e["args"]["flops"].as_u64().zip(e["args"]["bytes"].as_u64());
-        out.push(Measured { name: name.into(), label: label.into(), us, work });
+        iterations.entry(iter).or_default().push(Measured { name: name.into(), label: label.into(), us, work });
+    }
+    let count = iterations.len();
+    let mut runs = iterations.into_values();
+    let Some(mut out) = runs.next() else { bail!("{}: the trace has no dispatches", path.display()) };
+    for run in runs {
+        if run.len() != out.len() || run.iter().zip(&out).any(|(a, b)| a.label != b.label) {
+            bail!("{}: its iterations ran different dispatches", path.display());
+        }
+        for (m, r) in out.iter_mut().zip(run) {
+            m.us += r.us;
+        }
+    }
+    for m in &mut out {
+        m.us /= count as f64;
     }
     Ok(out)
 }
@@ -834,7 +853,7 @@ pub fn compare(g: &Graph, gpu: &GpuSpec, trace: &std::path::Path) -> Result<Stri
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "GPU MODEL ({}, an ESTIMATE) beside the MEASURED trace {}: the model estimates the variants the measured run chose\n",
+        "GPU MODEL ({}, an ESTIMATE) beside the MEASURED trace {} (mean of its iterations): the model estimates the variants the measured run chose\n",
         gpu.name,
         trace.display()
     );

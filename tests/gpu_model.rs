@@ -330,12 +330,14 @@ fn compare_pairs_a_measured_trace_with_the_model() {
     // The model half of tools/gpu_check.sh, on lavapipe: a measured trace beside the model.
     let trace = tmp("gpu-model-trace.json");
     let net = ["--preset", "tiny", "--batch", "1", "--size", "16"];
-    let out = bin().args(["profile", "--iters", "1"]).args(net).arg("--trace").arg(&trace).output().unwrap();
+    let out = bin().args(["profile", "--iters", "2"]).args(net).arg("--trace").arg(&trace).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
-    let events: Vec<&serde_json::Value> =
-        v["traceEvents"].as_array().unwrap().iter().filter(|e| e["args"]["iteration"] == 0).collect();
-    let want_ms: f64 = events.iter().map(|e| e["dur"].as_f64().unwrap()).sum::<f64>() * 1e-3;
+    let all = v["traceEvents"].as_array().unwrap();
+    let events: Vec<&serde_json::Value> = all.iter().filter(|e| e["args"]["iteration"] == 0).collect();
+    assert_eq!(all.len(), 2 * events.len());
+    // The mean of the two iterations.
+    let want_ms: f64 = all.iter().map(|e| e["dur"].as_f64().unwrap()).sum::<f64>() * 1e-3 / 2.0;
 
     let out = bin()
         .args(["profile", "--dry-run", "--gpu-model", "h100"])

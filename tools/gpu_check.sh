@@ -42,21 +42,22 @@ prepare() {
     du -sh "$G"
 }
 
-# The GPU model ($3) beside a measured profile of binary $1: $2 is "train" or "eval", the rest
-# are the net's profile arguments. The trace and the table go under $O.
+# The GPU model $2 (an estimate) beside the measured trace $1 that `profile --trace` wrote for
+# the profile arguments that follow (the same net: preset, batch, size, --train).
 model_beside() {
-    local b=$1 what=$2 m=$3; shift 3
-    local train=(); [ "$what" = train ] && train=(--train)
-    local t; t=$(mktemp -p "$O" "trace-$what-XXXX.json")
-    "$b" profile "$@" "${train[@]}" --iters 1 --trace "$t" > /dev/null
-    "$b" profile --dry-run --gpu-model "$m" "$@" "${train[@]}" --compare-trace "$t"
+    local t=$1 m=$2; shift 2
+    "$B" profile --dry-run --gpu-model "$m" "$@" --compare-trace "$t"
 }
 
 model() {
     B="$PWD/target/release/sddpm-gpu"
     [ -x "$B" ] || cargo build --release
     O="${OUT:-$(mktemp -d)}"
-    for what in eval train; do model_beside "$B" "$what" "${GPU_MODEL:-h100}" --preset tiny --batch 2 --size 16; done
+    local net=(--preset tiny --batch 2 --size 16)
+    for train in "" --train; do
+        "$B" profile "${net[@]}" $train --iters 2 --trace "$O/trace$train.json" | grep -E "^total"
+        model_beside "$O/trace$train.json" "${GPU_MODEL:-h100}" "${net[@]}" $train
+    done
 }
 
 run() {
@@ -120,13 +121,14 @@ PY
         for bs in "${batches[@]}"; do
             for b in "${bins[@]}"; do
                 echo "-- $(basename "$b") $p batch $bs"
-                "$b" profile --preset "$p" --batch "$bs" "${size[@]}" --iters "${runs[0]}" | grep -E "^(total|conv::)"
-                "$b" profile --preset "$p" --batch "$bs" "${size[@]}" --iters "${runs[1]}" --train | grep -E "^(total|conv::)"
+                # The new binary's dispatches also go to traces, for the GPU model below.
+                te=(); tt=(); [ "$b" = "$B" ] && te=(--trace "$O/trace-$p-$bs.json") && tt=(--trace "$O/trace-$p-$bs-train.json")
+                "$b" profile --preset "$p" --batch "$bs" "${size[@]}" --iters "${runs[0]}" "${te[@]}" | grep -E "^(total|conv::)"
+                "$b" profile --preset "$p" --batch "$bs" "${size[@]}" --iters "${runs[1]}" --train "${tt[@]}" | grep -E "^(total|conv::)"
             done
-            for what in eval train; do
-                echo "-- GPU model $M beside the measured $what dispatches, $p batch $bs"
-                model_beside "$B" "$what" "$M" --preset "$p" --batch "$bs" "${size[@]}"
-            done
+            echo "-- GPU model $M (estimates) beside the measured sddpm-gpu dispatches above, $p batch $bs"
+            model_beside "$O/trace-$p-$bs.json" "$M" --preset "$p" --batch "$bs" "${size[@]}"
+            model_beside "$O/trace-$p-$bs-train.json" "$M" --preset "$p" --batch "$bs" "${size[@]}" --train
             [ "$p" = small ] && "$B" profile --preset small --attn 1 --batch "$bs" --iters 5 | grep -E "^(total|spike_attention|conv::conv2d)"
             for tf in off on; do python3 "$G/ref/bench_torch.py" --device "$dev" --preset "$p" --batch "$bs" --tf32 "$tf" --iters "${runs[2]}"; done
         done
