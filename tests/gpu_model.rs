@@ -395,3 +395,30 @@ fn compare_pairs_a_measured_trace_with_the_model() {
     ]);
     assert_one_line_error(&out, "/nonexistent/trace.json");
 }
+
+#[test]
+fn gpu_check_model_half_runs_here() {
+    // tools/gpu_check.sh's model section on lavapipe: each measured profile's total reappears
+    // as the measured side of the model's table (the script pairs the right trace and net).
+    let out_dir = tmp("gpu-check-model");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let out =
+        std::process::Command::new("bash").args(["tools/gpu_check.sh", "model"]).env("OUT", &out_dir).output().unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{s}\n{}", String::from_utf8_lossy(&out.stderr));
+    let profiled: Vec<f64> = s
+        .lines()
+        .filter(|l| l.starts_with("total: ") && l.contains(" ms per iteration"))
+        .map(|l| l.split_whitespace().nth(1).unwrap().parse().unwrap())
+        .collect();
+    let compared: Vec<f64> = s
+        .lines()
+        .filter(|l| l.starts_with("total: measured "))
+        .map(|l| l.split_whitespace().nth(2).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(profiled.len(), 2, "an evaluation and a training profile:\n{s}");
+    assert_eq!(compared.len(), 2, "{s}");
+    for (p, c) in profiled.iter().zip(&compared) {
+        assert!((p - c).abs() < 2e-3, "profile says {p} ms, the comparison {c} ms:\n{s}");
+    }
+}
