@@ -566,39 +566,20 @@ impl Report {
         let total_us = (self.est_total_ms * 1e3).max(1e-9);
         let _ = writeln!(
             out,
-            "GPU MODEL ESTIMATE for {} ({}): napkin math from the cost model, not a measurement\n",
+            "GPU MODEL ESTIMATE for {} ({}): napkin math from the cost model, not a measurement",
             self.gpu, self.gpu_model
         );
-        let header = |out: &mut String, title: &str| {
+        let dispatches: Vec<Sum> = self.dispatches.iter().map(|d| Sum::of(d, d.label.clone())).collect();
+        for (title, rows) in
+            [("dispatch (label)", dispatches), ("kernel", self.sums(true)), ("layer", self.sums(false))]
+        {
             let _ = writeln!(
                 out,
-                "{title:<56} {:>14} {:>5} {:>10} {:>5} {:>7} {:>6} {:>5} {:>10} {:>10} {:>10} {:>6}",
+                "\n{title:<56} {:>14} {:>5} {:>10} {:>5} {:>7} {:>6} {:>5} {:>10} {:>10} {:>10} {:>6}",
                 "variant", "calls", "workgroups", "inv", "wg B", "util", "fill", "MFLOP", "MB", "est us", "est%"
             );
-        };
-        header(&mut out, "dispatch (label)");
-        for d in &self.dispatches {
-            let _ = writeln!(
-                out,
-                "{:<56} {:>14} {:>5} {:>10} {:>5} {:>7} {:>6.3} {:>5.2} {:>10.2} {:>10.3} {:>10.2} {:>6.2}",
-                d.label,
-                d.variant.as_deref().unwrap_or("-"),
-                1,
-                d.workgroups,
-                d.invocations,
-                d.workgroup_bytes,
-                d.tile_utilization,
-                d.fill,
-                d.flops as f64 * 1e-6,
-                d.bytes as f64 * 1e-6,
-                d.est_us,
-                100.0 * d.est_us / total_us
-            );
-        }
-        for (title, key) in [("kernel", true), ("layer", false)] {
-            out.push('\n');
-            header(&mut out, title);
-            for r in self.sums(key) {
+            let mixed = |v: Option<u32>| v.map_or("mixed".to_string(), |v| v.to_string());
+            for r in rows {
                 let _ = writeln!(
                     out,
                     "{:<56} {:>14} {:>5} {:>10} {:>5} {:>7} {:>6.3} {:>5.2} {:>10.2} {:>10.3} {:>10.2} {:>6.2}",
@@ -606,8 +587,8 @@ impl Report {
                     r.variant,
                     r.calls,
                     r.workgroups,
-                    r.invocations.map_or("mixed".to_string(), |v| v.to_string()),
-                    r.workgroup_bytes.map_or("mixed".to_string(), |v| v.to_string()),
+                    mixed(r.invocations),
+                    mixed(r.workgroup_bytes),
                     r.utilization(),
                     r.fill(),
                     r.flops as f64 * 1e-6,
@@ -631,15 +612,17 @@ impl Report {
             100.0 * t.worst_conv_utilization,
             100.0 * t.lowest_conv_utilization
         );
-        let _ = writeln!(
-            out,
-            "model: time = launch {:.1} us + max(FLOPs / util / (peak x kind efficiency), bytes / ({:.0}% of {:.0} GB/s)) / fill; \
-             fill = workgroups / (waves x {} SMs x resident per SM); efficiencies per kind in src/gpu_model.rs (uncalibrated)",
-            GPUS.iter().find(|g| g.name == self.gpu_model).map_or(0.0, |g| g.launch_us),
-            100.0 * BW_EFFICIENCY,
-            GPUS.iter().find(|g| g.name == self.gpu_model).map_or(0.0, |g| g.bandwidth_gbs),
-            GPUS.iter().find(|g| g.name == self.gpu_model).map_or(0, |g| g.sms),
-        );
+        if let Ok(g) = spec(&self.gpu_model) {
+            let _ = writeln!(
+                out,
+                "model: time = launch {:.1} us + max(FLOPs / util / (peak x kind efficiency), bytes / ({:.0}% of {:.0} GB/s)) / fill; \
+                 fill = workgroups / (waves x {} SMs x resident per SM); efficiencies per kind in src/gpu_model.rs (uncalibrated)",
+                g.launch_us,
+                100.0 * BW_EFFICIENCY,
+                g.bandwidth_gbs,
+                g.sms,
+            );
+        }
         out
     }
 
@@ -649,36 +632,12 @@ impl Report {
         let mut m: BTreeMap<String, Sum> = BTreeMap::new();
         for d in &self.dispatches {
             let key = if per_kernel { d.kernel_key() } else { d.layer.clone() };
-            let variant = d.variant.clone().unwrap_or_else(|| "-".into());
-            let s = m.entry(key.clone()).or_insert_with(|| Sum {
-                name: key,
-                variant: variant.clone(),
-                calls: 0,
-                workgroups: 0,
-                invocations: Some(d.invocations),
-                workgroup_bytes: Some(d.workgroup_bytes),
-                flops: 0,
-                useful_weighted: 0.0,
-                fill_weighted: 0.0,
-                bytes: 0,
-                est_us: 0.0,
-            });
-            if s.variant != variant {
-                s.variant = "mixed".into();
+            match m.get_mut(&key) {
+                Some(s) => s.add(d),
+                None => {
+                    m.insert(key.clone(), Sum::of(d, key));
+                }
             }
-            if s.invocations != Some(d.invocations) {
-                s.invocations = None;
-            }
-            if s.workgroup_bytes != Some(d.workgroup_bytes) {
-                s.workgroup_bytes = None;
-            }
-            s.calls += 1;
-            s.workgroups += d.workgroups;
-            s.flops += d.flops;
-            s.useful_weighted += d.flops as f64 * d.tile_utilization;
-            s.fill_weighted += d.est_us * d.fill;
-            s.bytes += d.bytes;
-            s.est_us += d.est_us;
         }
         let mut v: Vec<Sum> = m.into_values().collect();
         v.sort_by(|a, b| b.est_us.total_cmp(&a.est_us));
@@ -705,6 +664,44 @@ pub struct Sum {
 }
 
 impl Sum {
+    /// The sum of the one dispatch `d`, named `name`.
+    fn of(d: &DispatchEstimate, name: String) -> Sum {
+        let mut s = Sum {
+            name,
+            variant: d.variant.clone().unwrap_or_else(|| "-".into()),
+            calls: 0,
+            workgroups: 0,
+            invocations: Some(d.invocations),
+            workgroup_bytes: Some(d.workgroup_bytes),
+            flops: 0,
+            useful_weighted: 0.0,
+            fill_weighted: 0.0,
+            bytes: 0,
+            est_us: 0.0,
+        };
+        s.add(d);
+        s
+    }
+
+    fn add(&mut self, d: &DispatchEstimate) {
+        if self.variant != d.variant.as_deref().unwrap_or("-") {
+            self.variant = "mixed".into();
+        }
+        if self.invocations != Some(d.invocations) {
+            self.invocations = None;
+        }
+        if self.workgroup_bytes != Some(d.workgroup_bytes) {
+            self.workgroup_bytes = None;
+        }
+        self.calls += 1;
+        self.workgroups += d.workgroups;
+        self.flops += d.flops;
+        self.useful_weighted += d.flops as f64 * d.tile_utilization;
+        self.fill_weighted += d.est_us * d.fill;
+        self.bytes += d.bytes;
+        self.est_us += d.est_us;
+    }
+
     /// FLOP-weighted mean tile utilisation (1.0 without FLOPs).
     pub fn utilization(&self) -> f64 {
         if self.flops == 0 {
