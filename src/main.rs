@@ -60,7 +60,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     if cli.no_tune {
-        // Every context reads this (gpu::Tuning::from_env); set before any thread starts.
+        // Every context reads this (sddpm_gpu::tune::Tuning::from_env); set before any thread starts.
         std::env::set_var("SDDPM_NO_TUNE", "1");
     }
     let adapter = cli.adapter.as_deref();

@@ -6,6 +6,7 @@ mod config;
 mod ddpm;
 mod eval;
 mod init;
+mod load;
 mod net;
 mod unet;
 
