@@ -26,6 +26,8 @@
 //! SDDPM_KERNELS ([`KernelPolicy`]): `coop` puts every node that still has a cooperative-matrix
 //! candidate on it (after a pinned choice, before everything else), `f32` opens the device
 //! without the feature so that none is offered, `auto` lets the choice order below decide.
+//!
+//! Design (the variants on offer, the self-checks, cooperative matrices): docs/kernels.md.
 
 mod cache;
 mod key;
