@@ -12,6 +12,8 @@
 //!
 //! The ANN counterpart (`--model ddpm`) has no spikes: [`ann_energy`] charges every MAC of one
 //! evaluation (convs, linears and the attention products) at 4.6 pJ, needing no weights.
+//!
+//! How each layer is charged: docs/evaluation.md (Energy).
 
 use anyhow::{bail, Result};
 use serde::Serialize;

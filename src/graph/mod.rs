@@ -15,6 +15,9 @@
 //! Graph building does not panic on sizes that come from the user: a tensor too large for 32-bit
 //! kernel indices, a dispatch wider than 65535 workgroups or a dtype mismatch is recorded, building goes on, and [`Graph::check`] (also
 //! run by [`Plan::compile`]) returns the first such error. Callers add which flag to change.
+//!
+//! Design (liveness memory plan, arenas, fixed-order reductions, bit-packed spikes, fusions):
+//! docs/graph.md.
 
 mod arena;
 mod autodiff;

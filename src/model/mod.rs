@@ -1,11 +1,14 @@
 //! The SDDPM spiking U-Net and its ANN counterpart (pytorch-ddpm's U-Net, [`DdpmConfig`]):
 //! configuration and presets, structure, graph building; [`Net`] picks one.
+//!
+//! How close the models come to the PyTorch reference: docs/numerics.md (Parity).
 
 mod arch;
 mod config;
 mod ddpm;
 mod eval;
 mod init;
+mod load;
 mod net;
 mod unet;
 

@@ -6,6 +6,9 @@
 //! The fragment (shaders/common/coop_fragment.wgsl) is written once; [`coop_shader!`] builds a
 //! module from it for one shape by prepending an instance prelude (the f16 / f32 fragment types
 //! and the tile consts). How each operand enters the product is an [`Operand`] mode.
+//!
+//! The kernels and their self-check: docs/kernels.md (Cooperative matrices); their f16
+//! numerics and measured error: docs/numerics.md (Cooperative matrices).
 
 use anyhow::Result;
 

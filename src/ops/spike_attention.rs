@@ -2,6 +2,8 @@
 //! (one image at one spiking step) and head, from spike tensors q, k, v [R, C, H, W], computed
 //! as q (k^T v) so only the [d, d] matrix k^T v is materialised. The 1x1 convs, BatchNorms and
 //! neurons around it are ordinary ops; the model wires them (sddpm-spec.md section 10.1).
+//!
+//! Both kernel forms and why they are exact: docs/kernels.md (Spiking self-attention).
 
 use bytemuck::{Pod, Zeroable};
 
