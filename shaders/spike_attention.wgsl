@@ -44,10 +44,6 @@ fn spike_at(word: u32, i: u32) -> f32 {
     return f32((word >> (i & 31u)) & 1u);
 }
 
-fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return (wid.y * nwg.x + wid.x) * 256u + lid;
-}
-
 // Register tiles: every kernel computes 4x4 outputs per invocation, so each loaded
 // value feeds 4 multiply-adds; rows and columns past the edge read the last valid one (clamped)
 // and are never stored, as in matmul.wgsl.
