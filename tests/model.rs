@@ -201,3 +201,41 @@ fn one_skeleton_serves_both_models() {
     let with: Vec<&str> = s.blocks().filter(|b| matches!(b, Block::Res { attn: true, .. })).map(|b| b.name()).collect();
     assert_eq!(with, ["downblocks.3", "downblocks.4", "upblocks.4", "upblocks.5", "upblocks.6"]);
 }
+
+/// The state entries (the walk in arch.rs / ddpm.rs that names checkpoint tensors) are exactly
+/// the training graph's parameters, names and shapes, plus the BatchNorm counters the host keeps:
+/// every preset of both models, and the SNN with attention and LIF. (What lets the entries be
+/// derived from the built graph instead of a parallel walk.)
+#[test]
+fn state_entries_are_the_training_graphs_parameters() {
+    use sddpm_gpu::graph::{DType, Graph, Role};
+    use sddpm_gpu::model::{EntryKind, Net, DDPM_PRESETS, PRESETS};
+    let mut nets: Vec<Net> = PRESETS.iter().map(|p| Net::preset("sddpm", p).unwrap()).collect();
+    nets.extend(DDPM_PRESETS.iter().map(|p| Net::preset("ddpm", p).unwrap()));
+    let mut attn = Net::preset("sddpm", "small").unwrap();
+    if let Net::Sddpm(c) = &mut attn {
+        (c.attn, c.heads, c.neuron) = (vec![1, 2], 2, NeuronKind::Lif);
+    }
+    nets.push(attn);
+    for net in &nets {
+        let mut g = Graph::new();
+        let s = net.img_size();
+        let x = g.input("x", &[1, net.img_ch(), s, s]);
+        let t = g.input_as("t", &[1], DType::U32);
+        net.build_train(&mut g, x, t).unwrap();
+        let mut graph: Vec<(String, Vec<usize>)> =
+            g.tensors.iter().filter(|t| t.role == Role::Param).map(|t| (t.name.clone(), t.shape.clone())).collect();
+        let entries = net.state_entries();
+        let mut listed: Vec<(String, Vec<usize>)> = entries
+            .iter()
+            .filter(|e| e.kind != EntryKind::Counter)
+            .map(|e| (e.name.clone(), e.shape.clone()))
+            .collect();
+        graph.sort();
+        listed.sort();
+        assert_eq!(graph, listed, "{}", net.config_json());
+        for e in entries.iter().filter(|e| e.kind == EntryKind::Counter) {
+            assert!(e.name.ends_with(".num_batches_tracked") && e.shape.is_empty(), "{}", e.name);
+        }
+    }
+}
