@@ -174,3 +174,68 @@ fn folded_conv_bn_equals_conv_then_bn() {
     let got = conv::conv2d_cpu(&x, [2, cin, 8, 8], &wf, [cout, cin, 3, 3], Some(&bf), 1, 1);
     assert_close("folded conv+BN", &got, &want, 1e-5, 1e-5);
 }
+
+/// Both U-Nets are one skeleton: the spiking cifar10 net and its ANN counterpart (same ch,
+/// ch_mult and blocks) have the same blocks, names and channels; only attention differs (the
+/// ANN has it in its first middle block), and the SNN's --attn levels land where the skeleton
+/// puts the ANN's.
+#[test]
+fn one_skeleton_serves_both_models() {
+    use sddpm_gpu::model::{arch, ddpm_arch, skeleton, Block, DdpmConfig};
+    let snn = ModelConfig::preset("cifar10").unwrap();
+    let ann = DdpmConfig::preset("cifar10").unwrap();
+    assert_eq!((snn.ch, &snn.ch_mult, snn.num_res_blocks), (ann.ch, &ann.ch_mult, ann.num_res_blocks));
+    let without_attn = |b: &Block| match b {
+        Block::Res { name, cin, cout, .. } => Block::Res { name: name.clone(), cin: *cin, cout: *cout, attn: false },
+        other => other.clone(),
+    };
+    let (a, d) = (arch(&snn), ddpm_arch(&ann));
+    assert_eq!(a.blocks().map(without_attn).collect::<Vec<_>>(), d.blocks().map(without_attn).collect::<Vec<_>>());
+    assert_eq!(a.tail_ch, d.tail_ch);
+    let middle = |x: &sddpm_gpu::model::Arch| {
+        x.middle.iter().map(|b| matches!(b, Block::Res { attn: true, .. })).collect::<Vec<_>>()
+    };
+    assert_eq!((middle(&a), middle(&d)), (vec![false, false], vec![true, false]));
+    // Level 1's ResBlocks, down and up, carry the attention of either model.
+    let s = skeleton(8, &[1, 2, 2], 2, &[1], [false, false]);
+    let with: Vec<&str> = s.blocks().filter(|b| matches!(b, Block::Res { attn: true, .. })).map(|b| b.name()).collect();
+    assert_eq!(with, ["downblocks.3", "downblocks.4", "upblocks.4", "upblocks.5", "upblocks.6"]);
+}
+
+/// The state entries (the walk in arch.rs / ddpm.rs that names checkpoint tensors) are exactly
+/// the training graph's parameters, names and shapes, plus the BatchNorm counters the host keeps:
+/// every preset of both models, and the SNN with attention and LIF. (What lets the entries be
+/// derived from the built graph instead of a parallel walk.)
+#[test]
+fn state_entries_are_the_training_graphs_parameters() {
+    use sddpm_gpu::graph::{DType, Graph, Role};
+    use sddpm_gpu::model::{EntryKind, Net, DDPM_PRESETS, PRESETS};
+    let mut nets: Vec<Net> = PRESETS.iter().map(|p| Net::preset("sddpm", p).unwrap()).collect();
+    nets.extend(DDPM_PRESETS.iter().map(|p| Net::preset("ddpm", p).unwrap()));
+    let mut attn = Net::preset("sddpm", "small").unwrap();
+    if let Net::Sddpm(c) = &mut attn {
+        (c.attn, c.heads, c.neuron) = (vec![1, 2], 2, NeuronKind::Lif);
+    }
+    nets.push(attn);
+    for net in &nets {
+        let mut g = Graph::new();
+        let s = net.img_size();
+        let x = g.input("x", &[1, net.img_ch(), s, s]);
+        let t = g.input_as("t", &[1], DType::U32);
+        net.build_train(&mut g, x, t).unwrap();
+        let mut graph: Vec<(String, Vec<usize>)> =
+            g.tensors.iter().filter(|t| t.role == Role::Param).map(|t| (t.name.clone(), t.shape.clone())).collect();
+        let entries = net.state_entries();
+        let mut listed: Vec<(String, Vec<usize>)> = entries
+            .iter()
+            .filter(|e| e.kind != EntryKind::Counter)
+            .map(|e| (e.name.clone(), e.shape.clone()))
+            .collect();
+        graph.sort();
+        listed.sort();
+        assert_eq!(graph, listed, "{}", net.config_json());
+        for e in entries.iter().filter(|e| e.kind == EntryKind::Counter) {
+            assert!(e.name.ends_with(".num_batches_tracked") && e.shape.is_empty(), "{}", e.name);
+        }
+    }
+}

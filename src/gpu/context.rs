@@ -595,8 +595,9 @@ pub struct Shader {
     pub trusted: bool,
 }
 
-/// Declare a `Shader` for shaders/NAME.wgsl. `shader!("NAME", uses "COMMON")` prepends
-/// shaders/common/COMMON.wgsl; a leading `trusted` marks it in bounds by construction
+/// Declare a `Shader` for shaders/NAME.wgsl. `shader!("NAME", uses "A", "B")` prepends
+/// shaders/common/A.wgsl and B.wgsl, in that order (WGSL has no includes: a helper two shaders
+/// need is written once there); a leading `trusted` marks it in bounds by construction
 /// ([`Shader::trusted`]).
 #[macro_export]
 macro_rules! shader {
@@ -611,11 +612,11 @@ macro_rules! shader {
         }
     };
     // With shared WGSL from shaders/common/ prepended (WGSL has no includes).
-    ($name:literal, uses $common:literal) => {
+    ($name:literal, uses $($common:literal),+) => {
         $crate::gpu::Shader {
             name: $name,
             source: concat!(
-                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/common/", $common, ".wgsl")),
+                $(include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/common/", $common, ".wgsl")),)+
                 include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $name, ".wgsl"))
             ),
             trusted: false,

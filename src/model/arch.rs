@@ -1,76 +1,15 @@
 //! The spiking U-Net's structure, derived from a config once and walked by everything that needs
-//! it (parameter names and shapes, graph building, MAC counts), so they cannot disagree.
+//! it (parameter names and shapes, graph building, MAC counts), so they cannot disagree. The
+//! skeleton itself (down, middle, up with skip concats) is shared with the ANN: [`skeleton`].
 
+pub use super::skeleton::{skeleton, Arch, Block};
 use super::ModelConfig;
 use crate::ops::spike_attention::Dims;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Block {
-    /// Spk_ResBlock(cin, cout): IF, conv1, BN1, + temb proj, IF, conv2, BN2, + shortcut(x), then
-    /// spiking self-attention (`{name}.attn`) when `attn`.
-    Res { name: String, cin: usize, cout: usize, attn: bool },
-    /// Spk_DownSample(c): IF, conv 3x3 stride 2, BN.
-    Down { name: String, c: usize },
-    /// Spk_UpSample(c): IF, nearest x2, conv 3x3, BN.
-    Up { name: String, c: usize },
-}
-
-impl Block {
-    pub fn name(&self) -> &str {
-        match self {
-            Block::Res { name, .. } | Block::Down { name, .. } | Block::Up { name, .. } => name,
-        }
-    }
-    pub fn out_channels(&self) -> usize {
-        match self {
-            Block::Res { cout, .. } => *cout,
-            Block::Down { c, .. } | Block::Up { c, .. } => *c,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Arch {
-    pub down: Vec<Block>,
-    pub middle: Vec<Block>,
-    pub up: Vec<Block>,
-    /// Channels after the last up block (input of the tail).
-    pub tail_ch: usize,
-}
-
+/// The spiking U-Net's skeleton ([`skeleton`]): attention on the config's levels, none in the
+/// middle blocks (the reference's constructor).
 pub fn arch(cfg: &ModelConfig) -> Arch {
-    let ch = cfg.ch;
-    let mut down = Vec::new();
-    let mut skip_ch = vec![ch];
-    let mut now = ch;
-    for (i, &mult) in cfg.ch_mult.iter().enumerate() {
-        for _ in 0..cfg.num_res_blocks {
-            let name = format!("downblocks.{}", down.len());
-            down.push(Block::Res { name, cin: now, cout: ch * mult, attn: cfg.attn.contains(&i) });
-            now = ch * mult;
-            skip_ch.push(now);
-        }
-        if i + 1 != cfg.ch_mult.len() {
-            down.push(Block::Down { name: format!("downblocks.{}", down.len()), c: now });
-            skip_ch.push(now);
-        }
-    }
-    // The middle blocks never have attention (the reference's constructor).
-    let middle =
-        (0..2).map(|i| Block::Res { name: format!("middleblocks.{i}"), cin: now, cout: now, attn: false }).collect();
-    let mut up = Vec::new();
-    for (i, &mult) in cfg.ch_mult.iter().enumerate().rev() {
-        for _ in 0..=cfg.num_res_blocks {
-            let skip = skip_ch.pop().expect("one skip per up ResBlock");
-            let name = format!("upblocks.{}", up.len());
-            up.push(Block::Res { name, cin: now + skip, cout: ch * mult, attn: cfg.attn.contains(&i) });
-            now = ch * mult;
-        }
-        if i != 0 {
-            up.push(Block::Up { name: format!("upblocks.{}", up.len()), c: now });
-        }
-    }
-    Arch { down, middle, up, tail_ch: now }
+    skeleton(cfg.ch, &cfg.ch_mult, cfg.num_res_blocks, &cfg.attn, [false, false])
 }
 
 /// What kind of state_dict entry a tensor is.

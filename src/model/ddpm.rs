@@ -15,6 +15,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::arch::{Entry, EntryKind, LayerMacs};
+use super::skeleton::{skeleton, Arch, Block};
 use super::unet::{time_mlp, UNet, TIME_MLP};
 use crate::checkpoint::{Tensor, TensorFile};
 use crate::graph::{Graph, TensorId};
@@ -121,64 +122,10 @@ impl DdpmConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DdpmBlock {
-    /// ResBlock(cin, cout): GN, Swish, conv, + temb proj, GN, Swish, dropout, conv, + shortcut(x),
-    /// then AttnBlock when `attn`.
-    Res { name: String, cin: usize, cout: usize, attn: bool },
-    /// DownSample(c): conv 3x3 stride 2 (`main`).
-    Down { name: String, c: usize },
-    /// UpSample(c): nearest x2, conv 3x3 (`main`).
-    Up { name: String, c: usize },
-}
-
-#[derive(Debug, Clone)]
-pub struct DdpmArch {
-    pub down: Vec<DdpmBlock>,
-    pub middle: Vec<DdpmBlock>,
-    pub up: Vec<DdpmBlock>,
-    pub tail_ch: usize,
-}
-
-impl DdpmArch {
-    fn blocks(&self) -> impl Iterator<Item = &DdpmBlock> {
-        self.down.iter().chain(&self.middle).chain(&self.up)
-    }
-}
-
-pub fn ddpm_arch(cfg: &DdpmConfig) -> DdpmArch {
-    let ch = cfg.ch;
-    let mut down = Vec::new();
-    let mut skip_ch = vec![ch];
-    let mut now = ch;
-    for (i, &mult) in cfg.ch_mult.iter().enumerate() {
-        let attn = cfg.attn.contains(&i);
-        for _ in 0..cfg.num_res_blocks {
-            down.push(DdpmBlock::Res { name: format!("downblocks.{}", down.len()), cin: now, cout: ch * mult, attn });
-            now = ch * mult;
-            skip_ch.push(now);
-        }
-        if i + 1 != cfg.ch_mult.len() {
-            down.push(DdpmBlock::Down { name: format!("downblocks.{}", down.len()), c: now });
-            skip_ch.push(now);
-        }
-    }
-    let middle = (0..2)
-        .map(|i| DdpmBlock::Res { name: format!("middleblocks.{i}"), cin: now, cout: now, attn: i == 0 })
-        .collect();
-    let mut up = Vec::new();
-    for (i, &mult) in cfg.ch_mult.iter().enumerate().rev() {
-        let attn = cfg.attn.contains(&i);
-        for _ in 0..=cfg.num_res_blocks {
-            let skip = skip_ch.pop().expect("one skip per up ResBlock");
-            up.push(DdpmBlock::Res { name: format!("upblocks.{}", up.len()), cin: now + skip, cout: ch * mult, attn });
-            now = ch * mult;
-        }
-        if i != 0 {
-            up.push(DdpmBlock::Up { name: format!("upblocks.{}", up.len()), c: now });
-        }
-    }
-    DdpmArch { down, middle, up, tail_ch: now }
+/// pytorch-ddpm's skeleton ([`skeleton`]): attention on the config's levels and in the first
+/// middle block.
+pub fn ddpm_arch(cfg: &DdpmConfig) -> Arch {
+    skeleton(cfg.ch, &cfg.ch_mult, cfg.num_res_blocks, &cfg.attn, [true, false])
 }
 
 /// Every state_dict entry of pytorch-ddpm's UNet (all trainable but the frozen sinusoidal table).
@@ -207,7 +154,7 @@ pub fn ddpm_state_entries(cfg: &DdpmConfig) -> Vec<Entry> {
     let a = ddpm_arch(cfg);
     for block in a.blocks() {
         match block {
-            DdpmBlock::Res { name, cin, cout, attn } => {
+            Block::Res { name, cin, cout, attn } => {
                 gn(&mut push, &format!("{name}.block1.0"), *cin);
                 conv(&mut push, &format!("{name}.block1.2"), *cout, *cin, 3);
                 push(format!("{name}.temb_proj.1.weight"), vec![*cout, tdim]);
@@ -224,7 +171,7 @@ pub fn ddpm_state_entries(cfg: &DdpmConfig) -> Vec<Entry> {
                     }
                 }
             }
-            DdpmBlock::Down { name, c } | DdpmBlock::Up { name, c } => {
+            Block::Down { name, c } | Block::Up { name, c } => {
                 conv(&mut push, &format!("{name}.main"), *c, *c, 3);
             }
         }
@@ -254,7 +201,7 @@ pub fn ddpm_layer_macs(cfg: &DdpmConfig, size: usize) -> Vec<LayerMacs> {
     for block in a.blocks() {
         let hw = res * res;
         match block {
-            DdpmBlock::Res { name, cin, cout, attn } => {
+            Block::Res { name, cin, cout, attn } => {
                 add(format!("{name}.block1.2"), cout * cin * 9 * hw);
                 add(format!("{name}.temb_proj.1"), tdim * cout);
                 add(format!("{name}.block2.3"), cout * cout * 9 * hw);
@@ -268,11 +215,11 @@ pub fn ddpm_layer_macs(cfg: &DdpmConfig, size: usize) -> Vec<LayerMacs> {
                     add(format!("{name}.attn.bmm"), 2 * cout * hw * hw);
                 }
             }
-            DdpmBlock::Down { name, c } => {
+            Block::Down { name, c } => {
                 res /= 2;
                 add(format!("{name}.main"), c * c * 9 * res * res);
             }
-            DdpmBlock::Up { name, c } => {
+            Block::Up { name, c } => {
                 res *= 2;
                 add(format!("{name}.main"), c * c * 9 * res * res);
             }
@@ -356,9 +303,9 @@ impl Builder<'_> {
         groupnorm::groupnorm(self.g, x, w, b, GROUPS, swish, name)
     }
 
-    fn block(&mut self, block: &DdpmBlock, x: TensorId, temb_act: TensorId) -> TensorId {
+    fn block(&mut self, block: &Block, x: TensorId, temb_act: TensorId) -> TensorId {
         match block {
-            DdpmBlock::Res { name, cin, cout, attn } => {
+            Block::Res { name, cin, cout, attn } => {
                 // h = conv1(..) + temb_proj(temb) and h = conv2(..) + shortcut(x): both adds are
                 // done in the convs' epilogues, so the addends come first.
                 let h = self.gn(x, &format!("{name}.block1.0"), true);
@@ -381,8 +328,8 @@ impl Builder<'_> {
                     h
                 }
             }
-            DdpmBlock::Down { name, .. } => self.conv(x, &format!("{name}.main"), 2),
-            DdpmBlock::Up { name, .. } => {
+            Block::Down { name, .. } => self.conv(x, &format!("{name}.main"), 2),
+            Block::Up { name, .. } => {
                 let u = layout::upsample2x(self.g, x, &format!("{name}.upsample"));
                 self.conv(u, &format!("{name}.main"), 1)
             }
@@ -430,7 +377,7 @@ pub fn build_ddpm(g: &mut Graph, cfg: &DdpmConfig, x: TensorId, t: TensorId, tra
         h = b.block(block, h, temb_act);
     }
     for block in &a.up {
-        if let DdpmBlock::Res { name, .. } = block {
+        if let Block::Res { name, .. } = block {
             let skip = skips.pop().expect("one skip per up ResBlock");
             h = layout::concat_channels(b.g, h, skip, &format!("{name}.concat"));
         }

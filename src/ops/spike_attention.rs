@@ -11,7 +11,7 @@ use crate::gpu::Shader;
 use crate::graph::{grid_1d, size_u32, Cost, DType, Graph, Node, Params, TensorId};
 use crate::shader;
 
-pub static SHADER: Shader = shader!(trusted "spike_attention");
+pub static SHADER: Shader = shader!(trusted "spike_attention", uses "index");
 
 /// Uniform parameters of every spiking-attention entry (WGSL `Params`): see [`Dims`]; `d` is
 /// the head width C / heads and `scale` 1 / sqrt(N d).
