@@ -202,10 +202,9 @@ fn one_skeleton_serves_both_models() {
     assert_eq!(with, ["downblocks.3", "downblocks.4", "upblocks.4", "upblocks.5", "upblocks.6"]);
 }
 
-/// The state entries (the walk in arch.rs / ddpm.rs that names checkpoint tensors) are exactly
-/// the training graph's parameters, names and shapes, plus the BatchNorm counters the host keeps:
-/// every preset of both models, and the SNN with attention and LIF. (What lets the entries be
-/// derived from the built graph instead of a parallel walk.)
+/// The state entries (the recording pass of each model's block builder, which names checkpoint
+/// tensors) are exactly the training graph's parameters, names and shapes, plus the BatchNorm
+/// counters the host keeps: every preset of both models, and the SNN with attention and LIF.
 #[test]
 fn state_entries_are_the_training_graphs_parameters() {
     use sddpm_gpu::graph::{DType, Graph, Role};

@@ -1,8 +1,10 @@
-//! The spiking U-Net's structure, derived from a config once and walked by everything that needs
-//! it (parameter names and shapes, graph building, MAC counts), so they cannot disagree. The
-//! skeleton itself (down, middle, up with skip concats) is shared with the ANN: [`skeleton`].
+//! The spiking U-Net's structure: its skeleton (shared with the ANN: [`skeleton`]), walked once
+//! by the builder in src/model/unet.rs, which declares each module's parameters where it builds
+//! it ([`state_entries`] is its recording pass), so names, shapes and graph cannot disagree.
 
+pub use super::params::{Entry, EntryKind};
 pub use super::skeleton::{skeleton, Arch, Block};
+pub use super::unet::state_entries;
 use super::ModelConfig;
 use crate::ops::spike_attention::Dims;
 
@@ -10,89 +12,6 @@ use crate::ops::spike_attention::Dims;
 /// middle blocks (the reference's constructor).
 pub fn arch(cfg: &ModelConfig) -> Arch {
     skeleton(cfg.ch, &cfg.ch_mult, cfg.num_res_blocks, &cfg.attn, [false, false])
-}
-
-/// What kind of state_dict entry a tensor is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EntryKind {
-    /// Trained by the optimizer.
-    Trainable,
-    /// In `.parameters()` but frozen (the sinusoidal table).
-    Frozen,
-    /// BatchNorm running_mean / running_var (buffers).
-    RunningStat,
-    /// BatchNorm num_batches_tracked (int64 buffer).
-    Counter,
-}
-
-#[derive(Debug, Clone)]
-pub struct Entry {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub kind: EntryKind,
-}
-
-/// Every state_dict entry of the reference model, in the reference's order.
-pub fn state_entries(cfg: &ModelConfig) -> Vec<Entry> {
-    let mut out = Vec::new();
-    let mut push = |name: String, shape: Vec<usize>, kind| out.push(Entry { name, shape, kind });
-    let tdim = cfg.tdim();
-    push("time_embedding.timembedding.0.weight".into(), vec![cfg.diffusion_steps, cfg.ch], EntryKind::Frozen);
-    for (i, fan_in) in [(1, cfg.ch), (3, tdim)] {
-        push(format!("time_embedding.timembedding.{i}.weight"), vec![tdim, fan_in], EntryKind::Trainable);
-        push(format!("time_embedding.timembedding.{i}.bias"), vec![tdim], EntryKind::Trainable);
-    }
-    let conv = |push: &mut dyn FnMut(String, Vec<usize>, EntryKind), name: &str, cout: usize, cin: usize, k: usize| {
-        push(format!("{name}.weight"), vec![cout, cin, k, k], EntryKind::Trainable);
-        push(format!("{name}.bias"), vec![cout], EntryKind::Trainable);
-    };
-    let bn = |push: &mut dyn FnMut(String, Vec<usize>, EntryKind), name: &str, c: usize| {
-        push(format!("{name}.weight"), vec![c], EntryKind::Trainable);
-        push(format!("{name}.bias"), vec![c], EntryKind::Trainable);
-        push(format!("{name}.running_mean"), vec![c], EntryKind::RunningStat);
-        push(format!("{name}.running_var"), vec![c], EntryKind::RunningStat);
-        push(format!("{name}.num_batches_tracked"), vec![], EntryKind::Counter);
-    };
-    conv(&mut push, "conv", cfg.ch, cfg.img_ch, 3);
-    bn(&mut push, "bn", cfg.ch);
-    conv(&mut push, "conv_identity", cfg.ch, cfg.ch, 3);
-    bn(&mut push, "bn_identity", cfg.ch);
-    let a = arch(cfg);
-    for block in a.down.iter().chain(&a.middle).chain(&a.up) {
-        match block {
-            Block::Res { name, cin, cout, attn } => {
-                push(format!("{name}.temb_proj.1.weight"), vec![*cout, tdim], EntryKind::Trainable);
-                push(format!("{name}.temb_proj.1.bias"), vec![*cout], EntryKind::Trainable);
-                conv(&mut push, &format!("{name}.conv1"), *cout, *cin, 3);
-                bn(&mut push, &format!("{name}.bn1"), *cout);
-                conv(&mut push, &format!("{name}.conv2"), *cout, *cout, 3);
-                bn(&mut push, &format!("{name}.bn2"), *cout);
-                if cin != cout {
-                    conv(&mut push, &format!("{name}.shortcut"), *cout, *cin, 1);
-                }
-                if *attn {
-                    for part in ["q", "k", "v"] {
-                        conv(&mut push, &format!("{name}.attn.{part}_conv"), *cout, *cout, 1);
-                    }
-                    for part in ["q", "k", "v"] {
-                        bn(&mut push, &format!("{name}.attn.{part}_bn"), *cout);
-                    }
-                    conv(&mut push, &format!("{name}.attn.proj_conv"), *cout, *cout, 1);
-                    bn(&mut push, &format!("{name}.attn.proj_bn"), *cout);
-                }
-            }
-            Block::Down { name, c } | Block::Up { name, c } => {
-                conv(&mut push, &format!("{name}.conv"), *c, *c, 3);
-                bn(&mut push, &format!("{name}.bn"), *c);
-            }
-        }
-    }
-    bn(&mut push, "tail_bn", a.tail_ch);
-    conv(&mut push, "tail_conv", cfg.img_ch, a.tail_ch, 3);
-    push("T_output_layer.weight".into(), vec![cfg.img_ch, cfg.img_ch, 3, 3, 1], EntryKind::Trainable);
-    push("T_output_layer.bias".into(), vec![cfg.img_ch], EntryKind::Trainable);
-    bn(&mut push, "last_bn", cfg.img_ch);
-    out
 }
 
 /// Number of values in `.parameters()` (trainable + the frozen table), as the paper counts.

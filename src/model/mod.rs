@@ -10,6 +10,7 @@ mod eval;
 mod init;
 mod load;
 mod net;
+mod params;
 mod skeleton;
 mod unet;
 

@@ -2,7 +2,12 @@
 //! levels, two middle ResBlocks, up levels of one ResBlock more than down (each concatenating the
 //! skip of its mirror) with an upsample between levels. Block names are the state_dict's
 //! (`downblocks.N`, `middleblocks.N`, `upblocks.N`); what a block computes is each model's
-//! (src/model/unet.rs for the spiking U-Net, src/model/ddpm.rs for the ANN).
+//! [`BlockBuilder`] (src/model/unet.rs for the spiking U-Net, src/model/ddpm.rs for the ANN),
+//! and [`walk`] is the one walk of the skeleton: it yields the state entries (a builder's
+//! recording pass, src/model/params.rs) and the graph, from which the MAC counts are read
+//! (src/model/macs.rs). A new block type is a [`Block`] variant and its arm in each builder.
+
+use crate::graph::TensorId;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Block {
@@ -81,4 +86,43 @@ pub fn skeleton(ch: usize, ch_mult: &[usize], num_res_blocks: usize, attn: &[usi
         }
     }
     Arch { down, middle, up, tail_ch: now }
+}
+
+/// What one model builds at each point of the skeleton. Each method first declares the state
+/// entries of the modules it builds, in the reference's registration order, and returns its
+/// input unchanged when the builder is recording (src/model/params.rs); building, it appends
+/// the ops to the graph and returns the output.
+pub(crate) trait BlockBuilder {
+    /// The time embedding from timesteps t [B]: what every block's temb_proj reads.
+    fn time_embedding(&mut self, t: TensorId) -> TensorId;
+    /// The stem: image x [B, C, H, W] -> the first feature map (the first skip).
+    fn stem(&mut self, x: TensorId) -> TensorId;
+    fn block(&mut self, block: &Block, x: TensorId, temb: TensorId) -> TensorId;
+    /// An up ResBlock's input: h with the skip of its mirror appended along channels.
+    fn concat(&mut self, h: TensorId, skip: TensorId, name: &str) -> TensorId;
+    /// The tail: the last up block's output (`ch` channels) -> eps.
+    fn tail(&mut self, h: TensorId, ch: usize) -> TensorId;
+}
+
+/// Walk the skeleton once with `b`: time embedding, stem, down blocks (each output a skip),
+/// middle blocks, up blocks (each ResBlock first concatenating the latest skip), tail.
+pub(crate) fn walk(arch: &Arch, b: &mut impl BlockBuilder, x: TensorId, t: TensorId) -> TensorId {
+    let temb = b.time_embedding(t);
+    let mut h = b.stem(x);
+    let mut skips = vec![h];
+    for block in &arch.down {
+        h = b.block(block, h, temb);
+        skips.push(h);
+    }
+    for block in &arch.middle {
+        h = b.block(block, h, temb);
+    }
+    for block in &arch.up {
+        if let Block::Res { name, .. } = block {
+            let skip = skips.pop().expect("one skip per up ResBlock");
+            h = b.concat(h, skip, &format!("{name}.concat"));
+        }
+        h = b.block(block, h, temb);
+    }
+    b.tail(h, arch.tail_ch)
 }
