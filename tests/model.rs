@@ -238,3 +238,63 @@ fn state_entries_are_the_training_graphs_parameters() {
         }
     }
 }
+
+/// The MACs are read off the built inference graph (src/model/macs.rs): per image and spiking
+/// step whatever the batch, unmoved by nodes others append (the energy report's spike counts),
+/// named by the modules whose weights they read, fed by the spiking layer they read (through
+/// the Up blocks' upsample), both spiking-attention forms gated as the op says, and in
+/// state_dict order. Checked against closed forms on tiny with attention on both levels at
+/// 8 x 8 (level 0: N = 64 > d = 16, the [d, d] form; level 1: N = 16 < d = 32, the [N, N] form).
+#[test]
+fn layer_macs_are_read_off_the_graph() {
+    use sddpm_gpu::model::{eval_graph, graph_macs, layer_macs, state_entries, LayerMacs};
+    use sddpm_gpu::ops::reduce;
+    let cfg = ModelConfig { attn: vec![0, 1], ..ModelConfig::preset("tiny").unwrap() };
+    let size = 8;
+    let macs = layer_macs(&cfg, size);
+    // Batch 3 with a spike count per layer: the same list.
+    let (mut g, _, _, unet) = eval_graph(&cfg, 3, size, 1.0).unwrap();
+    for (name, s) in &unet.spikes {
+        reduce::group_sum(&mut g, *s, 1, &format!("{name}.spike_count"));
+    }
+    assert_eq!(graph_macs(&g, &unet.spikes, &state_entries(&cfg)), macs);
+    let get = |name: &str| macs.iter().find(|l| l.name == name).unwrap_or_else(|| panic!("no MACs for {name}"));
+    let fed = |l: &LayerMacs| l.fed_by.clone().unwrap_or_default();
+    let (ch, hw) = (16u64, (size * size) as u64);
+    assert_eq!((get("conv").macs, fed(get("conv"))), (ch * 3 * 9 * hw, String::new()));
+    assert_eq!(get("time_embedding.timembedding.1").macs, ch * 4 * ch);
+    assert_eq!(get("downblocks.0.temb_proj.1").macs, 4 * ch * ch);
+    // downblocks.1 halves the resolution; upblocks.2 doubles it after its neuron.
+    assert_eq!(get("downblocks.1.conv").macs, ch * ch * 9 * hw / 4);
+    assert_eq!(
+        (get("upblocks.2.conv").macs, fed(get("upblocks.2.conv"))),
+        (2 * ch * 2 * ch * 9 * hw, "upblocks.2.neuron".into())
+    );
+    assert_eq!(fed(get("downblocks.2.shortcut")), "", "a shortcut reads the block's real-valued input");
+    // The [d, d] form at level 0: k^T v gated by k, then q M gated by q; c N d MACs each.
+    let d_form = ch * hw * ch;
+    assert_eq!(
+        (get("downblocks.0.attn.kv").macs, fed(get("downblocks.0.attn.kv"))),
+        (d_form, "downblocks.0.attn.k_neuron".into())
+    );
+    assert_eq!(fed(get("downblocks.0.attn.qkv")), "downblocks.0.attn.q_neuron");
+    // The [N, N] form at level 1: q k^T gated by q, then A v gated by v; c N N MACs each.
+    let n_form = 2 * ch * (hw / 4) * (hw / 4);
+    assert_eq!(
+        (get("downblocks.2.attn.qk").macs, fed(get("downblocks.2.attn.qk"))),
+        (n_form, "downblocks.2.attn.q_neuron".into())
+    );
+    assert_eq!(
+        (get("downblocks.2.attn.qkv").macs, fed(get("downblocks.2.attn.qkv"))),
+        (n_form, "downblocks.2.attn.v_neuron".into())
+    );
+    assert_eq!(fed(get("downblocks.2.attn.k_conv")), "downblocks.2.attn.neuron");
+    // State_dict order, each attention's products after its modules.
+    let names: Vec<&str> = macs.iter().map(|l| l.name.as_str()).collect();
+    let at = |n: &str| names.iter().position(|&m| m == n).unwrap();
+    assert!(at("time_embedding.timembedding.3") < at("conv") && at("conv") < at("conv_identity"));
+    assert!(at("downblocks.0.temb_proj.1") < at("downblocks.0.conv1"));
+    assert!(at("downblocks.0.attn.proj_conv") < at("downblocks.0.attn.kv"));
+    assert!(at("downblocks.0.attn.qkv") < at("downblocks.1.conv"));
+    assert_eq!(names.last(), Some(&"T_output_layer"));
+}

@@ -15,7 +15,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::arch::LayerMacs;
+use super::macs::{net_macs, LayerMacs};
 use super::params::{Entry, EntryKind, Params};
 use super::skeleton::{skeleton, walk, Arch, Block, BlockBuilder};
 use super::unet::{time_embedding, UNet};
@@ -145,46 +145,11 @@ pub fn ddpm_parameter_count(cfg: &DdpmConfig) -> usize {
 }
 
 /// Multiply-accumulates of every conv, linear and attention product for one image at
-/// `size` x `size` (an ANN has no spiking inputs: `fed_by` is None throughout). The attention
-/// products (q^T k and P v) are charged as `{name}.attn.bmm`.
+/// `size` x `size`, read off the inference graph (src/model/macs.rs; an ANN has no spiking
+/// inputs: `fed_by` is None throughout). The attention products (q^T k and P v) are charged as
+/// `{name}.attn.bmm`.
 pub fn ddpm_layer_macs(cfg: &DdpmConfig, size: usize) -> Vec<LayerMacs> {
-    let mut out = Vec::new();
-    let mut add = |name: String, macs: usize| out.push(LayerMacs { name, macs: macs as u64, fed_by: None });
-    let tdim = cfg.tdim();
-    add("time_embedding.timembedding.1".into(), cfg.ch * tdim);
-    add("time_embedding.timembedding.3".into(), tdim * tdim);
-    add("head".into(), cfg.ch * cfg.img_ch * 9 * size * size);
-    let a = ddpm_arch(cfg);
-    let mut res = size;
-    for block in a.blocks() {
-        let hw = res * res;
-        match block {
-            Block::Res { name, cin, cout, attn } => {
-                add(format!("{name}.block1.2"), cout * cin * 9 * hw);
-                add(format!("{name}.temb_proj.1"), tdim * cout);
-                add(format!("{name}.block2.3"), cout * cout * 9 * hw);
-                if cin != cout {
-                    add(format!("{name}.shortcut"), cout * cin * hw);
-                }
-                if *attn {
-                    for p in ["proj_q", "proj_k", "proj_v", "proj"] {
-                        add(format!("{name}.attn.{p}"), cout * cout * hw);
-                    }
-                    add(format!("{name}.attn.bmm"), 2 * cout * hw * hw);
-                }
-            }
-            Block::Down { name, c } => {
-                res /= 2;
-                add(format!("{name}.main"), c * c * 9 * res * res);
-            }
-            Block::Up { name, c } => {
-                res *= 2;
-                add(format!("{name}.main"), c * c * 9 * res * res);
-            }
-        }
-    }
-    add("tail.2".into(), cfg.img_ch * a.tail_ch * 9 * size * size);
-    out
+    net_macs(&cfg.into(), size)
 }
 
 /// Fresh weights as pytorch-ddpm initialises them (distributions, not PyTorch's values):

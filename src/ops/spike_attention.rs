@@ -71,6 +71,11 @@ impl Dims {
             [("kv", "k", macs), ("qkv", "q", macs)]
         }
     }
+    /// The dims a node of this family was built with (its uniform's first four words).
+    pub fn of_params(words: &[u32]) -> Dims {
+        let [rows, c, n, heads] = [0, 1, 2, 3].map(|i| words[i] as usize);
+        Dims { rows, c, n, heads }
+    }
     fn params(&self) -> Vec<u32> {
         let [rows, c, n, heads, d] = [self.rows, self.c, self.n, self.heads, self.d()].map(size_u32);
         Params::of(&SpikeAttentionParams { rows, c, n, heads, d, scale: self.scale(), _pad0: 0, _pad1: 0 })
@@ -134,6 +139,24 @@ fn dispatch(
         read_types,
         &write_types,
     );
+}
+
+/// The product a forward node of this family computes ([`Dims::products`]), for operation
+/// counts read off a built graph: (multiply-accumulates per row, the read whose spikes gate
+/// them); None for any other node (backward included).
+pub fn node_product(node: &Node) -> Option<(u64, TensorId)> {
+    if node.shader.name != SHADER.name {
+        return None;
+    }
+    let (product, gate) = match node.entry {
+        // The first product reads (k, v) or (q, k), the second (q, M) or (A, v): the gate is
+        // the input whose spikes select the rows added, as products() says.
+        "attention_kv" | "attention_qk" => (0, node.reads[0]),
+        "attention_out" => (1, node.reads[0]),
+        "attention_av" => (1, node.reads[1]),
+        _ => return None,
+    };
+    Some((Dims::of_params(&node.params).products()[product].2, gate))
 }
 
 /// o = (q k^T) v * scale, scale = 1 / sqrt(N d), per row and head; q, k, v spikes [R, C, H, W].
