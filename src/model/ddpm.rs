@@ -266,9 +266,7 @@ impl BlockBuilder for Builder<'_> {
                 self.params.linear(&format!("{name}.temb_proj.1"), cout, self.cfg.tdim());
                 self.params.affine(&format!("{name}.block2.0"), cout);
                 self.params.conv(&format!("{name}.block2.3"), cout, cout, 3);
-                if cin != cout {
-                    self.params.conv(&format!("{name}.shortcut"), cout, cin, 1);
-                }
+                self.params.shortcut(name, cin, cout);
                 if *attn {
                     self.declare_attention(&format!("{name}.attn"), cout);
                 }

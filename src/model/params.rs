@@ -103,6 +103,14 @@ impl Params {
         self.weighted(name, vec![cout, cin, k, k]);
     }
 
+    /// A residual block's 1x1 `shortcut` conv, present where the block changes the channel count
+    /// (both U-Nets name and shape it alike).
+    pub fn shortcut(&mut self, block: &str, cin: usize, cout: usize) {
+        if cin != cout {
+            self.conv(&format!("{block}.shortcut"), cout, cin, 1);
+        }
+    }
+
     /// A Linear inp -> out with bias.
     pub fn linear(&mut self, name: &str, out: usize, inp: usize) {
         self.weighted(name, vec![out, inp]);

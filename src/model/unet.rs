@@ -275,9 +275,7 @@ impl BlockBuilder for Builder<'_> {
                 self.params.batchnorm(&format!("{name}.bn1"), cout);
                 self.params.conv(&format!("{name}.conv2"), cout, cout, 3);
                 self.params.batchnorm(&format!("{name}.bn2"), cout);
-                if cin != cout {
-                    self.params.conv(&format!("{name}.shortcut"), cout, cin, 1);
-                }
+                self.params.shortcut(name, cin, cout);
                 if *attn {
                     self.declare_attention(&format!("{name}.attn"), cout);
                 }
