@@ -7,6 +7,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod diffusion;
+pub mod dist;
 pub mod energy;
 pub mod fid;
 pub mod fsutil;

@@ -88,6 +88,13 @@ enum Command {
         snn_steps: Option<usize>,
         #[arg(long, default_value_t = 2e-4, allow_negative_numbers = true)]
         lr: f32,
+        /// BatchNorm statistics over G groups of the batch, running statistics from group 0
+        /// (default: one per MPI rank): one device reproduces G-GPU data-parallel training.
+        #[arg(long, value_name = "G")]
+        bn_groups: Option<usize>,
+        /// IN holds K consecutive batches (K*B rows); run them in order, one JSON line each.
+        #[arg(long, value_name = "K", default_value_t = 1)]
+        steps: usize,
     },
     /// Convert a checkpoint (an official SDDPM or pytorch-ddpm .pt, or ours) into a safetensors
     /// checkpoint with its config in the metadata; no Python needed.
@@ -269,6 +276,10 @@ struct TrainArgs {
     /// Keep an EMA of the weights with this decay, e.g. 0.9999 (the reference: off).
     #[arg(long, allow_negative_numbers = true)]
     ema: Option<f32>,
+    /// BatchNorm statistics over G groups of the batch, running statistics from group 0: one
+    /// device trains as G-GPU data parallelism does (`--batch 32 --bn-groups 8`: the paper's run).
+    #[arg(long, value_name = "G", default_value_t = 1)]
+    bn_groups: usize,
     /// Spiking time steps T (default 4).
     #[arg(long)]
     snn_steps: Option<usize>,
@@ -296,7 +307,7 @@ struct TrainArgs {
     out: Option<PathBuf>,
     /// Continue the run in this folder from its checkpoint, bit-identically (only --steps may
     /// change).
-    #[arg(long, conflicts_with_all = ["out", "preset", "data", "batch", "lr", "seed", "snn_steps", "size", "warmup", "ema", "model", "attn", "heads", "neuron", "tau"])]
+    #[arg(long, conflicts_with_all = ["out", "preset", "data", "batch", "lr", "seed", "snn_steps", "size", "warmup", "ema", "bn_groups", "model", "attn", "heads", "neuron", "tau"])]
     resume: Option<PathBuf>,
     /// Write a sample grid every N steps (0: only at the end).
     #[arg(long, default_value_t = 0)]
@@ -436,8 +447,9 @@ fn main() -> ExitCode {
         Command::Profile(args) => profile(cli.adapter.as_deref(), &args),
         Command::Energy(args) => energy(cli.adapter.as_deref(), &args),
         Command::Fid(args) => fid(cli.adapter.as_deref(), &args),
-        Command::TrainStep { checkpoint, input, output, snn_steps, lr } => {
-            train_step(cli.adapter.as_deref(), &checkpoint, &input, &output, snn_steps, lr)
+        Command::TrainStep { checkpoint, input, output, snn_steps, lr, bn_groups, steps } => {
+            let a = run::TrainStepArgs { checkpoint, input, output, snn_steps, lr, bn_groups, steps };
+            train_step(cli.adapter.as_deref(), &a)
         }
         Command::Convert(args) => convert(&args),
     };
@@ -834,6 +846,7 @@ fn train(adapter: Option<&str>, a: &TrainArgs) -> Result<()> {
                 lr: a.lr,
                 warmup: a.warmup,
                 ema: a.ema,
+                bn_groups: a.bn_groups,
                 seed: a.seed,
                 steps: a.steps.unwrap_or(300),
                 sample_every: a.sample_every,
@@ -890,32 +903,11 @@ fn check_new_run(cfg: &RunConfig, dir: &std::path::Path) -> Result<()> {
     }
 }
 
-fn train_step(
-    adapter: Option<&str>,
-    ckpt_path: &std::path::Path,
-    input: &std::path::Path,
-    output: &std::path::Path,
-    snn_steps: Option<usize>,
-    lr: f32,
-) -> Result<()> {
-    check_lr(lr)?;
-    // A training step continues the trained weights, never their EMA.
-    let (ckpt, cfg) = weights::open(ckpt_path, Some(Which::Raw), snn_steps)?;
-    let inp = TensorFile::load(input)?;
-    let x0 = inp.get_images("x0", cfg.img_ch())?;
-    let shape = x0.shape.clone();
-    let noise = inp.get("noise")?;
-    if noise.shape != shape {
-        bail!("{}: 'noise' must have the shape of 'x0' {:?}, got {:?}", input.display(), shape, noise.shape);
-    }
-    let steps = inp.get_timesteps("t", shape[0], cfg.diffusion_steps())?;
+fn train_step(adapter: Option<&str>, a: &run::TrainStepArgs) -> Result<()> {
+    check_lr(a.lr)?;
+    let comm = sddpm_gpu::dist::world()?;
     let ctx = Context::new(adapter)?;
-    let opts = TrainOptions { lr, given_noise: true, ..Default::default() };
-    let mut trainer = Trainer::new(&ctx, &cfg, &ckpt, shape[0], shape[2], opts)?;
-    let stats = trainer.step(&ctx, &x0.data, &steps, Some(&noise.data), 0)?;
-    trainer.save(&ctx, output, HashMap::new())?;
-    println!("{}", serde_json::json!({ "loss": stats.loss, "grad_norm": stats.grad_norm }));
-    Ok(())
+    run::train_step(&ctx, comm.as_ref(), a)
 }
 
 /// The net `profile` describes: the checkpoint's, or a preset (with --attn/--heads for the SNN).

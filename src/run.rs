@@ -32,6 +32,9 @@ pub struct RunConfig {
     pub lr: f32,
     pub warmup: u64,
     pub ema: Option<f32>,
+    /// BatchNorm groups of every batch (`--bn-groups`; 1: the whole batch).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub bn_groups: usize,
     pub seed: u64,
     /// Total optimizer steps of the run.
     pub steps: u64,
@@ -76,11 +79,29 @@ struct Identity {
     warmup: u64,
     ema: Option<f32>,
     seed: u64,
+    /// Absent in checkpoints from before --bn-groups: one group.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    bn_groups: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(v: &usize) -> bool {
+    *v == 1
 }
 
 impl RunConfig {
     fn identity(&self) -> Identity {
-        Identity { batch: self.batch, lr: self.lr, warmup: self.warmup, ema: self.ema, seed: self.seed }
+        Identity {
+            batch: self.batch,
+            lr: self.lr,
+            warmup: self.warmup,
+            ema: self.ema,
+            seed: self.seed,
+            bn_groups: self.bn_groups,
+        }
     }
 
     /// Check every number before any work: the model builds at its size, and the optimizer and
@@ -89,6 +110,16 @@ impl RunConfig {
         self.model.validate_run(self.model.img_size(), self.batch.max(1))?;
         if self.batch == 0 {
             bail!("batch must be at least 1 (--batch)");
+        }
+        if self.bn_groups == 0 || !self.batch.is_multiple_of(self.bn_groups) {
+            bail!(
+                "bn_groups (--bn-groups) {} must be at least 1 and divide the batch of {}",
+                self.bn_groups,
+                self.batch
+            );
+        }
+        if self.bn_groups > 1 && matches!(self.model, Net::Ddpm(_)) {
+            bail!("bn_groups (--bn-groups) applies to the SNN's BatchNorm; the ANN (--model ddpm) has none");
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             bail!("lr (--lr) must be a positive finite learning rate, got {}", self.lr);
@@ -326,7 +357,8 @@ fn train_locked(ctx: &Context, cfg: &mut RunConfig, dir: &Path, resume: bool, st
         ctx.tuning.lock().unwrap().pinned.extend(cfg.variants.clone());
         crate::tune::pin_recorded(ctx, &start.metadata, &ckpt_path.display().to_string())?;
     }
-    let opts = TrainOptions { lr: cfg.lr, warmup: cfg.warmup, ema: cfg.ema, ..Default::default() };
+    let opts =
+        TrainOptions { lr: cfg.lr, warmup: cfg.warmup, ema: cfg.ema, bn_groups: cfg.bn_groups, ..Default::default() };
     tune_run(ctx, cfg, &opts)?;
     let mut trainer = Trainer::new(ctx, &cfg.model, &start, cfg.batch, cfg.model.img_size(), opts)?;
     signal::check()?;
@@ -566,4 +598,75 @@ impl FidEval {
             "FID",
         )
     }
+}
+
+/// What `sddpm-gpu train-step` reads and writes (see [`train_step`]).
+#[derive(Debug, Clone)]
+pub struct TrainStepArgs {
+    pub checkpoint: PathBuf,
+    pub input: PathBuf,
+    pub output: PathBuf,
+    pub snn_steps: Option<usize>,
+    pub lr: f32,
+    /// BatchNorm groups of the global batch (None: one per rank, as data-parallel training).
+    pub bn_groups: Option<usize>,
+    /// Consecutive global batches in the input (`--steps`).
+    pub steps: usize,
+}
+
+/// Training steps for parity checks: the input holds `x0` [K*B, C, H, W], `t` [K*B] and `noise`
+/// for K = `steps` consecutive global batches of B images (step k: rows k*B..); they run in
+/// order, one JSON line per step (`step`, `loss`, `grad_norm` before clipping, both global).
+/// Under several ranks each takes its share of every batch (rows k*B + r*B/N..) and rank 0
+/// alone writes the output checkpoint (weights, BN statistics, Adam state).
+pub fn train_step(ctx: &Context, comm: &dyn crate::dist::Comm, a: &TrainStepArgs) -> Result<()> {
+    // A training step continues the trained weights, never their EMA.
+    let (ckpt, cfg) = crate::weights::open(&a.checkpoint, Some(crate::weights::Which::Raw), a.snn_steps)?;
+    let inp = crate::checkpoint::TensorFile::load(&a.input)?;
+    let x0 = inp.get_images("x0", cfg.img_ch())?;
+    let shape = x0.shape.clone();
+    let noise = inp.get("noise")?;
+    if noise.shape != shape {
+        bail!("{}: 'noise' must have the shape of 'x0' {:?}, got {:?}", a.input.display(), shape, noise.shape);
+    }
+    let t = inp.get_timesteps("t", shape[0], cfg.diffusion_steps())?;
+    if a.steps == 0 || !shape[0].is_multiple_of(a.steps) {
+        bail!(
+            "--steps {}: {} holds {} images, not a whole number of batches for {} steps",
+            a.steps,
+            a.input.display(),
+            shape[0],
+            a.steps
+        );
+    }
+    let batch = shape[0] / a.steps;
+    let share = crate::dist::share(batch, comm, "the batch of")?;
+    let ranks = comm.size();
+    let groups = a.bn_groups.unwrap_or(ranks);
+    if groups == 0 || !groups.is_multiple_of(ranks) {
+        bail!("--bn-groups {groups} must be a multiple of the {ranks} ranks (each rank takes whole groups)");
+    }
+    let opts = TrainOptions { lr: a.lr, given_noise: true, bn_groups: groups / ranks, ranks, ..Default::default() };
+    let mut trainer = Trainer::new(ctx, &cfg, &ckpt, share.len(), shape[2], opts)?;
+    trainer.image_base = share.start;
+    let per: usize = shape[1..].iter().product();
+    for k in 0..a.steps {
+        let rows = k * batch + share.start..k * batch + share.end;
+        let images = rows.start * per..rows.end * per;
+        let stats = trainer.step_with(ctx, comm, &x0.data[images.clone()], &t[rows], Some(&noise.data[images]), 0)?;
+        if comm.rank() == 0 {
+            println!("{}", serde_json::json!({ "step": k + 1, "loss": stats.loss, "grad_norm": stats.grad_norm }));
+        }
+    }
+    if ranks > 1 {
+        comm.check_same(trainer.param_checksum(ctx)?, "the parameters")?;
+    }
+    if comm.rank() == 0 {
+        let mut meta = HashMap::new();
+        if groups > 1 {
+            meta.insert("bn_groups".to_string(), groups.to_string());
+        }
+        trainer.save(ctx, &a.output, meta)?;
+    }
+    Ok(())
 }

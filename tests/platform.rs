@@ -106,6 +106,7 @@ fn trusted_kernels_without_bounds_checks_give_the_same_bits() {
         bias: g.param("bn.bias", &[cout]),
         running_mean: g.param("bn.running_mean", &[cout]),
         running_var: g.param("bn.running_var", &[cout]),
+        groups: batchnorm::BnGroups::ONE,
     };
     let s = neuron::neuron_forward(&mut g, x, t, neuron::Neuron::default(), "neuron");
     let y = conv::conv2d(&mut g, s, cw, Some(cb), 2, 1, "conv");

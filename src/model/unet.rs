@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use super::arch::{arch, state_entries, Block, EntryKind};
 use super::ModelConfig;
 use crate::graph::{Graph, TensorId};
-use crate::ops::batchnorm::{self, BnParams};
+use crate::ops::batchnorm::{self, BnGroups, BnParams};
 use crate::ops::neuron::Neuron;
 use crate::ops::{conv, elementwise, embedding, layout, matmul, neuron, readout, spike_attention};
 
@@ -87,6 +87,8 @@ struct Builder<'a> {
     heads: usize,
     /// Training form: BatchNorm with batch statistics, neurons saving what backward needs.
     train: bool,
+    /// How training BatchNorm cuts the batch.
+    bn_groups: BnGroups,
     spikes: Vec<(String, TensorId)>,
 }
 
@@ -107,6 +109,7 @@ impl Builder<'_> {
             bias: self.p(&format!("{name}.bias")),
             running_mean: self.p(&format!("{name}.running_mean")),
             running_var: self.p(&format!("{name}.running_var")),
+            groups: self.bn_groups,
         }
     }
 
@@ -269,17 +272,19 @@ impl Builder<'_> {
 /// BatchNorm uses running statistics; every neuron is the config's, firing at `v_th` (threshold
 /// guidance; 1.0 as trained).
 pub fn build_eval(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, v_th: f32) -> UNet {
-    build(g, cfg, x, t, cfg.neuron_at(v_th), false)
+    build(g, cfg, x, t, cfg.neuron_at(v_th), None)
 }
 
 /// Append the training-mode U-Net: BatchNorm over the batch statistics of all T*B*H*W values
 /// (running statistics updated in place), neurons saving their membranes, every op recorded on
-/// the tape for [`crate::graph::backward`].
-pub fn build_train(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId) -> UNet {
-    build(g, cfg, x, t, cfg.neuron_at(1.0), true)
+/// the tape for [`crate::graph::backward`]. With `bn_groups`, BatchNorm normalises each group of
+/// the batch by its own statistics (see [`BnGroups`]).
+pub fn build_train(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, bn_groups: BnGroups) -> UNet {
+    build(g, cfg, x, t, cfg.neuron_at(1.0), Some(bn_groups))
 }
 
-fn build(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neuron, train: bool) -> UNet {
+/// `train`: the training form with those BatchNorm groups; None: inference.
+fn build(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neuron, train: Option<BnGroups>) -> UNet {
     let shapes =
         state_entries(cfg).into_iter().filter(|e| e.kind != EntryKind::Counter).map(|e| (e.name, e.shape)).collect();
     let mut b = Builder {
@@ -290,10 +295,11 @@ fn build(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neu
         t: cfg.snn_steps,
         neuron,
         heads: cfg.heads,
-        train,
+        train: train.is_some(),
+        bn_groups: train.unwrap_or(BnGroups::ONE),
         spikes: Vec::new(),
     };
-    if train {
+    if b.train {
         // Training updates every parameter and statistic: declare them all, in state_dict order.
         let names: Vec<String> = b.shapes.keys().cloned().collect();
         for n in names {
@@ -308,7 +314,7 @@ fn build(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neu
     // its output is repeated: identical numbers, T times less work. At inference BN (running
     // statistics) is per image too and runs before the repeat; in training it needs the batch
     // statistics over all T*B copies (they enter the unbiased running variance) and runs after.
-    let s = if train {
+    let s = if b.train {
         let (w, bias) = (b.p("conv.weight"), b.p("conv.bias"));
         let h = conv::conv2d(b.g, x, w, Some(bias), 1, 1, "conv");
         let h = layout::repeat_leading(b.g, h, b.t, "repeat_time");
@@ -338,7 +344,7 @@ fn build(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neu
     }
 
     // Tail: BN -> Swish -> conv (per step), then the (3,3,1) conv3d branch added residually.
-    let h = if train {
+    let h = if b.train {
         // BN's apply, the Swish and (below) the residual add run as one kernel in training.
         let bn = b.bn("tail_bn");
         batchnorm::batchnorm_train_swish(b.g, h, bn, None, "tail_bn")
@@ -350,7 +356,7 @@ fn build(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neu
     let h = conv::conv2d(b.g, h, w, Some(bias), 1, 1, "tail_conv");
     let (w, bias) = b.conv_params("T_output_layer", "last_bn");
     let o = conv::conv3d_331(b.g, h, w, Some(bias), "T_output_layer");
-    let h = if train {
+    let h = if b.train {
         let bn = b.bn("last_bn");
         batchnorm::batchnorm_train_swish(b.g, o, bn, Some(h), "last_bn")
     } else {
