@@ -907,7 +907,13 @@ fn train_step(adapter: Option<&str>, a: &run::TrainStepArgs) -> Result<()> {
     check_lr(a.lr)?;
     let comm = sddpm_gpu::dist::world()?;
     let ctx = Context::new(adapter)?;
-    run::train_step(&ctx, comm.as_ref(), a)
+    let result = run::train_step(&ctx, comm.as_ref(), a);
+    if let (Err(e), true) = (&result, comm.size() > 1) {
+        // The others may wait in a collective: end them all rather than leave them hanging.
+        eprintln!("error: rank {}: {e:#}", comm.rank());
+        comm.abort(1);
+    }
+    result
 }
 
 /// The net `profile` describes: the checkpoint's, or a preset (with --attn/--heads for the SNN).

@@ -44,6 +44,10 @@ pub trait Comm {
         Ok(out)
     }
 
+    /// Ends every rank at once (MPI_Abort): a rank that fails must not leave the others waiting
+    /// in a collective. Nothing to do in one process.
+    fn abort(&self, _code: i32) {}
+
     /// The (smallest, largest) of `v` over all ranks.
     fn min_max(&self, v: u64) -> Result<(u64, u64)>;
 

@@ -34,10 +34,10 @@ fn check(code: c_int, what: &str, rank: usize) -> Result<()> {
 }
 
 impl Mpi {
-    /// MPI_Init (MPI_THREAD_FUNNELED: only the main thread calls MPI) and the world, with
+    /// MPI_Init (MPI_THREAD_SERIALIZED: one thread at a time, not always the main one: test harnesses) and the world, with
     /// errors returned.
     pub fn init() -> Result<Mpi> {
-        let Some((universe, _)) = mpi::initialize_with_threading(mpi::Threading::Funneled) else {
+        let Some((universe, _)) = mpi::initialize_with_threading(mpi::Threading::Serialized) else {
             bail!("MPI was already initialised in this process");
         };
         let world = universe.world();
@@ -49,7 +49,22 @@ impl Mpi {
     }
 }
 
+impl Drop for Mpi {
+    /// A rank that panics ends the whole job: finalising while the others wait in a collective
+    /// would hang them.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.abort(101);
+        }
+    }
+}
+
 impl Comm for Mpi {
+    fn abort(&self, code: i32) {
+        // SAFETY: the world communicator; MPI_Abort does not return on success.
+        unsafe { ffi::MPI_Abort(self.world.as_raw(), code) };
+    }
+
     fn rank(&self) -> usize {
         self.rank
     }
