@@ -48,7 +48,7 @@ fn main() -> Result<()> {
     let size = cfg.img_size();
     let ch = cfg.img_ch();
     let ctx = Context::new(None)?;
-    ctx.tuning.lock().unwrap().enabled = false;
+    sddpm_gpu::tune::tuning(&ctx).lock().unwrap().enabled = false;
     let data = sddpm_gpu::data::load(None, size)?;
     let images = |step: u64| {
         let b = sddpm_gpu::data::batch_at(&data, batch, 1, step, cfg.diffusion_steps());

@@ -20,10 +20,6 @@ struct Params {
 
 const STREAM_DROPOUT: u32 = 3u;
 
-fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return (wid.y * nwg.x + wid.x) * 256u + lid;
-}
-
 fn kept(i: u32) -> bool {
     let r = philox(vec4<u32>(i, p.layer, key[2], STREAM_DROPOUT), vec2<u32>(key[0], key[1]));
     return r.x >= p.threshold;

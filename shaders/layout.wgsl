@@ -26,10 +26,6 @@ struct Params {
 @group(0) @binding(1) var<storage, read> a_bits: array<u32>;
 @group(0) @binding(2) var<storage, read_write> y_bits: array<u32>;
 
-fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return (wid.y * nwg.x + wid.x) * 256u + lid;
-}
-
 // p.h, p.w are the input height/width; output is 2h x 2w.
 @compute @workgroup_size(256)
 fn upsample2x(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,

@@ -19,10 +19,6 @@ struct Params {
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 
-fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return (wid.y * nwg.x + wid.x) * 256u + lid;
-}
-
 // Lower index, upper index and weight of the upper one along an axis of `size` input pixels.
 fn source(o: u32, scale: f32, size: u32) -> vec3<f32> {
     let s = max(scale * (f32(o) + 0.5) - 0.5, 0.0);

@@ -40,10 +40,6 @@ fn gaussian(element: u32, image: u32, step: u32, stream: u32) -> f32 {
     return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
 }
 
-fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return (wid.y * nwg.x + wid.x) * 256u + lid;
-}
-
 // ---- bindings --------------------------------------------------------------------------------
 
 @group(0) @binding(1) var<storage, read> coef: array<f32>;

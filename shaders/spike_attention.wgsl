@@ -44,10 +44,6 @@ fn spike_at(word: u32, i: u32) -> f32 {
     return f32((word >> (i & 31u)) & 1u);
 }
 
-fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return (wid.y * nwg.x + wid.x) * 256u + lid;
-}
-
 // Register tiles: every kernel computes 4x4 outputs per invocation, so each loaded
 // value feeds 4 multiply-adds; rows and columns past the edge read the last valid one (clamped)
 // and are never stored, as in matmul.wgsl.
@@ -57,6 +53,25 @@ fn tiles(len: u32) -> u32 {
 
 fn clamped4(start: u32, len: u32) -> vec4<u32> {
     return min(vec4<u32>(start) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(len - 1u));
+}
+
+// The 4x4 output tile of invocation `idx`, for a grid of `ta` x `tb` tiles per (row, head): rh =
+// row * heads + head (which [d, d] or [N, N] matrix), the offset of the head's first channel in
+// q, k, v, o and go, and the tile's first output coordinates a0 (slow) and b0 (fast). Every kernel
+// below is one such tile: it accumulates with outer4 and stores the in-range part.
+struct Tile {
+    rh: u32, base: u32, a0: u32, b0: u32, inside: bool,
+}
+
+fn tile_of(idx: u32, ta: u32, tb: u32) -> Tile {
+    let rh = idx / (tb * ta);
+    let base = ((rh / p.heads) * p.c + (rh % p.heads) * p.d) * p.n;
+    return Tile(rh, base, ((idx / tb) % ta) * 4u, (idx % tb) * 4u, idx < p.rows * p.heads * ta * tb);
+}
+
+// acc[a] += x[a] * y: one step of the 4x4 outer-product accumulation.
+fn outer4(acc: array<vec4<f32>, 4>, x: vec4<f32>, y: vec4<f32>) -> array<vec4<f32>, 4> {
+    return array<vec4<f32>, 4>(acc[0] + x[0] * y, acc[1] + x[1] * y, acc[2] + x[2] * y, acc[3] + x[3] * y);
 }
 
 // ---- attention_kv: reads k, v (spikes), writes M -------------------------------------------------
@@ -72,31 +87,25 @@ fn load_kv_v(i: u32) -> f32 { return spike_at(kv_v[i >> 5u], i); }
 fn attention_kv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
     // One invocation per 4x4 tile (i, j) of M.
-    let idx = flat_index(wid, nwg, lid);
     let tb = tiles(p.d);
-    if (idx >= p.rows * p.heads * tb * tb) {
+    let t = tile_of(flat_index(wid, nwg, lid), tb, tb);
+    if (!t.inside) {
         return;
     }
-    let j0 = (idx % tb) * 4u;
-    let i0 = ((idx / tb) % tb) * 4u;
-    let rh = idx / (tb * tb);
-    let h = rh % p.heads;
-    let r = rh / p.heads;
-    let base = (r * p.c + h * p.d) * p.n;
+    let base = t.base;
+    let i0 = t.a0;
+    let j0 = t.b0;
     let krow = vec4<u32>(base) + clamped4(i0, p.d) * p.n;
     let vrow = vec4<u32>(base) + clamped4(j0, p.d) * p.n;
-    var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    var acc = array<vec4<f32>, 4>();
     for (var n = 0u; n < p.n; n++) {
         let kq = vec4<f32>(load_kv_k(krow[0] + n), load_kv_k(krow[1] + n), load_kv_k(krow[2] + n),
                            load_kv_k(krow[3] + n));
         let vq = vec4<f32>(load_kv_v(vrow[0] + n), load_kv_v(vrow[1] + n), load_kv_v(vrow[2] + n),
                            load_kv_v(vrow[3] + n));
-        acc[0] += kq[0] * vq;
-        acc[1] += kq[1] * vq;
-        acc[2] += kq[2] * vq;
-        acc[3] += kq[3] * vq;
+        acc = outer4(acc, kq, vq);
     }
-    let m0 = (r * p.heads + h) * p.d * p.d;
+    let m0 = t.rh * p.d * p.d;
     for (var a = 0u; a < 4u && i0 + a < p.d; a++) {
         for (var b = 0u; b < 4u && j0 + b < p.d; b++) {
             kv_m[m0 + (i0 + a) * p.d + j0 + b] = acc[a][b];
@@ -116,32 +125,26 @@ fn load_out_q(i: u32) -> f32 { return spike_at(out_q[i >> 5u], i); }
 fn attention_out(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32) {
     // One invocation per tile of 4 channels j x 4 positions n of one head.
-    let idx = flat_index(wid, nwg, lid);
     let tn = tiles(p.n);
     let tj = tiles(p.d);
-    if (idx >= p.rows * p.heads * tj * tn) {
+    let t = tile_of(flat_index(wid, nwg, lid), tj, tn);
+    if (!t.inside) {
         return;
     }
-    let n0 = (idx % tn) * 4u;
-    let j0 = ((idx / tn) % tj) * 4u;
-    let rh = idx / (tn * tj);
-    let h = rh % p.heads;
-    let r = rh / p.heads;
-    let base = (r * p.c + h * p.d) * p.n;
+    let base = t.base;
+    let j0 = t.a0;
+    let n0 = t.b0;
     let ncol = clamped4(n0, p.n);
     let jcol = clamped4(j0, p.d);
-    let m0 = (r * p.heads + h) * p.d * p.d;
-    var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    let m0 = t.rh * p.d * p.d;
+    var acc = array<vec4<f32>, 4>();
     for (var i = 0u; i < p.d; i++) {
         let qrow = base + i * p.n;
         let qq = vec4<f32>(load_out_q(qrow + ncol[0]), load_out_q(qrow + ncol[1]), load_out_q(qrow + ncol[2]),
                            load_out_q(qrow + ncol[3]));
         let mrow = m0 + i * p.d;
         let mq = vec4<f32>(out_m[mrow + jcol[0]], out_m[mrow + jcol[1]], out_m[mrow + jcol[2]], out_m[mrow + jcol[3]]);
-        acc[0] += mq[0] * qq;
-        acc[1] += mq[1] * qq;
-        acc[2] += mq[2] * qq;
-        acc[3] += mq[3] * qq;
+        acc = outer4(acc, mq, qq);
     }
     for (var a = 0u; a < 4u && j0 + a < p.d; a++) {
         for (var b = 0u; b < 4u && n0 + b < p.n; b++) {
@@ -162,30 +165,24 @@ fn load_gm_q(i: u32) -> f32 { return spike_at(gm_q[i >> 5u], i); }
 fn attention_grad_m(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                     @builtin(local_invocation_index) lid: u32) {
     // One invocation per 4x4 tile (i, j) of dM.
-    let idx = flat_index(wid, nwg, lid);
     let tb = tiles(p.d);
-    if (idx >= p.rows * p.heads * tb * tb) {
+    let t = tile_of(flat_index(wid, nwg, lid), tb, tb);
+    if (!t.inside) {
         return;
     }
-    let j0 = (idx % tb) * 4u;
-    let i0 = ((idx / tb) % tb) * 4u;
-    let rh = idx / (tb * tb);
-    let h = rh % p.heads;
-    let r = rh / p.heads;
-    let base = (r * p.c + h * p.d) * p.n;
+    let base = t.base;
+    let i0 = t.a0;
+    let j0 = t.b0;
     let qrow = vec4<u32>(base) + clamped4(i0, p.d) * p.n;
     let grow = vec4<u32>(base) + clamped4(j0, p.d) * p.n;
-    var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    var acc = array<vec4<f32>, 4>();
     for (var n = 0u; n < p.n; n++) {
         let qq = vec4<f32>(load_gm_q(qrow[0] + n), load_gm_q(qrow[1] + n), load_gm_q(qrow[2] + n),
                            load_gm_q(qrow[3] + n));
         let gq = vec4<f32>(gm_go[grow[0] + n], gm_go[grow[1] + n], gm_go[grow[2] + n], gm_go[grow[3] + n]);
-        acc[0] += qq[0] * gq;
-        acc[1] += qq[1] * gq;
-        acc[2] += qq[2] * gq;
-        acc[3] += qq[3] * gq;
+        acc = outer4(acc, qq, gq);
     }
-    let m0 = (r * p.heads + h) * p.d * p.d;
+    let m0 = t.rh * p.d * p.d;
     for (var a = 0u; a < 4u && i0 + a < p.d; a++) {
         for (var b = 0u; b < 4u && j0 + b < p.d; b++) {
             gm_dm[m0 + (i0 + a) * p.d + j0 + b] = acc[a][b] * p.scale;
@@ -211,24 +208,21 @@ fn load_g_v(i: u32) -> f32 { return spike_at(g_v[i >> 5u], i); }
 fn attention_grad_qkv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) lid: u32) {
     // One invocation per tile of 4 channels a x 4 positions n of one head, for dq, dk and dv.
-    let idx = flat_index(wid, nwg, lid);
     let tn = tiles(p.n);
     let ta = tiles(p.d);
-    if (idx >= p.rows * p.heads * ta * tn) {
+    let t = tile_of(flat_index(wid, nwg, lid), ta, tn);
+    if (!t.inside) {
         return;
     }
-    let n0 = (idx % tn) * 4u;
-    let a0 = ((idx / tn) % ta) * 4u;
-    let rh = idx / (tn * ta);
-    let h = rh % p.heads;
-    let r = rh / p.heads;
-    let base = (r * p.c + h * p.d) * p.n;
+    let base = t.base;
+    let a0 = t.a0;
+    let n0 = t.b0;
     let ncol = clamped4(n0, p.n);
     let acol = clamped4(a0, p.d);
-    let m0 = (r * p.heads + h) * p.d * p.d;
-    var dq = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
-    var dk = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
-    var dv = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    let m0 = t.rh * p.d * p.d;
+    var dq = array<vec4<f32>, 4>();
+    var dk = array<vec4<f32>, 4>();
+    var dv = array<vec4<f32>, 4>();
     for (var j = 0u; j < p.d; j++) {
         let row = base + j * p.n;
         let gq = vec4<f32>(g_go[row + ncol[0]], g_go[row + ncol[1]], g_go[row + ncol[2]], g_go[row + ncol[3]]);
@@ -243,11 +237,9 @@ fn attention_grad_qkv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
                             g_dm[m0 + acol[2] * p.d + j], g_dm[m0 + acol[3] * p.d + j]);
         let dmr = vec4<f32>(g_dm[m0 + j * p.d + acol[0]], g_dm[m0 + j * p.d + acol[1]],
                             g_dm[m0 + j * p.d + acol[2]], g_dm[m0 + j * p.d + acol[3]]);
-        for (var a = 0u; a < 4u; a++) {
-            dq[a] += mc[a] * gq;
-            dk[a] += dmc[a] * vq;
-            dv[a] += dmr[a] * kq;
-        }
+        dq = outer4(dq, mc, gq);
+        dk = outer4(dk, dmc, vq);
+        dv = outer4(dv, dmr, kq);
     }
     for (var a = 0u; a < 4u && a0 + a < p.d; a++) {
         for (var b = 0u; b < 4u && n0 + b < p.n; b++) {
@@ -272,32 +264,26 @@ fn load_qk_k(i: u32) -> f32 { return spike_at(qk_k[i >> 5u], i); }
 fn attention_qk(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
     // One invocation per 4x4 tile (n, m) of A.
-    let idx = flat_index(wid, nwg, lid);
     let tb = tiles(p.n);
-    if (idx >= p.rows * p.heads * tb * tb) {
+    let t = tile_of(flat_index(wid, nwg, lid), tb, tb);
+    if (!t.inside) {
         return;
     }
-    let m0 = (idx % tb) * 4u;
-    let n0 = ((idx / tb) % tb) * 4u;
-    let rh = idx / (tb * tb);
-    let h = rh % p.heads;
-    let r = rh / p.heads;
-    let base = (r * p.c + h * p.d) * p.n;
+    let base = t.base;
+    let n0 = t.a0;
+    let m0 = t.b0;
     let ncol = clamped4(n0, p.n);
     let mcol = clamped4(m0, p.n);
-    var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    var acc = array<vec4<f32>, 4>();
     for (var i = 0u; i < p.d; i++) {
         let row = base + i * p.n;
         let qq = vec4<f32>(load_qk_q(row + ncol[0]), load_qk_q(row + ncol[1]), load_qk_q(row + ncol[2]),
                            load_qk_q(row + ncol[3]));
         let kq = vec4<f32>(load_qk_k(row + mcol[0]), load_qk_k(row + mcol[1]), load_qk_k(row + mcol[2]),
                            load_qk_k(row + mcol[3]));
-        acc[0] += qq[0] * kq;
-        acc[1] += qq[1] * kq;
-        acc[2] += qq[2] * kq;
-        acc[3] += qq[3] * kq;
+        acc = outer4(acc, qq, kq);
     }
-    let a0 = (r * p.heads + h) * p.n * p.n;
+    let a0 = t.rh * p.n * p.n;
     for (var a = 0u; a < 4u && n0 + a < p.n; a++) {
         for (var b = 0u; b < 4u && m0 + b < p.n; b++) {
             qk_a[a0 + (n0 + a) * p.n + m0 + b] = acc[a][b];
@@ -317,29 +303,23 @@ fn load_av_v(i: u32) -> f32 { return spike_at(av_v[i >> 5u], i); }
 fn attention_av(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
     // One invocation per tile of 4 channels j x 4 positions n of one head.
-    let idx = flat_index(wid, nwg, lid);
     let tn = tiles(p.n);
     let tj = tiles(p.d);
-    if (idx >= p.rows * p.heads * tj * tn) {
+    let t = tile_of(flat_index(wid, nwg, lid), tj, tn);
+    if (!t.inside) {
         return;
     }
-    let n0 = (idx % tn) * 4u;
-    let j0 = ((idx / tn) % tj) * 4u;
-    let rh = idx / (tn * tj);
-    let h = rh % p.heads;
-    let r = rh / p.heads;
-    let base = (r * p.c + h * p.d) * p.n;
-    let arow = vec4<u32>((r * p.heads + h) * p.n * p.n) + clamped4(n0, p.n) * p.n;
+    let base = t.base;
+    let j0 = t.a0;
+    let n0 = t.b0;
+    let arow = vec4<u32>(t.rh * p.n * p.n) + clamped4(n0, p.n) * p.n;
     let vrow = vec4<u32>(base) + clamped4(j0, p.d) * p.n;
-    var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    var acc = array<vec4<f32>, 4>();
     for (var m = 0u; m < p.n; m++) {
         let aq = vec4<f32>(av_a[arow[0] + m], av_a[arow[1] + m], av_a[arow[2] + m], av_a[arow[3] + m]);
         let vq = vec4<f32>(load_av_v(vrow[0] + m), load_av_v(vrow[1] + m), load_av_v(vrow[2] + m),
                            load_av_v(vrow[3] + m));
-        acc[0] += vq[0] * aq;
-        acc[1] += vq[1] * aq;
-        acc[2] += vq[2] * aq;
-        acc[3] += vq[3] * aq;
+        acc = outer4(acc, vq, aq);
     }
     for (var a = 0u; a < 4u && j0 + a < p.d; a++) {
         for (var b = 0u; b < 4u && n0 + b < p.n; b++) {
@@ -360,31 +340,25 @@ fn load_ga_v(i: u32) -> f32 { return spike_at(ga_v[i >> 5u], i); }
 fn attention_grad_a(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                     @builtin(local_invocation_index) lid: u32) {
     // One invocation per 4x4 tile (n, m) of dA.
-    let idx = flat_index(wid, nwg, lid);
     let tb = tiles(p.n);
-    if (idx >= p.rows * p.heads * tb * tb) {
+    let t = tile_of(flat_index(wid, nwg, lid), tb, tb);
+    if (!t.inside) {
         return;
     }
-    let m0 = (idx % tb) * 4u;
-    let n0 = ((idx / tb) % tb) * 4u;
-    let rh = idx / (tb * tb);
-    let h = rh % p.heads;
-    let r = rh / p.heads;
-    let base = (r * p.c + h * p.d) * p.n;
+    let base = t.base;
+    let n0 = t.a0;
+    let m0 = t.b0;
     let ncol = clamped4(n0, p.n);
     let mcol = clamped4(m0, p.n);
-    var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    var acc = array<vec4<f32>, 4>();
     for (var j = 0u; j < p.d; j++) {
         let row = base + j * p.n;
         let gq = vec4<f32>(ga_go[row + ncol[0]], ga_go[row + ncol[1]], ga_go[row + ncol[2]], ga_go[row + ncol[3]]);
         let vq = vec4<f32>(load_ga_v(row + mcol[0]), load_ga_v(row + mcol[1]), load_ga_v(row + mcol[2]),
                            load_ga_v(row + mcol[3]));
-        acc[0] += gq[0] * vq;
-        acc[1] += gq[1] * vq;
-        acc[2] += gq[2] * vq;
-        acc[3] += gq[3] * vq;
+        acc = outer4(acc, gq, vq);
     }
-    let a0 = (r * p.heads + h) * p.n * p.n;
+    let a0 = t.rh * p.n * p.n;
     for (var a = 0u; a < 4u && n0 + a < p.n; a++) {
         for (var b = 0u; b < 4u && m0 + b < p.n; b++) {
             ga_da[a0 + (n0 + a) * p.n + m0 + b] = acc[a][b] * p.scale;
@@ -410,24 +384,21 @@ fn load_gn_k(i: u32) -> f32 { return spike_at(gn_k[i >> 5u], i); }
 fn attention_grad_qkv_n(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                         @builtin(local_invocation_index) lid: u32) {
     // One invocation per tile of 4 channels a x 4 positions p of one head, for dq, dk and dv.
-    let idx = flat_index(wid, nwg, lid);
     let tn = tiles(p.n);
     let ta = tiles(p.d);
-    if (idx >= p.rows * p.heads * ta * tn) {
+    let t = tile_of(flat_index(wid, nwg, lid), ta, tn);
+    if (!t.inside) {
         return;
     }
-    let p0 = (idx % tn) * 4u;
-    let c0 = ((idx / tn) % ta) * 4u;
-    let rh = idx / (tn * ta);
-    let h = rh % p.heads;
-    let r = rh / p.heads;
-    let base = (r * p.c + h * p.d) * p.n;
+    let base = t.base;
+    let c0 = t.a0;
+    let p0 = t.b0;
     let pcol = clamped4(p0, p.n);
     let xrow = vec4<u32>(base) + clamped4(c0, p.d) * p.n;
-    let sq0 = (r * p.heads + h) * p.n * p.n;
-    var dq = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
-    var dk = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
-    var dv = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    let sq0 = t.rh * p.n * p.n;
+    var dq = array<vec4<f32>, 4>();
+    var dk = array<vec4<f32>, 4>();
+    var dv = array<vec4<f32>, 4>();
     for (var m = 0u; m < p.n; m++) {
         // dA[p, m] down column m; dA[m, p] and A[m, p] along row m.
         let dac = vec4<f32>(gn_da[sq0 + pcol[0] * p.n + m], gn_da[sq0 + pcol[1] * p.n + m],
@@ -441,11 +412,9 @@ fn attention_grad_qkv_n(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_work
         let qq = vec4<f32>(load_gn_q(xrow[0] + m), load_gn_q(xrow[1] + m), load_gn_q(xrow[2] + m),
                            load_gn_q(xrow[3] + m));
         let gq = vec4<f32>(gn_go[xrow[0] + m], gn_go[xrow[1] + m], gn_go[xrow[2] + m], gn_go[xrow[3] + m]);
-        for (var a = 0u; a < 4u; a++) {
-            dq[a] += kq[a] * dac;
-            dk[a] += qq[a] * dar;
-            dv[a] += gq[a] * ar;
-        }
+        dq = outer4(dq, kq, dac);
+        dk = outer4(dk, qq, dar);
+        dv = outer4(dv, gq, ar);
     }
     for (var a = 0u; a < 4u && c0 + a < p.d; a++) {
         for (var b = 0u; b < 4u && p0 + b < p.n; b++) {

@@ -12,6 +12,8 @@
 //!
 //! The ANN counterpart (`--model ddpm`) has no spikes: [`ann_energy`] charges every MAC of one
 //! evaluation (convs, linears and the attention products) at 4.6 pJ, needing no weights.
+//!
+//! How each layer is charged: docs/evaluation.md (Energy).
 
 use anyhow::{bail, Result};
 use serde::Serialize;
@@ -19,7 +21,7 @@ use serde::Serialize;
 use crate::checkpoint::Checkpoint;
 use crate::gpu::Context;
 use crate::graph::{Plan, TensorId};
-use crate::model::{eval_graph, layer_macs, DdpmConfig, ModelConfig};
+use crate::model::{eval_graph, graph_macs, state_entries, DdpmConfig, LayerMacs, ModelConfig};
 use crate::ops::reduce;
 
 pub const E_MAC_PJ: f64 = 4.6;
@@ -60,7 +62,6 @@ pub struct EnergyReport {
 /// A compiled forward pass that also counts every spiking layer's spikes.
 pub struct SpikeCounter {
     cfg: ModelConfig,
-    size: usize,
     batch: usize,
     v_th: f32,
     plan: Plan,
@@ -68,6 +69,9 @@ pub struct SpikeCounter {
     t: TensorId,
     /// (layer name, spikes tensor, per-channel sum tensor, elements)
     layers: Vec<(String, TensorId, TensorId, usize)>,
+    /// MACs of every conv, linear and attention product of this very graph, with the spiking
+    /// layer feeding each.
+    macs: Vec<LayerMacs>,
 }
 
 impl SpikeCounter {
@@ -91,11 +95,12 @@ impl SpikeCounter {
             }
             layers.push((name.clone(), *s, sums, g.info(*s).numel()));
         }
+        let macs = graph_macs(&g, &unet.spikes, &state_entries(cfg));
         let (other, other_batch) = crate::model::eval_graph_other(&cfg.clone().into(), batch, size, v_th)?;
         let plan =
             crate::tune::compile_batched(ctx, crate::tune::Batched { graph: &g, batch, other: &other, other_batch })?;
         unet.upload(ctx, &plan, ckpt)?;
-        Ok(SpikeCounter { cfg: cfg.clone(), size, batch, v_th, plan, x, t, layers })
+        Ok(SpikeCounter { cfg: cfg.clone(), batch, v_th, plan, x, t, layers, macs })
     }
 
     /// Run the forward on x [B, C, S, S] at timesteps t and report rates, SOPs and energy.
@@ -106,13 +111,13 @@ impl SpikeCounter {
         self.plan.write(ctx, self.x, x)?;
         self.plan.write(ctx, self.t, t)?;
         self.plan.run(ctx)?;
-        let macs = layer_macs(&self.cfg, self.size);
+        let macs = &self.macs;
         let steps = self.cfg.snn_steps as f64;
         let mut layers = Vec::new();
         for (name, _, sums, numel) in &self.layers {
             let count: f64 = self.plan.read(ctx, *sums)?.iter().map(|&v| v as f64).sum();
             // Most layers feed one conv; an attention's input neuron feeds three (q, k, v), and one
-            // of its q/k/v neurons is an operand of a product another gates (layer_macs).
+            // of its q/k/v neurons is an operand of a product another gates (graph_macs).
             let fed: Vec<_> = macs.iter().filter(|m| m.fed_by.as_deref() == Some(name.as_str())).collect();
             let fed_macs: u64 = fed.iter().map(|m| m.macs).sum();
             let feeds = fed.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(" + ");

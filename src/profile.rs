@@ -7,22 +7,13 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::gpu::Context;
 use crate::graph::{plan_memory, Graph, MemoryPlan, Plan, Timing};
 use crate::ops::calibrate;
-
-/// An adapter's measured fp32 FMA rate and memory bandwidth (the calibration kernels' best run).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Peak {
-    pub gflops: f64,
-    pub gbps: f64,
-    /// Measured with GPU timestamps (false: host timers, which include submit overhead and so
-    /// understate the peak).
-    pub gpu_timestamps: bool,
-}
+/// The peak record lives beside the tuning cache that stores it; kept importable from here.
+pub use crate::tune::Peak;
 
 /// A calibration dispatch is grown until it takes this long, so timer resolution and launch
 /// overhead stay small against it.

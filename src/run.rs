@@ -175,7 +175,7 @@ const RUN_METADATA: &str = "run";
 
 /// Add the variants chosen on `ctx` so far to `cfg`; true if that changed anything.
 fn record_variants(ctx: &Context, cfg: &mut RunConfig) -> bool {
-    let chosen = ctx.tuning.lock().unwrap().chosen.clone();
+    let chosen = crate::tune::tuning(ctx).lock().unwrap().chosen.clone();
     let before = cfg.variants.len();
     for (key, name) in chosen {
         cfg.variants.entry(key).or_insert(name);
@@ -354,7 +354,7 @@ fn train_locked(ctx: &Context, cfg: &mut RunConfig, dir: &Path, resume: bool, st
         write_config(cfg, dir)?;
     }
     if resume {
-        ctx.tuning.lock().unwrap().pinned.extend(cfg.variants.clone());
+        crate::tune::tuning(ctx).lock().unwrap().pinned.extend(cfg.variants.clone());
         crate::tune::pin_recorded(ctx, &start.metadata, &ckpt_path.display().to_string())?;
     }
     let opts =

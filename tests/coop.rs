@@ -45,7 +45,8 @@ fn coop_ctx() -> &'static Context {
 fn policy_ctx(kernels: KernelPolicy, enabled: bool, cache: &str) -> Context {
     let c = Context::open(None, wgpu::Features::empty(), kernels).unwrap();
     {
-        let mut t = c.tuning.lock().unwrap();
+        let state = tune::tuning(&c);
+        let mut t = state.lock().unwrap();
         t.enabled = enabled;
         let dir = tmp(cache);
         let _ = std::fs::remove_dir_all(&dir);
@@ -198,7 +199,7 @@ fn self_check_rejects_a_broken_kernel_and_the_node_falls_back() {
     let again = tune::select(&c, &mut g2).unwrap();
     assert_eq!((again.checks_run, again.rejected.len()), (0, 0), "{again:?}");
     let fresh = policy_ctx(KernelPolicy::Coop, false, "coop-broken-2");
-    fresh.tuning.lock().unwrap().cache_dir = c.tuning.lock().unwrap().cache_dir.clone();
+    tune::tuning(&fresh).lock().unwrap().cache_dir = tune::tuning(&c).lock().unwrap().cache_dir.clone();
     let (mut g3, _) = coop_graph(m, n, k, Some(broken_variant(inst)));
     let cached = tune::select(&fresh, &mut g3).unwrap();
     assert_eq!(cached.checks_run, 0, "the verdict comes from the cache: {cached:?}");
@@ -221,10 +222,10 @@ fn coop_forced_runs_the_coop_kernel_after_it_passes_its_check() {
     let chosen = g.variants[&0].variant();
     assert_ne!(chosen.needs.coop, 0, "forced onto a cooperative-matrix kernel, got {}", chosen.name);
     let key = g.tuning_key(0);
-    assert_eq!(c.tuning.lock().unwrap().chosen[&key], chosen.name, "recorded like any choice");
+    assert_eq!(tune::tuning(&c).lock().unwrap().chosen[&key], chosen.name, "recorded like any choice");
     run_selected(&c, &g, ids, [m, n, k]);
     // The verdicts went to the tuning cache file.
-    let dir = c.tuning.lock().unwrap().cache_dir.clone().unwrap();
+    let dir = tune::tuning(&c).lock().unwrap().cache_dir.clone().unwrap();
     let file = std::fs::read_dir(&dir).unwrap().next().unwrap().unwrap().path();
     let text = std::fs::read_to_string(file).unwrap();
     assert!(text.contains("\"checks\"") && text.contains("\"passed\": true"), "{text}");
@@ -239,7 +240,7 @@ fn the_tuner_times_coop_candidates_like_any_other() {
     let report = tune::select(&c, &mut g).unwrap();
     assert_eq!(report.timed, 1, "{report:?}");
     assert_eq!(report.forced, 0);
-    let dir = c.tuning.lock().unwrap().cache_dir.clone().unwrap();
+    let dir = tune::tuning(&c).lock().unwrap().cache_dir.clone().unwrap();
     let file = std::fs::read_dir(&dir).unwrap().next().unwrap().unwrap().path();
     let text = std::fs::read_to_string(file).unwrap();
     for inst in runnable_instances(c0) {

@@ -174,3 +174,127 @@ fn folded_conv_bn_equals_conv_then_bn() {
     let got = conv::conv2d_cpu(&x, [2, cin, 8, 8], &wf, [cout, cin, 3, 3], Some(&bf), 1, 1);
     assert_close("folded conv+BN", &got, &want, 1e-5, 1e-5);
 }
+
+/// Both U-Nets are one skeleton: the spiking cifar10 net and its ANN counterpart (same ch,
+/// ch_mult and blocks) have the same blocks, names and channels; only attention differs (the
+/// ANN has it in its first middle block), and the SNN's --attn levels land where the skeleton
+/// puts the ANN's.
+#[test]
+fn one_skeleton_serves_both_models() {
+    use sddpm_gpu::model::{arch, ddpm_arch, skeleton, Block, DdpmConfig};
+    let snn = ModelConfig::preset("cifar10").unwrap();
+    let ann = DdpmConfig::preset("cifar10").unwrap();
+    assert_eq!((snn.ch, &snn.ch_mult, snn.num_res_blocks), (ann.ch, &ann.ch_mult, ann.num_res_blocks));
+    let without_attn = |b: &Block| match b {
+        Block::Res { name, cin, cout, .. } => Block::Res { name: name.clone(), cin: *cin, cout: *cout, attn: false },
+        other => other.clone(),
+    };
+    let (a, d) = (arch(&snn), ddpm_arch(&ann));
+    assert_eq!(a.blocks().map(without_attn).collect::<Vec<_>>(), d.blocks().map(without_attn).collect::<Vec<_>>());
+    assert_eq!(a.tail_ch, d.tail_ch);
+    let middle = |x: &sddpm_gpu::model::Arch| {
+        x.middle.iter().map(|b| matches!(b, Block::Res { attn: true, .. })).collect::<Vec<_>>()
+    };
+    assert_eq!((middle(&a), middle(&d)), (vec![false, false], vec![true, false]));
+    // Level 1's ResBlocks, down and up, carry the attention of either model.
+    let s = skeleton(8, &[1, 2, 2], 2, &[1], [false, false]);
+    let with: Vec<&str> = s.blocks().filter(|b| matches!(b, Block::Res { attn: true, .. })).map(|b| b.name()).collect();
+    assert_eq!(with, ["downblocks.3", "downblocks.4", "upblocks.4", "upblocks.5", "upblocks.6"]);
+}
+
+/// The state entries (the recording pass of each model's block builder, which names checkpoint
+/// tensors) are exactly the training graph's parameters, names and shapes, plus the BatchNorm
+/// counters the host keeps: every preset of both models, and the SNN with attention and LIF.
+#[test]
+fn state_entries_are_the_training_graphs_parameters() {
+    use sddpm_gpu::graph::{DType, Graph, Role};
+    use sddpm_gpu::model::{EntryKind, Net, DDPM_PRESETS, PRESETS};
+    let mut nets: Vec<Net> = PRESETS.iter().map(|p| Net::preset("sddpm", p).unwrap()).collect();
+    nets.extend(DDPM_PRESETS.iter().map(|p| Net::preset("ddpm", p).unwrap()));
+    let mut attn = Net::preset("sddpm", "small").unwrap();
+    if let Net::Sddpm(c) = &mut attn {
+        (c.attn, c.heads, c.neuron) = (vec![1, 2], 2, NeuronKind::Lif);
+    }
+    nets.push(attn);
+    for net in &nets {
+        let mut g = Graph::new();
+        let s = net.img_size();
+        let x = g.input("x", &[1, net.img_ch(), s, s]);
+        let t = g.input_as("t", &[1], DType::U32);
+        net.build_train(&mut g, x, t, sddpm_gpu::ops::batchnorm::BnGroups::ONE).unwrap();
+        let mut graph: Vec<(String, Vec<usize>)> =
+            g.tensors.iter().filter(|t| t.role == Role::Param).map(|t| (t.name.clone(), t.shape.clone())).collect();
+        let entries = net.state_entries();
+        let mut listed: Vec<(String, Vec<usize>)> = entries
+            .iter()
+            .filter(|e| e.kind != EntryKind::Counter)
+            .map(|e| (e.name.clone(), e.shape.clone()))
+            .collect();
+        graph.sort();
+        listed.sort();
+        assert_eq!(graph, listed, "{}", net.config_json());
+        for e in entries.iter().filter(|e| e.kind == EntryKind::Counter) {
+            assert!(e.name.ends_with(".num_batches_tracked") && e.shape.is_empty(), "{}", e.name);
+        }
+    }
+}
+
+/// The MACs are read off the built inference graph (src/model/macs.rs): per image and spiking
+/// step whatever the batch, unmoved by nodes others append (the energy report's spike counts),
+/// named by the modules whose weights they read, fed by the spiking layer they read (through
+/// the Up blocks' upsample), both spiking-attention forms gated as the op says, and in
+/// state_dict order. Checked against closed forms on tiny with attention on both levels at
+/// 8 x 8 (level 0: N = 64 > d = 16, the [d, d] form; level 1: N = 16 < d = 32, the [N, N] form).
+#[test]
+fn layer_macs_are_read_off_the_graph() {
+    use sddpm_gpu::model::{eval_graph, graph_macs, layer_macs, state_entries, LayerMacs};
+    use sddpm_gpu::ops::reduce;
+    let cfg = ModelConfig { attn: vec![0, 1], ..ModelConfig::preset("tiny").unwrap() };
+    let size = 8;
+    let macs = layer_macs(&cfg, size);
+    // Batch 3 with a spike count per layer: the same list.
+    let (mut g, _, _, unet) = eval_graph(&cfg, 3, size, 1.0).unwrap();
+    for (name, s) in &unet.spikes {
+        reduce::group_sum(&mut g, *s, 1, &format!("{name}.spike_count"));
+    }
+    assert_eq!(graph_macs(&g, &unet.spikes, &state_entries(&cfg)), macs);
+    let get = |name: &str| macs.iter().find(|l| l.name == name).unwrap_or_else(|| panic!("no MACs for {name}"));
+    let fed = |l: &LayerMacs| l.fed_by.clone().unwrap_or_default();
+    let (ch, hw) = (16u64, (size * size) as u64);
+    assert_eq!((get("conv").macs, fed(get("conv"))), (ch * 3 * 9 * hw, String::new()));
+    assert_eq!(get("time_embedding.timembedding.1").macs, ch * 4 * ch);
+    assert_eq!(get("downblocks.0.temb_proj.1").macs, 4 * ch * ch);
+    // downblocks.1 halves the resolution; upblocks.2 doubles it after its neuron.
+    assert_eq!(get("downblocks.1.conv").macs, ch * ch * 9 * hw / 4);
+    assert_eq!(
+        (get("upblocks.2.conv").macs, fed(get("upblocks.2.conv"))),
+        (2 * ch * 2 * ch * 9 * hw, "upblocks.2.neuron".into())
+    );
+    assert_eq!(fed(get("downblocks.2.shortcut")), "", "a shortcut reads the block's real-valued input");
+    // The [d, d] form at level 0: k^T v gated by k, then q M gated by q; c N d MACs each.
+    let d_form = ch * hw * ch;
+    assert_eq!(
+        (get("downblocks.0.attn.kv").macs, fed(get("downblocks.0.attn.kv"))),
+        (d_form, "downblocks.0.attn.k_neuron".into())
+    );
+    assert_eq!(fed(get("downblocks.0.attn.qkv")), "downblocks.0.attn.q_neuron");
+    // The [N, N] form at level 1: q k^T gated by q, then A v gated by v; c N N MACs each.
+    let n_form = 2 * ch * (hw / 4) * (hw / 4);
+    assert_eq!(
+        (get("downblocks.2.attn.qk").macs, fed(get("downblocks.2.attn.qk"))),
+        (n_form, "downblocks.2.attn.q_neuron".into())
+    );
+    assert_eq!(
+        (get("downblocks.2.attn.qkv").macs, fed(get("downblocks.2.attn.qkv"))),
+        (n_form, "downblocks.2.attn.v_neuron".into())
+    );
+    assert_eq!(fed(get("downblocks.2.attn.k_conv")), "downblocks.2.attn.neuron");
+    // State_dict order, each attention's products after its modules.
+    let names: Vec<&str> = macs.iter().map(|l| l.name.as_str()).collect();
+    let at = |n: &str| names.iter().position(|&m| m == n).unwrap();
+    assert!(at("time_embedding.timembedding.3") < at("conv") && at("conv") < at("conv_identity"));
+    assert!(at("downblocks.0.temb_proj.1") < at("downblocks.0.conv1"));
+    assert!(at("downblocks.0.attn.proj_conv") < at("downblocks.0.attn.kv"));
+    assert!(at("downblocks.0.attn.qkv") < at("downblocks.1.conv"));
+    assert_eq!(names.last(), Some(&"T_output_layer"));
+}

@@ -275,3 +275,89 @@ fn conv_subgroup_params_match_conv() {
         wgsl_struct_layout(conv::SHADER.source, "Params")
     );
 }
+
+/// The helper functions (not entry points) of a WGSL source: name and body, whitespace collapsed.
+fn helpers(src: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let lines: Vec<&str> = src.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        let Some(rest) = line.strip_prefix("fn ") else { continue };
+        // An entry point carries @compute on its own line above or before `fn` on the same line.
+        let above = lines[..i].iter().rev().find(|l| !l.trim().is_empty()).copied().unwrap_or("");
+        if above.contains("@compute") || above.contains("@workgroup_size") {
+            continue;
+        }
+        let name: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+        // The body: from this line to the brace that closes the function.
+        let (mut depth, mut body, mut opened) = (0i32, String::new(), false);
+        for l in &lines[i..] {
+            body.push_str(l.trim());
+            body.push(' ');
+            depth += l.matches('{').count() as i32 - l.matches('}').count() as i32;
+            opened |= l.contains('{');
+            if opened && depth <= 0 {
+                break;
+            }
+        }
+        out.push((name, body));
+    }
+    out
+}
+
+/// Files that define the same helper, word for word: name -> files.
+fn repeated_helpers(files: &[(String, String)]) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut by_body: std::collections::BTreeMap<(String, String), Vec<String>> = Default::default();
+    for (file, src) in files {
+        for (name, body) in helpers(src) {
+            by_body.entry((name, body)).or_default().push(file.clone());
+        }
+    }
+    by_body.into_iter().filter(|(_, f)| f.len() > 1).map(|((name, _), f)| (name, f)).collect()
+}
+
+/// Helpers still repeated in files other work is rewriting now; each goes when that work lands
+/// (the test fails once an entry is no longer repeated, so the list only shrinks).
+const STILL_REPEATED: &[(&str, &[&str])] = &[
+    // The BatchNorm-groups work edits batchnorm and neuron: `uses "index"` there.
+    ("flat_index", &["batchnorm.wgsl", "common/index.wgsl", "neuron.wgsl"]),
+    // The convolution rewrite replaces both.
+    ("x_saved_at", &["conv.wgsl", "conv_subgroup.wgsl"]),
+];
+
+#[test]
+fn no_shader_repeats_a_helper_another_has() {
+    let mut files = Vec::new();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
+    for sub in [dir.clone(), dir.join("common")] {
+        for e in std::fs::read_dir(&sub).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "wgsl") {
+                let name = p.strip_prefix(&dir).unwrap().display().to_string();
+                files.push((name, std::fs::read_to_string(&p).unwrap()));
+            }
+        }
+    }
+    let helpers_seen: usize = files.iter().map(|(_, s)| helpers(s).len()).sum();
+    assert!(helpers_seen > 40, "only {helpers_seen} helper functions found: the parser is broken");
+    let mut repeated = repeated_helpers(&files);
+    for (name, known) in STILL_REPEATED {
+        let mut files = repeated.remove(*name).unwrap_or_default();
+        let mut known: Vec<String> = known.iter().map(|s| s.to_string()).collect();
+        known.sort();
+        files.sort();
+        assert_eq!(files, known, "`{name}` is repeated in other files than STILL_REPEATED says; update the list");
+    }
+    assert!(repeated.is_empty(), "helpers written twice (put each in shaders/common/ and `uses` it): {repeated:?}");
+}
+
+#[test]
+fn a_repeated_helper_is_caught() {
+    let f = "fn flat(a: u32) -> u32 {\n    return a * 2u;\n}\n";
+    let entry = "@compute @workgroup_size(1)\nfn flat(a: u32) -> u32 {\n    return a * 2u;\n}\n";
+    let other = "fn flat(a: u32) -> u32 {\n    return a * 3u;\n}\n";
+    let files = |v: &[(&str, &str)]| v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<Vec<_>>();
+    assert_eq!(repeated_helpers(&files(&[("a", f), ("b", f)])).len(), 1);
+    // An entry point of the same name and a different helper of the same name are not repeats.
+    assert!(repeated_helpers(&files(&[("a", f), ("b", entry)])).is_empty());
+    assert!(repeated_helpers(&files(&[("a", f), ("b", other)])).is_empty());
+}

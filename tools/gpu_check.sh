@@ -10,6 +10,13 @@
 #   PARITY_ONLY=1 bash tools/gpu_check.sh run   # adapter and parity only
 #   QUICK=1 bash tools/gpu_check.sh run         # every section at toy sizes (tiny, batch 2, torch on
 #                                               # CPU): checks the script itself on lavapipe
+#   bash tools/gpu_check.sh model     # here, no GPU or gpu/ needed: the GPU model beside a
+#                                     # lavapipe trace (the pairing and tables `run` prints)
+#
+# The speed section prints, after each measured profile, the GPU model's estimate of the same
+# dispatches on the same variants beside the measured times, per kernel and per kernel kind
+# (`profile --dry-run --gpu-model M --compare-trace`, src/gpu_model.rs): the first GPU session
+# calibrates the model's efficiencies from it. M is GPU_MODEL, else guessed from nvidia-smi.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 G=gpu
@@ -33,6 +40,24 @@ prepare() {
     for d in "$G"/debs/*.deb; do dpkg -x "$d" "$G/root"; done
     rm -rf "$G/debs"
     du -sh "$G"
+}
+
+# The GPU model $2 (an estimate) beside the measured trace $1 that `profile --trace` wrote for
+# the profile arguments that follow (the same net: preset, batch, size, --train).
+model_beside() {
+    local t=$1 m=$2; shift 2
+    "$B" profile --dry-run --gpu-model "$m" "$@" --compare-trace "$t"
+}
+
+model() {
+    B="$PWD/target/release/sddpm-gpu"
+    [ -x "$B" ] || cargo build --release
+    O="${OUT:-$(mktemp -d)}"
+    local net=(--preset tiny --batch 2 --size 16)
+    for train in "" --train; do
+        "$B" profile "${net[@]}" $train --iters 2 --trace "$O/trace$train.json" | grep -E "^total"
+        model_beside "$O/trace$train.json" "${GPU_MODEL:-h100}" "${net[@]}" $train
+    done
 }
 
 run() {
@@ -84,19 +109,30 @@ for f in pathlib.Path(sys.argv[1]).glob("tune-*.json"):
     for key, e in c["shapes"].items():
         print(f"  {e['choice']:>8}  " + "  ".join(f"{t['variant']} {t['us']:.1f}us" for t in e["candidates"]) + f"  {key[:90]}")
 PY
-    echo "== speed: sddpm-gpu (GPU timestamps; the baseline binary too if prepared) and PyTorch on the same card"
+    M="${GPU_MODEL:-}"
+    if [ -z "$M" ]; then
+        case "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)" in
+            *H200*) M=h200 ;; *A100*) M=a100 ;; *4090*) M=rtx4090 ;; *) M=h100 ;;
+        esac
+    fi
+    echo "== speed: sddpm-gpu (GPU timestamps; the baseline binary too if prepared) and PyTorch on the same card; GPU model $M beside sddpm-gpu's"
     bins=("$B"); [ -x "$G/sddpm-gpu-base" ] && bins+=("$PWD/$G/sddpm-gpu-base")
     for p in "${presets[@]}"; do
         for bs in "${batches[@]}"; do
             for b in "${bins[@]}"; do
                 echo "-- $(basename "$b") $p batch $bs"
-                "$b" profile --preset "$p" --batch "$bs" "${size[@]}" --iters "${runs[0]}" | grep -E "^(total|conv::)"
-                "$b" profile --preset "$p" --batch "$bs" "${size[@]}" --iters "${runs[1]}" --train | grep -E "^(total|conv::)"
+                # The new binary's dispatches also go to traces, for the GPU model below.
+                te=(); tt=(); [ "$b" = "$B" ] && te=(--trace "$O/trace-$p-$bs.json") && tt=(--trace "$O/trace-$p-$bs-train.json")
+                "$b" profile --preset "$p" --batch "$bs" "${size[@]}" --iters "${runs[0]}" "${te[@]}" | grep -E "^(total|conv::)"
+                "$b" profile --preset "$p" --batch "$bs" "${size[@]}" --iters "${runs[1]}" --train "${tt[@]}" | grep -E "^(total|conv::)"
             done
+            echo "-- GPU model $M (estimates) beside the measured sddpm-gpu dispatches above, $p batch $bs"
+            model_beside "$O/trace-$p-$bs.json" "$M" --preset "$p" --batch "$bs" "${size[@]}"
+            model_beside "$O/trace-$p-$bs-train.json" "$M" --preset "$p" --batch "$bs" "${size[@]}" --train
             [ "$p" = small ] && "$B" profile --preset small --attn 1 --batch "$bs" --iters 5 | grep -E "^(total|spike_attention|conv::conv2d)"
             for tf in off on; do python3 "$G/ref/bench_torch.py" --device "$dev" --preset "$p" --batch "$bs" --tf32 "$tf" --iters "${runs[2]}"; done
         done
     done
 }
 
-"${1:?usage: tools/gpu_check.sh prepare|run}"
+"${1:?usage: tools/gpu_check.sh prepare|run|model}"

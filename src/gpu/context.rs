@@ -5,6 +5,7 @@
 //! error scopes, and turn everything into `anyhow` errors with context, so a bad shader, an
 //! out-of-memory or a lost device ends a command with a message instead of a panic or garbage.
 
+use std::any::{Any, TypeId};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -241,34 +242,6 @@ pub struct CounterSnapshot {
     pub pipelines: usize,
 }
 
-/// How kernel variants are chosen on this device (the tuner, crate::tune, does the choosing; the
-/// context only carries the policy and what was chosen, so every plan compiled on it agrees).
-#[derive(Debug, Clone, Default)]
-pub struct Tuning {
-    /// Time the candidates of each op family; false (`--no-tune`, SDDPM_NO_TUNE=1): every
-    /// family's default, its variant 0.
-    pub enabled: bool,
-    /// Where the tuning cache lives; None: $SDDPM_CACHE_DIR, else the platform cache folder.
-    pub cache_dir: Option<std::path::PathBuf>,
-    /// Which kernels may serve where cooperative-matrix variants exist (SDDPM_KERNELS).
-    pub kernels: KernelPolicy,
-    /// Variants to use whatever the cache or timing says, by tuning key (a resumed run's record).
-    pub pinned: std::collections::BTreeMap<String, String>,
-    /// Every variant chosen on this device so far, by tuning key (what a run records).
-    pub chosen: std::collections::BTreeMap<String, String>,
-    /// Self-check verdicts (passed or not) of the variants that have one, by check key: each is
-    /// announced once per context (crate::tune).
-    pub checks: std::collections::BTreeMap<String, bool>,
-}
-
-impl Tuning {
-    /// Tuning on unless SDDPM_NO_TUNE is set to something other than "" or "0".
-    pub fn from_env() -> Tuning {
-        let off = std::env::var("SDDPM_NO_TUNE").is_ok_and(|v| !v.is_empty() && v != "0");
-        Tuning { enabled: !off, ..Default::default() }
-    }
-}
-
 /// Pipeline cache key: shader (name and source: one file may be built into several modules, e.g.
 /// per cooperative-matrix shape), entry point, the override constants' values and whether
 /// workgroup memory is zero-initialised.
@@ -287,8 +260,9 @@ pub struct Context {
     /// [`AdapterSummary::coop_sizes`]); empty where the feature is not enabled.
     pub coop_sizes: Vec<u32>,
     pub counters: Counters,
-    /// Kernel variant policy and record (see [`Tuning`]).
-    pub tuning: Mutex<Tuning>,
+    /// Which kernels may serve where cooperative-matrix variants exist (SDDPM_KERNELS): the
+    /// device is opened with or without the feature accordingly.
+    pub kernels: KernelPolicy,
     /// Compile every shader with wgpu's runtime bounds checks. When false, [`Shader::trusted`]
     /// modules skip them (a few percent of ALU in index-heavy kernels on GPUs; the hot loops of
     /// conv and matmul are all index arithmetic). Default: on in debug builds, off in release;
@@ -298,9 +272,21 @@ pub struct Context {
     errors: Arc<Mutex<Vec<String>>>,
     lost: Arc<Mutex<Option<String>>>,
     pipelines: Mutex<std::collections::HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
+    /// Per-device state of the layers above (the tuner's policy and record: crate::tune::tuning),
+    /// one value per type, made on first use: the context only stores it, so this layer depends on
+    /// none of them.
+    extensions: Mutex<std::collections::HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
 }
 
 impl Context {
+    /// This device's state of type `T` kept by a layer above (see the `extensions` field), made by
+    /// `init` on first use; every later call gets the same value.
+    pub fn extension<T: Any + Send + Sync>(&self, init: impl FnOnce() -> T) -> Arc<T> {
+        let mut map = self.extensions.lock().unwrap();
+        let value = map.entry(TypeId::of::<T>()).or_insert_with(|| Arc::new(init())).clone();
+        value.downcast::<T>().expect("stored under its own type")
+    }
+
     /// Open the best adapter, or the first whose name contains `adapter_name` (case-insensitive).
     /// `None` falls back to the SDDPM_ADAPTER environment variable.
     pub fn new(adapter_name: Option<&str>) -> Result<Context> {
@@ -376,11 +362,12 @@ impl Context {
             limits,
             coop_sizes: if coop { coop_sizes } else { Vec::new() },
             counters: Counters::default(),
-            tuning: Mutex::new(Tuning { kernels, ..Tuning::from_env() }),
+            kernels,
             shader_checks: shader_checks_from_env(),
             errors,
             lost,
             pipelines: Mutex::new(Default::default()),
+            extensions: Mutex::new(Default::default()),
         })
     }
 
@@ -608,8 +595,9 @@ pub struct Shader {
     pub trusted: bool,
 }
 
-/// Declare a `Shader` for shaders/NAME.wgsl. `shader!("NAME", uses "COMMON")` prepends
-/// shaders/common/COMMON.wgsl; a leading `trusted` marks it in bounds by construction
+/// Declare a `Shader` for shaders/NAME.wgsl. `shader!("NAME", uses "A", "B")` prepends
+/// shaders/common/A.wgsl and B.wgsl, in that order (WGSL has no includes: a helper two shaders
+/// need is written once there); a leading `trusted` marks it in bounds by construction
 /// ([`Shader::trusted`]).
 #[macro_export]
 macro_rules! shader {
@@ -624,11 +612,11 @@ macro_rules! shader {
         }
     };
     // With shared WGSL from shaders/common/ prepended (WGSL has no includes).
-    ($name:literal, uses $common:literal) => {
+    ($name:literal, uses $($common:literal),+) => {
         $crate::gpu::Shader {
             name: $name,
             source: concat!(
-                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/common/", $common, ".wgsl")),
+                $(include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/common/", $common, ".wgsl")),)+
                 include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $name, ".wgsl"))
             ),
             trusted: false,

@@ -4,5 +4,5 @@ mod context;
 
 pub use context::{
     check_backend_env, choose_adapter, list_adapters, shader_checks_from_env, AdapterSummary, Context, CounterSnapshot,
-    KernelPolicy, Shader, Tuning, COOP_FEATURES, WANTED_FEATURES,
+    KernelPolicy, Shader, COOP_FEATURES, WANTED_FEATURES,
 };

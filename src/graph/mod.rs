@@ -15,6 +15,9 @@
 //! Graph building does not panic on sizes that come from the user: a tensor too large for 32-bit
 //! kernel indices, a dispatch wider than 65535 workgroups or a dtype mismatch is recorded, building goes on, and [`Graph::check`] (also
 //! run by [`Plan::compile`]) returns the first such error. Callers add which flag to change.
+//!
+//! Design (liveness memory plan, arenas, fixed-order reductions, bit-packed spikes, fusions):
+//! docs/graph.md.
 
 mod arena;
 mod autodiff;
@@ -188,6 +191,36 @@ pub struct Variant {
     /// What the adapter must offer for this variant to be a candidate (crate::tune drops the
     /// candidates it cannot run).
     pub needs: Needs,
+    /// The outputs its tiles compute, for kernels that compute whole tiles (None: every output
+    /// computed is one the node needs). Read by the GPU model (crate::gpu_model).
+    pub tile: Option<TileWork>,
+}
+
+/// The output work of a tiled kernel: it computes `computed_outputs` values (every lane of every
+/// tile it launches, in or out of bounds: a lane past the edge idles while its warp works), of
+/// which `useful_outputs` are the node's. Each output costs the same reduction, so the share of
+/// the dispatch's FMA issue slots that do useful work is their ratio.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TileWork {
+    pub useful_outputs: u64,
+    pub computed_outputs: u64,
+}
+
+impl TileWork {
+    /// Useful outputs / computed outputs (1.0 when nothing is computed).
+    pub fn utilization(&self) -> f64 {
+        if self.computed_outputs == 0 {
+            1.0
+        } else {
+            self.useful_outputs as f64 / self.computed_outputs as f64
+        }
+    }
+
+    /// The work of a grid whose `workgroups` each compute `per_workgroup` outputs.
+    pub fn of_grid(useful_outputs: usize, workgroups: [u32; 3], per_workgroup: usize) -> Self {
+        let groups: u64 = workgroups.iter().map(|&w| w as u64).product();
+        TileWork { useful_outputs: useful_outputs as u64, computed_outputs: groups * per_workgroup as u64 }
+    }
 }
 
 /// A check that a variant computes what the family's default does on this adapter, on a small

@@ -1,159 +1,18 @@
-//! The spiking U-Net's structure, derived from a config once and walked by everything that needs
-//! it (parameter names and shapes, graph building, MAC counts), so they cannot disagree.
+//! The spiking U-Net's structure: its skeleton (shared with the ANN: [`skeleton`]), walked once
+//! by the builder in src/model/unet.rs, which declares each module's parameters where it builds
+//! it ([`state_entries`] is its recording pass), so names, shapes and graph cannot disagree; the
+//! MAC counts are read off the built graph ([`layer_macs`]).
 
+use super::macs::{net_macs, LayerMacs};
+pub use super::params::{Entry, EntryKind};
+use super::skeleton::{skeleton, Arch};
+pub use super::unet::state_entries;
 use super::ModelConfig;
-use crate::ops::spike_attention::Dims;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Block {
-    /// Spk_ResBlock(cin, cout): IF, conv1, BN1, + temb proj, IF, conv2, BN2, + shortcut(x), then
-    /// spiking self-attention (`{name}.attn`) when `attn`.
-    Res { name: String, cin: usize, cout: usize, attn: bool },
-    /// Spk_DownSample(c): IF, conv 3x3 stride 2, BN.
-    Down { name: String, c: usize },
-    /// Spk_UpSample(c): IF, nearest x2, conv 3x3, BN.
-    Up { name: String, c: usize },
-}
-
-impl Block {
-    pub fn name(&self) -> &str {
-        match self {
-            Block::Res { name, .. } | Block::Down { name, .. } | Block::Up { name, .. } => name,
-        }
-    }
-    pub fn out_channels(&self) -> usize {
-        match self {
-            Block::Res { cout, .. } => *cout,
-            Block::Down { c, .. } | Block::Up { c, .. } => *c,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Arch {
-    pub down: Vec<Block>,
-    pub middle: Vec<Block>,
-    pub up: Vec<Block>,
-    /// Channels after the last up block (input of the tail).
-    pub tail_ch: usize,
-}
-
+/// The spiking U-Net's skeleton ([`skeleton`]): attention on the config's levels, none in the
+/// middle blocks (the reference's constructor).
 pub fn arch(cfg: &ModelConfig) -> Arch {
-    let ch = cfg.ch;
-    let mut down = Vec::new();
-    let mut skip_ch = vec![ch];
-    let mut now = ch;
-    for (i, &mult) in cfg.ch_mult.iter().enumerate() {
-        for _ in 0..cfg.num_res_blocks {
-            let name = format!("downblocks.{}", down.len());
-            down.push(Block::Res { name, cin: now, cout: ch * mult, attn: cfg.attn.contains(&i) });
-            now = ch * mult;
-            skip_ch.push(now);
-        }
-        if i + 1 != cfg.ch_mult.len() {
-            down.push(Block::Down { name: format!("downblocks.{}", down.len()), c: now });
-            skip_ch.push(now);
-        }
-    }
-    // The middle blocks never have attention (the reference's constructor).
-    let middle =
-        (0..2).map(|i| Block::Res { name: format!("middleblocks.{i}"), cin: now, cout: now, attn: false }).collect();
-    let mut up = Vec::new();
-    for (i, &mult) in cfg.ch_mult.iter().enumerate().rev() {
-        for _ in 0..=cfg.num_res_blocks {
-            let skip = skip_ch.pop().expect("one skip per up ResBlock");
-            let name = format!("upblocks.{}", up.len());
-            up.push(Block::Res { name, cin: now + skip, cout: ch * mult, attn: cfg.attn.contains(&i) });
-            now = ch * mult;
-        }
-        if i != 0 {
-            up.push(Block::Up { name: format!("upblocks.{}", up.len()), c: now });
-        }
-    }
-    Arch { down, middle, up, tail_ch: now }
-}
-
-/// What kind of state_dict entry a tensor is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EntryKind {
-    /// Trained by the optimizer.
-    Trainable,
-    /// In `.parameters()` but frozen (the sinusoidal table).
-    Frozen,
-    /// BatchNorm running_mean / running_var (buffers).
-    RunningStat,
-    /// BatchNorm num_batches_tracked (int64 buffer).
-    Counter,
-}
-
-#[derive(Debug, Clone)]
-pub struct Entry {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub kind: EntryKind,
-}
-
-/// Every state_dict entry of the reference model, in the reference's order.
-pub fn state_entries(cfg: &ModelConfig) -> Vec<Entry> {
-    let mut out = Vec::new();
-    let mut push = |name: String, shape: Vec<usize>, kind| out.push(Entry { name, shape, kind });
-    let tdim = cfg.tdim();
-    push("time_embedding.timembedding.0.weight".into(), vec![cfg.diffusion_steps, cfg.ch], EntryKind::Frozen);
-    for (i, fan_in) in [(1, cfg.ch), (3, tdim)] {
-        push(format!("time_embedding.timembedding.{i}.weight"), vec![tdim, fan_in], EntryKind::Trainable);
-        push(format!("time_embedding.timembedding.{i}.bias"), vec![tdim], EntryKind::Trainable);
-    }
-    let conv = |push: &mut dyn FnMut(String, Vec<usize>, EntryKind), name: &str, cout: usize, cin: usize, k: usize| {
-        push(format!("{name}.weight"), vec![cout, cin, k, k], EntryKind::Trainable);
-        push(format!("{name}.bias"), vec![cout], EntryKind::Trainable);
-    };
-    let bn = |push: &mut dyn FnMut(String, Vec<usize>, EntryKind), name: &str, c: usize| {
-        push(format!("{name}.weight"), vec![c], EntryKind::Trainable);
-        push(format!("{name}.bias"), vec![c], EntryKind::Trainable);
-        push(format!("{name}.running_mean"), vec![c], EntryKind::RunningStat);
-        push(format!("{name}.running_var"), vec![c], EntryKind::RunningStat);
-        push(format!("{name}.num_batches_tracked"), vec![], EntryKind::Counter);
-    };
-    conv(&mut push, "conv", cfg.ch, cfg.img_ch, 3);
-    bn(&mut push, "bn", cfg.ch);
-    conv(&mut push, "conv_identity", cfg.ch, cfg.ch, 3);
-    bn(&mut push, "bn_identity", cfg.ch);
-    let a = arch(cfg);
-    for block in a.down.iter().chain(&a.middle).chain(&a.up) {
-        match block {
-            Block::Res { name, cin, cout, attn } => {
-                push(format!("{name}.temb_proj.1.weight"), vec![*cout, tdim], EntryKind::Trainable);
-                push(format!("{name}.temb_proj.1.bias"), vec![*cout], EntryKind::Trainable);
-                conv(&mut push, &format!("{name}.conv1"), *cout, *cin, 3);
-                bn(&mut push, &format!("{name}.bn1"), *cout);
-                conv(&mut push, &format!("{name}.conv2"), *cout, *cout, 3);
-                bn(&mut push, &format!("{name}.bn2"), *cout);
-                if cin != cout {
-                    conv(&mut push, &format!("{name}.shortcut"), *cout, *cin, 1);
-                }
-                if *attn {
-                    for part in ["q", "k", "v"] {
-                        conv(&mut push, &format!("{name}.attn.{part}_conv"), *cout, *cout, 1);
-                    }
-                    for part in ["q", "k", "v"] {
-                        bn(&mut push, &format!("{name}.attn.{part}_bn"), *cout);
-                    }
-                    conv(&mut push, &format!("{name}.attn.proj_conv"), *cout, *cout, 1);
-                    bn(&mut push, &format!("{name}.attn.proj_bn"), *cout);
-                }
-            }
-            Block::Down { name, c } | Block::Up { name, c } => {
-                conv(&mut push, &format!("{name}.conv"), *c, *c, 3);
-                bn(&mut push, &format!("{name}.bn"), *c);
-            }
-        }
-    }
-    bn(&mut push, "tail_bn", a.tail_ch);
-    conv(&mut push, "tail_conv", cfg.img_ch, a.tail_ch, 3);
-    push("T_output_layer.weight".into(), vec![cfg.img_ch, cfg.img_ch, 3, 3, 1], EntryKind::Trainable);
-    push("T_output_layer.bias".into(), vec![cfg.img_ch], EntryKind::Trainable);
-    bn(&mut push, "last_bn", cfg.img_ch);
-    out
+    skeleton(cfg.ch, &cfg.ch_mult, cfg.num_res_blocks, &cfg.attn, [false, false])
 }
 
 /// Number of values in `.parameters()` (trainable + the frozen table), as the paper counts.
@@ -165,70 +24,9 @@ pub fn parameter_count(cfg: &ModelConfig) -> usize {
         .sum()
 }
 
-/// Multiply-accumulates of one layer for one image and one spiking time step.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LayerMacs {
-    /// Official module name of the conv / linear.
-    pub name: String,
-    pub macs: u64,
-    /// The spiking neuron layer whose output this layer reads (None: its input is real-valued).
-    pub fed_by: Option<String>,
-}
-
-/// Every conv and linear of the net at `size` x `size` input, with the neuron feeding it (the
-/// paper's energy estimate charges a layer's MACs at its input's firing rate).
+/// Every conv, linear and attention product of the net at `size` x `size` input, with the
+/// neuron feeding it (the paper's energy estimate charges a layer's MACs at its input's firing
+/// rate): read off the inference graph (src/model/macs.rs).
 pub fn layer_macs(cfg: &ModelConfig, size: usize) -> Vec<LayerMacs> {
-    let mut out = Vec::new();
-    let mut conv = |name: String, cout: usize, cin: usize, k: usize, hw: usize, fed_by: Option<String>| {
-        out.push(LayerMacs { name, macs: (cout * cin * k * k * hw * hw) as u64, fed_by });
-    };
-    let tdim = cfg.tdim();
-    conv("conv".into(), cfg.ch, cfg.img_ch, 3, size, None);
-    conv("conv_identity".into(), cfg.ch, cfg.ch, 3, size, Some("neuron".into()));
-    let a = arch(cfg);
-    let mut res = size;
-    let mut products = Vec::new();
-    let mut linears = vec![
-        ("time_embedding.timembedding.1".to_string(), (cfg.ch * tdim) as u64),
-        ("time_embedding.timembedding.3".to_string(), (tdim * tdim) as u64),
-    ];
-    for block in a.down.iter().chain(&a.middle).chain(&a.up) {
-        match block {
-            Block::Res { name, cin, cout, attn } => {
-                conv(format!("{name}.conv1"), *cout, *cin, 3, res, Some(format!("{name}.neuron1")));
-                conv(format!("{name}.conv2"), *cout, *cout, 3, res, Some(format!("{name}.neuron2")));
-                if cin != cout {
-                    conv(format!("{name}.shortcut"), *cout, *cin, 1, res, None);
-                }
-                if *attn {
-                    let a = format!("{name}.attn");
-                    for part in ["q", "k", "v"] {
-                        conv(format!("{a}.{part}_conv"), *cout, *cout, 1, res, Some(format!("{a}.neuron")));
-                    }
-                    // The spike x spike products, as computed (the op says which input's
-                    // spikes gate each; the third input is an operand, not charged again).
-                    let dims = Dims { rows: 1, c: *cout, n: res * res, heads: cfg.heads };
-                    for (op, gate, macs) in dims.products() {
-                        let fed_by = Some(format!("{a}.{gate}_neuron"));
-                        products.push(LayerMacs { name: format!("{a}.{op}"), macs, fed_by });
-                    }
-                    conv(format!("{a}.proj_conv"), *cout, *cout, 1, res, Some(format!("{a}.attn_neuron")));
-                }
-                linears.push((format!("{name}.temb_proj.1"), (tdim * cout) as u64));
-            }
-            Block::Down { name, c } => {
-                res /= 2;
-                conv(format!("{name}.conv"), *c, *c, 3, res, Some(format!("{name}.neuron")));
-            }
-            Block::Up { name, c } => {
-                res *= 2;
-                conv(format!("{name}.conv"), *c, *c, 3, res, Some(format!("{name}.neuron")));
-            }
-        }
-    }
-    conv("tail_conv".into(), cfg.img_ch, a.tail_ch, 3, size, None);
-    conv("T_output_layer".into(), cfg.img_ch, cfg.img_ch, 3, size, None);
-    out.extend(products);
-    out.extend(linears.into_iter().map(|(name, macs)| LayerMacs { name, macs, fed_by: None }));
-    out
+    net_macs(&cfg.into(), size)
 }

@@ -3,8 +3,9 @@
 //! projection and dropout, softmax self-attention (1x1 q/k/v/proj convs) after the residual of
 //! the blocks at chosen levels and in the first middle block, a GroupNorm -> Swish -> conv tail.
 //!
-//! As for the spiking net, one description of the structure ([`ddpm_arch`]) drives parameter
-//! names and shapes, MAC counts and graph building. The conv, time-embedding, layout and
+//! As for the spiking net, the shared skeleton ([`ddpm_arch`]) is walked once by this model's
+//! [`BlockBuilder`], whose arms declare each module's parameters and build its ops, so the
+//! parameter names and shapes, the graph and the MAC counts come from one place. The conv, time-embedding, layout and
 //! optimizer ops are the SNN's; GroupNorm and attention are ops of their own.
 
 use std::collections::BTreeMap;
@@ -14,8 +15,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use super::arch::{Entry, EntryKind, LayerMacs};
-use super::unet::{time_mlp, UNet, TIME_MLP};
+use super::macs::{net_macs, LayerMacs};
+use super::params::{Entry, EntryKind, Params};
+use super::skeleton::{skeleton, walk, Arch, Block, BlockBuilder};
+use super::unet::{time_embedding, UNet};
 use crate::checkpoint::{Tensor, TensorFile};
 use crate::graph::{Graph, TensorId};
 use crate::ops::embedding::timestep_table;
@@ -121,117 +124,19 @@ impl DdpmConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DdpmBlock {
-    /// ResBlock(cin, cout): GN, Swish, conv, + temb proj, GN, Swish, dropout, conv, + shortcut(x),
-    /// then AttnBlock when `attn`.
-    Res { name: String, cin: usize, cout: usize, attn: bool },
-    /// DownSample(c): conv 3x3 stride 2 (`main`).
-    Down { name: String, c: usize },
-    /// UpSample(c): nearest x2, conv 3x3 (`main`).
-    Up { name: String, c: usize },
+/// pytorch-ddpm's skeleton ([`skeleton`]): attention on the config's levels and in the first
+/// middle block.
+pub fn ddpm_arch(cfg: &DdpmConfig) -> Arch {
+    skeleton(cfg.ch, &cfg.ch_mult, cfg.num_res_blocks, &cfg.attn, [true, false])
 }
 
-#[derive(Debug, Clone)]
-pub struct DdpmArch {
-    pub down: Vec<DdpmBlock>,
-    pub middle: Vec<DdpmBlock>,
-    pub up: Vec<DdpmBlock>,
-    pub tail_ch: usize,
-}
-
-impl DdpmArch {
-    fn blocks(&self) -> impl Iterator<Item = &DdpmBlock> {
-        self.down.iter().chain(&self.middle).chain(&self.up)
-    }
-}
-
-pub fn ddpm_arch(cfg: &DdpmConfig) -> DdpmArch {
-    let ch = cfg.ch;
-    let mut down = Vec::new();
-    let mut skip_ch = vec![ch];
-    let mut now = ch;
-    for (i, &mult) in cfg.ch_mult.iter().enumerate() {
-        let attn = cfg.attn.contains(&i);
-        for _ in 0..cfg.num_res_blocks {
-            down.push(DdpmBlock::Res { name: format!("downblocks.{}", down.len()), cin: now, cout: ch * mult, attn });
-            now = ch * mult;
-            skip_ch.push(now);
-        }
-        if i + 1 != cfg.ch_mult.len() {
-            down.push(DdpmBlock::Down { name: format!("downblocks.{}", down.len()), c: now });
-            skip_ch.push(now);
-        }
-    }
-    let middle = (0..2)
-        .map(|i| DdpmBlock::Res { name: format!("middleblocks.{i}"), cin: now, cout: now, attn: i == 0 })
-        .collect();
-    let mut up = Vec::new();
-    for (i, &mult) in cfg.ch_mult.iter().enumerate().rev() {
-        let attn = cfg.attn.contains(&i);
-        for _ in 0..=cfg.num_res_blocks {
-            let skip = skip_ch.pop().expect("one skip per up ResBlock");
-            up.push(DdpmBlock::Res { name: format!("upblocks.{}", up.len()), cin: now + skip, cout: ch * mult, attn });
-            now = ch * mult;
-        }
-        if i != 0 {
-            up.push(DdpmBlock::Up { name: format!("upblocks.{}", up.len()), c: now });
-        }
-    }
-    DdpmArch { down, middle, up, tail_ch: now }
-}
-
-/// Every state_dict entry of pytorch-ddpm's UNet (all trainable but the frozen sinusoidal table).
+/// Every state_dict entry of pytorch-ddpm's UNet (all trainable but the frozen sinusoidal table):
+/// the builder's recording pass over the skeleton.
 pub fn ddpm_state_entries(cfg: &DdpmConfig) -> Vec<Entry> {
-    let mut out = Vec::new();
-    let mut push = |name: String, shape: Vec<usize>| {
-        let kind =
-            if name == "time_embedding.timembedding.0.weight" { EntryKind::Frozen } else { EntryKind::Trainable };
-        out.push(Entry { name, shape, kind });
-    };
-    let tdim = cfg.tdim();
-    push("time_embedding.timembedding.0.weight".into(), vec![cfg.diffusion_steps, cfg.ch]);
-    for (i, fan_in) in [(1, cfg.ch), (3, tdim)] {
-        push(format!("time_embedding.timembedding.{i}.weight"), vec![tdim, fan_in]);
-        push(format!("time_embedding.timembedding.{i}.bias"), vec![tdim]);
-    }
-    let conv = |push: &mut dyn FnMut(String, Vec<usize>), name: &str, cout: usize, cin: usize, k: usize| {
-        push(format!("{name}.weight"), vec![cout, cin, k, k]);
-        push(format!("{name}.bias"), vec![cout]);
-    };
-    let gn = |push: &mut dyn FnMut(String, Vec<usize>), name: &str, c: usize| {
-        push(format!("{name}.weight"), vec![c]);
-        push(format!("{name}.bias"), vec![c]);
-    };
-    conv(&mut push, "head", cfg.ch, cfg.img_ch, 3);
-    let a = ddpm_arch(cfg);
-    for block in a.blocks() {
-        match block {
-            DdpmBlock::Res { name, cin, cout, attn } => {
-                gn(&mut push, &format!("{name}.block1.0"), *cin);
-                conv(&mut push, &format!("{name}.block1.2"), *cout, *cin, 3);
-                push(format!("{name}.temb_proj.1.weight"), vec![*cout, tdim]);
-                push(format!("{name}.temb_proj.1.bias"), vec![*cout]);
-                gn(&mut push, &format!("{name}.block2.0"), *cout);
-                conv(&mut push, &format!("{name}.block2.3"), *cout, *cout, 3);
-                if cin != cout {
-                    conv(&mut push, &format!("{name}.shortcut"), *cout, *cin, 1);
-                }
-                if *attn {
-                    gn(&mut push, &format!("{name}.attn.group_norm"), *cout);
-                    for p in ["proj_q", "proj_k", "proj_v", "proj"] {
-                        conv(&mut push, &format!("{name}.attn.{p}"), *cout, *cout, 1);
-                    }
-                }
-            }
-            DdpmBlock::Down { name, c } | DdpmBlock::Up { name, c } => {
-                conv(&mut push, &format!("{name}.main"), *c, *c, 3);
-            }
-        }
-    }
-    gn(&mut push, "tail.0", a.tail_ch);
-    conv(&mut push, "tail.2", cfg.img_ch, a.tail_ch, 3);
-    out
+    let mut scratch = Graph::new();
+    let mut b = Builder { g: &mut scratch, cfg, params: Params::recording(), dropout: None, dropouts: 0 };
+    walk(&ddpm_arch(cfg), &mut b, TensorId(0), TensorId(0));
+    b.params.entries()
 }
 
 /// Number of values in `.parameters()` (the frozen table included, as PyTorch counts).
@@ -240,46 +145,11 @@ pub fn ddpm_parameter_count(cfg: &DdpmConfig) -> usize {
 }
 
 /// Multiply-accumulates of every conv, linear and attention product for one image at
-/// `size` x `size` (an ANN has no spiking inputs: `fed_by` is None throughout). The attention
-/// products (q^T k and P v) are charged as `{name}.attn.bmm`.
+/// `size` x `size`, read off the inference graph (src/model/macs.rs; an ANN has no spiking
+/// inputs: `fed_by` is None throughout). The attention products (q^T k and P v) are charged as
+/// `{name}.attn.bmm`.
 pub fn ddpm_layer_macs(cfg: &DdpmConfig, size: usize) -> Vec<LayerMacs> {
-    let mut out = Vec::new();
-    let mut add = |name: String, macs: usize| out.push(LayerMacs { name, macs: macs as u64, fed_by: None });
-    let tdim = cfg.tdim();
-    add("time_embedding.timembedding.1".into(), cfg.ch * tdim);
-    add("time_embedding.timembedding.3".into(), tdim * tdim);
-    add("head".into(), cfg.ch * cfg.img_ch * 9 * size * size);
-    let a = ddpm_arch(cfg);
-    let mut res = size;
-    for block in a.blocks() {
-        let hw = res * res;
-        match block {
-            DdpmBlock::Res { name, cin, cout, attn } => {
-                add(format!("{name}.block1.2"), cout * cin * 9 * hw);
-                add(format!("{name}.temb_proj.1"), tdim * cout);
-                add(format!("{name}.block2.3"), cout * cout * 9 * hw);
-                if cin != cout {
-                    add(format!("{name}.shortcut"), cout * cin * hw);
-                }
-                if *attn {
-                    for p in ["proj_q", "proj_k", "proj_v", "proj"] {
-                        add(format!("{name}.attn.{p}"), cout * cout * hw);
-                    }
-                    add(format!("{name}.attn.bmm"), 2 * cout * hw * hw);
-                }
-            }
-            DdpmBlock::Down { name, c } => {
-                res /= 2;
-                add(format!("{name}.main"), c * c * 9 * res * res);
-            }
-            DdpmBlock::Up { name, c } => {
-                res *= 2;
-                add(format!("{name}.main"), c * c * 9 * res * res);
-            }
-        }
-    }
-    add("tail.2".into(), cfg.img_ch * a.tail_ch * 9 * size * size);
-    out
+    net_macs(&cfg.into(), size)
 }
 
 /// Fresh weights as pytorch-ddpm initialises them (distributions, not PyTorch's values):
@@ -319,8 +189,8 @@ pub fn ddpm_init_weights(cfg: &DdpmConfig, seed: u64) -> TensorFile {
 
 struct Builder<'a> {
     g: &'a mut Graph,
-    shapes: BTreeMap<String, Vec<usize>>,
-    params: BTreeMap<String, TensorId>,
+    cfg: &'a DdpmConfig,
+    params: Params,
     /// Training with dropout: the probability and the key tensor of the masks.
     dropout: Option<(f32, TensorId)>,
     /// Dropout layers built so far (each gets its own mask stream).
@@ -329,13 +199,11 @@ struct Builder<'a> {
 
 impl Builder<'_> {
     fn p(&mut self, name: &str) -> TensorId {
-        if let Some(&id) = self.params.get(name) {
-            return id;
-        }
-        let shape = self.shapes.get(name).unwrap_or_else(|| panic!("the DDPM U-Net has no parameter {name}"));
-        let id = self.g.param(name, shape);
-        self.params.insert(name.to_string(), id);
-        id
+        self.params.get(self.g, name)
+    }
+
+    fn recording(&self) -> bool {
+        self.params.is_recording()
     }
 
     fn conv(&mut self, x: TensorId, name: &str, stride: usize) -> TensorId {
@@ -356,9 +224,57 @@ impl Builder<'_> {
         groupnorm::groupnorm(self.g, x, w, b, GROUPS, swish, name)
     }
 
-    fn block(&mut self, block: &DdpmBlock, x: TensorId, temb_act: TensorId) -> TensorId {
+    /// The modules of [`Self::attention`] over `c` channels, in pytorch-ddpm's order.
+    fn declare_attention(&mut self, name: &str, c: usize) {
+        self.params.affine(&format!("{name}.group_norm"), c);
+        for p in ["proj_q", "proj_k", "proj_v", "proj"] {
+            self.params.conv(&format!("{name}.{p}"), c, c, 1);
+        }
+    }
+
+    /// AttnBlock: x + proj(attention(q(h), k(h), v(h))), h = GroupNorm(x).
+    fn attention(&mut self, x: TensorId, name: &str) -> TensorId {
+        let h = self.gn(x, &format!("{name}.group_norm"), false);
+        let q = self.conv(h, &format!("{name}.proj_q"), 1);
+        let k = self.conv(h, &format!("{name}.proj_k"), 1);
+        let v = self.conv(h, &format!("{name}.proj_v"), 1);
+        let a = attention::attention(self.g, q, k, v, &format!("{name}.softmax"));
+        // x + proj(a), the add done in proj's epilogue (float addition commutes: same bits).
+        self.conv_add(a, &format!("{name}.proj"), conv::Epilogue { emb: None, residual: Some(x) })
+    }
+}
+
+impl BlockBuilder for Builder<'_> {
+    fn time_embedding(&mut self, t: TensorId) -> TensorId {
+        time_embedding(self.g, &mut self.params, t, [self.cfg.diffusion_steps, self.cfg.ch, self.cfg.tdim()])
+    }
+
+    fn stem(&mut self, x: TensorId) -> TensorId {
+        self.params.conv("head", self.cfg.ch, self.cfg.img_ch, 3);
+        if self.recording() {
+            return x;
+        }
+        self.conv(x, "head", 1)
+    }
+
+    fn block(&mut self, block: &Block, x: TensorId, temb_act: TensorId) -> TensorId {
         match block {
-            DdpmBlock::Res { name, cin, cout, attn } => {
+            Block::Res { name, cin, cout, attn } => {
+                let (cin, cout) = (*cin, *cout);
+                self.params.affine(&format!("{name}.block1.0"), cin);
+                self.params.conv(&format!("{name}.block1.2"), cout, cin, 3);
+                self.params.linear(&format!("{name}.temb_proj.1"), cout, self.cfg.tdim());
+                self.params.affine(&format!("{name}.block2.0"), cout);
+                self.params.conv(&format!("{name}.block2.3"), cout, cout, 3);
+                if cin != cout {
+                    self.params.conv(&format!("{name}.shortcut"), cout, cin, 1);
+                }
+                if *attn {
+                    self.declare_attention(&format!("{name}.attn"), cout);
+                }
+                if self.recording() {
+                    return x;
+                }
                 // h = conv1(..) + temb_proj(temb) and h = conv2(..) + shortcut(x): both adds are
                 // done in the convs' epilogues, so the addends come first.
                 let h = self.gn(x, &format!("{name}.block1.0"), true);
@@ -381,23 +297,37 @@ impl Builder<'_> {
                     h
                 }
             }
-            DdpmBlock::Down { name, .. } => self.conv(x, &format!("{name}.main"), 2),
-            DdpmBlock::Up { name, .. } => {
-                let u = layout::upsample2x(self.g, x, &format!("{name}.upsample"));
-                self.conv(u, &format!("{name}.main"), 1)
+            Block::Down { name, c } | Block::Up { name, c } => {
+                let main = format!("{name}.main");
+                self.params.conv(&main, *c, *c, 3);
+                if self.recording() {
+                    return x;
+                }
+                if matches!(block, Block::Down { .. }) {
+                    self.conv(x, &main, 2)
+                } else {
+                    let u = layout::upsample2x(self.g, x, &format!("{name}.upsample"));
+                    self.conv(u, &main, 1)
+                }
             }
         }
     }
 
-    /// AttnBlock: x + proj(attention(q(h), k(h), v(h))), h = GroupNorm(x).
-    fn attention(&mut self, x: TensorId, name: &str) -> TensorId {
-        let h = self.gn(x, &format!("{name}.group_norm"), false);
-        let q = self.conv(h, &format!("{name}.proj_q"), 1);
-        let k = self.conv(h, &format!("{name}.proj_k"), 1);
-        let v = self.conv(h, &format!("{name}.proj_v"), 1);
-        let a = attention::attention(self.g, q, k, v, &format!("{name}.softmax"));
-        // x + proj(a), the add done in proj's epilogue (float addition commutes: same bits).
-        self.conv_add(a, &format!("{name}.proj"), conv::Epilogue { emb: None, residual: Some(x) })
+    fn concat(&mut self, h: TensorId, skip: TensorId, name: &str) -> TensorId {
+        if self.recording() {
+            return h;
+        }
+        layout::concat_channels(self.g, h, skip, name)
+    }
+
+    fn tail(&mut self, h: TensorId, ch: usize) -> TensorId {
+        self.params.affine("tail.0", ch);
+        self.params.conv("tail.2", self.cfg.img_ch, ch, 3);
+        if self.recording() {
+            return h;
+        }
+        let h = self.gn(h, "tail.0", true);
+        self.conv(h, "tail.2", 1)
     }
 }
 
@@ -406,37 +336,13 @@ impl Builder<'_> {
 /// training, with dropout > 0, masks keyed by the returned `dropout_key` input) and in every
 /// parameter being declared, in state_dict order. The result carries no folds and no spikes.
 pub fn build_ddpm(g: &mut Graph, cfg: &DdpmConfig, x: TensorId, t: TensorId, train: bool) -> UNet {
-    let shapes = ddpm_state_entries(cfg).into_iter().map(|e| (e.name, e.shape)).collect();
+    let params = Params::building(ddpm_state_entries(cfg));
     let dropout_key = (train && cfg.dropout > 0.0).then(|| g.input("dropout.key", &[4]));
     let dropout = dropout_key.map(|k| (cfg.dropout, k));
-    let mut b = Builder { g, shapes, params: BTreeMap::new(), dropout, dropouts: 0 };
+    let mut b = Builder { g, cfg, params, dropout, dropouts: 0 };
     if train {
-        let names: Vec<String> = b.shapes.keys().cloned().collect();
-        for n in names {
-            b.p(&n);
-        }
+        b.params.declare_all(b.g);
     }
-    let mlp = TIME_MLP.map(|n| b.p(n));
-    let temb_act = time_mlp(b.g, t, mlp);
-
-    let mut h = b.conv(x, "head", 1);
-    let a = ddpm_arch(cfg);
-    let mut skips = vec![h];
-    for block in &a.down {
-        h = b.block(block, h, temb_act);
-        skips.push(h);
-    }
-    for block in &a.middle {
-        h = b.block(block, h, temb_act);
-    }
-    for block in &a.up {
-        if let DdpmBlock::Res { name, .. } = block {
-            let skip = skips.pop().expect("one skip per up ResBlock");
-            h = layout::concat_channels(b.g, h, skip, &format!("{name}.concat"));
-        }
-        h = b.block(block, h, temb_act);
-    }
-    let h = b.gn(h, "tail.0", true);
-    let eps = b.conv(h, "tail.2", 1);
-    UNet { params: b.params, eps, spikes: Vec::new(), folds: Vec::new(), dropout_key }
+    let eps = walk(&ddpm_arch(cfg), &mut b, x, t);
+    UNet { params: b.params.finish(), eps, spikes: Vec::new(), folds: Vec::new(), dropout_key }
 }

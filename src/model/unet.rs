@@ -6,7 +6,9 @@
 
 use std::collections::BTreeMap;
 
-use super::arch::{arch, state_entries, Block, EntryKind};
+use super::arch::arch;
+use super::params::{Entry, Params};
+use super::skeleton::{walk, Block, BlockBuilder};
 use super::ModelConfig;
 use crate::graph::{Graph, TensorId};
 use crate::ops::batchnorm::{self, BnGroups, BnParams};
@@ -76,15 +78,11 @@ impl UNet {
 
 struct Builder<'a> {
     g: &'a mut Graph,
-    /// Shapes of every state_dict entry; parameters are declared in the graph on first use, so
-    /// tensors that inference folds away never take memory.
-    shapes: BTreeMap<String, Vec<usize>>,
-    params: BTreeMap<String, TensorId>,
+    cfg: &'a ModelConfig,
+    params: Params,
     folds: Vec<Fold>,
     t: usize,
     neuron: Neuron,
-    /// Attention heads (where the config has attention).
-    heads: usize,
     /// Training form: BatchNorm with batch statistics, neurons saving what backward needs.
     train: bool,
     /// How training BatchNorm cuts the batch.
@@ -94,13 +92,11 @@ struct Builder<'a> {
 
 impl Builder<'_> {
     fn p(&mut self, name: &str) -> TensorId {
-        if let Some(&id) = self.params.get(name) {
-            return id;
-        }
-        let shape = self.shapes.get(name).unwrap_or_else(|| panic!("the U-Net has no parameter {name}"));
-        let id = self.g.param(name, shape);
-        self.params.insert(name.to_string(), id);
-        id
+        self.params.get(self.g, name)
+    }
+
+    fn recording(&self) -> bool {
+        self.params.is_recording()
     }
 
     fn bn(&mut self, name: &str) -> BnParams {
@@ -132,8 +128,8 @@ impl Builder<'_> {
         if self.train {
             return (self.p(&format!("{conv_name}.weight")), self.p(&format!("{conv_name}.bias")));
         }
-        let (ws, bs) =
-            (self.shapes[&format!("{conv_name}.weight")].clone(), self.shapes[&format!("{conv_name}.bias")].clone());
+        let ws = self.params.shape(&format!("{conv_name}.weight")).to_vec();
+        let bs = self.params.shape(&format!("{conv_name}.bias")).to_vec();
         let weight = self.g.param(&format!("{conv_name}.weight (+{bn_name})"), &ws);
         let bias = self.g.param(&format!("{conv_name}.bias (+{bn_name})"), &bs);
         self.folds.push(Fold { conv: conv_name.into(), bn: bn_name.into(), weight, bias });
@@ -214,6 +210,18 @@ impl Builder<'_> {
         conv::conv2d(self.g, x, w, Some(b), 1, 0, &format!("{name}.shortcut"))
     }
 
+    /// The modules of [`Self::attention`] over `c` channels, in the reference's order.
+    fn declare_attention(&mut self, name: &str, c: usize) {
+        for part in ["q", "k", "v"] {
+            self.params.conv(&format!("{name}.{part}_conv"), c, c, 1);
+        }
+        for part in ["q", "k", "v"] {
+            self.params.batchnorm(&format!("{name}.{part}_bn"), c);
+        }
+        self.params.conv(&format!("{name}.proj_conv"), c, c, 1);
+        self.params.batchnorm(&format!("{name}.proj_bn"), c);
+    }
+
     /// SpikeSelfAttention (sddpm-spec.md section 10.1): s = IF(x); q, k, v = IF(BN(conv1x1(s)));
     /// o = (q k^T) v * scale per head; y = x + BN(conv1x1(IF(o))).
     fn attention(&mut self, x: TensorId, name: &str) -> TensorId {
@@ -222,15 +230,63 @@ impl Builder<'_> {
             let (conv, bn) = (format!("{name}.{part}_conv"), format!("{name}.{part}_bn"));
             self.conv_bn_spikes(s, &conv, &bn, &format!("{name}.{part}_neuron"))
         });
-        let o = spike_attention::spike_attention(self.g, q, k, v, self.heads, name);
+        let o = spike_attention::spike_attention(self.g, q, k, v, self.cfg.heads, name);
         let a = self.spikes(o, &format!("{name}.attn_neuron"));
         let (proj_conv, proj_bn) = (format!("{name}.proj_conv"), format!("{name}.proj_bn"));
         self.conv_bn_add(a, &proj_conv, &proj_bn, x)
     }
+}
+
+impl BlockBuilder for Builder<'_> {
+    fn time_embedding(&mut self, t: TensorId) -> TensorId {
+        time_embedding(self.g, &mut self.params, t, [self.cfg.diffusion_steps, self.cfg.ch, self.cfg.tdim()])
+    }
+
+    /// The input is repeated over T; the conv acts per image, so it runs once per image and its
+    /// output is repeated: identical numbers, T times less work. At inference BN (running
+    /// statistics) is per image too and runs before the repeat; in training it needs the batch
+    /// statistics over all T*B copies (they enter the unbiased running variance) and runs after.
+    fn stem(&mut self, x: TensorId) -> TensorId {
+        let (ch, img_ch) = (self.cfg.ch, self.cfg.img_ch);
+        self.params.conv("conv", ch, img_ch, 3);
+        self.params.batchnorm("bn", ch);
+        self.params.conv("conv_identity", ch, ch, 3);
+        self.params.batchnorm("bn_identity", ch);
+        if self.recording() {
+            return x;
+        }
+        let s = if self.train {
+            let (w, bias) = (self.p("conv.weight"), self.p("conv.bias"));
+            let h = conv::conv2d(self.g, x, w, Some(bias), 1, 1, "conv");
+            let h = layout::repeat_leading(self.g, h, self.t, "repeat_time");
+            self.bn_spikes(h, "bn", None, "neuron")
+        } else {
+            let h = self.conv_bn(x, "conv", "bn", 1);
+            let h = layout::repeat_leading(self.g, h, self.t, "repeat_time");
+            self.spikes(h, "neuron")
+        };
+        self.conv_bn(s, "conv_identity", "bn_identity", 1)
+    }
 
     fn block(&mut self, block: &Block, x: TensorId, temb_act: TensorId) -> TensorId {
+        let tdim = self.cfg.tdim();
         match block {
             Block::Res { name, cin, cout, attn } => {
+                let (cin, cout) = (*cin, *cout);
+                self.params.linear(&format!("{name}.temb_proj.1"), cout, tdim);
+                self.params.conv(&format!("{name}.conv1"), cout, cin, 3);
+                self.params.batchnorm(&format!("{name}.bn1"), cout);
+                self.params.conv(&format!("{name}.conv2"), cout, cout, 3);
+                self.params.batchnorm(&format!("{name}.bn2"), cout);
+                if cin != cout {
+                    self.params.conv(&format!("{name}.shortcut"), cout, cin, 1);
+                }
+                if *attn {
+                    self.declare_attention(&format!("{name}.attn"), cout);
+                }
+                if self.recording() {
+                    return x;
+                }
                 let s = self.spikes(x, &format!("{name}.neuron1"));
                 let (conv1, bn1) = (format!("{name}.conv1"), format!("{name}.bn1"));
                 let (w, b) = self.conv_params(&conv1, &bn1);
@@ -247,7 +303,7 @@ impl Builder<'_> {
                     self.spikes(h, &neuron2)
                 };
                 // bn2 + the shortcut: one BN-apply kernel in training, conv2's epilogue at inference.
-                let shortcut = self.shortcut(x, name, *cin, *cout);
+                let shortcut = self.shortcut(x, name, cin, cout);
                 let h = self.conv_bn_add(s, &format!("{name}.conv2"), &format!("{name}.bn2"), shortcut);
                 if *attn {
                     self.attention(h, &format!("{name}.attn"))
@@ -255,16 +311,62 @@ impl Builder<'_> {
                     h
                 }
             }
-            Block::Down { name, .. } => {
+            Block::Down { name, c } | Block::Up { name, c } => {
+                self.params.conv(&format!("{name}.conv"), *c, *c, 3);
+                self.params.batchnorm(&format!("{name}.bn"), *c);
+                if self.recording() {
+                    return x;
+                }
                 let s = self.spikes(x, &format!("{name}.neuron"));
-                self.conv_bn(s, &format!("{name}.conv"), &format!("{name}.bn"), 2)
-            }
-            Block::Up { name, .. } => {
-                let s = self.spikes(x, &format!("{name}.neuron"));
-                let s = layout::upsample2x(self.g, s, &format!("{name}.upsample"));
-                self.conv_bn(s, &format!("{name}.conv"), &format!("{name}.bn"), 1)
+                let (conv, bn) = (format!("{name}.conv"), format!("{name}.bn"));
+                if matches!(block, Block::Down { .. }) {
+                    self.conv_bn(s, &conv, &bn, 2)
+                } else {
+                    let s = layout::upsample2x(self.g, s, &format!("{name}.upsample"));
+                    self.conv_bn(s, &conv, &bn, 1)
+                }
             }
         }
+    }
+
+    fn concat(&mut self, h: TensorId, skip: TensorId, name: &str) -> TensorId {
+        if self.recording() {
+            return h;
+        }
+        layout::concat_channels(self.g, h, skip, name)
+    }
+
+    /// BN -> Swish -> conv (per step), then the (3,3,1) conv3d branch added residually, and the
+    /// membrane readout over T.
+    fn tail(&mut self, h: TensorId, ch: usize) -> TensorId {
+        let img_ch = self.cfg.img_ch;
+        self.params.batchnorm("tail_bn", ch);
+        self.params.conv("tail_conv", img_ch, ch, 3);
+        self.params.weighted("T_output_layer", vec![img_ch, img_ch, 3, 3, 1]);
+        self.params.batchnorm("last_bn", img_ch);
+        if self.recording() {
+            return h;
+        }
+        let h = if self.train {
+            // BN's apply, the Swish and (below) the residual add run as one kernel in training.
+            let bn = self.bn("tail_bn");
+            batchnorm::batchnorm_train_swish(self.g, h, bn, None, "tail_bn")
+        } else {
+            let h = self.batchnorm(h, "tail_bn");
+            elementwise::swish(self.g, h, "tail_swish")
+        };
+        let (w, bias) = (self.p("tail_conv.weight"), self.p("tail_conv.bias"));
+        let h = conv::conv2d(self.g, h, w, Some(bias), 1, 1, "tail_conv");
+        let (w, bias) = self.conv_params("T_output_layer", "last_bn");
+        let o = conv::conv3d_331(self.g, h, w, Some(bias), "T_output_layer");
+        let h = if self.train {
+            let bn = self.bn("last_bn");
+            batchnorm::batchnorm_train_swish(self.g, o, bn, Some(h), "last_bn")
+        } else {
+            let o = elementwise::swish(self.g, o, "last_swish");
+            elementwise::add(self.g, o, h, "output_residual")
+        };
+        readout::membrane_readout(self.g, h, self.t, readout::DECAY, "membrane_output")
     }
 }
 
@@ -284,87 +386,59 @@ pub fn build_train(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, b
 }
 
 /// `train`: the training form with those BatchNorm groups; None: inference.
-fn build(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neuron, train: Option<BnGroups>) -> UNet {
-    let shapes =
-        state_entries(cfg).into_iter().filter(|e| e.kind != EntryKind::Counter).map(|e| (e.name, e.shape)).collect();
-    let mut b = Builder {
+fn builder<'a>(
+    g: &'a mut Graph,
+    cfg: &'a ModelConfig,
+    params: Params,
+    neuron: Neuron,
+    train: Option<BnGroups>,
+) -> Builder<'a> {
+    Builder {
         g,
-        shapes,
-        params: BTreeMap::new(),
+        cfg,
+        params,
         folds: Vec::new(),
         t: cfg.snn_steps,
         neuron,
-        heads: cfg.heads,
         train: train.is_some(),
         bn_groups: train.unwrap_or(BnGroups::ONE),
         spikes: Vec::new(),
-    };
+    }
+}
+
+/// Every state_dict entry of the reference model, in the reference's order: the builder's
+/// recording pass over the skeleton.
+pub fn state_entries(cfg: &ModelConfig) -> Vec<Entry> {
+    let mut scratch = Graph::new();
+    let mut b = builder(&mut scratch, cfg, Params::recording(), cfg.neuron_at(1.0), Some(BnGroups::ONE));
+    walk(&arch(cfg), &mut b, TensorId(0), TensorId(0));
+    b.params.entries()
+}
+
+fn build(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neuron, train: Option<BnGroups>) -> UNet {
+    let mut b = builder(g, cfg, Params::building(state_entries(cfg)), neuron, train);
     if b.train {
-        // Training updates every parameter and statistic: declare them all, in state_dict order.
-        let names: Vec<String> = b.shapes.keys().cloned().collect();
-        for n in names {
-            b.p(&n);
-        }
+        // Training updates every parameter and statistic: declare them all first.
+        b.params.declare_all(b.g);
     }
-    // Time embedding, once per evaluation and shared by every block (it is the same for all T).
-    let mlp = TIME_MLP.map(|n| b.p(n));
-    let temb_act = time_mlp(b.g, t, mlp);
+    let eps = walk(&arch(cfg), &mut b, x, t);
+    UNet { params: b.params.finish(), eps, spikes: b.spikes, folds: b.folds, dropout_key: None }
+}
 
-    // Stem. The input is repeated over T; the conv acts per image, so it runs once per image and
-    // its output is repeated: identical numbers, T times less work. At inference BN (running
-    // statistics) is per image too and runs before the repeat; in training it needs the batch
-    // statistics over all T*B copies (they enter the unbiased running variance) and runs after.
-    let s = if b.train {
-        let (w, bias) = (b.p("conv.weight"), b.p("conv.bias"));
-        let h = conv::conv2d(b.g, x, w, Some(bias), 1, 1, "conv");
-        let h = layout::repeat_leading(b.g, h, b.t, "repeat_time");
-        b.bn_spikes(h, "bn", None, "neuron")
-    } else {
-        let h = b.conv_bn(x, "conv", "bn", 1);
-        let h = layout::repeat_leading(b.g, h, b.t, "repeat_time");
-        b.spikes(h, "neuron")
-    };
-    let mut h = b.conv_bn(s, "conv_identity", "bn_identity", 1);
-
-    let a = arch(cfg);
-    let mut skips = vec![h];
-    for block in &a.down {
-        h = b.block(block, h, temb_act);
-        skips.push(h);
+/// The time embedding's entries and, building, its graph: [`time_mlp`] over the
+/// `time_embedding.timembedding.{0,1,3}` tensors (both U-Nets).
+pub(crate) fn time_embedding(
+    g: &mut Graph,
+    params: &mut Params,
+    t: TensorId,
+    [steps, ch, tdim]: [usize; 3],
+) -> TensorId {
+    params.time_embedding(steps, ch, tdim);
+    if params.is_recording() {
+        return t;
     }
-    for block in &a.middle {
-        h = b.block(block, h, temb_act);
-    }
-    for block in &a.up {
-        if let Block::Res { name, .. } = block {
-            let skip = skips.pop().expect("one skip per up ResBlock");
-            h = layout::concat_channels(b.g, h, skip, &format!("{name}.concat"));
-        }
-        h = b.block(block, h, temb_act);
-    }
-
-    // Tail: BN -> Swish -> conv (per step), then the (3,3,1) conv3d branch added residually.
-    let h = if b.train {
-        // BN's apply, the Swish and (below) the residual add run as one kernel in training.
-        let bn = b.bn("tail_bn");
-        batchnorm::batchnorm_train_swish(b.g, h, bn, None, "tail_bn")
-    } else {
-        let h = b.batchnorm(h, "tail_bn");
-        elementwise::swish(b.g, h, "tail_swish")
-    };
-    let (w, bias) = (b.p("tail_conv.weight"), b.p("tail_conv.bias"));
-    let h = conv::conv2d(b.g, h, w, Some(bias), 1, 1, "tail_conv");
-    let (w, bias) = b.conv_params("T_output_layer", "last_bn");
-    let o = conv::conv3d_331(b.g, h, w, Some(bias), "T_output_layer");
-    let h = if b.train {
-        let bn = b.bn("last_bn");
-        batchnorm::batchnorm_train_swish(b.g, o, bn, Some(h), "last_bn")
-    } else {
-        let o = elementwise::swish(b.g, o, "last_swish");
-        elementwise::add(b.g, o, h, "output_residual")
-    };
-    let eps = readout::membrane_readout(b.g, h, b.t, readout::DECAY, "membrane_output");
-    UNet { params: b.params, eps, spikes: b.spikes, folds: b.folds, dropout_key: None }
+    let mlp = TIME_MLP.map(|n| params.get(g, n));
+    time_mlp(g, t, mlp)
 }
 
 /// The parameters of [`time_mlp`], by official name, in its argument order.

@@ -35,6 +35,17 @@ fn params(b: usize, c: usize, n: usize) -> Vec<u32> {
     Params::of(&AttentionParams { b, c, n, _pad: 0, scale, _pad1: 0, _pad2: 0, _pad3: 0 })
 }
 
+/// Multiply-accumulates per image of the two products (q^T k and P v, C N^2 each) of a forward
+/// node of this family, for operation counts read off a built graph; None for any other node.
+pub fn node_macs(g: &Graph, node: &Node) -> Option<u64> {
+    if node.shader.name != SHADER.name || node.entry != "attn_forward" {
+        return None;
+    }
+    let s = g.shape(node.reads[0]);
+    let (c, n) = (s[1], s[2] * s[3]);
+    Some((2 * c * n * n) as u64)
+}
+
 /// o = softmax(q^T k * C^-0.5) v^T per image, laid out like the inputs: q, k, v [B, C, H, W] ->
 /// o [B, C, H, W] (o[b, :, i] = sum_j P[i, j] v[b, :, j]).
 pub fn attention(g: &mut Graph, q: TensorId, k: TensorId, v: TensorId, name: &str) -> TensorId {

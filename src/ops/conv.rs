@@ -8,7 +8,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::Shader;
-use crate::graph::{grid_1d, Cost, DType, Graph, Needs, Node, Params, TensorId, Variant};
+use crate::graph::{grid_1d, Cost, DType, Graph, Needs, Node, Params, TensorId, TileWork, Variant};
 use crate::shader;
 
 pub static SHADER: Shader = shader!(trusted "conv");
@@ -75,25 +75,29 @@ pub fn forward_variants(n: usize, cout: usize, ho: usize, wo: usize) -> Vec<Vari
 /// of h x w pixels per image: 8 channels x 4 pixels of a row per invocation, 64 per workgroup;
 /// or IGEMM_TILE x IGEMM_TILE tiles through workgroup memory.
 fn tiled_variants(entries: [&'static str; 2], n: usize, rows: usize, h: usize, w: usize) -> Vec<Variant> {
+    let r8x4 = [(h * w.div_ceil(4)).div_ceil(64) as u32, rows.div_ceil(8) as u32, n as u32];
+    let igemm = [(h * w).div_ceil(IGEMM_TILE) as u32, rows.div_ceil(IGEMM_TILE) as u32, n as u32];
     vec![
         Variant {
             name: "r8x4".into(),
             entry: entries[0],
             constants: vec![],
-            workgroups: [(h * w.div_ceil(4)).div_ceil(64) as u32, rows.div_ceil(8) as u32, n as u32],
+            workgroups: r8x4,
             writes_workgroup_memory_first: false,
             shader: None,
             needs: Needs { invocations: 64, ..Needs::default() },
+            tile: Some(TileWork::of_grid(n * rows * h * w, r8x4, 64 * 8 * 4)),
         },
         Variant {
             name: "igemm32".into(),
             entry: entries[1],
             constants: vec![],
-            workgroups: [(h * w).div_ceil(IGEMM_TILE) as u32, rows.div_ceil(IGEMM_TILE) as u32, n as u32],
+            workgroups: igemm,
             // Every invocation stores its 4 values of both tiles before the first barrier.
             writes_workgroup_memory_first: true,
             shader: None,
             needs: Needs { invocations: 64, workgroup_bytes: 2048, ..Needs::default() },
+            tile: Some(TileWork::of_grid(n * rows * h * w, igemm, IGEMM_TILE * IGEMM_TILE)),
         },
     ]
 }
@@ -129,6 +133,7 @@ fn db_variants(entry: &'static str, n: usize, rows: usize, pixels: usize) -> Vec
             let invocations = (bm / 8) * (bn / 8);
             // The kernel holds 2 vec4 per operand and invocation between a chunk's load and store.
             assert!(bk * bm <= 8 * invocations && bk * bn <= 8 * invocations && bk % 4 == 0, "{name} does not fit");
+            let workgroups = [pixels.div_ceil(bn) as u32, rows.div_ceil(bm) as u32, n as u32];
             Variant {
                 name: name.into(),
                 entry,
@@ -138,7 +143,7 @@ fn db_variants(entry: &'static str, n: usize, rows: usize, pixels: usize) -> Vec
                     ("DB_BK", bk as f64),
                     ("DB_WG", invocations as f64),
                 ],
-                workgroups: [pixels.div_ceil(bn) as u32, rows.div_ceil(bm) as u32, n as u32],
+                workgroups,
                 // Every stage is written (chunk c at iteration c) before the barrier that precedes
                 // its first read.
                 writes_workgroup_memory_first: true,
@@ -148,6 +153,7 @@ fn db_variants(entry: &'static str, n: usize, rows: usize, pixels: usize) -> Vec
                     workgroup_bytes: (2 * bk * (bm + bn) * 4) as u32,
                     ..Needs::default()
                 },
+                tile: Some(TileWork::of_grid(n * rows * pixels, workgroups, bm * bn)),
             }
         })
         .collect()
@@ -161,25 +167,31 @@ pub fn grad_input_variants(n: usize, cin: usize, h: usize, w: usize) -> Vec<Vari
 /// The weight-gradient (partial sums) kernels: 4 channels x all taps per invocation (default,
 /// K <= 3) and the implicit GEMM; both write the same [parts, Cout*Cin*K*K] partials.
 pub fn grad_weight_variants(cout: usize, cin: usize, k: usize, parts: usize) -> Vec<Variant> {
+    // Every part computes all Cout*Cin*K*K sums over its chunk of positions.
+    let useful = parts * cout * cin * k * k;
+    let r4xkk = [cin.div_ceil(64) as u32, cout.div_ceil(4) as u32, parts as u32];
+    let igemm = [(cin * k * k).div_ceil(IGEMM_TILE) as u32, cout.div_ceil(IGEMM_TILE) as u32, parts as u32];
     vec![
         Variant {
             name: "r4xkk".into(),
             entry: "conv2d_grad_weight",
             constants: vec![("GRAD_W_CHUNK", GRAD_W_CHUNK as f64)],
-            workgroups: [cin.div_ceil(64) as u32, cout.div_ceil(4) as u32, parts as u32],
+            workgroups: r4xkk,
             writes_workgroup_memory_first: false,
             shader: None,
             needs: Needs { invocations: 64, ..Needs::default() },
+            tile: Some(TileWork::of_grid(useful, r4xkk, 64 * 4 * k * k)),
         },
         Variant {
             name: "igemm32".into(),
             entry: "conv2d_grad_weight_igemm",
             constants: vec![("GRAD_W_CHUNK", GRAD_W_CHUNK as f64)],
-            workgroups: [(cin * k * k).div_ceil(IGEMM_TILE) as u32, cout.div_ceil(IGEMM_TILE) as u32, parts as u32],
+            workgroups: igemm,
             // Every invocation stores its 4 values of both tiles before the first barrier.
             writes_workgroup_memory_first: true,
             shader: None,
             needs: Needs { invocations: 64, workgroup_bytes: 2048, ..Needs::default() },
+            tile: Some(TileWork::of_grid(useful, igemm, IGEMM_TILE * IGEMM_TILE)),
         },
     ]
 }
@@ -389,7 +401,7 @@ fn conv_node(
             let parts = (n * ho * wo).div_ceil(GRAD_W_CHUNK);
             let partial = g.intermediate(&format!("{label}.grad_weight_parts"), &[parts, cout * cin * k * k]);
             let mut candidates = grad_weight_variants(cout, cin, k, parts);
-            candidates.push(crate::ops::conv_subgroup::grad_weight_variant(cout, cin, parts));
+            candidates.push(crate::ops::conv_subgroup::grad_weight_variant(cout, cin, k, parts));
             g.push_variants_typed(
                 Node {
                     shader: &SHADER,

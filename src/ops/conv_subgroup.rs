@@ -5,7 +5,7 @@
 //! [`super::conv::conv2d_grad_weight_cpu`] (same chunks, another order within a chunk).
 
 use crate::gpu::Shader;
-use crate::graph::{Needs, Variant};
+use crate::graph::{Needs, TileWork, Variant};
 use crate::ops::conv::GRAD_W_CHUNK;
 use crate::shader;
 
@@ -14,12 +14,13 @@ pub static SHADER: Shader = shader!(trusted "conv_subgroup");
 /// The weight-gradient (partial sums) variant "sg4xkk": 4 output channels x all taps of one
 /// input channel per workgroup, positions split over its 64 invocations and summed with
 /// subgroupAdd (see shaders/conv_subgroup.wgsl). Offered where the device has subgroups.
-pub fn grad_weight_variant(cout: usize, cin: usize, parts: usize) -> Variant {
+pub fn grad_weight_variant(cout: usize, cin: usize, k: usize, parts: usize) -> Variant {
+    let workgroups = [cin as u32, cout.div_ceil(4) as u32, parts as u32];
     Variant {
         name: "sg4xkk".into(),
         entry: "conv2d_grad_weight_subgroup",
         constants: vec![("GRAD_W_CHUNK", GRAD_W_CHUNK as f64)],
-        workgroups: [cin as u32, cout.div_ceil(4) as u32, parts as u32],
+        workgroups,
         // The subgroups' slots are written before the barrier and only those are read after it.
         writes_workgroup_memory_first: true,
         shader: Some(&SHADER),
@@ -29,5 +30,7 @@ pub fn grad_weight_variant(cout: usize, cin: usize, parts: usize) -> Variant {
             invocations: 64,
             ..Needs::default()
         },
+        // 4 output channels x K*K taps per workgroup (channels past Cout are clamped, recomputed).
+        tile: Some(TileWork::of_grid(parts * cout * cin * k * k, workgroups, 4 * k * k)),
     }
 }

@@ -6,11 +6,14 @@
 //! The fragment (shaders/common/coop_fragment.wgsl) is written once; [`coop_shader!`] builds a
 //! module from it for one shape by prepending an instance prelude (the f16 / f32 fragment types
 //! and the tile consts). How each operand enters the product is an [`Operand`] mode.
+//!
+//! The kernels and their self-check: docs/kernels.md (Cooperative matrices); their f16
+//! numerics and measured error: docs/numerics.md (Cooperative matrices).
 
 use anyhow::Result;
 
 use crate::gpu::{Context, Shader, COOP_FEATURES};
-use crate::graph::{Cost, Graph, Needs, Node, Params, TensorId, Variant};
+use crate::graph::{Cost, Graph, Needs, Node, Params, TensorId, TileWork, Variant};
 use crate::ops::matmul::{self, MatmulParams, Strides};
 
 /// One cooperative-matrix instance: fragment side and workgroup tile (the prelude's consts).
@@ -150,11 +153,12 @@ pub fn variants(m: usize, n: usize, operands: [Operand; 2]) -> Vec<Variant> {
 
 /// The variant of `inst` running `shader` (a module built for `inst`).
 pub fn variant(inst: &Instance, shader: &'static Shader, m: usize, n: usize, [a, b]: [Operand; 2]) -> Variant {
+    let workgroups = [n.div_ceil(inst.bn as usize) as u32, m.div_ceil(inst.bm as usize) as u32, 1];
     Variant {
         name: inst.name.into(),
         entry: "coop_matmul",
         constants: vec![("CM_A_MODE", a.mode()), ("CM_B_MODE", b.mode())],
-        workgroups: [n.div_ceil(inst.bn as usize) as u32, m.div_ceil(inst.bm as usize) as u32, 1],
+        workgroups,
         // Every staged element is written before the barrier that precedes its reads, the result
         // tile by cm_finish before the epilogue's, the reduction array before its tree.
         writes_workgroup_memory_first: true,
@@ -167,6 +171,7 @@ pub fn variant(inst: &Instance, shader: &'static Shader, m: usize, n: usize, [a,
             subgroups: Some(inst.subgroups()),
             check: Some(crate::graph::SelfCheck(self_check)),
         },
+        tile: Some(TileWork::of_grid(m * n, workgroups, (inst.bm * inst.bn) as usize)),
     }
 }
 

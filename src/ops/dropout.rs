@@ -10,7 +10,7 @@ use crate::ops::pointwise_cost;
 use crate::ops::sampler::{philox4x32, STREAM_DROPOUT};
 use crate::shader;
 
-pub static SHADER: Shader = shader!("dropout", uses "philox");
+pub static SHADER: Shader = shader!("dropout", uses "index", "philox");
 
 /// Uniform parameters of `dropout` (WGSL `Params`): `numel` values, the layer's index in the
 /// mask counter, the mask threshold and the survivors' scale 1 / (1 - p).

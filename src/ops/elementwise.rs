@@ -8,7 +8,7 @@ use crate::graph::{grid_1d, size_u32, Graph, Node, Params, TensorId};
 use crate::ops::pointwise_cost;
 use crate::shader;
 
-pub static SHADER: Shader = shader!(trusted "elementwise");
+pub static SHADER: Shader = shader!(trusted "elementwise", uses "index");
 
 /// Uniform parameters of every elementwise entry (WGSL `Params`); `c`, `s`, `b` only for
 /// `add_channel`.

@@ -9,7 +9,7 @@ use crate::graph::{grid_1d, size_u32, Cost, Graph, Node, Params, TensorId};
 use crate::ops::pointwise_cost;
 use crate::shader;
 
-pub static SHADER: Shader = shader!(trusted "groupnorm", uses "tree_sum");
+pub static SHADER: Shader = shader!(trusted "groupnorm", uses "index", "tree_sum");
 
 /// Uniform parameters of every GroupNorm entry (WGSL `Params`): [b, c, s] in `groups` groups,
 /// eps, and whether the apply (and its backward) includes the Swish.

@@ -7,7 +7,7 @@ use crate::graph::{grid_1d, size_u32, Cost, DType, Graph, Node, Params, TensorId
 use crate::ops::pointwise_cost;
 use crate::shader;
 
-pub static SHADER: Shader = shader!(trusted "layout");
+pub static SHADER: Shader = shader!(trusted "layout", uses "index");
 
 /// Uniform parameters of every layout entry (WGSL `Params`): `numel` elements; the upsamples
 /// read `c`, `h`, `w`; concat and slice read `c`, `ca`, `cb`, `s`; repeat and sum read `s`.

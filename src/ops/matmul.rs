@@ -3,7 +3,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::gpu::Shader;
-use crate::graph::{Cost, Graph, Needs, Node, Params, TensorId, Variant};
+use crate::graph::{Cost, Graph, Needs, Node, Params, TensorId, TileWork, Variant};
 use crate::shader;
 
 pub static SHADER: Shader = shader!(trusted "matmul");
@@ -31,14 +31,19 @@ pub const VARIANTS: [(&str, u32, u32); 3] = [("wg8x8", 8, 8), ("wg16x16", 16, 16
 pub fn variants(m: usize, n: usize) -> Vec<Variant> {
     VARIANTS
         .iter()
-        .map(|&(name, wx, wy)| Variant {
-            name: name.to_string(),
-            entry: "matmul",
-            constants: vec![("WG_X", wx as f64), ("WG_Y", wy as f64)],
-            workgroups: [n.div_ceil(4 * wx as usize) as u32, m.div_ceil(4 * wy as usize) as u32, 1],
-            writes_workgroup_memory_first: false,
-            shader: None,
-            needs: Needs::default(),
+        .map(|&(name, wx, wy)| {
+            let workgroups = [n.div_ceil(4 * wx as usize) as u32, m.div_ceil(4 * wy as usize) as u32, 1];
+            Variant {
+                name: name.to_string(),
+                entry: "matmul",
+                constants: vec![("WG_X", wx as f64), ("WG_Y", wy as f64)],
+                workgroups,
+                writes_workgroup_memory_first: false,
+                shader: None,
+                needs: Needs::default(),
+                // 4x4 outputs per invocation.
+                tile: Some(TileWork::of_grid(m * n, workgroups, 16 * (wx * wy) as usize)),
+            }
         })
         .collect()
 }

@@ -1,6 +1,9 @@
 //! Op families. Each file owns one WGSL shader of the same name: it adds the op's dispatches to a
 //! [`Graph`](crate::graph::Graph) (shape rule, bindings, grid, cost) and holds a plain CPU
 //! reference of the same math, which the tests compare against. Ops know nothing of models.
+//!
+//! Design: docs/kernels.md (variants, bounds checks, cooperative matrices); docs/numerics.md
+//! (parity, determinism, what the tests check).
 
 pub mod attention;
 pub mod batchnorm;

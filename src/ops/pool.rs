@@ -8,7 +8,7 @@ use crate::graph::{grid_1d, size_u32, Cost, Graph, Node, Params, TensorId};
 use crate::ops::conv::conv_out;
 use crate::shader;
 
-pub static SHADER: Shader = shader!("pool");
+pub static SHADER: Shader = shader!("pool", uses "index");
 
 /// Uniform parameters of both pools (WGSL `Params`): `numel` outputs, input and output planes,
 /// the kh x kw window, stride and padding.

@@ -7,7 +7,7 @@ use crate::gpu::Shader;
 use crate::graph::{grid_1d, size_u32, Cost, Graph, Node, Params, TensorId};
 use crate::shader;
 
-pub static SHADER: Shader = shader!("resize");
+pub static SHADER: Shader = shader!("resize", uses "index");
 
 /// Uniform parameters of `resize_bilinear` (WGSL `Params`): `numel` outputs, [cin, h, w] in,
 /// [cout, ho, wo] out, the source scales in / out and the affine map `mul`, `add`.

@@ -7,7 +7,7 @@ use crate::gpu::Shader;
 use crate::graph::{grid_1d, size_u32, Cost, DType, Graph, Node, Params, TensorId};
 use crate::shader;
 
-pub static SHADER: Shader = shader!("sampler", uses "philox");
+pub static SHADER: Shader = shader!("sampler", uses "index", "philox");
 
 /// Width of one row of the per-step coefficient table.
 pub const COEF_ROW: usize = 8;

@@ -2,6 +2,8 @@
 //! (one image at one spiking step) and head, from spike tensors q, k, v [R, C, H, W], computed
 //! as q (k^T v) so only the [d, d] matrix k^T v is materialised. The 1x1 convs, BatchNorms and
 //! neurons around it are ordinary ops; the model wires them (sddpm-spec.md section 10.1).
+//!
+//! Both kernel forms and why they are exact: docs/kernels.md (Spiking self-attention).
 
 use bytemuck::{Pod, Zeroable};
 
@@ -9,7 +11,7 @@ use crate::gpu::Shader;
 use crate::graph::{grid_1d, size_u32, Cost, DType, Graph, Node, Params, TensorId};
 use crate::shader;
 
-pub static SHADER: Shader = shader!(trusted "spike_attention");
+pub static SHADER: Shader = shader!(trusted "spike_attention", uses "index");
 
 /// Uniform parameters of every spiking-attention entry (WGSL `Params`): see [`Dims`]; `d` is
 /// the head width C / heads and `scale` 1 / sqrt(N d).
@@ -68,6 +70,11 @@ impl Dims {
         } else {
             [("kv", "k", macs), ("qkv", "q", macs)]
         }
+    }
+    /// The dims a node of this family was built with (its uniform's first four words).
+    pub fn of_params(words: &[u32]) -> Dims {
+        let [rows, c, n, heads] = [0, 1, 2, 3].map(|i| words[i] as usize);
+        Dims { rows, c, n, heads }
     }
     fn params(&self) -> Vec<u32> {
         let [rows, c, n, heads, d] = [self.rows, self.c, self.n, self.heads, self.d()].map(size_u32);
@@ -132,6 +139,24 @@ fn dispatch(
         read_types,
         &write_types,
     );
+}
+
+/// The product a forward node of this family computes ([`Dims::products`]), for operation
+/// counts read off a built graph: (multiply-accumulates per row, the read whose spikes gate
+/// them); None for any other node (backward included).
+pub fn node_product(node: &Node) -> Option<(u64, TensorId)> {
+    if node.shader.name != SHADER.name {
+        return None;
+    }
+    let (product, gate) = match node.entry {
+        // The first product reads (k, v) or (q, k), the second (q, M) or (A, v): the gate is
+        // the input whose spikes select the rows added, as products() says.
+        "attention_kv" | "attention_qk" => (0, node.reads[0]),
+        "attention_out" => (1, node.reads[0]),
+        "attention_av" => (1, node.reads[1]),
+        _ => return None,
+    };
+    Some((Dims::of_params(&node.params).products()[product].2, gate))
 }
 
 /// o = (q k^T) v * scale, scale = 1 / sqrt(N d), per row and head; q, k, v spikes [R, C, H, W].

@@ -9,7 +9,17 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::gpu::Context;
-use crate::profile::Peak;
+
+/// An adapter's measured fp32 FMA rate and memory bandwidth (the calibration kernels' best run:
+/// crate::profile::measure_peak), kept in the cache beside the tuning results.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Peak {
+    pub gflops: f64,
+    pub gbps: f64,
+    /// Measured with GPU timestamps (false: host timers, which include submit overhead and so
+    /// understate the peak).
+    pub gpu_timestamps: bool,
+}
 
 /// Changes when the file's meaning changes; a file with another format is rewritten.
 const FORMAT: &str = "sddpm-gpu tuning cache 1";
@@ -92,7 +102,7 @@ impl Cache {
     /// foreign one (another adapter, driver or format) is ignored with a one-line notice and will
     /// be rewritten on save.
     pub fn open(ctx: &Context) -> Cache {
-        let dir = cache_dir(ctx.tuning.lock().unwrap().cache_dir.as_deref());
+        let dir = cache_dir(super::tuning(ctx).lock().unwrap().cache_dir.as_deref());
         let a = &ctx.adapter;
         let fresh = File {
             format: FORMAT.into(),

@@ -12,7 +12,7 @@
 //!
 //! Choice order per key: a pinned choice (a resumed run's record) > a choice already made on this
 //! context > tuning off (the default) > the cache > timing. Every choice is recorded in the
-//! context's [`Tuning::chosen`].
+//! context's [`Tuning::chosen`] ([`tuning`]).
 //!
 //! Selection runs on the graph, before memory planning, so a variant's grid and constants are
 //! fixed when the plan is built. Candidates whose [`crate::graph::Needs`] the device does not meet
@@ -26,9 +26,12 @@
 //! SDDPM_KERNELS ([`KernelPolicy`]): `coop` puts every node that still has a cooperative-matrix
 //! candidate on it (after a pinned choice, before everything else), `f32` opens the device
 //! without the feature so that none is offered, `auto` lets the choice order below decide.
+//!
+//! Design (the variants on offer, the self-checks, cooperative matrices): docs/kernels.md.
 
 mod cache;
 mod key;
+mod policy;
 mod record;
 
 use std::collections::BTreeMap;
@@ -36,11 +39,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
-pub use cache::{cache_dir, Cache, Entry, Timed, Verdict};
+pub use cache::{cache_dir, Cache, Entry, Peak, Timed, Verdict};
 pub use key::{general_key, other_batch};
+pub use policy::{tuning, Tuning};
 pub use record::{adapter_id, pin_recorded, record_json, Record, METADATA_KEY};
 
-use crate::gpu::{Context, KernelPolicy, Tuning};
+use crate::gpu::{Context, KernelPolicy};
 use crate::graph::{Graph, Node, Plan, Variant};
 use crate::progress::Progress;
 
@@ -165,11 +169,11 @@ fn select_jobs(ctx: &Context, jobs: &mut [Job]) -> Result<Report> {
     for job in jobs.iter_mut() {
         job.g.retain_candidates(|v| v.needs.met_on(ctx));
     }
-    let policy: Tuning = ctx.tuning.lock().unwrap().clone();
+    let policy: Tuning = tuning(ctx).lock().unwrap().clone();
     let mut cache: Option<Cache> = None;
     // A checked variant may serve only if tuning may pick it, the policy forces it or a record
     // pins it; otherwise every node runs its default and nothing needs checking.
-    if policy.enabled || policy.kernels == KernelPolicy::Coop || !policy.pinned.is_empty() {
+    if policy.enabled || ctx.kernels == KernelPolicy::Coop || !policy.pinned.is_empty() {
         for job in jobs.iter_mut() {
             let failed = match run_self_checks(ctx, &job.g, &mut cache, &mut report) {
                 Ok(f) => f,
@@ -222,7 +226,7 @@ fn select_jobs(ctx: &Context, jobs: &mut [Job]) -> Result<Report> {
                     );
                 }
                 Some(name.clone())
-            } else if let Some(i) = forced_coop(&policy, &job.g.variants[&node].candidates) {
+            } else if let Some(i) = forced_coop(ctx.kernels, &job.g.variants[&node].candidates) {
                 report.forced += 1;
                 Some(names[i].clone())
             } else if let Some(name) = policy.chosen.get(&key).filter(|n| offered(n)) {
@@ -309,7 +313,8 @@ fn select_jobs(ctx: &Context, jobs: &mut [Job]) -> Result<Report> {
                 .map_or_else(String::new, |p| format!("; verdicts cached in {}", p.display()))
         );
     }
-    let mut tuning = ctx.tuning.lock().unwrap();
+    let state = tuning(ctx);
+    let mut tuning = state.lock().unwrap();
     for (j, node, key) in assigned {
         let d = &decided[&key];
         let index = d.names.iter().position(|n| *n == d.choice).expect("the choice is a candidate");
@@ -320,8 +325,8 @@ fn select_jobs(ctx: &Context, jobs: &mut [Job]) -> Result<Report> {
 }
 
 /// Under SDDPM_KERNELS=coop, the cooperative-matrix candidate to force (the largest fragment).
-fn forced_coop(policy: &Tuning, candidates: &[Variant]) -> Option<usize> {
-    if policy.kernels != KernelPolicy::Coop {
+fn forced_coop(kernels: KernelPolicy, candidates: &[Variant]) -> Option<usize> {
+    if kernels != KernelPolicy::Coop {
         return None;
     }
     (0..candidates.len()).filter(|&i| candidates[i].needs.coop != 0).max_by_key(|&i| candidates[i].needs.coop)
@@ -347,7 +352,7 @@ fn run_self_checks(ctx: &Context, g: &Graph, cache: &mut Option<Cache>, report: 
     }
     let mut failed = Vec::new();
     for (key, v) in seen {
-        let known = ctx.tuning.lock().unwrap().checks.get(&key).copied();
+        let known = tuning(ctx).lock().unwrap().checks.get(&key).copied();
         let passed = match known {
             Some(passed) => passed,
             None => {
@@ -396,7 +401,7 @@ fn run_self_checks(ctx: &Context, g: &Graph, cache: &mut Option<Cache>, report: 
                     eprintln!("{notice}");
                     report.rejected.push(notice);
                 }
-                ctx.tuning.lock().unwrap().checks.insert(key.clone(), verdict.passed);
+                tuning(ctx).lock().unwrap().checks.insert(key.clone(), verdict.passed);
                 verdict.passed
             }
         };

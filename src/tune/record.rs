@@ -29,7 +29,7 @@ pub fn adapter_id(ctx: &Context) -> String {
 /// The variants chosen on `ctx` so far (pinned ones included), as metadata JSON; None if no
 /// kernel had alternatives.
 pub fn record_json(ctx: &Context) -> Option<String> {
-    let variants = ctx.tuning.lock().unwrap().chosen.clone();
+    let variants = super::tuning(ctx).lock().unwrap().chosen.clone();
     if variants.is_empty() {
         return None;
     }
@@ -59,7 +59,8 @@ pub fn pin_recorded(
         );
         return Ok(0);
     }
-    let mut tuning = ctx.tuning.lock().unwrap();
+    let state = super::tuning(ctx);
+    let mut tuning = state.lock().unwrap();
     let before = tuning.pinned.len();
     for (key, name) in record.variants {
         tuning.pinned.entry(key).or_insert(name);

@@ -27,7 +27,7 @@ pub fn ctx() -> &'static Context {
         // Op and model tests run every family's default kernel: timing the variants of each
         // shape again in every test binary would cost more than the tests (tests/tune.rs checks
         // every variant against the CPU reference and the tuner itself).
-        c.tuning.lock().unwrap().enabled = false;
+        sddpm_gpu::tune::tuning(&c).lock().unwrap().enabled = false;
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             assert_eq!(c.adapter.backend, wgpu::Backend::Vulkan, "CI expects Vulkan, got {}", c.describe());
         }
