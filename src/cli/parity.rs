@@ -74,7 +74,6 @@ pub fn forward(adapter: Option<&str>, a: &ForwardArgs) -> Result<()> {
 pub fn train_step(adapter: Option<&str>, a: &TrainStepArgs) -> Result<()> {
     check_lr(a.lr)?;
     let comm = sddpm_gpu::dist::world()?;
-    let ctx = Context::new(adapter)?;
     let args = run::TrainStepArgs {
         checkpoint: a.checkpoint.clone(),
         input: a.input.clone(),
@@ -84,11 +83,7 @@ pub fn train_step(adapter: Option<&str>, a: &TrainStepArgs) -> Result<()> {
         bn_groups: a.bn_groups,
         steps: a.steps,
     };
-    let result = run::train_step(&ctx, comm.as_ref(), &args);
-    if let (Err(e), true) = (&result, comm.size() > 1) {
-        // The others may wait in a collective: end them all rather than leave them hanging.
-        eprintln!("error: rank {}: {e:#}", comm.rank());
-        comm.abort(1);
-    }
-    result
+    let result =
+        super::open_context(adapter, comm.as_ref()).and_then(|ctx| run::train_step(&ctx, comm.as_ref(), &args));
+    super::end_ranks(comm.as_ref(), result)
 }

@@ -51,6 +51,10 @@ pub trait Comm {
     /// The (smallest, largest) of `v` over all ranks.
     fn min_max(&self, v: u64) -> Result<(u64, u64)>;
 
+    /// Rank 0's `bytes` on every rank (the others' `bytes` are replaced): a decision made once
+    /// (a run's settings and folder, the kernel variants) that every rank must follow.
+    fn broadcast(&self, bytes: &mut Vec<u8>) -> Result<()>;
+
     /// Whether any rank says `flag` (every rank gets the same answer: a stop agreed on).
     fn any(&self, flag: bool) -> Result<bool> {
         Ok(self.min_max(flag as u64)?.1 == 1)
@@ -99,6 +103,88 @@ impl Comm for Single {
 
     fn min_max(&self, v: u64) -> Result<(u64, u64)> {
         Ok((v, v))
+    }
+
+    fn broadcast(&self, _bytes: &mut Vec<u8>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// An error every rank hit alike, already reported by rank 0: the other ranks exit with this
+/// status without printing it again (one line per job, not one per rank).
+#[derive(Debug)]
+pub struct SaidByRank0(pub u8);
+
+impl std::fmt::Display for SaidByRank0 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "rank 0 reported why this run stopped (exit status {})", self.0)
+    }
+}
+
+impl std::error::Error for SaidByRank0 {}
+
+/// A stop every rank agreed on at the same step (see `run::train`): no rank waits for another,
+/// so the job ends normally (no MPI_Abort). Displays and chains as the interrupt it carries.
+#[derive(Debug)]
+pub struct AllStopped(pub crate::signal::Interrupted);
+
+impl std::fmt::Display for AllStopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for AllStopped {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+/// Rank 0's error in a decision every rank follows ([`decide`]): the others got it too and stop
+/// without waiting for anyone. Displays as the error itself, with its causes.
+#[derive(Debug)]
+pub struct Agreed(pub anyhow::Error);
+
+impl std::fmt::Display for Agreed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for Agreed {}
+
+/// Whether `e` is an outcome every rank reached together ([`AllStopped`], [`Agreed`],
+/// [`SaidByRank0`]): then no rank is left waiting and the job need not be aborted.
+pub fn agreed(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<AllStopped>() || c.is::<Agreed>() || c.is::<SaidByRank0>())
+}
+
+/// Rank 0's outcome of `f` on every rank: rank 0 runs it, the others receive its value (JSON) or
+/// its error; on ranks above 0 an error is a [`SaidByRank0`], since rank 0 prints it.
+pub fn decide<T: serde::Serialize + serde::de::DeserializeOwned>(
+    comm: &dyn Comm,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let mut bytes = Vec::new();
+    let mine = if comm.rank() == 0 {
+        let r = f();
+        let msg: std::result::Result<serde_json::Value, String> = match &r {
+            Ok(v) => Ok(serde_json::to_value(v)?),
+            Err(e) => Err(format!("{e:#}")),
+        };
+        bytes = serde_json::to_vec(&msg)?;
+        Some(r)
+    } else {
+        None
+    };
+    comm.broadcast(&mut bytes)?;
+    if let Some(r) = mine {
+        return r.map_err(|e| if comm.size() > 1 { Agreed(e).into() } else { e });
+    }
+    let msg: std::result::Result<serde_json::Value, String> = serde_json::from_slice(&bytes)?;
+    match msg {
+        Ok(v) => Ok(serde_json::from_value(v)?),
+        Err(_) => Err(SaidByRank0(1).into()),
     }
 }
 

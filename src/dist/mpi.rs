@@ -125,6 +125,19 @@ impl Comm for Mpi {
         Ok(())
     }
 
+    fn broadcast(&self, bytes: &mut Vec<u8>) -> Result<()> {
+        let mut len = bytes.len() as u64;
+        // SAFETY: one u64, then len bytes (resized on the receivers first).
+        let code =
+            unsafe { ffi::MPI_Bcast(&mut len as *mut u64 as *mut _, 1, ffi::RSMPI_UINT64_T, 0, self.world.as_raw()) };
+        check(code, "MPI_Bcast", self.rank)?;
+        bytes.resize(len as usize, 0);
+        let code = unsafe {
+            ffi::MPI_Bcast(bytes.as_mut_ptr() as *mut _, len as c_int, ffi::RSMPI_UINT8_T, 0, self.world.as_raw())
+        };
+        check(code, "MPI_Bcast", self.rank)
+    }
+
     fn min_max(&self, v: u64) -> Result<(u64, u64)> {
         let mut out = [0u64; 2];
         for (op, o) in [(unsafe { ffi::RSMPI_MIN }, 0), (unsafe { ffi::RSMPI_MAX }, 1)] {
