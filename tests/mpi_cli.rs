@@ -26,7 +26,7 @@ fn mpirun_cmd(n: usize, args: &[&str], limit: Duration) -> Command {
     cmd.args(["--allow-run-as-root", "--oversubscribe", "-np", &n.to_string()]);
     // Waiting ranks yield the CPU instead of spinning (2 ranks on 2 shared cores in CI).
     cmd.args(["--mca", "mpi_yield_when_idle", "1"]);
-    for var in ["WGPU_BACKEND", "CI", "XDG_RUNTIME_DIR", "HOME"] {
+    for var in ["WGPU_BACKEND", "CI", "XDG_RUNTIME_DIR", "HOME", "SDDPM_FID_WEIGHTS"] {
         if std::env::var_os(var).is_some() {
             cmd.args(["-x", var]);
         }
@@ -267,4 +267,87 @@ fn an_interrupt_on_one_rank_stops_all_at_the_same_step() {
     let step = ckpt.get_ints("optim.step").unwrap().data[0] as usize;
     assert_eq!(losses(&dir).len(), step, "the checkpoint is of the last logged step");
     assert!(err.contains(&format!("checkpoint of step {step} ")), "{err}");
+}
+
+fn pngs(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.file_name().into_string().unwrap(), std::fs::read(e.path()).unwrap())
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// `mpirun -np 2 sample --out-dir` writes the files one process writes (each rank its share,
+/// as --shard; shares of 3 and 2 images, in batches of another size); also split inside a
+/// --shard; a grid needs one process (one error line).
+#[test]
+fn mpirun_sample_writes_the_files_of_one_process() {
+    let args = |dir: &Path, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["--no-tune", "sample", "--preset", "tiny", "--size", "16", "--sampler", "ddim"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(["--steps", "2", "--n", "5", "--seed", "4", "--out-dir"].iter().map(|s| s.to_string()));
+        v.push(dir.to_str().unwrap().into());
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let strs = |v: &[String]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let one = tmp("sample-1");
+    ok(&bin().args(args(&one, &["--batch", "2"])).output().unwrap());
+    let two = tmp("sample-2");
+    let a = strs(&args(&two, &["--batch", "3"]));
+    ok(&mpirun(2, &a.iter().map(|s| s.as_str()).collect::<Vec<_>>(), Duration::from_secs(200)));
+    let (w, g) = (pngs(&one), pngs(&two));
+    assert_eq!(w.len(), 5);
+    assert_eq!(w, g, "2 ranks write the files of one process, byte for byte");
+    // Shard 2/2 (images 2..5) split over 2 ranks: exactly those files.
+    let shard = tmp("sample-shard");
+    let a = strs(&args(&shard, &["--shard", "2/2"]));
+    ok(&mpirun(2, &a.iter().map(|s| s.as_str()).collect::<Vec<_>>(), Duration::from_secs(200)));
+    assert_eq!(pngs(&shard), w[2..].to_vec());
+    let grid = tmp("grid.png");
+    let out = mpirun(
+        2,
+        &["--no-tune", "sample", "--preset", "tiny", "--size", "16", "--n", "2", "--out", grid.to_str().unwrap()],
+        Duration::from_secs(120),
+    );
+    assert_one_line_error(&out, "--out-dir");
+}
+
+/// `mpirun -np 2 fid A --save-stats` writes the statistics one process writes (features of each
+/// rank's share, summed into place), byte for byte; the FID between them is 0. Needs the FID Inception weights
+/// (SDDPM_FID_WEIGHTS) and ~2 minutes of lavapipe: ignored in a plain `cargo test`, run by
+/// .ci/run with --include-ignored (and failing there without the weights).
+#[test]
+#[ignore = "needs SDDPM_FID_WEIGHTS (the FID Inception-v3) and ~2 minutes on lavapipe; .ci/run includes it"]
+fn mpirun_fid_gives_the_statistics_of_one_process() {
+    let weights = std::env::var("SDDPM_FID_WEIGHTS").ok().filter(|v| !v.is_empty());
+    let weights = weights.expect("SDDPM_FID_WEIGHTS is not set: point it at default_1.pt");
+    let dir = tmp("fid-images");
+    let sample = ["--no-tune", "sample", "--preset", "tiny", "--size", "16", "--sampler", "ddim", "--steps", "1"];
+    ok(&bin().args(sample).args(["--n", "3", "--out-dir", dir.to_str().unwrap()]).output().unwrap());
+    let (s1, s2) = (tmp("fid-1.npz"), tmp("fid-2.npz"));
+    let fid = |out: &Path| -> Vec<String> {
+        let args = ["--no-tune", "fid", dir.to_str().unwrap(), "--batch", "1", "--weights", &weights, "--save-stats"];
+        let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        v.push(out.to_str().unwrap().into());
+        v
+    };
+    ok(&bin().args(fid(&s1)).output().unwrap());
+    let a = fid(&s2);
+    ok(&mpirun(2, &a.iter().map(|s| s.as_str()).collect::<Vec<_>>(), Duration::from_secs(400)));
+    let out = bin().args(["fid", s1.to_str().unwrap(), s2.to_str().unwrap(), "--json"]).output().unwrap();
+    ok(&out);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    println!("FID between 1-process and 2-rank statistics: {v}");
+    assert_eq!(std::fs::read(&s1).unwrap(), std::fs::read(&s2).unwrap(), "the same statistics file, byte for byte");
+    // Identical statistics: FID 0 up to the matrix square root of a rank-2 covariance (3 images
+    // in 2048 dimensions), which leaves ~1e-5.
+    assert!(v["fid"].as_f64().unwrap().abs() < 1e-3, "{v}");
+    assert_eq!(v["n_a"], v["n_b"]);
 }
