@@ -56,7 +56,14 @@ fn main() -> Result<()> {
         };
         let host: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![1f32; n]).collect();
         let reduce_only = || -> Result<()> {
-            comm.sum_pipelined(&sizes, &mut |k, buf| Ok(buf.copy_from_slice(&host[k])), &mut |_, _| Ok(()))
+            comm.sum_pipelined(
+                &sizes,
+                &mut |k, buf| {
+                    buf.copy_from_slice(&host[k]);
+                    Ok(())
+                },
+                &mut |_, _| Ok(()),
+            )
         };
         let time = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
             f()?;

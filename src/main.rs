@@ -85,11 +85,11 @@ fn main() -> ExitCode {
             // Not an error: the run stopped as asked and says what it kept; 130 / 143 tell a
             // scheduler it did not finish.
             Some(i) => {
-                eprintln!("{i}");
+                cli::say_line(&i.to_string());
                 ExitCode::from(i.signal.exit_code())
             }
             None => {
-                eprintln!("error: {e:#}");
+                cli::say_line(&format!("error: {e:#}"));
                 ExitCode::FAILURE
             }
         },

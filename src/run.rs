@@ -307,6 +307,17 @@ pub fn train(ctx: &Context, comm: &dyn Comm, cfg: &RunConfig, dir: &Path, resume
 /// groups into whole groups per rank (each rank normalises its own share, as the reference's
 /// DataParallel replicas do).
 pub fn check_ranks(cfg: &RunConfig, ranks: usize) -> Result<()> {
+    if let Net::Ddpm(c) = &cfg.model {
+        if ranks > 1 && c.dropout > 0.0 {
+            // Its masks are keyed by the element's index in the rank's share, not in the global
+            // batch: N ranks would train on other masks than one process (not done yet).
+            bail!(
+                "training --model ddpm with dropout ({}) on {ranks} MPI ranks is not implemented yet (the dropout masks \
+                 are not keyed by global image index); train it in one process",
+                c.dropout
+            );
+        }
+    }
     if !cfg.batch.is_multiple_of(ranks) {
         bail!("--batch {} must divide by the {ranks} ranks (the global batch is split into equal shares)", cfg.batch);
     }

@@ -43,7 +43,7 @@ fn ddp_fixture_over_ranks(comm: &dyn Comm) {
         TrainOptions { given_noise: true, bn_groups: world / comm.size(), ranks: comm.size(), ..Default::default() };
     let mut tr = Trainer::new(ctx(), &cfg, &before, share.len(), size, opts).unwrap();
     tr.image_base = share.start;
-    assert!(tr.buckets.len() >= 1, "gradient buckets");
+    assert!(!tr.buckets.is_empty(), "gradient buckets");
     let t_all: Vec<u32> = fx.get_ints("t").unwrap().data.iter().map(|&v| v as u32).collect();
     let mut got = Vec::new();
     for k in 0..steps {

@@ -85,11 +85,19 @@ pub fn end_ranks(comm: &dyn Comm, result: Result<()>) -> Result<()> {
         return Err(dist::SaidByRank0(code).into());
     }
     match sddpm_gpu::signal::interrupted(&e) {
-        Some(i) => eprintln!("rank {}: {i}", comm.rank()),
-        None => eprintln!("error: rank {}: {e:#}", comm.rank()),
+        Some(i) => say_line(&format!("rank {}: {i}", comm.rank())),
+        None => say_line(&format!("error: rank {}: {e:#}", comm.rank())),
     }
     comm.abort(1);
     Err(e)
+}
+
+/// `line` and a newline on stderr in one write: under mpirun, which forwards every rank's
+/// output and prints its own reports to the same stream, a line written in pieces (as
+/// `eprintln!` writes its arguments) can be cut by another's.
+pub fn say_line(line: &str) {
+    use std::io::Write as _;
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }
 
 /// --threshold is a firing threshold: positive and finite (the paper's guidance uses ~0.99).
