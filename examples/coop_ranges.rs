@@ -78,7 +78,7 @@ fn main() -> Result<()> {
     let noise = g.input("noise", &[batch, ch, size, size]);
     let one = g.param("loss.seed", &[1]);
     let (x_t, noise_used, _) = sampler::q_sample(&mut g, qcoef, x0, Some(noise));
-    let unet = cfg.build_train(&mut g, x_t, t)?;
+    let unet = cfg.build_train(&mut g, x_t, t, sddpm_gpu::ops::batchnorm::BnGroups::ONE)?;
     let loss = reduce::mse_loss(&mut g, unet.eps, noise_used, "loss");
     let wrt: Vec<_> = unet.params.values().copied().collect();
     backward(&mut g, loss, one, &wrt, elementwise::add);

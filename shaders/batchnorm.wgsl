@@ -12,7 +12,8 @@
 //              running_var  = (1 - momentum) * running_var  + momentum * var * m / (m - 1);
 //              where a channel is too much for one workgroup, per-slice partials merged by
 //              bn_stats_final.
-//   bn_train_apply: y = x * alpha + beta with alpha = weight * invstd, beta = bias - mean * alpha.
+//   bn_train_apply: y = x * alpha + beta with alpha = weight * invstd, beta = bias - mean * alpha
+//              (mean and invstd of the element's group: stat_index).
 //   bn_train_apply_add: y = (x * alpha + beta) + r, the apply fused with the residual add that
 //              follows it (same float operations as bn_train_apply then elementwise.wgsl's add, so
 //              the same bits; the BN output is never written). 12 bytes per element instead of 20.
@@ -58,6 +59,18 @@ fn flat_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.y * nwg.x + wid.x) * 256u + lid;
 }
 
+// Index of the statistics of flat element i in training: g * C + ch for its BatchNorm group g
+// (image (sample % batch) of its step, groups of batch / groups consecutive images); the channel
+// with one group. Inference has one group.
+fn stat_index(i: u32) -> u32 {
+    let ch = (i / p.hw) % p.c;
+    if (p.groups == 1u) {
+        return ch;
+    }
+    let img = (i / (p.hw * p.c)) % p.batch;
+    return img / (p.batch / p.groups) * p.c + ch;
+}
+
 @compute @workgroup_size(256)
 fn bn_eval(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
            @builtin(local_invocation_index) lid: u32) {
@@ -79,8 +92,9 @@ fn bn_train_apply(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
         return;
     }
     let ch = (i / p.hw) % p.c;
-    let alpha = weight[ch] * stat_var_or_invstd[ch];
-    let beta = bias[ch] - stat_mean[ch] * alpha;
+    let st = stat_index(i);
+    let alpha = weight[ch] * stat_var_or_invstd[st];
+    let beta = bias[ch] - stat_mean[st] * alpha;
     y[i] = x[i] * alpha + beta;
 }
 
@@ -95,8 +109,9 @@ fn bn_train_apply_add(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
         return;
     }
     let ch = (i / p.hw) % p.c;
-    let alpha = weight[ch] * stat_var_or_invstd[ch];
-    let beta = bias[ch] - stat_mean[ch] * alpha;
+    let st = stat_index(i);
+    let alpha = weight[ch] * stat_var_or_invstd[st];
+    let beta = bias[ch] - stat_mean[st] * alpha;
     let bn = x[i] * alpha + beta;
     y_sum[i] = bn + residual[i];
 }
@@ -113,8 +128,9 @@ fn bn_train_apply_swish(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_work
         return;
     }
     let ch = (i / p.hw) % p.c;
-    let alpha = weight[ch] * stat_var_or_invstd[ch];
-    let beta = bias[ch] - stat_mean[ch] * alpha;
+    let st = stat_index(i);
+    let alpha = weight[ch] * stat_var_or_invstd[st];
+    let beta = bias[ch] - stat_mean[st] * alpha;
     y[i] = swish(x[i] * alpha + beta);
 }
 
@@ -126,8 +142,9 @@ fn bn_train_apply_swish_add(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_
         return;
     }
     let ch = (i / p.hw) % p.c;
-    let alpha = weight[ch] * stat_var_or_invstd[ch];
-    let beta = bias[ch] - stat_mean[ch] * alpha;
+    let st = stat_index(i);
+    let alpha = weight[ch] * stat_var_or_invstd[st];
+    let beta = bias[ch] - stat_mean[st] * alpha;
     let o = swish(x[i] * alpha + beta);
     y_sum[i] = o + residual[i];
 }
@@ -496,8 +513,9 @@ fn bn_swish_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
         return;
     }
     let ch = (i / p.hw) % p.c;
-    let alpha = weight_b[ch] * invstd_b[ch];
-    let beta = bias_b[ch] - mean_b[ch] * alpha;
+    let st = stat_index(i);
+    let alpha = weight_b[ch] * invstd_b[st];
+    let beta = bias_b[ch] - mean_b[st] * alpha;
     let v = x_b[i] * alpha + beta;
     let sg = 1.0 / (1.0 + exp(-v));
     dv_b[i] = dy_b[i] * (sg + v * sg * (1.0 - sg));

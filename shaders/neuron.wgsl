@@ -29,8 +29,9 @@
 // graph's gradient accumulation would add in a separate pass, same order, same bits).
 // The affine entries serve a neuron whose input is a training-mode BatchNorm of a saved tensor c,
 // optionally plus a per-(image, channel) term (BN, then the time-embedding add):
-//   x[e] = (c[e] * alpha + beta) [+ emb[(img % B) * C + ch]],  alpha = weight[ch] * invstd[ch],
-//   beta = bias[ch] - mean[ch] * alpha,  ch = (e / HW) % C, img = e / (HW * C)
+//   x[e] = (c[e] * alpha + beta) [+ emb[(img % B) * C + ch]],  alpha = weight[ch] * invstd[st],
+//   beta = bias[ch] - mean[st] * alpha,  ch = (e / HW) % C, img = e / (HW * C), st = ch, or with
+//   bn_groups BatchNorm groups of B / bn_groups images g * C + ch for the group g of img % B
 // written as batchnorm.wgsl's bn_train_apply and elementwise.wgsl's add_channel write it, so x is
 // bit for bit the tensor those two kernels would have written; it is computed in registers and
 // never stored (has_emb = 0: no term, the emb binding is a placeholder and is not read).
@@ -45,7 +46,7 @@
 // read of c (4).
 
 struct Params {
-    n: u32, t: u32, lif: u32, _pad: u32,
+    n: u32, t: u32, lif: u32, bn_groups: u32,
     v_th: f32, v_reset: f32, inv_tau: f32, _pad1: u32,
     c: u32, hw: u32, b: u32, has_emb: u32,
 }
@@ -231,12 +232,17 @@ fn neuron_backward_acc(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
 // (image, channel), 0 without one (then unused).
 fn affine_coeffs(e: u32) -> vec3<f32> {
     let ch = (e / p.hw) % p.c;
-    let alpha = bn_weight[ch] * bn_invstd[ch];
-    let beta = bn_bias[ch] - bn_mean[ch] * alpha;
+    let img = (e / (p.hw * p.c)) % p.b;
+    // BN statistics of the image's group (batchnorm.wgsl's stat_index); bn_groups <= 1: one.
+    var st = ch;
+    if (p.bn_groups > 1u) {
+        st = img / (p.b / p.bn_groups) * p.c + ch;
+    }
+    let alpha = bn_weight[ch] * bn_invstd[st];
+    let beta = bn_bias[ch] - bn_mean[st] * alpha;
     var term = 0.0;
     if (p.has_emb != 0u) {
-        let img = e / (p.hw * p.c);
-        term = emb[(img % p.b) * p.c + ch];
+        term = emb[img * p.c + ch];
     }
     return vec3<f32>(alpha, beta, term);
 }

@@ -20,14 +20,15 @@
 //! - 3 `ops`, `tune`: one kernel family per file with its CPU reference; the autotuner, its
 //!   per-device policy (`tune::tuning`), cache and the adapter's peak record.
 //! - 2 `graph`, `data`: the static graph, memory planner, autodiff and replay; datasets.
-//! - 1 `gpu`, `checkpoint`, `images`, `plot`: the wgpu device; safetensors files; PNG/JPEG;
-//!   charts.
+//! - 1 `gpu`, `checkpoint`, `images`, `plot`, `dist`: the wgpu device; safetensors files;
+//!   PNG/JPEG; charts; the communicator between data-parallel ranks (MPI) and their agreements.
 //! - 0 `fsutil`, `signal`, `progress`, `shard`: atomic writes and output checks, interrupts,
 //!   progress bars, shard ranges.
 
 pub mod checkpoint;
 pub mod data;
 pub mod diffusion;
+pub mod dist;
 pub mod energy;
 pub mod fid;
 pub mod fsutil;

@@ -77,15 +77,19 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // A rank of several whose reason rank 0 printed already.
+        Err(e) if e.is::<sddpm_gpu::dist::SaidByRank0>() => {
+            ExitCode::from(e.downcast_ref::<sddpm_gpu::dist::SaidByRank0>().map_or(1, |s| s.0))
+        }
         Err(e) => match sddpm_gpu::signal::interrupted(&e) {
             // Not an error: the run stopped as asked and says what it kept; 130 / 143 tell a
             // scheduler it did not finish.
             Some(i) => {
-                eprintln!("{i}");
+                cli::say_line(&i.to_string());
                 ExitCode::from(i.signal.exit_code())
             }
             None => {
-                eprintln!("error: {e:#}");
+                cli::say_line(&format!("error: {e:#}"));
                 ExitCode::FAILURE
             }
         },

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::Checkpoint;
 use crate::data::{self, Loader};
 use crate::diffusion::{plan_steps, NonFinite, Sampler, SamplerKind, Schedule, TrainOptions, Trainer};
+use crate::dist::Comm;
 use crate::gpu::Context;
 use crate::images;
 use crate::model::Net;
@@ -32,6 +33,9 @@ pub struct RunConfig {
     pub lr: f32,
     pub warmup: u64,
     pub ema: Option<f32>,
+    /// BatchNorm groups of every batch (`--bn-groups`; 1: the whole batch).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub bn_groups: usize,
     pub seed: u64,
     /// Total optimizer steps of the run.
     pub steps: u64,
@@ -76,11 +80,29 @@ struct Identity {
     warmup: u64,
     ema: Option<f32>,
     seed: u64,
+    /// Absent in checkpoints from before --bn-groups: one group.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    bn_groups: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(v: &usize) -> bool {
+    *v == 1
 }
 
 impl RunConfig {
     fn identity(&self) -> Identity {
-        Identity { batch: self.batch, lr: self.lr, warmup: self.warmup, ema: self.ema, seed: self.seed }
+        Identity {
+            batch: self.batch,
+            lr: self.lr,
+            warmup: self.warmup,
+            ema: self.ema,
+            seed: self.seed,
+            bn_groups: self.bn_groups,
+        }
     }
 
     /// Check every number before any work: the model builds at its size, and the optimizer and
@@ -89,6 +111,16 @@ impl RunConfig {
         self.model.validate_run(self.model.img_size(), self.batch.max(1))?;
         if self.batch == 0 {
             bail!("batch must be at least 1 (--batch)");
+        }
+        if self.bn_groups == 0 || !self.batch.is_multiple_of(self.bn_groups) {
+            bail!(
+                "bn_groups (--bn-groups) {} must be at least 1 and divide the batch of {}",
+                self.bn_groups,
+                self.batch
+            );
+        }
+        if self.bn_groups > 1 && matches!(self.model, Net::Ddpm(_)) {
+            bail!("bn_groups (--bn-groups) applies to the SNN's BatchNorm; the ANN (--model ddpm) has none");
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             bail!("lr (--lr) must be a positive finite learning rate, got {}", self.lr);
@@ -224,7 +256,17 @@ fn remove_unstarted(dir: &Path, made_dir: bool) -> String {
 /// FID reference, whether the adapter can hold every graph the run compiles; then the banner, and
 /// every kernel shape the run needs (training step, sample grids, FID samples) is tuned under one
 /// progress bar before the first step.
-pub fn train(ctx: &Context, cfg: &RunConfig, dir: &Path, resume: bool) -> Result<()> {
+///
+/// Under several ranks (`comm`, see [`crate::dist`]) every rank trains its share of each batch
+/// and rank 0 alone owns the folder: it locks it, writes config.json, loss.csv, plots, samples
+/// and checkpoints; the others only read (the data, and the checkpoint on resume: the folder
+/// must be on a file system every rank sees). A stop is agreed on after every step, so an
+/// interrupt on any rank stops all of them after the same step with one checkpoint.
+pub fn train(ctx: &Context, comm: &dyn Comm, cfg: &RunConfig, dir: &Path, resume: bool) -> Result<()> {
+    if comm.rank() != 0 {
+        let mut cfg = cfg.clone();
+        return train_locked(ctx, comm, &mut cfg, dir, resume, &mut false);
+    }
     let made_dir = !dir.exists();
     let _lock = fsutil::DirLock::acquire(dir, "training run")?;
     if !resume && (dir.join(CKPT).exists() || dir.join("config.json").exists()) {
@@ -232,7 +274,7 @@ pub fn train(ctx: &Context, cfg: &RunConfig, dir: &Path, resume: bool) -> Result
     }
     let mut cfg = cfg.clone();
     let mut started = false;
-    let result = train_locked(ctx, &mut cfg, dir, resume, &mut started);
+    let result = train_locked(ctx, comm, &mut cfg, dir, resume, &mut started);
     let Err(e) = result else { return Ok(()) };
     // An interrupt in the loop says what it saved; one during setup (tuning) is said here.
     let unsaid = signal::interrupted(&e).filter(|i| i.outcome.is_empty()).map(|i| i.signal);
@@ -261,9 +303,46 @@ pub fn train(ctx: &Context, cfg: &RunConfig, dir: &Path, resume: bool) -> Result
     })
 }
 
-fn train_locked(ctx: &Context, cfg: &mut RunConfig, dir: &Path, resume: bool, started: &mut bool) -> Result<()> {
+/// The checks of a run on `ranks` ranks: the batch splits into equal shares and the BatchNorm
+/// groups into whole groups per rank (each rank normalises its own share, as the reference's
+/// DataParallel replicas do).
+pub fn check_ranks(cfg: &RunConfig, ranks: usize) -> Result<()> {
+    if let Net::Ddpm(c) = &cfg.model {
+        if ranks > 1 && c.dropout > 0.0 {
+            // Its masks are keyed by the element's index in the rank's share, not in the global
+            // batch: N ranks would train on other masks than one process (not done yet).
+            bail!(
+                "training --model ddpm with dropout ({}) on {ranks} MPI ranks is not implemented yet (the dropout masks \
+                 are not keyed by global image index); train it in one process",
+                c.dropout
+            );
+        }
+    }
+    if !cfg.batch.is_multiple_of(ranks) {
+        bail!("--batch {} must divide by the {ranks} ranks (the global batch is split into equal shares)", cfg.batch);
+    }
+    if !cfg.bn_groups.is_multiple_of(ranks) {
+        bail!(
+            "bn_groups (--bn-groups) {} must be a multiple of the {ranks} ranks (each rank normalises whole groups of the batch)",
+            cfg.bn_groups
+        );
+    }
+    Ok(())
+}
+
+fn train_locked(
+    ctx: &Context,
+    comm: &dyn Comm,
+    cfg: &mut RunConfig,
+    dir: &Path,
+    resume: bool,
+    started: &mut bool,
+) -> Result<()> {
+    let (lead, ranks) = (comm.rank() == 0, comm.size());
     let config_path = dir.join("config.json");
     cfg.validate().map_err(|e| anyhow!("{}: {e}", config_path.display()))?;
+    check_ranks(cfg, ranks)?;
+    let share = crate::dist::share(cfg.batch, comm, "--batch")?;
     let ckpt_path = dir.join(CKPT);
     let start = if resume && ckpt_path.exists() {
         let ckpt = Checkpoint::load(&ckpt_path).with_context(|| format!("resuming {}", dir.display()))?;
@@ -303,84 +382,142 @@ fn train_locked(ctx: &Context, cfg: &mut RunConfig, dir: &Path, resume: bool, st
     }
     let first = start.counter("optim.step")?.unwrap_or(0);
     if first >= cfg.steps {
-        println!("{} is already at step {first} of {}; nothing to do (raise --steps)", dir.display(), cfg.steps);
+        if lead {
+            println!("{} is already at step {first} of {}; nothing to do (raise --steps)", dir.display(), cfg.steps);
+        }
         return Ok(());
     }
-    let fid_ref = if cfg.fid_every > 0 { Some(FidRef::load(cfg)?) } else { None };
-    eprintln!(
-        "training {} {} ({} parameters) on {}, batch {}, steps {first}..{}, adapter {}",
-        cfg.model.kind(),
-        describe(cfg),
-        cfg.model.parameter_count(),
-        data.name,
-        cfg.batch,
-        cfg.steps,
-        ctx.describe()
-    );
-    std::fs::create_dir_all(dir.join("samples")).with_context(|| format!("cannot create {}", dir.display()))?;
-    if !resume {
-        // Written before tuning, so even a killed run leaves a folder --resume can start.
-        write_config(cfg, dir)?;
+    let fid_ref = if cfg.fid_every > 0 && lead { Some(FidRef::load(cfg)?) } else { None };
+    if lead {
+        let ranks_note = if ranks > 1 {
+            format!(" on {ranks} ranks ({} images each, BatchNorm over {} groups)", share.len(), cfg.bn_groups)
+        } else if cfg.bn_groups > 1 {
+            format!(" (BatchNorm over {} groups)", cfg.bn_groups)
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "training {} {} ({} parameters) on {}, batch {}{ranks_note}, steps {first}..{}, adapter {}",
+            cfg.model.kind(),
+            describe(cfg),
+            cfg.model.parameter_count(),
+            data.name,
+            cfg.batch,
+            cfg.steps,
+            ctx.describe()
+        );
+        std::fs::create_dir_all(dir.join("samples")).with_context(|| format!("cannot create {}", dir.display()))?;
+        if !resume {
+            // Written before tuning, so even a killed run leaves a folder --resume can start.
+            write_config(cfg, dir)?;
+        }
     }
     if resume {
         crate::tune::tuning(ctx).lock().unwrap().pinned.extend(cfg.variants.clone());
         crate::tune::pin_recorded(ctx, &start.metadata, &ckpt_path.display().to_string())?;
     }
-    let opts = TrainOptions { lr: cfg.lr, warmup: cfg.warmup, ema: cfg.ema, ..Default::default() };
-    tune_run(ctx, cfg, &opts)?;
-    let mut trainer = Trainer::new(ctx, &cfg.model, &start, cfg.batch, cfg.model.img_size(), opts)?;
-    signal::check()?;
-    // A resumed run's config.json changes only now that it is sure to run (--steps, variants).
-    if record_variants(ctx, cfg) || resume {
-        write_config(cfg, dir)?;
+    let opts = TrainOptions {
+        lr: cfg.lr,
+        warmup: cfg.warmup,
+        ema: cfg.ema,
+        bn_groups: cfg.bn_groups / ranks,
+        ranks,
+        ..Default::default()
+    };
+    tune_ranks(ctx, comm, cfg, share.len(), &opts)?;
+    let mut trainer = Trainer::new(ctx, &cfg.model, &start, share.len(), cfg.model.img_size(), opts)?;
+    trainer.image_base = share.start;
+    if ranks > 1 {
+        // Every rank starts from the same state (the same seed's weights, or the same checkpoint).
+        comm.check_same(trainer.param_checksum(ctx)?, "the initial parameters")?;
+    } else {
+        signal::check()?;
     }
-    let mut log = LossLog::open(&dir.join("loss.csv"), first, "step,loss,lr,images_per_s")?;
-    let mut fid = fid_ref.map(|r| FidEval::new(ctx, r, cfg.fid.n, dir, first)).transpose()?;
+    let mut log = None;
+    let mut fid = None;
+    if lead {
+        // A resumed run's config.json changes only now that it is sure to run (--steps, variants).
+        if record_variants(ctx, cfg) || resume {
+            write_config(cfg, dir)?;
+        }
+        log = Some(LossLog::open(&dir.join("loss.csv"), first, "step,loss,lr,images_per_s")?);
+        fid = fid_ref.map(|r| FidEval::new(ctx, r, cfg.fid.n, dir, first)).transpose()?;
+    }
     let mut meta = HashMap::new();
     meta.insert(RUN_METADATA.to_string(), serde_json::to_string(&cfg.identity())?);
 
-    let loader = Loader::start(data.clone(), cfg.batch, cfg.seed, first, cfg.steps, cfg.model.diffusion_steps());
-    let bar = Progress::with_template("train", cfg.steps, "steps", "{bar:30} {pos}/{len} steps  {msg}  eta {eta}");
+    let diffusion_steps = cfg.model.diffusion_steps();
+    let loader =
+        Loader::start_share(data.clone(), cfg.batch, share.clone(), cfg.seed, first, cfg.steps, diffusion_steps);
+    let bar = if lead {
+        Progress::with_template("train", cfg.steps, "steps", "{bar:30} {pos}/{len} steps  {msg}  eta {eta}")
+    } else {
+        Progress::hidden()
+    };
     bar.start_at(first);
     let title = describe(cfg);
     let mut last = Instant::now();
     let diverged = |trainer: &Trainer, why: String| -> Result<()> {
+        if !lead {
+            return Err(crate::dist::SaidByRank0(1).into());
+        }
         trainer.save_diverged(ctx, &dir.join(DIVERGED), meta.clone())?;
         bail!("{why} at step {}; state saved to {}", trainer.step, dir.join(DIVERGED).display())
     };
     while trainer.step < cfg.steps {
         let batch = loader.next().context("the data loader stopped")?;
-        let stats = trainer.step(ctx, &batch.x0, &batch.t, None, cfg.seed)?;
+        let stats = trainer.step_with(ctx, comm, &batch.x0, &batch.t, None, cfg.seed)?;
         *started = true;
+        // Loss and grad norm are the global ones, the same on every rank: all stop here together.
         if !stats.loss.is_finite() || !stats.grad_norm.is_finite() {
             bar.abandon();
             return diverged(&trainer, format!("loss became {} (gradient norm {})", stats.loss, stats.grad_norm));
         }
         let ips = cfg.batch as f64 / last.elapsed().as_secs_f64();
         last = Instant::now();
-        log.push(&format!("{},{},{},{ips:.3}", trainer.step, stats.loss, trainer.lr()), trainer.step, stats.loss)?;
+        if let Some(log) = log.as_mut() {
+            log.push(&format!("{},{},{},{ips:.3}", trainer.step, stats.loss, trainer.lr()), trainer.step, stats.loss)?;
+        }
         bar.set_message(format!("loss {:.4}  |g| {:.3}  {:.2} img/s", stats.loss, stats.grad_norm, ips));
         bar.set_position(trainer.step);
         let step = trainer.step;
-        let interrupted = signal::pending();
+        // An interrupt on any rank stops every rank after this step (the latest signal's kind).
+        let interrupted = match ranks {
+            1 => signal::pending(),
+            _ => signal::Signal::from_raw(comm.min_max(signal::Signal::raw(signal::pending()) as u64)?.1 as usize),
+        };
         if interrupted.is_some() || (cfg.ckpt_every > 0 && step % cfg.ckpt_every == 0) || step == cfg.steps {
-            match trainer.save(ctx, &ckpt_path, meta.clone()) {
-                Err(e) if e.is::<NonFinite>() => {
-                    bar.abandon();
-                    return diverged(&trainer, e.to_string());
-                }
-                r => r?,
+            if ranks > 1 {
+                // What rank 0 saves is what every rank holds: a divergence is an error, never saved
+                // silently (the previous checkpoint stays).
+                comm.check_same(trainer.param_checksum(ctx)?, &format!("the parameters after step {step}"))?;
             }
-            log.flush_plot(&dir.join("loss.png"), &title)?;
+            if let Some(log) = log.as_mut() {
+                match trainer.save(ctx, &ckpt_path, meta.clone()) {
+                    Err(e) if e.is::<NonFinite>() => {
+                        bar.abandon();
+                        return diverged(&trainer, e.to_string());
+                    }
+                    r => r?,
+                }
+                log.flush_plot(&dir.join("loss.png"), &title)?;
+            }
         }
         if let Some(signal) = interrupted {
             bar.abandon();
-            let outcome = format!(
-                "checkpoint of step {step} saved to {}; continue with `sddpm-gpu train --resume {}`",
-                ckpt_path.display(),
-                dir.display()
-            );
-            return Err(signal::Interrupted { signal, outcome }.into());
+            let outcome = match lead {
+                true => format!(
+                    "checkpoint of step {step} saved to {}; continue with `sddpm-gpu train --resume {}`",
+                    ckpt_path.display(),
+                    dir.display()
+                ),
+                false => String::new(),
+            };
+            let stop = signal::Interrupted { signal, outcome };
+            return Err(if ranks > 1 { crate::dist::AllStopped(stop).into() } else { stop.into() });
+        }
+        if !lead {
+            continue;
         }
         if cfg.sample_n > 0 && ((cfg.sample_every > 0 && step % cfg.sample_every == 0) || step == cfg.steps) {
             bar.suspend(|| sample_grid(ctx, &trainer, cfg, &dir.join("samples").join(format!("step_{step:07}.png"))))?;
@@ -409,8 +546,28 @@ fn sampling_batch(cfg: &RunConfig) -> Option<usize> {
 /// Check that the adapter holds every graph the run compiles and tune them all before the first
 /// step: the training step and, when the run samples, the U-Net its samplers evaluate (the keys
 /// hold for every batch, so grids and FID samples of any size reuse them).
-fn tune_run(ctx: &Context, cfg: &RunConfig, opts: &TrainOptions) -> Result<()> {
-    let (size, batch) = (cfg.model.img_size(), cfg.batch);
+///
+/// Several ranks run the variants rank 0 chose: they must update their parameters with the same
+/// kernels (another reduction order in the gradient norm would make the ranks drift apart).
+fn tune_ranks(ctx: &Context, comm: &dyn Comm, cfg: &RunConfig, batch: usize, opts: &TrainOptions) -> Result<()> {
+    if comm.rank() == 0 {
+        tune_run(ctx, cfg, batch, opts)?;
+    }
+    if comm.size() == 1 {
+        return Ok(());
+    }
+    let mut chosen = serde_json::to_vec(&crate::tune::tuning(ctx).lock().unwrap().chosen)?;
+    comm.broadcast(&mut chosen)?;
+    if comm.rank() != 0 {
+        let chosen: BTreeMap<String, String> = serde_json::from_slice(&chosen)?;
+        crate::tune::tuning(ctx).lock().unwrap().pinned.extend(chosen);
+        tune_run(ctx, cfg, batch, opts)?;
+    }
+    Ok(())
+}
+
+fn tune_run(ctx: &Context, cfg: &RunConfig, batch: usize, opts: &TrainOptions) -> Result<()> {
+    let size = cfg.model.img_size();
     let train = crate::diffusion::train_graph(&cfg.model, batch, size, opts)?;
     let (train_other, train_other_batch) = crate::diffusion::train_graph_other(&cfg.model, batch, size, opts)?;
     let mut graphs = vec![(train, batch, train_other, train_other_batch)];
@@ -566,4 +723,75 @@ impl FidEval {
             "FID",
         )
     }
+}
+
+/// What `sddpm-gpu train-step` reads and writes (see [`train_step`]).
+#[derive(Debug, Clone)]
+pub struct TrainStepArgs {
+    pub checkpoint: PathBuf,
+    pub input: PathBuf,
+    pub output: PathBuf,
+    pub snn_steps: Option<usize>,
+    pub lr: f32,
+    /// BatchNorm groups of the global batch (None: one per rank, as data-parallel training).
+    pub bn_groups: Option<usize>,
+    /// Consecutive global batches in the input (`--steps`).
+    pub steps: usize,
+}
+
+/// Training steps for parity checks: the input holds `x0` [K*B, C, H, W], `t` [K*B] and `noise`
+/// for K = `steps` consecutive global batches of B images (step k: rows k*B..); they run in
+/// order, one JSON line per step (`step`, `loss`, `grad_norm` before clipping, both global).
+/// Under several ranks each takes its share of every batch (rows k*B + r*B/N..) and rank 0
+/// alone writes the output checkpoint (weights, BN statistics, Adam state).
+pub fn train_step(ctx: &Context, comm: &dyn crate::dist::Comm, a: &TrainStepArgs) -> Result<()> {
+    // A training step continues the trained weights, never their EMA.
+    let (ckpt, cfg) = crate::weights::open(&a.checkpoint, Some(crate::weights::Which::Raw), a.snn_steps)?;
+    let inp = crate::checkpoint::TensorFile::load(&a.input)?;
+    let x0 = inp.get_images("x0", cfg.img_ch())?;
+    let shape = x0.shape.clone();
+    let noise = inp.get("noise")?;
+    if noise.shape != shape {
+        bail!("{}: 'noise' must have the shape of 'x0' {:?}, got {:?}", a.input.display(), shape, noise.shape);
+    }
+    let t = inp.get_timesteps("t", shape[0], cfg.diffusion_steps())?;
+    if a.steps == 0 || !shape[0].is_multiple_of(a.steps) {
+        bail!(
+            "--steps {}: {} holds {} images, not a whole number of batches for {} steps",
+            a.steps,
+            a.input.display(),
+            shape[0],
+            a.steps
+        );
+    }
+    let batch = shape[0] / a.steps;
+    let share = crate::dist::share(batch, comm, "the batch of")?;
+    let ranks = comm.size();
+    let groups = a.bn_groups.unwrap_or(ranks);
+    if groups == 0 || !groups.is_multiple_of(ranks) {
+        bail!("--bn-groups {groups} must be a multiple of the {ranks} ranks (each rank takes whole groups)");
+    }
+    let opts = TrainOptions { lr: a.lr, given_noise: true, bn_groups: groups / ranks, ranks, ..Default::default() };
+    let mut trainer = Trainer::new(ctx, &cfg, &ckpt, share.len(), shape[2], opts)?;
+    trainer.image_base = share.start;
+    let per: usize = shape[1..].iter().product();
+    for k in 0..a.steps {
+        let rows = k * batch + share.start..k * batch + share.end;
+        let images = rows.start * per..rows.end * per;
+        let stats = trainer.step_with(ctx, comm, &x0.data[images.clone()], &t[rows], Some(&noise.data[images]), 0)?;
+        if comm.rank() == 0 {
+            println!("{}", serde_json::json!({ "step": k + 1, "loss": stats.loss, "grad_norm": stats.grad_norm }));
+        }
+    }
+    if ranks > 1 {
+        comm.check_same(trainer.param_checksum(ctx)?, "the parameters")?;
+    }
+    if comm.rank() == 0 {
+        let mut meta = HashMap::new();
+        if groups > 1 {
+            meta.insert("bn_groups".to_string(), groups.to_string());
+        }
+        trainer.save(ctx, &a.output, meta)?;
+    }
+    Ok(())
 }

@@ -33,7 +33,16 @@ impl Signal {
         }
     }
 
-    fn from_raw(v: usize) -> Option<Signal> {
+    /// 1 (SIGINT) or 2 (SIGTERM): what ranks exchange to agree on a stop (0: none).
+    pub fn raw(sig: Option<Signal>) -> usize {
+        match sig {
+            None => 0,
+            Some(Signal::Interrupt) => 1,
+            Some(Signal::Terminate) => 2,
+        }
+    }
+
+    pub fn from_raw(v: usize) -> Option<Signal> {
         match v {
             1 => Some(Signal::Interrupt),
             2 => Some(Signal::Terminate),

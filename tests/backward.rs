@@ -196,6 +196,7 @@ fn batchnorm_train_backward() {
             bias: g.param("bn.bias", &[c]),
             running_mean: g.param("bn.running_mean", &[c]),
             running_var: g.param("bn.running_var", &[c]),
+            groups: batchnorm::BnGroups::ONE,
         };
         let (y, _) = batchnorm::batchnorm_train(&mut g, x, p, "bn");
         let inputs = [
@@ -256,6 +257,7 @@ fn check_neuron_backward_bn(seed: u64, [t, b, c, hw]: [usize; 4], with_emb: bool
             bias: g.param("bn.bias", &[c]),
             running_mean: g.param("bn.running_mean", &[c]),
             running_var: g.param("bn.running_var", &[c]),
+            groups: batchnorm::BnGroups::ONE,
         };
         let emb = g.input("emb", &[b, c]);
         let s = if fused {
@@ -354,6 +356,7 @@ fn batchnorm_train_fused_epilogues_backward() {
                     bias: g.param("bn.bias", &[c]),
                     running_mean: g.param("bn.running_mean", &[c]),
                     running_var: g.param("bn.running_var", &[c]),
+                    groups: batchnorm::BnGroups::ONE,
                 };
                 let y = match (fused, swish) {
                     (true, false) => batchnorm::batchnorm_train_add(&mut g, x, p, res, "bn"),
@@ -657,6 +660,7 @@ fn backward_graph_replays_with_memory_reuse() {
         bias: g.param("bn.bias", &[4]),
         running_mean: g.param("bn.running_mean", &[4]),
         running_var: g.param("bn.running_var", &[4]),
+        groups: batchnorm::BnGroups::ONE,
     };
     let h = conv::conv2d(&mut g, x, w1, None, 1, 1, "conv1");
     let (h, _) = batchnorm::batchnorm_train(&mut g, h, p, "bn");

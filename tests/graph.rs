@@ -37,6 +37,7 @@ fn block(seed: u64) -> Block {
         bias: param(&mut g, "bn1.bias", &[C], 0.2, 0.5),
         running_mean: param(&mut g, "bn1.running_mean", &[C], -0.1, 0.1),
         running_var: param(&mut g, "bn1.running_var", &[C], 0.5, 1.5),
+        groups: batchnorm::BnGroups::ONE,
     };
     let w2 = param(&mut g, "conv2.weight", &[C, C, 3, 3], -0.4, 0.4);
     let h = conv::conv2d(&mut g, x, w1, Some(b1), 1, 1, "conv1");

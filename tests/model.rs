@@ -221,7 +221,7 @@ fn state_entries_are_the_training_graphs_parameters() {
         let s = net.img_size();
         let x = g.input("x", &[1, net.img_ch(), s, s]);
         let t = g.input_as("t", &[1], DType::U32);
-        net.build_train(&mut g, x, t).unwrap();
+        net.build_train(&mut g, x, t, sddpm_gpu::ops::batchnorm::BnGroups::ONE).unwrap();
         let mut graph: Vec<(String, Vec<usize>)> =
             g.tensors.iter().filter(|t| t.role == Role::Param).map(|t| (t.name.clone(), t.shape.clone())).collect();
         let entries = net.state_entries();

@@ -343,6 +343,7 @@ fn bn_graph(g: &mut Graph, n: usize, c: usize, hw: usize) -> (sddpm_gpu::graph::
         bias: g.param("bn.bias", &[c]),
         running_mean: g.param("bn.running_mean", &[c]),
         running_var: g.param("bn.running_var", &[c]),
+        groups: batchnorm::BnGroups::ONE,
     };
     (x, p)
 }

@@ -1,6 +1,6 @@
 //! Adapter choice, the CI Vulkan guarantee, and the `devices` command.
 
-use sddpm_gpu::gpu::{choose_adapter, list_adapters, AdapterSummary, Context};
+use sddpm_gpu::gpu::{choose_adapter, choose_for_rank, list_adapters, rank_order, AdapterSummary, Context};
 
 fn fake(name: &str, backend: wgpu::Backend, device_type: wgpu::DeviceType) -> AdapterSummary {
     AdapterSummary {
@@ -9,6 +9,7 @@ fn fake(name: &str, backend: wgpu::Backend, device_type: wgpu::DeviceType) -> Ad
         device_type,
         driver: String::new(),
         driver_info: String::new(),
+        pci_bus_id: String::new(),
         features: wgpu::Features::empty(),
         limits: wgpu::Limits::default(),
         subgroup_sizes: (0, 0),
@@ -33,6 +34,46 @@ fn best_adapter_is_discrete_then_integrated_then_virtual_then_cpu() {
     let err = choose_adapter(&list, Some("radeon")).unwrap_err().to_string();
     assert!(err.contains("radeon") && err.contains("llvmpipe"), "{err}");
     assert!(choose_adapter(&[], None).unwrap_err().to_string().contains("mesa-vulkan-drivers"));
+}
+
+fn gpu(name: &str, backend: wgpu::Backend, bus: &str) -> AdapterSummary {
+    AdapterSummary { pci_bus_id: bus.into(), ..fake(name, backend, wgpu::DeviceType::DiscreteGpu) }
+}
+
+/// MPI ranks of a node take its discrete GPUs in PCI bus order, each GPU once whichever APIs
+/// list it; --adapter overrides; a node without discrete GPUs shares its best adapter; a rank
+/// beyond the GPUs is refused with the fix.
+#[test]
+fn ranks_take_the_discrete_gpus_in_pci_bus_order() {
+    use wgpu::{Backend as B, DeviceType as D};
+    let list = vec![
+        fake("llvmpipe", B::Vulkan, D::Cpu),
+        gpu("GPU at 41", B::Vulkan, "0000:41:00.0"),
+        gpu("GPU at 41 (GL)", B::Gl, "0000:41:00.0"),
+        gpu("GPU at 01", B::Vulkan, "0000:01:00.0"),
+        fake("Intel UHD", B::Vulkan, D::IntegratedGpu),
+        gpu("GPU at 81", B::Vulkan, "0000:81:00.0"),
+    ];
+    assert_eq!(rank_order(&list), [3, 1, 5], "bus order, each GPU once, the native API's adapter");
+    assert_eq!(choose_for_rank(&list, None, Some(0)).unwrap(), 3);
+    assert_eq!(choose_for_rank(&list, None, Some(1)).unwrap(), 1);
+    assert_eq!(choose_for_rank(&list, None, Some(2)).unwrap(), 5);
+    assert_eq!(choose_for_rank(&list, Some("uhd"), Some(2)).unwrap(), 4, "--adapter overrides the rank");
+    assert_eq!(choose_for_rank(&list, None, None).unwrap(), choose_adapter(&list, None).unwrap(), "one process");
+    let err = choose_for_rank(&list, None, Some(3)).unwrap_err().to_string();
+    assert!(err.contains("rank 3") && err.contains("3 discrete GPU(s)") && err.contains("--adapter"), "{err}");
+    // No bus ids (another API): wgpu's order, the native API's adapters only.
+    let plain = vec![
+        fake("A (GL)", B::Gl, D::DiscreteGpu),
+        fake("A", B::Vulkan, D::DiscreteGpu),
+        fake("B", B::Vulkan, D::DiscreteGpu),
+    ];
+    assert_eq!(rank_order(&plain), [1, 2]);
+    // No discrete GPU (CI's lavapipe): every rank shares the best adapter.
+    let cpu = vec![fake("Intel UHD", B::Vulkan, D::IntegratedGpu), fake("llvmpipe", B::Vulkan, D::Cpu)];
+    for r in 0..3 {
+        assert_eq!(choose_for_rank(&cpu, None, Some(r)).unwrap(), 0);
+    }
 }
 
 #[test]
@@ -106,6 +147,7 @@ fn trusted_kernels_without_bounds_checks_give_the_same_bits() {
         bias: g.param("bn.bias", &[cout]),
         running_mean: g.param("bn.running_mean", &[cout]),
         running_var: g.param("bn.running_var", &[cout]),
+        groups: batchnorm::BnGroups::ONE,
     };
     let s = neuron::neuron_forward(&mut g, x, t, neuron::Neuron::default(), "neuron");
     let y = conv::conv2d(&mut g, s, cw, Some(cb), 2, 1, "conv");

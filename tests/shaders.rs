@@ -227,13 +227,13 @@ fn parameter_structs_match_their_wgsl_layout() {
         batchnorm::SHADER,
         "Params",
         batchnorm::BatchnormParams,
-        [n, c, hw, eps, momentum]
+        [n, c, hw, groups, eps, momentum, batch, slices]
     ));
     checked.insert(assert_params_layout!(
         neuron::SHADER,
         "Params",
         neuron::NeuronParams,
-        [n, t, lif, v_th, v_reset, inv_tau, c, hw, b, has_emb]
+        [n, t, lif, bn_groups, v_th, v_reset, inv_tau, c, hw, b, has_emb]
     ));
     checked.insert(assert_params_layout!(
         conv_subgroup::SHADER,

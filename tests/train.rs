@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 
 use common::*;
-use sddpm_gpu::checkpoint::Checkpoint;
+use sddpm_gpu::checkpoint::{Checkpoint, TensorFile};
 use sddpm_gpu::diffusion::{TrainOptions, Trainer};
 use sddpm_gpu::model::{init_weights, state_entries, EntryKind, ModelConfig, NeuronKind};
 
@@ -214,4 +214,38 @@ fn a_non_finite_state_is_never_saved_as_a_checkpoint() {
     tr.save_diverged(ctx(), &path, HashMap::new()).unwrap();
     let e = Checkpoint::load(&path).unwrap().config(None).unwrap_err().to_string();
     assert!(e.contains("diverged"), "{e}");
+}
+
+/// The data-parallel fixture (2 ranks of 2 images under torch DDP, 2 steps) on one device with
+/// `bn_groups` = its world: each group normalised by its own statistics, running statistics from
+/// group 0, the gradient of the mean loss over the global batch.
+#[test]
+fn bn_groups_reproduce_the_ddp_fixture() {
+    let fx = TensorFile::load(&fixture_in(ddp::DIR, "ddp_step.safetensors")).unwrap();
+    let before = TensorFile::load(&fixture_in(ddp::DIR, "weights.safetensors")).unwrap();
+    let (world, per, steps) = ddp::layout(&fx);
+    let batch = world * per;
+    let cfg = before.config(None).unwrap();
+    let size = fx.get("x0").unwrap().shape[2];
+    let opts = TrainOptions { given_noise: true, bn_groups: world, ..Default::default() };
+    let mut tr = Trainer::new(ctx(), &cfg, &before, batch, size, opts).unwrap();
+    let t_all: Vec<u32> = fx.get_ints("t").unwrap().data.iter().map(|&v| v as u32).collect();
+    let mut got = Vec::new();
+    for k in 0..steps {
+        let r = k * batch..(k + 1) * batch;
+        let (x0, noise) = (ddp::rows(&fx, "x0", r.clone()), ddp::rows(&fx, "noise", r.clone()));
+        let s = tr.step(ctx(), &x0, &t_all[r], Some(&noise), 0).unwrap();
+        got.push((s.loss, s.grad_norm));
+    }
+    let path = tmp("ddp_after.safetensors");
+    tr.save(ctx(), &path, HashMap::new()).unwrap();
+    ddp::check(&fx, &before, &got, &TensorFile::load(&path).unwrap(), "train --bn-groups 2");
+    // The fixture tells the groups apart: BatchNorm over the whole batch misses its loss.
+    let opts = TrainOptions { given_noise: true, ..Default::default() };
+    let mut plain = Trainer::new(ctx(), &cfg, &before, batch, size, opts).unwrap();
+    let r = 0..batch;
+    let s =
+        plain.step(ctx(), &ddp::rows(&fx, "x0", r.clone()), &t_all[r.clone()], Some(&ddp::rows(&fx, "noise", r)), 0);
+    let (loss, want) = (s.unwrap().loss, fx.get("loss").unwrap().data[0]);
+    assert!(((loss - want) / want).abs() > 1e-3, "one BatchNorm group gives loss {loss}, the fixture's {want}");
 }

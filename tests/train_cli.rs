@@ -348,3 +348,47 @@ fn plot_titles_name_attention_and_lif() {
     let title = sddpm_gpu::run::describe(&cfg);
     assert_eq!(title, "tiny, attention at level 1 (2 heads), LIF neurons (tau 1.5), T = 2");
 }
+
+/// `train-step --steps 2 --bn-groups 2` on one device reproduces the data-parallel fixture (two
+/// ranks of two images under torch DDP, two steps): one JSON line per step, the global loss and
+/// grad norm, the state after both steps.
+#[test]
+fn train_step_command_in_bn_groups_reproduces_the_ddp_fixture() {
+    let out_path = tmp("ddp_after.safetensors");
+    let (w, f) =
+        (fixture_in(common::ddp::DIR, "weights.safetensors"), fixture_in(common::ddp::DIR, "ddp_step.safetensors"));
+    let out = run(&[
+        "train-step",
+        "--checkpoint",
+        w.to_str().unwrap(),
+        "--input",
+        f.to_str().unwrap(),
+        "--output",
+        out_path.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--bn-groups",
+        "2",
+    ]);
+    let text = ok(&out);
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).expect("JSON lines")).collect();
+    let got: Vec<(f32, f32)> =
+        lines.iter().map(|v| (v["loss"].as_f64().unwrap() as f32, v["grad_norm"].as_f64().unwrap() as f32)).collect();
+    assert_eq!(lines.iter().map(|v| v["step"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2], "{text}");
+    let (fx, before) = (TensorFile::load(&f).unwrap(), TensorFile::load(&w).unwrap());
+    common::ddp::check(&fx, &before, &got, &TensorFile::load(&out_path).unwrap(), "train-step --bn-groups 2");
+    // Bad counts are one-line errors naming the flag.
+    for (flag, value, needle) in [("--steps", "3", "--steps 3"), ("--bn-groups", "3", "--bn-groups 3")] {
+        let mut args = vec!["train-step", "--checkpoint", w.to_str().unwrap(), "--input", f.to_str().unwrap()];
+        args.extend(["--output", out_path.to_str().unwrap(), "--steps", "2"]);
+        if flag == "--steps" {
+            *args.last_mut().unwrap() = value;
+        } else {
+            args.extend([flag, value]);
+        }
+        assert_one_line_error(&run(&args), needle);
+    }
+    let dir = tmp("bad_groups_run");
+    let train = run(&["train", "--batch", "4", "--bn-groups", "3", "--steps", "1", "--out", dir.to_str().unwrap()]);
+    assert_one_line_error(&train, "--bn-groups");
+}

@@ -18,7 +18,8 @@ pub fn run(adapter: Option<&str>, a: &DevicesArgs) -> Result<()> {
     for (i, a) in list.iter().enumerate() {
         let mark = if i == chosen { "*" } else { " " };
         println!("{mark} [{i}] {}", a.name);
-        println!("      backend {:?}, type {:?}, driver {} {}", a.backend, a.device_type, a.driver, a.driver_info);
+        let bus = if a.pci_bus_id.is_empty() { String::new() } else { format!(", PCI {}", a.pci_bus_id) };
+        println!("      backend {:?}, type {:?}{bus}, driver {} {}", a.backend, a.device_type, a.driver, a.driver_info);
         let feats = a.feature_names();
         println!(
             "      features: {}",
@@ -50,6 +51,13 @@ pub fn run(adapter: Option<&str>, a: &DevicesArgs) -> Result<()> {
         }
     }
     println!("* = chosen (override with --adapter NAME or SDDPM_ADAPTER; WGPU_BACKEND limits the APIs)");
+    let order = gpu::rank_order(&list);
+    if order.is_empty() {
+        println!("MPI ranks on this node: no discrete GPU, so every rank uses [{chosen}]");
+    } else {
+        let ranks: Vec<String> = order.iter().enumerate().map(|(r, &i)| format!("rank {r} -> [{i}]")).collect();
+        println!("MPI ranks on this node (node-local rank, PCI bus order): {}", ranks.join(", "));
+    }
     println!(
         "cooperative-matrix kernels: {} (SDDPM_KERNELS=auto|coop|f32)",
         match kernels {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context as _, Result};
 
-use sddpm_gpu::gpu::Context;
+use sddpm_gpu::dist::{self, Comm};
 use sddpm_gpu::progress::Progress;
 
 #[derive(clap::Args)]
@@ -30,19 +30,68 @@ pub struct FidArgs {
 }
 
 pub fn run(adapter: Option<&str>, a: &FidArgs) -> Result<()> {
+    let comm = dist::world()?;
+    let result = fid_ranks(adapter, comm.as_ref(), a);
+    super::end_ranks(comm.as_ref(), result)
+}
+
+/// The features of each image set [n, DIM] on every rank: rank r computes its share (as
+/// `sample --shard` splits), and the shares are summed into place across ranks (every other
+/// row is zero, so the sum is exact). One process: all of them.
+fn gather_features(
+    comm: &dyn Comm,
+    images: &sddpm_gpu::fid::inputs::Images,
+    mine: &dyn Fn(std::ops::Range<usize>) -> Result<Vec<f32>>,
+) -> Result<Vec<f32>> {
+    use sddpm_gpu::fid::inception::DIM;
+    let n = images.len();
+    let share = sddpm_gpu::shard::range(comm.rank() + 1, comm.size(), n);
+    let feats = mine(share.clone())?;
+    if comm.size() == 1 {
+        return Ok(feats);
+    }
+    let mut all = vec![0f32; n * DIM];
+    all[share.start * DIM..share.end * DIM].copy_from_slice(&feats);
+    // In pieces of 4 Mi values: MPI counts are 32-bit, and each piece's sum starts at once.
+    const PIECE: usize = 1 << 22;
+    let sizes: Vec<usize> = (0..all.len().div_ceil(PIECE)).map(|k| PIECE.min(all.len() - k * PIECE)).collect();
+    let mut out = vec![0f32; all.len()];
+    comm.sum_pipelined(
+        &sizes,
+        &mut |k, buf| {
+            buf.copy_from_slice(&all[k * PIECE..][..buf.len()]);
+            Ok(())
+        },
+        &mut |k, sums| {
+            out[k * PIECE..][..sums.len()].copy_from_slice(sums);
+            Ok(())
+        },
+    )?;
+    Ok(out)
+}
+
+/// Under N MPI ranks every rank computes the Inception features of its share of each image set,
+/// rank 0 the statistics, FID/KID and the output (same numbers as one process).
+fn fid_ranks(adapter: Option<&str>, comm: &dyn Comm, a: &FidArgs) -> Result<()> {
     use sddpm_gpu::fid::inception::{Inception, Weights, DIM};
     use sddpm_gpu::fid::inputs::Input;
     use sddpm_gpu::fid::{self as metrics, npz, Stats};
-    if a.batch == 0 {
-        bail!("--batch must be at least 1");
-    }
-    if a.b.is_none() && a.save_stats.is_none() {
-        bail!("fid needs a second set B to compare with, or --save-stats OUT.npz to only write A's statistics");
-    }
-    if let Some(out) = &a.save_stats {
-        // Before the (long) feature extraction, not after it.
-        sddpm_gpu::fsutil::check_file_writable(out, "--save-stats")?;
-    }
+    let lead = comm.rank() == 0;
+    dist::decide(comm, || {
+        if a.batch == 0 {
+            bail!("--batch must be at least 1");
+        }
+        if a.b.is_none() && a.save_stats.is_none() {
+            bail!("fid needs a second set B to compare with, or --save-stats OUT.npz to only write A's statistics");
+        }
+        if let Some(out) = &a.save_stats {
+            // Before the (long) feature extraction, not after it.
+            sddpm_gpu::fsutil::check_file_writable(out, "--save-stats")?;
+        }
+        Input::open(&a.a)?;
+        a.b.as_deref().map(Input::open).transpose()?;
+        Ok(())
+    })?;
     let ia = Input::open(&a.a)?;
     let ib = a.b.as_deref().map(Input::open).transpose()?;
     // No padded batch slots when the sets are smaller than --batch.
@@ -65,7 +114,7 @@ pub fn run(adapter: Option<&str>, a: &FidArgs) -> Result<()> {
         let wpath = sddpm_gpu::fid::inception::locate_weights(a.weights.as_deref())?;
         eprintln!("loading the FID Inception-v3 weights from {}", wpath.display());
         let w = Weights::load(&wpath)?;
-        let ctx = Context::new(adapter)?;
+        let ctx = super::open_context(adapter, comm)?;
         for images in &image_sets {
             images.check_fits(ctx.max_binding_bytes())?;
         }
@@ -74,7 +123,10 @@ pub fn run(adapter: Option<&str>, a: &FidArgs) -> Result<()> {
         Some((ctx, n))
     };
     // One bar over every image of both sets: what is measured is what is done.
-    let bar = net.as_ref().map(|_| Progress::new("fid", total as u64, "images"));
+    let bar = net.as_ref().map(|_| match lead {
+        true => Progress::new("fid", total as u64, "images"),
+        false => Progress::hidden(),
+    });
     let mut stats = Vec::new();
     let inputs = [Some((ia, a.a.clone())), ib.zip(a.b.clone())];
     for (input, path) in inputs.into_iter().flatten() {
@@ -85,7 +137,16 @@ pub fn run(adapter: Option<&str>, a: &FidArgs) -> Result<()> {
                 let bar = bar.as_ref().expect("made with the network");
                 bar.set_message(path.display().to_string());
                 let base = bar.position();
-                let f = images.features(ctx, n, &mut |done| bar.set_position(base + done))?;
+                let mine = |r: std::ops::Range<usize>| {
+                    // Rank 0's share is the bar's measure of the whole (the shares run alike).
+                    let scale = comm.size() as u64;
+                    images.features_of(ctx, n, r, &mut |done| bar.set_position(base + done * scale))
+                };
+                let f = gather_features(comm, &images, &mine)?;
+                bar.set_position(base + images.len() as u64);
+                if !lead {
+                    continue;
+                }
                 Stats::from_features(f, DIM)?
             }
         };
@@ -93,6 +154,9 @@ pub fn run(adapter: Option<&str>, a: &FidArgs) -> Result<()> {
     }
     if let Some(bar) = &bar {
         bar.finish_and_clear();
+    }
+    if !lead {
+        return Ok(());
     }
     let sa = &stats[0];
     // The comparison is printed before the statistics are written: a failed write (disk full)

@@ -9,6 +9,8 @@ use anyhow::{bail, Result};
 use clap::ValueEnum;
 
 use sddpm_gpu::checkpoint::Checkpoint;
+use sddpm_gpu::dist::{self, Comm};
+use sddpm_gpu::gpu::Context;
 use sddpm_gpu::model::Net;
 use sddpm_gpu::weights::{self, Which};
 
@@ -58,6 +60,44 @@ pub fn load_model(
     }
     eprintln!("note: untrained {} {} weights (no --checkpoint)", cfg.kind(), preset.unwrap_or("tiny"));
     Ok((cfg.init_weights(seed), cfg))
+}
+
+/// The device of this process: under several MPI ranks the n-th discrete adapter of the node
+/// for node-local rank n (see `gpu::choose_for_rank`); --adapter still overrides.
+pub fn open_context(adapter: Option<&str>, comm: &dyn Comm) -> Result<Context> {
+    let local = (comm.size() > 1).then(dist::local_rank);
+    Context::for_rank(adapter, local)
+}
+
+/// A command's result on a rank of several: an error only this rank hit is printed with the
+/// rank and ends the whole job (MPI_Abort), since the others may wait for this rank in a
+/// collective; an outcome all ranks reached together is printed once, by rank 0.
+pub fn end_ranks(comm: &dyn Comm, result: Result<()>) -> Result<()> {
+    let Err(e) = result else { return Ok(()) };
+    if comm.size() == 1 {
+        return Err(e);
+    }
+    if dist::agreed(&e) {
+        if comm.rank() == 0 {
+            return Err(e);
+        }
+        let code = sddpm_gpu::signal::interrupted(&e).map_or(1, |i| i.signal.exit_code());
+        return Err(dist::SaidByRank0(code).into());
+    }
+    match sddpm_gpu::signal::interrupted(&e) {
+        Some(i) => say_line(&format!("rank {}: {i}", comm.rank())),
+        None => say_line(&format!("error: rank {}: {e:#}", comm.rank())),
+    }
+    comm.abort(1);
+    Err(e)
+}
+
+/// `line` and a newline on stderr in one write: under mpirun, which forwards every rank's
+/// output and prints its own reports to the same stream, a line written in pieces (as
+/// `eprintln!` writes its arguments) can be cut by another's.
+pub fn say_line(line: &str) {
+    use std::io::Write as _;
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }
 
 /// --threshold is a firing threshold: positive and finite (the paper's guidance uses ~0.99).

@@ -4,13 +4,12 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use sddpm_gpu::checkpoint::{self, Data, TensorFile};
-use sddpm_gpu::diffusion::{TrainOptions, Trainer};
 use sddpm_gpu::gpu::Context;
 use sddpm_gpu::model::EvalNet;
-use sddpm_gpu::weights::{self, Which};
+use sddpm_gpu::{run, weights};
 
 use super::{check_lr, check_threshold, check_threshold_value, WeightsArg};
 
@@ -48,6 +47,13 @@ pub struct TrainStepArgs {
     pub snn_steps: Option<usize>,
     #[arg(long, default_value_t = 2e-4, allow_negative_numbers = true)]
     pub lr: f32,
+    /// BatchNorm statistics over G groups of the batch, running statistics from group 0
+    /// (default: one per MPI rank): one device reproduces G-GPU data-parallel training.
+    #[arg(long, value_name = "G")]
+    pub bn_groups: Option<usize>,
+    /// IN holds K consecutive batches (K*B rows); run them in order, one JSON line each.
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    pub steps: usize,
 }
 
 pub fn forward(adapter: Option<&str>, a: &ForwardArgs) -> Result<()> {
@@ -67,21 +73,17 @@ pub fn forward(adapter: Option<&str>, a: &ForwardArgs) -> Result<()> {
 
 pub fn train_step(adapter: Option<&str>, a: &TrainStepArgs) -> Result<()> {
     check_lr(a.lr)?;
-    // A training step continues the trained weights, never their EMA.
-    let (ckpt, cfg) = weights::open(&a.checkpoint, Some(Which::Raw), a.snn_steps)?;
-    let inp = TensorFile::load(&a.input)?;
-    let x0 = inp.get_images("x0", cfg.img_ch())?;
-    let shape = x0.shape.clone();
-    let noise = inp.get("noise")?;
-    if noise.shape != shape {
-        bail!("{}: 'noise' must have the shape of 'x0' {:?}, got {:?}", a.input.display(), shape, noise.shape);
-    }
-    let steps = inp.get_timesteps("t", shape[0], cfg.diffusion_steps())?;
-    let ctx = Context::new(adapter)?;
-    let opts = TrainOptions { lr: a.lr, given_noise: true, ..Default::default() };
-    let mut trainer = Trainer::new(&ctx, &cfg, &ckpt, shape[0], shape[2], opts)?;
-    let stats = trainer.step(&ctx, &x0.data, &steps, Some(&noise.data), 0)?;
-    trainer.save(&ctx, &a.output, HashMap::new())?;
-    println!("{}", serde_json::json!({ "loss": stats.loss, "grad_norm": stats.grad_norm }));
-    Ok(())
+    let comm = sddpm_gpu::dist::world()?;
+    let args = run::TrainStepArgs {
+        checkpoint: a.checkpoint.clone(),
+        input: a.input.clone(),
+        output: a.output.clone(),
+        snn_steps: a.snn_steps,
+        lr: a.lr,
+        bn_groups: a.bn_groups,
+        steps: a.steps,
+    };
+    let result =
+        super::open_context(adapter, comm.as_ref()).and_then(|ctx| run::train_step(&ctx, comm.as_ref(), &args));
+    super::end_ranks(comm.as_ref(), result)
 }

@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use clap::ValueEnum;
 
 use sddpm_gpu::diffusion::{plan_steps, Sampler, SamplerKind, Schedule};
-use sddpm_gpu::gpu::Context;
+use sddpm_gpu::dist::{self, Comm};
 use sddpm_gpu::images;
 use sddpm_gpu::progress::Progress;
 
@@ -80,19 +80,39 @@ pub struct SampleArgs {
 }
 
 pub fn run(adapter: Option<&str>, a: &SampleArgs) -> Result<()> {
-    check_sample_args(a)?;
-    let images = match &a.shard {
-        Some(spec) => {
-            let (k, shards) = sddpm_gpu::shard::parse(spec)?;
-            if a.out_dir.is_none() || a.out.is_some() {
-                bail!("--shard writes one PNG per image into --out-dir (no grid --out); add --out-dir DIR");
+    let comm = dist::world()?;
+    let result = sample_ranks(adapter, comm.as_ref(), a);
+    super::end_ranks(comm.as_ref(), result)
+}
+
+/// Under N MPI ranks the job's images (all --n, or the --shard's) are split as --shard splits
+/// them: rank r samples share r + 1 of N, named by global index, so the folder ends up with the
+/// files one process writes. Rank 0 checks the arguments and the folder for the whole job first.
+fn sample_ranks(adapter: Option<&str>, comm: &dyn Comm, a: &SampleArgs) -> Result<()> {
+    let ranks = comm.size();
+    let job = dist::decide(comm, || {
+        check_sample_args(a)?;
+        let images = match &a.shard {
+            Some(spec) => {
+                let (k, shards) = sddpm_gpu::shard::parse(spec)?;
+                if a.out_dir.is_none() || a.out.is_some() {
+                    bail!("--shard writes one PNG per image into --out-dir (no grid --out); add --out-dir DIR");
+                }
+                sddpm_gpu::shard::range(k, shards, a.n)
             }
-            sddpm_gpu::shard::range(k, shards, a.n)
+            None => 0..a.n,
+        };
+        if ranks > 1 && (a.out_dir.is_none() || a.out.is_some()) {
+            bail!(
+                "under {ranks} MPI ranks sample writes one PNG per image into --out-dir (each rank its share; no grid --out); add --out-dir DIR"
+            );
         }
-        None => 0..a.n,
-    };
-    check_threshold_value(a.threshold)?;
-    check_sample_outputs(a, &images)?;
+        check_threshold_value(a.threshold)?;
+        check_sample_outputs(a, &images)?;
+        Ok(images)
+    })?;
+    let mine = sddpm_gpu::shard::range(comm.rank() + 1, ranks, job.len());
+    let images = job.start + mine.start..job.start + mine.end;
     let count = images.len();
     // The model is checked even when this shard is empty: a bad --checkpoint fails every shard.
     let (ckpt, cfg) = load_model(
@@ -105,7 +125,8 @@ pub fn run(adapter: Option<&str>, a: &SampleArgs) -> Result<()> {
     )?;
     check_threshold(&cfg, a.threshold)?;
     if count == 0 {
-        println!("shard {} of {} images is empty: nothing to write", a.shard.as_deref().unwrap_or(""), a.n);
+        let rank = if ranks > 1 { format!(" (rank {} of {ranks})", comm.rank()) } else { String::new() };
+        println!("shard {}{rank} of {} images is empty: nothing to write", a.shard.as_deref().unwrap_or(""), a.n);
         return Ok(());
     }
     let size = a.size.unwrap_or(cfg.img_size());
@@ -117,7 +138,7 @@ pub fn run(adapter: Option<&str>, a: &SampleArgs) -> Result<()> {
         SamplerArg::Ddim => (SamplerKind::Ddim, 100.min(cfg.diffusion_steps())),
     };
     let rows = plan_steps(&Schedule::reference(cfg.diffusion_steps()), kind, a.steps.unwrap_or(default_steps))?;
-    let ctx = Context::new(adapter)?;
+    let ctx = super::open_context(adapter, comm)?;
     if let Some(path) = &a.checkpoint {
         sddpm_gpu::tune::pin_recorded(&ctx, &ckpt.metadata, &path.display().to_string())?;
     }

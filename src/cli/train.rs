@@ -7,7 +7,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use clap::ValueEnum;
 
 use sddpm_gpu::diffusion::{plan_steps, SamplerKind, Schedule};
-use sddpm_gpu::gpu::Context;
+use sddpm_gpu::dist::{self, Comm};
 use sddpm_gpu::model::{Net, NeuronKind};
 use sddpm_gpu::run::{self, RunConfig};
 
@@ -42,6 +42,11 @@ pub struct TrainArgs {
     /// Keep an EMA of the weights with this decay, e.g. 0.9999 (the reference: off).
     #[arg(long, allow_negative_numbers = true)]
     pub ema: Option<f32>,
+    /// BatchNorm statistics over G groups of the batch, running statistics from group 0: one
+    /// device trains as G-GPU data parallelism does (`--batch 32 --bn-groups 8`: the paper's run)
+    /// [default: 1; under N MPI ranks N, each rank's share normalised alone, as DataParallel].
+    #[arg(long, value_name = "G")]
+    pub bn_groups: Option<usize>,
     /// Spiking time steps T (default 4).
     #[arg(long)]
     pub snn_steps: Option<usize>,
@@ -69,7 +74,7 @@ pub struct TrainArgs {
     pub out: Option<PathBuf>,
     /// Continue the run in this folder from its checkpoint, bit-identically (only --steps may
     /// change).
-    #[arg(long, conflicts_with_all = ["out", "preset", "data", "batch", "lr", "seed", "snn_steps", "size", "warmup", "ema", "model", "attn", "heads", "neuron", "tau"])]
+    #[arg(long, conflicts_with_all = ["out", "preset", "data", "batch", "lr", "seed", "snn_steps", "size", "warmup", "ema", "bn_groups", "model", "attn", "heads", "neuron", "tau"])]
     pub resume: Option<PathBuf>,
     /// Write a sample grid every N steps (0: only at the end).
     #[arg(long, default_value_t = 0)]
@@ -114,16 +119,29 @@ pub fn run(adapter: Option<&str>, a: &TrainArgs) -> Result<()> {
     if let Err(e) = sddpm_gpu::signal::install() {
         eprintln!("warning: {e:#}; Ctrl-C and SIGTERM will kill the run without a checkpoint");
     }
-    check_train_args(a)?;
-    let (cfg, dir, resume) = match &a.resume {
-        Some(dir) => (resumed_run(dir, a.steps)?, dir.clone(), true),
-        None => {
-            let (cfg, dir) = new_run(a)?;
-            (cfg, dir, false)
-        }
-    };
-    let ctx = Context::new(adapter)?;
-    run::train(&ctx, &cfg, &dir, resume)
+    let comm = dist::world()?;
+    let result = run_ranks(adapter, comm.as_ref(), a);
+    super::end_ranks(comm.as_ref(), result)
+}
+
+/// The run on every rank: rank 0 resolves the settings and the folder (the same name for all,
+/// even the default one made of the time), the others follow its decision.
+fn run_ranks(adapter: Option<&str>, comm: &dyn Comm, a: &TrainArgs) -> Result<()> {
+    let ranks = comm.size();
+    let (cfg, dir, resume) = dist::decide(comm, || {
+        check_train_args(a)?;
+        let (cfg, dir, resume) = match &a.resume {
+            Some(dir) => (resumed_run(dir, a.steps)?, dir.clone(), true),
+            None => {
+                let (cfg, dir) = new_run(a, ranks)?;
+                (cfg, dir, false)
+            }
+        };
+        run::check_ranks(&cfg, ranks)?;
+        Ok((cfg, dir, resume))
+    })?;
+    let ctx = super::open_context(adapter, comm)?;
+    run::train(&ctx, comm, &cfg, &dir, resume)
 }
 
 /// The settings of the run in `dir` (its config.json), with `--steps` the one thing that may change.
@@ -140,7 +158,7 @@ fn resumed_run(dir: &Path, steps: Option<u64>) -> Result<RunConfig> {
 
 /// A new run's settings assembled from the preset and the flags, and its folder, both checked
 /// (see [`check_new_run`]) before anything is created.
-fn new_run(a: &TrainArgs) -> Result<(RunConfig, PathBuf)> {
+fn new_run(a: &TrainArgs, ranks: usize) -> Result<(RunConfig, PathBuf)> {
     let channels = match &a.data {
         None => 1,
         Some(p) => match sddpm_gpu::data::detect(p)? {
@@ -186,6 +204,7 @@ fn new_run(a: &TrainArgs) -> Result<(RunConfig, PathBuf)> {
         lr: a.lr,
         warmup: a.warmup,
         ema: a.ema,
+        bn_groups: a.bn_groups.unwrap_or(ranks),
         seed: a.seed,
         steps: a.steps.unwrap_or(300),
         sample_every: a.sample_every,
@@ -204,6 +223,8 @@ fn new_run(a: &TrainArgs) -> Result<(RunConfig, PathBuf)> {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let prefix = if a.model == "sddpm" { String::new() } else { format!("{}-", a.model) };
     let dir = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/{prefix}{name}-{secs}")));
+    // Before the config's own checks: under N ranks a batch that does not split is the error.
+    run::check_ranks(&cfg, ranks)?;
     check_new_run(&cfg, &dir)?;
     Ok((cfg, dir))
 }

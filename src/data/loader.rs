@@ -28,6 +28,22 @@ pub struct Batch {
 
 /// The batch of training step `step` (0-based): drop_last epochs of a per-epoch permutation.
 pub fn batch_at(data: &Dataset, batch: usize, seed: u64, step: u64, diffusion_steps: usize) -> Batch {
+    share_at(data, batch, 0..batch, seed, step, diffusion_steps)
+}
+
+/// Images `rows` (global indices within the batch) of [`batch_at`]'s batch, and their
+/// timesteps: one data-parallel rank's share. Only those images are converted; every flip and
+/// timestep of the batch is still drawn, in order, so a share is exactly those rows of the whole
+/// batch, whatever the number of ranks.
+pub fn share_at(
+    data: &Dataset,
+    batch: usize,
+    rows: std::ops::Range<usize>,
+    seed: u64,
+    step: u64,
+    diffusion_steps: usize,
+) -> Batch {
+    assert!(rows.end <= batch, "rows {rows:?} of a batch of {batch}");
     let per_epoch = (data.len() / batch).max(1) as u64;
     let (epoch, k) = (step / per_epoch, (step % per_epoch) as usize);
     let mut order: Vec<usize> = (0..data.len()).collect();
@@ -40,6 +56,9 @@ pub fn batch_at(data: &Dataset, batch: usize, seed: u64, step: u64, diffusion_st
         let idx = order[(k * batch + j) % order.len()];
         let img = &data.pixels[idx * per..(idx + 1) * per];
         let flip = data.flip && rng.random_bool(0.5);
+        if !rows.contains(&j) {
+            continue;
+        }
         for c in 0..data.channels {
             for y in 0..s {
                 for x in 0..s {
@@ -49,8 +68,8 @@ pub fn batch_at(data: &Dataset, batch: usize, seed: u64, step: u64, diffusion_st
             }
         }
     }
-    let t = (0..batch).map(|_| rng.random_range(0..diffusion_steps as u32)).collect();
-    Batch { step, x0, t }
+    let t: Vec<u32> = (0..batch).map(|_| rng.random_range(0..diffusion_steps as u32)).collect();
+    Batch { step, x0, t: t[rows].to_vec() }
 }
 
 /// Background producer of the batches for steps `from..to`, two ahead of the consumer.
@@ -61,10 +80,23 @@ pub struct Loader {
 
 impl Loader {
     pub fn start(data: Arc<Dataset>, batch: usize, seed: u64, from: u64, to: u64, diffusion_steps: usize) -> Loader {
+        Self::start_share(data, batch, 0..batch, seed, from, to, diffusion_steps)
+    }
+
+    /// [`Loader::start`] for the images `rows` of every batch (see [`share_at`]).
+    pub fn start_share(
+        data: Arc<Dataset>,
+        batch: usize,
+        rows: std::ops::Range<usize>,
+        seed: u64,
+        from: u64,
+        to: u64,
+        diffusion_steps: usize,
+    ) -> Loader {
         let (tx, rx) = sync_channel(2);
         let handle = std::thread::spawn(move || {
             for step in from..to {
-                if tx.send(batch_at(&data, batch, seed, step, diffusion_steps)).is_err() {
+                if tx.send(share_at(&data, batch, rows.clone(), seed, step, diffusion_steps)).is_err() {
                     return;
                 }
             }
@@ -84,6 +116,34 @@ impl Drop for Loader {
         drop(std::mem::replace(&mut self.rx, dead));
         if let Some(h) = self.handle.take() {
             let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::Format;
+
+    /// A share is exactly its rows of the whole batch (images and timesteps), with and without
+    /// flips, for shares of several sizes: the global batch does not depend on the ranks.
+    #[test]
+    fn shares_are_rows_of_the_whole_batch() {
+        for flip in [false, true] {
+            let (c, s, n) = (3, 5, 23);
+            let pixels = (0..n * c * s * s).map(|i| (i * 7 % 251) as u8).collect();
+            let data = Dataset { name: "toy".into(), format: Format::Idx, channels: c, size: s, pixels, flip };
+            let per = c * s * s;
+            for batch in [6, 7] {
+                for step in [0, 3, 9] {
+                    let whole = batch_at(&data, batch, 11, step, 1000);
+                    for rows in [0..batch, 0..1, 2..5, batch - 1..batch] {
+                        let part = share_at(&data, batch, rows.clone(), 11, step, 1000);
+                        assert_eq!(part.t, whole.t[rows.clone()], "t of rows {rows:?}");
+                        assert_eq!(part.x0, whole.x0[rows.start * per..rows.end * per], "x0 of rows {rows:?}");
+                    }
+                }
+            }
         }
     }
 }

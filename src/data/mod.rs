@@ -10,4 +10,4 @@ mod formats;
 mod loader;
 
 pub use formats::{detect, load, Dataset, Format};
-pub use loader::{batch_at, Loader};
+pub use loader::{batch_at, share_at, Loader};

@@ -133,17 +133,29 @@ impl Images {
 
     /// Features [n, 2048] of every image, `net.batch` at a time; `done(images)` after each batch.
     pub fn features(&self, ctx: &Context, net: &Inception, done: &mut dyn FnMut(u64)) -> Result<Vec<f32>> {
+        self.features_of(ctx, net, 0..self.len(), done)
+    }
+
+    /// [`Images::features`] of the images `range` only (one MPI rank's share): each image's
+    /// features do not depend on the others in its batch, so shares give the rows of the whole.
+    pub fn features_of(
+        &self,
+        ctx: &Context,
+        net: &Inception,
+        range: std::ops::Range<usize>,
+        done: &mut dyn FnMut(u64),
+    ) -> Result<Vec<f32>> {
         let mut pre = Preprocess::default();
-        let mut feats = Vec::with_capacity(self.len() * DIM);
+        let mut feats = Vec::with_capacity(range.len() * DIM);
         let mut batch = Vec::new();
-        for i in 0..self.len() {
+        for (k, i) in range.clone().enumerate() {
             let (pixels, shape) = self.get(i)?;
             // Errors of an image's own graph (too large for the adapter) name the image.
             batch.extend(pre.run(ctx, &pixels, shape).map_err(|e| anyhow!("{}: {e:#}", self.name(i)))?);
-            if (i + 1) % net.batch == 0 || i + 1 == self.len() {
+            if (k + 1) % net.batch == 0 || k + 1 == range.len() {
                 feats.extend(net.features(ctx, &batch)?);
                 batch.clear();
-                done(i as u64 + 1);
+                done(k as u64 + 1);
             }
         }
         Ok(feats)

@@ -59,6 +59,9 @@ pub struct AdapterSummary {
     pub device_type: wgpu::DeviceType,
     pub driver: String,
     pub driver_info: String,
+    /// PCI bus id (`0000:01:00.0`) where the API reports it (Vulkan), else empty: the order in
+    /// which MPI ranks take the discrete GPUs of a node ([`rank_order`]).
+    pub pci_bus_id: String,
     pub features: wgpu::Features,
     pub limits: wgpu::Limits,
     pub subgroup_sizes: (u32, u32),
@@ -75,6 +78,7 @@ impl AdapterSummary {
             device_type: info.device_type,
             driver: info.driver.clone(),
             driver_info: info.driver_info.clone(),
+            pci_bus_id: info.device_pci_bus_id.clone(),
             features: adapter.features(),
             limits: adapter.limits(),
             subgroup_sizes: (info.subgroup_min_size, info.subgroup_max_size),
@@ -218,6 +222,44 @@ pub fn choose_adapter(list: &[AdapterSummary], name: Option<&str>) -> Result<usi
     Ok(*candidates.iter().min_by_key(|&&i| adapter_rank(&list[i])).expect("candidates is not empty"))
 }
 
+/// The discrete GPUs of `list` in the order node-local MPI ranks take them: by PCI bus id where
+/// the API reports one (adapters without come after, in wgpu's order), each GPU once (the
+/// native API's adapter when GL lists it too). Vulkan ignores CUDA_VISIBLE_DEVICES, so this
+/// order, the same in every rank of a node, is what spreads the ranks over the GPUs.
+pub fn rank_order(list: &[AdapterSummary]) -> Vec<usize> {
+    let mut order: Vec<usize> =
+        (0..list.len()).filter(|&i| list[i].device_type == wgpu::DeviceType::DiscreteGpu).collect();
+    order.sort_by_key(|&i| (list[i].pci_bus_id.is_empty(), list[i].pci_bus_id.clone(), adapter_rank(&list[i]).1, i));
+    let mut seen = std::collections::HashSet::new();
+    order.retain(|&i| list[i].pci_bus_id.is_empty() || seen.insert(list[i].pci_bus_id.clone()));
+    // Without bus ids a GPU listed by two APIs cannot be told apart: keep the native APIs'.
+    if order.iter().any(|&i| adapter_rank(&list[i]).1 == 0) {
+        order.retain(|&i| adapter_rank(&list[i]).1 == 0 || !list[i].pci_bus_id.is_empty());
+    }
+    order
+}
+
+/// The adapter of node-local rank `local` (None: not one of several ranks, [`choose_adapter`]):
+/// a name (--adapter, SDDPM_ADAPTER) overrides; else the `local`-th of [`rank_order`]; a node
+/// with no discrete GPU gives every rank the best adapter there is (a CPU adapter in CI).
+pub fn choose_for_rank(list: &[AdapterSummary], name: Option<&str>, local: Option<usize>) -> Result<usize> {
+    let Some(local) = local.filter(|_| name.is_none()) else { return choose_adapter(list, name) };
+    let order = rank_order(list);
+    if order.is_empty() {
+        return choose_adapter(list, None);
+    }
+    match order.get(local) {
+        Some(&i) => Ok(i),
+        None => bail!(
+            "node-local rank {local} has no GPU of its own: this node has {} discrete GPU(s) ({}); start at most {} \
+             ranks per node, or pick one with --adapter NAME",
+            order.len(),
+            order.iter().map(|&i| list[i].name.clone()).collect::<Vec<_>>().join(", "),
+            order.len()
+        ),
+    }
+}
+
 /// Every adapter wgpu can see (respecting WGPU_BACKEND), and the index we would choose.
 pub fn list_adapters(name: Option<&str>) -> Result<(Vec<AdapterSummary>, usize)> {
     let inst = instance();
@@ -293,6 +335,11 @@ impl Context {
         Self::with_features(adapter_name, wgpu::Features::empty())
     }
 
+    /// [`Context::new`] for node-local MPI rank `local` (see [`choose_for_rank`]).
+    pub fn for_rank(adapter_name: Option<&str>, local: Option<usize>) -> Result<Context> {
+        Self::choose(adapter_name, wgpu::Features::empty(), KernelPolicy::from_env()?, local)
+    }
+
     /// As [`Context::new`], but never enabling the features in `without` (e.g. timestamps, to
     /// exercise the host-timer fallback of the profiler).
     pub fn with_features(adapter_name: Option<&str>, without: wgpu::Features) -> Result<Context> {
@@ -302,12 +349,21 @@ impl Context {
     /// As [`Context::with_features`], with the cooperative-matrix policy `kernels` instead of
     /// SDDPM_KERNELS's.
     pub fn open(adapter_name: Option<&str>, without: wgpu::Features, kernels: KernelPolicy) -> Result<Context> {
+        Self::choose(adapter_name, without, kernels, None)
+    }
+
+    fn choose(
+        adapter_name: Option<&str>,
+        without: wgpu::Features,
+        kernels: KernelPolicy,
+        local_rank: Option<usize>,
+    ) -> Result<Context> {
         let env_name = std::env::var("SDDPM_ADAPTER").ok();
         let name = adapter_name.or(env_name.as_deref()).filter(|s| !s.is_empty());
         let inst = instance();
         let adapters = all_adapters(&inst);
         let list: Vec<AdapterSummary> = adapters.iter().map(AdapterSummary::of).collect();
-        let idx = choose_adapter(&list, name)?;
+        let idx = choose_for_rank(&list, name, local_rank)?;
         let adapter = &adapters[idx];
         let mut features = WANTED_FEATURES & adapter.features() & !without;
         let coop_sizes = list[idx].coop_sizes();

@@ -3,6 +3,6 @@
 mod context;
 
 pub use context::{
-    check_backend_env, choose_adapter, list_adapters, shader_checks_from_env, AdapterSummary, Context, CounterSnapshot,
-    KernelPolicy, Shader, COOP_FEATURES, WANTED_FEATURES,
+    check_backend_env, choose_adapter, choose_for_rank, list_adapters, rank_order, shader_checks_from_env,
+    AdapterSummary, Context, CounterSnapshot, KernelPolicy, Shader, COOP_FEATURES, WANTED_FEATURES,
 };

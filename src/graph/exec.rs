@@ -376,7 +376,18 @@ impl Plan {
 
     /// Record and submit every dispatch; returns without waiting for the last submission.
     pub fn run(&self, ctx: &Context) -> Result<RunStats> {
-        self.replay(ctx, 1, None)
+        self.replay(ctx, 0..self.nodes.len(), 1, None)
+    }
+
+    /// Record and submit the dispatches of nodes `nodes` only (graph node indices), without
+    /// waiting: a step submitted in segments, as the data-parallel trainer does to read each
+    /// gradient bucket as soon as the backward has finished it. Segments must be submitted in
+    /// order and cover every node once per step.
+    pub fn run_nodes(&self, ctx: &Context, nodes: std::ops::Range<usize>) -> Result<RunStats> {
+        if nodes.start > nodes.end || nodes.end > self.nodes.len() {
+            bail!("nodes {nodes:?} are not a range of this plan's {} nodes", self.nodes.len());
+        }
+        self.replay(ctx, nodes, 1, None)
     }
 
     /// Replay the whole node list `reps` times back to back (the sampling loop: GPU-side state
@@ -387,10 +398,16 @@ impl Plan {
     /// for the oldest one whenever `MAX_IN_FLIGHT` are queued, and for the rest at the end), so a
     /// progress bar fed from it shows real work and a real rate. Returns when all are done.
     pub fn run_repeated(&self, ctx: &Context, reps: usize, progress: &mut dyn FnMut(usize)) -> Result<RunStats> {
-        self.replay(ctx, reps, Some(progress))
+        self.replay(ctx, 0..self.nodes.len(), reps, Some(progress))
     }
 
-    fn replay(&self, ctx: &Context, reps: usize, mut progress: Option<&mut dyn FnMut(usize)>) -> Result<RunStats> {
+    fn replay(
+        &self,
+        ctx: &Context,
+        range: std::ops::Range<usize>,
+        reps: usize,
+        mut progress: Option<&mut dyn FnMut(usize)>,
+    ) -> Result<RunStats> {
         let mut stats = RunStats::default();
         let wait_all = progress.is_some();
         // Each submission with the number of replays complete once it is done.
@@ -414,7 +431,7 @@ impl Plan {
                 done(&mut in_flight, MAX_IN_FLIGHT)
             };
             for rep in 0..reps {
-                for chunk in self.nodes.chunks(DISPATCHES_PER_SUBMIT) {
+                for chunk in self.nodes[range.clone()].chunks(DISPATCHES_PER_SUBMIT) {
                     if pending > 0 && pending + chunk.len() > DISPATCHES_PER_SUBMIT {
                         let full = std::mem::replace(&mut enc, ctx.device.create_command_encoder(&Default::default()));
                         // Replays before `rep` are whole in what was recorded so far.
@@ -560,6 +577,44 @@ impl Plan {
             Some(staging) => ctx.read_via(src, offset, staging, info.bytes()),
             None => ctx.read_buffer_range(src, offset, info.bytes()),
         }
+    }
+
+    /// Read `bytes` of an f32 tensor from byte `offset` (a multiple of 4) back as values (waits for
+    /// the GPU): one gradient bucket of an arena.
+    pub fn read_range(&self, ctx: &Context, t: TensorId, offset: u64, bytes: u64) -> Result<Vec<f32>> {
+        let info = &self.tensors[t.0];
+        if info.role == Role::Intermediate && !info.output {
+            bail!("tensor '{}' is an intermediate whose buffer is reused; mark it as output to read it", info.name);
+        }
+        if !offset.is_multiple_of(4) || !bytes.is_multiple_of(4) || offset + bytes > info.bytes() {
+            bail!(
+                "bytes {offset}..{} are not whole words of tensor '{}' ({} bytes)",
+                offset + bytes,
+                info.name,
+                info.bytes()
+            );
+        }
+        let src = &self.buffers[self.memory.slot_of(t)];
+        let words = ctx.read_buffer_range(src, info.view.map_or(0, |v| v.offset) + offset, bytes)?;
+        Ok(words.into_iter().map(f32::from_bits).collect())
+    }
+
+    /// Overwrite f32 values of tensor `t` from byte `offset` (any role: the data-parallel trainer
+    /// writes the averaged gradients back into the gradient arena between two segments of a step).
+    pub fn write_range(&self, ctx: &Context, t: TensorId, offset: u64, data: &[f32]) -> Result<()> {
+        let info = &self.tensors[t.0];
+        let bytes = 4 * data.len() as u64;
+        if !offset.is_multiple_of(4) || offset + bytes > info.bytes() {
+            bail!(
+                "bytes {offset}..{} are not whole words of tensor '{}' ({} bytes)",
+                offset + bytes,
+                info.name,
+                info.bytes()
+            );
+        }
+        let dst = &self.buffers[self.memory.slot_of(t)];
+        ctx.queue.write_buffer(dst, info.view.map_or(0, |v| v.offset) + offset, bytemuck::cast_slice(data));
+        Ok(())
     }
 
     /// Read a tensor back as f32 values (waits for the GPU): spikes unpacked to 0.0 / 1.0, other

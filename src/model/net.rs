@@ -9,6 +9,7 @@ use super::{build_eval, build_train, init_weights, layer_macs, parameter_count, 
 use super::{DdpmConfig, Entry, LayerMacs, ModelConfig, UNet};
 use crate::checkpoint::TensorFile;
 use crate::graph::{Graph, TensorId};
+use crate::ops::batchnorm::BnGroups;
 
 /// Names of `--model`.
 pub const MODELS: &[&str] = &["sddpm", "ddpm"];
@@ -193,10 +194,14 @@ impl Net {
     }
 
     /// The training graph, recorded for backward (with the ANN's dropout keyed by
-    /// [`UNet::dropout_key`]).
-    pub fn build_train(&self, g: &mut Graph, x: TensorId, t: TensorId) -> Result<UNet> {
+    /// [`UNet::dropout_key`]); the SNN's BatchNorm statistics over `bn_groups` groups of the
+    /// batch (`--bn-groups`; the ANN has no BatchNorm, so only one group).
+    pub fn build_train(&self, g: &mut Graph, x: TensorId, t: TensorId, bn_groups: BnGroups) -> Result<UNet> {
         match self {
-            Net::Sddpm(c) => Ok(build_train(g, c, x, t)),
+            Net::Sddpm(c) => Ok(build_train(g, c, x, t, bn_groups)),
+            Net::Ddpm(_) if bn_groups.count > 1 => {
+                bail!("--bn-groups applies to the SNN's BatchNorm; the ANN (--model ddpm) has none: leave it at 1")
+            }
             Net::Ddpm(c) => Ok(build_ddpm(g, c, x, t, true)),
         }
     }

@@ -11,7 +11,7 @@ use super::params::{Entry, Params};
 use super::skeleton::{walk, Block, BlockBuilder};
 use super::ModelConfig;
 use crate::graph::{Graph, TensorId};
-use crate::ops::batchnorm::{self, BnParams};
+use crate::ops::batchnorm::{self, BnGroups, BnParams};
 use crate::ops::neuron::Neuron;
 use crate::ops::{conv, elementwise, embedding, layout, matmul, neuron, readout, spike_attention};
 
@@ -85,6 +85,8 @@ struct Builder<'a> {
     neuron: Neuron,
     /// Training form: BatchNorm with batch statistics, neurons saving what backward needs.
     train: bool,
+    /// How training BatchNorm cuts the batch.
+    bn_groups: BnGroups,
     spikes: Vec<(String, TensorId)>,
 }
 
@@ -103,6 +105,7 @@ impl Builder<'_> {
             bias: self.p(&format!("{name}.bias")),
             running_mean: self.p(&format!("{name}.running_mean")),
             running_var: self.p(&format!("{name}.running_var")),
+            groups: self.bn_groups,
         }
     }
 
@@ -369,32 +372,50 @@ impl BlockBuilder for Builder<'_> {
 /// BatchNorm uses running statistics; every neuron is the config's, firing at `v_th` (threshold
 /// guidance; 1.0 as trained).
 pub fn build_eval(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, v_th: f32) -> UNet {
-    build(g, cfg, x, t, cfg.neuron_at(v_th), false)
+    build(g, cfg, x, t, cfg.neuron_at(v_th), None)
 }
 
 /// Append the training-mode U-Net: BatchNorm over the batch statistics of all T*B*H*W values
 /// (running statistics updated in place), neurons saving their membranes, every op recorded on
-/// the tape for [`crate::graph::backward`].
-pub fn build_train(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId) -> UNet {
-    build(g, cfg, x, t, cfg.neuron_at(1.0), true)
+/// the tape for [`crate::graph::backward`]. With `bn_groups`, BatchNorm normalises each group of
+/// the batch by its own statistics (see [`BnGroups`]).
+pub fn build_train(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, bn_groups: BnGroups) -> UNet {
+    build(g, cfg, x, t, cfg.neuron_at(1.0), Some(bn_groups))
 }
 
-fn builder<'a>(g: &'a mut Graph, cfg: &'a ModelConfig, params: Params, neuron: Neuron, train: bool) -> Builder<'a> {
-    Builder { g, cfg, params, folds: Vec::new(), t: cfg.snn_steps, neuron, train, spikes: Vec::new() }
+/// `train`: the training form with those BatchNorm groups; None: inference.
+fn builder<'a>(
+    g: &'a mut Graph,
+    cfg: &'a ModelConfig,
+    params: Params,
+    neuron: Neuron,
+    train: Option<BnGroups>,
+) -> Builder<'a> {
+    Builder {
+        g,
+        cfg,
+        params,
+        folds: Vec::new(),
+        t: cfg.snn_steps,
+        neuron,
+        train: train.is_some(),
+        bn_groups: train.unwrap_or(BnGroups::ONE),
+        spikes: Vec::new(),
+    }
 }
 
 /// Every state_dict entry of the reference model, in the reference's order: the builder's
 /// recording pass over the skeleton.
 pub fn state_entries(cfg: &ModelConfig) -> Vec<Entry> {
     let mut scratch = Graph::new();
-    let mut b = builder(&mut scratch, cfg, Params::recording(), cfg.neuron_at(1.0), true);
+    let mut b = builder(&mut scratch, cfg, Params::recording(), cfg.neuron_at(1.0), Some(BnGroups::ONE));
     walk(&arch(cfg), &mut b, TensorId(0), TensorId(0));
     b.params.entries()
 }
 
-fn build(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neuron, train: bool) -> UNet {
+fn build(g: &mut Graph, cfg: &ModelConfig, x: TensorId, t: TensorId, neuron: Neuron, train: Option<BnGroups>) -> UNet {
     let mut b = builder(g, cfg, Params::building(state_entries(cfg)), neuron, train);
-    if train {
+    if b.train {
         // Training updates every parameter and statistic: declare them all first.
         b.params.declare_all(b.g);
     }

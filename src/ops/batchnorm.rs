@@ -20,6 +20,41 @@ pub struct BnParams {
     pub bias: TensorId,
     pub running_mean: TensorId,
     pub running_var: TensorId,
+    /// How the training statistics cut the batch (eval ignores it).
+    pub groups: BnGroups,
+}
+
+/// BatchNorm groups of a training batch (`--bn-groups`): the `batch` images of every spiking step
+/// cut into `count` groups of `batch / count` consecutive images, each normalised by its own mean
+/// and variance over its images across all T steps, as one data-parallel replica normalises its
+/// share of the global batch; running statistics follow group 0 (replica 0's, as
+/// nn.DataParallel and DDP's broadcast_buffers give). [`BnGroups::ONE`]: plain BatchNorm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BnGroups {
+    pub count: usize,
+    /// Images per spiking step (B of N = T*B); unused with one group.
+    pub batch: usize,
+}
+
+impl BnGroups {
+    pub const ONE: BnGroups = BnGroups { count: 1, batch: 0 };
+
+    /// `count` groups of a batch of `batch` images; `count` must divide `batch`.
+    pub fn new(count: usize, batch: usize) -> anyhow::Result<BnGroups> {
+        if count == 0 || batch == 0 || !batch.is_multiple_of(count) {
+            anyhow::bail!("--bn-groups {count} must be at least 1 and divide the batch of {batch} images");
+        }
+        Ok(if count == 1 { BnGroups::ONE } else { BnGroups { count, batch } })
+    }
+
+    /// Group of sample `s` of N = T*B (image s % B of its step).
+    pub fn of_sample(&self, s: usize) -> usize {
+        if self.count == 1 {
+            0
+        } else {
+            (s % self.batch) / (self.batch / self.count)
+        }
+    }
 }
 
 /// What training-mode BN saves for backward: the batch mean and invstd per channel, and weight *
@@ -54,27 +89,51 @@ pub struct BatchnormParams {
 }
 
 fn params(n: usize, c: usize, hw: usize) -> Vec<u32> {
-    sliced_params(n, c, hw, 1)
+    sliced_params(n, c, hw, BnGroups::ONE, 1)
 }
 
-fn sliced_params(n: usize, c: usize, hw: usize, slices: usize) -> Vec<u32> {
+fn sliced_params(n: usize, c: usize, hw: usize, groups: BnGroups, slices: usize) -> Vec<u32> {
     let u = size_u32;
+    let (count, batch) = if groups.count == 1 { (1, n) } else { (groups.count, groups.batch) };
     Params::of(&BatchnormParams {
         n: u(n),
         c: u(c),
         hw: u(hw),
-        groups: 1,
+        groups: u(count),
         eps: EPS,
         momentum: MOMENTUM,
-        batch: u(n),
+        batch: u(batch),
         slices: u(slices),
     })
+}
+
+/// The parameters of the per-element kernels of a training BN (apply, fused Swish backward),
+/// which read the statistics of each element's group.
+fn apply_params(n: usize, c: usize, hw: usize, groups: BnGroups) -> Vec<u32> {
+    sliced_params(n, c, hw, groups, 1)
 }
 
 /// Slices per channel of the training reductions over [N, C, HW]: as `reduce::group_sum` cuts
 /// the same values (so that BN's backward can leave channel sums group_sum would have computed).
 pub fn slices(n: usize, c: usize, hw: usize) -> usize {
     reduce::group_slices(c, n * hw)
+}
+
+/// [`slices`] per (group, channel) of `groups`: each group's values are N / G * HW.
+pub fn group_slices(n: usize, c: usize, hw: usize, groups: BnGroups) -> usize {
+    reduce::group_slices(groups.count * c, n / groups.count * hw)
+}
+
+/// Checks that `groups` cuts [N, C, ...] (N = T*B) into whole groups, naming the layer.
+fn check_groups(n: usize, groups: BnGroups, name: &str) {
+    if groups.count > 1 {
+        assert!(
+            groups.batch.is_multiple_of(groups.count) && n.is_multiple_of(groups.batch),
+            "{name}: {} BatchNorm groups of a batch of {} do not cut {n} samples",
+            groups.count,
+            groups.batch
+        );
+    }
 }
 
 /// The entry for `hw` values per row: vec4 loads where rows are whole vec4s.
@@ -112,43 +171,47 @@ pub fn batchnorm_eval(g: &mut Graph, x: TensorId, bn: BnParams, name: &str) -> T
 /// vec4 sums round differently (the 32x32 train-step fixture's loss moves by 0.6%).
 pub fn batchnorm_stats(g: &mut Graph, x: TensorId, bn: BnParams, name: &str) -> BnSaved {
     let (n, c, hw) = dims(g, x, name);
-    let mean = g.intermediate(&format!("{name}.mean"), &[c]);
-    let invstd = g.intermediate(&format!("{name}.invstd"), &[c]);
-    let winv = g.intermediate(&format!("{name}.weight_invstd"), &[c]);
-    let stats = g.arena(&format!("{name}.stats"), Role::Intermediate, &[mean, invstd, winv], &Layout::packed(&[c; 3]));
-    let p = slices(n, c, hw);
+    let groups = bn.groups;
+    check_groups(n, groups, name);
+    // One statistic per (group, channel), at g * C + ch.
+    let gc = groups.count * c;
+    let mean = g.intermediate(&format!("{name}.mean"), &[gc]);
+    let invstd = g.intermediate(&format!("{name}.invstd"), &[gc]);
+    let winv = g.intermediate(&format!("{name}.weight_invstd"), &[gc]);
+    let stats = g.arena(&format!("{name}.stats"), Role::Intermediate, &[mean, invstd, winv], &Layout::packed(&[gc; 3]));
+    let p = group_slices(n, c, hw, groups);
     let numel = n * c * hw;
     let writes = vec![stats, bn.running_mean, bn.running_var];
     if p == 1 {
         g.push(Node {
             shader: &SHADER,
             entry: "bn_stats",
-            params: params(n, c, hw),
+            params: sliced_params(n, c, hw, groups, 1),
             reads: vec![x, bn.weight],
             writes,
-            workgroups: [size_u32(c), 1, 1],
+            workgroups: [size_u32(c), size_u32(groups.count), 1],
             label: format!("{name}.stats"),
             cost: Cost { flops: 3 * numel as u64, bytes: 4 * (2 * numel + 7 * c) as u64 },
         });
     } else {
-        let parts = g.intermediate(&format!("{name}.stats.partials"), &[c, p, 2]);
+        let parts = g.intermediate(&format!("{name}.stats.partials"), &[gc, p, 2]);
         g.push(Node {
             shader: &SHADER,
             entry: "bn_stats_partials",
-            params: sliced_params(n, c, hw, p),
+            params: sliced_params(n, c, hw, groups, p),
             reads: vec![x],
             writes: vec![parts],
-            workgroups: [size_u32(c), size_u32(p), 1],
+            workgroups: [size_u32(c), size_u32(groups.count * p), 1],
             label: format!("{name}.stats.partials"),
             cost: Cost { flops: 3 * numel as u64, bytes: 4 * (2 * numel + 2 * c * p) as u64 },
         });
         g.push(Node {
             shader: &SHADER,
             entry: "bn_stats_final",
-            params: sliced_params(n, c, hw, p),
+            params: sliced_params(n, c, hw, groups, p),
             reads: vec![parts, bn.weight],
             writes,
-            workgroups: grid_1d(c, 256),
+            workgroups: grid_1d(gc, 256),
             label: format!("{name}.stats"),
             cost: Cost { flops: 10 * (c * p) as u64, bytes: 4 * (2 * c * p + 6 * c) as u64 },
         });
@@ -184,7 +247,7 @@ fn train_apply(g: &mut Graph, x: TensorId, bn: BnParams, r: Option<TensorId>, na
     g.push(Node {
         shader: &SHADER,
         entry: if r.is_some() { "bn_train_apply_add" } else { "bn_train_apply" },
-        params: params(n, c, hw),
+        params: apply_params(n, c, hw, bn.groups),
         reads,
         writes: vec![y],
         workgroups: grid_1d(numel, 256),
@@ -223,7 +286,7 @@ pub fn batchnorm_train_swish(g: &mut Graph, x: TensorId, bn: BnParams, r: Option
     g.push(Node {
         shader: &SHADER,
         entry: if r.is_some() { "bn_train_apply_swish_add" } else { "bn_train_apply_swish" },
-        params: params(n, c, hw),
+        params: apply_params(n, c, hw, bn.groups),
         reads,
         writes: vec![y],
         workgroups: grid_1d(numel, 256),
@@ -239,7 +302,7 @@ pub fn batchnorm_train_swish(g: &mut Graph, x: TensorId, bn: BnParams, r: Option
         g.push(Node {
             shader: &SHADER,
             entry: "bn_swish_backward",
-            params: params(n, c, hw),
+            params: apply_params(n, c, hw, bn.groups),
             reads: vec![dy, x, saved.mean, saved.invstd, bn.weight, bn.bias],
             writes: vec![dv],
             workgroups: grid_1d(numel, 256),
@@ -272,11 +335,14 @@ pub fn batchnorm_train_backward(
 ) -> [Option<TensorId>; 3] {
     let (n, c, hw) = dims(g, x, label);
     assert_eq!(g.shape(bn.weight), [c], "{label}: BatchNorm weight for {c} channels");
-    let p = slices(n, c, hw);
-    let params = sliced_params(n, c, hw, p);
+    let groups = bn.groups;
+    check_groups(n, groups, label);
+    let gc = groups.count * c;
+    let p = group_slices(n, c, hw, groups);
+    let params = sliced_params(n, c, hw, groups, p);
     let numel = n * c * hw;
-    let grid = [size_u32(c), size_u32(p), 1];
-    let parts = g.intermediate(&format!("{label}.grad_stats.partials"), &[c, p, 2]);
+    let grid = [size_u32(c), size_u32(groups.count * p), 1];
+    let parts = g.intermediate(&format!("{label}.grad_stats.partials"), &[gc, p, 2]);
     g.push(Node {
         shader: &SHADER,
         entry: entry("bn_backward_reduce", "bn_backward_reduce_vec4", hw),
@@ -292,7 +358,7 @@ pub fn batchnorm_train_backward(
     let dx = if needs[0] {
         let shape = g.shape(x).to_vec();
         let dx = g.intermediate(&format!("{label}.grad_input"), &shape);
-        let dx_parts = g.intermediate(&format!("{label}.grad_input.channel_sums"), &[c, p]);
+        let dx_parts = g.intermediate(&format!("{label}.grad_input.channel_sums"), &[gc, p]);
         g.push(Node {
             shader: &SHADER,
             entry: entry("bn_backward_input", "bn_backward_input_vec4", hw),
@@ -301,9 +367,11 @@ pub fn batchnorm_train_backward(
             writes: vec![dx, dx_parts, dweight, dbias],
             workgroups: grid,
             label: format!("{label}.grad_input"),
-            cost: pointwise_cost(numel, 2 * numel + 2 * c * p, 9),
+            cost: pointwise_cost(numel, 2 * numel + 2 * gc * p, 9),
         });
-        g.partial_sums.insert(dx, PartialSums { part: dx_parts, rows: 1, slices: p, per_image: false });
+        // Group g's sums are row g: blocks of images, which serve the sum over the whole batch.
+        let rows = groups.count;
+        g.partial_sums.insert(dx, PartialSums { part: dx_parts, rows, slices: p, per_image: false });
         Some(dx)
     } else {
         g.push(Node {
@@ -314,7 +382,7 @@ pub fn batchnorm_train_backward(
             writes: vec![dweight, dbias],
             workgroups: grid_1d(c, 256),
             label: format!("{label}.grad_stats.final"),
-            cost: Cost { flops: 2 * (c * p) as u64, bytes: 8 * (c * p) as u64 + 8 * c as u64 },
+            cost: Cost { flops: 2 * (gc * p) as u64, bytes: 8 * (gc * p) as u64 + 8 * c as u64 },
         });
         None
     };
@@ -443,4 +511,91 @@ pub fn batchnorm_train_swish_cpu(
         y = y.iter().zip(r).map(|(a, b)| a + b).collect();
     }
     (y, mean, invstd)
+}
+
+/// The samples of N = `n` that form BatchNorm group `g` of `groups`, in the kernels' order.
+pub fn group_samples(n: usize, groups: BnGroups, g: usize) -> Vec<usize> {
+    (0..n).filter(|&s| groups.of_sample(s) == g).collect()
+}
+
+/// x's values of `samples` (rows of C * HW), as one tensor.
+fn gather(x: &[f32], samples: &[usize], row: usize) -> Vec<f32> {
+    samples.iter().flat_map(|&s| x[s * row..(s + 1) * row].iter().copied()).collect()
+}
+
+/// Writes `part` (rows of `samples`, as [`gather`] took them) back into `out`.
+fn scatter(out: &mut [f32], part: &[f32], samples: &[usize], row: usize) {
+    for (k, &s) in samples.iter().enumerate() {
+        out[s * row..(s + 1) * row].copy_from_slice(&part[k * row..(k + 1) * row]);
+    }
+}
+
+/// CPU reference of training-mode BN over `groups`: every group through
+/// [`batchnorm_train_cpu`] on its own samples, the running statistics from group 0 alone.
+/// Returns (y, mean, invstd), the statistics [G * C] at g * C + ch.
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm_train_groups_cpu(
+    x: &[f32],
+    c: usize,
+    hw: usize,
+    groups: BnGroups,
+    w: &[f32],
+    b: &[f32],
+    rm: &mut [f32],
+    rv: &mut [f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (row, n) = (c * hw, x.len() / (c * hw));
+    let mut y = vec![0f32; x.len()];
+    let (mut mean, mut invstd) = (Vec::new(), Vec::new());
+    for g in 0..groups.count {
+        let samples = group_samples(n, groups, g);
+        let (mut rm_g, mut rv_g) = (rm.to_vec(), rv.to_vec());
+        let (yg, m, s) = batchnorm_train_cpu(&gather(x, &samples, row), c, hw, w, b, &mut rm_g, &mut rv_g);
+        if g == 0 {
+            rm.copy_from_slice(&rm_g);
+            rv.copy_from_slice(&rv_g);
+        }
+        scatter(&mut y, &yg, &samples, row);
+        mean.extend(m);
+        invstd.extend(s);
+    }
+    (y, mean, invstd)
+}
+
+/// CPU reference of the backward of [`batchnorm_train_groups_cpu`]: every group's
+/// [`batchnorm_train_backward_cpu`] with its statistics; the parameter gradients are the groups'
+/// sums. Returns (dx, dweight, dbias).
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm_train_backward_groups_cpu(
+    dy: &[f32],
+    x: &[f32],
+    c: usize,
+    hw: usize,
+    groups: BnGroups,
+    w: &[f32],
+    mean: &[f32],
+    invstd: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (row, n) = (c * hw, x.len() / (c * hw));
+    let mut dx = vec![0f32; x.len()];
+    let (mut dw, mut db) = (vec![0f32; c], vec![0f32; c]);
+    for g in 0..groups.count {
+        let samples = group_samples(n, groups, g);
+        let st = g * c..(g + 1) * c;
+        let (dxg, dwg, dbg) = batchnorm_train_backward_cpu(
+            &gather(dy, &samples, row),
+            &gather(x, &samples, row),
+            c,
+            hw,
+            w,
+            &mean[st.clone()],
+            &invstd[st],
+        );
+        scatter(&mut dx, &dxg, &samples, row);
+        for ch in 0..c {
+            dw[ch] += dwg[ch];
+            db[ch] += dbg[ch];
+        }
+    }
+    (dx, dw, db)
 }

@@ -35,7 +35,8 @@ pub struct NeuronParams {
     pub n: u32,
     pub t: u32,
     pub lif: u32,
-    pub pad0: u32,
+    /// BatchNorm groups of the affine entries' statistics (0 or 1: one).
+    pub bn_groups: u32,
     pub v_th: f32,
     pub v_reset: f32,
     pub inv_tau: f32,
@@ -168,11 +169,18 @@ pub fn neuron_forward_train_bn(g: &mut Graph, input: BnInput, t: usize, cfg: Neu
     if let Some(emb) = input.emb {
         assert_eq!(g.shape(emb), [b, ch], "{name}: the added term must be [B, C] = [{b}, {ch}]");
     }
+    let groups = input.bn.groups;
+    assert!(
+        groups.count == 1 || groups.batch == b,
+        "{name}: BatchNorm groups of a batch of {} on a batch of {b}",
+        groups.batch
+    );
     let params = NeuronParams {
         c: size_u32(ch),
         hw: size_u32(hw),
         b: size_u32(b),
         has_emb: input.emb.is_some() as u32,
+        bn_groups: size_u32(input.bn.groups.count),
         ..cfg.params(n, t)
     };
     // Without a term the emb binding is a placeholder the kernels do not read.

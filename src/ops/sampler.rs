@@ -175,7 +175,21 @@ pub fn gaussian_fill(g: &mut Graph, out: TensorId, per_image: usize, step: u32, 
 
 /// Uniform words of [`q_sample`] for a training step: `step` keys the noise counter.
 pub fn q_sample_params(numel: usize, batch: usize, seed: u64, step: u32, given: bool) -> Vec<u32> {
-    let key = NoiseKey { seed, image_base: 0 };
+    q_sample_params_at(numel, batch, seed, step, given, 0)
+}
+
+/// [`q_sample_params`] for a batch whose first image has global index `image_base` (a rank's
+/// share of a data-parallel batch): the noise of each image is keyed by its global index, so the
+/// global batch's noise does not depend on the number of ranks.
+pub fn q_sample_params_at(
+    numel: usize,
+    batch: usize,
+    seed: u64,
+    step: u32,
+    given: bool,
+    image_base: usize,
+) -> Vec<u32> {
+    let key = NoiseKey { seed, image_base: size_u32(image_base) };
     params(numel, numel / batch, step as usize, key, given)
 }
 

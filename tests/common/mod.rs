@@ -2,6 +2,7 @@
 //! one-call "build graph, upload, run, read" for op tests.
 #![allow(dead_code)]
 
+pub mod ddp;
 pub mod torch;
 
 use std::sync::OnceLock;
